@@ -1,0 +1,632 @@
+"""KVM backend (x86_64 guests on x86_64 hosts) through /dev/kvm ioctls.
+
+One VM file descriptor per :class:`KvmVm`, one vCPU file descriptor plus its mmap'd
+``kvm_run`` per :class:`KvmVcpu`. Guest RAM is ``hv.memory.GuestMemory``'s own host
+mappings, registered as KVM user memory slots (one copy of RAM). No in-kernel irqchip:
+interrupt controllers and timers are hv devices (see DESIGN.md), so every access outside
+RAM — the local APIC page included — is an MMIO exit handed to the machine's buses.
+
+Kicking
+    :meth:`KvmVcpu.kick` sets ``kvm_run.immediate_exit`` and sends :data:`KICK_SIGNAL`
+    (SIGUSR1) to the thread inside :meth:`KvmVcpu.run`. The signal must have a handler, or
+    its default action would kill the process: importing this module from the main thread
+    installs a no-op handler when SIGUSR1 has none; otherwise call
+    :func:`install_kick_handler` from the main thread before starting vCPU threads. Without
+    a handler a kick only takes effect at the vCPU's next exit.
+
+Architectural points
+    At an IN (or MMIO read) exit the destination register is completed by the *next*
+    KVM_RUN. :meth:`KvmVcpu.run` therefore never returns with an access pending: a kick
+    that arrives after such an exit is honoured by a KVM_RUN with ``immediate_exit=1``,
+    which completes the access and returns EINTR without running guest code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from backends import kvm_abi as abi
+from backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
+from hv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryRegion
+from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
+
+log = logging.getLogger(__name__)
+
+ffi = abi.ffi
+libc = abi.libc
+
+KICK_SIGNAL = signal.SIGUSR1
+KVM_DEVICE = "/dev/kvm"
+TSS_ADDR = 0xFFFBD000           # three pages KVM needs for real-mode emulation on VMX
+IDENTITY_MAP_ADDR = 0xFFFBC000  # one page, just below the TSS
+XSAVE_HEADER_OFFSET = 512
+XSTATE_X87_SSE = 0x3
+# Bytes 416..511 of the FXSAVE image are reserved / available to software: KVM ignores
+# them on SET and fills them with its own bookkeeping on GET. The canonical state holds
+# them as zeros so that images from different backends compare equal.
+FXSAVE_ARCH_END = 416
+MXCSR_OFFSET = 24
+
+_EINTR = 4
+_PROT_READ = 1
+_PROT_WRITE = 2
+_MAP_SHARED = 1
+_MAP_FAILED = ffi.cast("void *", -1)
+
+# Capabilities without which the backend cannot work, with the name used in messages.
+REQUIRED_CAPS: tuple[tuple[int, str], ...] = (
+    (abi.KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
+    (abi.KVM_CAP_SET_TSS_ADDR, "KVM_CAP_SET_TSS_ADDR"),
+    (abi.KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
+    (abi.KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+    (abi.KVM_CAP_VCPU_EVENTS, "KVM_CAP_VCPU_EVENTS"),
+    (abi.KVM_CAP_XSAVE, "KVM_CAP_XSAVE"),
+)
+
+
+def _bits(*positions: int) -> int:
+    mask = 0
+    for bit in positions:
+        mask |= 1 << bit
+    return mask
+
+
+# CPUID filter. The guest sees what KVM supports here AND what Unicorn 2.1.4's TCG
+# (QEMU 5 "qemu64" plus what it emulates) also runs, so a guest that probed CPUID on one
+# backend keeps working after migrating to the other. Deliberately conservative: x87,
+# MMX, SSE, SSE2, SSE3, CX8/CX16, CMOV, PAE/PSE/PGE/PAT, SYSENTER/SYSCALL, NX, long
+# mode, LAHF. No AVX, no XSAVE/OSXSAVE (so no leaf 0xD state), no leaf 7 extensions, no
+# KVM paravirtual leaves (they need kvmclock and friends which Unicorn cannot carry), no
+# x2APIC / TSC-deadline (hv's interrupt controller is an xAPIC device model).
+# Leaves listed here are ANDed register by register; leaves in CPUID_ZEROED are kept
+# (so the maximum-leaf values stay truthful) but report nothing.
+CPUID_MASKS: dict[int, tuple[int, int, int, int]] = {  # leaf -> (eax, ebx, ecx, edx) masks
+    0x1: (
+        0xFFFFFFFF,
+        0x00FFFFFF,  # bits 31:24 (initial APIC ID) are replaced by the vCPU index
+        _bits(0, 13),  # SSE3, CX16
+        _bits(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26),
+    ),
+    0x80000001: (
+        0xFFFFFFFF,
+        0,
+        _bits(0),  # LAHF/SAHF in long mode
+        _bits(11, 20, 29) | _bits(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 23, 24),
+    ),
+}
+CPUID_ZEROED: frozenset[int] = frozenset({0x6, 0x7, 0xA, 0xD, 0x12, 0x14, 0x17, 0x18, 0x19, 0x1D, 0x1E,
+                                          0x8000001F, 0x80000021})
+CPUID_DROPPED_RANGE = (0x40000000, 0x400000FF)  # hypervisor (KVM paravirt) leaves
+
+EXIT_RUN_MAX_CPUID = 256
+
+
+def install_kick_handler() -> bool:
+    """Install a no-op handler for :data:`KICK_SIGNAL` unless one exists (main thread only).
+
+    Returns True when a handler is in place afterwards.
+    """
+    current = signal.getsignal(KICK_SIGNAL)
+    if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, _kick_signal_handler)
+    return True
+
+
+def _kick_signal_handler(signum: int, frame: Any) -> None:
+    """Does nothing: the signal only exists to interrupt KVM_RUN with EINTR."""
+
+
+def _kick_handler_installed() -> bool:
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+install_kick_handler()
+
+
+def _errno_text(err: int) -> str:
+    return os.strerror(err) if err else "unknown error"
+
+
+def _ioctl(fd: int, request: int, arg: Any, what: str) -> int:
+    """ioctl through libc; ``arg`` is a cdata pointer or an int. Raises BackendError."""
+    if isinstance(arg, int):
+        arg = ffi.cast("unsigned long", arg)
+    result = libc.ioctl(fd, request, arg)
+    if result < 0:
+        err = ffi.errno
+        raise BackendError(f"{what}: {_errno_text(err)} (errno {err})")
+    return result
+
+
+def _check_extension(fd: int, cap: int) -> int:
+    result = libc.ioctl(fd, abi.KVM_CHECK_EXTENSION, ffi.cast("unsigned long", cap))
+    return max(result, 0)
+
+
+def _host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+class KvmBackend(Backend):
+    """Virtual machines on /dev/kvm."""
+
+    name = "kvm"
+
+    @classmethod
+    def probe(cls, arch: Arch) -> str | None:
+        arch = Arch(arch)
+        host = _host_arch()
+        if arch is Arch.AARCH64:
+            if host != "aarch64":
+                return "KVM for aarch64 needs an aarch64 host"
+            return "hv's KVM backend implements x86_64 guests only"
+        if host != "x86_64":
+            return f"KVM for x86_64 needs an x86_64 host (this is {host})"
+        try:
+            fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"{KVM_DEVICE}: {exc.strerror}"
+        try:
+            return cls._probe_fd(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _probe_fd(fd: int) -> str | None:
+        version = libc.ioctl(fd, abi.KVM_GET_API_VERSION, ffi.cast("unsigned long", 0))
+        if version != abi.KVM_API_VERSION:
+            return f"{KVM_DEVICE}: KVM API version {version}, expected {abi.KVM_API_VERSION}"
+        for cap, cap_name in REQUIRED_CAPS:
+            if not _check_extension(fd, cap):
+                return f"{KVM_DEVICE}: missing capability {cap_name}"
+        return None
+
+    def open_vm(self, arch: Arch, memory: GuestMemory, mmio_windows: list[tuple[int, int]]) -> "KvmVm":
+        problem = self.probe(arch)
+        if problem is not None:
+            raise BackendUnavailable(problem)
+        return KvmVm(Arch(arch), memory)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    region: MemoryRegion
+    first_page: int   # in RAM offset space
+    pages: int
+
+
+class KvmVm(Vm):
+    """A KVM virtual machine over ``memory``. Not thread-safe except where noted."""
+
+    def __init__(self, arch: Arch, memory: GuestMemory) -> None:
+        self.arch = arch
+        self.memory = memory
+        self.vcpus: list[KvmVcpu] = []
+        self._dirty_logging = False
+        self._kvm_fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        self._vm_fd = -1
+        try:
+            self._vm_fd = _ioctl(self._kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            self.vcpu_mmap_size = _ioctl(self._kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            max_slots = _check_extension(self._kvm_fd, abi.KVM_CAP_NR_MEMSLOTS) or 32
+            if len(memory.regions) > max_slots:
+                raise BackendError(f"{len(memory.regions)} RAM regions, KVM allows {max_slots} slots")
+            self._slots = [_Slot(r, r.offset >> PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in memory.regions]
+            self._set_regions(0)
+            _ioctl(self._vm_fd, abi.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
+            addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
+            _ioctl(self._vm_fd, abi.KVM_SET_IDENTITY_MAP_ADDR, addr, "KVM_SET_IDENTITY_MAP_ADDR")
+            self.supported_cpuid = self._supported_cpuid()
+            self._has_mp_state = bool(_check_extension(self._kvm_fd, abi.KVM_CAP_MP_STATE))
+        except BaseException:
+            self._close_fds()
+            raise
+
+    # -- setup -------------------------------------------------------------------------
+    def _set_regions(self, flags: int) -> None:
+        region_arg = ffi.new("struct kvm_userspace_memory_region *")
+        for slot in self._slots:
+            region = slot.region
+            region_arg.slot = region.slot
+            region_arg.flags = flags
+            region_arg.guest_phys_addr = region.gpa
+            region_arg.memory_size = region.size
+            region_arg.userspace_addr = region.host_addr
+            _ioctl(self._vm_fd, abi.KVM_SET_USER_MEMORY_REGION, region_arg,
+                   f"KVM_SET_USER_MEMORY_REGION slot {region.slot} at {region.gpa:#x}+{region.size:#x}")
+
+    def _supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """KVM_GET_SUPPORTED_CPUID as (function, index, flags, eax, ebx, ecx, edx) tuples."""
+        count = EXIT_RUN_MAX_CPUID
+        while True:
+            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + count * ffi.sizeof("struct kvm_cpuid_entry2"))
+            cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+            cpuid.nent = count
+            if libc.ioctl(self._kvm_fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid) == 0:
+                break
+            err = ffi.errno
+            if err != 7 or count >= 4096:  # E2BIG: more entries than we offered
+                raise BackendError(f"KVM_GET_SUPPORTED_CPUID: {_errno_text(err)}")
+            count *= 2
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+
+    def guest_cpuid(self, vcpu_index: int) -> list[tuple[int, int, int, int, int, int, int]]:
+        """The CPUID table a vCPU gets: the supported one, filtered (see CPUID_MASKS)."""
+        out = []
+        for function, index, flags, eax, ebx, ecx, edx in self.supported_cpuid:
+            if CPUID_DROPPED_RANGE[0] <= function <= CPUID_DROPPED_RANGE[1]:
+                continue
+            if function in CPUID_ZEROED:
+                eax = ebx = ecx = edx = 0
+            elif function in CPUID_MASKS:
+                ma, mb, mc, md = CPUID_MASKS[function]
+                eax, ebx, ecx, edx = eax & ma, ebx & mb, ecx & mc, edx & md
+            if function == 0x1:
+                ebx = (ebx & 0x00FFFFFF) | ((vcpu_index & 0xFF) << 24)
+            out.append((function, index, flags, eax, ebx, ecx, edx))
+        return out
+
+    # -- Vm interface ------------------------------------------------------------------
+    def create_vcpu(self, index: int) -> "KvmVcpu":
+        if not 0 <= index < 256:
+            raise BackendError(f"vCPU index {index} out of range 0..255")
+        if any(v.index == index for v in self.vcpus):
+            raise BackendError(f"vCPU {index} already exists")
+        vcpu = KvmVcpu(self, index)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def start_dirty_log(self) -> None:
+        if self._dirty_logging:
+            self.take_dirty()  # discard what was recorded so far
+            return
+        self._set_regions(abi.KVM_MEM_LOG_DIRTY_PAGES)
+        self._dirty_logging = True
+
+    def take_dirty(self) -> bytearray:
+        if not self._dirty_logging:
+            raise BackendError("take_dirty: dirty logging is not started")
+        total = 0
+        log_arg = ffi.new("struct kvm_dirty_log *")
+        for slot in self._slots:
+            words = (slot.pages + 63) // 64
+            bitmap = ffi.new("uint64_t[]", words)
+            log_arg.slot = slot.region.slot
+            log_arg.dirty_bitmap = bitmap
+            _ioctl(self._vm_fd, abi.KVM_GET_DIRTY_LOG, log_arg, f"KVM_GET_DIRTY_LOG slot {slot.region.slot}")
+            bits = int.from_bytes(ffi.buffer(bitmap), "little") & ((1 << slot.pages) - 1)
+            if bits:
+                total |= bits << slot.first_page
+        return bytearray(total.to_bytes((self.memory.page_count + 7) // 8, "little"))
+
+    def stop_dirty_log(self) -> None:
+        if self._dirty_logging:
+            self._set_regions(0)
+            self._dirty_logging = False
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._vm_fd, self._kvm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._vm_fd = self._kvm_fd = -1
+
+
+def _segment_from_kvm(seg: Any) -> Segment:
+    return Segment(seg.selector, seg.base, seg.limit, seg.type, seg.present, seg.dpl, seg.db, seg.s,
+                   seg.l, seg.g, seg.avl, seg.unusable)
+
+
+def _segment_to_kvm(seg: Segment, out: Any) -> None:
+    out.selector = seg.selector
+    out.base = seg.base
+    out.limit = seg.limit
+    out.type = seg.type
+    out.present = seg.present
+    out.dpl = seg.dpl
+    out.db = seg.db
+    out.s = seg.s
+    out.l = seg.l
+    out.g = seg.g
+    out.avl = seg.avl
+    out.unusable = seg.unusable
+    out.padding = 0
+
+
+_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+              "r12", "r13", "r14", "r15", "rip", "rflags")
+_STATE_MSRS: tuple[int, ...] = (*CANONICAL_MSRS, abi.MSR_IA32_TSC)
+
+
+class KvmVcpu(Vcpu):
+    """One KVM vCPU: an fd and its shared ``kvm_run`` page."""
+
+    def __init__(self, vm: KvmVm, index: int) -> None:
+        self.index = index
+        self._vm = vm
+        self._lock = threading.Lock()   # guards _kick_pending, _thread and immediate_exit
+        self._kick_pending = False
+        self._thread: int | None = None
+        self._halted = False
+        self._fd = _ioctl(vm._vm_fd, abi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
+        self._mmap_size = vm.vcpu_mmap_size
+        if self._mmap_size < ffi.sizeof("struct kvm_run"):
+            os.close(self._fd)
+            raise BackendError(f"KVM_GET_VCPU_MMAP_SIZE {self._mmap_size} is smaller than struct kvm_run")
+        mapping = libc.mmap(ffi.NULL, self._mmap_size, _PROT_READ | _PROT_WRITE, _MAP_SHARED, self._fd, 0)
+        if mapping == _MAP_FAILED:
+            err = ffi.errno
+            os.close(self._fd)
+            raise BackendError(f"mmap of kvm_run: {_errno_text(err)}")
+        self._mapping = mapping
+        self._run = ffi.cast("struct kvm_run *", mapping)
+        self._run_bytes = ffi.buffer(ffi.cast("char *", mapping), self._mmap_size)
+        self._set_cpuid(vm.guest_cpuid(index))
+
+    def _set_cpuid(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = len(entries)
+        for i, (function, index, flags, eax, ebx, ecx, edx) in enumerate(entries):
+            e = cpuid.entries[i]
+            e.function, e.index, e.flags = function, index, flags
+            e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
+        _ioctl(self._fd, abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, io: IoHandler) -> Exit:
+        if self._fd < 0:
+            raise BackendError(f"vCPU {self.index} is closed")
+        run = self._run
+        fd = self._fd
+        ioctl = libc.ioctl
+        request = abi.KVM_RUN
+        zero = ffi.cast("unsigned long", 0)
+        with self._lock:
+            if self._thread is not None:
+                raise BackendError(f"vCPU {self.index} is already running in another thread")
+            self._thread = threading.get_ident()
+        try:
+            while True:
+                if ioctl(fd, request, zero) < 0:
+                    err = ffi.errno
+                    if err == _EINTR:
+                        with self._lock:
+                            if self._kick_pending:
+                                self._kick_pending = False
+                                run.immediate_exit = 0
+                                return Exit(ExitReason.KICKED)
+                        continue  # a signal that was not a kick
+                    raise BackendError(f"KVM_RUN: {_errno_text(err)} (errno {err})")
+                self._halted = False
+                reason = run.exit_reason
+                if reason == abi.KVM_EXIT_IO:
+                    self._handle_pio(io)
+                elif reason == abi.KVM_EXIT_MMIO:
+                    self._handle_mmio(io)
+                elif reason == abi.KVM_EXIT_HLT:
+                    self._halted = True
+                    return Exit(ExitReason.HALT)
+                elif reason in (abi.KVM_EXIT_INTR, abi.KVM_EXIT_IRQ_WINDOW_OPEN):
+                    continue
+                else:
+                    return self._other_exit(reason)
+        finally:
+            with self._lock:
+                self._thread = None
+
+    def _handle_pio(self, io: IoHandler) -> None:
+        pio = self._run.io
+        size = pio.size
+        count = pio.count
+        offset = pio.data_offset
+        port = pio.port
+        if size not in (1, 2, 4) or count < 1 or offset + size * count > self._mmap_size or offset < 0:
+            raise BackendError(f"malformed KVM_EXIT_IO: port {port:#x} size {size} count {count} offset {offset}")
+        data = self._run_bytes
+        if pio.direction == abi.KVM_EXIT_IO_OUT:
+            for i in range(count):
+                start = offset + i * size
+                io.pio_write(port, size, int.from_bytes(data[start:start + size], "little"))
+        else:
+            mask = (1 << (8 * size)) - 1
+            for i in range(count):
+                start = offset + i * size
+                data[start:start + size] = (io.pio_read(port, size) & mask).to_bytes(size, "little")
+
+    def _handle_mmio(self, io: IoHandler) -> None:
+        mmio = self._run.mmio
+        length = mmio.len
+        addr = mmio.phys_addr
+        if length not in (1, 2, 4, 8):
+            raise BackendError(f"malformed KVM_EXIT_MMIO at {addr:#x}: length {length}")
+        buf = ffi.buffer(mmio.data, 8)
+        if mmio.is_write:
+            io.mmio_write(addr, length, int.from_bytes(buf[0:length], "little"))
+        else:
+            value = io.mmio_read(addr, length) & ((1 << (8 * length)) - 1)
+            buf[0:length] = value.to_bytes(length, "little")
+
+    def _rip(self) -> int:
+        regs = ffi.new("struct kvm_regs *")
+        if libc.ioctl(self._fd, abi.KVM_GET_REGS, regs) < 0:
+            return -1
+        return regs.rip
+
+    def _other_exit(self, reason: int) -> Exit:
+        run = self._run
+        if reason == abi.KVM_EXIT_SHUTDOWN:
+            return Exit(ExitReason.SYSTEM_RESET, "triple fault")
+        if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+                return Exit(ExitReason.SYSTEM_OFF, "system event: shutdown")
+            if kind == abi.KVM_SYSTEM_EVENT_RESET:
+                return Exit(ExitReason.SYSTEM_RESET, "system event: reset")
+            return Exit(ExitReason.ERROR, f"KVM_EXIT_SYSTEM_EVENT type {kind} at rip {self._rip():#x}")
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.internal
+            sub = internal.suberror
+            ndata = min(internal.ndata, 16)
+            data = " ".join(f"{internal.data[i]:#x}" for i in range(ndata))
+            name = abi.KVM_INTERNAL_ERROR_NAMES.get(sub, "?")
+            return Exit(ExitReason.ERROR, f"KVM_EXIT_INTERNAL_ERROR suberror {sub} ({name}) at rip "
+                                          f"{self._rip():#x}" + (f" data [{data}]" if data else ""))
+        if reason == abi.KVM_EXIT_FAIL_ENTRY:
+            fail = run.fail_entry
+            return Exit(ExitReason.ERROR, f"KVM_EXIT_FAIL_ENTRY hardware reason "
+                                          f"{fail.hardware_entry_failure_reason:#x} on cpu {fail.cpu} "
+                                          f"at rip {self._rip():#x}")
+        name = abi.EXIT_REASON_NAMES.get(reason, "?")
+        return Exit(ExitReason.ERROR, f"unhandled KVM exit {reason} ({name}) at rip {self._rip():#x}")
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            self._kick_pending = True
+            self._run.immediate_exit = 1
+            thread = self._thread
+            if thread is not None and _kick_handler_installed():
+                try:
+                    signal.pthread_kill(thread, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def interrupt(self, vector: int) -> None:
+        """Inject external interrupt ``vector`` (KVM_INTERRUPT; the guest must have IF=1
+        and no interrupt shadow: see ``ready_for_interrupt``)."""
+        if not 0 <= vector < 256:
+            raise BackendError(f"interrupt vector {vector} out of range")
+        arg = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        _ioctl(self._fd, abi.KVM_INTERRUPT, arg, f"KVM_INTERRUPT {vector}")
+
+    @property
+    def ready_for_interrupt(self) -> bool:
+        """kvm_run.ready_for_interrupt_injection after the last exit."""
+        return bool(self._run.ready_for_interrupt_injection)
+
+    def request_interrupt_window(self, wanted: bool) -> None:
+        """Ask for an exit as soon as the guest can take an interrupt."""
+        self._run.request_interrupt_window = 1 if wanted else 0
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(self) -> X86CpuState:
+        fd = self._fd
+        regs = ffi.new("struct kvm_regs *")
+        _ioctl(fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        sregs = ffi.new("struct kvm_sregs *")
+        _ioctl(fd, abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        msrs = self._get_msrs(_STATE_MSRS)
+        xsave = ffi.new("struct kvm_xsave *")
+        _ioctl(fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
+        events = ffi.new("struct kvm_vcpu_events *")
+        _ioctl(fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        halted = self._halted
+        if self._vm._has_mp_state:
+            mp = ffi.new("struct kvm_mp_state *")
+            _ioctl(fd, abi.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
+            halted = halted or mp.mp_state == abi.KVM_MP_STATE_HALTED
+        kwargs: dict[str, Any] = {name: getattr(regs, name) for name in _REG_NAMES}
+        for name in X86_SEGMENT_NAMES:
+            kwargs[name] = _segment_from_kvm(getattr(sregs, name))
+        kwargs["gdt"] = DescriptorTable(sregs.gdt.base, sregs.gdt.limit)
+        kwargs["idt"] = DescriptorTable(sregs.idt.base, sregs.idt.limit)
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            kwargs[name] = getattr(sregs, name)
+        tsc = msrs.pop(abi.MSR_IA32_TSC)
+        return X86CpuState(
+            **kwargs,
+            msrs=msrs,
+            fxsave=bytes(ffi.buffer(xsave, FXSAVE_ARCH_END)) + bytes(FXSAVE_SIZE - FXSAVE_ARCH_END),
+            tsc=tsc,
+            interrupt_shadow=events.interrupt.shadow,
+            nmi_masked=bool(events.nmi.masked),
+            halted=halted,
+        )
+
+    def _get_msrs(self, numbers: tuple[int, ...]) -> dict[int, int]:
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(numbers) * ffi.sizeof("struct kvm_msr_entry"))
+        arg = ffi.cast("struct kvm_msrs *", buf)
+        arg.nmsrs = len(numbers)
+        for i, number in enumerate(numbers):
+            arg.entries[i].index = number
+        got = _ioctl(self._fd, abi.KVM_GET_MSRS, arg, "KVM_GET_MSRS")
+        if got != len(numbers):
+            raise BackendError(f"KVM_GET_MSRS: KVM cannot read MSR {numbers[got]:#x}")
+        return {arg.entries[i].index: arg.entries[i].data for i in range(len(numbers))}
+
+    def _set_msrs(self, values: dict[int, int]) -> None:
+        items = list(values.items())
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(items) * ffi.sizeof("struct kvm_msr_entry"))
+        arg = ffi.cast("struct kvm_msrs *", buf)
+        arg.nmsrs = len(items)
+        for i, (number, value) in enumerate(items):
+            arg.entries[i].index = number
+            arg.entries[i].data = value
+        done = _ioctl(self._fd, abi.KVM_SET_MSRS, arg, "KVM_SET_MSRS")
+        if done != len(items):
+            number, value = items[done]
+            raise BackendError(f"KVM_SET_MSRS: KVM rejected MSR {number:#x} = {value:#x}")
+
+    def set_state(self, state: X86CpuState) -> None:  # type: ignore[override]
+        if not isinstance(state, X86CpuState):
+            raise BackendError(f"KVM x86_64 vCPU cannot load a {type(state).__name__}")
+        if len(state.fxsave) != FXSAVE_SIZE:
+            raise BackendError(f"fxsave image is {len(state.fxsave)} bytes, expected {FXSAVE_SIZE}")
+        fd = self._fd
+        sregs = ffi.new("struct kvm_sregs *")
+        for name in X86_SEGMENT_NAMES:
+            _segment_to_kvm(getattr(state, name), getattr(sregs, name))
+        sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
+        sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            setattr(sregs, name, getattr(state, name))
+        _ioctl(fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+        regs = ffi.new("struct kvm_regs *")
+        for name in _REG_NAMES:
+            setattr(regs, name, getattr(state, name))
+        _ioctl(fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
+        msrs = dict(state.msrs)
+        msrs[abi.MSR_IA32_TSC] = state.tsc
+        self._set_msrs(msrs)
+        xsave = ffi.new("struct kvm_xsave *")
+        _ioctl(fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
+        area = ffi.buffer(xsave)
+        area[0:FXSAVE_SIZE] = state.fxsave
+        header = XSAVE_HEADER_OFFSET
+        xstate_bv = int.from_bytes(area[header:header + 8], "little") | XSTATE_X87_SSE
+        area[header:header + 8] = xstate_bv.to_bytes(8, "little")
+        _ioctl(fd, abi.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE (x87/SSE image rejected: check MXCSR)")
+        events = ffi.new("struct kvm_vcpu_events *")
+        _ioctl(fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        events.interrupt.shadow = state.interrupt_shadow
+        events.nmi.masked = 1 if state.nmi_masked else 0
+        events.flags = abi.KVM_VCPUEVENT_VALID_SHADOW
+        _ioctl(fd, abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+        self._halted = state.halted
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            if self._thread is not None:
+                raise BackendError(f"vCPU {self.index} is running; kick it and wait before closing")
+            libc.munmap(self._mapping, self._mmap_size)
+            os.close(self._fd)
+            self._fd = -1
