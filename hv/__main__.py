@@ -1,0 +1,5 @@
+import sys
+
+from hv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,264 @@
+"""StratoVirt-compatible command line -> a validated, frozen :class:`VmConfig`.
+
+The command line is untrusted input: every option is checked here, and every problem is
+reported as a :class:`ConfigError` whose message is one line a user can act on.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.base import Arch
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+MACHINE_ARCH = {"q35": Arch.X86_64, "virt": Arch.AARCH64}
+# q35 keeps all RAM below the 32-bit PCI hole (no high-memory split yet).
+MACHINE_MAX_MEMORY = {"q35": 3 * GIB, "virt": 64 * GIB}
+MIN_MEMORY = 16 * MIB
+MAX_SMP = 64
+ACCELERATORS = ("kvm", "unicorn")
+
+
+class ConfigError(ValueError):
+    """The command line is wrong; the message says which option and why."""
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    kind: str = "none"  # "stdio" | "file" | "none"
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    machine: str = "q35"
+    kernel: Path | None = None
+    append: str = ""
+    memory_bytes: int = 256 * MIB
+    smp: int = 1
+    serial: SerialConfig = field(default_factory=SerialConfig)
+    accel: str | None = None
+    name: str | None = None
+    logfile: Path | None = None
+    start_paused: bool = False
+    incoming: str | None = None
+    qmp: tuple[str, ...] = ()
+    chardevs: tuple[str, ...] = ()
+    monitors: tuple[str, ...] = ()
+
+    @property
+    def arch(self) -> Arch:
+        return MACHINE_ARCH[self.machine]
+
+
+@dataclass(frozen=True)
+class ParsedArgs:
+    """What the command line asked for: a VM to run, or an informational action."""
+
+    action: str  # "run" | "help" | "version"
+    config: VmConfig | None = None
+
+
+# option name -> takes a value
+OPTIONS: dict[str, bool] = {
+    "-machine": True, "-M": True, "-kernel": True, "-append": True, "-m": True, "-smp": True,
+    "-serial": True, "-accel": True, "-name": True, "-D": True, "-S": False, "-incoming": True,
+    "-qmp": True, "-chardev": True, "-mon": True, "-drive": True, "-device": True,
+    "-netdev": True, "-h": False, "-help": False, "--help": False, "-version": False,
+    "--version": False, "-daemonize": False,
+}
+
+USAGE = """\
+usage: hv -machine q35|virt -kernel FILE [options]
+
+StratoVirt-compatible options:
+  -machine TYPE[,mem-share=off]  machine type: q35 (x86_64) or virt (aarch64)
+  -kernel FILE                   guest kernel (multiboot ELF for q35, ELF for virt)
+  -append STRING                 kernel command line
+  -m SIZE                        guest RAM: 256, 256M, 1G (default 256M)
+  -smp N | cpus=N                number of vCPUs (default 1)
+  -serial stdio|file,path=FILE|none   console (default none)
+  -qmp unix:PATH,server,nowait | tcp:HOST:PORT,server,nowait   QMP monitor
+  -chardev socket,id=ID,path=PATH,server,nowait -mon chardev=ID,mode=control
+  -incoming tcp:HOST:PORT | unix:PATH | file:DIR   wait for a migration / restore a snapshot
+  -name NAME                     VM name (query-name)
+  -D FILE                        write hv's log to FILE
+  -S                             start paused (resume with the QMP command cont)
+hv options:
+  -accel kvm|unicorn             force an accelerator (default: kvm if usable, else unicorn)
+  -h, --help                     this help
+  -version, --version            print the version
+"""
+
+
+def parse_size(text: str, option: str) -> int:
+    """`256` (MiB), `256M`, `256MiB`, `1G`, `524288K` -> bytes."""
+    match = re.fullmatch(r"(\d{1,12})\s*([kKmMgGtT]?)(?:i?[bB])?", text.strip())
+    if not match:
+        raise ConfigError(f"{option}: invalid size {text!r} (examples: 256, 256M, 1G)")
+    number = int(match.group(1))
+    unit = match.group(2).upper() or "M"
+    return number << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def split_kv(text: str, option: str, positional: str | None = None) -> dict[str, str]:
+    """`a,b=c,d=e` -> {positional: a, b: c, d: e}; duplicate keys are errors."""
+    result: dict[str, str] = {}
+    for index, item in enumerate(text.split(",")):
+        if "=" in item:
+            key, _, value = item.partition("=")
+        elif index == 0 and positional is not None:
+            key, value = positional, item
+        else:
+            key, value = item, ""
+        if not key:
+            raise ConfigError(f"{option}: malformed value {text!r}")
+        if key in result:
+            raise ConfigError(f"{option}: {key!r} given twice")
+        result[key] = value
+    return result
+
+
+def _parse_machine(value: str) -> str:
+    props = split_kv(value, "-machine", positional="type")
+    machine = props.pop("type", "")
+    if machine not in MACHINE_ARCH:
+        raise ConfigError(f"-machine: unknown machine type {machine!r} (supported: q35, virt)")
+    for key, prop in props.items():
+        if key == "mem-share":
+            if prop not in ("off", "false"):
+                raise ConfigError("-machine: mem-share=on (shared guest memory) is not supported: it cannot be migrated")
+        elif key in ("dump-guest-core", "gic-version", "accel", "usb"):
+            continue  # accepted for command-line compatibility; no effect
+        else:
+            raise ConfigError(f"-machine: unknown property {key!r}")
+    return machine
+
+
+def _parse_smp(value: str) -> int:
+    props = split_kv(value, "-smp", positional="cpus")
+    cpus_text = props.pop("cpus", "")
+    for key in props:
+        if key not in ("maxcpus", "sockets", "cores", "threads", "dies", "clusters"):
+            raise ConfigError(f"-smp: unknown property {key!r}")
+    if not cpus_text.isdigit():
+        raise ConfigError(f"-smp: invalid vCPU count {cpus_text!r}")
+    cpus = int(cpus_text)
+    if not 1 <= cpus <= MAX_SMP:
+        raise ConfigError(f"-smp: vCPU count must be between 1 and {MAX_SMP}, got {cpus}")
+    return cpus
+
+
+def _parse_serial(value: str) -> SerialConfig:
+    if value in ("stdio", "none"):
+        return SerialConfig(value)
+    props = split_kv(value, "-serial", positional="kind")
+    if props.get("kind") == "file":
+        path = props.get("path")
+        if not path or set(props) != {"kind", "path"}:
+            raise ConfigError("-serial: expected file,path=FILE")
+        parent = Path(path).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"-serial: directory {str(parent)!r} does not exist")
+        return SerialConfig("file", Path(path))
+    raise ConfigError(f"-serial: unsupported value {value!r} (use stdio, file,path=FILE or none)")
+
+
+def _check_kernel(path_text: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ConfigError(f"-kernel: {path_text}: no such file")
+    if not path.is_file():
+        raise ConfigError(f"-kernel: {path_text}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"-kernel: {path_text}: permission denied")
+    return path
+
+
+def parse_args(argv: list[str]) -> ParsedArgs:
+    values: dict[str, list[str]] = {}
+    flags: set[str] = set()
+    i = 0
+    while i < len(argv):
+        option = argv[i]
+        if option not in OPTIONS:
+            if option.startswith("-"):
+                raise ConfigError(f"unknown option {option!r} (see hv --help)")
+            raise ConfigError(f"unexpected argument {option!r} (see hv --help)")
+        if OPTIONS[option]:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"option {option} needs a value")
+            values.setdefault(option, []).append(argv[i + 1])
+            i += 2
+        else:
+            flags.add(option)
+            i += 1
+    if flags & {"-h", "-help", "--help"}:
+        return ParsedArgs("help")
+    if flags & {"-version", "--version"}:
+        return ParsedArgs("version")
+    if "-daemonize" in flags:
+        raise ConfigError("-daemonize is not supported: run hv under a service manager instead")
+    for option in ("-drive", "-device", "-netdev"):
+        if option in values:
+            first = values[option][0].split(",")[0]
+            raise ConfigError(f"{option} {first}: devices beyond the console are not supported by this hv yet")
+
+    def single(*names: str) -> str | None:
+        given = [v for n in names for v in values.get(n, [])]
+        if len(given) > 1:
+            raise ConfigError(f"option {names[0]} given more than once")
+        return given[0] if given else None
+
+    machine_text = single("-machine", "-M")
+    if machine_text is None:
+        raise ConfigError("-machine is required (q35 or virt)")
+    machine = _parse_machine(machine_text)
+    memory = VmConfig.memory_bytes
+    if (m := single("-m")) is not None:
+        memory = parse_size(m, "-m")
+    if memory < MIN_MEMORY:
+        raise ConfigError(f"-m: at least {MIN_MEMORY // MIB} MiB of RAM are needed")
+    if memory % MIB:
+        raise ConfigError("-m: RAM size must be a whole number of MiB")
+    if memory > MACHINE_MAX_MEMORY[machine]:
+        raise ConfigError(f"-m: machine {machine} supports at most {MACHINE_MAX_MEMORY[machine] // MIB} MiB of RAM")
+    accel = single("-accel")
+    if accel is not None:
+        accel = split_kv(accel, "-accel", positional="accel")["accel"]
+        if accel not in ACCELERATORS:
+            raise ConfigError(f"-accel: unknown accelerator {accel!r} (choose kvm or unicorn)")
+    incoming = single("-incoming")
+    kernel_text = single("-kernel")
+    if kernel_text is None and incoming is None:
+        raise ConfigError("-kernel is required (unless -incoming restores a VM)")
+    kernel = _check_kernel(kernel_text) if kernel_text is not None else None
+    logfile = single("-D")
+    if logfile is not None and not Path(logfile).expanduser().resolve().parent.is_dir():
+        raise ConfigError(f"-D: directory of {logfile!r} does not exist")
+    name = single("-name")
+    if name is not None:
+        name = split_kv(name, "-name", positional="guest")["guest"]
+    serial = _parse_serial(single("-serial") or "none")
+    smp_text = single("-smp")
+    config = VmConfig(
+        machine=machine,
+        kernel=kernel,
+        append=single("-append") or "",
+        memory_bytes=memory,
+        smp=_parse_smp(smp_text) if smp_text is not None else 1,
+        serial=serial,
+        accel=accel,
+        name=name,
+        logfile=Path(logfile) if logfile is not None else None,
+        start_paused="-S" in flags,
+        incoming=incoming,
+        qmp=tuple(values.get("-qmp", [])),
+        chardevs=tuple(values.get("-chardev", [])),
+        monitors=tuple(values.get("-mon", [])),
+    )
+    return ParsedArgs("run", config)

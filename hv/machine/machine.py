@@ -1,0 +1,405 @@
+"""A machine: guest RAM, device buses, vCPU threads and the run-state lifecycle.
+
+The machine is the same whatever the backend: it owns the RAM (one mapping, shared with
+the backend), the devices (pure register files wired to port/MMIO buses) and the vCPU
+threads. It implements :class:`backends.base.IoHandler`, so a backend forwards every port
+and MMIO access here. All device accesses are serialised by one lock (the machine's
+"big lock"), so devices never see concurrent accesses.
+
+Lifecycle (QMP ``query-status`` names)::
+
+    prelaunch --start--> running <--pause/resume--> paused
+        |                   |                          |
+        +-- inmigrate       +---- power-off/quit ----> shutdown
+                            +---- migration done ----> postmigrate
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from backends.base import Arch, Backend, Exit, ExitReason, Vcpu
+from hv.config import VmConfig
+from hv.devices.acpi_pm import AcpiPm, AcpiPmState
+from hv.devices.bus import Bus
+from hv.devices.interfaces import DeviceStateError, OutputSink
+from hv.devices.pl011 import Pl011, Pl011State
+from hv.devices.serial import Serial16550, SerialState
+from hv.memory import GuestMemory, RegionSpec
+from hv.state import CpuState, state_from_dict, state_to_dict
+
+log = logging.getLogger(__name__)
+
+Q35_RAM_BASE = 0
+VIRT_RAM_BASE = 0x4000_0000
+Q35_SERIAL_PORT = 0x3F8
+Q35_ACPI_PM_PORT = 0x600
+VIRT_PL011_BASE = 0x0900_0000
+PAUSE_TIMEOUT = 10.0
+
+
+class RunState(str, enum.Enum):
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    INMIGRATE = "inmigrate"
+    POSTMIGRATE = "postmigrate"
+    INTERNAL_ERROR = "internal-error"
+
+
+class MachineError(RuntimeError):
+    """The machine cannot do what was asked in its current state."""
+
+
+class PersistentDevice(Protocol):
+    def save(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+
+@dataclass
+class DeviceSlot:
+    """A device known to the machine: how to save it and how to describe it."""
+
+    name: str
+    kind: str
+    device: PersistentDevice
+    state_type: type
+    placement: str  # "io 0x3f8", "mmio 0x9000000"
+
+
+@dataclass
+class MachineSnapshot:
+    """Everything of a paused machine except RAM, in plain values."""
+
+    fingerprint: dict[str, Any]
+    cpus: list[CpuState]
+    devices: dict[str, dict[str, Any]]  # name -> {"version": int, "state": dict}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "cpus": [state_to_dict(c) for c in self.cpus],
+                "devices": self.devices}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "MachineSnapshot":
+        if not isinstance(raw, dict) or set(raw) != {"fingerprint", "cpus", "devices"}:
+            raise DeviceStateError("machine snapshot: wrong fields")
+        if not isinstance(raw["cpus"], list) or not isinstance(raw["devices"], dict):
+            raise DeviceStateError("machine snapshot: malformed cpus or devices")
+        return cls(dict(raw["fingerprint"]), [state_from_dict(c) for c in raw["cpus"]], dict(raw["devices"]))
+
+
+class Machine:
+    """A q35 (x86_64) or virt (aarch64) machine on one backend."""
+
+    def __init__(self, config: VmConfig, backend: Backend, console: OutputSink,
+                 memory: GuestMemory | None = None) -> None:
+        self.config = config
+        self.arch: Arch = config.arch
+        self.backend = backend
+        self.console = console
+        self.memory = memory if memory is not None else GuestMemory(ram_layout(config))
+        self.pio = Bus("port")
+        self.mmio = Bus("mmio")
+        self.devices: dict[str, DeviceSlot] = {}
+        self._lock = threading.RLock()           # the big lock: devices and run state
+        self._state_changed = threading.Condition(self._lock)
+        self._state = RunState.PRELAUNCH
+        self._shutdown_reason: str | None = None
+        self._closing = False
+        self._parked: set[int] = set()
+        self._halted: list[bool] = [False] * config.smp
+        self._threads: list[threading.Thread] = []
+        self._listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
+        self._kernel_image: bytes | None = None
+        self.exit_error: str | None = None
+        mmio_windows = self._build_devices()
+        self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
+        self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
+
+    # -- wiring -------------------------------------------------------------------
+    def _add_device(self, name: str, kind: str, device: PersistentDevice, state_type: type,
+                    bus: Bus, base: int, size: int) -> None:
+        bus.add(base, size, device, name)  # type: ignore[arg-type]
+        self.devices[name] = DeviceSlot(name, kind, device, state_type, f"{bus.kind} {base:#x}")
+
+    def _build_devices(self) -> list[tuple[int, int]]:
+        if self.config.machine == "q35":
+            self._add_device("serial0", "isa-serial", Serial16550(self.console), SerialState,
+                             self.pio, Q35_SERIAL_PORT, Serial16550.SIZE)
+            self._add_device("acpi-pm", "ich9-pm", AcpiPm(self._on_sleep), AcpiPmState,
+                             self.pio, Q35_ACPI_PM_PORT, AcpiPm.SIZE)
+            return []
+        self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
+                         self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
+        return [(VIRT_PL011_BASE, Pl011.SIZE)]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must be equal on both ends of a migration."""
+        return {
+            "machine": self.config.machine,
+            "arch": self.arch.value,
+            "memory": self.memory.size,
+            "smp": self.config.smp,
+            "devices": [{"id": s.name, "type": s.kind, "addr": s.placement} for s in self.devices.values()],
+        }
+
+    # -- IoHandler (called from vCPU threads) ----------------------------------------
+    def pio_read(self, port: int, size: int) -> int:
+        with self._lock:
+            return self.pio.read(port, size)
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
+        with self._lock:
+            self.pio.write(port, size, value)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        with self._lock:
+            return self.mmio.read(addr, size)
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        with self._lock:
+            self.mmio.write(addr, size, value)
+
+    # -- events ---------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[str, dict[str, Any] | None], None]) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception:  # a broken listener must not take the VM down
+                log.exception("event listener failed for %s", event)
+
+    # -- boot -------------------------------------------------------------------------
+    def load_kernel(self, image: bytes) -> None:
+        from hv.loader import load_kernel
+
+        boot = load_kernel(self.arch.value, self.memory, image, self.config.append)
+        self._kernel_image = image
+        self.vcpus[0].set_state(boot.cpu_state)
+        self._halted = [False] + [True] * (self.config.smp - 1)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state is RunState.RUNNING
+
+    def set_state(self, state: RunState) -> None:
+        """Set a non-running state label (inmigrate, postmigrate) on a stopped machine."""
+        with self._lock:
+            if self._state is RunState.RUNNING:
+                raise MachineError(f"cannot mark a running machine {state.value}")
+            self._state = state
+
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPU threads; they run at once unless ``paused``."""
+        with self._lock:
+            if self._threads:
+                raise MachineError("machine already started")
+            self._state = RunState.PAUSED if paused else RunState.RUNNING
+            for index, vcpu in enumerate(self.vcpus):
+                thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu),
+                                          name=f"vcpu{index}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        if not paused:
+            self._emit("RESUME")
+
+    def pause(self) -> bool:
+        """Stop every vCPU at an architectural point; True if it was running."""
+        with self._lock:
+            if self._state is not RunState.RUNNING:
+                return False
+            self._state = RunState.PAUSED
+            self._state_changed.notify_all()
+        self._kick_all()
+        self._wait_parked()
+        self._emit("STOP")
+        return True
+
+    def resume(self) -> bool:
+        """Let the vCPUs run again; True if the machine was stopped."""
+        with self._lock:
+            if self._state is RunState.RUNNING:
+                return False
+            if self._state is RunState.SHUTDOWN:
+                raise MachineError("the guest has shut down")
+            if not self._threads:
+                raise MachineError("machine has not been started")
+            self._state = RunState.RUNNING
+            self._state_changed.notify_all()
+        self._emit("RESUME")
+        return True
+
+    def request_shutdown(self, reason: str) -> None:
+        """End the machine (guest power-off, quit, signal); idempotent."""
+        with self._lock:
+            if self._shutdown_reason is not None:
+                return
+            self._shutdown_reason = reason
+            self._state = RunState.SHUTDOWN
+            self._state_changed.notify_all()
+        self._kick_all()
+        self._emit("SHUTDOWN", {"guest": reason == "guest-shutdown", "reason": reason})
+
+    def wait_shutdown(self, timeout: float | None = None) -> str | None:
+        """Block until the machine shuts down; the reason, or None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._shutdown_reason is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._state_changed.wait(remaining)
+            return self._shutdown_reason
+
+    def system_reset(self) -> None:
+        """Reset devices and vCPUs and reload the kernel, as a reset button would."""
+        was_running = self.pause()
+        with self._lock:
+            for slot in self.devices.values():
+                slot.device.restore(slot.state_type())
+            if self._kernel_image is not None:
+                self.load_kernel(self._kernel_image)
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        if was_running:
+            self.resume()
+
+    def close(self) -> None:
+        """Stop the vCPU threads and release the backend VM and RAM."""
+        with self._lock:
+            self._closing = True
+            if self._state is RunState.RUNNING:
+                self._state = RunState.PAUSED
+            self._state_changed.notify_all()
+        self._kick_all()
+        for thread in self._threads:
+            thread.join(PAUSE_TIMEOUT)
+            if thread.is_alive():
+                log.error("%s did not stop", thread.name)
+        self._threads = []
+        self.vm.close()
+        self.memory.close()
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def _wait_parked(self) -> None:
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        with self._lock:
+            while len(self._parked) < len(self._threads):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MachineError("vCPUs did not stop within %.0f s" % PAUSE_TIMEOUT)
+                self._state_changed.wait(remaining)
+
+    # -- vCPU threads -------------------------------------------------------------------
+    def _may_run(self, index: int) -> bool:
+        return self._state is RunState.RUNNING and not self._halted[index] and not self._closing
+
+    def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
+        while True:
+            with self._lock:
+                if not self._may_run(index):
+                    self._parked.add(index)
+                    self._state_changed.notify_all()
+                    while not self._may_run(index) and not self._closing:
+                        self._state_changed.wait()
+                    self._parked.discard(index)
+                if self._closing:
+                    self._parked.add(index)
+                    self._state_changed.notify_all()
+                    return
+            result = vcpu.run(self)
+            self._handle_exit(index, result)
+
+    def _handle_exit(self, index: int, result: Exit) -> None:
+        reason = result.reason
+        if reason is ExitReason.KICKED:
+            return
+        if reason is ExitReason.HALT:
+            # No interrupt controller yet: a halted vCPU stays halted until reset.
+            with self._lock:
+                self._halted[index] = True
+                self._state_changed.notify_all()
+            log.debug("vcpu%d halted", index)
+        elif reason is ExitReason.SYSTEM_OFF:
+            self.request_shutdown("guest-shutdown")
+        elif reason is ExitReason.SYSTEM_RESET:
+            log.info("vcpu%d: guest reset (%s)", index, result.detail or "reset request")
+            threading.Thread(target=self.system_reset, name="reset", daemon=True).start()
+            with self._lock:  # park until the reset thread has reloaded the machine
+                while self._state is RunState.RUNNING and not self._closing:
+                    self._state_changed.wait(0.05)
+        else:
+            message = f"vcpu{index}: {result.detail or reason.value}"
+            log.error("guest stopped on an internal error: %s", message)
+            with self._lock:
+                self.exit_error = message
+            self.request_shutdown("internal-error")
+
+    def _on_sleep(self, slp_typ: int) -> None:
+        # Called from a vCPU thread inside pio_write (big lock held).
+        log.info("guest requested power-off (ACPI SLP_TYP %d)", slp_typ)
+        self.request_shutdown("guest-shutdown")
+
+    # -- snapshots ------------------------------------------------------------------------
+    def save(self) -> MachineSnapshot:
+        """Capture CPU and device state; the machine must not be running."""
+        with self._lock:
+            if self._state is RunState.RUNNING:
+                raise MachineError("pause the machine before saving it")
+            cpus = []
+            for index, vcpu in enumerate(self.vcpus):
+                state = vcpu.get_state()
+                state.halted = self._halted[index]
+                cpus.append(state)
+            devices = {name: {"version": slot.state_type.VERSION, "state": slot.device.save().to_dict()}
+                       for name, slot in self.devices.items()}
+        return MachineSnapshot(self.fingerprint(), cpus, devices)
+
+    def restore(self, snapshot: MachineSnapshot) -> None:
+        """Load CPU and device state captured by :meth:`save` (on any backend).
+
+        Everything is validated first; on error nothing has been changed.
+        """
+        if len(snapshot.cpus) != len(self.vcpus):
+            raise DeviceStateError(f"snapshot has {len(snapshot.cpus)} vCPUs, machine has {len(self.vcpus)}")
+        for state in snapshot.cpus:
+            if state.ARCH != self.arch.value:
+                raise DeviceStateError(f"snapshot CPU state is {state.ARCH}, machine is {self.arch.value}")
+        if set(snapshot.devices) != set(self.devices):
+            raise DeviceStateError(
+                f"snapshot devices {sorted(snapshot.devices)} differ from machine devices {sorted(self.devices)}")
+        device_states = {}
+        for name, record in snapshot.devices.items():
+            slot = self.devices[name]
+            if not isinstance(record, dict) or record.get("version") != slot.state_type.VERSION:
+                raise DeviceStateError(f"device {name}: unsupported state version")
+            device_states[name] = slot.state_type.from_dict(record.get("state"))
+        with self._lock:
+            if self._state is RunState.RUNNING:
+                raise MachineError("cannot restore into a running machine")
+            for name, state in device_states.items():
+                self.devices[name].device.restore(state)
+            for index, (vcpu, cpu) in enumerate(zip(self.vcpus, snapshot.cpus)):
+                vcpu.set_state(dataclasses.replace(cpu))
+                self._halted[index] = cpu.halted
+
+
+def ram_layout(config: VmConfig) -> list[RegionSpec]:
+    base = Q35_RAM_BASE if config.machine == "q35" else VIRT_RAM_BASE
+    return [RegionSpec(base, config.memory_bytes)]
