@@ -116,8 +116,8 @@ class Machine:
         self._parked: set[int] = set()
         self._halted: list[bool] = [False] * config.smp
         self._threads: list[threading.Thread] = []
-        self._listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
-        self._kernel_image: bytes | None = None
+        self.listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
+        self.kernel_image: bytes | None = None
         self.exit_error: str | None = None
         mmio_windows = self._build_devices()
         self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
@@ -169,10 +169,10 @@ class Machine:
 
     # -- events ---------------------------------------------------------------------
     def add_listener(self, listener: Callable[[str, dict[str, Any] | None], None]) -> None:
-        self._listeners.append(listener)
+        self.listeners.append(listener)
 
     def _emit(self, event: str, data: dict[str, Any] | None = None) -> None:
-        for listener in list(self._listeners):
+        for listener in list(self.listeners):
             try:
                 listener(event, data)
             except Exception:  # a broken listener must not take the VM down
@@ -183,7 +183,7 @@ class Machine:
         from hv.loader import load_kernel
 
         boot = load_kernel(self.arch.value, self.memory, image, self.config.append)
-        self._kernel_image = image
+        self.kernel_image = image
         self.vcpus[0].set_state(boot.cpu_state)
         self._halted = [False] + [True] * (self.config.smp - 1)
 
@@ -271,8 +271,8 @@ class Machine:
         with self._lock:
             for slot in self.devices.values():
                 slot.device.restore(slot.state_type())
-            if self._kernel_image is not None:
-                self.load_kernel(self._kernel_image)
+            if self.kernel_image is not None:
+                self.load_kernel(self.kernel_image)
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
         if was_running:
             self.resume()
