@@ -1,0 +1,357 @@
+"""Kernel loader: put an ELF guest into guest RAM and give the boot vCPU state.
+
+x86_64 (machine q35): Multiboot v1. The image is an ELF32 (i386) or ELF64 (x86_64) with
+a multiboot header (magic 0x1BADB002, flags, checksum) in its first 8 KiB. PT_LOAD
+segments go to their physical addresses (bss zeroed); the multiboot information
+structure, a memory map and the command line go to :data:`MB_INFO_GPA`. The vCPU starts
+as the Multiboot spec says: 32-bit protected mode, flat segments, paging off, IF=0,
+EAX=0x2BADB002, EBX=address of the information structure. Like GRUB and QEMU, the
+multiboot command line is ``"<image name> <cmdline>"``.
+
+aarch64 (machine virt): an ELF64 EM_AARCH64 image; PT_LOAD segments at their physical
+addresses, a device tree (:mod:`hv.fdt`) at the RAM base 0x40000000 with
+/chosen/bootargs, /memory, /psci (method "hvc"), /cpus and the PL011. The vCPU starts
+at EL1h with DAIF masked, MMU off, x0 = address of the device tree.
+
+The image is untrusted: every header field, offset and size is checked, and anything
+wrong raises :class:`LoaderError` with a one-line message, before guest RAM is written.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+from hv import fdt as fdtlib
+from hv.memory import PAGE_SIZE, GuestMemory
+from hv.state import Arm64CpuState, CpuState, PSTATE_EL1H_DAIF, Segment, X86CpuState
+
+log = logging.getLogger(__name__)
+
+MACHINE_FOR_ARCH = {"x86_64": "q35", "aarch64": "virt"}
+
+# ELF constants (System V ABI).
+ELFCLASS32 = 1
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+ET_EXEC = 2
+PT_LOAD = 1
+EM_386 = 3
+EM_X86_64 = 62
+EM_AARCH64 = 183
+ELF_MACHINE_NAMES = {EM_386: "i386", EM_X86_64: "x86_64", EM_AARCH64: "aarch64", 40: "arm",
+                     243: "riscv", 8: "mips", 20: "powerpc", 21: "powerpc64", 22: "s390"}
+MAX_PHNUM = 64
+
+# Multiboot v1.
+MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT_BOOT_MAGIC = 0x2BADB002
+MULTIBOOT_SEARCH = 8192
+MB_FLAG_PAGE_ALIGN = 1 << 0
+MB_FLAG_MEMORY_INFO = 1 << 1
+MB_FLAG_VIDEO_MODE = 1 << 2
+MB_FLAG_AOUT_KLUDGE = 1 << 16
+MB_INFO_MEMORY = 1 << 0
+MB_INFO_CMDLINE = 1 << 2
+MB_INFO_MEM_MAP = 1 << 6
+MB_INFO_GPA = 0x9000           # the information structure (88 bytes)
+MB_MMAP_GPA = 0x9080           # memory map entries (24 bytes each)
+MB_CMDLINE_GPA = 0x9200        # NUL-terminated command line
+MB_AREA_END = 0xA000
+MB_MAX_MMAP = (MB_CMDLINE_GPA - MB_MMAP_GPA) // 24
+MB_INFO_SIZE = 88
+LOW_MEM_KIB = 640
+
+# aarch64 virt.
+VIRT_RAM_BASE = 0x40000000
+VIRT_PL011 = 0x09000000
+PSCI_SYSTEM_OFF = 0x84000008
+
+
+class LoaderError(ValueError):
+    """The kernel image cannot be loaded into this machine (the message says why)."""
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    """One PT_LOAD segment: where it goes and how many bytes come from the file."""
+
+    paddr: int
+    vaddr: int
+    offset: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True)
+class ElfImage:
+    elf_class: int
+    machine: int
+    entry: int
+    segments: tuple[LoadSegment, ...]
+
+    @property
+    def arch_name(self) -> str:
+        return ELF_MACHINE_NAMES.get(self.machine, f"machine-{self.machine}")
+
+
+@dataclass
+class BootInfo:
+    """What the machine needs after loading: the boot vCPU's initial state and where
+    things were put (guest-physical ranges as ``(gpa, size)``)."""
+
+    arch: str
+    entry: int
+    cpu_state: CpuState
+    segments: tuple[tuple[int, int], ...]
+    boot_data: tuple[int, int]  # multiboot info area (x86_64) or the FDT (aarch64)
+
+
+def parse_elf(image: bytes) -> ElfImage:
+    """Parse and check the ELF header and program headers (no machine check here)."""
+    if len(image) < 16:
+        raise LoaderError(f"kernel is not an ELF file (only {len(image)} bytes)")
+    if image[:4] != b"\x7fELF":
+        raise LoaderError("kernel is not an ELF file (bad magic)")
+    elf_class, data = image[4], image[5]
+    if elf_class not in (ELFCLASS32, ELFCLASS64):
+        raise LoaderError(f"kernel has an unknown ELF class {elf_class}")
+    if data != ELFDATA2LSB:
+        raise LoaderError("kernel is a big-endian ELF; only little-endian is supported")
+    is64 = elf_class == ELFCLASS64
+    ehdr_fmt = "<HHIQQQIHHHHHH" if is64 else "<HHIIIIIHHHHHH"
+    ehdr_size = 16 + struct.calcsize(ehdr_fmt)
+    if len(image) < ehdr_size:
+        raise LoaderError(f"kernel ELF header is truncated ({len(image)} of {ehdr_size} bytes)")
+    (e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize, e_phentsize,
+     e_phnum, *_rest) = struct.unpack_from(ehdr_fmt, image, 16)
+    if e_type != ET_EXEC:
+        raise LoaderError(f"kernel ELF type is {e_type}, expected an executable (ET_EXEC)")
+    ph_fmt = "<IIQQQQQQ" if is64 else "<IIIIIIII"
+    ph_size = struct.calcsize(ph_fmt)
+    if e_phentsize != ph_size:
+        raise LoaderError(f"kernel program header size is {e_phentsize}, expected {ph_size}")
+    if not 1 <= e_phnum <= MAX_PHNUM:
+        raise LoaderError(f"kernel has {e_phnum} program headers (1..{MAX_PHNUM} allowed)")
+    if e_phoff > len(image) or e_phnum * ph_size > len(image) - e_phoff:
+        raise LoaderError("kernel program headers lie beyond the end of the file (truncated?)")
+    segments: list[LoadSegment] = []
+    for index in range(e_phnum):
+        fields = struct.unpack_from(ph_fmt, image, e_phoff + index * ph_size)
+        if is64:
+            p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = fields
+        else:
+            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _pflags, _align = fields
+        if p_type != PT_LOAD or p_memsz == 0:
+            continue
+        if p_filesz > p_memsz:
+            raise LoaderError(f"kernel segment {index}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
+        if p_offset > len(image) or p_filesz > len(image) - p_offset:
+            raise LoaderError(f"kernel segment {index}: file bytes {p_offset:#x}+{p_filesz:#x} "
+                              f"lie beyond the end of the {len(image)}-byte file (truncated?)")
+        segments.append(LoadSegment(p_paddr, p_vaddr, p_offset, p_filesz, p_memsz))
+    if not segments:
+        raise LoaderError("kernel has no loadable (PT_LOAD) segment")
+    return ElfImage(elf_class, e_machine, e_entry, tuple(segments))
+
+
+def _check_arch(arch: str, elf: ElfImage) -> None:
+    machine = MACHINE_FOR_ARCH[arch]
+    if arch == "x86_64":
+        ok = (elf.elf_class, elf.machine) in ((ELFCLASS32, EM_386), (ELFCLASS64, EM_X86_64))
+    else:
+        ok = (elf.elf_class, elf.machine) == (ELFCLASS64, EM_AARCH64)
+    if ok:
+        return
+    if elf.machine in (EM_386, EM_X86_64) and arch == "x86_64":
+        bits = 32 if elf.elf_class == ELFCLASS32 else 64
+        raise LoaderError(f"kernel is a {bits}-bit ELF for {elf.arch_name}: class and machine disagree")
+    if elf.machine == EM_AARCH64 and arch == "aarch64":
+        raise LoaderError("kernel is a 32-bit ELF for aarch64: machine virt needs an ELF64")
+    raise LoaderError(f"kernel is an {elf.arch_name} ELF, but machine {machine} needs {arch}")
+
+
+def _place_segments(memory: GuestMemory, elf: ElfImage, reserved: tuple[int, int],
+                    limit: int) -> None:
+    """Check every segment lies in RAM, below ``limit``, clear of ``reserved`` and of
+    the others."""
+    res_start, res_size = reserved
+    placed: list[tuple[int, int]] = []
+    for index, seg in enumerate(elf.segments):
+        end = seg.paddr + seg.memsz
+        if end > limit:
+            raise LoaderError(f"kernel segment {index} at {seg.paddr:#x}+{seg.memsz:#x} is beyond "
+                              f"the {limit:#x} limit of this image format")
+        if not memory.contains(seg.paddr, seg.memsz):
+            raise LoaderError(f"kernel segment {index} at {seg.paddr:#x}+{seg.memsz:#x} lies outside "
+                              f"guest RAM ({memory.size // (1024 * 1024)} MiB)")
+        if seg.paddr < res_start + res_size and res_start < end:
+            raise LoaderError(f"kernel segment {index} at {seg.paddr:#x}+{seg.memsz:#x} overlaps the "
+                              f"boot data at {res_start:#x}+{res_size:#x}")
+        for other_start, other_end in placed:
+            if seg.paddr < other_end and other_start < end:
+                raise LoaderError(f"kernel segment {index} at {seg.paddr:#x} overlaps another segment")
+        placed.append((seg.paddr, end))
+
+
+def _entry_paddr(elf: ElfImage) -> int:
+    for seg in elf.segments:
+        if seg.vaddr <= elf.entry < seg.vaddr + seg.memsz:
+            return seg.paddr + (elf.entry - seg.vaddr)
+    raise LoaderError(f"kernel entry point {elf.entry:#x} is not inside any loadable segment")
+
+
+def _write_segments(memory: GuestMemory, image: bytes, elf: ElfImage) -> None:
+    for seg in elf.segments:
+        memory.write(seg.paddr, image[seg.offset:seg.offset + seg.filesz])
+        bss = seg.memsz - seg.filesz
+        chunk = 1024 * 1024
+        for start in range(0, bss, chunk):
+            memory.write(seg.paddr + seg.filesz + start, bytes(min(chunk, bss - start)))
+
+
+def find_multiboot_header(image: bytes) -> tuple[int, int]:
+    """Offset and flags of the multiboot v1 header in the first 8 KiB."""
+    for off in range(0, min(len(image), MULTIBOOT_SEARCH) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", image, off)
+        if magic == MULTIBOOT_HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            return off, flags
+    raise LoaderError("kernel has no multiboot header (magic 0x1BADB002 with a valid "
+                      "checksum) in its first 8 KiB")
+
+
+def _ram_ranges(memory: GuestMemory) -> list[tuple[int, int]]:
+    return sorted((r.gpa, r.size) for r in memory.regions)
+
+
+def _load_x86(memory: GuestMemory, image: bytes, cmdline: str, image_name: str) -> BootInfo:
+    elf = parse_elf(image)
+    _check_arch("x86_64", elf)
+    _header_off, mb_flags = find_multiboot_header(image)
+    if mb_flags & MB_FLAG_AOUT_KLUDGE:
+        raise LoaderError("kernel's multiboot header asks for the a.out kludge (flags bit 16), "
+                          "which hv does not support: give an ELF with PT_LOAD segments")
+    unknown = mb_flags & 0xFFFF & ~(MB_FLAG_PAGE_ALIGN | MB_FLAG_MEMORY_INFO | MB_FLAG_VIDEO_MODE)
+    if unknown:
+        raise LoaderError(f"kernel's multiboot header requires features hv does not know "
+                          f"(flags {unknown:#x})")
+    # The whole multiboot area must be RAM.
+    if not memory.contains(MB_INFO_GPA, MB_AREA_END - MB_INFO_GPA):
+        raise LoaderError(f"guest RAM does not cover the multiboot info area at {MB_INFO_GPA:#x}")
+    _place_segments(memory, elf, (MB_INFO_GPA, MB_AREA_END - MB_INFO_GPA), 1 << 32)
+    entry = _entry_paddr(elf)
+    if entry >= 1 << 32:
+        raise LoaderError(f"kernel entry point {entry:#x} is not reachable in 32-bit mode")
+
+    full_cmdline = f"{image_name} {cmdline}" if cmdline else image_name
+    raw_cmdline = full_cmdline.encode()
+    if b"\0" in raw_cmdline:
+        raise LoaderError("kernel command line contains a NUL character")
+    if len(raw_cmdline) + 1 > MB_AREA_END - MB_CMDLINE_GPA:
+        raise LoaderError(f"kernel command line is {len(raw_cmdline)} bytes, at most "
+                          f"{MB_AREA_END - MB_CMDLINE_GPA - 1} fit")
+
+    ranges = _ram_ranges(memory)
+    if len(ranges) > MB_MAX_MMAP:
+        raise LoaderError(f"guest RAM has {len(ranges)} regions, the multiboot map holds {MB_MAX_MMAP}")
+    low_kib = 0
+    upper_kib = 0
+    for gpa, size in ranges:
+        if gpa == 0:
+            low_kib = min(size, LOW_MEM_KIB * 1024) // 1024
+        if gpa <= 0x100000 < gpa + size:
+            upper_kib = min(gpa + size - 0x100000, 0xFFFFFFFF * 1024) // 1024
+    mmap = bytearray()
+    for gpa, size in ranges:
+        mmap += struct.pack("<IQQI", 20, gpa, size, 1)  # type 1: available RAM
+
+    info = bytearray(MB_INFO_SIZE)
+    struct.pack_into("<IIII", info, 0, MB_INFO_MEMORY | MB_INFO_CMDLINE | MB_INFO_MEM_MAP,
+                     low_kib, upper_kib, 0)
+    struct.pack_into("<I", info, 16, MB_CMDLINE_GPA)
+    struct.pack_into("<II", info, 44, len(mmap), MB_MMAP_GPA)
+
+    _write_segments(memory, image, elf)
+    memory.write(MB_INFO_GPA, bytes(MB_AREA_END - MB_INFO_GPA))
+    memory.write(MB_INFO_GPA, info)
+    memory.write(MB_MMAP_GPA, mmap)
+    memory.write(MB_CMDLINE_GPA, raw_cmdline + b"\0")
+
+    state = X86CpuState(
+        rax=MULTIBOOT_BOOT_MAGIC, rbx=MB_INFO_GPA, rip=entry, rflags=0x2,
+        cs=Segment.flat32_code(0x08), ds=Segment.flat32_data(0x10), es=Segment.flat32_data(0x10),
+        fs=Segment.flat32_data(0x10), gs=Segment.flat32_data(0x10), ss=Segment.flat32_data(0x10),
+        cr0=0x11,  # PE | ET: protected mode, paging and caches as after a BIOS
+    )
+    log.info("loaded multiboot kernel: entry %#x, %d segment(s), mem_upper %d KiB",
+             entry, len(elf.segments), upper_kib)
+    return BootInfo("x86_64", entry, state, tuple((s.paddr, s.memsz) for s in elf.segments),
+                    (MB_INFO_GPA, MB_AREA_END - MB_INFO_GPA))
+
+
+def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
+    """The device tree hv's aarch64 virt machine hands to its kernel."""
+    root = fdtlib.FdtNode("", {
+        "#address-cells": fdtlib.prop_u32(2),
+        "#size-cells": fdtlib.prop_u32(2),
+        "compatible": fdtlib.prop_str("linux,dummy-virt"),
+        "model": fdtlib.prop_str("hv virt"),
+    })
+    root.add("chosen", bootargs=fdtlib.prop_str(cmdline),
+             **{"stdout-path": fdtlib.prop_str(f"/pl011@{VIRT_PL011:x}")})
+    for gpa, size in _ram_ranges(memory):
+        root.add(f"memory@{gpa:x}", device_type=fdtlib.prop_str("memory"),
+                 reg=fdtlib.prop_u64(gpa, size))
+    root.add("psci", compatible=fdtlib.prop_str("arm,psci-1.0", "arm,psci-0.2", "arm,psci"),
+             method=fdtlib.prop_str("hvc"))
+    cpus = root.add("cpus", **{"#address-cells": fdtlib.prop_u32(1), "#size-cells": fdtlib.prop_u32(0)})
+    for index in range(smp):
+        cpus.add(f"cpu@{index}", device_type=fdtlib.prop_str("cpu"),
+                 compatible=fdtlib.prop_str("arm,cortex-a57"), reg=fdtlib.prop_u32(index),
+                 **{"enable-method": fdtlib.prop_str("psci")})
+    root.add(f"pl011@{VIRT_PL011:x}", compatible=fdtlib.prop_str("arm,pl011", "arm,primecell"),
+             reg=fdtlib.prop_u64(VIRT_PL011, 0x1000))
+    return fdtlib.build_fdt(root)
+
+
+def _load_aarch64(memory: GuestMemory, image: bytes, cmdline: str, smp: int) -> BootInfo:
+    elf = parse_elf(image)
+    _check_arch("aarch64", elf)
+    if "\0" in cmdline:
+        raise LoaderError("kernel command line contains a NUL character")
+    blob = build_virt_fdt(memory, cmdline, smp)
+    fdt_size = len(blob) + (-len(blob) % PAGE_SIZE)
+    if not memory.contains(VIRT_RAM_BASE, fdt_size):
+        raise LoaderError(f"guest RAM does not cover the device tree at {VIRT_RAM_BASE:#x}")
+    _place_segments(memory, elf, (VIRT_RAM_BASE, fdt_size), 1 << 48)
+    entry = _entry_paddr(elf)
+    if entry % 4:
+        raise LoaderError(f"kernel entry point {entry:#x} is not 4-byte aligned")
+    _write_segments(memory, image, elf)
+    memory.write(VIRT_RAM_BASE, blob)
+    state = Arm64CpuState(pc=entry, pstate=PSTATE_EL1H_DAIF)
+    state.x[0] = VIRT_RAM_BASE
+    log.info("loaded aarch64 kernel: entry %#x, %d segment(s), fdt %d bytes at %#x",
+             entry, len(elf.segments), len(blob), VIRT_RAM_BASE)
+    return BootInfo("aarch64", entry, state, tuple((s.paddr, s.memsz) for s in elf.segments),
+                    (VIRT_RAM_BASE, len(blob)))
+
+
+def load_kernel(arch: str, memory: GuestMemory, image: bytes, cmdline: str, *,
+                image_name: str = "kernel", smp: int = 1) -> BootInfo:
+    """Load ``image`` into ``memory`` for machine q35 (``arch="x86_64"``) or virt
+    (``"aarch64"``) and return the boot vCPU's state. Nothing is written to guest RAM
+    unless every check passed. ``image_name`` is the first word of the multiboot command
+    line (x86_64); ``smp`` the number of /cpus nodes in the device tree (aarch64)."""
+    if arch not in MACHINE_FOR_ARCH:
+        raise LoaderError(f"unknown architecture {arch!r} (choose from: {', '.join(MACHINE_FOR_ARCH)})")
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise LoaderError("kernel image must be bytes")
+    image = bytes(image)
+    if arch == "x86_64":
+        if not image_name or " " in image_name or "\0" in image_name:
+            raise LoaderError(f"bad kernel image name {image_name!r} (one word expected)")
+        return _load_x86(memory, image, cmdline, image_name)
+    if not 1 <= smp <= 512:
+        raise LoaderError(f"smp={smp} is out of range 1..512")
+    return _load_aarch64(memory, image, cmdline, smp)
