@@ -1,0 +1,40 @@
+"""cffi build script of ``backends._hv_native`` (the Unicorn backend's hot hooks).
+
+Built by setuptools through ``cffi_modules`` in setup.py during ``pip install -e .``;
+needs a C compiler. The module does not link against libunicorn: the backend passes the
+addresses of ``uc_emu_stop`` and ``uc_reg_read`` at runtime.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+struct hv_region { uint64_t gpa; uint64_t size; uint64_t ram_offset; uint8_t *host; };
+struct hv_vm {
+    uint8_t *bitmap; uint64_t npages; int nregions; struct hv_region regions[16];
+    volatile int32_t dirty_enabled; uint64_t conservative_marks;
+};
+struct hv_vcpu {
+    struct hv_vm *vm; int32_t arch; volatile int32_t kick; volatile int32_t stopped;
+    void *emu_stop; void *reg_read; uint64_t blocks;
+    int32_t mode_valid; uint64_t r0, r1, r2, r3;
+    int32_t cache_valid; uint64_t cache_vpage; int64_t cache_ppage;
+};
+void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
+void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data);
+void hv_take_dirty(struct hv_vm *vm, uint8_t *out);
+int hv_translate(void *uc, struct hv_vcpu *c, uint64_t va, uint64_t *ppage);
+"""
+
+SOURCE = (HERE / "hv_native.c").read_text()
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("backends._hv_native", SOURCE, extra_compile_args=["-O2"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

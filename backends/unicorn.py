@@ -1,0 +1,290 @@
+"""The Unicorn backend (unicorn==2.1.4): x86_64 and aarch64 guests on any host.
+
+Guest RAM is mapped with ``mem_map_ptr`` over :class:`hv.memory.GuestMemory`'s own host
+buffers (one copy of RAM), MMIO windows with ``mmio_map``. The hot hooks are native
+(``backends._hv_native``, built by cffi at install time):
+
+* a block hook that honours :meth:`Vcpu.kick` by calling ``uc_emu_stop`` at the start of
+  a translation block -- the only point where a stop never replays or splits an
+  instruction or a device access;
+* a write hook that marks the guest-*physical* pages a store touches (it walks the guest
+  page tables: Unicorn reports virtual addresses) in a bitmap in RAM offset space.
+
+Exceptions and interrupts are delivered by hv itself (Unicorn does not use the guest's
+IDT / VBAR): see :mod:`backends.unicorn_x86` and :mod:`backends.unicorn_arm64`.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from backends.base import Arch, Backend, BackendError, IoHandler, Vcpu, Vm
+from hv.memory import PAGE_SIZE, GuestMemory
+
+if TYPE_CHECKING:
+    import unicorn
+
+log = logging.getLogger(__name__)
+
+UNICORN_VERSION = "2.1.4"
+MAX_REGIONS = 16
+
+
+class UnicornLayoutError(BackendError):
+    """Unicorn's saved-context layout is not the one this backend was written for."""
+
+
+def _import_unicorn() -> Any:
+    import unicorn  # noqa: PLC0415 - imported lazily so hosts without unicorn can use KVM
+
+    return unicorn
+
+
+def _native() -> Any:
+    from backends import _hv_native  # noqa: PLC0415 - built at install time
+
+    return _hv_native
+
+
+def uclib() -> ctypes.CDLL:
+    """The ctypes handle of the libunicorn the Python binding loaded."""
+    from unicorn.unicorn_py3 import unicorn as binding  # noqa: PLC0415
+
+    return binding.uclib
+
+
+def _fn_addr(name: str) -> int:
+    addr = ctypes.cast(getattr(uclib(), name), ctypes.c_void_p).value
+    if not addr:
+        raise BackendError(f"libunicorn has no symbol {name}")
+    return addr
+
+
+def add_native_hook(uc: "unicorn.Uc", htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
+    """Register the C function ``name`` of ``backends._hv_native`` as a Unicorn hook."""
+    native = _native()
+    fptr = int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
+    handle = ctypes.c_size_t()
+    status = uclib().uc_hook_add(uc._uch, ctypes.byref(handle), htype, ctypes.c_void_p(fptr),
+                                 ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    if status != 0:
+        raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+    return handle.value
+
+
+class NativeVm:
+    """The C-side record of a VM's RAM layout and its guest-write dirty bitmap."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        native = _native()
+        self.ffi = native.ffi
+        self.lib = native.lib
+        if len(memory.regions) > MAX_REGIONS:
+            raise BackendError(f"at most {MAX_REGIONS} RAM regions are supported")
+        self.struct = self.ffi.new("struct hv_vm *")
+        self.bitmap = self.ffi.new("uint8_t[]", max(1, (memory.page_count + 7) // 8))
+        self.struct.bitmap = self.bitmap
+        self.struct.npages = memory.page_count
+        self.struct.nregions = len(memory.regions)
+        for i, region in enumerate(memory.regions):
+            entry = self.struct.regions[i]
+            entry.gpa = region.gpa
+            entry.size = region.size
+            entry.ram_offset = region.offset
+            entry.host = self.ffi.cast("uint8_t *", region.host_addr)
+        self.nbytes = (memory.page_count + 7) // 8
+
+    def take(self) -> bytearray:
+        out = bytearray(self.nbytes)
+        if self.nbytes:
+            self.lib.hv_take_dirty(self.struct, self.ffi.from_buffer(out))
+        return out
+
+
+class NativeVcpu:
+    """The C-side record one vCPU's hooks use (kick flag, paging-register cache)."""
+
+    def __init__(self, vm: NativeVm, arch: Arch) -> None:
+        self.ffi = vm.ffi
+        self.lib = vm.lib
+        self.vm = vm
+        self.struct = self.ffi.new("struct hv_vcpu *")
+        self.struct.vm = vm.struct
+        self.struct.arch = 0 if arch is Arch.X86_64 else 1
+        self.struct.emu_stop = self.ffi.cast("void *", _fn_addr("uc_emu_stop"))
+        self.struct.reg_read = self.ffi.cast("void *", _fn_addr("uc_reg_read"))
+        self.addr = int(self.ffi.cast("uintptr_t", self.struct))
+
+    def install(self, uc: "unicorn.Uc") -> None:
+        unicorn = _import_unicorn()
+        add_native_hook(uc, unicorn.UC_HOOK_BLOCK, "hv_block_hook", self.addr)
+        add_native_hook(uc, unicorn.UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
+
+    def translate(self, uc: "unicorn.Uc", vaddr: int) -> int | None:
+        """Guest-physical address of ``vaddr`` under the current paging mode.
+
+        None when the page is not mapped; raises BackendError when the tables cannot
+        be walked (outside RAM, unsupported format)."""
+        out = self.ffi.new("uint64_t *")
+        rc = self.lib.hv_translate(self.ffi.cast("void *", uc._uch.value), self.struct, vaddr, out)
+        if rc < 0:
+            raise BackendError(f"cannot walk the guest page tables for {vaddr:#x}")
+        if rc > 0:
+            return None
+        return out[0] | (vaddr & (PAGE_SIZE - 1))
+
+
+class UnicornVcpuBase(Vcpu):
+    """What x86_64 and aarch64 vCPUs share: engine, RAM/MMIO mapping, kicks."""
+
+    def __init__(self, vm: "UnicornVm", index: int) -> None:
+        self.index = index
+        self.vm = vm
+        self.memory = vm.memory
+        self._io: IoHandler | None = None
+        self._kick_lock = threading.Lock()
+        self.native = NativeVcpu(vm.native, vm.arch)
+        self.uc = self._create_engine()
+        unicorn = _import_unicorn()
+        for region in self.memory.regions:
+            self.uc.mem_map_ptr(region.gpa, region.size, unicorn.UC_PROT_ALL, region.host_addr)
+        for gpa, size in vm.mmio_windows:
+            self.uc.mmio_map(gpa, size, self._mmio_read, gpa, self._mmio_write, gpa)
+        self.native.install(self.uc)
+        # Stop only where the native block hook stops us: no `until` address.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
+
+    def _create_engine(self) -> "unicorn.Uc":
+        raise NotImplementedError
+
+    # -- device access -------------------------------------------------------------
+    def _current_io(self) -> IoHandler:
+        if self._io is None:
+            raise BackendError("device access outside Vcpu.run()")
+        return self._io
+
+    def _mmio_read(self, uc: Any, offset: int, size: int, base: int) -> int:
+        value = self._current_io().mmio_read(base + offset, size)
+        return int(value) & ((1 << (8 * size)) - 1)
+
+    def _mmio_write(self, uc: Any, offset: int, size: int, value: int, base: int) -> None:
+        self._current_io().mmio_write(base + offset, size, value & ((1 << (8 * size)) - 1))
+
+    # -- kicks ---------------------------------------------------------------------
+    def kick(self) -> None:
+        with self._kick_lock:
+            self.native.struct.kick = 1
+
+    def _take_kick(self) -> bool:
+        """Consume a pending kick (from this run or remembered from before)."""
+        with self._kick_lock:
+            pending = bool(self.native.struct.kick)
+            self.native.struct.kick = 0
+            self.native.struct.stopped = 0
+        return pending
+
+    @property
+    def blocks_executed(self) -> int:
+        return int(self.native.struct.blocks)
+
+    def invalidate_code(self, gpa: int, size: int) -> None:
+        """Drop translated code for guest-physical ``gpa..gpa+size``."""
+        if size > 0:
+            self.uc.ctl_remove_cache(gpa, gpa + size)
+
+    def close(self) -> None:
+        self.uc = None  # type: ignore[assignment]
+
+
+class UnicornVm(Vm):
+    """Guest RAM mapped into one Unicorn engine per vCPU (all over the same buffers)."""
+
+    def __init__(self, arch: Arch, memory: GuestMemory, mmio_windows: list[tuple[int, int]]) -> None:
+        self.arch = arch
+        self.memory = memory
+        windows: list[tuple[int, int]] = []
+        for gpa, size in mmio_windows:
+            if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE or gpa < 0 or gpa + size > 1 << 52:
+                raise BackendError(f"MMIO window {gpa:#x}+{size:#x} is not page aligned or out of range")
+            if any(r.gpa < gpa + size and gpa < r.end for r in memory.regions):
+                raise BackendError(f"MMIO window {gpa:#x}+{size:#x} overlaps RAM")
+            windows.append((gpa, size))
+        self.mmio_windows = windows
+        self.native = NativeVm(memory)
+        self.vcpus: list[UnicornVcpuBase] = []
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        if any(v.index == index for v in self.vcpus):
+            raise BackendError(f"vCPU {index} already exists")
+        if self.arch is Arch.X86_64:
+            from backends.unicorn_x86 import UnicornX86Vcpu  # noqa: PLC0415
+
+            vcpu: UnicornVcpuBase = UnicornX86Vcpu(self, index)
+        else:
+            from backends.unicorn_arm64 import UnicornArm64Vcpu  # noqa: PLC0415
+
+            vcpu = UnicornArm64Vcpu(self, index)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def start_dirty_log(self) -> None:
+        self.native.take()
+        self.native.struct.dirty_enabled = 1
+
+    def take_dirty(self) -> bytearray:
+        return self.native.take()
+
+    def stop_dirty_log(self) -> None:
+        self.native.struct.dirty_enabled = 0
+
+    @property
+    def conservative_marks(self) -> int:
+        """How often a write could not be translated and every page was marked dirty."""
+        return int(self.native.struct.conservative_marks)
+
+    def invalidate_code(self, gpa: int, size: int) -> None:
+        """Drop translated code of ``gpa..gpa+size`` in every vCPU (after the VMM wrote it)."""
+        for vcpu in self.vcpus:
+            vcpu.invalidate_code(gpa, size)
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+
+
+class UnicornBackend(Backend):
+    """Unicorn 2.1.4 CPU emulation of x86_64 and aarch64 guests."""
+
+    name = "unicorn"
+
+    @classmethod
+    def probe(cls, arch: Arch) -> str | None:
+        try:
+            unicorn = _import_unicorn()
+        except ImportError as exc:
+            return f"the unicorn Python package is not installed ({exc})"
+        if unicorn.__version__ != UNICORN_VERSION:
+            return f"unicorn {unicorn.__version__} is installed; hv needs exactly {UNICORN_VERSION}"
+        try:
+            _native()
+        except ImportError as exc:
+            return f"the native hook module backends._hv_native is not built (run `pip install -e .`): {exc}"
+        try:
+            if arch is Arch.X86_64:
+                from backends.unicorn_x86 import verify_layout  # noqa: PLC0415
+            else:
+                from backends.unicorn_arm64 import verify_layout  # noqa: PLC0415
+            verify_layout()
+        except UnicornLayoutError as exc:
+            return str(exc)
+        return None
+
+    def open_vm(self, arch: Arch, memory: GuestMemory, mmio_windows: list[tuple[int, int]]) -> Vm:
+        problem = self.probe(arch)
+        if problem is not None:
+            raise BackendError(problem)
+        return UnicornVm(arch, memory, mmio_windows)

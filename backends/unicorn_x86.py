@@ -1,0 +1,622 @@
+"""x86_64 vCPUs on Unicorn 2.1.4.
+
+The register API cannot express segment descriptor caches, CPL or EFER.LMA, so state is
+moved through the engine's saved context, whose bytes are unicorn 2.1.4's ``CPUX86State``
+(QEMU 5.0) behind a 40-byte ``uc_context`` header. :func:`verify_layout` checks every
+offset used here against values written through the API before the backend is used.
+
+Unicorn does not deliver exceptions or ``int n`` through the guest IDT: the interrupt
+hook records the event and stops the engine, and :class:`X86Delivery` pushes the 64-bit
+interrupt frame, switches stacks via TSS.RSP0/IST and loads CS/SS the way the CPU does.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import Arch, BackendError, Exit, ExitReason, IoHandler
+from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
+from hv.memory import PAGE_SIZE, GuestMemoryError
+from hv.state import (
+    EFER_LMA,
+    FXSAVE_SIZE,
+    X86_GPR_NAMES,
+    DescriptorTable,
+    Segment,
+    X86CpuState,
+)
+
+log = logging.getLogger(__name__)
+
+# -- the saved context: uc_context header, then CPUX86State -------------------------
+CTX_HEADER = 40
+ENV_REGS = 0
+ENV_EIP = 128
+ENV_HFLAGS = 176
+ENV_HFLAGS2 = 180
+ENV_SEGS = 184          # SegmentCache[6]: u32 selector, u64 base, u32 limit, u32 flags
+SEG_STRIDE = 24
+ENV_LDT = 328
+ENV_TR = 352
+ENV_GDT = 376
+ENV_IDT = 400
+ENV_CR = 424            # target_ulong cr[5]
+ENV_EFER = 592
+ENV_LSTAR = 4840
+ENV_PAT = 5280
+ENV_ERROR_CODE = 5384
+ENV_EXCEPTION_IS_INT = 5388
+ENV_EXCEPTION_NEXT_EIP = 5392
+ENV_DR = 5400
+ENV_MIN_SIZE = ENV_DR + 64
+
+QEMU_SEG_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")
+
+# hflags bits (QEMU 5.0 target/i386/cpu.h)
+HF_CPL_MASK = 3
+HF_INHIBIT_IRQ = 1 << 3
+HF_CS32 = 1 << 4
+HF_SS32 = 1 << 5
+HF_ADDSEG = 1 << 6
+HF_PE = 1 << 7
+HF_MP_SHIFT = 9           # MP, EM, TS follow at 9, 10, 11 (CR0 bits 1..3)
+HF_LMA = 1 << 14
+HF_CS64 = 1 << 15
+HF_OSFXSR = 1 << 22
+HF_SMAP = 1 << 23
+HF_MODELLED = (HF_CPL_MASK | HF_INHIBIT_IRQ | HF_CS32 | HF_SS32 | HF_ADDSEG | HF_PE | (7 << HF_MP_SHIFT)
+               | HF_LMA | HF_CS64 | HF_OSFXSR | HF_SMAP)
+HF2_NMI_MASK = 1 << 2
+
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+
+CR0_PE = 1
+CR4_OSFXSR = 1 << 9
+CR4_SMAP = 1 << 21
+
+EXC_DF = 8
+EXC_TS = 10
+EXC_NP = 11
+EXC_SS = 12
+EXC_GP = 13
+EXC_PF = 14
+EXC_UD = 6
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+TSC_HZ_PER_NS = 1  # the virtual TSC ticks once per nanosecond of host monotonic time
+
+
+def seg_to_flags(seg: Segment) -> int:
+    return ((seg.type & 0xF) << 8 | (seg.s & 1) << 12 | (seg.dpl & 3) << 13 | (seg.present & 1) << 15
+            | (seg.avl & 1) << 20 | (seg.l & 1) << 21 | (seg.db & 1) << 22 | (seg.g & 1) << 23)
+
+
+def flags_to_seg(selector: int, base: int, limit: int, flags: int) -> Segment:
+    present = (flags >> 15) & 1
+    return Segment(selector=selector & 0xFFFF, base=base, limit=limit & 0xFFFFFFFF, type=(flags >> 8) & 0xF,
+                   present=present, dpl=(flags >> 13) & 3, db=(flags >> 22) & 1, s=(flags >> 12) & 1,
+                   l=(flags >> 21) & 1, g=(flags >> 23) & 1, avl=(flags >> 20) & 1, unusable=0 if present else 1)
+
+
+def compute_hflags(old: int, st: X86CpuState) -> int:
+    """hflags consistent with the segments/CR0/CR4/EFER of ``st`` (as QEMU keeps them)."""
+    h = old & ~HF_MODELLED
+    h |= st.ss.dpl & 3
+    if st.cr0 & CR0_PE:
+        h |= HF_PE
+    h |= ((st.cr0 >> 1) & 7) << HF_MP_SHIFT
+    if st.cr4 & CR4_OSFXSR:
+        h |= HF_OSFXSR
+    if st.cr4 & CR4_SMAP:
+        h |= HF_SMAP
+    if st.interrupt_shadow:
+        h |= HF_INHIBIT_IRQ
+    lma = bool(st.efer & EFER_LMA)
+    if lma:
+        h |= HF_LMA
+    if lma and st.cs.l:
+        h |= HF_CS32 | HF_SS32 | HF_CS64
+    else:
+        if st.cs.db:
+            h |= HF_CS32
+        if st.ss.db:
+            h |= HF_SS32
+    if h & HF_CS64:
+        pass
+    elif not (st.cr0 & CR0_PE) or (st.rflags & RFLAGS_VM) or not (h & HF_CS32):
+        h |= HF_ADDSEG
+    elif st.ds.base | st.es.base | st.ss.base:
+        h |= HF_ADDSEG
+    return h
+
+
+@functools.cache
+def verify_layout() -> None:
+    """Write known values through the register API and find them where this module
+    reads them in the saved context; raise UnicornLayoutError when anything differs."""
+    unicorn = _import_unicorn()
+    from unicorn import x86_const as x  # noqa: PLC0415
+
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    probes: list[tuple[str, int, int, int]] = []  # name, env offset, size, value
+
+    def put(name: str, reg: int, value: Any, offset: int, size: int, expect: int) -> None:
+        uc.reg_write(reg, value)
+        probes.append((name, offset, size, expect))
+
+    put("rax", x.UC_X86_REG_RAX, 0x1122334455667788, ENV_REGS, 8, 0x1122334455667788)
+    put("r15", x.UC_X86_REG_R15, 0x1122334455660F0F, ENV_REGS + 15 * 8, 8, 0x1122334455660F0F)
+    put("rip", x.UC_X86_REG_RIP, 0x11223344556601AA, ENV_EIP, 8, 0x11223344556601AA)
+    put("fs.base", x.UC_X86_REG_FS_BASE, 0x1122334455660FB0, ENV_SEGS + 4 * SEG_STRIDE + 8, 8, 0x1122334455660FB0)
+    put("gs.base", x.UC_X86_REG_GS_BASE, 0x11223344556605B0, ENV_SEGS + 5 * SEG_STRIDE + 8, 8, 0x11223344556605B0)
+    put("gdtr.base", x.UC_X86_REG_GDTR, (0, 0x1122334455660D00, 0x1357, 0), ENV_GDT + 8, 8, 0x1122334455660D00)
+    probes.append(("gdtr.limit", ENV_GDT + 16, 4, 0x1357))
+    put("idtr.base", x.UC_X86_REG_IDTR, (0, 0x1122334455661D00, 0x0FFF, 0), ENV_IDT + 8, 8, 0x1122334455661D00)
+    put("tr.base", x.UC_X86_REG_TR, (0x28, 0x1122334455662800, 0x67, 0x8B00), ENV_TR + 8, 8, 0x1122334455662800)
+    probes.append(("tr.selector", ENV_TR, 4, 0x28))
+    probes.append(("tr.limit", ENV_TR + 16, 4, 0x67))
+    put("ldtr.base", x.UC_X86_REG_LDTR, (0x30, 0x1122334455663000, 0x77, 0x8200), ENV_LDT + 8, 8, 0x1122334455663000)
+    put("cr2", x.UC_X86_REG_CR2, 0x1122334455660CC2, ENV_CR + 16, 8, 0x1122334455660CC2)
+    put("cr3", x.UC_X86_REG_CR3, 0x12345000, ENV_CR + 24, 8, 0x12345000)
+    put("efer", x.UC_X86_REG_MSR, (0xC0000080, 0xD01), ENV_EFER, 8, 0xD01)
+    put("lstar", x.UC_X86_REG_MSR, (0xC0000082, 0x1122334455661575), ENV_LSTAR, 8, 0x1122334455661575)
+    put("pat", x.UC_X86_REG_MSR, (0x277, 0x0006060606060606), ENV_PAT, 8, 0x0006060606060606)
+    put("dr0", x.UC_X86_REG_DR0, 0x1122334455660D80, ENV_DR, 8, 0x1122334455660D80)
+    put("dr7", x.UC_X86_REG_DR7, 0x400, ENV_DR + 56, 8, 0x400)
+    ctx = uc.context_save()
+    raw = ctypes.string_at(ctx.context, ctx.size)
+    if len(raw) < CTX_HEADER + ENV_MIN_SIZE:
+        raise UnicornLayoutError(f"unicorn saved context is {len(raw)} bytes; expected at least "
+                                 f"{CTX_HEADER + ENV_MIN_SIZE} (unicorn 2.1.4 layout)")
+    for name, offset, size, expect in probes:
+        got = int.from_bytes(raw[CTX_HEADER + offset:CTX_HEADER + offset + size], "little")
+        if got != expect:
+            raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: {name} at env+{offset} "
+                                     f"holds {got:#x}, expected {expect:#x}")
+    hflags = int.from_bytes(raw[CTX_HEADER + ENV_HFLAGS:CTX_HEADER + ENV_HFLAGS + 4], "little")
+    if not hflags & HF_LMA or not hflags & HF_CS64:
+        raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: hflags {hflags:#x} of a "
+                                 "64-bit engine lacks LMA/CS64")
+
+
+@dataclass
+class X86Event:
+    """An exception or software interrupt reported by the interrupt hook."""
+
+    vector: int
+    error_code: int | None
+    software: bool
+    return_rip: int
+
+
+class DeliveryFault(Exception):
+    """Delivering an event raised another exception (vector, error code)."""
+
+    def __init__(self, vector: int, error_code: int | None) -> None:
+        super().__init__(vector, error_code)
+        self.vector = vector
+        self.error_code = error_code
+
+
+class TripleFault(Exception):
+    """An exception occurred while delivering a double fault: the CPU shuts down."""
+
+
+class UnicornX86Vcpu(UnicornVcpuBase):
+    """An x86_64 vCPU; the engine always runs in UC_MODE_64."""
+
+    def __init__(self, vm: Any, index: int) -> None:
+        verify_layout()
+        self._x = __import__("unicorn.x86_const", fromlist=["x86_const"])
+        self._halted = False
+        self._event: X86Event | None = None
+        self._unusable_memo: dict[str, tuple[tuple[int, int, int, int], int]] = {}
+        self._shadow_memo = 0
+        self._apic_base = 0xFEE00900
+        self._fx_extra = bytes(FXSAVE_SIZE)
+        self._extra_msrs: dict[int, int] = {}
+        self._msr_keys: tuple[int, ...] = ()
+        self._tsc_base = 0
+        self._tsc_ns0 = time.monotonic_ns()
+        super().__init__(vm, index)
+        x = self._x
+        self.uc.hook_add(_import_unicorn().UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
+        self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
+        self._rdtsc_cb = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)(self._on_rdtsc)
+        self._add_raw_insn_hook(self._rdtsc_cb, x.UC_X86_INS_RDTSC)
+        self.set_state(X86CpuState())
+
+    def _create_engine(self) -> Any:
+        unicorn = _import_unicorn()
+        return unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+
+    def _add_raw_insn_hook(self, cb: Any, insn: int) -> None:
+        from backends.unicorn import uclib  # noqa: PLC0415
+
+        handle = ctypes.c_size_t()
+        status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), _import_unicorn().UC_HOOK_INSN,
+                                     ctypes.cast(cb, ctypes.c_void_p), None, ctypes.c_uint64(1),
+                                     ctypes.c_uint64(0), ctypes.c_int(insn))
+        if status != 0:
+            raise BackendError(f"uc_hook_add(INSN {insn}) failed with Unicorn error {status}")
+
+    # -- hooks ---------------------------------------------------------------------
+    def _on_in(self, uc: Any, port: int, size: int, user_data: Any) -> int:
+        return int(self._current_io().pio_read(port, size)) & ((1 << (8 * size)) - 1)
+
+    def _on_out(self, uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
+        self._current_io().pio_write(port, size, value & ((1 << (8 * size)) - 1))
+
+    def _tsc_now(self) -> int:
+        return (self._tsc_base + (time.monotonic_ns() - self._tsc_ns0) * TSC_HZ_PER_NS) & ((1 << 64) - 1)
+
+    def _on_rdtsc(self, handle: Any, user_data: Any) -> int:
+        tsc = self._tsc_now()
+        self.uc.reg_write(self._x.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
+        self.uc.reg_write(self._x.UC_X86_REG_RDX, tsc >> 32)
+        return 1  # skip the instruction: the hook produced its result
+
+    def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
+        raw = self._raw_context()[1]
+        error = int.from_bytes(raw[ENV_ERROR_CODE:ENV_ERROR_CODE + 4], "little")
+        is_int = int.from_bytes(raw[ENV_EXCEPTION_IS_INT:ENV_EXCEPTION_IS_INT + 4], "little") != 0
+        rip = uc.reg_read(self._x.UC_X86_REG_RIP)
+        vector = intno & 0xFF
+        has_error = vector in ERROR_CODE_VECTORS and not is_int
+        self._event = X86Event(vector, error if has_error else None, is_int, rip)
+        uc.emu_stop()
+
+    # -- raw context -----------------------------------------------------------------
+    def _raw_context(self) -> tuple[Any, bytearray]:
+        ctx = self.uc.context_save()
+        buf = (ctypes.c_char * ctx.size).from_address(ctypes.cast(ctx.context, ctypes.c_void_p).value)
+        return ctx, bytearray(bytes(buf)[CTX_HEADER:])
+
+    def _restore_raw(self, ctx: Any, env: bytearray) -> None:
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        ctypes.memmove(base + CTX_HEADER, bytes(env), len(env))
+        self.uc.context_restore(ctx)
+
+    # -- run -----------------------------------------------------------------------
+    def run(self, io: IoHandler) -> Exit:
+        unicorn = _import_unicorn()
+        x = self._x
+        self._io = io
+        try:
+            while True:
+                if self._take_kick():
+                    return Exit(ExitReason.KICKED)
+                self._halted = False
+                self._event = None
+                rip = self.uc.reg_read(x.UC_X86_REG_RIP)
+                try:
+                    self.uc.emu_start(rip, 0)
+                except unicorn.UcError as exc:
+                    if exc.errno == unicorn.UC_ERR_INSN_INVALID:
+                        self._event = X86Event(EXC_UD, None, False, self.uc.reg_read(x.UC_X86_REG_RIP))
+                    else:
+                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at rip {self.uc.reg_read(x.UC_X86_REG_RIP):#x}")
+                if self.native.struct.stopped:
+                    self._take_kick()
+                    return Exit(ExitReason.KICKED)
+                if self._event is not None:
+                    event, self._event = self._event, None
+                    if not self._deliver_event(event):
+                        return Exit(ExitReason.SYSTEM_RESET, "triple fault")
+                    continue
+                self._halted = True
+                return Exit(ExitReason.HALT)
+        finally:
+            self._io = None
+
+    # -- event delivery ------------------------------------------------------------
+    def _deliver_event(self, event: X86Event) -> bool:
+        """Deliver through the IDT with double/triple fault escalation; False on triple fault."""
+        state = self.get_state()
+        vector, error, software = event.vector, event.error_code, event.software
+        ret = event.return_rip
+        for _ in range(3):
+            try:
+                X86Delivery(self, state).deliver(vector, error, software, ret)
+            except DeliveryFault as fault:
+                log.debug("vCPU %d: delivering vector %d raised %d", self.index, vector, fault.vector)
+                if vector == EXC_DF:
+                    return False
+                vector, error, software, ret = EXC_DF, 0, False, state.rip
+                continue
+            self.set_state(state, flush_code=False)
+            return True
+        return False
+
+    def inject_interrupt(self, vector: int) -> bool:
+        """Deliver external interrupt ``vector`` now if RFLAGS.IF allows; False otherwise.
+
+        Only between runs (the vCPU thread, with the vCPU stopped)."""
+        if not 32 <= vector <= 255:
+            raise BackendError(f"interrupt vector {vector} is out of range 32..255")
+        state = self.get_state()
+        if not state.rflags & RFLAGS_IF or state.interrupt_shadow:
+            return False
+        try:
+            X86Delivery(self, state).deliver(vector, None, False, state.rip)
+        except DeliveryFault:
+            if not self._deliver_event(X86Event(vector, None, False, state.rip)):
+                raise BackendError("triple fault while injecting an interrupt") from None
+            return True
+        state.halted = False
+        self.set_state(state, flush_code=False)
+        return True
+
+    # -- state ---------------------------------------------------------------------
+    def get_state(self) -> X86CpuState:
+        x = self._x
+        uc = self.uc
+        _, env = self._raw_context()
+        st = X86CpuState()
+        regs = struct.unpack_from("<16Q", env, ENV_REGS)
+        for name, value in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"), regs):
+            setattr(st, name, value)
+        st.rip = struct.unpack_from("<Q", env, ENV_EIP)[0]
+        st.rflags = uc.reg_read(x.UC_X86_REG_RFLAGS)
+        for i, name in enumerate(QEMU_SEG_ORDER):
+            setattr(st, name, self._read_seg(env, ENV_SEGS + i * SEG_STRIDE, name))
+        st.ldt = self._read_seg(env, ENV_LDT, "ldt")
+        st.tr = self._read_seg(env, ENV_TR, "tr")
+        for name, off in (("gdt", ENV_GDT), ("idt", ENV_IDT)):
+            _, base, limit, _ = struct.unpack_from("<IxxxxQII", env, off)
+            setattr(st, name, DescriptorTable(base, limit & 0xFFFF))
+        cr = struct.unpack_from("<5Q", env, ENV_CR)
+        st.cr0, st.cr2, st.cr3, st.cr4 = cr[0], cr[2], cr[3], cr[4]
+        st.cr8 = uc.reg_read(x.UC_X86_REG_CR8)
+        st.efer = struct.unpack_from("<Q", env, ENV_EFER)[0]
+        st.apic_base = self._apic_base
+        msrs = dict(self._extra_msrs)
+        for number in self._msr_keys:
+            msrs[number] = uc.reg_read(x.UC_X86_REG_MSR, number)
+        st.msrs = msrs
+        st.fxsave = self._read_fxsave()
+        st.tsc = self._tsc_now()
+        hflags, hflags2 = struct.unpack_from("<II", env, ENV_HFLAGS)
+        st.interrupt_shadow = (self._shadow_memo or 1) if hflags & HF_INHIBIT_IRQ else 0
+        st.nmi_masked = bool(hflags2 & HF2_NMI_MASK)
+        st.halted = self._halted
+        return st
+
+    def _read_seg(self, env: bytearray, off: int, name: str) -> Segment:
+        selector, base, limit, flags = struct.unpack_from("<IxxxxQII", env, off)
+        seg = flags_to_seg(selector, base, limit, flags)
+        memo = self._unusable_memo.get(name)
+        if memo is not None and memo[0] == (selector, base, limit, flags & 0xF0FF00):
+            seg.unusable = memo[1]
+        return seg
+
+    def _write_seg(self, env: bytearray, off: int, name: str, seg: Segment) -> None:
+        flags = seg_to_flags(seg)
+        struct.pack_into("<IIQII", env, off, seg.selector, 0, seg.base, seg.limit, flags)
+        self._unusable_memo[name] = ((seg.selector, seg.base, seg.limit, flags & 0xF0FF00), seg.unusable)
+
+    def _msr_numbers(self) -> tuple[int, ...]:
+        return (0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102,
+                0xC0000103)
+
+    def set_state(self, state: X86CpuState, flush_code: bool = True) -> None:
+        if not isinstance(state, X86CpuState):
+            raise BackendError(f"an x86_64 vCPU cannot load a {type(state).__name__}")
+        x = self._x
+        uc = self.uc
+        uc.reg_write(x.UC_X86_REG_RFLAGS, state.rflags)
+        uc.reg_write(x.UC_X86_REG_CR8, state.cr8)
+        self._extra_msrs = {}
+        supported = set(self._msr_numbers())
+        for number, value in state.msrs.items():
+            if number in supported:
+                uc.reg_write(x.UC_X86_REG_MSR, (number, value))
+            else:
+                self._extra_msrs[number] = value
+        self._msr_keys = tuple(n for n in state.msrs if n in supported)
+        self._write_fxsave(state.fxsave)
+        ctx, env = self._raw_context()
+        regs = [getattr(state, n) for n in ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                                             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")]
+        struct.pack_into("<16Q", env, ENV_REGS, *regs)
+        struct.pack_into("<Q", env, ENV_EIP, state.rip)
+        for i, name in enumerate(QEMU_SEG_ORDER):
+            self._write_seg(env, ENV_SEGS + i * SEG_STRIDE, name, getattr(state, name))
+        self._write_seg(env, ENV_LDT, "ldt", state.ldt)
+        self._write_seg(env, ENV_TR, "tr", state.tr)
+        for off, table in ((ENV_GDT, state.gdt), (ENV_IDT, state.idt)):
+            struct.pack_into("<IIQII", env, off, 0, 0, table.base, table.limit, 0)
+        struct.pack_into("<5Q", env, ENV_CR, state.cr0, 0, state.cr2, state.cr3, state.cr4)
+        struct.pack_into("<Q", env, ENV_EFER, state.efer)
+        hflags, hflags2 = struct.unpack_from("<II", env, ENV_HFLAGS)
+        hflags = compute_hflags(hflags, state)
+        hflags2 = (hflags2 | HF2_NMI_MASK) if state.nmi_masked else (hflags2 & ~HF2_NMI_MASK)
+        struct.pack_into("<II", env, ENV_HFLAGS, hflags, hflags2)
+        self._restore_raw(ctx, env)
+        unicorn = _import_unicorn()
+        uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+        if flush_code:
+            uc.ctl_flush_tb()
+        self._shadow_memo = state.interrupt_shadow
+        self._apic_base = state.apic_base
+        self._tsc_base = state.tsc
+        self._tsc_ns0 = time.monotonic_ns()
+        self._halted = state.halted
+
+    # -- FPU / SSE ---------------------------------------------------------------------
+    # What Unicorn cannot hold (reserved bytes, ST padding, FOP bits 11-15, MXCSR_MASK)
+    # is carried beside the engine in self._fx_extra so the image round-trips exactly.
+    def _read_fxsave(self) -> bytes:
+        x = self._x
+        uc = self.uc
+        image = bytearray(self._fx_extra)
+        fsw = uc.reg_read(x.UC_X86_REG_FPSW)
+        tag = uc.reg_read(x.UC_X86_REG_FPTAG)
+        ftw = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
+        fop = struct.unpack_from("<H", image, 6)[0] | (uc.reg_read(x.UC_X86_REG_FOP) & 0x7FF)
+        struct.pack_into("<HHB", image, 0, uc.reg_read(x.UC_X86_REG_FPCW), fsw, ftw)
+        struct.pack_into("<HQQI", image, 6, fop, uc.reg_read(x.UC_X86_REG_FIP), uc.reg_read(x.UC_X86_REG_FDP),
+                         uc.reg_read(x.UC_X86_REG_MXCSR))
+        top = (fsw >> 11) & 7
+        for i in range(8):
+            mantissa, exponent = uc.reg_read(x.UC_X86_REG_FP0 + ((top + i) & 7))
+            struct.pack_into("<QH", image, 32 + 16 * i, mantissa, exponent)
+        for i in range(16):
+            image[160 + 16 * i:176 + 16 * i] = uc.reg_read(x.UC_X86_REG_XMM0 + i).to_bytes(16, "little")
+        return bytes(image)
+
+    def _write_fxsave(self, image: bytes) -> None:
+        if len(image) != FXSAVE_SIZE:
+            raise BackendError(f"fxsave image is {len(image)} bytes, expected {FXSAVE_SIZE}")
+        x = self._x
+        uc = self.uc
+        fcw, fsw, ftw, fop, fip, fdp, mxcsr = struct.unpack_from("<HHBxHQQI", image, 0)
+        uc.reg_write(x.UC_X86_REG_FPCW, fcw)
+        uc.reg_write(x.UC_X86_REG_FPSW, fsw)
+        top = (fsw >> 11) & 7
+        for i in range(8):
+            mantissa, exponent = struct.unpack_from("<QH", image, 32 + 16 * i)
+            uc.reg_write(x.UC_X86_REG_FP0 + ((top + i) & 7), (mantissa, exponent))
+        uc.reg_write(x.UC_X86_REG_FPTAG, sum(3 << (2 * i) for i in range(8) if not (ftw >> i) & 1))
+        uc.reg_write(x.UC_X86_REG_FOP, fop & 0x7FF)
+        uc.reg_write(x.UC_X86_REG_FIP, fip)
+        uc.reg_write(x.UC_X86_REG_FDP, fdp)
+        uc.reg_write(x.UC_X86_REG_MXCSR, mxcsr)
+        for i in range(16):
+            uc.reg_write(x.UC_X86_REG_XMM0 + i, int.from_bytes(image[160 + 16 * i:176 + 16 * i], "little"))
+        extra = bytearray(image)
+        extra[0:5] = bytes(5)
+        struct.pack_into("<HQQI", extra, 6, fop & ~0x7FF, 0, 0, 0)
+        for i in range(8):
+            extra[32 + 16 * i:42 + 16 * i] = bytes(10)
+        extra[160:416] = bytes(256)
+        self._fx_extra = bytes(extra)
+
+
+class X86Delivery:
+    """Delivers one exception/interrupt through a 64-bit IDT onto ``state`` (in place)."""
+
+    def __init__(self, vcpu: UnicornX86Vcpu, state: X86CpuState) -> None:
+        self.vcpu = vcpu
+        self.state = state
+        self.memory = vcpu.memory
+
+    def _phys(self, linear: int) -> int:
+        try:
+            phys = self.vcpu.native.translate(self.vcpu.uc, linear)
+        except BackendError:
+            phys = None
+        if phys is None:
+            raise DeliveryFault(EXC_PF, 0)
+        return phys
+
+    def read(self, linear: int, size: int) -> bytes:
+        out = bytearray()
+        while size > 0:
+            chunk = min(size, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
+            try:
+                out += self.memory.read(self._phys(linear), chunk)
+            except GuestMemoryError:
+                raise DeliveryFault(EXC_GP, 0) from None
+            linear += chunk
+            size -= chunk
+        return bytes(out)
+
+    def write(self, linear: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
+            try:
+                self.memory.write(self._phys(linear), data[pos:pos + chunk])
+            except GuestMemoryError:
+                raise DeliveryFault(EXC_GP, 0) from None
+            linear += chunk
+            pos += chunk
+
+    def descriptor(self, selector: int, vector: int) -> Segment:
+        index = selector & ~7
+        if selector & 4:
+            raise DeliveryFault(EXC_GP, selector & ~3)
+        if index == 0 or index + 7 > self.state.gdt.limit:
+            raise DeliveryFault(EXC_GP, selector & ~3)
+        lo, hi = struct.unpack("<II", self.read(self.state.gdt.base + index, 8))
+        limit = (lo & 0xFFFF) | (hi & 0xF0000)
+        if hi & (1 << 23):
+            limit = (limit << 12) | 0xFFF
+        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
+        seg = flags_to_seg(selector, base, limit, hi & 0xF0FF00)
+        if not seg.present:
+            raise DeliveryFault(EXC_NP, selector & ~3)
+        return seg
+
+    def deliver(self, vector: int, error: int | None, software: bool, return_rip: int) -> None:
+        st = self.state
+        if not st.efer & EFER_LMA:
+            raise DeliveryFault(EXC_DF if vector == EXC_DF else EXC_GP, 0)
+        ext = 0 if software else 1
+        idt_error = vector * 8 + 2 + ext
+        if vector * 16 + 15 > st.idt.limit:
+            raise DeliveryFault(EXC_GP, idt_error)
+        gate = self.read(st.idt.base + vector * 16, 16)
+        off_lo, selector, ist_byte, attr, off_mid, off_hi = struct.unpack_from("<HHBBHI", gate, 0)
+        gate_type = attr & 0xF
+        gate_dpl = (attr >> 5) & 3
+        cpl = st.ss.dpl
+        if gate_type not in (0xE, 0xF):
+            raise DeliveryFault(EXC_GP, idt_error)
+        if software and gate_dpl < cpl:
+            raise DeliveryFault(EXC_GP, idt_error)
+        if not attr & 0x80:
+            raise DeliveryFault(EXC_NP, idt_error)
+        target = off_lo | (off_mid << 16) | (off_hi << 32)
+        cs = self.descriptor(selector, vector)
+        if not cs.s or not cs.type & 0x8 or not cs.l:
+            raise DeliveryFault(EXC_GP, selector & ~3)
+        new_cpl = cpl if cs.type & 0x4 else cs.dpl
+        if new_cpl > cpl:
+            raise DeliveryFault(EXC_GP, selector & ~3)
+        ist = ist_byte & 7
+        rsp = st.rsp
+        switch = new_cpl < cpl
+        if switch or ist:
+            if st.tr.limit < 0x67:
+                raise DeliveryFault(EXC_TS, st.tr.selector & ~3)
+            field = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
+            rsp = struct.unpack("<Q", self.read(st.tr.base + field, 8))[0]
+        rsp &= ~0xF
+        frame = [st.ss.selector, st.rsp, st.rflags, st.cs.selector, return_rip]
+        if error is not None:
+            frame.append(error & 0xFFFFFFFF)
+        data = b"".join(v.to_bytes(8, "little") for v in reversed(frame))
+        rsp = (rsp - len(data)) & ((1 << 64) - 1)
+        self.write(rsp, data)
+        cs.selector = (selector & ~3) | new_cpl
+        cs.dpl = cs.dpl if cs.type & 0x4 else new_cpl
+        st.cs = cs
+        if switch:
+            st.ss = Segment(selector=new_cpl, base=0, limit=0, type=0, present=0, dpl=new_cpl, db=0, s=0,
+                            l=0, g=0, avl=0, unusable=1)
+        st.rsp = rsp
+        st.rip = target
+        st.rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        if gate_type == 0xE:
+            st.rflags &= ~RFLAGS_IF
+        st.interrupt_shadow = 0
+        if vector == EXC_PF:
+            pass  # CR2 was set by the engine when it raised the fault
+        st.halted = False
+
+
+__all__ = ["UnicornX86Vcpu", "verify_layout", "X86_GPR_NAMES", "Arch"]

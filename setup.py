@@ -1,0 +1,7 @@
+"""Builds the cffi extension ``backends._hv_native`` (Unicorn backend hot hooks).
+
+All other metadata lives in pyproject.toml.
+"""
+from setuptools import setup
+
+setup(cffi_modules=["backends/native/build_native.py:ffibuilder"])

@@ -1,0 +1,296 @@
+"""The Unicorn backend running real x86_64 guest code (assembled with GNU as at test time)."""
+from __future__ import annotations
+
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from backends.base import Arch, ExitReason
+from backends.unicorn import UnicornBackend
+from hv.memory import GuestMemory, RegionSpec
+from hv.state import Segment, X86CpuState, DescriptorTable
+
+MMIO_BASE = 0x10000000
+PML4, PDPT, PD, PT = 0x1000, 0x2000, 0x3000, 0x4000
+GDT, IDT, TSS = 0x5000, 0x6000, 0x7000
+KSTACK_TOP = 0x9000
+KCODE = 0x10000
+UCODE = 0x20000
+USTACK_TOP = 0x30000
+RAM_SIZE = 4 << 20
+# Virtual 0x200000 + i*4K maps to physical SCRAMBLED_PHYS[i] (virtual != physical).
+SCRAMBLED_VIRT = 0x200000
+SCRAMBLED_PHYS = [0x300000 + ((5 * i + 3) % 16) * 0x1000 for i in range(16)]
+
+
+def assemble_x86(source: str, base: int) -> bytes:
+    """Assemble Intel-syntax ``source`` linked at ``base`` into a flat binary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "g.s")
+        src.write_text(".intel_syntax noprefix\n.code64\n.text\n" + source + "\n")
+        subprocess.run(["as", "--64", "-o", f"{tmp}/g.o", str(src)], check=True, capture_output=True)
+        subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", hex(base), "--oformat", "binary", "-o",
+                        f"{tmp}/g.bin", f"{tmp}/g.o"], check=True, capture_output=True)
+        return Path(tmp, "g.bin").read_bytes()
+
+
+@dataclass
+class RecordingIo:
+    """The machine's buses for a test: records accesses, answers reads from a script."""
+
+    events: list[tuple[str, int, int, int]] = field(default_factory=list)
+    pio_value: int = 0x5A
+    mmio_value: int = 0xC0FFEE
+
+    def pio_read(self, port: int, size: int) -> int:
+        self.events.append(("pio_read", port, size, self.pio_value))
+        return self.pio_value
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
+        self.events.append(("pio_write", port, size, value))
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        self.events.append(("mmio_read", addr, size, self.mmio_value))
+        return self.mmio_value
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        self.events.append(("mmio_write", addr, size, value))
+
+
+def gate(offset: int, selector: int = 0x08, dpl: int = 0, gate_type: int = 0xE, ist: int = 0) -> bytes:
+    attr = 0x80 | (dpl << 5) | gate_type
+    return struct.pack("<HHBBHII", offset & 0xFFFF, selector, ist, attr, (offset >> 16) & 0xFFFF, offset >> 32, 0)
+
+
+class X86Guest:
+    """A long-mode guest: identity-mapped first 2 MiB (user accessible), a 4K-mapped
+    scrambled window, flat GDT with kernel/user segments and a TSS, an IDT."""
+
+    def __init__(self, mmio: bool = True) -> None:
+        self.memory = GuestMemory([RegionSpec(0, RAM_SIZE)])
+        self.vm = UnicornBackend().open_vm(Arch.X86_64, self.memory, [(MMIO_BASE, 0x1000)] if mmio else [])
+        self.vcpu = self.vm.create_vcpu(0)
+        m = self.memory
+        m.write_int(PML4, 8, PDPT | 0x7)
+        m.write_int(PDPT, 8, PD | 0x7)
+        m.write_int(PD, 8, 0x0 | 0x87)                      # 0..2M identity, 2M page, user
+        m.write_int(PD + 8, 8, PT | 0x7)                    # 2M..4M via a page table
+        for i, phys in enumerate(SCRAMBLED_PHYS):
+            m.write_int(PT + 8 * i, 8, phys | 0x7)
+        m.write_int(PD + 8 * (MMIO_BASE >> 21), 8, MMIO_BASE | 0x83)
+        gdt = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF]
+        tss_lo = 0x67 | ((TSS & 0xFFFFFF) << 16) | (0x89 << 40) | ((TSS >> 24) << 56)
+        gdt += [tss_lo, TSS >> 32]
+        m.write(GDT, b"".join(struct.pack("<Q", d) for d in gdt))
+        m.write_int(TSS + 4, 8, KSTACK_TOP)
+        self.io = RecordingIo()
+
+    def load(self, addr: int, source: str) -> None:
+        self.memory.write(addr, assemble_x86(source, addr))
+        self.vm.invalidate_code(addr, 0x1000)
+
+    def set_gate(self, vector: int, offset: int, dpl: int = 0, gate_type: int = 0xE) -> None:
+        self.memory.write(IDT + 16 * vector, gate(offset, dpl=dpl, gate_type=gate_type))
+
+    def kernel_state(self, rip: int = KCODE) -> X86CpuState:
+        st = X86CpuState()
+        st.rip = rip
+        st.rsp = KSTACK_TOP
+        st.rflags = 0x2
+        st.cr0 = 0x80010033
+        st.cr3 = PML4
+        st.cr4 = 0x620
+        st.efer = 0x501 | 0x400
+        st.cs = Segment(0x08, 0, 0xFFFFFFFF, 0xB, 1, 0, 0, 1, 1, 1)
+        for name in ("ds", "es", "ss"):
+            setattr(st, name, Segment(0x10, 0, 0xFFFFFFFF, 0x3, 1, 0, 1, 1, 0, 1))
+        st.fs = Segment(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        st.gs = Segment(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        st.tr = Segment(0x28, TSS, 0x67, 0xB, 1, 0, 0, 0, 0, 0)
+        st.gdt = DescriptorTable(GDT, 7 * 8 - 1)
+        st.idt = DescriptorTable(IDT, 256 * 16 - 1)
+        return st
+
+    def user_state(self, rip: int = UCODE) -> X86CpuState:
+        st = self.kernel_state(rip)
+        st.rsp = USTACK_TOP
+        st.cs = Segment(0x23, 0, 0xFFFFFFFF, 0xB, 1, 3, 0, 1, 1, 1)
+        for name in ("ds", "es", "ss"):
+            setattr(st, name, Segment(0x1B, 0, 0xFFFFFFFF, 0x3, 1, 3, 1, 1, 0, 1))
+        return st
+
+    def run(self):
+        return self.vcpu.run(self.io)
+
+    def close(self) -> None:
+        self.vm.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def guest():
+    g = X86Guest()
+    yield g
+    g.close()
+
+
+def test_probe_accepts_pinned_unicorn() -> None:
+    assert UnicornBackend.probe(Arch.X86_64) is None
+    assert UnicornBackend.name == "unicorn"
+
+
+def test_port_io_mmio_and_hlt(guest: X86Guest) -> None:
+    guest.load(KCODE, f"""
+        mov dx, 0x3f8
+        mov al, 0x41
+        out dx, al
+        in al, dx
+        movzx ebx, al
+        mov eax, 0x12345678
+        mov dword ptr [{MMIO_BASE:#x}], eax
+        mov ecx, dword ptr [{MMIO_BASE + 4:#x}]
+        out 0x80, ax
+        hlt
+        mov edx, 7
+        hlt
+    """)
+    guest.vcpu.set_state(guest.kernel_state())
+    exit_ = guest.run()
+    assert exit_.reason is ExitReason.HALT
+    assert guest.io.events == [
+        ("pio_write", 0x3F8, 1, 0x41),
+        ("pio_read", 0x3F8, 1, 0x5A),
+        ("mmio_write", MMIO_BASE, 4, 0x12345678),
+        ("mmio_read", MMIO_BASE + 4, 4, 0xC0FFEE),
+        ("pio_write", 0x80, 2, 0x5678),
+    ]
+    st = guest.vcpu.get_state()
+    assert st.rbx == 0x5A and st.rcx == 0xC0FFEE
+    assert st.halted
+    hlt_at = guest.memory.read(KCODE, 64).index(b"\xf4")
+    assert st.rip == KCODE + hlt_at + 1   # rip after the hlt
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().rdx == 7
+
+
+def test_int3_from_cpl3_through_idt_and_iretq_back(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+    handler:
+        hlt
+        iretq
+    """)
+    guest.set_gate(3, KCODE, dpl=3)
+    guest.load(UCODE, """
+        mov rax, 0x1111
+        int3
+        mov rax, 0x2222
+        int3
+    """)
+    user = guest.user_state()
+    guest.vcpu.set_state(user)
+    before = guest.vcpu.get_state()
+    assert before.cpl == 3 and before.cs.dpl == 3 and before.cs.l == 1
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rax == 0x1111
+    assert st.cpl == 0 and st.cs.selector == 0x08 and st.cs.dpl == 0 and st.cs.l == 1
+    assert st.ss.selector == 0 and st.ss.dpl == 0
+    assert st.rsp == KSTACK_TOP - 40
+    assert not st.rflags & (1 << 9)
+    rip, cs, rflags, rsp, ss = struct.unpack("<5Q", guest.memory.read(st.rsp, 40))
+    first_int3 = UCODE + guest.memory.read(UCODE, 32).index(b"\xcc")
+    assert (rip, cs, rsp, ss) == (first_int3 + 1, 0x23, USTACK_TOP, 0x1B)
+    # iretq back to CPL3, which runs into the second int3
+    assert guest.run().reason is ExitReason.HALT
+    st2 = guest.vcpu.get_state()
+    assert st2.rax == 0x2222 and st2.cpl == 0
+    rip2, cs2, _, _, ss2 = struct.unpack("<5Q", guest.memory.read(st2.rsp, 40))
+    assert cs2 == 0x23 and ss2 == 0x1B and rip2 > rip
+    # the user segment caches were reloaded by iretq from the GDT
+    assert guest.vcpu.get_state().cs.selector == 0x08
+
+
+def test_page_fault_delivers_cr2_and_error_code(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        mov rax, 0x40000000
+        mov qword ptr [rax], 1
+        hlt
+    handler:
+        hlt
+    """)
+    code = guest.memory.read(KCODE, 64)
+    handler = KCODE + code.index(b"\xf4") + 1
+    guest.set_gate(14, handler)
+    guest.vcpu.set_state(guest.kernel_state())
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rip == handler + 1
+    assert st.cr2 == 0x40000000
+    error, rip, cs = struct.unpack("<3Q", guest.memory.read(st.rsp, 24))
+    assert error == 0x2          # write to a not-present page at CPL0
+    assert rip == KCODE + 7      # the faulting store (after the 7-byte mov rax, imm32)
+
+
+def test_general_protection_error_code(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        mov ax, 0x63
+        mov ds, ax
+        hlt
+    handler:
+        hlt
+    """)
+    handler = KCODE + guest.memory.read(KCODE, 64).index(b"\xf4") + 1
+    guest.set_gate(13, handler)
+    guest.vcpu.set_state(guest.kernel_state())
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rip == handler + 1
+    error, rip = struct.unpack("<2Q", guest.memory.read(st.rsp, 16))
+    assert error == 0x60 and rip == KCODE + 4
+
+
+def test_triple_fault_resets(guest: X86Guest) -> None:
+    guest.load(KCODE, "ud2")
+    st = guest.kernel_state()
+    st.idt = DescriptorTable(IDT, 0)
+    guest.vcpu.set_state(st)
+    exit_ = guest.run()
+    assert exit_.reason is ExitReason.SYSTEM_RESET and exit_.detail == "triple fault"
+
+
+def test_double_fault_handler_runs(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        ud2
+    df:
+        hlt
+    """)
+    guest.set_gate(8, KCODE + 2)
+    # #UD's gate (6) is not present -> #NP -> double fault
+    guest.vcpu.set_state(guest.kernel_state())
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rip == KCODE + 3
+    assert struct.unpack("<Q", guest.memory.read(st.rsp, 8))[0] == 0
+
+
+def test_rdtsc_is_monotonic_and_carried(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        mov rbx, rax
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        hlt
+    """)
+    st = guest.kernel_state()
+    st.tsc = 1 << 50
+    guest.vcpu.set_state(st)
+    assert guest.run().reason is ExitReason.HALT
+    out = guest.vcpu.get_state()
+    assert (1 << 50) <= out.rbx <= out.rax <= out.tsc < (1 << 50) + 10**10
