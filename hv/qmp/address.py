@@ -233,7 +233,11 @@ def parse_chardev_option(value: str) -> tuple[str, SocketSpec]:
         except QmpAddressError as exc:
             raise QmpAddressError(f"{option}: {exc}") from None
     if "port" in keys:
-        host = _parse_host(option, keys.get("host", ""))
+        raw_host = keys.get("host", "")
+        # host= stands apart from the port, so an IPv6 address may be written bare.
+        if ":" in raw_host and not raw_host.startswith("["):
+            raw_host = f"[{raw_host}]"
+        host = _parse_host(option, raw_host)
         return chardev_id, SocketSpec("tcp", host=host, port=_parse_port(option, keys["port"]))
     raise QmpAddressError(f"{option}: a socket needs 'path' (unix) or 'port' (tcp)")
 
