@@ -227,7 +227,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._extra_msrs: dict[int, int] = {}
         self._msr_keys: tuple[int, ...] = ()
         self._tsc_base = 0
-        self._tsc_ns0 = time.monotonic_ns()
+        self._tsc_ns0: int | None = None
         super().__init__(vm, index)
         x = self._x
         self.uc.hook_add(_import_unicorn().UC_HOOK_INTR, self._on_interrupt)
@@ -259,6 +259,10 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._current_io().pio_write(port, size, value & ((1 << (8 * size)) - 1))
 
     def _tsc_now(self) -> int:
+        """The virtual TSC: it advances (1 tick/ns) only while run() executes the guest,
+        so a stopped vCPU's state is stable and carries the exact value."""
+        if self._tsc_ns0 is None:
+            return self._tsc_base
         return (self._tsc_base + (time.monotonic_ns() - self._tsc_ns0) * TSC_HZ_PER_NS) & ((1 << 64) - 1)
 
     def _on_rdtsc(self, handle: Any, user_data: Any) -> int:
@@ -293,6 +297,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         unicorn = _import_unicorn()
         x = self._x
         self._io = io
+        self._tsc_ns0 = time.monotonic_ns()
         try:
             while True:
                 if self._take_kick():
@@ -318,6 +323,8 @@ class UnicornX86Vcpu(UnicornVcpuBase):
                 self._halted = True
                 return Exit(ExitReason.HALT)
         finally:
+            self._tsc_base = self._tsc_now()
+            self._tsc_ns0 = None
             self._io = None
 
     # -- event delivery ------------------------------------------------------------
@@ -452,7 +459,8 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._shadow_memo = state.interrupt_shadow
         self._apic_base = state.apic_base
         self._tsc_base = state.tsc
-        self._tsc_ns0 = time.monotonic_ns()
+        if self._tsc_ns0 is not None:  # inside run() (event delivery): restart the interval
+            self._tsc_ns0 = time.monotonic_ns()
         self._halted = state.halted
 
     # -- FPU / SSE ---------------------------------------------------------------------

@@ -123,8 +123,8 @@ class X86Guest:
             setattr(st, name, Segment(0x1B, 0, 0xFFFFFFFF, 0x3, 1, 3, 1, 1, 0, 1))
         return st
 
-    def run(self):
-        return self.vcpu.run(self.io)
+    def run(self, io=None):
+        return self.vcpu.run(self.io if io is None else io)
 
     def close(self) -> None:
         self.vm.close()

@@ -21,8 +21,7 @@ struct hv_vm {
 struct hv_vcpu {
     struct hv_vm *vm; int32_t arch; volatile int32_t kick; volatile int32_t stopped;
     void *emu_stop; void *reg_read; uint64_t blocks;
-    int32_t mode_valid; uint64_t r0, r1, r2, r3;
-    int32_t cache_valid; uint64_t cache_vpage; int64_t cache_ppage;
+    uint64_t r0, r1, r2, r3;
 };
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
 void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data);

@@ -2,7 +2,8 @@
  *
  * Python hooks are far too slow for per-block and per-store callbacks, so the block
  * hook (kick -> uc_emu_stop at a translation-block boundary) and the write hook (dirty
- * page bitmap in guest-physical RAM offset space) live here. libunicorn is not linked:
+ * page bitmap in guest-physical RAM offset space) live here, with guest page-table
+ * walkers (x86_64 4-level incl. 2M/1G pages, 32-bit and PAE; aarch64 4K granule). libunicorn is not linked:
  * the addresses of uc_emu_stop and uc_reg_read are handed in at runtime.
  */
 #include <stdint.h>
@@ -50,13 +51,8 @@ struct hv_vcpu {
     void *emu_stop;              /* uc_emu_stop */
     void *reg_read;              /* uc_reg_read */
     uint64_t blocks;             /* translation blocks entered */
-    /* paging registers, read lazily once per block (mode_valid cleared per block) */
-    int32_t mode_valid;
+    /* paging registers, read by refresh_mode() before a walk */
     uint64_t r0, r1, r2, r3;     /* x86: cr0 cr3 cr4 efer; arm64: sctlr tcr ttbr0 ttbr1 */
-    /* one-entry translation cache, valid within a block */
-    int32_t cache_valid;
-    uint64_t cache_vpage;
-    int64_t cache_ppage;         /* guest-physical page address, -1: no RAM write */
 };
 
 struct uc_x86_msr_s { uint32_t rid; uint64_t value; };
@@ -134,7 +130,6 @@ static void refresh_mode(void *uc, struct hv_vcpu *c)
         ((hv_reg_read_fn)c->reg_read)(uc, UCA_TTBR0, &c->r2);
         ((hv_reg_read_fn)c->reg_read)(uc, UCA_TTBR1, &c->r3);
     }
-    c->mode_valid = 1;
 }
 
 /* Translate a virtual page. Returns 0 and *ppage (page address) on success, 1 when the
@@ -251,6 +246,133 @@ static int arm64_translate(struct hv_vcpu *c, uint64_t va, uint64_t *ppage)
     return -1;
 }
 
+/* -- page-crossing stores ---------------------------------------------------------
+ * Unicorn 2.1.4 reports a store at its guest-PHYSICAL address (the TLB entry's paddr),
+ * once, for the first page; a store that crosses into the next virtual page is then
+ * completed byte by byte with hooks disabled, so its second page is never reported. We
+ * find it exactly: every virtual page that maps the first physical page is enumerated
+ * from the live page tables, and the physical page behind each one's successor is
+ * marked. When that cannot be done, every page is marked. */
+
+#define HV_SCAN_BUDGET (1u << 22)
+
+struct scan {
+    struct hv_vcpu *c;
+    uint64_t target;      /* physical page address of the first page */
+    uint64_t visited;
+    int failed;
+};
+
+static void mark_successor(struct scan *s, uint64_t va)
+{
+    uint64_t next = 0;
+    int rc = (s->c->arch == HV_ARCH_X86_64) ? x86_translate(s->c, va + 4096, &next)
+                                             : arm64_translate(s->c, va + 4096, &next);
+    if (rc < 0)
+        s->failed = 1;
+    else if (rc == 0)
+        mark_gpa_page(s->c->vm, next);
+    /* rc == 1: the second page is unmapped, so the store faulted before writing */
+}
+
+static void x86_scan(struct scan *s, uint64_t table, int level, uint64_t vbase)
+{
+    const uint64_t addr_mask = 0x000FFFFFFFFFF000ull;
+    unsigned shift = 12 + 9 * (level - 1);
+    for (uint64_t i = 0; i < 512 && !s->failed; i++) {
+        uint64_t e;
+        if (++s->visited > HV_SCAN_BUDGET || read_phys64(s->c->vm, table + i * 8, &e)) {
+            s->failed = 1;
+            return;
+        }
+        if (!(e & 1))
+            continue;
+        uint64_t va = vbase + (i << shift);
+        if (level == 4 && i >= 256)
+            va |= 0xFFFF000000000000ull;
+        if (level == 1 || ((level == 2 || level == 3) && (e & 0x80))) {
+            uint64_t span = 1ull << shift;
+            uint64_t base = (e & addr_mask) & ~(span - 1);
+            if (s->target >= base && s->target - base < span)
+                mark_successor(s, va + (s->target - base));
+        } else if (level > 1) {
+            x86_scan(s, e & addr_mask, level - 1, va);
+        }
+    }
+}
+
+static void arm64_scan(struct scan *s, uint64_t table, int level, unsigned bits, uint64_t vbase)
+{
+    const uint64_t oa_mask = 0x0000FFFFFFFFF000ull;
+    unsigned shift = 12 + 9 * (3 - level);
+    uint64_t entries = 1ull << bits;
+    for (uint64_t i = 0; i < entries && !s->failed; i++) {
+        uint64_t d;
+        if (++s->visited > HV_SCAN_BUDGET || read_phys64(s->c->vm, table + i * 8, &d)) {
+            s->failed = 1;
+            return;
+        }
+        if (!(d & 1))
+            continue;
+        uint64_t va = vbase + (i << shift);
+        int leaf = (level == 3) ? 1 : !(d & 2);
+        if (level == 3 && !(d & 2))
+            continue;
+        if (level == 0 && leaf)
+            continue;
+        if (leaf) {
+            uint64_t span = 1ull << shift;
+            uint64_t base = (d & oa_mask) & ~(span - 1);
+            if (s->target >= base && s->target - base < span)
+                mark_successor(s, va + (s->target - base));
+        } else {
+            arm64_scan(s, d & oa_mask, level + 1, 9, va);
+        }
+    }
+}
+
+static void cross_page(void *uc, struct hv_vcpu *c, uint64_t first_page)
+{
+    struct scan s = { c, first_page, 0, 0 };
+    refresh_mode(uc, c);
+    if (c->arch == HV_ARCH_X86_64) {
+        uint64_t cr0 = c->r0, cr4 = c->r2, efer = c->r3;
+        if (!(cr0 & (1ull << 31))) {
+            mark_gpa_page(c->vm, first_page + 4096);
+            return;
+        }
+        if (!(efer & (1ull << 10)) || !(cr4 & (1ull << 5)) || (cr4 & (1ull << 12))) {
+            mark_all(c->vm); /* legacy / PAE / LA57 paging: not enumerated */
+            return;
+        }
+        x86_scan(&s, c->r1 & 0x000FFFFFFFFFF000ull, 4, 0);
+    } else {
+        uint64_t sctlr = c->r0, tcr = c->r1;
+        if (!(sctlr & 1)) {
+            mark_gpa_page(c->vm, first_page + 4096);
+            return;
+        }
+        for (int upper = 0; upper < 2 && !s.failed; upper++) {
+            unsigned txsz = upper ? (unsigned)((tcr >> 16) & 0x3F) : (unsigned)(tcr & 0x3F);
+            unsigned tg = upper ? (unsigned)((tcr >> 30) & 3) : (unsigned)((tcr >> 14) & 3);
+            int epd = upper ? (int)((tcr >> 23) & 1) : (int)((tcr >> 7) & 1);
+            if (epd)
+                continue;
+            if (!(upper ? (tg == 2) : (tg == 0)) || txsz < 16 || txsz > 39) {
+                s.failed = 1;
+                break;
+            }
+            unsigned inputsize = 64 - txsz;
+            int level = 4 - (int)((inputsize - 12 + 8) / 9);
+            unsigned shift = 12 + 9 * (3 - level);
+            uint64_t vbase = upper ? (~0ull << inputsize) : 0;
+            arm64_scan(&s, (upper ? c->r3 : c->r2) & 0x0000FFFFFFFFF000ull, level, inputsize - shift, vbase);
+        }
+    }
+    if (s.failed)
+        mark_all(c->vm);
+}
+
 /* UC_HOOK_BLOCK: the only place a kick stops the engine. */
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
@@ -258,16 +380,14 @@ void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
     (void)address;
     (void)size;
     c->blocks++;
-    c->mode_valid = 0;
-    c->cache_valid = 0;
     if (__atomic_load_n(&c->kick, __ATOMIC_ACQUIRE)) {
         c->stopped = 1;
         ((hv_emu_stop_fn)c->emu_stop)(uc);
     }
 }
 
-/* UC_HOOK_MEM_WRITE: mark the guest-physical pages a store touches. */
-void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+/* UC_HOOK_MEM_WRITE: Unicorn 2.1.4 passes the guest-physical address of the store. */
+void hv_write_hook(void *uc, int type, uint64_t paddr, int size, int64_t value, void *user_data)
 {
     struct hv_vcpu *c = (struct hv_vcpu *)user_data;
     struct hv_vm *vm = c->vm;
@@ -275,33 +395,9 @@ void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value
     (void)value;
     if (!__atomic_load_n(&vm->dirty_enabled, __ATOMIC_RELAXED))
         return;
-    if (size <= 0)
-        size = 1;
-    uint64_t first = address >> HV_PAGE_SHIFT;
-    uint64_t last = (address + (uint64_t)size - 1) >> HV_PAGE_SHIFT;
-    for (uint64_t vp = first; vp <= last; vp++) {
-        uint64_t vpage = vp << HV_PAGE_SHIFT;
-        int64_t ppage;
-        if (c->cache_valid && c->cache_vpage == vpage) {
-            ppage = c->cache_ppage;
-        } else {
-            uint64_t out = 0;
-            int rc;
-            if (!c->mode_valid)
-                refresh_mode(uc, c);
-            rc = (c->arch == HV_ARCH_X86_64) ? x86_translate(c, vpage, &out) : arm64_translate(c, vpage, &out);
-            if (rc < 0) {
-                mark_all(vm);
-                return;
-            }
-            ppage = rc == 0 ? (int64_t)out : -1;
-            c->cache_valid = 1;
-            c->cache_vpage = vpage;
-            c->cache_ppage = ppage;
-        }
-        if (ppage >= 0)
-            mark_gpa_page(vm, (uint64_t)ppage);
-    }
+    mark_gpa_page(vm, paddr);
+    if (size > 1 && (paddr & 0xFFF) + (uint64_t)size > 4096)
+        cross_page(uc, c, paddr & ~0xFFFull);
 }
 
 /* Copy the bitmap into out and clear it, word by word, atomically against the hook. */
@@ -316,6 +412,5 @@ void hv_take_dirty(struct hv_vm *vm, uint8_t *out)
 int hv_translate(void *uc, struct hv_vcpu *c, uint64_t va, uint64_t *ppage)
 {
     refresh_mode(uc, c);
-    c->cache_valid = 0;
     return (c->arch == HV_ARCH_X86_64) ? x86_translate(c, va, ppage) : arm64_translate(c, va, ppage);
 }
