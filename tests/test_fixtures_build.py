@@ -140,3 +140,13 @@ def test_dirty_under_qemu_kvm() -> None:
     """The real constraint: the CPL0 kernel must survive kvm_pvm's emulator."""
     out = run_qemu("x86_64", "dirty", "mib=1 iterations=3", kvm=True, timeout=120)
     assert out.splitlines() == dirty_reference(1, 3)
+
+
+@pytest.mark.parametrize("arch, pattern", [
+    ("x86_64", r"exception 6 at 00000000001[0-9a-f]{5}"),  # #UD from CPL3, reported by CPL0
+    ("aarch64", r"exception 4 at 0000000040[2-3][0-9a-f]{5} esr 0000000002000000"),  # EL1 sync, EC=0
+])
+def test_dirty_reports_unexpected_exception(arch: str, pattern: str) -> None:
+    first, report = run_qemu(arch, "dirty", "fault=1 iterations=1").splitlines()
+    assert first == "dirty: mib=4 iterations=1"
+    assert re.fullmatch(pattern, report), report
