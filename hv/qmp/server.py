@@ -153,13 +153,15 @@ class QmpServer:
                 if self._thread.is_alive():
                     log.warning("QMP server thread did not stop within 10 s (a command is still running)")
             self._closed = True
+            # Listeners (and socket files) go first: a client that sees EOF can rely on
+            # the socket file being gone already.
+            self._close_listeners()
             with self._lock:
                 clients = list(self._clients.values())
                 self._clients.clear()
             for client in clients:
                 self._flush_blocking(client)
                 self._drop(client, unregister=False)
-            self._close_listeners()
             if self._selector is not None:
                 self._selector.close()
             for sock in (self._wake_r, self._wake_w):
