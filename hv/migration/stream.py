@@ -717,8 +717,8 @@ class StreamReader:
     def _skip(self, length: int, kind: int) -> None:
         view = memoryview(self._scratch)
         while self._remaining:
-            self._payload_into(view[:min(len(view), self._remaining)], f"skippable section {kind}")
-        self._finish_section(f"skippable section {kind}")
+            self._payload_into(view[:min(len(view), self._remaining)], f"unknown type {kind} section")
+        self._finish_section(f"unknown type {kind}")
         log.debug("skipped unknown skippable section type %d (%d bytes)", kind, length)
 
     def _order(self, stype: SectionType) -> None:
