@@ -104,3 +104,46 @@ def test_x86_lma_and_segment_caches_survive_set_state(x86_vcpu) -> None:
     x86_vcpu.set_state(s)
     out = x86_vcpu.get_state()
     assert out.efer & 0x400 and out.cpl == 3 and out.cs == s.cs and out.ss == s.ss
+
+
+FPCR_BITS = 0x07F70000
+FPSR_BITS = 0xF800009F
+
+
+@st.composite
+def arm64_states(draw) -> Arm64CpuState:
+    s = Arm64CpuState()
+    s.x = [draw(u64) for _ in range(31)]
+    s.sp_el0, s.sp_el1, s.pc, s.elr_el1 = draw(u64), draw(u64), draw(u64), draw(u64)
+    el = draw(st.sampled_from([0, 1]))
+    spsel = draw(bit) if el else 0
+    s.pstate = (draw(st.integers(0, 15)) << 28) | (draw(st.integers(0, 15)) << 6) | (el << 2) | spsel
+    s.spsr_el1 = draw(u32)
+    s.sysregs = {name: draw(u64) for name in ARM64_SYSREG_NAMES}
+    s.sysregs["VBAR_EL1"] &= ~0x7FF
+    s.v = [draw(st.integers(0, (1 << 128) - 1)) for _ in range(32)]
+    s.fpcr = draw(u32) & FPCR_BITS
+    s.fpsr = draw(u32) & FPSR_BITS
+    s.cntvct = draw(u64)
+    s.halted = draw(st.booleans())
+    return s
+
+
+@pytest.fixture(scope="module")
+def arm64_vcpu():
+    memory = GuestMemory([RegionSpec(0x40000000, 1 << 20)])
+    vm = UnicornBackend().open_vm(Arch.AARCH64, memory, [])
+    yield vm.create_vcpu(0)
+    vm.close()
+    memory.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=arm64_states())
+def test_arm64_state_round_trip(arm64_vcpu, state: Arm64CpuState) -> None:
+    arm64_vcpu.set_state(state)
+    first = arm64_vcpu.get_state()
+    assert first == state
+    arm64_vcpu.set_state(first)
+    assert arm64_vcpu.get_state() == state
+    assert state_from_dict(state_to_dict(first)) == state

@@ -1,0 +1,315 @@
+"""aarch64 vCPUs on Unicorn 2.1.4 (the guest runs at EL1/EL0).
+
+Unicorn takes no exception itself: the interrupt hook stops the engine and hv enters
+the guest's vector table (ELR_EL1, SPSR_EL1, ESR_EL1, FAR_EL1, PSTATE, VBAR_EL1 +
+offset). EL3/EL2 are kept out of the way: SCR_EL3 = NS|HCE|RW (so ``hvc`` is reported
+and EL2/EL1 are AArch64) and HCR_EL2.RW, which lets the engine execute ``eret``. PSCI
+calls over ``hvc``/``smc`` are answered here. CNTVCT_EL0 is a virtual counter carried
+in the state.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import BackendError, Exit, ExitReason, IoHandler
+from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
+from hv.memory import GuestMemoryError
+from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
+
+log = logging.getLogger(__name__)
+
+# (crn, crm, op0, op1, op2) of each system register in the canonical state.
+SYSREG_ENCODINGS: dict[str, tuple[int, int, int, int, int]] = {
+    "SCTLR_EL1": (1, 0, 3, 0, 0), "TTBR0_EL1": (2, 0, 3, 0, 0), "TTBR1_EL1": (2, 0, 3, 0, 1),
+    "TCR_EL1": (2, 0, 3, 0, 2), "MAIR_EL1": (10, 2, 3, 0, 0), "AMAIR_EL1": (10, 3, 3, 0, 0),
+    "VBAR_EL1": (12, 0, 3, 0, 0), "CPACR_EL1": (1, 0, 3, 0, 2), "TPIDR_EL0": (13, 0, 3, 3, 2),
+    "TPIDRRO_EL0": (13, 0, 3, 3, 3), "TPIDR_EL1": (13, 0, 3, 0, 4), "CONTEXTIDR_EL1": (13, 0, 3, 0, 1),
+    "ESR_EL1": (5, 2, 3, 0, 0), "FAR_EL1": (6, 0, 3, 0, 0), "PAR_EL1": (7, 4, 3, 0, 0),
+    "AFSR0_EL1": (5, 1, 3, 0, 0), "AFSR1_EL1": (5, 1, 3, 0, 1), "CNTKCTL_EL1": (14, 1, 3, 0, 0),
+    "CNTV_CTL_EL0": (14, 3, 3, 3, 1), "CNTV_CVAL_EL0": (14, 3, 3, 3, 2), "MDSCR_EL1": (0, 2, 2, 0, 2),
+}
+# IMPLEMENTATION DEFINED registers the engine reads as zero and ignores writes to: hv
+# carries their values beside the engine so a state from KVM round-trips.
+CARRIED_SYSREGS = frozenset({"AMAIR_EL1", "AFSR0_EL1", "AFSR1_EL1"})
+SPSR_EL1 = (4, 0, 3, 0, 0)
+SCR_EL3 = (1, 1, 3, 6, 0)
+HCR_EL2 = (1, 1, 3, 4, 0)
+CNTVCT_EL0 = (14, 0, 3, 3, 2)
+CNTPCT_EL0 = (14, 0, 3, 3, 1)
+SCR_EL3_VALUE = (1 << 0) | (1 << 8) | (1 << 10)    # NS, HCE (hvc enabled), RW (lower ELs AArch64)
+HCR_EL2_VALUE = 1 << 31                           # RW: EL1 is AArch64
+COUNTER_NS_PER_TICK = 16                          # CNTFRQ_EL0 = 62.5 MHz, as Unicorn reports
+
+# UC_HOOK_INTR numbers (QEMU EXCP_*)
+EXCP_UDEF = 1
+EXCP_SWI = 2
+EXCP_DATA_ABORT = 4
+EXCP_BKPT = 7
+EXCP_HVC = 11
+EXCP_SMC = 13
+
+EC_UNKNOWN = 0x00
+EC_SVC64 = 0x15
+EC_BRK = 0x3C
+IL = 1 << 25
+
+PSCI_VERSION = 0x84000000
+PSCI_SYSTEM_OFF = 0x84000008
+PSCI_SYSTEM_RESET = 0x84000009
+PSCI_NOT_SUPPORTED = (1 << 64) - 1
+
+PSTATE_EL1H_MASKED = 0x3C5
+PSTATE_I = 1 << 7
+
+
+@functools.cache
+def verify_layout() -> None:
+    """Check that every system register hv carries round-trips through the CP_REG API."""
+    unicorn = _import_unicorn()
+    from unicorn import arm64_const as a  # noqa: PLC0415
+
+    uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+    for name, enc in SYSREG_ENCODINGS.items():
+        if name in CARRIED_SYSREGS:
+            continue
+        probe = 0x1000 if name != "CNTV_CTL_EL0" else 1
+        uc.reg_write(a.UC_ARM64_REG_CP_REG, (*enc, probe))
+        got = uc.reg_read(a.UC_ARM64_REG_CP_REG, enc)
+        if got != probe:
+            raise UnicornLayoutError(f"unicorn 2.1.4 aarch64 system register {name} did not round-trip "
+                                     f"({probe:#x} -> {got:#x})")
+    if set(SYSREG_ENCODINGS) != set(ARM64_SYSREG_NAMES):
+        raise UnicornLayoutError("aarch64 system register table differs from hv.state")
+
+
+@dataclass
+class Arm64Event:
+    intno: int
+    pc: int
+
+
+class UnicornArm64Vcpu(UnicornVcpuBase):
+    """An aarch64 vCPU (Cortex-A72 model of Unicorn 2.1.4) running EL1/EL0 code."""
+
+    def __init__(self, vm: Any, index: int) -> None:
+        verify_layout()
+        from unicorn import arm64_const  # noqa: PLC0415
+
+        self._a = arm64_const
+        self._halted = False
+        self._event: Arm64Event | None = None
+        self._cnt_base = 0
+        self._cnt_ns0: int | None = None
+        self._carried: dict[str, int] = {name: 0 for name in CARRIED_SYSREGS}
+        self._sysreg_keys: frozenset[str] = frozenset(SYSREG_ENCODINGS)
+        super().__init__(vm, index)
+        unicorn = _import_unicorn()
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(unicorn.UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
+        self._x_ids = [getattr(arm64_const, f"UC_ARM64_REG_X{i}") for i in range(31)]
+        self.set_state(Arm64CpuState())
+
+    def _create_engine(self) -> Any:
+        unicorn = _import_unicorn()
+        return unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+
+    def _cp(self, enc: tuple[int, int, int, int, int]) -> int:
+        return int(self.uc.reg_read(self._a.UC_ARM64_REG_CP_REG, enc))
+
+    def _set_cp(self, enc: tuple[int, int, int, int, int], value: int) -> None:
+        self.uc.reg_write(self._a.UC_ARM64_REG_CP_REG, (*enc, value))
+
+    # -- hooks ---------------------------------------------------------------------
+    def _counter_now(self) -> int:
+        if self._cnt_ns0 is None:
+            return self._cnt_base
+        return (self._cnt_base + (time.monotonic_ns() - self._cnt_ns0) // COUNTER_NS_PER_TICK) & ((1 << 64) - 1)
+
+    def _on_mrs(self, uc: Any, reg: int, cp: Any, user_data: Any) -> int:
+        if (cp.crn, cp.crm, cp.op0, cp.op1, cp.op2) in (CNTVCT_EL0, CNTPCT_EL0):
+            if reg != self._a.UC_ARM64_REG_XZR:
+                uc.reg_write(reg, self._counter_now())
+            return 1
+        return 0
+
+    def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
+        self._event = Arm64Event(intno, uc.reg_read(self._a.UC_ARM64_REG_PC))
+        uc.emu_stop()
+
+    # -- run -----------------------------------------------------------------------
+    def run(self, io: IoHandler) -> Exit:
+        unicorn = _import_unicorn()
+        a = self._a
+        self._io = io
+        self._cnt_ns0 = time.monotonic_ns()
+        try:
+            while True:
+                if self._take_kick():
+                    return Exit(ExitReason.KICKED)
+                self._halted = False
+                self._event = None
+                try:
+                    self.uc.emu_start(self.uc.reg_read(a.UC_ARM64_REG_PC), 0)
+                except unicorn.UcError as exc:
+                    if exc.errno == unicorn.UC_ERR_INSN_INVALID:
+                        self._event = Arm64Event(EXCP_UDEF, self.uc.reg_read(a.UC_ARM64_REG_PC))
+                    else:
+                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at pc {self.uc.reg_read(a.UC_ARM64_REG_PC):#x}")
+                if self.native.struct.stopped:
+                    self._take_kick()
+                    return Exit(ExitReason.KICKED)
+                if self._event is not None:
+                    event, self._event = self._event, None
+                    result = self._handle_event(event)
+                    if result is not None:
+                        return result
+                    continue
+                self._halted = True
+                return Exit(ExitReason.HALT)
+        finally:
+            self._cnt_base = self._counter_now()
+            self._cnt_ns0 = None
+            self._io = None
+
+    def _insn_at(self, va: int) -> int | None:
+        try:
+            phys = self.native.translate(self.uc, va)
+            return None if phys is None else self.memory.read_int(phys, 4)
+        except (BackendError, GuestMemoryError):
+            return None
+
+    def _handle_event(self, event: Arm64Event) -> Exit | None:
+        a = self._a
+        if event.intno in (EXCP_HVC, EXCP_SMC):
+            return self._psci()
+        if event.intno == EXCP_SWI:
+            insn = self._insn_at(event.pc - 4) or 0
+            self.enter_exception(EC_SVC64 << 26 | IL | (insn >> 5) & 0xFFFF, event.pc)
+            return None
+        if event.intno == EXCP_BKPT:
+            insn = self._insn_at(event.pc) or 0
+            self.enter_exception(EC_BRK << 26 | IL | (insn >> 5) & 0xFFFF, event.pc)
+            return None
+        if event.intno == EXCP_UDEF:
+            self.enter_exception(EC_UNKNOWN << 26 | IL, event.pc)
+            return None
+        pc = self.uc.reg_read(a.UC_ARM64_REG_PC)
+        return Exit(ExitReason.ERROR, f"unhandled aarch64 exception {event.intno} at pc {pc:#x}")
+
+    def _psci(self) -> Exit | None:
+        a = self._a
+        function = self.uc.reg_read(a.UC_ARM64_REG_X0) & 0xFFFFFFFF
+        if function == PSCI_SYSTEM_OFF:
+            return Exit(ExitReason.SYSTEM_OFF, "PSCI SYSTEM_OFF")
+        if function == PSCI_SYSTEM_RESET:
+            return Exit(ExitReason.SYSTEM_RESET, "PSCI SYSTEM_RESET")
+        if function == PSCI_VERSION:
+            self.uc.reg_write(a.UC_ARM64_REG_X0, 0x10000)
+        else:
+            log.debug("vCPU %d: PSCI function %#x not supported", self.index, function)
+            self.uc.reg_write(a.UC_ARM64_REG_X0, PSCI_NOT_SUPPORTED)
+        return None
+
+    # -- exception entry -------------------------------------------------------------
+    def enter_exception(self, esr: int, return_pc: int, far: int | None = None, kind: int = 0) -> None:
+        """Take an exception to EL1: ``kind`` 0 synchronous, 1 IRQ, 2 FIQ, 3 SError."""
+        a = self._a
+        uc = self.uc
+        pstate = uc.reg_read(a.UC_ARM64_REG_PSTATE)
+        el = (pstate >> 2) & 3
+        if el > 1:
+            raise BackendError(f"exception taken from EL{el}: hv runs guests at EL1/EL0 only")
+        sp = uc.reg_read(a.UC_ARM64_REG_SP)
+        if el == 0 or not pstate & 1:
+            uc.reg_write(a.UC_ARM64_REG_SP_EL0, sp)
+            offset = 0x400 if el == 0 else 0x000
+        else:
+            uc.reg_write(a.UC_ARM64_REG_SP_EL1, sp)
+            offset = 0x200
+        uc.reg_write(a.UC_ARM64_REG_ELR_EL1, return_pc)
+        self._set_cp(SPSR_EL1, pstate)
+        if kind == 0:
+            self._set_cp(SYSREG_ENCODINGS["ESR_EL1"], esr)
+            if far is not None:
+                self._set_cp(SYSREG_ENCODINGS["FAR_EL1"], far)
+        uc.reg_write(a.UC_ARM64_REG_PSTATE, PSTATE_EL1H_MASKED)
+        uc.reg_write(a.UC_ARM64_REG_SP, uc.reg_read(a.UC_ARM64_REG_SP_EL1))
+        vbar = self._cp(SYSREG_ENCODINGS["VBAR_EL1"])
+        uc.reg_write(a.UC_ARM64_REG_PC, vbar + offset + 0x80 * kind)
+        self._set_cp(SCR_EL3, SCR_EL3_VALUE)  # any CP_REG write rebuilds the engine's hflags
+
+    def inject_irq(self) -> bool:
+        """Take an IRQ exception now if PSTATE.I allows; False otherwise (vCPU stopped)."""
+        pstate = self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)
+        if pstate & PSTATE_I:
+            return False
+        self.enter_exception(0, self.uc.reg_read(self._a.UC_ARM64_REG_PC), kind=1)
+        self._halted = False
+        return True
+
+    # -- state ---------------------------------------------------------------------
+    def get_state(self) -> Arm64CpuState:
+        a = self._a
+        uc = self.uc
+        st = Arm64CpuState()
+        st.x = [uc.reg_read(r) for r in self._x_ids]
+        st.pc = uc.reg_read(a.UC_ARM64_REG_PC)
+        st.pstate = uc.reg_read(a.UC_ARM64_REG_PSTATE)
+        el = (st.pstate >> 2) & 3
+        current = 0 if el == 0 or not st.pstate & 1 else el
+        sp = uc.reg_read(a.UC_ARM64_REG_SP)
+        st.sp_el0 = sp if current == 0 else uc.reg_read(a.UC_ARM64_REG_SP_EL0)
+        st.sp_el1 = sp if current == 1 else uc.reg_read(a.UC_ARM64_REG_SP_EL1)
+        st.elr_el1 = uc.reg_read(a.UC_ARM64_REG_ELR_EL1)
+        st.spsr_el1 = self._cp(SPSR_EL1)
+        st.sysregs = {name: self._carried[name] if name in CARRIED_SYSREGS else self._cp(enc)
+                      for name, enc in SYSREG_ENCODINGS.items() if name in self._sysreg_keys}
+        st.v = [uc.reg_read(a.UC_ARM64_REG_Q0 + i) for i in range(32)]
+        st.fpcr = uc.reg_read(a.UC_ARM64_REG_FPCR)
+        st.fpsr = uc.reg_read(a.UC_ARM64_REG_FPSR)
+        st.cntvct = self._counter_now()
+        st.halted = self._halted
+        return st
+
+    def set_state(self, state: Arm64CpuState) -> None:
+        if not isinstance(state, Arm64CpuState):
+            raise BackendError(f"an aarch64 vCPU cannot load a {type(state).__name__}")
+        el = (state.pstate >> 2) & 3
+        if el > 1:
+            raise BackendError(f"PSTATE {state.pstate:#x} selects EL{el}; hv runs guests at EL1/EL0")
+        a = self._a
+        uc = self.uc
+        self._set_cp(SCR_EL3, SCR_EL3_VALUE)
+        self._set_cp(HCR_EL2, HCR_EL2_VALUE)
+        for reg, value in zip(self._x_ids, state.x):
+            uc.reg_write(reg, value)
+        for name, value in state.sysregs.items():
+            if name in CARRIED_SYSREGS:
+                self._carried[name] = value
+            else:
+                self._set_cp(SYSREG_ENCODINGS[name], value)
+        self._sysreg_keys = frozenset(state.sysregs)
+        uc.reg_write(a.UC_ARM64_REG_ELR_EL1, state.elr_el1)
+        self._set_cp(SPSR_EL1, state.spsr_el1)
+        for i, value in enumerate(state.v):
+            uc.reg_write(a.UC_ARM64_REG_Q0 + i, value)
+        uc.reg_write(a.UC_ARM64_REG_FPCR, state.fpcr)
+        uc.reg_write(a.UC_ARM64_REG_FPSR, state.fpsr)
+        uc.reg_write(a.UC_ARM64_REG_SP_EL0, state.sp_el0)
+        uc.reg_write(a.UC_ARM64_REG_SP_EL1, state.sp_el1)
+        uc.reg_write(a.UC_ARM64_REG_PSTATE, state.pstate)
+        current = 0 if el == 0 or not state.pstate & 1 else el
+        uc.reg_write(a.UC_ARM64_REG_SP, state.sp_el0 if current == 0 else state.sp_el1)
+        uc.reg_write(a.UC_ARM64_REG_PC, state.pc)
+        self._set_cp(SCR_EL3, SCR_EL3_VALUE)  # rebuilds hflags after the PSTATE write
+        unicorn = _import_unicorn()
+        uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+        uc.ctl_flush_tb()
+        self._cnt_base = state.cntvct
+        if self._cnt_ns0 is not None:
+            self._cnt_ns0 = time.monotonic_ns()
+        self._halted = state.halted

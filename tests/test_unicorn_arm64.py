@@ -1,0 +1,287 @@
+"""The Unicorn backend running real aarch64 guest code (assembled with GNU as at test time)."""
+from __future__ import annotations
+
+import random
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.base import Arch, ExitReason
+from backends.unicorn import UnicornBackend
+from hv.memory import GuestMemory, RegionSpec
+from hv.state import Arm64CpuState
+from tests.test_unicorn_x86 import RecordingIo
+
+RAM = 0x40000000
+RAM_SIZE = 4 << 20
+PL011 = 0x09000000
+L1, L2_RAM, L2_DEV, L3 = RAM + 0x1000, RAM + 0x2000, RAM + 0x3000, RAM + 0x4000
+VECTORS = RAM + 0x10000
+CODE = RAM + 0x20000
+USER = RAM + 0x30000
+STACK_TOP = RAM + 0x80000
+USER_STACK_TOP = RAM + 0x90000
+COUNTER = RAM + 0x70000
+USER_ALIAS = RAM + 0x400000  # VA of the EL0 view of RAM
+# VA RAM+0x200000 + i*4K -> PA SCRAMBLED_PHYS[i]
+SCRAMBLED_VIRT = RAM + 0x200000
+SCRAMBLED_PHYS = [RAM + 0x300000 + ((7 * i + 5) % 16) * 0x1000 for i in range(16)]
+TCR = 25 | (1 << 23)  # T0SZ=25 (39-bit VA, walk starts at level 1), 4K granule, EPD1
+MAIR = 0xFF | (0x00 << 8)  # attr0 normal write-back, attr1 device-nGnRnE
+SCTLR_MMU = 0x30D00800 | 1
+
+
+def assemble_a64(source: str, base: int) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "g.s").write_text(".text\n" + source + "\n")
+        subprocess.run(["aarch64-linux-gnu-as", "-o", f"{tmp}/g.o", f"{tmp}/g.s"], check=True, capture_output=True)
+        subprocess.run(["aarch64-linux-gnu-ld", "-Ttext", hex(base), "-o", f"{tmp}/g.elf", f"{tmp}/g.o"],
+                       check=True, capture_output=True)
+        subprocess.run(["aarch64-linux-gnu-objcopy", "-O", "binary", f"{tmp}/g.elf", f"{tmp}/g.bin"],
+                       check=True, capture_output=True)
+        return Path(tmp, "g.bin").read_bytes()
+
+
+class Arm64Guest:
+    def __init__(self) -> None:
+        self.memory = GuestMemory([RegionSpec(RAM, RAM_SIZE)])
+        self.vm = UnicornBackend().open_vm(Arch.AARCH64, self.memory, [(PL011, 0x1000)])
+        self.vcpu = self.vm.create_vcpu(0)
+        self.io = RecordingIo()
+        m = self.memory
+        m.write_int(L1 + 8 * 0, 8, L2_DEV | 0x3)
+        m.write_int(L1 + 8 * 1, 8, L2_RAM | 0x3)
+        # AF, inner shareable, block; AP=00: EL1 read/write (EL0-writable memory is never
+        # executable at EL1, so kernel and user views are separate mappings)
+        m.write_int(L2_RAM + 8 * 0, 8, RAM | (1 << 10) | (3 << 8) | 0x1)
+        # USER_ALIAS: the same RAM again, AP=11 (read-only, EL0 executable)
+        m.write_int(L2_RAM + 8 * 2, 8, RAM | (1 << 10) | (3 << 8) | (3 << 6) | 0x1)
+        m.write_int(L2_RAM + 8 * 1, 8, L3 | 0x3)
+        for i, phys in enumerate(SCRAMBLED_PHYS):
+            m.write_int(L3 + 8 * i, 8, phys | (1 << 10) | (3 << 8) | (1 << 6) | 0x3)
+        m.write_int(L2_DEV + 8 * (PL011 >> 21), 8, (PL011 & ~0x1FFFFF) | (1 << 10) | (1 << 2) | 0x1)
+
+    def load(self, addr: int, source: str) -> None:
+        self.memory.write(addr, assemble_a64(source, addr))
+        self.vm.invalidate_code(addr, 0x1000)
+
+    def state(self, pc: int = CODE, mmu: bool = False) -> Arm64CpuState:
+        st = Arm64CpuState()
+        st.pc = pc
+        st.sp_el1 = STACK_TOP
+        st.sp_el0 = USER_STACK_TOP
+        st.sysregs["VBAR_EL1"] = VECTORS
+        if mmu:
+            st.sysregs.update(TTBR0_EL1=L1, TCR_EL1=TCR, MAIR_EL1=MAIR, SCTLR_EL1=SCTLR_MMU)
+        return st
+
+    def run(self, io=None):
+        return self.vcpu.run(self.io if io is None else io)
+
+    def close(self) -> None:
+        self.vm.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def guest():
+    g = Arm64Guest()
+    yield g
+    g.close()
+
+
+def test_probe_accepts_aarch64() -> None:
+    assert UnicornBackend.probe(Arch.AARCH64) is None
+
+
+def test_pl011_mmio_and_wfi(guest: Arm64Guest) -> None:
+    guest.load(CODE, f"""
+        ldr x1, ={PL011:#x}
+        mov w0, #0x41
+        str w0, [x1]
+        ldr w2, [x1, #0x18]
+        wfi
+        mov x3, #7
+        wfi
+    """)
+    guest.vcpu.set_state(guest.state())
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.io.events == [("mmio_write", PL011, 4, 0x41), ("mmio_read", PL011 + 0x18, 4, 0xC0FFEE)]
+    st = guest.vcpu.get_state()
+    assert st.x[2] == 0xC0FFEE and st.halted and st.pc == CODE + 20  # after the wfi
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().x[3] == 7
+
+
+def test_psci_version_unknown_and_system_off(guest: Arm64Guest) -> None:
+    guest.load(CODE, """
+        ldr x0, =0x84000000
+        hvc #0
+        mov x5, x0
+        ldr x0, =0x8400beef
+        hvc #0
+        mov x6, x0
+        ldr x0, =0x84000008
+        hvc #0
+        mov x7, #1
+    """)
+    guest.vcpu.set_state(guest.state())
+    exit_ = guest.run()
+    assert exit_.reason is ExitReason.SYSTEM_OFF
+    st = guest.vcpu.get_state()
+    assert st.x[5] == 0x10000 and st.x[6] == (1 << 64) - 1 and st.x[7] == 0
+
+
+def test_psci_system_reset(guest: Arm64Guest) -> None:
+    guest.load(CODE, "ldr x0, =0x84000009\nhvc #0")
+    guest.vcpu.set_state(guest.state())
+    assert guest.run().reason is ExitReason.SYSTEM_RESET
+
+
+VECTOR_SOURCE = """
+    .org 0x200
+    cur_sync:
+        mrs x2, esr_el1
+        mrs x3, elr_el1
+        mrs x4, spsr_el1
+        wfi
+        add x3, x3, #4
+        msr elr_el1, x3
+        eret
+    .org 0x400
+    lower_sync:
+        mrs x2, esr_el1
+        mrs x3, elr_el1
+        mrs x4, spsr_el1
+        mov x9, sp
+        wfi
+        eret
+"""
+
+
+def test_svc_from_el0_via_vbar_and_eret_back(guest: Arm64Guest) -> None:
+    guest.load(VECTORS, VECTOR_SOURCE)
+    guest.load(USER, """
+        mov x0, #1
+        svc #0x15
+        mov x0, #2
+        svc #0x16
+    """)
+    user_va = USER_ALIAS + (USER - RAM)
+    st = guest.state(pc=user_va, mmu=True)
+    st.pstate = 0x0  # EL0t, interrupts unmasked
+    guest.vcpu.set_state(st)
+    assert guest.vcpu.get_state().current_el == 0
+    assert guest.run().reason is ExitReason.HALT
+    s1 = guest.vcpu.get_state()
+    assert s1.current_el == 1 and s1.pstate & 1  # EL1h
+    assert s1.x[2] == (0x15 << 26) | (1 << 25) | 0x15  # ESR as the guest read it
+    assert s1.x[3] == user_va + 8 and s1.elr_el1 == user_va + 8
+    assert s1.x[4] == 0 and s1.spsr_el1 == 0
+    assert s1.x[9] == STACK_TOP and s1.sp_el0 == USER_STACK_TOP
+    assert guest.run().reason is ExitReason.HALT   # eret to EL0, then the second svc
+    s2 = guest.vcpu.get_state()
+    assert s2.x[0] == 2 and s2.x[2] & 0xFFFF == 0x16 and s2.elr_el1 == user_va + 16
+
+
+def test_brk_and_undefined_at_el1(guest: Arm64Guest) -> None:
+    guest.load(VECTORS, VECTOR_SOURCE)
+    guest.load(CODE, """
+        brk #0x42
+        .inst 0x00000000
+        mov x8, #8
+        wfi
+    """)
+    guest.vcpu.set_state(guest.state())
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.x[2] == (0x3C << 26) | (1 << 25) | 0x42 and st.x[3] == CODE
+    assert st.x[4] == 0x3C5
+    assert guest.run().reason is ExitReason.HALT   # handler skips the brk; udf traps next
+    st = guest.vcpu.get_state()
+    assert st.x[2] >> 26 == 0 and st.x[3] == CODE + 4
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().x[8] == 8
+
+
+def test_virtual_counter_is_monotonic_and_carried(guest: Arm64Guest) -> None:
+    guest.load(CODE, """
+        mrs x1, cntvct_el0
+        mrs x2, cntvct_el0
+        wfi
+    """)
+    st = guest.state()
+    st.cntvct = 1 << 40
+    guest.vcpu.set_state(st)
+    assert guest.run().reason is ExitReason.HALT
+    out = guest.vcpu.get_state()
+    assert (1 << 40) <= out.x[1] <= out.x[2] <= out.cntvct < (1 << 40) + 10**9
+
+
+def test_kick_cycles_exact_counts_arm64(guest: Arm64Guest) -> None:
+    guest.load(CODE, f"""
+        ldr x1, ={COUNTER:#x}
+        ldr x2, ={PL011:#x}
+    top:
+        ldr x0, [x1]
+        add x0, x0, #1
+        str x0, [x1]
+        str w0, [x2]
+        b top
+    """)
+    guest.vcpu.set_state(guest.state())
+    values: list[int] = []
+
+    class Io(RecordingIo):
+        def mmio_write(self, addr: int, size: int, value: int) -> None:
+            values.append(value)
+
+    rng = random.Random(7)
+    for _ in range(300):
+        timer = threading.Timer(rng.random() * 0.0005, guest.vcpu.kick)
+        timer.start()
+        assert guest.run(Io()).reason is ExitReason.KICKED
+        timer.join()
+        st = guest.vcpu.get_state()
+        assert len(values) == guest.memory.read_int(COUNTER, 8)
+        guest.vcpu.set_state(st)
+    assert values == list(range(1, len(values) + 1))
+
+
+def test_kick_stops_busy_loop_arm64(guest: Arm64Guest) -> None:
+    guest.load(CODE, "spin: b spin")
+    guest.vcpu.set_state(guest.state())
+    timer = threading.Timer(0.05, guest.vcpu.kick)
+    start = time.monotonic()
+    timer.start()
+    assert guest.run().reason is ExitReason.KICKED
+    assert time.monotonic() - start < 1.0
+    timer.join()
+
+
+def test_dirty_log_physical_with_mmu_arm64(guest: Arm64Guest) -> None:
+    chosen = [1, 2, 9]
+    stores = "\n".join(f"ldr x1, ={SCRAMBLED_VIRT + i * 0x1000 + 16:#x}\nstr x0, [x1]" for i in chosen)
+    guest.load(CODE, f"""
+        ldr x0, =0x1122334455667788
+        {stores}
+        ldr x1, ={SCRAMBLED_VIRT + 0x4000 - 4:#x}
+        str x0, [x1]
+        ldr x1, ={PL011:#x}
+        str w0, [x1]
+        wfi
+    """)
+    guest.vcpu.set_state(guest.state(mmu=True))
+    guest.vm.start_dirty_log()
+    assert guest.run().reason is ExitReason.HALT
+    bitmap = guest.vm.take_dirty()
+    pages = {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1}
+    expected = {(SCRAMBLED_PHYS[i] - RAM) >> 12 for i in (*chosen, 3, 4)}
+    assert pages == expected
+    for i in chosen:
+        assert guest.memory.read_int(SCRAMBLED_PHYS[i] + 16, 8) == 0x1122334455667788
+    assert guest.vm.conservative_marks == 0
