@@ -182,7 +182,7 @@ class Machine:
     def load_kernel(self, image: bytes) -> None:
         from hv.loader import load_kernel
 
-        boot = load_kernel(self.arch.value, self.memory, image, self.config.append)
+        boot = load_kernel(self.arch.value, self.memory, image, self.config.append, smp=self.config.smp)
         self.kernel_image = image
         self.vcpus[0].set_state(boot.cpu_state)
         self._halted = [False] + [True] * (self.config.smp - 1)
