@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from hv.qmp import version_info
 from hv.qmp.client import main, parse_arguments
-from tests.test_qmp_server import Harness, harness, sockdir  # noqa: F401  (fixtures)
+from tests.test_qmp_server import Harness, harness, sockdir, wait_for  # noqa: F401  (fixtures)
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
@@ -55,6 +56,7 @@ def test_events_before_the_reply_are_skipped(harness: Harness, capsys: pytest.Ca
 def test_quit_reply_then_server_gone(harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
     code, reply, _ = run_main(capsys, harness.unix_path, "quit")
     assert code == 0 and reply == {"return": {}}
+    wait_for(lambda: not os.path.exists(harness.unix_path))  # the reply comes before the close
     code, reply, err = run_main(capsys, harness.unix_path, "query-version")
     assert code == 1 and reply is None
     assert err.startswith(f"hv-qmp: cannot connect to unix:{harness.unix_path}: ")

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -202,6 +203,36 @@ def test_ncat_transcript_without_negotiation(harness: Harness, via: str) -> None
     assert client.command("qmp_capabilities") == {"return": {}}  # again: still fine
     expect_works(client)
     client.close()
+
+
+@pytest.mark.skipif(shutil.which("ncat") is None, reason="ncat is not installed")
+def test_real_ncat_session(harness: Harness) -> None:
+    """The seed's transcript through the real ``ncat -U``, which half-closes at stdin EOF."""
+    script = (b'{"execute":"migrate", "arguments":{"uri":"tcp:192.168.0.1:4446"}}\n'
+              b'{"execute":"no-such"}\n'
+              b'{"execute":"query-version","id":7}\n')
+    done = subprocess.run(["ncat", "-U", harness.unix_path], input=script, capture_output=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split(b"\r\n")
+    assert lines[-1] == b""
+    assert [json.loads(line) for line in lines[:-1]] == [
+        greeting(),
+        {"return": {}},
+        {"error": {"class": "CommandNotFound", "desc": "The command no-such has not been found"}},
+        {"return": version_info(), "id": 7},
+    ]
+    wait_for(lambda: harness.server.client_count() == 0)
+
+
+def test_half_closed_client_still_gets_every_reply(harness: Harness) -> None:
+    client = connect(harness)
+    client.send((b'{"execute": "echo", "arguments": {"value": "' + b"v" * 60000 + b'"}}\n') * 20)
+    client.sock.shutdown(socket.SHUT_WR)
+    for _ in range(20):
+        assert client.recv() == {"return": "v" * 60000}
+    assert client.at_eof()
+    wait_for(lambda: harness.server.client_count() == 0)
 
 
 @pytest.mark.parametrize("request_id", [1, "abc", None, [1, {"a": 2}], {"x": "y"}, 1.5, True, -7])

@@ -65,6 +65,7 @@ class _Client:
     sent_total: int = 0
     afters: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
     closed: bool = False   # no more output is queued; the loop drops it
+    read_closed: bool = False  # the client half-closed: deliver what is queued, then drop
     dropped: bool = False  # socket closed and forgotten
 
 
@@ -306,7 +307,7 @@ class QmpServer:
                             continue
                         if mask & selectors.EVENT_WRITE and not target.closed:
                             self._flush(target)
-                        if mask & selectors.EVENT_READ and not target.closed:
+                        if mask & selectors.EVENT_READ and not (target.closed or target.read_closed):
                             self._read(target)
         except Exception:
             if not self._closing:
@@ -325,10 +326,13 @@ class QmpServer:
         with self._lock:
             clients = list(self._clients.values())
         for client in clients:
-            if client.closed:
+            if client.closed or (client.read_closed and not client.out):
                 self._drop(client)
                 continue
-            wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
+            if client.read_closed:
+                wanted = selectors.EVENT_WRITE
+            else:
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
             try:
                 if self._selector.get_key(client.sock).events != wanted:
                     self._selector.modify(client.sock, wanted, client)
@@ -379,7 +383,12 @@ class QmpServer:
             if client.splitter.pending():
                 log.info("QMP client %s left mid-message (%d bytes discarded)", client.name,
                          client.splitter.pending())
-            self._drop(client)
+            with self._lock:
+                client.read_closed = True
+                finished = not client.out
+            if finished:
+                self._drop(client)
+            # otherwise the loop writes the queued replies (ncat half-closes at stdin EOF)
             return
         for item in client.splitter.feed(data):
             if self._closing or client.closed:
