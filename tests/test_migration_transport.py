@@ -255,7 +255,8 @@ def _write_snapshot(directory: Path, memory_pages: int, *, fail_midway: bool = F
         memory.write_config(fp)
         if fail_midway:
             raise RuntimeError("the machine failed mid-snapshot")
-        memory.write_ram(0, mem.regions[0].view)
+        memory.write_ram(0, mem.regions[0].view, stable=True)
+        memory.write_round_end(1)
         memory.write_end()
         snap.commit()
     mem.close()
