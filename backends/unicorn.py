@@ -118,9 +118,12 @@ class NativeVcpu:
         self.addr = int(self.ffi.cast("uintptr_t", self.struct))
 
     def install(self, uc: "unicorn.Uc") -> None:
-        unicorn = _import_unicorn()
-        add_native_hook(uc, unicorn.UC_HOOK_BLOCK, "hv_block_hook", self.addr)
-        add_native_hook(uc, unicorn.UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
+        """The block hook is always present; the write hook only while dirty logging
+        (a memory-write hook sends every store through Unicorn's slow path)."""
+        add_native_hook(uc, _import_unicorn().UC_HOOK_BLOCK, "hv_block_hook", self.addr)
+
+    def add_write_hook(self, uc: "unicorn.Uc") -> int:
+        return add_native_hook(uc, _import_unicorn().UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
 
     def translate(self, uc: "unicorn.Uc", vaddr: int) -> int | None:
         """Guest-physical address of ``vaddr`` under the current paging mode.
@@ -145,6 +148,11 @@ class UnicornVcpuBase(Vcpu):
         self.memory = vm.memory
         self._io: IoHandler | None = None
         self._kick_lock = threading.Lock()
+        # Held by the vCPU thread for the whole of run(): whoever holds it owns the engine.
+        self._engine_lock = threading.RLock()
+        self._write_hook: int | None = None
+        self._hook_synced = threading.Event()
+        self._pending_invalidations: list[tuple[int, int]] = []
         self.native = NativeVcpu(vm.native, vm.arch)
         self.uc = self._create_engine()
         unicorn = _import_unicorn()
@@ -186,14 +194,68 @@ class UnicornVcpuBase(Vcpu):
             self.native.struct.stopped = 0
         return pending
 
+    # -- dirty-log write hook (installed only while logging) ------------------------------
+    def _sync_write_hook(self) -> None:
+        """Housekeeping by the engine's owner (inside run(), or with the engine lock
+        held): install or remove the write hook to match the VM's dirty-log switch and
+        drop translations the VMM asked to invalidate."""
+        with self._kick_lock:
+            ranges, self._pending_invalidations = self._pending_invalidations, []
+        for gpa, size in ranges:
+            self.uc.ctl_remove_cache(gpa, gpa + size)
+        want = bool(self.vm.native.struct.dirty_enabled)
+        if want and self._write_hook is None:
+            self._write_hook = self.native.add_write_hook(self.uc)
+            self.uc.ctl_flush_tb()
+        elif not want and self._write_hook is not None:
+            status = uclib().uc_hook_del(self.uc._uch, ctypes.c_size_t(self._write_hook))
+            if status != 0:
+                raise BackendError(f"uc_hook_del failed with Unicorn error {status}")
+            self._write_hook = None
+            self.uc.ctl_flush_tb()
+        self.native.struct.service = 0
+        self._hook_synced.set()
+
+    def request_hook_sync(self, wait: bool) -> None:
+        """Make the write hook follow the dirty-log switch; with ``wait``, return only
+        once it does (a running vCPU is stopped at a block boundary and resumes)."""
+        if self._engine_lock.acquire(blocking=False):
+            try:
+                self._sync_write_hook()
+            finally:
+                self._engine_lock.release()
+            return
+        self._hook_synced.clear()
+        self.native.struct.service = 1
+        while wait and not self._hook_synced.wait(0.01):
+            if self._engine_lock.acquire(blocking=False):  # run() returned meanwhile
+                try:
+                    self._sync_write_hook()
+                finally:
+                    self._engine_lock.release()
+                return
+
+    def _service_stop(self) -> bool:
+        """After emu_start: True if the engine stopped only for housekeeping (handled)."""
+        if self.native.struct.stopped and not self.native.struct.kick:
+            self.native.struct.stopped = 0
+            self._sync_write_hook()
+            return True
+        return False
+
     @property
     def blocks_executed(self) -> int:
         return int(self.native.struct.blocks)
 
     def invalidate_code(self, gpa: int, size: int) -> None:
-        """Drop translated code for guest-physical ``gpa..gpa+size``."""
-        if size > 0:
-            self.uc.ctl_remove_cache(gpa, gpa + size)
+        """Drop translated code for guest-physical ``gpa..gpa+size`` (after the VMM wrote
+        guest code). Immediate when the vCPU is stopped; a running vCPU does it at its
+        next block boundary and continues."""
+        if size <= 0 or gpa < 0:
+            return
+        with self._kick_lock:
+            self._pending_invalidations.append((gpa, size))
+        self.request_hook_sync(wait=False)
 
     def close(self) -> None:
         self.uc = None  # type: ignore[assignment]
@@ -233,12 +295,16 @@ class UnicornVm(Vm):
     def start_dirty_log(self) -> None:
         self.native.take()
         self.native.struct.dirty_enabled = 1
+        for vcpu in self.vcpus:
+            vcpu.request_hook_sync(wait=True)
 
     def take_dirty(self) -> bytearray:
         return self.native.take()
 
     def stop_dirty_log(self) -> None:
         self.native.struct.dirty_enabled = 0
+        for vcpu in self.vcpus:
+            vcpu.request_hook_sync(wait=False)
 
     @property
     def conservative_marks(self) -> int:

@@ -142,8 +142,13 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     # -- run -----------------------------------------------------------------------
     def run(self, io: IoHandler) -> Exit:
-        unicorn = _import_unicorn()
+        with self._engine_lock:
+            return self._run_locked(io)
+
+    def _run_locked(self, io: IoHandler) -> Exit:
         a = self._a
+        unicorn = _import_unicorn()
+        self._sync_write_hook()
         self._io = io
         self._cnt_ns0 = time.monotonic_ns()
         try:
@@ -160,6 +165,8 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
                     else:
                         return Exit(ExitReason.ERROR, f"unicorn: {exc} at pc {self.uc.reg_read(a.UC_ARM64_REG_PC):#x}")
                 if self.native.struct.stopped:
+                    if self._service_stop():
+                        continue
                     self._take_kick()
                     return Exit(ExitReason.KICKED)
                 if self._event is not None:
@@ -253,6 +260,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     # -- state ---------------------------------------------------------------------
     def get_state(self) -> Arm64CpuState:
+        with self._engine_lock:
+            return self._get_state()
+
+    def _get_state(self) -> Arm64CpuState:
         a = self._a
         uc = self.uc
         st = Arm64CpuState()
@@ -276,6 +287,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         return st
 
     def set_state(self, state: Arm64CpuState) -> None:
+        with self._engine_lock:
+            self._set_state(state)
+
+    def _set_state(self, state: Arm64CpuState) -> None:
         if not isinstance(state, Arm64CpuState):
             raise BackendError(f"an aarch64 vCPU cannot load a {type(state).__name__}")
         el = (state.pstate >> 2) & 3

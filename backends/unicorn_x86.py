@@ -294,8 +294,13 @@ class UnicornX86Vcpu(UnicornVcpuBase):
 
     # -- run -----------------------------------------------------------------------
     def run(self, io: IoHandler) -> Exit:
-        unicorn = _import_unicorn()
+        with self._engine_lock:
+            return self._run_locked(io)
+
+    def _run_locked(self, io: IoHandler) -> Exit:
         x = self._x
+        unicorn = _import_unicorn()
+        self._sync_write_hook()
         self._io = io
         self._tsc_ns0 = time.monotonic_ns()
         try:
@@ -313,6 +318,8 @@ class UnicornX86Vcpu(UnicornVcpuBase):
                     else:
                         return Exit(ExitReason.ERROR, f"unicorn: {exc} at rip {self.uc.reg_read(x.UC_X86_REG_RIP):#x}")
                 if self.native.struct.stopped:
+                    if self._service_stop():
+                        continue
                     self._take_kick()
                     return Exit(ExitReason.KICKED)
                 if self._event is not None:
@@ -367,6 +374,10 @@ class UnicornX86Vcpu(UnicornVcpuBase):
 
     # -- state ---------------------------------------------------------------------
     def get_state(self) -> X86CpuState:
+        with self._engine_lock:
+            return self._get_state()
+
+    def _get_state(self) -> X86CpuState:
         x = self._x
         uc = self.uc
         _, env = self._raw_context()
@@ -419,6 +430,10 @@ class UnicornX86Vcpu(UnicornVcpuBase):
                 0xC0000103)
 
     def set_state(self, state: X86CpuState, flush_code: bool = True) -> None:
+        with self._engine_lock:
+            self._set_state(state, flush_code)
+
+    def _set_state(self, state: X86CpuState, flush_code: bool) -> None:
         if not isinstance(state, X86CpuState):
             raise BackendError(f"an x86_64 vCPU cannot load a {type(state).__name__}")
         x = self._x

@@ -150,3 +150,61 @@ def test_dirty_log_is_physical_and_exact() -> None:
         assert g.vm.conservative_marks == 0
     finally:
         g.close()
+
+
+def test_start_dirty_log_while_running_records_later_writes() -> None:
+    g = X86Guest()
+    try:
+        target = SCRAMBLED_VIRT + 6 * 0x1000
+        g.load(KCODE, f"""
+        top:
+            inc qword ptr [{target:#x}]
+            jmp top
+        """)
+        g.vcpu.set_state(g.kernel_state())
+        exits = []
+        runner = threading.Thread(target=lambda: exits.append(g.run()))
+        runner.start()
+        time.sleep(0.05)
+        g.vm.start_dirty_log()           # installs the write hook in the running vCPU
+        assert g.vcpu._write_hook is not None and runner.is_alive()
+        before = g.memory.read_int(SCRAMBLED_PHYS[6], 8)
+        time.sleep(0.02)
+        bitmap = g.vm.take_dirty()
+        assert g.memory.read_int(SCRAMBLED_PHYS[6], 8) > before
+        assert {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1} == {SCRAMBLED_PHYS[6] >> 12}
+        g.vm.stop_dirty_log()
+        time.sleep(0.02)
+        assert g.vcpu._write_hook is None and runner.is_alive()
+        g.vcpu.kick()
+        runner.join(5)
+        assert exits and exits[0].reason is ExitReason.KICKED
+    finally:
+        g.close()
+
+
+def test_invalidate_code_while_running_takes_effect() -> None:
+    g = X86Guest()
+    try:
+        # the loop's immediate is patched by the VMM while the guest runs
+        g.load(KCODE, """
+        top:
+            mov eax, 1
+            cmp eax, 2
+            jne top
+            hlt
+        """)
+        g.vcpu.set_state(g.kernel_state())
+        exits = []
+        runner = threading.Thread(target=lambda: exits.append(g.run()))
+        runner.start()
+        time.sleep(0.05)
+        g.memory.write_int(KCODE + 1, 4, 2)  # mov eax, 2
+        g.vm.invalidate_code(KCODE, 16)
+        runner.join(5)
+        if runner.is_alive():
+            g.vcpu.kick()
+            runner.join()
+        assert exits and exits[0].reason is ExitReason.HALT
+    finally:
+        g.close()

@@ -19,7 +19,7 @@ struct hv_vm {
     volatile int32_t dirty_enabled; uint64_t conservative_marks;
 };
 struct hv_vcpu {
-    struct hv_vm *vm; int32_t arch; volatile int32_t kick; volatile int32_t stopped;
+    struct hv_vm *vm; int32_t arch; volatile int32_t kick; volatile int32_t stopped; volatile int32_t service;
     void *emu_stop; void *reg_read; uint64_t blocks;
     uint64_t r0, r1, r2, r3;
 };

@@ -48,6 +48,7 @@ struct hv_vcpu {
     int32_t arch;
     volatile int32_t kick;       /* set by Vcpu.kick(), consumed by run() */
     volatile int32_t stopped;    /* the block hook called uc_emu_stop */
+    volatile int32_t service;    /* stop for backend housekeeping (not a kick) */
     void *emu_stop;              /* uc_emu_stop */
     void *reg_read;              /* uc_reg_read */
     uint64_t blocks;             /* translation blocks entered */
@@ -373,14 +374,14 @@ static void cross_page(void *uc, struct hv_vcpu *c, uint64_t first_page)
         mark_all(c->vm);
 }
 
-/* UC_HOOK_BLOCK: the only place a kick stops the engine. */
+/* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine. */
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct hv_vcpu *c = (struct hv_vcpu *)user_data;
     (void)address;
     (void)size;
     c->blocks++;
-    if (__atomic_load_n(&c->kick, __ATOMIC_ACQUIRE)) {
+    if (__atomic_load_n(&c->kick, __ATOMIC_ACQUIRE) || __atomic_load_n(&c->service, __ATOMIC_ACQUIRE)) {
         c->stopped = 1;
         ((hv_emu_stop_fn)c->emu_stop)(uc);
     }
