@@ -71,7 +71,8 @@ class DeviceSlot:
     kind: str
     device: PersistentDevice
     state_type: type
-    placement: str  # "io 0x3f8", "mmio 0x9000000"
+    bus: str   # "port" | "mmio"
+    addr: str  # "0x3f8"
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Machine:
     def _add_device(self, name: str, kind: str, device: PersistentDevice, state_type: type,
                     bus: Bus, base: int, size: int) -> None:
         bus.add(base, size, device, name)  # type: ignore[arg-type]
-        self.devices[name] = DeviceSlot(name, kind, device, state_type, f"{bus.kind} {base:#x}")
+        self.devices[name] = DeviceSlot(name, kind, device, state_type, bus.kind, f"{base:#x}")
 
     def _build_devices(self) -> list[tuple[int, int]]:
         if self.config.machine == "q35":
@@ -141,13 +142,14 @@ class Machine:
         return [(VIRT_PL011_BASE, Pl011.SIZE)]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must be equal on both ends of a migration."""
+        """What must be equal on both ends of a migration (the stream's CONFIG shape)."""
         return {
-            "machine": self.config.machine,
             "arch": self.arch.value,
+            "machine": self.config.machine,
+            "vcpus": self.config.smp,
             "memory": self.memory.size,
-            "smp": self.config.smp,
-            "devices": [{"id": s.name, "type": s.kind, "addr": s.placement} for s in self.devices.values()],
+            "devices": [{"type": s.kind, "id": s.name, "bus": s.bus, "addr": s.addr, "attrs": {}}
+                        for s in self.devices.values()],
         }
 
     # -- IoHandler (called from vCPU threads) ----------------------------------------
