@@ -315,3 +315,91 @@ def test_fuzz_random_json_in_random_chunks(values: list[Any], cuts: list[int]) -
         i += 1
     assert len(replies) == len(values) + 1
     assert replies[-1] == {"return": version_info()}
+
+
+def reference_split(data: bytes, max_message: int, max_nesting: int) -> list[bytes | FramingError]:
+    """The framing rules written plainly, one byte at a time, to check the fast paths against."""
+    out: list[bytes | FramingError] = []
+    buf = bytearray()
+    closers: list[int] = []
+    junk = in_string = escape = discarding = False
+    pairs = {ord("{"): ord("}"), ord("["): ord("]")}
+    for byte in data:
+        if discarding:
+            discarding = byte != ord("\n")
+            continue
+        if not buf:
+            if byte in b" \t\r\n":
+                continue
+            buf.append(byte)
+            junk = byte not in pairs
+            if not junk:
+                closers.append(pairs[byte])
+            continue
+        if junk:
+            if byte == ord("\n") or byte in pairs:
+                out.append(bytes(buf))
+                buf, junk = bytearray(), False
+                if byte in pairs:
+                    buf.append(byte)
+                    closers.append(pairs[byte])
+                continue
+            buf.append(byte)
+        else:
+            buf.append(byte)
+            if in_string:
+                if escape:
+                    escape = False
+                elif byte == ord("\\"):
+                    escape = True
+                elif byte == ord('"'):
+                    in_string = False
+                elif byte < 0x20:
+                    out.append(FramingError("JSON parse error, control character in a string"))
+                    buf, closers, in_string = bytearray(), [], False
+                    discarding = byte != ord("\n")
+                    continue
+            elif byte == ord('"'):
+                in_string = True
+            elif byte in pairs:
+                closers.append(pairs[byte])
+                if len(closers) > max_nesting:
+                    out.append(FramingError(f"JSON parse error, nesting deeper than {max_nesting}"))
+                    buf, closers, discarding = bytearray(), [], True
+                    continue
+            elif byte in b"}]":
+                if byte == closers[-1]:
+                    closers.pop()
+                    if closers:
+                        pass
+                    else:
+                        out.append(bytes(buf))
+                        buf = bytearray()
+                        continue
+                else:
+                    out.append(bytes(buf))
+                    buf, closers = bytearray(), []
+                    continue
+        if len(buf) > max_message:
+            out.append(FramingError(f"QMP message exceeds the limit of {max_message} bytes"))
+            buf, closers, junk, in_string, escape = bytearray(), [], False, False, False
+            discarding = byte != ord("\n")
+    return out
+
+
+framing_bytes = st.lists(
+    st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b"\n", b" ", b"\x01", b"a", b"bcdefgh", b"\xc3\xa9",
+                     b'"execute"', b"\r\n"]), max_size=80).map(b"".join) | st.binary(max_size=200)
+
+
+@settings(max_examples=500, deadline=None)
+@given(framing_bytes, st.integers(1, 40), st.integers(4, 60), st.integers(1, 5))
+def test_fast_paths_match_the_plain_rules(data: bytes, chunk: int, max_message: int, max_nesting: int) -> None:
+    expected = reference_split(data, max_message, max_nesting)
+    whole = JsonStreamSplitter(max_message=max_message, max_nesting=max_nesting).feed(data)
+    assert whole == expected
+    splitter = JsonStreamSplitter(max_message=max_message, max_nesting=max_nesting)
+    pieces: list[bytes | FramingError] = []
+    for pos in range(0, len(data), chunk):
+        pieces += splitter.feed(data[pos : pos + chunk])
+    assert pieces == expected

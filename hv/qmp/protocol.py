@@ -18,6 +18,7 @@ Limits (each violation is answered with a ``GenericError`` and the connection ca
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,10 @@ _QUOTE = ord('"')
 _BACKSLASH = ord("\\")
 _NEWLINE = ord("\n")
 _REQUEST_KEYS = frozenset({"execute", "arguments", "id"})
+# Bytes that matter inside a string, outside strings within a value, and in top-level junk.
+_STRING_SPECIAL = re.compile(rb'["\\\x00-\x1f]')
+_VALUE_SPECIAL = re.compile(rb'["{}\[\]]')
+_JUNK_SPECIAL = re.compile(rb"[\n{\[]")
 
 
 @dataclass(frozen=True)
@@ -100,13 +105,52 @@ class JsonStreamSplitter:
         self._reset()
         return message
 
+    def _oversized(self) -> FramingError:
+        self._reset()
+        return FramingError(f"QMP message exceeds the limit of {self.max_message} bytes")
+
+    def _bulk(self, data: bytes, start: int, stop: int, out: list[bytes | FramingError]) -> int:
+        """Append ``data[start:stop]`` (bytes with no framing meaning) within the size limit.
+
+        Returns where scanning continues.
+        """
+        room = self.max_message - len(self._buf)
+        if stop - start <= room:
+            self._buf += data[start:stop]
+            return stop
+        overflow = start + room  # the byte that makes the message one too long
+        self._discarding = data[overflow] != _NEWLINE
+        out.append(self._oversized())
+        return overflow + 1
+
     def feed(self, data: bytes) -> list[bytes | FramingError]:
+        """Split ``data`` (continuing the stream so far) into messages and framing errors."""
         out: list[bytes | FramingError] = []
-        for byte in data:
+        i, end = 0, len(data)
+        while i < end:
             if self._discarding:
-                if byte == _NEWLINE:
-                    self._discarding = False
+                newline = data.find(b"\n", i)
+                if newline < 0:
+                    break
+                self._discarding = False
+                i = newline + 1
                 continue
+            if self._buf:
+                # Fast paths: runs of bytes that cannot end or restructure the message.
+                if self._junk:
+                    pattern = _JUNK_SPECIAL
+                elif self._in_string:
+                    pattern = None if self._escape else _STRING_SPECIAL
+                else:
+                    pattern = _VALUE_SPECIAL
+                if pattern is not None:
+                    found = pattern.search(data, i)
+                    stop = found.start() if found else end
+                    if stop > i:
+                        i = self._bulk(data, i, stop, out)
+                        continue
+            byte = data[i]
+            i += 1
             if not self._buf:
                 if byte in _WHITESPACE:
                     continue
@@ -161,9 +205,8 @@ class JsonStreamSplitter:
                         out.append(self._take())  # mismatched bracket: decoding reports it
                         continue
             if len(self._buf) > self.max_message:
-                self._reset()
                 self._discarding = byte != _NEWLINE
-                out.append(FramingError(f"QMP message exceeds the limit of {self.max_message} bytes"))
+                out.append(self._oversized())
         return out
 
 
