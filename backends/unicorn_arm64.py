@@ -9,8 +9,10 @@ in the state.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +46,15 @@ SCR_EL3_VALUE = (1 << 0) | (1 << 8) | (1 << 10)    # NS, HCE (hvc enabled), RW (
 HCR_EL2_VALUE = 1 << 31                           # RW: EL1 is AArch64
 COUNTER_NS_PER_TICK = 16                          # CNTFRQ_EL0 = 62.5 MHz, as Unicorn reports
 
+# Saved context (uc_context header + CPUARMState of unicorn 2.1.4): the pending
+# exception record {u32 syndrome; u32 fsr; u64 vaddress; u32 target_el}, verified at
+# start-up by taking a real prefetch abort.
+CTX_EXCEPTION = 3064
+
 # UC_HOOK_INTR numbers (QEMU EXCP_*)
 EXCP_UDEF = 1
 EXCP_SWI = 2
+EXCP_PREFETCH_ABORT = 3
 EXCP_DATA_ABORT = 4
 EXCP_BKPT = 7
 EXCP_HVC = 11
@@ -84,12 +92,36 @@ def verify_layout() -> None:
                                      f"({probe:#x} -> {got:#x})")
     if set(SYSREG_ENCODINGS) != set(ARM64_SYSREG_NAMES):
         raise UnicornLayoutError("aarch64 system register table differs from hv.state")
+    # A prefetch abort at a known address (MMU on, empty translation table) must leave
+    # its syndrome and address where hv reads them.
+    uc.mem_map(0, 0x10000)
+    uc.reg_write(a.UC_ARM64_REG_CP_REG, (*SYSREG_ENCODINGS["TTBR0_EL1"], 0x8000))
+    uc.reg_write(a.UC_ARM64_REG_CP_REG, (*SYSREG_ENCODINGS["TCR_EL1"], 25 | (1 << 23)))
+    uc.reg_write(a.UC_ARM64_REG_CP_REG, (*SYSREG_ENCODINGS["SCTLR_EL1"], 0x30D00801))
+    seen: list[tuple[int, int, int]] = []
+
+    def on_intr(engine: Any, intno: int, user_data: Any) -> None:
+        ctx = engine.context_save()
+        raw = ctypes.string_at(ctx.context, ctx.size)
+        syndrome, _, vaddress = struct.unpack_from("<IIQ", raw, CTX_EXCEPTION)
+        seen.append((intno, syndrome, vaddress))
+        engine.emu_stop()
+
+    uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
+    try:
+        uc.emu_start(0x1230, 0, count=1)
+    except unicorn.UcError:
+        pass
+    if not seen or seen[0][0] != EXCP_PREFETCH_ABORT or seen[0][1] >> 26 != 0x21 or seen[0][2] != 0x1230:
+        raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: abort record {seen!r}")
 
 
 @dataclass
 class Arm64Event:
     intno: int
     pc: int
+    syndrome: int = 0
+    vaddress: int = 0
 
 
 class UnicornArm64Vcpu(UnicornVcpuBase):
@@ -137,7 +169,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         return 0
 
     def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
-        self._event = Arm64Event(intno, uc.reg_read(self._a.UC_ARM64_REG_PC))
+        event = Arm64Event(intno, uc.reg_read(self._a.UC_ARM64_REG_PC))
+        if intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT):
+            ctx = uc.context_save()
+            raw = ctypes.string_at(ctx.context, ctx.size)
+            event.syndrome, _, event.vaddress = struct.unpack_from("<IIQ", raw, CTX_EXCEPTION)
+        self._event = event
         uc.emu_stop()
 
     # -- run -----------------------------------------------------------------------
@@ -200,6 +237,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         if event.intno == EXCP_BKPT:
             insn = self._insn_at(event.pc) or 0
             self.enter_exception(EC_BRK << 26 | IL | (insn >> 5) & 0xFFFF, event.pc)
+            return None
+        if event.intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT):
+            self.enter_exception(event.syndrome, event.pc, far=event.vaddress)
             return None
         if event.intno == EXCP_UDEF:
             self.enter_exception(EC_UNKNOWN << 26 | IL, event.pc)

@@ -148,6 +148,7 @@ VECTOR_SOURCE = """
         mrs x2, esr_el1
         mrs x3, elr_el1
         mrs x4, spsr_el1
+        mrs x5, far_el1
         wfi
         add x3, x3, #4
         msr elr_el1, x3
@@ -205,6 +206,26 @@ def test_brk_and_undefined_at_el1(guest: Arm64Guest) -> None:
     st = guest.vcpu.get_state()
     assert st.x[2] >> 26 == 0 and st.x[3] == CODE + 4
     assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().x[8] == 8
+
+
+def test_data_abort_delivered_with_esr_and_far(guest: Arm64Guest) -> None:
+    guest.load(VECTORS, VECTOR_SOURCE)
+    guest.load(CODE, """
+        ldr x1, =0x7654321008
+        str x0, [x1]
+        mov x8, #8
+        wfi
+    """)
+    guest.vcpu.set_state(guest.state(mmu=True))
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.x[2] >> 26 == 0x25                 # data abort, same EL
+    assert st.x[2] & (1 << 6)                    # WnR: a write
+    assert st.x[2] & 0x3C == 0x04                # translation fault
+    assert st.x[5] == 0x7654321008 and st.sysregs["FAR_EL1"] == 0x7654321008
+    assert st.x[3] == CODE + 4                   # ELR: the faulting store
+    assert guest.run().reason is ExitReason.HALT  # handler skips the store, eret
     assert guest.vcpu.get_state().x[8] == 8
 
 

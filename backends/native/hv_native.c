@@ -102,8 +102,12 @@ static void mark_gpa_page(struct hv_vm *vm, uint64_t gpa)
         struct hv_region *r = &vm->regions[i];
         if (gpa >= r->gpa && gpa - r->gpa < r->size) {
             uint64_t page = (r->ram_offset + (gpa - r->gpa)) >> HV_PAGE_SHIFT;
-            if (page < vm->npages)
-                __atomic_fetch_or(&vm->bitmap[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+            if (page < vm->npages) {
+                uint8_t bit = (uint8_t)(1u << (page & 7));
+                /* plain read first: most stores hit a page that is already marked */
+                if (!(__atomic_load_n(&vm->bitmap[page >> 3], __ATOMIC_RELAXED) & bit))
+                    __atomic_fetch_or(&vm->bitmap[page >> 3], bit, __ATOMIC_RELAXED);
+            }
             return;
         }
     }
