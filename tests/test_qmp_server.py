@@ -614,3 +614,32 @@ def test_fuzz_over_a_real_socket(harness: Harness, data: bytes) -> None:
             break
     client.close()
     expect_works(connect(harness))
+
+
+def test_close_from_another_thread_waits_for_a_running_command(sockdir: Path) -> None:
+    table = CommandTable()
+    entered, release = threading.Event(), threading.Event()
+
+    def block(_args: dict[str, Any]) -> Any:
+        entered.set()
+        release.wait(TIMEOUT)
+        return {"finished": True}
+
+    table.register("block", block)
+    path = str(sockdir / "b.sock")
+    server = QmpServer([SocketSpec("unix", path=path)], table)
+    server.emit_event("EARLY")  # before start: nobody to tell, no error
+    server.start()
+    with pytest.raises(RuntimeError, match="called once"):
+        server.start()
+    client = RawClient(path)
+    assert client.recv() == greeting()
+    client.send(b'{"execute": "block"}\n')
+    assert entered.wait(TIMEOUT)
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started >= 0.1  # it waited for the command to finish
+    assert client.recv() == {"return": {"finished": True}}  # and delivered its reply
+    assert client.at_eof()
+    assert not os.path.exists(path)
