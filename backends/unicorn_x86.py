@@ -19,17 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import Arch, BackendError, Exit, ExitReason, IoHandler
-from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
+from backends.base import BackendError, Exit, ExitReason, IoHandler
+from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
 from hv.memory import PAGE_SIZE, GuestMemoryError
-from hv.state import (
-    EFER_LMA,
-    FXSAVE_SIZE,
-    X86_GPR_NAMES,
-    DescriptorTable,
-    Segment,
-    X86CpuState,
-)
+from hv.state import EFER_LMA, EFER_SCE, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +84,7 @@ EXC_SS = 12
 EXC_GP = 13
 EXC_PF = 14
 EXC_UD = 6
+EXC_SYSCALL = -1  # pseudo vector: the SYSCALL instruction
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 TSC_HZ_PER_NS = 1  # the virtual TSC ticks once per nanosecond of host monotonic time
@@ -200,7 +194,7 @@ class X86Event:
 
 
 class DeliveryFault(Exception):
-    """Delivering an event raised another exception (vector, error code)."""
+    """Delivering an exception or interrupt through the guest IDT raised another exception."""
 
     def __init__(self, vector: int, error_code: int | None) -> None:
         super().__init__(vector, error_code)
@@ -208,16 +202,14 @@ class DeliveryFault(Exception):
         self.error_code = error_code
 
 
-class TripleFault(Exception):
-    """An exception occurred while delivering a double fault: the CPU shuts down."""
-
-
 class UnicornX86Vcpu(UnicornVcpuBase):
     """An x86_64 vCPU; the engine always runs in UC_MODE_64."""
 
     def __init__(self, vm: Any, index: int) -> None:
         verify_layout()
-        self._x = __import__("unicorn.x86_const", fromlist=["x86_const"])
+        from unicorn import x86_const  # noqa: PLC0415
+
+        self._x = x86_const
         self._halted = False
         self._event: X86Event | None = None
         self._unusable_memo: dict[str, tuple[tuple[int, int, int, int], int]] = {}
@@ -233,6 +225,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self.uc.hook_add(_import_unicorn().UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
+        self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_syscall, None, 1, 0, x.UC_X86_INS_SYSCALL)
         self._rdtsc_cb = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)(self._on_rdtsc)
         self._add_raw_insn_hook(self._rdtsc_cb, x.UC_X86_INS_RDTSC)
         self.set_state(X86CpuState())
@@ -242,8 +235,6 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         return unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
 
     def _add_raw_insn_hook(self, cb: Any, insn: int) -> None:
-        from backends.unicorn import uclib  # noqa: PLC0415
-
         handle = ctypes.c_size_t()
         status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), _import_unicorn().UC_HOOK_INSN,
                                      ctypes.cast(cb, ctypes.c_void_p), None, ctypes.c_uint64(1),
@@ -270,6 +261,12 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self.uc.reg_write(self._x.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
         self.uc.reg_write(self._x.UC_X86_REG_RDX, tsc >> 32)
         return 1  # skip the instruction: the hook produced its result
+
+    def _on_syscall(self, uc: Any, user_data: Any) -> None:
+        # Unicorn only calls this hook; hv performs SYSCALL once the engine has stopped
+        # (the instruction ends its translation block, RIP is then after it).
+        self._event = X86Event(EXC_SYSCALL, None, True, 0)
+        uc.emu_stop()
 
     def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
         raw = self._raw_context()[1]
@@ -335,8 +332,29 @@ class UnicornX86Vcpu(UnicornVcpuBase):
             self._io = None
 
     # -- event delivery ------------------------------------------------------------
+    def _syscall(self) -> bool:
+        """SYSCALL (64-bit): RCX/R11 saved, CS/SS from STAR, RIP from LSTAR, RFLAGS masked."""
+        state = self.get_state()
+        if not state.efer & EFER_SCE or not state.efer & EFER_LMA or not state.cs.l:
+            return self._deliver_event(X86Event(EXC_UD, None, False, (state.rip - 2) & ((1 << 64) - 1)))
+        x = self._x
+        star = self.uc.reg_read(x.UC_X86_REG_MSR, 0xC0000081)
+        lstar = self.uc.reg_read(x.UC_X86_REG_MSR, 0xC0000082)
+        fmask = self.uc.reg_read(x.UC_X86_REG_MSR, 0xC0000084)
+        selector = (star >> 32) & 0xFFFC
+        state.rcx = state.rip
+        state.r11 = state.rflags & ~RFLAGS_RF
+        state.rflags = (state.rflags & ~fmask & ~RFLAGS_RF) | 0x2
+        state.cs = Segment(selector, 0, 0xFFFFFFFF, 0xB, 1, 0, 0, 1, 1, 1)
+        state.ss = Segment(selector + 8, 0, 0xFFFFFFFF, 0x3, 1, 0, 1, 1, 0, 1)
+        state.rip = lstar
+        self.set_state(state, flush_code=False)
+        return True
+
     def _deliver_event(self, event: X86Event) -> bool:
         """Deliver through the IDT with double/triple fault escalation; False on triple fault."""
+        if event.vector == EXC_SYSCALL:
+            return self._syscall()
         state = self.get_state()
         vector, error, software = event.vector, event.error_code, event.software
         ret = event.return_rip
@@ -637,9 +655,5 @@ class X86Delivery:
         if gate_type == 0xE:
             st.rflags &= ~RFLAGS_IF
         st.interrupt_shadow = 0
-        if vector == EXC_PF:
-            pass  # CR2 was set by the engine when it raised the fault
         st.halted = False
 
-
-__all__ = ["UnicornX86Vcpu", "verify_layout", "X86_GPR_NAMES", "Arch"]

@@ -294,3 +294,44 @@ def test_rdtsc_is_monotonic_and_carried(guest: X86Guest) -> None:
     assert guest.run().reason is ExitReason.HALT
     out = guest.vcpu.get_state()
     assert (1 << 50) <= out.rbx <= out.rax <= out.tsc < (1 << 50) + 10**10
+
+
+def test_syscall_and_sysretq(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        hlt
+        sysretq
+    """)
+    guest.load(UCODE, """
+        mov rax, 5
+        syscall
+        mov rbx, 7
+        syscall
+    """)
+    st = guest.user_state()
+    st.rflags = 0x202
+    st.msrs[0xC0000081] = (0x10 << 48) | (0x08 << 32)   # STAR
+    st.msrs[0xC0000082] = KCODE                          # LSTAR
+    st.msrs[0xC0000084] = 0x200                          # FMASK: clear IF
+    guest.vcpu.set_state(st)
+    assert guest.run().reason is ExitReason.HALT
+    k = guest.vcpu.get_state()
+    assert k.cpl == 0 and k.cs.selector == 0x08 and k.ss.selector == 0x10 and k.cs.l == 1
+    assert k.rcx == UCODE + 9 and k.r11 == 0x202 and not k.rflags & 0x200
+    assert guest.run().reason is ExitReason.HALT   # sysretq to CPL3, second syscall
+    k2 = guest.vcpu.get_state()
+    assert k2.rbx == 7 and k2.rcx == UCODE + 18 and k2.cpl == 0
+
+
+def test_syscall_without_efer_sce_is_ud(guest: X86Guest) -> None:
+    guest.load(KCODE, """
+        syscall
+    ud:
+        hlt
+    """)
+    guest.set_gate(6, KCODE + 2)
+    st = guest.kernel_state()
+    st.efer &= ~1
+    guest.vcpu.set_state(st)
+    assert guest.run().reason is ExitReason.HALT
+    s = guest.vcpu.get_state()
+    assert s.rip == KCODE + 3 and struct.unpack("<Q", guest.memory.read(s.rsp, 8))[0] == KCODE
