@@ -97,6 +97,11 @@ def test_nesting_limit() -> None:
         (b'{"execute": NaN}', "JSON parse error, NaN is not valid JSON"),
         (b'{"execute" "a"}', "JSON parse error, Expecting ':' delimiter"),
         (b"hello", "JSON parse error, Expecting value"),
+        (b'{"execute": "a", "id": 1e400}', "JSON parse error, number 1e400 out of range"),
+        (b'{"execute": "a", "id": 18446744073709551616}',
+         "JSON parse error, integer out of range (QMP integers are 64-bit)"),
+        (b'{"execute": "a", "id": -9223372036854775809}',
+         "JSON parse error, integer out of range (QMP integers are 64-bit)"),
         (b'{"execute": "\xff"}', "JSON parse error, invalid UTF-8 sequence at byte 13"),
     ],
 )
@@ -110,6 +115,11 @@ def test_decode_error_keeps_the_id() -> None:
     with pytest.raises(ProtocolError) as info:
         decode_request(b'{"id": {"x": [1]}, "arguments": 3, "execute": "a"}')
     assert info.value.has_id and info.value.request_id == {"x": [1]}
+
+
+def test_integer_range_edges_accepted() -> None:
+    raw = b'{"execute": "a", "arguments": {"lo": -9223372036854775808, "hi": 18446744073709551615, "f": 1e308}}'
+    assert decode_request(raw).arguments == {"lo": -(2**63), "hi": 2**64 - 1, "f": 1e308}
 
 
 def test_decode_request() -> None:

@@ -18,6 +18,7 @@ Limits (each violation is answered with a ``GenericError`` and the connection ca
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ _QUOTE = ord('"')
 _BACKSLASH = ord("\\")
 _NEWLINE = ord("\n")
 _REQUEST_KEYS = frozenset({"execute", "arguments", "id"})
+_INT_MIN = -(2**63)
+_UINT_MAX = 2**64 - 1
 # Bytes that matter inside a string, outside strings within a value, and in top-level junk.
 _STRING_SPECIAL = re.compile(rb'["\\\x00-\x1f]')
 _VALUE_SPECIAL = re.compile(rb'["{}\[\]]')
@@ -224,6 +227,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _UINT_MAX:
+        raise ValueError("integer out of range (QMP integers are 64-bit)")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} out of range")
+    return value
+
+
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
@@ -240,7 +257,8 @@ def decode_request(raw: bytes) -> Request:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"JSON parse error, invalid UTF-8 sequence at byte {exc.start}") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant,
+                         parse_int=_bounded_int, parse_float=_finite_float)
     except RecursionError:
         raise ProtocolError("JSON parse error, nesting too deep") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
