@@ -306,3 +306,27 @@ def test_dirty_log_physical_with_mmu_arm64(guest: Arm64Guest) -> None:
     for i in chosen:
         assert guest.memory.read_int(SCRAMBLED_PHYS[i] + 16, 8) == 0x1122334455667788
     assert guest.vm.conservative_marks == 0
+
+
+def test_inject_irq_through_vbar(guest: Arm64Guest) -> None:
+    guest.load(VECTORS, """
+        .org 0x280
+    irq:
+        mrs x3, elr_el1
+        wfi
+    """)
+    guest.load(CODE, """
+        msr daifclr, #2
+    spin:
+        b spin
+    """)
+    guest.vcpu.set_state(guest.state())
+    assert guest.vcpu.inject_irq() is False   # PSTATE.I set at reset
+    timer = threading.Timer(0.05, guest.vcpu.kick)
+    timer.start()
+    assert guest.run().reason is ExitReason.KICKED
+    timer.join()
+    assert guest.vcpu.inject_irq() is True
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.x[3] == CODE + 4 and st.pstate & (1 << 7) and st.spsr_el1 & (1 << 7) == 0

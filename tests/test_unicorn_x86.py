@@ -335,3 +335,30 @@ def test_syscall_without_efer_sce_is_ud(guest: X86Guest) -> None:
     assert guest.run().reason is ExitReason.HALT
     s = guest.vcpu.get_state()
     assert s.rip == KCODE + 3 and struct.unpack("<Q", guest.memory.read(s.rsp, 8))[0] == KCODE
+
+
+def test_inject_external_interrupt(guest: X86Guest) -> None:
+    import threading
+
+    guest.load(KCODE, """
+        sti
+    spin:
+        jmp spin
+    irq:
+        hlt
+    """)
+    guest.set_gate(0x20, KCODE + 3)
+    guest.vcpu.set_state(guest.kernel_state())
+    cli_state = guest.vcpu.get_state()
+    assert guest.vcpu.inject_interrupt(0x20) is False   # IF clear: not deliverable
+    assert guest.vcpu.get_state() == cli_state
+    timer = threading.Timer(0.05, guest.vcpu.kick)
+    timer.start()
+    assert guest.run().reason is ExitReason.KICKED
+    timer.join()
+    assert guest.vcpu.inject_interrupt(0x20) is True
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rip == KCODE + 4 and not st.rflags & (1 << 9)
+    rip, cs, rflags = struct.unpack("<3Q", guest.memory.read(st.rsp, 24))
+    assert rip == KCODE + 1 and cs == 0x08 and rflags & (1 << 9)
