@@ -258,7 +258,8 @@ class UnicornVcpuBase(Vcpu):
         self.request_hook_sync(wait=False)
 
     def close(self) -> None:
-        self.uc = None  # type: ignore[assignment]
+        with self._engine_lock:
+            self.uc = None  # type: ignore[assignment]
 
 
 class UnicornVm(Vm):

@@ -291,6 +291,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     def inject_irq(self) -> bool:
         """Take an IRQ exception now if PSTATE.I allows; False otherwise (vCPU stopped)."""
+        with self._engine_lock:
+            return self._inject_irq_locked()
+
+    def _inject_irq_locked(self) -> bool:
         pstate = self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)
         if pstate & PSTATE_I:
             return False

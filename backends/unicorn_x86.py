@@ -377,6 +377,10 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         Only between runs (the vCPU thread, with the vCPU stopped)."""
         if not 32 <= vector <= 255:
             raise BackendError(f"interrupt vector {vector} is out of range 32..255")
+        with self._engine_lock:
+            return self._inject_locked(vector)
+
+    def _inject_locked(self, vector: int) -> bool:
         state = self.get_state()
         if not state.rflags & RFLAGS_IF or state.interrupt_shadow:
             return False
