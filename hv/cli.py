@@ -12,7 +12,9 @@ from backends.base import BackendError
 from hv import __version__
 from hv.config import USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
-from hv.machine import Machine
+from hv.machine import Machine, RunState
+from hv.monitor import MachineMonitor
+from hv.qmp import CommandTable, QmpServer, QmpServerError
 
 log = logging.getLogger("hv")
 
@@ -63,6 +65,7 @@ def run(config: VmConfig) -> int:
         threading.Thread(target=machine.request_shutdown, args=("host-signal",), daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server: QmpServer | None = None
     try:
         if image is not None:
             from hv.loader import LoaderError
@@ -73,12 +76,23 @@ def run(config: VmConfig) -> int:
                 raise LaunchError(f"-kernel: {config.kernel}: {exc}") from None
         if config.incoming is not None:
             raise LaunchError("-incoming: migration is not available in this build yet")
-        machine.start(paused=config.start_paused)
+        commands = CommandTable()
+        monitor = MachineMonitor(machine, commands, config.name)
+        if config.qmp:
+            server = QmpServer(list(config.qmp), commands)
+            try:
+                server.start()
+            except QmpServerError as exc:
+                raise LaunchError(str(exc)) from None
+            monitor.attach(server)
+        machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
         while machine.wait_shutdown(timeout=0.5) is None:
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.close()
         machine.close()
         console.close()
     if stop_signal:
@@ -90,6 +104,10 @@ def run(config: VmConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["qmp"]:
+        from hv.qmp.client import main as qmp_main
+
+        return qmp_main(args[1:])
     try:
         parsed = parse_args(args)
     except ConfigError as exc:

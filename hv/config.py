@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.base import Arch
+from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -46,9 +47,7 @@ class VmConfig:
     logfile: Path | None = None
     start_paused: bool = False
     incoming: str | None = None
-    qmp: tuple[str, ...] = ()
-    chardevs: tuple[str, ...] = ()
-    monitors: tuple[str, ...] = ()
+    qmp: tuple[SocketSpec, ...] = ()  # every -qmp, and every -chardev a -mon names
 
     @property
     def arch(self) -> Arch:
@@ -179,6 +178,28 @@ def _check_kernel(path_text: str) -> Path:
     return path
 
 
+def _parse_monitors(values: dict[str, list[str]]) -> tuple[SocketSpec, ...]:
+    try:
+        specs = [parse_qmp_option(v) for v in values.get("-qmp", [])]
+        chardevs: dict[str, SocketSpec] = {}
+        for text in values.get("-chardev", []):
+            chardev_id, spec = parse_chardev_option(text)
+            if chardev_id in chardevs:
+                raise ConfigError(f"-chardev: id {chardev_id!r} given twice")
+            chardevs[chardev_id] = spec
+        for text in values.get("-mon", []):
+            chardev_id = parse_mon_option(text)
+            if chardev_id not in chardevs:
+                raise ConfigError(f"-mon: no -chardev with id {chardev_id!r}")
+            specs.append(chardevs[chardev_id])
+    except QmpAddressError as exc:
+        raise ConfigError(str(exc)) from None
+    unix_paths = [s.path for s in specs if s.kind == "unix"]
+    if len(set(unix_paths)) != len(unix_paths):
+        raise ConfigError("-qmp: the same socket path is given twice")
+    return tuple(specs)
+
+
 def parse_args(argv: list[str]) -> ParsedArgs:
     values: dict[str, list[str]] = {}
     flags: set[str] = set()
@@ -245,6 +266,7 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         name = split_kv(name, "-name", positional="guest")["guest"]
     serial = _parse_serial(single("-serial") or "none")
     smp_text = single("-smp")
+    qmp = _parse_monitors(values)
     config = VmConfig(
         machine=machine,
         kernel=kernel,
@@ -257,8 +279,6 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         logfile=Path(logfile) if logfile is not None else None,
         start_paused="-S" in flags,
         incoming=incoming,
-        qmp=tuple(values.get("-qmp", [])),
-        chardevs=tuple(values.get("-chardev", [])),
-        monitors=tuple(values.get("-mon", [])),
+        qmp=qmp,
     )
     return ParsedArgs("run", config)

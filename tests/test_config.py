@@ -31,7 +31,7 @@ def test_full_stratovirt_line():
                          "-accel", "unicorn"]).config
     assert (config.machine, config.smp, config.memory_bytes) == ("virt", 2, 1 << 30)
     assert config.start_paused and config.accel == "unicorn" and config.name == "vm1"
-    assert config.qmp == ("unix:/tmp/x.sock,server,nowait",)
+    assert [(q.kind, q.path) for q in config.qmp] == [("unix", "/tmp/x.sock")]
 
 
 BAD = [
@@ -56,6 +56,10 @@ BAD = [
     (["-machine", "q35,frobnicate=1", "-kernel", KERNEL], "unknown property 'frobnicate'"),
     (["-machine", "q35", "-kernel", KERNEL, "-D", "/no/dir/log"], "does not exist"),
     (["-machine", "q35", "-kernel", KERNEL, "-daemonize"], "not supported"),
+    (["-machine", "q35", "-kernel", KERNEL, "-qmp", "unix:/tmp/x"], "-qmp"),
+    (["-machine", "q35", "-kernel", KERNEL, "-qmp", "tcp:host:notaport,server,nowait"], "-qmp"),
+    (["-machine", "q35", "-kernel", KERNEL, "-mon", "chardev=m,mode=control"], "no -chardev with id 'm'"),
+    (["-machine", "q35", "-kernel", KERNEL, "-chardev", "pty,id=m"], "-chardev"),
 ]
 
 

@@ -205,12 +205,13 @@ class Machine:
                 raise MachineError(f"cannot mark a running machine {state.value}")
             self._state = state
 
-    def start(self, paused: bool = False) -> None:
-        """Start the vCPU threads; they run at once unless ``paused``."""
+    def start(self, paused: bool = False, paused_state: RunState = RunState.PAUSED) -> None:
+        """Start the vCPU threads; they run at once unless ``paused``, in which case the
+        machine waits in ``paused_state`` (``prelaunch`` for ``-S``) for :meth:`resume`."""
         with self._lock:
             if self._threads:
                 raise MachineError("machine already started")
-            self._state = RunState.PAUSED if paused else RunState.RUNNING
+            self._state = paused_state if paused else RunState.RUNNING
             for index, vcpu in enumerate(self.vcpus):
                 thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu),
                                           name=f"vcpu{index}", daemon=True)
@@ -294,6 +295,10 @@ class Machine:
         self._threads = []
         self.vm.close()
         self.memory.close()
+
+    def vcpu_thread_ids(self) -> list[int]:
+        """Host thread ids of the vCPU threads (0 before start)."""
+        return [t.native_id or 0 for t in self._threads] or [0] * len(self.vcpus)
 
     def _kick_all(self) -> None:
         for vcpu in self.vcpus:

@@ -368,7 +368,7 @@ class QmpServer:
                 self._clients[id(client)] = client
                 self._queue_locked(client, encode_message(greeting()))
             self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
-            log.info("QMP client %s connected (peer %r)", name, peer)
+            log.debug("QMP client %s connected (peer %r)", name, peer)
 
     def _read(self, client: _Client) -> None:
         try:
@@ -502,7 +502,7 @@ class QmpServer:
             client.sock.close()
         except OSError:
             pass
-        log.info("QMP client %s disconnected", client.name)
+        log.debug("QMP client %s disconnected", client.name)
         for callback in pending:
             self._run_after(callback)
 
