@@ -1,0 +1,155 @@
+"""``-drive`` and ``-device`` option values, parsed and validated.
+
+    -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,serial=S][,if=none][,format=raw]
+    -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0][,addr=SLOT[.FN]][,serial=S]
+
+Every problem is a :class:`DevConfigError` whose message is one line naming the option
+and what is wrong with it; the launcher prints it and exits 1.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hv.devices.pci import PciError, parse_devfn
+
+SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
+DEVICE_DRIVERS = ("virtio-blk-pci",)
+
+
+class DevConfigError(ValueError):
+    """A -drive or -device value is malformed, inconsistent or names an unusable file."""
+
+
+@dataclass(frozen=True)
+class DriveConfig:
+    id: str
+    file: Path
+    readonly: bool = False
+    direct: bool = False
+    serial: str | None = None
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    driver: str
+    id: str
+    drive: str
+    bus: str = "pcie.0"
+    slot: int | None = None      # None: first free slot
+    function: int = 0
+    serial: str | None = None
+
+    @property
+    def addr(self) -> str | None:
+        return None if self.slot is None else f"{self.slot:#x}.{self.function}"
+
+
+def _split(option: str, value: str) -> tuple[str | None, dict[str, str]]:
+    """``"[first,]key=value,..."`` -> (first word or None, {key: value})."""
+    if not value:
+        raise DevConfigError(f"{option}: empty value")
+    first: str | None = None
+    pairs: dict[str, str] = {}
+    for index, part in enumerate(value.split(",")):
+        if not part:
+            raise DevConfigError(f"{option} {value}: empty item")
+        if "=" not in part:
+            if index == 0:
+                first = part
+                continue
+            raise DevConfigError(f"{option} {value}: '{part}' is not key=value")
+        key, _, item = part.partition("=")
+        if not key:
+            raise DevConfigError(f"{option} {value}: '{part}' has no key")
+        if key in pairs:
+            raise DevConfigError(f"{option} {value}: '{key}' given twice")
+        pairs[key] = item
+    return first, pairs
+
+
+def _on_off(option: str, key: str, value: str) -> bool:
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise DevConfigError(f"{option}: {key}={value}: expected on or off")
+
+
+def _check_id(option: str, key: str, value: str) -> str:
+    if not ID_RE.match(value):
+        raise DevConfigError(f"{option}: {key}={value!r}: ids start with a letter and use letters, "
+                             "digits, '_', '.', '-' (at most 64)")
+    return value
+
+
+def _check_serial(option: str, value: str) -> str:
+    if len(value.encode()) > SERIAL_MAX or not value.isprintable() or not value.isascii():
+        raise DevConfigError(f"{option}: serial={value!r}: at most {SERIAL_MAX} printable ASCII characters")
+    return value
+
+
+def parse_drive(value: str) -> DriveConfig:
+    """Parse one ``-drive`` value; checks the image exists and can be opened as asked."""
+    option = "-drive"
+    first, pairs = _split(option, value)
+    if first is not None:
+        raise DevConfigError(f"{option} {value}: '{first}' is not key=value")
+    known = {"file", "id", "readonly", "direct", "serial", "if", "format"}
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {value}: unknown parameter '{unknown[0]}'")
+    for required in ("file", "id"):
+        if not pairs.get(required):
+            raise DevConfigError(f"{option} {value}: {required}= is required")
+    drive_id = _check_id(option, "id", pairs["id"])
+    readonly = _on_off(option, "readonly", pairs.get("readonly", "off"))
+    direct = _on_off(option, "direct", pairs.get("direct", "off"))
+    if pairs.get("if", "none") != "none":
+        raise DevConfigError(f"{option}: if={pairs['if']}: only if=none is supported")
+    if pairs.get("format", "raw") != "raw":
+        raise DevConfigError(f"{option}: format={pairs['format']}: only raw images are supported")
+    serial = _check_serial(option, pairs["serial"]) if "serial" in pairs else None
+    path = Path(pairs["file"])
+    if not path.exists():
+        raise DevConfigError(f"{option}: file={path}: no such file")
+    if path.is_dir():
+        raise DevConfigError(f"{option}: file={path}: is a directory, not a disk image")
+    if not os.access(path, os.R_OK if readonly else os.R_OK | os.W_OK):
+        raise DevConfigError(f"{option}: file={path}: not {'readable' if readonly else 'readable and writable'}"
+                             + ("" if readonly else " (use readonly=on for a read-only image)"))
+    return DriveConfig(drive_id, path, readonly, direct, serial)
+
+
+def parse_device(value: str) -> DeviceConfig:
+    """Parse one ``-device`` value (placement is checked against the bus by the wiring)."""
+    option = "-device"
+    driver, pairs = _split(option, value)
+    if driver is None:
+        raise DevConfigError(f"{option} {value}: the first item must be the device type")
+    if driver not in DEVICE_DRIVERS:
+        raise DevConfigError(f"{option}: unknown device type '{driver}' (supported: {', '.join(DEVICE_DRIVERS)})")
+    known = {"drive", "id", "bus", "addr", "serial", "multifunction"}
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    if not pairs.get("drive"):
+        raise DevConfigError(f"{option} {driver}: drive= is required")
+    drive = _check_id(option, "drive", pairs["drive"])
+    device_id = _check_id(option, "id", pairs.get("id", drive))
+    bus = pairs.get("bus", "pcie.0")
+    if bus != "pcie.0":
+        raise DevConfigError(f"{option} {driver}: bus={bus}: no such bus (the only bus is pcie.0)")
+    slot: int | None = None
+    function = 0
+    if "addr" in pairs:
+        try:
+            slot, function = parse_devfn(pairs["addr"])
+        except PciError as exc:
+            raise DevConfigError(f"{option} {driver}: {exc}") from None
+    serial = _check_serial(option, pairs["serial"]) if "serial" in pairs else None
+    return DeviceConfig(driver, device_id, drive, bus, slot, function, serial)

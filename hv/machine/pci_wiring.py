@@ -1,0 +1,204 @@
+"""Wiring of the PCI Express host and its devices into a machine's buses.
+
+The machine calls :func:`build_pci` once while it builds its devices. Addresses are
+QEMU's:
+
+| | q35 (x86_64) | virt (aarch64) |
+|---|---|---|
+| config mechanism #1 | ports 0xCF8-0xCFF | - |
+| ECAM | 0xB0000000, 256 MiB (buses 0-255) | 0x3F000000, 16 MiB (buses 0-15) |
+| 32-bit MMIO window (BARs) | 0xC0000000-0xFEBFFFFF | 0x10000000-0x3EFEFFFF |
+| I/O window | ports 0xC000-0xFFFF | 0x3EFF0000, 64 KiB (PCI I/O 0-0xFFFF) |
+| host bridge 0:0.0 | 8086:29c0 | 1b36:0008 |
+
+BARs start unassigned (address 0, decoding off): the guest sizes and programs them, as
+firmware would. :func:`preassign_bars` places them the way a firmware would, for guests
+that expect it. ``mmio_windows`` lists what a backend without exits for unmapped
+addresses (Unicorn) must route to the machine's MMIO bus.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from hv.block import BlockBackend, BlockError
+from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig
+from hv.devices.bus import Bus
+from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_MEMORY, HostBridge, PciBarWindow,
+                            PciConfigPorts, PciEcam, PciError, PciFunction, PciHost, PciHostState,
+                            format_devfn)
+from hv.devices.virtio_blk import VirtioBlk
+from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
+from hv.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PciLayout:
+    ecam_base: int
+    ecam_buses: int
+    mmio_base: int
+    mmio_size: int
+    io_base: int          # CPU address of PCI I/O 0 (mmio) or first port (pio)
+    io_size: int
+    io_on_pio: bool
+    config_ports: bool
+    bridge_ids: tuple[int, int]
+
+
+LAYOUTS = {
+    "q35": PciLayout(0xB000_0000, 256, 0xC000_0000, 0xFEC0_0000 - 0xC000_0000, 0xC000, 0x4000, True, True,
+                     (0x8086, 0x29C0)),
+    "virt": PciLayout(0x3F00_0000, 16, 0x1000_0000, 0x3EFF_0000 - 0x1000_0000, 0x3EFF_0000, 0x1_0000, False,
+                      False, (0x1B36, 0x0008)),
+}
+
+
+@dataclass
+class PciSlot:
+    """A device for the machine's save/restore list and the migration fingerprint."""
+
+    name: str
+    kind: str
+    device: Any          # has save() / restore()
+    state_type: type
+    bus: str             # "pcie.0" for functions, "mmio"/"port" for the host's ranges
+    addr: str            # "03.0" for functions
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PciSetup:
+    host: PciHost
+    layout: PciLayout
+    mmio_windows: list[tuple[int, int]]
+    slots: list[PciSlot]
+    blocks: dict[str, BlockBackend]     # drive id -> open image
+
+    def release_locks(self) -> None:
+        """Migration source at switch-over: let the destination lock the images."""
+        for block in self.blocks.values():
+            block.release()
+
+    def acquire_locks(self) -> None:
+        """Migration destination at switch-over (or on a failed migration, the source)."""
+        for block in self.blocks.values():
+            block.acquire()
+
+    def close(self) -> None:
+        for block in self.blocks.values():
+            block.close()
+
+
+def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
+              drives: Iterable[DriveConfig] = (), devices: Iterable[DeviceConfig] = (),
+              lock_images: bool = True) -> PciSetup:
+    """Create the host bridge and every ``-device``, and put them on the buses.
+
+    ``lock_images=False`` is for an incoming migration: the destination opens the images
+    without locking them and calls :meth:`PciSetup.acquire_locks` at switch-over.
+    Raises :class:`DevConfigError` (one line) for any configuration problem.
+    """
+    layout = LAYOUTS.get(machine_type)
+    if layout is None:
+        raise DevConfigError(f"-machine {machine_type}: no PCI host for this machine")
+    windows = [(layout.ecam_base, layout.ecam_buses << 20), (layout.mmio_base, layout.mmio_size)]
+    if not layout.io_on_pio:
+        windows.append((layout.io_base, layout.io_size))
+    for base, size in windows:
+        for region in memory.regions:
+            if region.gpa < base + size and base < region.end:
+                raise DevConfigError(f"-m: guest RAM {region.gpa:#x}-{region.end - 1:#x} overlaps the PCI "
+                                     f"window at {base:#x}; use less memory")
+    drive_map: dict[str, DriveConfig] = {}
+    for drive in drives:
+        if drive.id in drive_map:
+            raise DevConfigError(f"-drive id={drive.id}: duplicate drive id")
+        drive_map[drive.id] = drive
+
+    host = PciHost(HostBridge(*layout.bridge_ids))
+    ecam = PciEcam(host, layout.ecam_buses)
+    mmio.add(layout.ecam_base, ecam.size, ecam, "pcie-ecam")
+    mmio.add(layout.mmio_base, layout.mmio_size, PciBarWindow(host, "mem", layout.mmio_base, layout.mmio_size),
+             "pcie-mmio")
+    if layout.io_on_pio:
+        pio.add(layout.io_base, layout.io_size, PciBarWindow(host, "io", layout.io_base, layout.io_size), "pcie-io")
+    else:
+        mmio.add(layout.io_base, layout.io_size, PciBarWindow(host, "io", 0, layout.io_size), "pcie-io")
+    if layout.config_ports:
+        pio.add(0xCF8, PciConfigPorts.SIZE, PciConfigPorts(host), "pci-conf")
+    slots = [PciSlot("pcie.0", "pcie-host", host, PciHostState, "mmio", f"{layout.ecam_base:#x}")]
+    setup = PciSetup(host, layout, windows, slots, {})
+    used_drives: set[str] = set()
+    names = {"pcie.0"}
+    try:
+        for device in devices:
+            if device.id in names:
+                raise DevConfigError(f"-device {device.driver}: duplicate id={device.id}")
+            names.add(device.id)
+            drive = drive_map.get(device.drive)
+            if drive is None:
+                raise DevConfigError(f"-device {device.driver}: drive={device.drive}: no -drive with that id")
+            if device.drive in used_drives:
+                raise DevConfigError(f"-device {device.driver}: drive={device.drive} is already used by a device")
+            used_drives.add(device.drive)
+            slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
+            if slot << 3 | fn in host.functions:
+                what = "the host bridge" if slot == 0 and fn == 0 else "another device"
+                raise DevConfigError(f"-device {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
+                                     f"is taken by {what}")
+            try:
+                block = BlockBackend(drive.file, readonly=drive.readonly, direct=drive.direct, lock=lock_images)
+            except BlockError as exc:
+                raise DevConfigError(f"-drive id={drive.id}: {exc.strerror}") from None
+            setup.blocks[drive.id] = block
+            serial = device.serial if device.serial is not None else drive.serial
+            function = VirtioPciDevice(memory, VirtioBlk(memory, block, serial))
+            try:
+                host.plug(function, slot, fn)
+            except PciError as exc:
+                raise DevConfigError(f"-device {device.driver},id={device.id}: {exc}") from None
+            slots.append(PciSlot(device.id, device.driver, function, VirtioPciState, "pcie.0",
+                                 format_devfn(slot, fn),
+                                 {"drive": drive.id, "file": str(drive.file), "serial": serial or "",
+                                  "readonly": drive.readonly}))
+    except BaseException:
+        setup.close()
+        raise
+    return setup
+
+
+def _free_slot(host: PciHost) -> int:
+    for slot in range(1, 32):
+        if not any((slot << 3 | fn) in host.functions for fn in range(8)):
+            return slot
+    raise DevConfigError("-device: no free slot on pcie.0")
+
+
+def preassign_bars(setup: PciSetup) -> None:
+    """Place every BAR in the windows and enable decoding, as firmware would."""
+    layout = setup.layout
+    next_mem = layout.mmio_base
+    next_io = 0x1000 if not layout.io_on_pio else layout.io_base
+    for devfn in sorted(setup.host.functions):
+        function: PciFunction = setup.host.functions[devfn]
+        command = function.command
+        for spec in function.bars:
+            if spec is None:
+                continue
+            offset = 0x10 + 4 * spec.index
+            if spec.kind == BAR_IO:
+                next_io = -(-next_io // spec.size) * spec.size
+                function.config_write(offset, 4, next_io)
+                next_io += spec.size
+                command |= 0x1
+            else:
+                next_mem = -(-next_mem // spec.size) * spec.size
+                function.config_write(offset, 4, next_mem & 0xFFFFFFFF)
+                if spec.kind == BAR_MEM64:
+                    function.config_write(offset + 4, 4, next_mem >> 32)
+                next_mem += spec.size
+                command |= COMMAND_MEMORY
+        function.config_write(COMMAND, 2, command)
