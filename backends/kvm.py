@@ -22,6 +22,7 @@ Architectural points
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -83,6 +84,10 @@ def _bits(*positions: int) -> int:
 # mode, LAHF. No AVX, no XSAVE/OSXSAVE (so no leaf 0xD state), no leaf 7 extensions, no
 # KVM paravirtual leaves (they need kvmclock and friends which Unicorn cannot carry), no
 # x2APIC / TSC-deadline (hv's interrupt controller is an xAPIC device model).
+# Measured limitation: kvm_pvm replaces the feature words of leaves 1, 7 and 0xD in the
+# table given to KVM_SET_CPUID2 with the host's (KVM_GET_CPUID2 shows them; the guest's
+# CPUID sees them); fields such as the APIC ID and the dropped leaves do follow the table.
+# There the filter is advisory; on hardware KVM the table below is what the guest sees.
 # Leaves listed here are ANDed register by register; leaves in CPUID_ZEROED are kept
 # (so the maximum-leaf values stay truthful) but report nothing.
 CPUID_MASKS: dict[int, tuple[int, int, int, int]] = {  # leaf -> (eax, ebx, ecx, edx) masks
@@ -276,6 +281,32 @@ class KvmVm(Vm):
             out.append((function, index, flags, eax, ebx, ecx, edx))
         return out
 
+    @functools.cached_property
+    def tsc_restorable(self) -> bool:
+        """Whether KVM honours writes of the guest TSC (measured once, on a scratch VM).
+
+        kvm_pvm accepts KVM_SET_MSRS(IA32_TSC) but the guest keeps seeing the host's TSC
+        (no TSC offsetting): there a restored state's ``tsc`` is not applied.
+        """
+        scratch_vm = _ioctl(self._kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM (TSC probe)")
+        try:
+            scratch = _ioctl(scratch_vm, abi.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU (TSC probe)")
+            try:
+                buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + ffi.sizeof("struct kvm_msr_entry"))
+                arg = ffi.cast("struct kvm_msrs *", buf)
+                arg.nmsrs = 1
+                arg.entries[0].index = abi.MSR_IA32_TSC
+                _ioctl(scratch, abi.KVM_GET_MSRS, arg, "KVM_GET_MSRS (TSC probe)")
+                target = arg.entries[0].data + (1 << 50)
+                arg.entries[0].data = target
+                _ioctl(scratch, abi.KVM_SET_MSRS, arg, "KVM_SET_MSRS (TSC probe)")
+                _ioctl(scratch, abi.KVM_GET_MSRS, arg, "KVM_GET_MSRS (TSC probe)")
+                return target <= arg.entries[0].data < target + (1 << 40)
+            finally:
+                os.close(scratch)
+        finally:
+            os.close(scratch_vm)
+
     # -- Vm interface ------------------------------------------------------------------
     def create_vcpu(self, index: int) -> "KvmVcpu":
         if not 0 <= index < 256:
@@ -387,6 +418,16 @@ class KvmVcpu(Vcpu):
             e.function, e.index, e.flags = function, index, flags
             e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
         _ioctl(self._fd, abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    def cpuid_table(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """The CPUID table KVM holds for this vCPU (KVM_GET_CPUID2), as set at creation."""
+        count = 256
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + count * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = count
+        _ioctl(self._fd, abi.KVM_GET_CPUID2, cpuid, "KVM_GET_CPUID2")
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(min(cpuid.nent, count)))]
 
     # -- running -----------------------------------------------------------------------
     def run(self, io: IoHandler) -> Exit:
@@ -603,7 +644,9 @@ class KvmVcpu(Vcpu):
             setattr(regs, name, getattr(state, name))
         _ioctl(fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
         msrs = dict(state.msrs)
-        msrs[abi.MSR_IA32_TSC] = state.tsc
+        # KVM treats a host write of TSC = 0 as "synchronise with the other vCPUs" and
+        # keeps its own value; 1 is honoured (one cycle later than asked, unobservable).
+        msrs[abi.MSR_IA32_TSC] = state.tsc or 1
         self._set_msrs(msrs)
         xsave = ffi.new("struct kvm_xsave *")
         _ioctl(fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
