@@ -53,6 +53,9 @@ XSTATE_X87_SSE = 0x3
 FXSAVE_ARCH_END = 416
 MXCSR_OFFSET = 24
 
+# Exit.detail of the KICKED exit that reports an open interrupt window.
+INTERRUPT_WINDOW = "interrupt window"
+
 _EINTR = 4
 _PROT_READ = 1
 _PROT_WRITE = 2
@@ -463,7 +466,10 @@ class KvmVcpu(Vcpu):
                 elif reason == abi.KVM_EXIT_HLT:
                     self._halted = True
                     return Exit(ExitReason.HALT)
-                elif reason in (abi.KVM_EXIT_INTR, abi.KVM_EXIT_IRQ_WINDOW_OPEN):
+                elif reason == abi.KVM_EXIT_IRQ_WINDOW_OPEN:
+                    run.request_interrupt_window = 0
+                    return Exit(ExitReason.KICKED, INTERRUPT_WINDOW)
+                elif reason == abi.KVM_EXIT_INTR:
                     continue
                 else:
                     return self._other_exit(reason)
@@ -550,8 +556,13 @@ class KvmVcpu(Vcpu):
                     pass
 
     def interrupt(self, vector: int) -> None:
-        """Inject external interrupt ``vector`` (KVM_INTERRUPT; the guest must have IF=1
-        and no interrupt shadow: see ``ready_for_interrupt``)."""
+        """Queue external interrupt ``vector`` for delivery at the next guest entry.
+
+        Call it right before :meth:`run`, only when :attr:`ready_for_interrupt` is true
+        (else use :meth:`request_interrupt_window`). The queued vector is KVM's until the
+        guest is entered: it is not part of :meth:`get_state`, so do not take a snapshot
+        between ``interrupt()`` and ``run()``.
+        """
         if not 0 <= vector < 256:
             raise BackendError(f"interrupt vector {vector} out of range")
         arg = ffi.new("struct kvm_interrupt *", {"irq": vector})
@@ -559,11 +570,13 @@ class KvmVcpu(Vcpu):
 
     @property
     def ready_for_interrupt(self) -> bool:
-        """kvm_run.ready_for_interrupt_injection after the last exit."""
+        """Whether the guest can take an external interrupt now (IF=1, no shadow, nothing
+        queued), as KVM reported at the end of the last ``run``."""
         return bool(self._run.ready_for_interrupt_injection)
 
     def request_interrupt_window(self, wanted: bool) -> None:
-        """Ask for an exit as soon as the guest can take an interrupt."""
+        """Ask KVM to stop the guest as soon as it can take an interrupt: ``run`` then
+        returns ``Exit(KICKED, INTERRUPT_WINDOW)`` and the request is cleared."""
         self._run.request_interrupt_window = 1 if wanted else 0
 
     # -- state ---------------------------------------------------------------------------

@@ -639,3 +639,46 @@ def test_tsc_restore_where_kvm_supports_it(vm: KvmVm) -> None:
         assert target <= got < target + 10**11
     else:  # kvm_pvm: the guest sees the host's TSC, which keeps counting
         assert state.tsc < got < target
+
+
+def test_interrupt_injection_with_window(vm: KvmVm) -> None:
+    """External interrupts without an in-kernel irqchip: KVM_INTERRUPT + window exits."""
+    from backends.kvm import INTERRUPT_WINDOW
+    vcpu = vm.create_vcpu(0)
+    handler = assemble("mov al, 0x77\n out 0x99, al\n iretq", 64, 0xA000)
+    vm.memory.write(0xA000, handler)
+    idt = 0xB000
+    gate = (0xA000 & 0xFFFF) | (0x8 << 16) | (0x8E00 << 32) | (((0xA000 >> 16) & 0xFFFF) << 48)
+    vm.memory.write(idt + 0x30 * 16, gate.to_bytes(8, "little") + (0).to_bytes(8, "little"))
+    write_page_tables(vm.memory)
+    code = assemble("""
+        cli
+        out 0x10, al
+        sti
+        nop
+    1:  hlt
+        jmp 1b
+    """, 64)
+    vm.memory.write(CODE, code)
+    vcpu.set_state(replace(long_mode_state(CODE), idt=DescriptorTable(idt, 0xFFF)))
+    io = RecordingIo()
+    assert vcpu.run(io).reason is ExitReason.HALT          # the first OUT, then... hlt
+    assert io.log == [("out", 0x10, 1, 0)]
+    assert vcpu.ready_for_interrupt
+    vcpu.interrupt(0x30)
+    assert vcpu.run(io).reason is ExitReason.HALT          # handler ran, back to hlt
+    assert io.log[-1] == ("out", 0x99, 1, 0x77)
+    # With IF=0 the interrupt must wait for a window.
+    load(vm, vcpu, "cli\n out 0x10, al\n mov ecx, 3\n 1: dec ecx\n jnz 1b\n sti\n nop\n 2: hlt\n jmp 2b", 64,
+         replace(long_mode_state(CODE), idt=DescriptorTable(idt, 0xFFF)))
+    io = RecordingIo()
+    vcpu.request_interrupt_window(True)
+    exit_ = vcpu.run(io)
+    # Hardware KVM stops at the window (after sti; nop); kvm_pvm, which emulates CPL0 code,
+    # only notices it at the next exit, the HLT. Either way the vCPU can take it now.
+    assert (exit_.reason, exit_.detail) in ((ExitReason.KICKED, INTERRUPT_WINDOW), (ExitReason.HALT, ""))
+    assert vcpu.ready_for_interrupt and vcpu.get_state().rflags & 0x200
+    assert io.log == [("out", 0x10, 1, 0)]
+    vcpu.interrupt(0x30)
+    assert vcpu.run(io).reason is ExitReason.HALT
+    assert io.log[-1] == ("out", 0x99, 1, 0x77)
