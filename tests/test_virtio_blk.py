@@ -1,0 +1,588 @@
+"""virtio-blk-pci end to end: a Python driver on the real buses and RAM, the blk fixture
+guest on KVM and Unicorn, O_DIRECT, read-only enforcement, image locks, save/restore."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends import backend_class
+from hv.block import BlockBackend, BlockError, BlockLockedError
+from hv.config import parse_args
+from hv.console import BufferSink
+from hv.devconfig import DevConfigError, parse_device, parse_drive
+from hv.devices.bus import Bus
+from hv.devices.virtio_pci import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+                                   STATUS_NEEDS_RESET, VirtioPciState)
+from hv.machine.machine import DeviceSlot, Machine
+from hv.machine.pci_wiring import PciSetup, build_pci
+from hv.memory import GuestMemory, RegionSpec
+from tests.helpers import FIXTURES, requires_kvm
+
+MASK = (1 << 64) - 1
+ECAM = {"q35": 0xB000_0000, "virt": 0x3F00_0000}
+WINDOW = {"q35": 0xC000_0000, "virt": 0x1000_0000}
+RAM_BASE = {"q35": 0, "virt": 0x4000_0000}
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+F_VERSION_1 = 1 << 32
+F_INDIRECT = 1 << 28
+F_EVENT_IDX = 1 << 29
+
+
+def make_image(path: Path, size: int = 1 << 20, fill: bytes | None = None) -> Path:
+    with open(path, "wb") as f:
+        if fill is None:
+            f.truncate(size)
+        else:
+            f.write(fill)
+    return path
+
+
+class Driver:
+    """A virtio-blk driver in Python, speaking to the device through the machine's buses."""
+
+    QSIZE = 16
+
+    def __init__(self, setup: PciSetup, memory: GuestMemory, pio: Bus, mmio: Bus, machine: str = "q35",
+                 slot: int = 3) -> None:
+        self.setup, self.memory, self.pio, self.mmio = setup, memory, pio, mmio
+        self.ecam = ECAM[machine] + (slot << 15)
+        self.bar = WINDOW[machine]
+        base = RAM_BASE[machine]
+        self.desc, self.avail, self.used = base + 0x10000, base + 0x11000, base + 0x12000
+        self.scratch = base + 0x20000
+        self.data = base + 0x100000
+        self.avail_idx = 0
+        self.used_seen = 0
+
+    # config space / BAR
+    def cfg(self, off: int, size: int = 4) -> int:
+        return self.mmio.read(self.ecam + off, size)
+
+    def cfg_write(self, off: int, size: int, value: int) -> None:
+        self.mmio.write(self.ecam + off, size, value)
+
+    def program_bar(self) -> None:
+        self.cfg_write(0x20, 4, 0xFFFFFFFF)
+        self.cfg_write(0x24, 4, 0xFFFFFFFF)
+        self.cfg_write(0x20, 4, self.bar)
+        self.cfg_write(0x24, 4, 0)
+        self.cfg_write(0x04, 2, 0x6)
+
+    def r(self, off: int, size: int) -> int:
+        return self.mmio.read(self.bar + off, size)
+
+    def w(self, off: int, size: int, value: int) -> None:
+        self.mmio.write(self.bar + off, size, value)
+
+    @property
+    def status(self) -> int:
+        return self.r(0x14, 1)
+
+    def offered(self) -> int:
+        self.w(0x00, 4, 0)
+        low = self.r(0x04, 4)
+        self.w(0x00, 4, 1)
+        return low | self.r(0x04, 4) << 32
+
+    def init(self, features: int = F_VERSION_1, qsize: int = QSIZE) -> None:
+        self.program_bar()
+        self.w(0x14, 1, 0)
+        self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        for sel in (0, 1):
+            self.w(0x08, 4, sel)
+            self.w(0x0C, 4, (features >> (32 * sel)) & 0xFFFFFFFF)
+        self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        assert self.status & STATUS_FEATURES_OK
+        self.QSIZE = qsize
+        self.memory.write(self.desc, bytes(0x3000))
+        self.w(0x16, 2, 0)
+        self.w(0x18, 2, qsize)
+        for off, addr in ((0x20, self.desc), (0x28, self.avail), (0x30, self.used)):
+            self.w(off, 4, addr & 0xFFFFFFFF)
+            self.w(off + 4, 4, addr >> 32)
+        self.w(0x1C, 2, 1)
+        self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+
+    # descriptors
+    def put_desc(self, index: int, addr: int, length: int, flags: int, nxt: int, table: int | None = None) -> None:
+        table = self.desc if table is None else table
+        self.memory.write(table + 16 * index, addr.to_bytes(8, "little") + length.to_bytes(4, "little")
+                          + flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"))
+
+    def publish(self, head: int) -> None:
+        self.memory.write_int(self.avail + 4 + 2 * (self.avail_idx % self.QSIZE), 2, head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.memory.write_int(self.avail + 2, 2, self.avail_idx)
+
+    def kick(self) -> None:
+        self.w(0x3000, 2, 0)
+
+    def used_entries(self) -> list[tuple[int, int]]:
+        idx = self.memory.read_int(self.used + 2, 2)
+        out = []
+        while self.used_seen != idx:
+            slot = self.used + 4 + 8 * (self.used_seen % self.QSIZE)
+            out.append((self.memory.read_int(slot, 4), self.memory.read_int(slot + 4, 4)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return out
+
+    def request(self, kind: int, sector: int = 0, out: bytes = b"", in_len: int = 0,
+                head: int = 0) -> tuple[int, bytes, int]:
+        """One request (header, data, status in 3 descriptors); (status, data in, used len)."""
+        hdr = self.scratch
+        status = self.scratch + 0x100
+        self.memory.write(hdr, kind.to_bytes(4, "little") + bytes(4) + sector.to_bytes(8, "little"))
+        self.memory.write(status, b"\xee")
+        descs = [(hdr, 16, 0)]
+        if out:
+            self.memory.write(self.data, out)
+            descs.append((self.data, len(out), 0))
+        if in_len:
+            self.memory.write(self.data, b"\xcc" * in_len)
+            descs.append((self.data, in_len, 2))
+        descs.append((status, 1, 2))
+        for i, (addr, length, flags) in enumerate(descs):
+            last = i == len(descs) - 1
+            self.put_desc(head + i, addr, length, flags | (0 if last else 1), 0 if last else head + i + 1)
+        self.publish(head)
+        self.kick()
+        used = self.used_entries()
+        assert len(used) == 1 and used[0][0] == head, used
+        return (self.memory.read(status, 1)[0], self.memory.read(self.data, in_len) if in_len else b"",
+                used[0][1])
+
+
+def build(tmp_path: Path, drive: str = "", device: str = "", machine: str = "q35", size: int = 1 << 20,
+          image: Path | None = None, lock: bool = True) -> tuple[PciSetup, GuestMemory, Bus, Bus, Driver]:
+    image = image if image is not None else make_image(tmp_path / "disk.img", size)
+    memory = GuestMemory([RegionSpec(RAM_BASE[machine], 16 << 20)])
+    pio, mmio = Bus("port"), Bus("mmio")
+    drive_cfg = parse_drive(f"file={image},id=d0" + (f",{drive}" if drive else ""))
+    device_cfg = parse_device("virtio-blk-pci,drive=d0,id=blk0,addr=3" + (f",{device}" if device else ""))
+    setup = build_pci(machine, memory, pio, mmio, [drive_cfg], [device_cfg], lock_images=lock)
+    return setup, memory, pio, mmio, Driver(setup, memory, pio, mmio, machine)
+
+
+@pytest.fixture
+def blk(tmp_path):
+    setup, memory, pio, mmio, driver = build(tmp_path, drive="serial=SN-0042")
+    driver.init()
+    yield driver
+    setup.close()
+    memory.close()
+
+
+def device_of(driver: Driver) -> Any:
+    return driver.setup.slots[1].device
+
+
+def test_identity_features_and_config(tmp_path):
+    setup, memory, pio, mmio, d = build(tmp_path, size=3 << 20)
+    try:
+        assert d.cfg(0x00) == 0x1042_1AF4
+        assert d.cfg(0x08) >> 8 == 0x010000 and d.cfg(0x08) & 0xFF == 1    # class, revision 1
+        assert d.cfg(0x2C) == 0x1100_1AF4                                   # subsystem
+        d.program_bar()
+        offered = d.offered()
+        for bit in (32, 2, 6, 9, 13, 14, 28, 29):
+            assert offered >> bit & 1, bit
+        assert not offered >> 5 & 1                                         # not read-only
+        assert d.r(0x2000, 4) | d.r(0x2004, 4) << 32 == (3 << 20) // 512   # capacity
+        assert d.r(0x2014, 4) == 512                                        # blk_size
+        assert d.r(0x12, 2) == 1                                            # num_queues
+    finally:
+        setup.close()
+        memory.close()
+
+
+def test_features_without_version_1_are_refused(tmp_path):
+    setup, memory, pio, mmio, d = build(tmp_path)
+    try:
+        d.program_bar()
+        d.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        d.w(0x08, 4, 0)
+        d.w(0x0C, 4, 1 << 9)
+        d.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        assert not d.status & STATUS_FEATURES_OK
+        d.w(0x08, 4, 1)
+        d.w(0x0C, 4, 1 | 1 << 20)        # a feature never offered
+        d.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        assert not d.status & STATUS_FEATURES_OK
+    finally:
+        setup.close()
+        memory.close()
+
+
+def test_write_read_flush_get_id(blk, tmp_path):
+    data = bytes(range(256)) * 8
+    status, _, used = blk.request(T_OUT, sector=5, out=data)
+    assert (status, used) == (0, 1)
+    status, got, used = blk.request(T_IN, sector=5, in_len=2048)
+    assert (status, got, used) == (0, data, 2049)
+    assert (tmp_path / "disk.img").read_bytes()[5 * 512:5 * 512 + 2048] == data
+    assert blk.request(T_FLUSH)[0] == 0
+    status, ident, used = blk.request(T_GET_ID, in_len=20)
+    assert (status, ident, used) == (0, b"SN-0042".ljust(20, b"\0"), 21)
+
+
+def test_dma_writes_are_dirty_tracked(blk):
+    blk.request(T_OUT, sector=0, out=b"\x5a" * 4096)
+    blk.memory.take_vmm_dirty()
+    blk.request(T_IN, sector=0, in_len=4096)
+    dirty = blk.memory.take_vmm_dirty()
+    page = blk.data // 4096
+    assert dirty[page >> 3] >> (page & 7) & 1                       # the data buffer
+    used_page = blk.used // 4096
+    assert dirty[used_page >> 3] >> (used_page & 7) & 1             # the used ring
+
+
+def test_bad_requests_get_ioerr_or_unsupp(blk):
+    capacity = (1 << 20) // 512
+    assert blk.request(T_IN, sector=capacity, in_len=512)[0] == 1       # past the end
+    assert blk.request(T_IN, sector=capacity - 1, in_len=1024)[0] == 1  # crosses the end
+    assert blk.request(T_OUT, sector=1 << 62, out=b"x" * 512)[0] == 1   # huge sector
+    assert blk.request(T_OUT, sector=0, out=b"x" * 100)[0] == 1         # not whole sectors
+    assert blk.request(99, in_len=512)[0] == 2                          # unsupported type
+    assert device_of(blk).s.status & STATUS_NEEDS_RESET == 0
+
+
+def test_discard_and_write_zeroes(blk, tmp_path):
+    blk.request(T_OUT, sector=0, out=b"\xab" * 8192)
+    seg = (2).to_bytes(8, "little") + (4).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    assert blk.request(T_DISCARD, out=seg)[0] == 0
+    seg = (10).to_bytes(8, "little") + (2).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    assert blk.request(T_WRITE_ZEROES, out=seg)[0] == 0
+    image = (tmp_path / "disk.img").read_bytes()
+    assert image[:1024] == b"\xab" * 1024
+    assert image[1024:3072] == bytes(2048)
+    assert image[3072:5120] == b"\xab" * 2048
+    assert image[5120:6144] == bytes(1024)
+    bad = (2047).to_bytes(8, "little") + (4).to_bytes(4, "little") + bytes(4)
+    assert blk.request(T_DISCARD, out=bad)[0] == 1
+
+
+def test_readonly_drive_refuses_writes_with_ioerr(tmp_path):
+    image = make_image(tmp_path / "ro.img", fill=b"\x11" * (1 << 20))
+    setup, memory, pio, mmio, d = build(tmp_path, drive="readonly=on", image=image)
+    try:
+        d.init()
+        assert d.offered() >> 5 & 1                       # VIRTIO_BLK_F_RO
+        assert d.request(T_OUT, sector=0, out=b"\x22" * 512)[0] == 1
+        seg = (0).to_bytes(8, "little") + (1).to_bytes(4, "little") + bytes(4)
+        assert d.request(T_WRITE_ZEROES, out=seg)[0] == 1
+        assert d.request(T_IN, sector=0, in_len=512) == (0, b"\x11" * 512, 513)
+        assert image.read_bytes() == b"\x11" * (1 << 20)
+    finally:
+        setup.close()
+        memory.close()
+
+
+def direct_io_supported(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_direct_io_unaligned_requests(tmp_path):
+    image = make_image(tmp_path / "direct.img", 1 << 20)
+    if not direct_io_supported(image):
+        pytest.fail(f"O_DIRECT is not supported on {tmp_path}")
+    setup, memory, pio, mmio, d = build(tmp_path, drive="direct=on", image=image)
+    try:
+        assert setup.blocks["d0"].direct
+        d.init()
+        payload = os.urandom(3 * 512)
+        assert d.request(T_OUT, sector=7, out=payload)[0] == 0      # not 4 KiB aligned: read-modify-write
+        assert d.request(T_IN, sector=7, in_len=3 * 512)[1] == payload
+        big = os.urandom(1 << 19)
+        assert d.request(T_OUT, sector=1, out=big)[0] == 0
+        assert d.request(T_IN, sector=1, in_len=1 << 19)[1] == big
+        raw = image.read_bytes()
+        assert raw[512:512 + (1 << 19)] == big and raw[:512] == bytes(512)
+    finally:
+        setup.close()
+        memory.close()
+
+
+def test_direct_io_needs_aligned_image_size(tmp_path):
+    image = make_image(tmp_path / "odd.img", 4096 + 512)
+    with pytest.raises(DevConfigError, match="multiple of 4096"):
+        build(tmp_path, drive="direct=on", image=image)
+
+
+def test_block_backend_direct_uses_o_direct(tmp_path):
+    image = make_image(tmp_path / "d.img", 1 << 16)
+    block = BlockBackend(image, direct=True)
+    try:
+        flags = int(Path(f"/proc/self/fdinfo/{block.fd}").read_text().split("flags:")[1].split()[0], 8)
+        assert flags & os.O_DIRECT
+        block.write(100, b"hello")
+        assert block.read(98, 9) == b"\0\0hello\0\0"
+    finally:
+        block.close()
+
+
+def test_image_lock_conflicts(tmp_path):
+    image = make_image(tmp_path / "shared.img")
+    first = BlockBackend(image)
+    try:
+        with pytest.raises(BlockLockedError, match="in use by another VM"):
+            BlockBackend(image)
+        with pytest.raises(BlockLockedError):
+            BlockBackend(image, readonly=True)
+        # The wiring reports it as a configuration error naming the drive.
+        with pytest.raises(DevConfigError, match="-drive id=d0: .*in use by another VM"):
+            build(tmp_path, image=image)
+        # Migration hand-over: the destination opens unlocked, locks after the source releases.
+        dest = BlockBackend(image, lock=False)
+        with pytest.raises(BlockLockedError):
+            dest.acquire()
+        first.release()
+        dest.acquire()
+        with pytest.raises(BlockLockedError):
+            first.acquire()
+        dest.close()
+        first.acquire()
+    finally:
+        first.close()
+
+
+def test_readers_share_an_image(tmp_path):
+    image = make_image(tmp_path / "ro.img")
+    a = BlockBackend(image, readonly=True)
+    b = BlockBackend(image, readonly=True)
+    try:
+        with pytest.raises(BlockLockedError):
+            BlockBackend(image)
+        with pytest.raises(BlockError, match="read-only"):
+            a.write(0, b"x")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_lock_conflict_across_processes(tmp_path):
+    image = make_image(tmp_path / "p.img")
+    holder = BlockBackend(image)
+    try:
+        code = ("import sys; from hv.block import BlockBackend, BlockLockedError\n"
+                "try:\n    BlockBackend(sys.argv[1])\nexcept BlockLockedError:\n    sys.exit(3)\n")
+        result = subprocess.run([os.sys.executable, "-c", code, str(image)], cwd=Path(__file__).parent.parent)
+        assert result.returncode == 3
+    finally:
+        holder.close()
+
+
+def test_save_restore_continues_the_queue(blk, tmp_path):
+    blk.request(T_OUT, sector=0, out=b"A" * 512)
+    dev = device_of(blk)
+    saved = dev.save()
+    raw = saved.to_dict()
+    restored = VirtioPciState.from_dict(raw)
+    assert restored == saved
+    # A second machine with the same configuration and the same RAM picks up the queue.
+    setup2, memory2, pio2, mmio2, d2 = build(tmp_path, image=tmp_path / "disk.img", lock=False)
+    try:
+        for region, region2 in zip(blk.memory.regions, memory2.regions):
+            region2.view[:] = region.view
+        setup2.slots[1].device.restore(restored)
+        d2.avail_idx, d2.used_seen = blk.avail_idx, blk.used_seen
+        assert d2.request(T_IN, sector=0, in_len=512)[:2] == (0, b"A" * 512)
+        assert setup2.slots[1].device.save().queues[0]["used_idx"] == 2
+    finally:
+        setup2.close()
+        memory2.close()
+    # Power-on state resets everything (system_reset uses state_type()).
+    dev.restore(VirtioPciState())
+    assert blk.cfg(0x04, 2) == 0 and blk.cfg(0x20) == 0xC       # decoding off, BAR unassigned
+    assert blk.status == 0xFF                                   # nothing answers at the old address
+    blk.program_bar()
+    assert blk.status == 0 and blk.r(0x1C, 2) == 0
+
+
+def test_state_from_dict_rejects_garbage(blk):
+    good = device_of(blk).save().to_dict()
+    for key, bad in (("status", 256), ("status", "x"), ("queues", [{}]), ("config", "zz"), ("isr", True)):
+        raw = dict(good, **{key: bad})
+        with pytest.raises(Exception) as info:
+            VirtioPciState.from_dict(raw)
+        assert type(info.value).__name__ == "DeviceStateError"
+    with pytest.raises(Exception):
+        VirtioPciState.from_dict({"status": 0})
+
+
+def test_reset_clears_queue(blk):
+    blk.request(T_FLUSH)
+    blk.w(0x14, 1, 0)
+    assert blk.status == 0
+    blk.w(0x16, 2, 0)
+    assert blk.r(0x1C, 2) == 0 and blk.r(0x18, 2) == 256
+
+
+# -- the fixture guest on real backends ------------------------------------------------------
+
+class PciMachine(Machine):
+    """Test harness: a Machine with the PCI host wired in, as the lead's Machine will do."""
+
+    def __init__(self, config: Any, backend: Any, console: Any, drives: list, devices: list) -> None:
+        self._pci_args = (drives, devices)
+        super().__init__(config, backend, console)
+
+    def _build_devices(self) -> list[tuple[int, int]]:
+        windows = super()._build_devices()
+        self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio, *self._pci_args)
+        for s in self.pci.slots:
+            self.devices[s.name] = DeviceSlot(s.name, s.kind, s.device, s.state_type, s.bus, s.addr)
+        return windows + self.pci.mmio_windows
+
+    def close(self) -> None:
+        super().close()
+        self.pci.close()
+
+
+def value(p: int, i: int) -> int:
+    x = (i * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03) & MASK
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & MASK
+    x ^= x >> 29
+    return x
+
+
+def blk_reference(sectors: int, iterations: int, chunk: int, depth: int, ident: str, slot: int = 3,
+                  capacity: int = 8192) -> list[str]:
+    lines = [f"blk: sectors={sectors} iterations={iterations} chunk={chunk} depth={depth}",
+             f"blk: device 00:{slot:02x}.0 capacity {capacity} id {ident}"]
+    total = 0
+    for p in range(1, iterations + 1):
+        for i in range(sectors * 64):
+            total = ((((total << 7) | (total >> 57)) & MASK) + value(p, i)) & MASK
+        lines.append(f"blk pass {p} sum {total:016x} bad 0")
+    lines.append("done")
+    return lines
+
+
+def run_guest(tmp_path: Path, machine_type: str, accel: str, append: str, drive: str = "",
+              addr: str = "3", timeout: float = 120, image_size: int = 4 << 20) -> tuple[str, Path, list]:
+    arch = {"q35": "x86_64", "virt": "aarch64"}[machine_type]
+    image = tmp_path / f"{machine_type}-{accel}.img"
+    if not image.exists():
+        make_image(image, image_size)
+    config = parse_args(["-machine", machine_type, "-m", "64", "-kernel", str(FIXTURES / arch / "blk.elf"),
+                         "-append", append]).config
+    console = BufferSink()
+    drives = [parse_drive(f"file={image},id=disk,serial=hv-{accel}" + (f",{drive}" if drive else ""))]
+    devices = [parse_device(f"virtio-blk-pci,drive=disk,id=vblk,bus=pcie.0,addr={addr}")]
+    machine = PciMachine(config, backend_class(accel)(), console, drives, devices)
+    stamps: list = []
+    original = console.write
+
+    def stamped(data: bytes) -> None:
+        original(data)
+        if b"\n" in data:
+            stamps.append((time.perf_counter(), console.getvalue().count(b"\n")))
+
+    console.write = stamped  # type: ignore[method-assign]
+    try:
+        machine.load_kernel(config.kernel.read_bytes())
+        machine.start()
+        assert machine.wait_shutdown(timeout) == "guest-shutdown", console.getvalue()[-500:]
+    finally:
+        machine.close()
+    return console.getvalue().decode(), image, stamps
+
+
+GUESTS = [
+    pytest.param("q35", "kvm", marks=requires_kvm, id="x86_64-kvm"),
+    pytest.param("q35", "unicorn", id="x86_64-unicorn"),
+    pytest.param("virt", "unicorn", id="aarch64-unicorn"),
+]
+
+
+@pytest.mark.parametrize("machine_type,accel", GUESTS)
+def test_blk_guest_matches_reference(tmp_path, machine_type, accel):
+    output, image, _ = run_guest(tmp_path, machine_type, accel, "sectors=64 iterations=3 chunk=8 depth=4")
+    assert output.splitlines() == blk_reference(64, 3, 8, 4, f"hv-{accel}")
+    raw = image.read_bytes()
+    expected = b"".join(value(3, i).to_bytes(8, "little") for i in range(64 * 64))
+    assert raw[:len(expected)] == expected and raw[len(expected):] == bytes(len(raw) - len(expected))
+
+
+@pytest.mark.parametrize("machine_type,accel", GUESTS)
+def test_blk_guest_on_readonly_drive_sees_ioerr(tmp_path, machine_type, accel):
+    output, image, _ = run_guest(tmp_path, machine_type, accel, "sectors=16 iterations=1 chunk=8 depth=1",
+                                 drive="readonly=on", addr="1f")
+    lines = output.splitlines()
+    assert lines[1] == f"blk: device 00:1f.0 capacity 8192 id hv-{accel}"
+    assert lines[2] == "blk: io error type 1 sector 0 status 1"
+    assert lines[3].startswith("blk pass 1 sum ") and lines[3].endswith(f" bad {16 * 64}")
+    assert image.read_bytes() == bytes(4 << 20)
+
+
+def test_blk_elf_is_reproducible(tmp_path):
+    missing = [t for t in ("gcc", "ld", "objcopy", "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-ld")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"toolchain not installed: {', '.join(missing)}")
+    subprocess.run([str(FIXTURES / "build.sh"), str(tmp_path)], check=True, capture_output=True, timeout=120)
+    for arch in ("x86_64", "aarch64"):
+        assert (tmp_path / arch / "blk.elf").read_bytes() == (FIXTURES / arch / "blk.elf").read_bytes(), arch
+
+
+def test_blk_x86_avoids_instructions_kvm_pvm_lacks():
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump not installed")
+    listing = subprocess.run(["objdump", "-d", "-M", "x86-64", str(FIXTURES / "x86_64" / "blk.elf")],
+                             check=True, capture_output=True, text=True).stdout
+    forbidden = {"popcnt", "cmpxchg16b", "xrstor", "xsave", "clac", "stac", "fwait", "wait", "syscall",
+                 "sysenter", "int"}
+    mnemonics = {parts[2].split()[0] for parts in (line.split("\t") for line in listing.splitlines())
+                 if len(parts) >= 3 and parts[2].strip()}
+    assert not mnemonics & forbidden
+    assert not any("%xmm" in line or "%st" in line for line in listing.splitlines())
+    assert {"in", "out"} <= mnemonics
+
+
+def dd_seconds(*args: str) -> float:
+    result = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+    # "... bytes (...) copied, 0.0123 s, 1.2 GB/s"
+    return float(result.stderr.strip().splitlines()[-1].split(",")[-2].split()[0])
+
+
+def dd_throughput(path: Path, bsize: int, total: int) -> tuple[float, float]:
+    """Host reference with dd(1): overwrite then read ``total`` bytes in ``bsize`` blocks (MB/s)."""
+    count = str(total // bsize)
+    write = dd_seconds("if=/dev/zero", f"of={path}", f"bs={bsize}", f"count={count}", "conv=notrunc")
+    read = dd_seconds(f"if={path}", "of=/dev/null", f"bs={bsize}", f"count={count}")
+    return total / write / 1e6, total / read / 1e6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("machine_type,accel", GUESTS)
+@pytest.mark.parametrize("bsize,depth,mib", [(4096, 16, 16), (1 << 20, 4, 64)])
+def test_blk_throughput(tmp_path, machine_type, accel, bsize, depth, mib):
+    if shutil.which("dd") is None:
+        pytest.skip("dd not installed")
+    image = tmp_path / f"{machine_type}-{accel}.img"
+    make_image(image, fill=bytes((mib + 1) << 20))   # allocated: guest and dd both overwrite
+    output, image, stamps = run_guest(tmp_path, machine_type, accel, f"bench={mib} bsize={bsize} depth={depth}",
+                                      timeout=600)
+    lines = output.splitlines()
+    assert lines[-2:] == ["bench done", "done"], output
+    times = {count: t for t, count in stamps}
+    write_s = times[4] - times[3]
+    read_s = times[5] - times[4]
+    host_write, host_read = dd_throughput(image, bsize, mib << 20)
+    guest_write, guest_read = (mib << 20) / write_s / 1e6, (mib << 20) / read_s / 1e6
+    print(f"\nBENCH {machine_type}/{accel} bsize={bsize}: guest write {guest_write:.1f} MB/s read "
+          f"{guest_read:.1f} MB/s; host write {host_write:.1f} read {host_read:.1f} MB/s; ratio write "
+          f"{guest_write / host_write:.3f} read {guest_read / host_read:.3f}")
+    assert guest_write > 0 and guest_read > 0
