@@ -459,10 +459,15 @@ class KvmVcpu(Vcpu):
                     raise BackendError(f"KVM_RUN: {_errno_text(err)} (errno {err})")
                 self._halted = False
                 reason = run.exit_reason
-                if reason == abi.KVM_EXIT_IO:
-                    self._handle_pio(io)
-                elif reason == abi.KVM_EXIT_MMIO:
-                    self._handle_mmio(io)
+                if reason == abi.KVM_EXIT_IO or reason == abi.KVM_EXIT_MMIO:
+                    try:
+                        if reason == abi.KVM_EXIT_IO:
+                            self._handle_pio(io)
+                        else:
+                            self._handle_mmio(io)
+                    except BaseException:
+                        self._complete_pending_access()
+                        raise
                 elif reason == abi.KVM_EXIT_HLT:
                     self._halted = True
                     return Exit(ExitReason.HALT)
@@ -476,6 +481,20 @@ class KvmVcpu(Vcpu):
         finally:
             with self._lock:
                 self._thread = None
+
+    def _complete_pending_access(self) -> None:
+        """Finish an I/O or MMIO access whose handler failed, so that the vCPU is at an
+        architectural point when the exception leaves :meth:`run`. An unfinished read
+        completes with whatever the data area holds (zeros unless the handler wrote)."""
+        with self._lock:
+            self._run.immediate_exit = 1
+        result = libc.ioctl(self._fd, abi.KVM_RUN, ffi.cast("unsigned long", 0))
+        err = ffi.errno
+        with self._lock:
+            self._run.immediate_exit = 1 if self._kick_pending else 0
+        if result == 0 or err != _EINTR:
+            log.warning("vCPU %d: completing an access after a failed handler: KVM_RUN gave %s",
+                        self.index, "an exit" if result == 0 else _errno_text(err))
 
     def _handle_pio(self, io: IoHandler) -> None:
         pio = self._run.io
@@ -549,11 +568,17 @@ class KvmVcpu(Vcpu):
             self._kick_pending = True
             self._run.immediate_exit = 1
             thread = self._thread
-            if thread is not None and _kick_handler_installed():
-                try:
-                    signal.pthread_kill(thread, KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+            if thread is None or thread == threading.get_ident():
+                return
+            if not _kick_handler_installed():
+                log.warning("vCPU %d: no handler for %s (call backends.kvm.install_kick_handler() from the "
+                            "main thread): the kick waits for the guest's next exit",
+                            self.index, signal.Signals(KICK_SIGNAL).name)
+                return
+            try:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
 
     def interrupt(self, vector: int) -> None:
         """Queue external interrupt ``vector`` for delivery at the next guest entry.
@@ -580,7 +605,14 @@ class KvmVcpu(Vcpu):
         self._run.request_interrupt_window = 1 if wanted else 0
 
     # -- state ---------------------------------------------------------------------------
+    def _check_stopped(self, what: str) -> None:
+        if self._fd < 0:
+            raise BackendError(f"vCPU {self.index} is closed")
+        if self._thread is not None and self._thread != threading.get_ident():
+            raise BackendError(f"{what}: vCPU {self.index} is running; kick it first")
+
     def get_state(self) -> X86CpuState:
+        self._check_stopped("get_state")
         fd = self._fd
         regs = ffi.new("struct kvm_regs *")
         _ioctl(fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
@@ -643,6 +675,7 @@ class KvmVcpu(Vcpu):
             raise BackendError(f"KVM x86_64 vCPU cannot load a {type(state).__name__}")
         if len(state.fxsave) != FXSAVE_SIZE:
             raise BackendError(f"fxsave image is {len(state.fxsave)} bytes, expected {FXSAVE_SIZE}")
+        self._check_stopped("set_state")
         fd = self._fd
         sregs = ffi.new("struct kvm_sregs *")
         for name in X86_SEGMENT_NAMES:

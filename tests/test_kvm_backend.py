@@ -682,3 +682,84 @@ def test_interrupt_injection_with_window(vm: KvmVm) -> None:
     vcpu.interrupt(0x30)
     assert vcpu.run(io).reason is ExitReason.HALT
     assert io.log[-1] == ("out", 0x99, 1, 0x77)
+
+
+class FailingIo(RecordingIo):
+    """A bus whose device fails on IN from port 0x66."""
+
+    def pio_read(self, port: int, size: int) -> int:
+        if port == 0x66:
+            raise RuntimeError("device failed")
+        return super().pio_read(port, size)
+
+
+def test_failing_handler_leaves_vcpu_at_architectural_point(vm: KvmVm) -> None:
+    vcpu = vm.create_vcpu(0)
+    code = load(vm, vcpu, "mov eax, 0x12345678\n mov dx, 0x66\n in eax, dx\n out 0x10, al\n hlt", 64)
+    with pytest.raises(RuntimeError, match="device failed"):
+        vcpu.run(FailingIo())
+    state = vcpu.get_state()
+    in_addr = CODE + code.index(b"\xed")
+    assert state.rip == in_addr + 1, "the IN must be completed, not left pending"
+    io = RecordingIo()
+    assert vcpu.run(io).reason is ExitReason.HALT
+    assert io.log == [("out", 0x10, 1, state.rax & 0xFF)]
+
+
+def test_state_access_while_running_is_refused(vm: KvmVm) -> None:
+    vcpu = vm.create_vcpu(0)
+    load(vm, vcpu, "1: jmp 1b", 64)
+    thread, result = run_in_thread(vcpu, RecordingIo())
+    try:
+        time.sleep(0.05)
+        with pytest.raises(BackendError, match="running"):
+            vcpu.get_state()
+        with pytest.raises(BackendError, match="running"):
+            vcpu.close()
+    finally:
+        vcpu.kick()
+        thread.join(5)
+    assert result[0].reason is ExitReason.KICKED
+
+
+def test_two_vcpus_kicked_independently(vm: KvmVm) -> None:
+    write_page_tables(vm.memory)
+    code = assemble("1: inc rax\n out 0x10, al\n jmp 1b", 64)
+    vm.memory.write(CODE, code)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    for vcpu in vcpus:
+        vcpu.set_state(long_mode_state(CODE))
+    ios = [RecordingIo(), RecordingIo()]
+    runs = [run_in_thread(vcpu, io) for vcpu, io in zip(vcpus, ios)]
+    time.sleep(0.1)
+    vcpus[0].kick()
+    runs[0][0].join(5)
+    assert runs[0][1][0].reason is ExitReason.KICKED
+    assert runs[1][0].is_alive(), "kicking vCPU 0 must not stop vCPU 1"
+    vcpus[1].kick()
+    runs[1][0].join(5)
+    assert runs[1][1][0].reason is ExitReason.KICKED
+    for vcpu, io in zip(vcpus, ios):
+        assert len(io.log) > 0
+        # Stopped either just after an OUT or between "inc" and the next OUT.
+        assert vcpu.get_state().rax & 0xFF in (io.log[-1][3], (io.log[-1][3] + 1) & 0xFF)
+
+
+def test_kick_without_signal_handler_waits_for_next_exit(vm: KvmVm) -> None:
+    import signal as signal_module
+    from backends.kvm import KICK_SIGNAL, install_kick_handler
+    vcpu = vm.create_vcpu(0)
+    load(vm, vcpu, "1: jmp 1b", 64)
+    thread, result = run_in_thread(vcpu, RecordingIo())
+    previous = signal_module.signal(KICK_SIGNAL, signal_module.SIG_IGN)
+    try:
+        time.sleep(0.05)
+        vcpu.kick()   # only immediate_exit: the busy guest has no exit to notice it at
+        thread.join(0.3)
+        assert thread.is_alive()
+    finally:
+        signal_module.signal(KICK_SIGNAL, previous)
+    assert install_kick_handler()
+    vcpu.kick()
+    thread.join(5)
+    assert result[0].reason is ExitReason.KICKED
