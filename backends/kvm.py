@@ -33,7 +33,7 @@ from typing import Any
 
 from backends import kvm_abi as abi
 from backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
-from hv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryRegion
+from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
 from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ XSTATE_X87_SSE = 0x3
 # them on SET and fills them with its own bookkeeping on GET. The canonical state holds
 # them as zeros so that images from different backends compare equal.
 FXSAVE_ARCH_END = 416
-MXCSR_OFFSET = 24
 
 # Exit.detail of the KICKED exit that reports an open interrupt window.
 INTERRUPT_WINDOW = "interrupt window"
@@ -111,7 +110,7 @@ CPUID_ZEROED: frozenset[int] = frozenset({0x6, 0x7, 0xA, 0xD, 0x12, 0x14, 0x17, 
                                           0x8000001F, 0x80000021})
 CPUID_DROPPED_RANGE = (0x40000000, 0x400000FF)  # hypervisor (KVM paravirt) leaves
 
-EXIT_RUN_MAX_CPUID = 256
+INITIAL_CPUID_ENTRIES = 256  # KVM_GET_SUPPORTED_CPUID is retried with more on E2BIG
 
 
 def install_kick_handler() -> bool:
@@ -220,7 +219,14 @@ class KvmVm(Vm):
         self.memory = memory
         self.vcpus: list[KvmVcpu] = []
         self._dirty_logging = False
-        self._kvm_fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        for region in memory.regions:
+            if region.gpa < TSS_ADDR + 3 * 4096 and IDENTITY_MAP_ADDR < region.end:
+                raise BackendError(f"RAM region {region.gpa:#x}+{region.size:#x} overlaps the pages KVM "
+                                   f"reserves at {IDENTITY_MAP_ADDR:#x}..{TSS_ADDR + 3 * 4096:#x}")
+        try:
+            self._kvm_fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendUnavailable(f"{KVM_DEVICE}: {exc.strerror}") from exc
         self._vm_fd = -1
         try:
             self._vm_fd = _ioctl(self._kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
@@ -254,7 +260,7 @@ class KvmVm(Vm):
 
     def _supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """KVM_GET_SUPPORTED_CPUID as (function, index, flags, eax, ebx, ecx, edx) tuples."""
-        count = EXIT_RUN_MAX_CPUID
+        count = INITIAL_CPUID_ENTRIES
         while True:
             buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + count * ffi.sizeof("struct kvm_cpuid_entry2"))
             cpuid = ffi.cast("struct kvm_cpuid2 *", buf)

@@ -763,3 +763,12 @@ def test_kick_without_signal_handler_waits_for_next_exit(vm: KvmVm) -> None:
     vcpu.kick()
     thread.join(5)
     assert result[0].reason is ExitReason.KICKED
+
+
+def test_ram_over_kvm_reserved_pages_is_refused() -> None:
+    memory = GuestMemory([RegionSpec(0xFFF00000, 1 << 20)])
+    try:
+        with pytest.raises(BackendError, match="overlaps"):
+            KvmBackend().open_vm(Arch.X86_64, memory, [])
+    finally:
+        memory.close()
