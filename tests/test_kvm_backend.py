@@ -478,7 +478,7 @@ def fxsave_images(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def data_segments(draw: st.DrawFn, selector_index: int) -> Segment:
-    return Segment(selector=(selector_index << 3) | draw(st.integers(0, 3)) * 0, base=draw(st.integers(0, 2**32 - 1)),
+    return Segment(selector=selector_index << 3, base=draw(st.integers(0, 2**32 - 1)),
                    limit=draw(st.sampled_from([0xFFFF, 0xFFFFF, 0xFFFFFFFF])), type=draw(st.sampled_from([1, 3])),
                    present=1, dpl=0, db=draw(st.integers(0, 1)), s=1, l=0, g=draw(st.integers(0, 1)), avl=draw(st.integers(0, 1)))
 
@@ -525,6 +525,39 @@ def test_state_round_trip_random(vm: KvmVm, state: X86CpuState) -> None:
     assert_same_state(state, got, vm)
     vcpu.set_state(got)
     assert_same_state(got, vcpu.get_state(), vm)
+
+
+@st.composite
+def protected_mode_states(draw: st.DrawFn) -> X86CpuState:
+    state = protected_mode_state(CODE)
+    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r15"):
+        setattr(state, name, draw(st.integers(0, 2**32 - 1)))
+    state.rsp = draw(st.integers(0x1000, 0x7000))
+    state.rip = draw(st.integers(CODE, CODE + 0xFFF))
+    state.cs = replace(state.cs, base=draw(st.integers(0, 0xFFFFF)) << 12, type=draw(st.sampled_from([0xB, 0xF])))
+    state.ds = draw(data_segments(2))
+    state.es = draw(data_segments(2))
+    state.fs = draw(data_segments(2))
+    state.gs = draw(data_segments(2))
+    state.cr0 = 0x11 | draw(st.sampled_from([0, 0x2, 0x20, 0x22, 0x10000, 0x40022]))  # MP NE WP AM
+    state.cr4 = draw(st.sampled_from([0, 0x10, 0x80, 0x600, 0x690, 0x8]))        # PSE PGE OSFXSR/XMMEXCPT DE
+    state.efer = draw(st.sampled_from([0, 0x1, 0x800, 0x801]))                  # SCE NXE
+    state.gdt = DescriptorTable(draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 0xFFFF)))
+    state.idt = DescriptorTable(draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 0xFFFF)))
+    state.fxsave = draw(fxsave_images())
+    state.tsc = draw(st.integers(1, 2**62))
+    state.interrupt_shadow = draw(st.sampled_from([0, 1, 2]))
+    state.nmi_masked = draw(st.booleans())
+    return state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=protected_mode_states())
+def test_state_round_trip_random_protected_mode(vm: KvmVm, state: X86CpuState) -> None:
+    vcpu = vm.vcpus[0] if vm.vcpus else vm.create_vcpu(0)
+    vcpu.set_state(state)
+    got = vcpu.get_state()
+    assert_same_state(state, got, vm)
 
 
 @pytest.mark.parametrize("make", [real_mode_state, protected_mode_state, long_mode_state], ids=["real", "prot", "long"])
@@ -576,7 +609,7 @@ def test_dirty_log_reports_exactly_guest_writes() -> None:
     vm = KvmBackend().open_vm(Arch.X86_64, memory, [])
     try:
         vcpu = vm.create_vcpu(0)
-        first = f"mov byte ptr [0x10000], 1\n hlt"
+        first = "mov byte ptr [0x10000], 1\n hlt"
         load(vm, vcpu, first, 32)
         assert vcpu.run(RecordingIo()).reason is ExitReason.HALT
         with pytest.raises(BackendError):
