@@ -119,9 +119,12 @@ def parse_drive(value: str) -> DriveConfig:
         raise DevConfigError(f"{option}: file={path}: no such file")
     if path.is_dir():
         raise DevConfigError(f"{option}: file={path}: is a directory, not a disk image")
-    if not os.access(path, os.R_OK if readonly else os.R_OK | os.W_OK):
-        raise DevConfigError(f"{option}: file={path}: not {'readable' if readonly else 'readable and writable'}"
-                             + ("" if readonly else " (use readonly=on for a read-only image)"))
+    try:  # a real open: permission bits, immutable files, read-only mounts all count
+        os.close(os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC))
+    except OSError as exc:
+        wanted = "read" if readonly else "read and write"
+        hint = "" if readonly else " (use readonly=on for a read-only image)"
+        raise DevConfigError(f"{option}: file={path}: cannot open to {wanted}: {exc.strerror}{hint}") from None
     return DriveConfig(drive_id, path, readonly, direct, serial)
 
 
