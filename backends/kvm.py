@@ -18,7 +18,16 @@ Architectural points
     At an IN (or MMIO read) exit the destination register is completed by the *next*
     KVM_RUN. :meth:`KvmVcpu.run` therefore never returns with an access pending: a kick
     that arrives after such an exit is honoured by a KVM_RUN with ``immediate_exit=1``,
-    which completes the access and returns EINTR without running guest code.
+    which completes the access and returns EINTR without running guest code. If a device
+    handler raises, the access is completed the same way before the exception propagates.
+
+Limitations (measured on kvm_pvm; hardware KVM does not have the first two)
+    * TSC: KVM_SET_MSRS(IA32_TSC) is accepted but the guest keeps reading the host TSC,
+      so ``state.tsc`` is not applied (:attr:`KvmVm.tsc_restorable` says which case).
+    * CPUID: the feature words of leaves 1, 7 and 0xD are replaced with the host's, so
+      the filter below is advisory there.
+    * An interrupt queued with :meth:`KvmVcpu.inject_interrupt` is delivered at the next
+      guest entry; a state taken before that entry does not contain it (logged).
 """
 from __future__ import annotations
 
