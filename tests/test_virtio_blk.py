@@ -433,13 +433,16 @@ def test_reset_clears_queue(blk):
 class PciMachine(Machine):
     """Test harness: a Machine with the PCI host wired in, as the lead's Machine will do."""
 
-    def __init__(self, config: Any, backend: Any, console: Any, drives: list, devices: list) -> None:
+    def __init__(self, config: Any, backend: Any, console: Any, drives: list, devices: list,
+                 lock_images: bool = True) -> None:
         self._pci_args = (drives, devices)
+        self._lock_images = lock_images
         super().__init__(config, backend, console)
 
     def _build_devices(self) -> list[tuple[int, int]]:
         windows = super()._build_devices()
-        self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio, *self._pci_args)
+        self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio, *self._pci_args,
+                             lock_images=self._lock_images)
         for s in self.pci.slots:
             self.devices[s.name] = DeviceSlot(s.name, s.kind, s.device, s.state_type, s.bus, s.addr)
         return windows + self.pci.mmio_windows
@@ -525,6 +528,57 @@ def test_blk_guest_on_readonly_drive_sees_ioerr(tmp_path, machine_type, accel):
     assert lines[2] == "blk: io error type 1 sector 0 status 1"
     assert lines[3].startswith("blk pass 1 sum ") and lines[3].endswith(f" bad {16 * 64}")
     assert image.read_bytes() == bytes(4 << 20)
+
+
+MOVES = [
+    pytest.param("q35", ["kvm", "unicorn", "kvm"], marks=requires_kvm, id="x86_64-kvm-unicorn-kvm"),
+    pytest.param("q35", ["unicorn", "kvm", "unicorn"], marks=requires_kvm, id="x86_64-unicorn-kvm-unicorn"),
+    pytest.param("virt", ["unicorn", "unicorn", "unicorn"], id="aarch64-unicorn"),
+]
+
+
+@pytest.mark.parametrize("machine_type,accels", MOVES)
+def test_blk_guest_moves_between_backends_mid_io(tmp_path, machine_type, accels):
+    """Pause anywhere, save through plain values, restore on another backend with the image
+    lock handed over: the guest's output and the image equal an unmoved run's."""
+    from hv.machine.machine import MachineSnapshot
+    from hv.machine.move import copy_ram
+
+    arch = {"q35": "x86_64", "virt": "aarch64"}[machine_type]
+    image = make_image(tmp_path / "move.img", 4 << 20)
+    iterations = 40
+    config = parse_args(["-machine", machine_type, "-m", "64", "-kernel", str(FIXTURES / arch / "blk.elf"),
+                         "-append", f"sectors=128 iterations={iterations} chunk=8 depth=4"]).config
+    drives = [parse_drive(f"file={image},id=disk,serial=mover")]
+    devices = [parse_device("virtio-blk-pci,drive=disk,id=vblk,addr=3")]
+    console = BufferSink()
+    machine = PciMachine(config, backend_class(accels[0])(), console, drives, devices)
+    machine.load_kernel(config.kernel.read_bytes())
+    machine.start()
+    try:
+        for hop, accel in enumerate(accels[1:]):
+            deadline = time.monotonic() + 60
+            while console.getvalue().count(b"\n") < 3 + 8 * (hop + 1):
+                assert time.monotonic() < deadline, console.getvalue()[-300:]
+                time.sleep(0.001)
+            assert machine.pause()
+            snapshot = MachineSnapshot.from_dict(machine.save().to_dict())
+            fresh = PciMachine(config, backend_class(accel)(), console, drives, devices, lock_images=False)
+            copy_ram(machine.memory, fresh.memory)
+            fresh.restore(snapshot)
+            machine.close()                 # releases the image lock ...
+            fresh.pci.acquire_locks()       # ... which the destination takes over
+            fresh.kernel_image = machine.kernel_image
+            machine = fresh
+            machine.start()
+        assert machine.wait_shutdown(120) == "guest-shutdown"
+    finally:
+        machine.close()
+    expected = blk_reference(128, iterations, 8, 4, "mover")
+    assert console.getvalue().decode().splitlines() == expected
+    raw = image.read_bytes()
+    pattern = b"".join(value(iterations, i).to_bytes(8, "little") for i in range(128 * 64))
+    assert raw[:len(pattern)] == pattern
 
 
 def test_blk_elf_is_reproducible(tmp_path):
