@@ -24,6 +24,7 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _flock(kind: int) -> bytes:
     return struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
 
 
-def _libc_fallocate():  # type: ignore[no-untyped-def]
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -56,7 +57,7 @@ def _libc_fallocate():  # type: ignore[no-untyped-def]
     function = libc.fallocate
     function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     function.restype = ctypes.c_int
-    return function
+    return function  # type: ignore[no-any-return]
 
 
 class BlockBackend:
@@ -87,12 +88,13 @@ class BlockBackend:
             if direct and self.size % DIRECT_ALIGN:
                 raise BlockError(errno.EINVAL, f"{self.path}: direct=on needs an image size that is a "
                                  f"multiple of {DIRECT_ALIGN} bytes (it is {self.size})")
-            self._bounce = mmap.mmap(-1, BOUNCE_SIZE) if direct else None
             if lock:
                 self.acquire()
         except BaseException:
             os.close(self.fd)
             raise
+        # Page-aligned (anonymous mmap) bounce buffer for O_DIRECT transfers.
+        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_SIZE) if direct else None
         self._fallocate = _libc_fallocate()
 
     # -- locking ------------------------------------------------------------------------

@@ -229,8 +229,13 @@ def test_placement_errors(tmp_path):
     with pytest.raises(DevConfigError, match=r"addr=0x3.0 on pcie.0 is taken by another device"):
         build(tmp_path, devices=("virtio-blk-pci,drive=d0,id=a,addr=3", "virtio-blk-pci,drive=d1,id=b,addr=3"),
               drives=2)
-    with pytest.raises(DevConfigError, match="duplicate id=a"):
+    with pytest.raises(DevConfigError, match="id=a is already used"):
         build(tmp_path, devices=("virtio-blk-pci,drive=d0,id=a", "virtio-blk-pci,drive=d1,id=a"), drives=2)
+    ram = GuestMemory([RegionSpec(0, 1 << 20)])
+    with pytest.raises(DevConfigError, match="id=serial0 is already used"):
+        build_pci("q35", ram, Bus("port"), Bus("mmio"), [parse_drive(f"file={image(tmp_path)},id=d0")],
+                  [parse_device("virtio-blk-pci,drive=d0,id=serial0")], taken_names=["serial0", "acpi-pm"])
+    ram.close()
     with pytest.raises(DevConfigError, match="drive=d0 is already used"):
         build(tmp_path, devices=("virtio-blk-pci,drive=d0,id=a", "virtio-blk-pci,drive=d0,id=b"), drives=1)
     with pytest.raises(DevConfigError, match="drive=nope: no -drive"):
@@ -247,6 +252,9 @@ def test_placement_errors(tmp_path):
     assert [(s.name, s.addr) for s in setup.slots] == [("pcie.0", "0xb0000000"), ("a", "03.1"), ("b", "01.0")]
     assert setup.slots[1].attrs == {"drive": "d0", "file": str(tmp_path / "d0.img"), "serial": "s0",
                                     "readonly": False}
+    assert setup.fingerprint_devices()[2] == {"type": "virtio-blk-pci", "id": "b", "bus": "pcie.0", "addr": "01.0",
+                                              "attrs": {"drive": "d1", "file": str(tmp_path / "d1.img"),
+                                                        "serial": "s1", "readonly": False}}
     setup.close()
     memory.close()
 

@@ -16,6 +16,7 @@ answered with IOERR, an unknown type with UNSUPP.
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from hv.block import BlockBackend, BlockError
 from hv.devices.virtqueue import Chain, Segment, Virtqueue, VirtqueueError
@@ -193,7 +194,7 @@ class VirtioBlk:
 
     # -- scatter/gather over checked segments ------------------------------------------------
     @staticmethod
-    def _pieces(segments: list[Segment], skip: int, length: int):  # type: ignore[no-untyped-def]
+    def _pieces(segments: list[Segment], skip: int, length: int) -> Iterator[tuple[int, int]]:
         """(gpa, n) pieces covering ``length`` bytes after ``skip``, each at most CHUNK."""
         for seg in segments:
             if length <= 0:

@@ -77,6 +77,11 @@ class PciSetup:
     slots: list[PciSlot]
     blocks: dict[str, BlockBackend]     # drive id -> open image
 
+    def fingerprint_devices(self) -> list[dict[str, Any]]:
+        """Entries for ``Machine.fingerprint()['devices']`` (type, id, bus, addr, attrs)."""
+        return [{"type": s.kind, "id": s.name, "bus": s.bus, "addr": s.addr, "attrs": dict(s.attrs)}
+                for s in self.slots]
+
     def release_locks(self) -> None:
         """Migration source at switch-over: let the destination lock the images."""
         for block in self.blocks.values():
@@ -94,11 +99,13 @@ class PciSetup:
 
 def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
               drives: Iterable[DriveConfig] = (), devices: Iterable[DeviceConfig] = (),
-              lock_images: bool = True) -> PciSetup:
+              lock_images: bool = True, taken_names: Iterable[str] = ()) -> PciSetup:
     """Create the host bridge and every ``-device``, and put them on the buses.
 
     ``lock_images=False`` is for an incoming migration: the destination opens the images
     without locking them and calls :meth:`PciSetup.acquire_locks` at switch-over.
+    ``taken_names`` are the machine's other device names (``serial0``, ...): a ``-device``
+    id may not reuse one, since names key the saved state.
     Raises :class:`DevConfigError` (one line) for any configuration problem.
     """
     layout = LAYOUTS.get(machine_type)
@@ -132,11 +139,11 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
     slots = [PciSlot("pcie.0", "pcie-host", host, PciHostState, "mmio", f"{layout.ecam_base:#x}")]
     setup = PciSetup(host, layout, windows, slots, {})
     used_drives: set[str] = set()
-    names = {"pcie.0"}
+    names = {"pcie.0", *taken_names}
     try:
         for device in devices:
             if device.id in names:
-                raise DevConfigError(f"-device {device.driver}: duplicate id={device.id}")
+                raise DevConfigError(f"-device {device.driver}: id={device.id} is already used by another device")
             names.add(device.id)
             drive = drive_map.get(device.drive)
             if drive is None:
