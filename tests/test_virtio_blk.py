@@ -90,7 +90,7 @@ class Driver:
         self.w(0x00, 4, 1)
         return low | self.r(0x04, 4) << 32
 
-    def init(self, features: int = F_VERSION_1, qsize: int = QSIZE) -> None:
+    def init(self, features: int = F_VERSION_1, qsize: int = QSIZE, queue_vector: int | None = None) -> None:
         self.program_bar()
         self.w(0x14, 1, 0)
         self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
@@ -106,6 +106,8 @@ class Driver:
         for off, addr in ((0x20, self.desc), (0x28, self.avail), (0x30, self.used)):
             self.w(off, 4, addr & 0xFFFFFFFF)
             self.w(off + 4, 4, addr >> 32)
+        if queue_vector is not None:
+            self.w(0x1A, 2, queue_vector)
         self.w(0x1C, 2, 1)
         self.w(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
 
@@ -659,3 +661,62 @@ def test_blk_throughput(tmp_path, machine_type, accel, bsize, depth, mib):
           f"{guest_read:.1f} MB/s; host write {host_write:.1f} read {host_read:.1f} MB/s; ratio write "
           f"{guest_write / host_write:.3f} read {guest_read / host_read:.3f}")
     assert guest_write > 0 and guest_read > 0
+
+
+def test_indirect_event_idx_and_interrupt_state(tmp_path):
+    setup, memory, pio, mmio, d = build(tmp_path)
+    try:
+        d.init(features=F_VERSION_1 | F_INDIRECT | F_EVENT_IDX)
+        dev = device_of(d)
+        sink = dev.msix.sink
+        memory.write(d.data, b"\x77" * 1024)
+        assert d.request(T_OUT, sector=2, out=b"\x77" * 1024)[0] == 0
+        # No MSI-X: a used buffer raises ISR bit 0 (queue); reading ISR clears it.
+        assert dev.intx.level
+        assert d.r(0x1000, 1) == 1 and d.r(0x1000, 1) == 0 and not dev.intx.level
+        # Event index: avail_event follows the device, used_event suppresses interrupts.
+        assert memory.read_int(d.used + 4 + 8 * d.QSIZE, 2) == d.avail_idx
+        memory.write_int(d.avail + 4 + 2 * d.QSIZE, 2, d.avail_idx + 5)
+        assert d.request(T_FLUSH)[0] == 0
+        assert d.r(0x1000, 1) == 0
+        # An IN request through an indirect table.
+        table = d.scratch + 0x400
+        hdr, status = d.scratch, d.scratch + 0x100
+        memory.write(hdr, T_IN.to_bytes(4, "little") + bytes(4) + (2).to_bytes(8, "little"))
+        d.put_desc(0, hdr, 16, 1, 1, table=table)
+        d.put_desc(1, d.data + 0x1000, 1024, 3, 2, table=table)
+        d.put_desc(2, status, 1, 2, 0, table=table)
+        d.put_desc(5, table, 48, 4, 0)
+        d.publish(5)
+        d.kick()
+        assert d.used_entries() == [(5, 1025)]
+        assert memory.read(d.data + 0x1000, 1024) == b"\x77" * 1024 and memory.read(status, 1) == b"\0"
+        # MSI-X: enable, route queue 0 to vector 1; masked -> pending bit, unmasked -> message.
+        cap = dev.msix.cap
+        d.cfg_write(cap + 2, 2, 0x8000)
+        d.w(0x16, 2, 0)
+        d.w(0x1A, 2, 1)                       # queue vector (read-only once enabled)
+        assert d.r(0x1A, 2) == 0xFFFF         # queue already enabled: vector stays NO_VECTOR
+        d.w(0x14, 1, 0)                       # reset, then set up again with vector 1 for queue 0
+        d.used_seen = d.avail_idx = 0
+        d.init(features=F_VERSION_1, queue_vector=1)
+        d.w(0x16, 2, 0)
+        assert d.r(0x1A, 2) == 1
+        d.w(0x10, 2, 0)                       # config vector 0
+        assert d.r(0x10, 2) == 0
+        d.w(0x10, 2, 7)                       # no such vector: NO_VECTOR
+        assert d.r(0x10, 2) == 0xFFFF
+        d.w(0x3800 + 16, 4, 0xFEE0_1000)
+        d.w(0x3800 + 24, 4, 0x31)
+        assert d.request(T_FLUSH)[0] == 0
+        assert d.r(0x3C00, 8) == 0b10 and sink.sent == []
+        d.w(0x3800 + 28, 4, 0)               # unmask vector 1
+        assert sink.sent == [(0xFEE0_1000, 0x31)] and d.r(0x3C00, 8) == 0
+        assert d.request(T_FLUSH)[0] == 0
+        assert sink.sent[-1] == (0xFEE0_1000, 0x31) and len(sink.sent) == 2
+        assert d.r(0x1000, 1) == 0           # with MSI-X the ISR stays clear
+        saved = dev.save()
+        assert saved.msix_pba == 0 and saved.queues[0]["msix_vector"] == 1
+    finally:
+        setup.close()
+        memory.close()
