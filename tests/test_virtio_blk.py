@@ -322,13 +322,23 @@ def test_direct_io_needs_aligned_image_size(tmp_path):
 
 
 def test_block_backend_direct_uses_o_direct(tmp_path):
-    image = make_image(tmp_path / "d.img", 1 << 16)
+    image = make_image(tmp_path / "d.img", 8 << 20)
     block = BlockBackend(image, direct=True)
     try:
         flags = int(Path(f"/proc/self/fdinfo/{block.fd}").read_text().split("flags:")[1].split()[0], 8)
         assert flags & os.O_DIRECT
         block.write(100, b"hello")
         assert block.read(98, 9) == b"\0\0hello\0\0"
+        big = os.urandom(3 * (1 << 20) + 777)          # spans several bounce buffers, unaligned ends
+        block.write(4096 * 3 + 1000, big)
+        assert block.read(4096 * 3 + 1000, len(big)) == big
+        buf = bytearray(len(big) + 24)
+        block.read_into(4096 * 3 + 1000 - 24, memoryview(buf))
+        assert bytes(buf) == bytes(24) + big
+        block.write_zeroes(4096 * 3 + 1000, 1 << 20)
+        assert block.read(4096 * 3 + 1000, 1 << 20) == bytes(1 << 20)
+        with pytest.raises(BlockError, match="beyond the image"):
+            block.read((8 << 20) - 10, 11)
     finally:
         block.close()
 
