@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -13,6 +14,9 @@ from hv import __version__
 from hv.config import USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
 from hv.machine import Machine, RunState
+from hv.migration.engine import load_snapshot, receive_migration
+from hv.migration.manager import MigrationManager
+from hv.migration.transport import listen, parse_migration_uri
 from hv.monitor import MachineMonitor
 from hv.qmp import CommandTable, QmpServer, QmpServerError
 
@@ -58,48 +62,128 @@ def run(config: VmConfig) -> int:
     except BackendError as exc:
         console.close()
         raise LaunchError(str(exc)) from None
-    stop_signal: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop_signal.append(signum)
-        threading.Thread(target=machine.request_shutdown, args=("host-signal",), daemon=True).start()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server: QmpServer | None = None
+    session = Session(config, machine)
+    previous = {sig: signal.signal(sig, session.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if image is not None:
+        session.start_monitor()
+        if config.incoming is not None:
+            machine.kernel_image = image
+            session.receive(config.incoming)
+        else:
+            assert image is not None
             from hv.loader import LoaderError
 
             try:
                 machine.load_kernel(image)
             except LoaderError as exc:
                 raise LaunchError(f"-kernel: {config.kernel}: {exc}") from None
-        if config.incoming is not None:
-            raise LaunchError("-incoming: migration is not available in this build yet")
-        commands = CommandTable()
-        monitor = MachineMonitor(machine, commands, config.name)
-        if config.qmp:
-            server = QmpServer(list(config.qmp), commands)
-            try:
-                server.start()
-            except QmpServerError as exc:
-                raise LaunchError(str(exc)) from None
-            monitor.attach(server)
-        machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
+            machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
         while machine.wait_shutdown(timeout=0.5) is None:
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if server is not None:
-            server.close()
+        session.close()
         machine.close()
         console.close()
-    if stop_signal:
-        log.info("terminating on signal %d", stop_signal[0])
+    if session.stop_signal:
+        log.info("terminating on signal %d", session.stop_signal[0])
     if machine.exit_error is not None:
         raise LaunchError(f"guest stopped: {machine.exit_error}")
     return 0
+
+
+class Session:
+    """The parts of one hv process around its machine: QMP, migration, signals."""
+
+    def __init__(self, config: VmConfig, machine: Machine) -> None:
+        self.config = config
+        self.machine = machine
+        self.commands = CommandTable()
+        self.monitor = MachineMonitor(machine, self.commands, config.name)
+        self.migration = MigrationManager(machine, self.commands, self.monitor.on_machine_event)
+        self.server: QmpServer | None = None
+        self.stop_signal: list[int] = []
+        self._incoming_sock: socket.socket | None = None
+        machine.add_listener(self._on_machine_event)
+
+    def start_monitor(self) -> None:
+        if not self.config.qmp:
+            return
+        self.server = QmpServer(list(self.config.qmp), self.commands)
+        try:
+            self.server.start()
+        except QmpServerError as exc:
+            self.server = None
+            raise LaunchError(str(exc)) from None
+        self.monitor.attach(self.server)
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal.append(signum)
+        self._abort_incoming()
+        threading.Thread(target=self.machine.request_shutdown, args=("host-signal",), daemon=True).start()
+
+    def _on_machine_event(self, event: str, data: dict | None) -> None:
+        if event == "SHUTDOWN":  # quit while waiting for a migration: stop waiting
+            self._abort_incoming()
+
+    def _abort_incoming(self) -> None:
+        sock = self._incoming_sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def receive(self, uri_text: str) -> None:
+        """Wait for and receive an incoming migration (or restore a snapshot), then run.
+
+        The guest starts only once everything arrived and validated; on failure hv exits
+        non-zero with one line (LaunchError), never running a half-received guest.
+        """
+        uri = parse_migration_uri(uri_text)
+        machine, status = self.machine, self.migration.status
+        machine.set_state(RunState.INMIGRATE)
+        status.start(machine.memory.size)
+        try:
+            if uri.scheme == "file":
+                load_snapshot(machine, uri.path, status)
+                machine.start()
+                status.complete(None)
+                log.info("restored snapshot %s", uri.path)
+                return
+            with listen(uri) as listener:
+                log.info("waiting for an incoming migration on %s", listener.address)
+                conn = None
+                while conn is None:
+                    if machine.state is RunState.SHUTDOWN:
+                        return
+                    try:
+                        conn = listener.accept(timeout=0.2)
+                    except TimeoutError:
+                        continue
+            self._incoming_sock = conn
+            try:
+                if machine.state is RunState.SHUTDOWN:
+                    return
+                receive_migration(machine, conn, status)
+            finally:
+                self._incoming_sock = None
+                conn.close()
+            log.info("incoming migration completed; guest running")
+        except Exception as exc:
+            if machine.state is RunState.SHUTDOWN:
+                return  # quit or a signal interrupted the wait
+            reason = str(exc) or exc.__class__.__name__
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            if status.is_active():
+                status.fail(reason)
+            raise LaunchError(f"incoming migration failed: {reason}") from None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,6 +254,13 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         if accel not in ACCELERATORS:
             raise ConfigError(f"-accel: unknown accelerator {accel!r} (choose kvm or unicorn)")
     incoming = single("-incoming")
+    if incoming is not None:
+        from hv.migration.transport import MigrationUriError, parse_migration_uri
+
+        try:
+            parse_migration_uri(incoming)
+        except MigrationUriError as exc:
+            raise ConfigError(f"-incoming: {exc}") from None
     kernel_text = single("-kernel")
     if kernel_text is None and incoming is None:
         raise ConfigError("-kernel is required (unless -incoming restores a VM)")

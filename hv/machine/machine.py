@@ -41,6 +41,7 @@ Q35_SERIAL_PORT = 0x3F8
 Q35_ACPI_PM_PORT = 0x600
 VIRT_PL011_BASE = 0x0900_0000
 PAUSE_TIMEOUT = 10.0
+THROTTLE_SLICE = 0.01  # seconds of guest time between throttle sleeps
 
 
 class RunState(str, enum.Enum):
@@ -120,6 +121,9 @@ class Machine:
         self.listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
         self.kernel_image: bytes | None = None
         self.exit_error: str | None = None
+        self._throttle_percent = 0
+        self._throttle_wake = threading.Event()
+        self._throttle_thread: threading.Thread | None = None
         mmio_windows = self._build_devices()
         self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
         self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
@@ -284,6 +288,7 @@ class Machine:
         """Stop the vCPU threads and release the backend VM and RAM."""
         with self._lock:
             self._closing = True
+            self._throttle_percent = 0
             if self._state is RunState.RUNNING:
                 self._state = RunState.PAUSED
             self._state_changed.notify_all()
@@ -295,6 +300,41 @@ class Machine:
         self._threads = []
         self.vm.close()
         self.memory.close()
+
+    # -- throttling (migration auto-converge) ---------------------------------------------
+    def set_throttle(self, percent: int) -> None:
+        """Keep the vCPUs off the CPU ``percent``% of the time (0 turns it off).
+
+        Every ``THROTTLE_SLICE`` of guest run time a throttle thread kicks the vCPUs,
+        which then sleep ``percent / (100 - percent)`` slices, as QEMU's auto-converge.
+        """
+        percent = max(0, min(99, percent))
+        with self._lock:
+            self._throttle_percent = percent
+            if percent and self._throttle_thread is None:
+                self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle", daemon=True)
+                self._throttle_thread.start()
+        self._throttle_wake.set()
+
+    @property
+    def throttle_percent(self) -> int:
+        return self._throttle_percent
+
+    def _throttle_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closing or not self._throttle_percent:
+                    self._throttle_thread = None
+                    return
+            self._throttle_wake.wait(THROTTLE_SLICE)
+            self._throttle_wake.clear()
+            if self._throttle_percent and self._state is RunState.RUNNING:
+                self._kick_all()
+
+    def _throttle_pause(self) -> None:
+        percent = self._throttle_percent
+        if percent and self._state is RunState.RUNNING:
+            time.sleep(THROTTLE_SLICE * percent / (100 - percent))
 
     def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the vCPU threads (0 before start)."""
@@ -336,6 +376,7 @@ class Machine:
     def _handle_exit(self, index: int, result: Exit) -> None:
         reason = result.reason
         if reason is ExitReason.KICKED:
+            self._throttle_pause()
             return
         if reason is ExitReason.HALT:
             # No interrupt controller yet: a halted vCPU stays halted until reset.

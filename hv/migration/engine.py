@@ -1,0 +1,492 @@
+"""Pre-copy live migration and file snapshots, on top of the stream and transports.
+
+Source (``OutgoingMigration``), in its own thread once ``migrate`` has connected:
+
+1. HEADER + CONFIG (the compatibility fingerprint); the destination checks CONFIG before
+   touching anything and answers ERROR on a mismatch.
+2. Full pass over RAM with dirty logging on (backend log OR the VMM's own writes).
+3. Dirty rounds until the dirty set can be sent within ``downtime-limit`` at the
+   bandwidth measured in the previous round, or ``max-iterations`` rounds have run. When a
+   round does not shrink the dirty set, auto-converge throttles the vCPUs harder.
+4. Pause (STOP), last dirty round, CPU + device state, END.
+5. Two-phase switch-over: the destination validates and restores everything, answers OK
+   ``ready``; the source answers OK ``commit`` (or ERROR ``canceled``); the destination
+   starts the guest and answers OK ``running``. So ``migrate_cancel`` is honoured in every
+   phase up to the commit, and the destination never runs a guest the source may resume.
+
+On any error before the commit the source resumes the guest (RESUME) and reports
+``failed`` with ``error-desc``; on cancel, ``canceled``. If the connection breaks after the
+commit was sent, whether the destination runs is unknown: the source then stays paused
+(it never risks running the guest twice) and reports ``failed`` saying so.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from hv.machine import Machine, MachineError, MachineSnapshot, RunState
+from hv.memory import PAGE_SIZE, GuestMemory
+from hv.migration.status import MigrationStatus
+from hv.migration.stream import (
+    ConfigSection,
+    CpuSection,
+    DeviceSection,
+    EndSection,
+    FileChannel,
+    Fingerprint,
+    HeaderSection,
+    PeerError,
+    RamSection,
+    RoundEndSection,
+    SocketChannel,
+    StreamError,
+    StreamKind,
+    StreamReader,
+    StreamWriter,
+    compare_fingerprints,
+    read_reply,
+    send_reply,
+)
+from hv.migration.transport import SnapshotWriter, open_snapshot
+
+log = logging.getLogger(__name__)
+
+CHUNK_PAGES = 2048           # pages per write_ram call in the full pass (8 MiB)
+REPLY_TIMEOUT = 60.0         # seconds the source waits for each destination answer
+BANDWIDTH_SAMPLE_BYTES = 4 << 20
+EventSink = Callable[[str, "dict[str, Any] | None"], None]
+
+
+class MigrationCanceled(Exception):
+    """The migration was canceled (migrate_cancel)."""
+
+
+class MigrationError(Exception):
+    """The migration failed; the message says why."""
+
+
+@dataclass
+class MigrationParameters:
+    """What ``migrate-set-parameters`` / ``migrate-set-capabilities`` change."""
+
+    downtime_limit: int = 300         # ms the guest may stay paused for the last round
+    max_bandwidth: int = 0            # bytes/s; 0 = unlimited (loopback-class links)
+    max_iterations: int = 30          # dirty rounds before the switch-over is forced
+    auto_converge: bool = True        # throttle vCPUs when rounds stop shrinking
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {"downtime-limit": self.downtime_limit, "max-bandwidth": self.max_bandwidth,
+                "max-iterations": self.max_iterations, "cpu-throttle-initial": self.cpu_throttle_initial,
+                "cpu-throttle-increment": self.cpu_throttle_increment,
+                "max-cpu-throttle": self.max_cpu_throttle}
+
+
+# -- dirty bitmaps ---------------------------------------------------------------------------
+_NONZERO_SPAN = re.compile(rb"[^\x00]+")
+
+
+def merge_bitmaps(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    if len(a) != len(b):
+        raise ValueError("dirty bitmaps of different sizes")
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def count_pages(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def dirty_runs(bitmap: bytes, memory: GuestMemory) -> Iterator[tuple[int, int]]:
+    """(first page, count) runs of set bits, never spanning a RAM region boundary."""
+    boundaries = {r.offset // PAGE_SIZE for r in memory.regions}
+    for match in _NONZERO_SPAN.finditer(bitmap):
+        run_start = -1
+        page = match.start() * 8
+        for byte in match.group():
+            if byte == 0xFF and run_start >= 0 and not any(page < b < page + 8 for b in boundaries):
+                page += 8
+                continue
+            for bit in range(8):
+                if run_start >= 0 and page in boundaries:
+                    yield run_start, page - run_start
+                    run_start = -1
+                if byte >> bit & 1:
+                    if run_start < 0:
+                        run_start = page
+                elif run_start >= 0:
+                    yield run_start, page - run_start
+                    run_start = -1
+                page += 1
+        if run_start >= 0:
+            yield run_start, page - run_start
+
+
+class _Sender:
+    """Sends RAM runs, counts them in the status, honours cancel and the bandwidth cap."""
+
+    def __init__(self, writer: StreamWriter, memory: GuestMemory, status: MigrationStatus,
+                 params: MigrationParameters, canceled: threading.Event) -> None:
+        self.writer = writer
+        self.memory = memory
+        self.status = status
+        self.params = params
+        self.canceled = canceled
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def check_cancel(self) -> None:
+        if self.canceled.is_set():
+            raise MigrationCanceled("canceled")
+
+    def send(self, start: int, count: int, stable: bool) -> int:
+        done = 0
+        while done < count:
+            self.check_cancel()
+            n = min(CHUNK_PAGES, count - done)
+            before = self.writer.bytes_written
+            stats = self.writer.write_ram(start + done, self.memory.page_view(start + done, n), stable=stable)
+            wire = self.writer.bytes_written - before
+            self.status.record_ram(zero=stats.zero, normal=stats.normal, wire_bytes=wire)
+            self._limit(wire)
+            done += n
+        return count
+
+    def _limit(self, wire: int) -> None:
+        if not self.params.max_bandwidth:
+            return
+        self._window_bytes += wire
+        due = self._window_start + self._window_bytes / self.params.max_bandwidth
+        delay = due - time.monotonic()
+        if delay > 0:
+            self.canceled.wait(delay)
+
+    def send_bitmap(self, bitmap: bytes, stable: bool) -> int:
+        pages = 0
+        for start, count in dirty_runs(bitmap, self.memory):
+            pages += self.send(start, count, stable)
+        return pages
+
+
+def write_machine_state(writer: StreamWriter, snapshot: MachineSnapshot) -> None:
+    for index, cpu in enumerate(snapshot.cpus):
+        writer.write_cpu(index, cpu)
+    for name, record in snapshot.devices.items():
+        writer.write_device(name, name, record["version"], record["state"])
+
+
+class OutgoingMigration:
+    """One outgoing live migration over a connected socket, run in its own thread."""
+
+    def __init__(self, machine: Machine, status: MigrationStatus, params: MigrationParameters,
+                 sock: socket.socket, emit: EventSink) -> None:
+        self.machine = machine
+        self.status = status
+        self.params = params
+        self.sock = sock
+        self.emit = emit
+        self.canceled = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="migration-out", daemon=True)
+        self._paused_by_us = False
+        self._committed = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """Abort as soon as possible; a commit already sent cannot be taken back."""
+        self.canceled.set()
+        if not self._committed:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # unblock a send or a wait for a reply
+            except OSError:
+                pass
+
+    # -- the migration thread --------------------------------------------------------------
+    def _run(self) -> None:
+        vm = self.machine.vm
+        try:
+            self.status.activate()
+            self._precopy()
+            self.machine.set_state(RunState.POSTMIGRATE)
+            self.status.complete(self._downtime_ms)
+            log.info("migration completed: downtime %d ms", self._downtime_ms)
+        except MigrationCanceled:
+            self._give_up()
+            self.status.cancel()
+            log.info("migration canceled")
+        except Exception as exc:  # every failure ends as 'failed' with a reason
+            reason = self._reason(exc)
+            if self._committed:
+                reason = (f"{reason}; the destination may already be running the guest, "
+                          "so the source stays paused")
+            else:
+                self._give_up()
+            log.error("migration failed: %s", reason)
+            self.status.fail(reason)
+        finally:
+            self.machine.set_throttle(0)
+            self.status.set_throttle(None)
+            try:
+                vm.stop_dirty_log()
+            except Exception:  # the VM may be closing
+                log.debug("stop_dirty_log failed", exc_info=True)
+            self.sock.close()
+
+    def _reason(self, exc: Exception) -> str:
+        if self.canceled.is_set():
+            return "canceled"
+        if isinstance(exc, PeerError):
+            return f"destination refused: {exc}"
+        if isinstance(exc, (StreamError, MigrationError, MachineError)):
+            return str(exc)
+        if isinstance(exc, OSError):
+            return f"connection to the destination failed: {exc.strerror or exc}"
+        log.exception("unexpected migration error")
+        return f"internal error: {exc!r}"
+
+    def _give_up(self) -> None:
+        if self._paused_by_us and not self._committed:
+            self.machine.resume()
+
+    def _precopy(self) -> None:
+        machine, memory, vm, params = self.machine, self.machine.memory, self.machine.vm, self.params
+        channel = SocketChannel(self.sock)
+        writer = StreamWriter(channel)
+        sender = _Sender(writer, memory, self.status, params, self.canceled)
+        writer.write_header(machine.arch.value, machine.config.machine)
+        writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
+        vm.start_dirty_log()
+        memory.take_vmm_dirty()
+
+        # Full pass.
+        round_start = time.monotonic()
+        bytes_before = writer.bytes_written
+        sender.send(0, memory.page_count, stable=not machine.running)
+        writer.write_round_end(1)
+        elapsed = max(time.monotonic() - round_start, 1e-6)
+        bandwidth = (writer.bytes_written - bytes_before) / elapsed
+        dirty = merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty())
+        dirty_pages = count_pages(dirty)
+        self.status.end_round(dirty_pages, elapsed)
+        self.emit("MIGRATION_PASS", {"pass": 1})
+
+        # Dirty rounds.
+        pass_number = 1
+        previous_dirty = None
+        while True:
+            sender.check_cancel()
+            remaining = dirty_pages * PAGE_SIZE
+            self.status.set_remaining(remaining)
+            expected_ms = int(remaining / max(bandwidth, 1) * 1000)
+            self.status.set_expected_downtime(expected_ms)
+            if expected_ms <= params.downtime_limit or pass_number > params.max_iterations:
+                break
+            if params.auto_converge and previous_dirty is not None and dirty_pages * 2 > previous_dirty:
+                self._throttle_up()
+            previous_dirty = dirty_pages
+            pass_number += 1
+            round_start = time.monotonic()
+            bytes_before = writer.bytes_written
+            sender.send_bitmap(dirty, stable=False)
+            writer.write_round_end(pass_number)
+            elapsed = max(time.monotonic() - round_start, 1e-6)
+            sent = writer.bytes_written - bytes_before
+            if sent >= BANDWIDTH_SAMPLE_BYTES:  # small rounds measure latency, not bandwidth
+                bandwidth = sent / elapsed
+            dirty = merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty())
+            dirty_pages = count_pages(dirty)
+            self.status.end_round(dirty_pages, elapsed)
+            self.emit("MIGRATION_PASS", {"pass": pass_number})
+
+        # Stop and copy.
+        sender.check_cancel()
+        self._paused_by_us = machine.pause()
+        paused_at = time.monotonic()
+        self.status.guest_paused()
+        dirty = merge_bitmaps(merge_bitmaps(dirty, vm.take_dirty()), memory.take_vmm_dirty())
+        sender.send_bitmap(dirty, stable=True)
+        pass_number += 1
+        writer.write_round_end(pass_number)
+        self.status.set_remaining(0)
+        self.emit("MIGRATION_PASS", {"pass": pass_number})
+        write_machine_state(writer, machine.save())
+        writer.write_end()
+
+        # Two-phase switch-over.
+        self.sock.settimeout(REPLY_TIMEOUT)
+        reply = read_reply(channel)
+        if not reply.ok:
+            raise MigrationError(f"destination refused: {reply.text}")
+        if reply.text != "ready":
+            raise MigrationError(f"unexpected answer from the destination: {reply.text!r}")
+        sender.check_cancel()
+        self._committed = True
+        send_reply(channel, True, "commit")
+        reply = read_reply(channel)
+        if not reply.ok or reply.text != "running":
+            raise MigrationError(f"destination failed to start the guest: {reply.text}")
+        self._downtime_ms = int((time.monotonic() - paused_at) * 1000)
+
+    def _throttle_up(self) -> None:
+        current = self.machine.throttle_percent
+        step = self.params.cpu_throttle_initial if current == 0 else self.params.cpu_throttle_increment
+        new = min(self.params.max_cpu_throttle, current + step)
+        if new != current:
+            log.info("migration not converging: throttling vCPUs to %d%%", new)
+            self.machine.set_throttle(new)
+            self.status.set_throttle(new)
+
+    _downtime_ms = 0
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+def save_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
+    """Pause the machine (if running) and write DIR/state and DIR/memory atomically.
+
+    The machine stays paused afterwards. Errors leave any earlier snapshot in DIR intact.
+    """
+    machine.pause()
+    status.activate()
+    status.guest_paused()
+    with SnapshotWriter(directory) as snapshot:
+        state_writer = StreamWriter(snapshot.state)
+        stream_id = state_writer.write_header(machine.arch.value, machine.config.machine)
+        fingerprint = Fingerprint.from_dict(machine.fingerprint())
+        state_writer.write_config(fingerprint)
+        write_machine_state(state_writer, machine.save())
+        state_writer.write_end()
+        memory_writer = StreamWriter(snapshot.memory)
+        memory_writer.write_header(machine.arch.value, machine.config.machine, stream_id=stream_id)
+        memory_writer.write_config(fingerprint)
+        memory = machine.memory
+        for start in range(0, memory.page_count, CHUNK_PAGES):
+            count = min(CHUNK_PAGES, memory.page_count - start)
+            stats = memory_writer.write_ram(start, memory.page_view(start, count), stable=True)
+            status.record_ram(zero=stats.zero, normal=stats.normal, wire_bytes=0)
+        memory_writer.write_round_end(1)
+        memory_writer.write_end()
+        status.record_bytes(state_writer.bytes_written + memory_writer.bytes_written)
+        snapshot.commit()
+
+
+# -- destination ---------------------------------------------------------------------------------
+class IncomingState:
+    """What the destination collected from a stream before the switch-over."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.cpus: dict[int, Any] = {}
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.source_fingerprint: Fingerprint | None = None
+
+    def snapshot(self) -> MachineSnapshot:
+        cpus = [self.cpus[i] for i in range(len(self.machine.vcpus))]
+        return MachineSnapshot(self.machine.fingerprint(), cpus, self.devices)
+
+
+def _read_stream(reader: StreamReader, collected: IncomingState, status: MigrationStatus,
+                 on_config: Callable[[Fingerprint], None] | None = None) -> None:
+    machine = collected.machine
+    while True:
+        section = reader.read_section()
+        if isinstance(section, HeaderSection):
+            if section.arch != machine.arch.value or section.machine != machine.config.machine:
+                raise MigrationError(f"stream is for a {section.machine} ({section.arch}) machine, "
+                                     f"this is {machine.config.machine} ({machine.arch.value})")
+        elif isinstance(section, ConfigSection):
+            collected.source_fingerprint = section.fingerprint
+            if on_config is not None:
+                on_config(section.fingerprint)
+        elif isinstance(section, RamSection):
+            status.record_ram(zero=section.zero, normal=section.normal, wire_bytes=section.bytes)
+        elif isinstance(section, RoundEndSection):
+            status.end_round(0, 0.0)
+        elif isinstance(section, CpuSection):
+            collected.cpus[section.index] = section.state
+        elif isinstance(section, DeviceSection):
+            if not isinstance(section.state, dict):
+                raise MigrationError(f"device {section.name}: unsupported binary state")
+            collected.devices[section.name] = {"version": section.version, "state": section.state}
+        elif isinstance(section, EndSection):
+            return
+
+
+def _local_fingerprint(machine: Machine) -> Fingerprint:
+    return Fingerprint.from_dict(machine.fingerprint())
+
+
+def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus) -> None:
+    """Receive a live migration into the (not yet started) ``machine`` and start it.
+
+    Raises MigrationError/StreamError/OSError when anything is wrong; the guest is then
+    never started. A configuration mismatch is answered to the source as ERROR first.
+    """
+    channel = SocketChannel(sock)
+    local = _local_fingerprint(machine)
+    collected = IncomingState(machine)
+
+    def check_config(remote: Fingerprint) -> None:
+        mismatches = compare_fingerprints(remote, local)
+        if mismatches:
+            message = "; ".join(mismatches)
+            _try_send(channel, False, message)
+            raise MigrationError(message)
+
+    reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
+                          kind=StreamKind.MIGRATION, arch=machine.arch.value)
+    status.activate()
+    try:
+        _read_stream(reader, collected, status, check_config)
+        machine.restore(collected.snapshot())
+    except PeerError:
+        raise
+    except Exception as exc:
+        _try_send(channel, False, str(exc))
+        raise
+    send_reply(channel, True, "ready")
+    sock.settimeout(REPLY_TIMEOUT)
+    reply = read_reply(channel)
+    if not reply.ok or reply.text != "commit":
+        raise MigrationError(f"source did not commit the switch-over: {reply.text}")
+    machine.start()
+    status.complete(None)
+    _try_send(channel, True, "running")
+
+
+def _try_send(channel: SocketChannel, ok: bool, text: str) -> None:
+    try:
+        send_reply(channel, ok, text)
+    except (OSError, StreamError):
+        log.debug("could not answer the source", exc_info=True)
+
+
+def load_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
+    """Restore DIR/state + DIR/memory into the (not yet started) ``machine``."""
+    state_file, memory_file = open_snapshot(directory)
+    local = _local_fingerprint(machine)
+    collected = IncomingState(machine)
+
+    def check_config(remote: Fingerprint) -> None:
+        mismatches = compare_fingerprints(remote, local)
+        if mismatches:
+            raise MigrationError("; ".join(mismatches))
+
+    with state_file, memory_file:
+        status.activate()
+        state_reader = StreamReader(FileChannel(state_file), page_count=machine.memory.page_count,
+                                    kind=StreamKind.STATE, arch=machine.arch.value)
+        _read_stream(state_reader, collected, status, check_config)
+        memory_reader = StreamReader(FileChannel(memory_file), page_count=machine.memory.page_count,
+                                     ram=machine.memory, kind=StreamKind.MEMORY, arch=machine.arch.value)
+        _read_stream(memory_reader, IncomingState(machine), status, check_config)
+        assert state_reader.header is not None and memory_reader.header is not None
+        if state_reader.header.stream_id != memory_reader.header.stream_id:
+            raise MigrationError(f"{directory}: state and memory files are from different snapshots")
+        machine.restore(collected.snapshot())

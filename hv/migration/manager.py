@@ -1,0 +1,152 @@
+"""Migration over QMP: ``migrate``, ``migrate_cancel``, ``query-migrate`` and parameters.
+
+One :class:`MigrationManager` per hv process, on the source and on the destination (whose
+incoming migration updates the same status, so its ``query-migrate`` answers while it
+receives). Status changes are sent as ``MIGRATION`` events, dirty rounds as
+``MIGRATION_PASS``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from hv.machine import Machine, RunState
+from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
+from hv.migration.status import MigrationStatus
+from hv.migration.transport import MigrationConnectError, MigrationUriError, connect, parse_migration_uri
+from hv.qmp import ArgSpec, CommandTable, QmpError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+# parameter name -> (attribute, lowest, highest)
+PARAMETERS: dict[str, tuple[str, int, int]] = {
+    "downtime-limit": ("downtime_limit", 0, 2_000_000),
+    "max-bandwidth": ("max_bandwidth", 0, 1 << 50),
+    "max-iterations": ("max_iterations", 1, 1000),
+    "cpu-throttle-initial": ("cpu_throttle_initial", 1, 99),
+    "cpu-throttle-increment": ("cpu_throttle_increment", 1, 99),
+    "max-cpu-throttle": ("max_cpu_throttle", 1, 99),
+}
+CAPABILITIES = {"auto-converge": "auto_converge"}
+
+
+def _generic(desc: str) -> QmpError:
+    return QmpError("GenericError", desc)
+
+
+class MigrationManager:
+    def __init__(self, machine: Machine, commands: CommandTable,
+                 emit: Callable[[str, dict[str, Any] | None], None]) -> None:
+        self.machine = machine
+        self.emit = emit
+        self.status = MigrationStatus()
+        self.status.add_listener(lambda state: emit("MIGRATION", {"status": state}))
+        self.params = MigrationParameters()
+        self.outgoing: OutgoingMigration | None = None
+        self._snapshot_thread: threading.Thread | None = None
+        commands.register("migrate", self.migrate,
+                          {"uri": ArgSpec("string"), "blk": ArgSpec("bool", required=False),
+                           "inc": ArgSpec("bool", required=False), "detach": ArgSpec("bool", required=False),
+                           "resume": ArgSpec("bool", required=False)},
+                          doc="Migrate to tcp:HOST:PORT, unix:PATH, or snapshot to file:DIR.")
+        commands.register("migrate_cancel", self.migrate_cancel, doc="Cancel the migration in progress.")
+        commands.register("query-migrate", self.query_migrate, doc="Migration status and statistics.")
+        commands.register("migrate-set-parameters", self.set_parameters,
+                          {name: ArgSpec("int", required=False) for name in PARAMETERS},
+                          doc="Set downtime-limit (ms), max-bandwidth (bytes/s), max-iterations, throttling.")
+        commands.register("query-migrate-parameters", self.query_parameters, doc="Current migration parameters.")
+        commands.register("migrate-set-capabilities", self.set_capabilities,
+                          {"capabilities": ArgSpec("array")}, doc="Turn auto-converge on or off.")
+        commands.register("query-migrate-capabilities", self.query_capabilities, doc="Migration capabilities.")
+
+    # -- migrate -------------------------------------------------------------------------------
+    def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("blk") or args.get("inc"):
+            raise _generic("block migration (blk/inc) is not supported: share or copy the image")
+        if args.get("resume"):
+            raise _generic("postcopy resume is not supported")
+        if self.status.is_active():
+            raise _generic("a migration is already in progress")
+        state = self.machine.state
+        if state in (RunState.SHUTDOWN, RunState.INMIGRATE, RunState.INTERNAL_ERROR):
+            raise _generic(f"cannot migrate while the VM is in state '{state.value}'")
+        try:
+            uri = parse_migration_uri(args["uri"])
+        except MigrationUriError as exc:
+            raise _generic(str(exc)) from None
+        self.status.start(self.machine.memory.size)
+        if uri.scheme == "file":
+            self._snapshot_thread = threading.Thread(target=self._snapshot, args=(uri.path,),
+                                                     name="snapshot", daemon=True)
+            self._snapshot_thread.start()
+            return {}
+        try:
+            sock = connect(uri, CONNECT_TIMEOUT)
+        except MigrationConnectError as exc:
+            self.status.fail(str(exc))
+            raise _generic(str(exc)) from None
+        self.outgoing = OutgoingMigration(self.machine, self.status, self.params, sock, self.emit)
+        self.outgoing.start()
+        return {}
+
+    def _snapshot(self, directory: str) -> None:
+        was_running = self.machine.running
+        try:
+            save_snapshot(self.machine, directory, self.status)
+        except Exception as exc:  # a snapshot failure leaves the VM as it was
+            reason = str(exc) if isinstance(exc, (OSError, ValueError)) else repr(exc)
+            log.error("snapshot failed: %s", reason)
+            if was_running:
+                self.machine.resume()
+            self.status.fail(reason)
+            return
+        self.status.complete(None)
+        log.info("snapshot written to %s; VM paused", directory)
+
+    def migrate_cancel(self, _args: dict[str, Any]) -> dict[str, Any]:
+        if self.outgoing is None or not self.status.is_active():
+            raise _generic("no migration in progress")
+        self.outgoing.cancel()
+        return {}
+
+    def query_migrate(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return self.status.to_qmp()
+
+    # -- parameters ----------------------------------------------------------------------------
+    def set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        updates = {}
+        for name, value in args.items():
+            attribute, low, high = PARAMETERS[name]
+            if not low <= value <= high:
+                raise _generic(f"Parameter '{name}' expects a value between {low} and {high}")
+            updates[attribute] = value
+        for attribute, value in updates.items():
+            setattr(self.params, attribute, value)
+        return {}
+
+    def query_parameters(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return self.params.to_qmp()
+
+    def set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.status.is_active():
+            raise _generic("capabilities cannot change while a migration is in progress")
+        updates = {}
+        for index, item in enumerate(args["capabilities"]):
+            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
+                raise _generic(f"capabilities[{index}]: expected {{'capability': NAME, 'state': BOOL}}")
+            name, state = item["capability"], item["state"]
+            if name not in CAPABILITIES:
+                raise _generic(f"capabilities[{index}]: unknown capability {name!r} "
+                               f"(supported: {', '.join(CAPABILITIES)})")
+            if not isinstance(state, bool):
+                raise _generic(f"capabilities[{index}]: 'state' must be a boolean")
+            updates[CAPABILITIES[name]] = state
+        for attribute, state in updates.items():
+            setattr(self.params, attribute, state)
+        return {}
+
+    def query_capabilities(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"capability": name, "state": getattr(self.params, attribute)}
+                for name, attribute in CAPABILITIES.items()]
