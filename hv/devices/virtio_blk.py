@@ -50,6 +50,7 @@ S_UNSUPP = 2
 MAX_DISCARD_SECTORS = 0x3FFFFF
 MAX_DISCARD_SEG = 16
 HEADER_SIZE = 16
+_STATUS = {S_OK: b"\0", S_IOERR: b"\1", S_UNSUPP: b"\2"}
 
 
 class _RequestError(Exception):
@@ -119,16 +120,18 @@ class VirtioBlk:
     # -- requests ------------------------------------------------------------------------
     def handle(self, chain: Chain) -> int:
         """Serve one request; returns the number of bytes written into the chain."""
-        if chain.readable_length < HEADER_SIZE:
+        readable = chain.readable_length
+        writable = chain.writable_length
+        if readable < HEADER_SIZE:
             raise VirtqueueError("virtio-blk request without a 16-byte header")
-        if chain.writable_length < 1:
+        if writable < 1:
             raise VirtqueueError("virtio-blk request without a status byte")
         self.requests += 1
         header = self._gather(chain.readable, 0, HEADER_SIZE)
         kind = int.from_bytes(header[0:4], "little")
         sector = int.from_bytes(header[8:16], "little")
-        data_in = chain.writable_length - 1          # device-writable bytes before the status
-        data_out = chain.readable_length - HEADER_SIZE
+        data_in = writable - 1          # device-writable bytes before the status
+        data_out = readable - HEADER_SIZE
         written = 0
         try:
             if kind == T_IN:
@@ -163,7 +166,11 @@ class VirtioBlk:
         except BlockError as exc:
             log.warning("virtio-blk I/O error: %s", exc)
             status = S_IOERR
-        self._scatter(chain.writable, chain.writable_length - 1, bytes([status]))
+        last = chain.writable[-1]
+        if last.length:
+            self.memory.write(last.addr + last.length - 1, _STATUS[status])
+        else:
+            self._scatter(chain.writable, writable - 1, _STATUS[status])
         return written + 1
 
     def _check_range(self, sector: int, length: int) -> None:

@@ -14,11 +14,15 @@ they are dirty-tracked for migration.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.interfaces import DeviceStateError
-from hv.memory import GuestMemory, GuestMemoryError
+from hv.memory import GuestMemory, GuestMemoryError, MemoryRegion
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -118,15 +122,27 @@ class Virtqueue:
     state: VirtqueueState = field(default_factory=VirtqueueState)
     indirect: bool = False      # VIRTIO_F_RING_INDIRECT_DESC negotiated
     event_idx: bool = False     # VIRTIO_F_RING_EVENT_IDX negotiated
+    _last: MemoryRegion | None = field(default=None, repr=False)
 
     def reset(self) -> None:
         self.state = VirtqueueState(size=self.max_size)
 
     # -- checks ------------------------------------------------------------------------
+    def _region(self, gpa: int, length: int) -> MemoryRegion | None:
+        """The RAM region holding all of ``gpa``..``gpa+length`` (length >= 1), or None."""
+        region = self._last
+        if region is not None and region.gpa <= gpa and gpa + length <= region.gpa + region.size:
+            return region
+        for region in self.memory.regions:
+            if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
+                self._last = region
+                return region
+        return None
+
     def _check_range(self, gpa: int, length: int, what: str) -> None:
         if length < 0 or gpa < 0 or gpa + length > 1 << 64:
             raise VirtqueueError(f"{what} {gpa:#x}+{length:#x} is not a valid address range")
-        if length and not self.memory.contains(gpa, length):
+        if length and self._region(gpa, length) is None:
             raise VirtqueueError(f"{what} {gpa:#x}+{length:#x} is outside guest RAM")
 
     def check_rings(self) -> None:
@@ -142,10 +158,10 @@ class Virtqueue:
 
     # -- guest memory helpers ------------------------------------------------------------
     def _read16(self, gpa: int) -> int:
-        try:
-            return self.memory.read_int(gpa, 2)
-        except GuestMemoryError as exc:
-            raise VirtqueueError(str(exc)) from None
+        region = self._region(gpa, 2)
+        if region is None:
+            raise VirtqueueError(f"ring address {gpa:#x} is outside guest RAM")
+        return int(_U16.unpack_from(region.view, gpa - region.gpa)[0])
 
     def _write16(self, gpa: int, value: int) -> None:
         try:
@@ -154,12 +170,11 @@ class Virtqueue:
             raise VirtqueueError(str(exc)) from None
 
     def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
-        try:
-            raw = self.memory.read(table + DESC_SIZE * index, DESC_SIZE)
-        except GuestMemoryError as exc:
-            raise VirtqueueError(str(exc)) from None
-        return (int.from_bytes(raw[0:8], "little"), int.from_bytes(raw[8:12], "little"),
-                int.from_bytes(raw[12:14], "little"), int.from_bytes(raw[14:16], "little"))
+        gpa = table + DESC_SIZE * index
+        region = self._region(gpa, DESC_SIZE)
+        if region is None:
+            raise VirtqueueError(f"descriptor at {gpa:#x} is outside guest RAM")
+        return _DESC.unpack_from(region.view, gpa - region.gpa)  # type: ignore[return-value]
 
     # -- the driver -> device direction ---------------------------------------------------
     def avail_idx(self) -> int:
