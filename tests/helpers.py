@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
+import re
+import socket
 import signal
 import subprocess
 import sys
@@ -132,3 +135,159 @@ class HvProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._stderr.close()
+
+
+class RawQmp:
+    """Exactly what `ncat -U` sends: JSON lines, no negotiation."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.settimeout(timeout)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.buffer = b""
+        self.events: list[dict] = []
+        self.greeting = self._read()
+
+    def _read(self) -> dict:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("monitor closed")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments) -> dict:
+        message = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        self.sock.sendall(json.dumps(message).encode() + b"\r\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            else:
+                return reply
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name:
+                    self.events.remove(event)
+                    return event
+            assert time.monotonic() < deadline, f"no {name} event"
+            self.events.append(self._read())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Vm:
+    """An hv process with its QMP socket (raw, ncat-style) for migration tests."""
+
+    def __init__(self, start, sock_dir: str, name: str, *args: str) -> None:
+        self.name = name
+        self.qmp_path = os.path.join(sock_dir, f"{name}.qmp")
+        self.process: HvProcess = start(*args, "-qmp", f"unix:{self.qmp_path},server,nowait", name=name)
+        self._qmp: RawQmp | None = None
+
+    @property
+    def qmp(self) -> RawQmp:
+        if self._qmp is None:
+            self._qmp = RawQmp(self.qmp_path)
+        return self._qmp
+
+    def execute(self, command: str, **arguments) -> dict:
+        return self.qmp.execute(command, **arguments)
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def stderr(self) -> str:
+        return self.process.stderr()
+
+    def incoming_address(self, timeout: float = 30.0) -> str:
+        """The URI the destination listens on (real port for tcp:HOST:0), from its log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"waiting for an incoming migration on (\S+)", self.stderr())
+            if match:
+                return match.group(1)
+            if self.process.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited: {self.stderr()[-1000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name} never listened: {self.stderr()[-1000:]}")
+
+    def wait_migration(self, states=("completed", "failed", "canceled"), timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.execute("query-migrate")["return"]
+            if reply.get("status") in states:
+                return reply
+            assert time.monotonic() < deadline, f"{self.name}: migration stuck in {reply}"
+            time.sleep(0.02)
+
+    def wait_lines(self, count: int, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output()
+            if text.count("\n") >= count:
+                return text
+            assert self.process.proc.poll() is None or text.count("\n") >= count, \
+                f"{self.name} exited: {self.stderr()[-1000:]}"
+            assert time.monotonic() < deadline, f"{self.name}: only {text.count(chr(10))} lines"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+        self.process.close()
+
+
+def complete_lines(text: str) -> list[str]:
+    return text[:text.rindex("\n")].splitlines() if "\n" in text else []
+
+
+@functools.cache
+def reference_output(machine: str, mib: int, passes: int) -> tuple[str, ...]:
+    """What an unmigrated dirty guest prints for ``passes`` passes (lines, without 'done'),
+    run in-process on the fastest backend here."""
+    from backends import backend_class
+    from hv.config import parse_args
+    from hv.console import BufferSink
+    from hv.machine import Machine
+
+    arch = "x86_64" if machine == "q35" else "aarch64"
+    accel = "kvm" if arch == "x86_64" and kvm_unusable_reason() is None else "unicorn"
+    config = parse_args(["-machine", machine, "-m", "128", "-kernel", str(FIXTURES / arch / "dirty.elf"),
+                         "-append", f"mib={mib} iterations={passes}"]).config
+    console = BufferSink()
+    vm = Machine(config, backend_class(accel)(), console)
+    try:
+        vm.load_kernel(config.kernel.read_bytes())
+        vm.start()
+        assert vm.wait_shutdown(600) == "guest-shutdown"
+    finally:
+        vm.close()
+    lines = console.getvalue().decode().splitlines()
+    assert lines[-1] == "done"
+    return tuple(lines[1:-1])
+
+
+def check_dirty_output(machine: str, mib: int, text: str) -> int:
+    """Assert ``text`` (possibly several VMs' serial output joined) is exactly what an
+    unmigrated run prints; returns the number of passes checked."""
+    lines = complete_lines(text)
+    assert lines and lines[0] == f"dirty: mib={mib} iterations=0", lines[:1]
+    passes = lines[1:]
+    assert passes, "no pass completed"
+    assert tuple(passes) == reference_output(machine, mib, len(passes))
+    return len(passes)

@@ -3,75 +3,20 @@ the real qemu.qmp client and raw ncat-style JSON lines."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import socket
 import tempfile
 import time
 
 import pytest
 from qemu.qmp import EventListener, QMPClient
 
-from tests.helpers import FIXTURES, GUESTS
+from tests.helpers import FIXTURES, GUESTS, RawQmp
 
 
 @pytest.fixture
 def sock_dir():
     with tempfile.TemporaryDirectory(prefix="hvq") as path:  # short: AF_UNIX paths are bounded
         yield path
-
-
-class RawQmp:
-    """Exactly what `ncat -U` sends: JSON lines, no negotiation."""
-
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.settimeout(timeout)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.buffer = b""
-        self.events: list[dict] = []
-        self.greeting = self._read()
-
-    def _read(self) -> dict:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("monitor closed")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return json.loads(line)
-
-    def execute(self, command: str, **arguments) -> dict:
-        message = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        self.sock.sendall(json.dumps(message).encode() + b"\r\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-            else:
-                return reply
-
-    def wait_event(self, name: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events:
-                if event["event"] == name:
-                    self.events.remove(event)
-                    return event
-            assert time.monotonic() < deadline, f"no {name} event"
-            self.events.append(self._read())
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def start_vm(hv, sock_dir, machine="virt", arch="aarch64", accel="unicorn", append="mib=1", *extra):

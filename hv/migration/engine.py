@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import socket
 import threading
 import time
@@ -128,11 +129,28 @@ def dirty_runs(bitmap: bytes, memory: GuestMemory) -> Iterator[tuple[int, int]]:
             yield run_start, page - run_start
 
 
+def peer_refusal(sock: socket.socket, channel: SocketChannel, wait: float) -> str | None:
+    """The destination's ERROR message if one is waiting on the back channel, else None."""
+    try:
+        ready, _, _ = select.select([sock], [], [], wait)
+        if not ready:
+            return None
+        sock.settimeout(max(wait, 1.0))
+        reply = read_reply(channel)
+    except (OSError, ValueError, StreamError):
+        return None
+    return None if reply.ok else reply.text
+
+
 class _Sender:
-    """Sends RAM runs, counts them in the status, honours cancel and the bandwidth cap."""
+    """Sends RAM runs, counts them in the status, honours cancel and the bandwidth cap,
+    and notices a destination that gave up (an ERROR on the back channel)."""
 
     def __init__(self, writer: StreamWriter, memory: GuestMemory, status: MigrationStatus,
-                 params: MigrationParameters, canceled: threading.Event) -> None:
+                 params: MigrationParameters, canceled: threading.Event,
+                 sock: socket.socket, channel: SocketChannel) -> None:
+        self.sock = sock
+        self.channel = channel
         self.writer = writer
         self.memory = memory
         self.status = status
@@ -144,6 +162,11 @@ class _Sender:
     def check_cancel(self) -> None:
         if self.canceled.is_set():
             raise MigrationCanceled("canceled")
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        if ready:  # the destination never speaks before END unless it gives up
+            refusal = peer_refusal(self.sock, self.channel, 0)
+            raise MigrationError(f"destination refused: {refusal}" if refusal is not None
+                                 else "the destination closed the connection")
 
     def send(self, start: int, count: int, stable: bool) -> int:
         done = 0
@@ -217,12 +240,18 @@ class OutgoingMigration:
             self.machine.set_state(RunState.POSTMIGRATE)
             self.status.complete(self._downtime_ms)
             log.info("migration completed: downtime %d ms", self._downtime_ms)
-        except MigrationCanceled:
-            self._give_up()
-            self.status.cancel()
-            log.info("migration canceled")
-        except Exception as exc:  # every failure ends as 'failed' with a reason
+        except Exception as exc:  # every failure ends as 'failed' (or 'canceled') with a reason
+            if self.canceled.is_set() and not self._committed:
+                # Cancel shuts the socket down, so the send or wait it interrupted fails too.
+                self._give_up()
+                self.status.cancel()
+                log.info("migration canceled")
+                return
             reason = self._reason(exc)
+            if isinstance(exc, (OSError, StreamError)) and not self._committed and not self.canceled.is_set():
+                refusal = peer_refusal(self.sock, SocketChannel(self.sock), 1.0)
+                if refusal is not None:  # a write failed because the destination gave up: say why
+                    reason = f"destination refused: {refusal}"
             if self._committed:
                 reason = (f"{reason}; the destination may already be running the guest, "
                           "so the source stays paused")
@@ -259,7 +288,7 @@ class OutgoingMigration:
         machine, memory, vm, params = self.machine, self.machine.memory, self.machine.vm, self.params
         channel = SocketChannel(self.sock)
         writer = StreamWriter(channel)
-        sender = _Sender(writer, memory, self.status, params, self.canceled)
+        sender = _Sender(writer, memory, self.status, params, self.canceled, self.sock, channel)
         writer.write_header(machine.arch.value, machine.config.machine)
         writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
         vm.start_dirty_log()
@@ -435,9 +464,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     def check_config(remote: Fingerprint) -> None:
         mismatches = compare_fingerprints(remote, local)
         if mismatches:
-            message = "; ".join(mismatches)
-            _try_send(channel, False, message)
-            raise MigrationError(message)
+            raise MigrationError("; ".join(mismatches))
 
     reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
                           kind=StreamKind.MIGRATION, arch=machine.arch.value)
@@ -448,7 +475,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     except PeerError:
         raise
     except Exception as exc:
-        _try_send(channel, False, str(exc))
+        refuse(sock, str(exc))
         raise
     send_reply(channel, True, "ready")
     sock.settimeout(REPLY_TIMEOUT)
@@ -465,6 +492,24 @@ def _try_send(channel: SocketChannel, ok: bool, text: str) -> None:
         send_reply(channel, ok, text)
     except (OSError, StreamError):
         log.debug("could not answer the source", exc_info=True)
+
+
+def refuse(sock: socket.socket, message: str) -> None:
+    """Tell the source why the destination gives up, so its error-desc says so.
+
+    The answer is followed by a half-close and a short bounded drain of what the source
+    is still sending: closing with unread data would reset the connection and could
+    destroy the answer before the source reads it.
+    """
+    _try_send(SocketChannel(sock), False, message)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and sock.recv(1 << 20):
+            pass
+    except OSError:
+        pass
 
 
 def load_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
