@@ -6,6 +6,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from types import FrameType
 
 from backends import choose_backend
@@ -65,9 +66,9 @@ def run(config: VmConfig) -> int:
     session = Session(config, machine)
     previous = {sig: signal.signal(sig, session.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        session.start_monitor()
         if config.incoming is not None:
             machine.kernel_image = image
+            session.start_monitor()  # QMP answers while the migration arrives
             session.receive(config.incoming)
         else:
             assert image is not None
@@ -77,7 +78,9 @@ def run(config: VmConfig) -> int:
                 machine.load_kernel(image)
             except LoaderError as exc:
                 raise LaunchError(f"-kernel: {config.kernel}: {exc}") from None
+            # vCPU threads exist before the monitor answers, so 'cont' after -S always works.
             machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
+            session.start_monitor()
         while machine.wait_shutdown(timeout=0.5) is None:
             pass
     finally:
@@ -172,6 +175,7 @@ class Session:
                 conn.close()
             log.info("incoming migration completed; guest running")
         except Exception as exc:
+            _release_frames(exc)
             if machine.state is RunState.SHUTDOWN:
                 return  # quit or a signal interrupted the wait
             reason = str(exc) or exc.__class__.__name__
@@ -184,6 +188,22 @@ class Session:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Drop the locals of every frame in ``exc``'s traceback chain.
+
+    A read that failed mid-RAM-section leaves memoryviews into guest RAM in those frames
+    (the stream applies pages in place); while they live, ``Machine.close`` cannot unmap
+    the RAM (BufferError), so hv would die with a traceback instead of its one error line.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 def main(argv: list[str] | None = None) -> int:

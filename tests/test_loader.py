@@ -424,10 +424,10 @@ def test_arm_hello_runs_with_loader_fdt() -> None:
 
 
 def test_arm_dirty_runs_with_loader_fdt() -> None:
-    from tests.test_fixtures_build import dirty_reference
+    from tests.helpers import dirty_reference
 
     out = run_arm_under_unicorn(ARM_DIRTY, "iterations=2 mib=1")
-    assert out.splitlines() == dirty_reference(1, 2)
+    assert tuple(out.splitlines()) == dirty_reference(1, 2)
     # /memory from hv's FDT (32 MiB of RAM -> 16 MiB for the buffer) is what the guest used:
     assert run_arm_under_unicorn(ARM_DIRTY, "mib=17 iterations=1").splitlines()[1] == (
         "dirty: error: mib=17 does not fit, 16 MiB of RAM available for the buffer")
