@@ -156,8 +156,7 @@ class _Sender:
         self.status = status
         self.params = params
         self.canceled = canceled
-        self._window_start = time.monotonic()
-        self._window_bytes = 0
+        self._next_send = 0.0  # monotonic time before which the cap forbids sending more
 
     def check_cancel(self) -> None:
         if self.canceled.is_set():
@@ -174,19 +173,23 @@ class _Sender:
             self.check_cancel()
             n = min(CHUNK_PAGES, count - done)
             before = self.writer.bytes_written
+            started = time.monotonic()
             stats = self.writer.write_ram(start + done, self.memory.page_view(start + done, n), stable=stable)
             wire = self.writer.bytes_written - before
             self.status.record_ram(zero=stats.zero, normal=stats.normal, wire_bytes=wire)
-            self._limit(wire)
+            self._limit(wire, started)
             done += n
         return count
 
-    def _limit(self, wire: int) -> None:
+    def _limit(self, wire: int, started: float) -> None:
+        """Hold the average rate at ``max-bandwidth``. Time spent not sending (scanning
+        for zero pages, between rounds) is not banked as credit for a later burst: a burst
+        would make a round's measured bandwidth exceed the cap, and the switch-over would
+        then be chosen on an expected downtime the real link cannot meet."""
         if not self.params.max_bandwidth:
             return
-        self._window_bytes += wire
-        due = self._window_start + self._window_bytes / self.params.max_bandwidth
-        delay = due - time.monotonic()
+        self._next_send = max(self._next_send, started) + wire / self.params.max_bandwidth
+        delay = self._next_send - time.monotonic()
         if delay > 0:
             self.canceled.wait(delay)
 
@@ -479,7 +482,10 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         raise
     send_reply(channel, True, "ready")
     sock.settimeout(REPLY_TIMEOUT)
-    reply = read_reply(channel)
+    try:
+        reply = read_reply(channel)
+    except (OSError, StreamError) as exc:  # the source died or gave up before deciding
+        raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
     if not reply.ok or reply.text != "commit":
         raise MigrationError(f"source did not commit the switch-over: {reply.text}")
     machine.start()

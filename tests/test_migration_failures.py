@@ -1,0 +1,519 @@
+"""Live-migration failure and cancel semantics (issue 4, point 5), end to end.
+
+Real hv processes, real sockets, raw QMP. Every test asserts both ends' final states:
+
+* the source keeps (or resumes) running with its guest intact: its dirty guest keeps
+  printing passes and its whole serial output equals an unmigrated run's;
+  ``query-migrate`` shows ``failed`` with a non-empty ``error-desc`` (``canceled`` for a
+  cancel, without one); ``query-status`` is ``running``;
+* the destination exits non-zero with one ``hv: error: ...`` line on stderr, never ran the
+  guest (its serial output is empty) and removed its QMP and migration socket files;
+* every process is reaped.
+
+Phases are made long enough to hit by capping ``max-bandwidth`` on a source whose guest
+dirties a 32 MiB buffer continuously (about 1 s per pass over the link): the full pass
+is ``dirty-sync-count == 0``, a dirty round is ``dirty-sync-count >= 1`` before any STOP,
+and the final transfer is the time between the source's STOP event and the switch-over
+(``max-iterations`` 1 forces it after one dirty round). The switch-over handshake itself
+(``ready`` / ``commit`` / ``running``) is exercised precisely with a fake source written
+here (a complete, valid stream from an in-process machine), so no test hook is needed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import tempfile
+import time
+import zlib
+from typing import Callable, Iterator
+
+import pytest
+
+from backends import backend_class
+from hv.config import parse_args
+from hv.console import BufferSink
+from hv.machine import Machine
+from hv.migration.engine import write_machine_state
+from hv.migration.stream import (
+    CRC,
+    RAM_RUN,
+    SECTION_HEADER,
+    Fingerprint,
+    Reply,
+    SectionType,
+    SocketChannel,
+    StreamWriter,
+    read_reply,
+    send_reply,
+)
+from tests.helpers import FIXTURES, Vm, complete_lines, reference_output, requires_kvm
+
+KERNEL = str(FIXTURES / "x86_64" / "dirty.elf")
+MIB = 32                    # dirty buffer of the slow-phase source
+MEMORY = "512"
+SLOW_BANDWIDTH = 32 << 20   # bytes/s: about one second per pass over the link
+PHASES = ["full-pass", "dirty-round", "final-transfer"]
+TERMINAL = ("completed", "failed", "canceled")
+ERROR_PREFIX = "hv: error: incoming migration failed: "
+
+pytestmark = requires_kvm  # the slow-phase sources run on KVM: fast guest, cheap reference
+
+
+# -- fixtures ----------------------------------------------------------------------------
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="hvf") as path:  # short: AF_UNIX paths are bounded
+        yield path
+
+
+@pytest.fixture
+def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
+    started: list[Vm] = []
+
+    def make(name: str, *extra: str, accel: str = "kvm", memory: str = MEMORY, mib: int = MIB) -> Vm:
+        vm = Vm(hv, sock_dir, name, "-machine", "q35", "-accel", accel, "-m", memory,
+                "-kernel", KERNEL, "-append", f"mib={mib}", *extra)
+        started.append(vm)
+        return vm
+
+    yield make
+    for vm in started:
+        vm.close()
+
+
+def incoming(sock_dir: str, name: str) -> tuple[str, str]:
+    """('-incoming', 'unix:PATH') arguments for a destination named ``name``."""
+    return "-incoming", f"unix:{os.path.join(sock_dir, name + '.mig')}"
+
+
+# -- checks --------------------------------------------------------------------------------
+@functools.cache
+def _reference(mib: int, bucket: int) -> tuple[str, ...]:
+    return reference_output("q35", mib, bucket)
+
+
+def check_output(text: str, mib: int = MIB) -> int:
+    """The whole serial output (possibly several VMs' joined) equals an unmigrated run's.
+
+    The reference is computed in buckets of 256 passes and compared as a prefix (a pass's
+    line does not depend on how many passes follow), so tests share one computation."""
+    lines = complete_lines(text)
+    assert lines and lines[0] == f"dirty: mib={mib} iterations=0", lines[:1]
+    passes = lines[1:]
+    assert passes, "no pass completed"
+    bucket = -(-len(passes) // 256) * 256
+    reference = _reference(mib, bucket)
+    for index, line in enumerate(passes):
+        assert line == reference[index], f"pass {index + 1}: {line!r} != {reference[index]!r}"
+    return len(passes)
+
+
+def wait_status(vm: Vm, wanted: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (status := vm.execute("query-status")["return"])["status"] != wanted:
+        assert time.monotonic() < deadline, f"{vm.name}: status {status}, expected {wanted}"
+        time.sleep(0.02)
+    return status
+
+
+def assert_source_intact(src: Vm, expected: str, mib: int = MIB) -> tuple[dict, list[str]]:
+    """The migration ended ``expected`` (failed/canceled); the guest runs on, uncorrupted.
+    Returns the final query-migrate and the QMP events seen until then."""
+    result = src.wait_migration(timeout=60)
+    assert result["status"] == expected, result
+    if expected == "failed":
+        assert isinstance(result.get("error-desc"), str) and result["error-desc"].strip(), result
+    else:
+        assert "error-desc" not in result, result
+    assert "cpu-throttle-percentage" not in result, result
+    wait_status(src, "running")
+    before = len(complete_lines(src.output()))
+    src.wait_lines(before + 3, timeout=30)
+    events = [e["event"] for e in src.qmp.events]
+    assert src.execute("stop") == {"return": {}}
+    assert src.execute("query-migrate")["return"] == result  # nothing changed since
+    check_output(src.output(), mib)
+    return result, events
+
+
+def assert_destination_gave_up(dst: Vm, fragment: str = "") -> str:
+    """Exited non-zero with one error line, never ran the guest, left no socket file."""
+    code = dst.process.wait(30)
+    assert code not in (0, None), code
+    stderr = dst.stderr()
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(ERROR_PREFIX) and len(last) > len(ERROR_PREFIX), stderr
+    assert fragment in last, (fragment, last)
+    assert dst.output() == "", "the destination ran the guest"
+    assert not os.path.exists(dst.qmp_path), "QMP socket file left behind"
+    for arg in dst.process.proc.args:
+        if isinstance(arg, str) and arg.startswith("unix:") and arg.endswith(".mig"):
+            assert not os.path.exists(arg[5:]), "migration socket file left behind"
+    return last
+
+
+def kill(vm: Vm) -> None:
+    """SIGKILL and reap."""
+    vm.process.proc.send_signal(signal.SIGKILL)
+    assert vm.process.proc.wait(10) == -signal.SIGKILL
+
+
+def migrate_state(vm: Vm) -> dict:
+    return vm.execute("query-migrate")["return"]
+
+
+def slow_down(src: Vm, *, auto_converge: bool = False, max_iterations: int = 30) -> None:
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH,
+                                                    "max-iterations": max_iterations}) == {"return": {}}
+    assert src.execute("migrate-set-capabilities", capabilities=[
+        {"capability": "auto-converge", "state": auto_converge}]) == {"return": {}}
+
+
+def start_slow_migration(src: Vm, dst: Vm, phase: str) -> None:
+    """Start a bandwidth-capped migration and return once it is in ``phase``."""
+    slow_down(src, max_iterations=1 if phase == "final-transfer" else 30)
+    src.wait_lines(3)
+    assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, f"never reached {phase}: {migrate_state(src)}"
+        if phase == "final-transfer":
+            src.qmp.wait_event("STOP", timeout=30)
+            assert migrate_state(src)["status"] == "active"
+            return
+        state = migrate_state(src)
+        assert state["status"] == "active" or state["status"] == "setup", state
+        syncs, sent = state.get("ram", {}).get("dirty-sync-count", 0), state.get("ram", {}).get("transferred", 0)
+        if phase == "full-pass" and syncs == 0 and sent >= 4 << 20:
+            return
+        if phase == "dirty-round" and syncs >= 1:
+            assert not any(e["event"] == "STOP" for e in src.qmp.events)
+            return
+        time.sleep(0.02)
+
+
+def check_phase(result: dict, events: list[str], phase: str) -> None:
+    """The failure or cancel happened in ``phase`` (and the guest was resumed if paused)."""
+    if phase == "full-pass":
+        assert result["ram"]["dirty-sync-count"] == 0, result
+        assert "STOP" not in events
+    elif phase == "dirty-round":
+        assert result["ram"]["dirty-sync-count"] >= 1, result
+        assert "STOP" not in events
+    else:  # STOP was consumed by start_slow_migration; the source must resume
+        assert "RESUME" in events, events
+
+
+def migrate_to_fresh_destination(vms, sock_dir: str, src: Vm, name: str) -> Vm:
+    """After a failure or cancel, a new migration (unlimited bandwidth) completes."""
+    dst = vms(name, *incoming(sock_dir, name))
+    assert src.execute("cont") == {"return": {}}
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0, "max-iterations": 30}) == {"return": {}}
+    assert src.execute("migrate-set-capabilities", capabilities=[
+        {"capability": "auto-converge", "state": True}]) == {"return": {}}
+    assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+    result = src.wait_migration(timeout=60)
+    assert result["status"] == "completed", result
+    assert dst.wait_migration()["status"] == "completed"
+    wait_status(dst, "running")
+    assert src.execute("query-status")["return"]["status"] == "postmigrate"
+    dst.wait_lines(len(complete_lines(dst.output())) + 3)
+    dst.execute("stop")
+    check_output(src.output() + dst.output())
+    return dst
+
+
+# -- 1. destination killed ---------------------------------------------------------------------
+@pytest.mark.parametrize("phase", PHASES)
+def test_destination_killed(vms, sock_dir, phase):
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    start_slow_migration(src, dst, phase)
+    kill(dst)
+    result, events = assert_source_intact(src, "failed")
+    check_phase(result, events, phase)
+    assert any(word in result["error-desc"] for word in ("destination", "connection", "stream write")), result
+    assert dst.output() == ""
+
+
+# -- 2. source killed ----------------------------------------------------------------------------
+@pytest.mark.parametrize("phase", PHASES)
+def test_source_killed(vms, sock_dir, phase):
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    start_slow_migration(src, dst, phase)
+    assert dst.execute("query-status")["return"]["status"] == "inmigrate"
+    kill(src)
+    assert_destination_gave_up(dst, "truncated")
+
+
+# -- 3. cancel in every phase, then migrate again -----------------------------------------------
+def test_cancel_in_setup(vms, sock_dir):
+    """migrate and migrate_cancel back to back: canceled at once, wherever it landed."""
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    slow_down(src)
+    src.wait_lines(3)
+    uri = dst.incoming_address()
+    qmp = src.qmp
+    qmp.sock.sendall(json.dumps({"execute": "migrate", "arguments": {"uri": uri}}).encode() + b"\r\n"
+                     + json.dumps({"execute": "migrate_cancel"}).encode() + b"\r\n")
+    replies: list[dict] = []
+    while len(replies) < 2:
+        message = qmp._read()
+        (qmp.events if "event" in message else replies).append(message)
+    assert replies == [{"return": {}}, {"return": {}}]
+    result, _ = assert_source_intact(src, "canceled")
+    assert result["ram"]["dirty-sync-count"] == 0
+    assert result["ram"]["transferred"] < 16 << 20, result  # long before the full pass ended
+    assert_destination_gave_up(dst)
+    migrate_to_fresh_destination(vms, sock_dir, src, "dst2")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_cancel(vms, sock_dir, phase):
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    start_slow_migration(src, dst, phase)
+    assert src.execute("migrate_cancel") == {"return": {}}
+    result, events = assert_source_intact(src, "canceled")
+    check_phase(result, events, phase)
+    events = [e["data"]["status"] for e in src.qmp.events if e["event"] == "MIGRATION"]
+    assert events[-1] == "canceled", events
+    assert_destination_gave_up(dst)
+    migrate_to_fresh_destination(vms, sock_dir, src, "dst2")
+
+
+# -- 4. fake sources: corrupted, truncated, hostile and unfinished streams ----------------------
+SMALL = ("-m", "64")
+
+
+@functools.cache
+def _small_config():
+    return parse_args(["-machine", "q35", "-m", "64", "-kernel", KERNEL, "-append", "mib=4"]).config
+
+
+class FakeSource:
+    """A test-written source: a real socket to a real ``hv -incoming``, StreamWriter framing,
+    and the state of an in-process (never started) machine with the dirty guest loaded."""
+
+    def __init__(self, dst: Vm) -> None:
+        uri = dst.incoming_address()
+        assert uri.startswith("unix:")
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(uri[5:])
+        self.channel = SocketChannel(self.sock)
+        self.writer = StreamWriter(self.channel)
+        config = _small_config()
+        self.machine = Machine(config, backend_class("unicorn")(), BufferSink())
+        self.machine.load_kernel(config.kernel.read_bytes())
+
+    @property
+    def page_count(self) -> int:
+        return self.machine.memory.page_count
+
+    def prefix(self, pages: int = 64) -> None:
+        """HEADER, CONFIG and the first ``pages`` pages of RAM: all valid."""
+        self.writer.write_header("x86_64", "q35")
+        self.writer.write_config(Fingerprint.from_dict(self.machine.fingerprint()))
+        self.writer.write_ram(0, self.machine.memory.page_view(0, pages))
+
+    def complete(self) -> None:
+        """Everything a destination needs, up to END."""
+        self.prefix()
+        rest = self.page_count - 64
+        self.writer.write_ram(64, self.machine.memory.page_view(64, rest), stable=True)
+        self.writer.write_round_end(1)
+        write_machine_state(self.writer, self.machine.save())
+        self.writer.write_end()
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> Reply:
+        return read_reply(self.channel)
+
+    def finish_sending(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.machine.close()
+
+
+@pytest.fixture
+def fake_source() -> Iterator[Callable[[Vm], FakeSource]]:
+    made: list[FakeSource] = []
+
+    def make(dst: Vm) -> FakeSource:
+        made.append(FakeSource(dst))
+        return made[-1]
+
+    yield make
+    for fake in made:
+        fake.close()
+
+
+def _bad_checksum(fake: FakeSource) -> None:
+    payload = RAM_RUN.pack(64, 1, 0) + b"\x01" + b"\xa5" * 4096
+    head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, len(payload))
+    fake.raw(head + payload + CRC.pack(zlib.crc32(payload, zlib.crc32(head)) ^ 1))
+
+
+def _garbage(fake: FakeSource) -> None:
+    fake.raw(bytes(range(7, 256)) * 16)
+
+
+def _truncated(fake: FakeSource) -> None:
+    payload = RAM_RUN.pack(64, 4, 0) + b"\x01" * 4 + b"\x5a" * 4096 * 4
+    head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, len(payload))
+    fake.raw(head + payload[:len(payload) // 2])  # then the source disappears mid-section
+    fake.finish_sending()
+
+
+def _page_outside_ram(fake: FakeSource) -> None:
+    fake.writer.write_ram(fake.page_count, b"\xff" * 4096)
+
+
+def _huge_page_number(fake: FakeSource) -> None:
+    fake.writer.write_ram((1 << 64) - 1, b"\xff" * 4096)
+
+
+def _end_before_all_ram(fake: FakeSource) -> None:
+    fake.writer.write_round_end(1)
+    write_machine_state(fake.writer, fake.machine.save())
+    fake.writer.write_end()
+
+
+HOSTILE = [
+    pytest.param(_bad_checksum, "checksum mismatch", id="bad-checksum"),
+    pytest.param(_garbage, "unknown", id="garbage"),
+    pytest.param(_truncated, "truncated", id="truncated-mid-section"),
+    pytest.param(_page_outside_ram, "outside guest RAM", id="page-outside-ram"),
+    pytest.param(_huge_page_number, "outside guest RAM", id="page-2**64-1"),
+    pytest.param(_end_before_all_ram, "", id="end-before-all-ram"),
+]
+
+
+@pytest.mark.parametrize("spoil,fragment", HOSTILE)
+def test_hostile_stream(vms, sock_dir, fake_source, spoil, fragment):
+    dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)
+    fake = fake_source(dst)
+    fake.prefix()
+    spoil(fake)
+    reply = fake.reply()  # the destination says why, on the back channel
+    assert not reply.ok and reply.text and fragment in reply.text, reply
+    last = assert_destination_gave_up(dst, fragment)
+    assert reply.text in last
+
+
+def test_fake_source_control_runs(vms, sock_dir, fake_source):
+    """The fake source's complete stream is valid: with a commit the destination runs the
+    guest (so the hostile and no-commit cases above and below fail for the right reason)."""
+    dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)
+    fake = fake_source(dst)
+    fake.complete()
+    assert fake.reply() == Reply(True, "ready")
+    assert dst.execute("query-status")["return"]["status"] == "inmigrate"
+    send_reply(fake.channel, True, "commit")
+    assert fake.reply() == Reply(True, "running")
+    dst.wait_lines(3)
+    assert dst.execute("query-migrate")["return"]["status"] == "completed"
+    dst.execute("stop")
+    check_output(dst.output(), mib=4)
+
+
+@pytest.mark.parametrize("ending", ["close", "error"])
+def test_source_gone_after_ready(vms, sock_dir, fake_source, ending):
+    """The source dies (or cancels) after the destination said ready, before the commit:
+    the fully received, restored guest must still never run."""
+    dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)
+    fake = fake_source(dst)
+    fake.complete()
+    assert fake.reply() == Reply(True, "ready")
+    time.sleep(0.3)  # it waits for the commit, guest not started
+    assert dst.output() == "" and dst.execute("query-status")["return"]["status"] == "inmigrate"
+    if ending == "error":
+        send_reply(fake.channel, False, "canceled")
+    fake.close()
+    assert_destination_gave_up(dst, "commit")
+
+
+# -- 5. illegal requests change nothing ----------------------------------------------------------
+def test_migrate_while_active_and_cancel_with_nothing(vms, sock_dir):
+    src = vms("src")
+    idle = [src.execute("migrate_cancel"), src.execute("query-migrate")]
+    assert idle[0]["error"]["class"] == "GenericError" and idle[1] == {"return": {"status": "none"}}
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    other = vms("other", *incoming(sock_dir, "other"))
+    start_slow_migration(src, dst, "full-pass")
+    reply = src.execute("migrate", uri=other.incoming_address())
+    assert reply["error"]["class"] == "GenericError" and "already in progress" in reply["error"]["desc"]
+    state = migrate_state(src)
+    assert state["status"] == "active" and "error-desc" not in state
+    assert other.execute("query-status")["return"]["status"] == "inmigrate"  # nobody connected
+    assert other.execute("query-migrate")["return"]["status"] == "setup"
+    # The first migration is unaffected: uncap it and it completes.
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0}) == {"return": {}}
+    assert src.execute("migrate-set-capabilities", capabilities=[
+        {"capability": "auto-converge", "state": True}])["error"]["class"] == "GenericError"
+    result = src.wait_migration(timeout=60)
+    assert result["status"] == "completed", result
+    wait_status(dst, "running")
+    dst.wait_lines(len(complete_lines(dst.output())) + 3)
+    dst.execute("stop")
+    check_output(src.output() + dst.output())
+    # Nothing to cancel after completion either; the status stays.
+    reply = src.execute("migrate_cancel")
+    assert reply["error"]["class"] == "GenericError" and src.execute("query-migrate")["return"] == result
+    assert other.execute("quit") == {"return": {}}
+    assert other.process.wait(30) == 0 and other.output() == ""
+
+
+def test_cancel_after_failure_changes_nothing(vms, sock_dir):
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    start_slow_migration(src, dst, "full-pass")
+    kill(dst)
+    result = src.wait_migration(timeout=60)
+    assert result["status"] == "failed"
+    reply = src.execute("migrate_cancel")
+    assert reply["error"]["class"] == "GenericError"
+    assert migrate_state(src) == result
+    assert_source_intact(src, "failed")
+
+
+# -- 6. convergence under heavy dirtying --------------------------------------------------------
+def _converge(vms, sock_dir) -> None:
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    src.wait_lines(3)
+    # The guest rewrites its 32 MiB buffer every few ms: far faster than 64 MiB/s.
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH * 2}) == {"return": {}}
+    caps = src.execute("query-migrate-capabilities")["return"]
+    assert {"capability": "auto-converge", "state": True} in caps  # the default
+    assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+    throttles = []
+    while (state := migrate_state(src))["status"] not in TERMINAL:
+        if "cpu-throttle-percentage" in state:
+            throttles.append(state["cpu-throttle-percentage"])
+        time.sleep(0.05)
+    assert state["status"] == "completed", state
+    assert state["downtime"] <= 1000, state  # the switch-over is chosen on the capped rate
+    assert throttles and max(throttles) > 0, "never throttled"
+    assert throttles == sorted(throttles), throttles
+    assert "cpu-throttle-percentage" not in state
+    wait_status(dst, "running")
+    dst.wait_lines(len(complete_lines(dst.output())) + 3)
+    dst.execute("stop")
+    check_output(src.output() + dst.output())
+
+
+def test_converges_under_heavy_dirtying(vms, sock_dir):
+    """Default auto-converge parameters (throttle 20%, +10% per round that did not halve)."""
+    _converge(vms, sock_dir)
