@@ -188,6 +188,8 @@ def test_round_trip_over_socket_with_handshake(transport: str, tmp_path: Path) -
         a, b, cleanup = _tcp()
     else:
         a, b, cleanup = _unix(tmp_path)
+    a.settimeout(20)  # a dead peer fails the test instead of hanging it
+    b.settimeout(20)
     src = source_memory()
     mem = dest_memory()
     replies: list[S.Reply] = []
@@ -198,10 +200,10 @@ def test_round_trip_over_socket_with_handshake(transport: str, tmp_path: Path) -
         writer.write_header("x86_64", "q35")
         writer.write_config(fingerprint())
         replies.append(read_reply(chan))
-        for region in src.regions:
-            writer.write_ram(region.offset // PAGE_SIZE, region.view)
+        for region in src.regions:  # zero-copy path
+            writer.write_ram(region.offset // PAGE_SIZE, region.view, stable=True)
         writer.write_round_end(1)
-        writer.write_ram(17, src.page_view(17))
+        writer.write_ram(17, src.page_view(17), stable=True)
         writer.write_round_end(2)
         for i in range(2):
             writer.write_cpu(i, x86_state(i))
@@ -247,6 +249,8 @@ def test_round_trip_through_a_real_file(tmp_path: Path) -> None:
 
 def test_round_trip_aarch64_over_socketpair() -> None:
     a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
     src = source_memory()
     mem = dest_memory()
     thread = threading.Thread(target=lambda: write_valid(StreamWriter(SocketChannel(a)), src, arch="aarch64"))
@@ -256,6 +260,104 @@ def test_round_trip_aarch64_over_socketpair() -> None:
     a.close()
     b.close()
     check_received(mem, src, sections, "aarch64")
+
+
+def _live_send(stable: bool, rounds: int = 200, pages: int = 512) -> None:
+    """Stream ``rounds`` passes over RAM that another process keeps rewriting."""
+    import mmap
+    import signal
+    shared = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    shared[:] = b"\x01" * (pages * PAGE_SIZE)
+    pid = os.fork()
+    if pid == 0:  # the "vCPU": dirties pages as fast as it can, on the other core
+        try:
+            view, n = memoryview(shared), 0
+            while True:
+                off = (n * 7919 % pages) * PAGE_SIZE
+                view[off:off + PAGE_SIZE] = bytes([(n & 0xFF) | 1]) * PAGE_SIZE
+                n += 1
+        finally:
+            os._exit(0)
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    failures: list[BaseException] = []
+
+    def source() -> None:
+        try:
+            writer = StreamWriter(SocketChannel(a), run_pages=64)
+            writer.write_header("x86_64", "q35")
+            writer.write_config(fingerprint(vcpus=1, memory=pages * PAGE_SIZE))
+            for rnd in range(1, rounds + 1):
+                writer.write_ram(0, memoryview(shared), stable=stable)
+                writer.write_round_end(rnd)
+            writer.write_cpu(0, x86_state(0))
+            writer.write_end()
+        except StreamError as exc:  # the reader gave up first
+            failures.append(exc)
+
+    thread = threading.Thread(target=source)
+    thread.start()
+    dst = GuestMemory([RegionSpec(0, pages * PAGE_SIZE)])
+    try:
+        StreamReader(SocketChannel(b), page_count=pages, ram=dst).read_all()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        b.close()
+        thread.join(20)
+        a.close()
+
+
+def test_pages_rewritten_during_a_live_send_keep_sections_consistent() -> None:
+    """With the guest running (stable=False) a page changing mid-send must not break a checksum."""
+    _live_send(stable=False)
+
+
+class ScribblingChannel(SocketChannel):
+    """A socket channel that rewrites guest RAM right before every send, as a vCPU could."""
+
+    def __init__(self, sock: socket.socket, ram: memoryview) -> None:
+        super().__init__(sock)
+        self.ram = ram
+        self.n = 0
+
+    def writev(self, buffers: list[bytes | memoryview]) -> None:
+        self.n += 1
+        self.ram[:] = bytes([self.n & 0x7F | 0x80]) * len(self.ram)
+        super().writev(buffers)
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_pages_changing_between_checksum_and_send(stable: bool) -> None:
+    """stable=False sends a private copy: consistent. Zero-copy (stable=True) of changing pages is
+    sent inconsistent and the checksum catches it, which is why live rounds must not use it."""
+    pages = 8
+    src = GuestMemory([RegionSpec(0, pages * PAGE_SIZE)])
+    src.write_pages(0, b"\x01" * (pages * PAGE_SIZE))
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    out = Collect()
+    writer = StreamWriter(out)
+    writer.write_header("x86_64", "q35")
+    writer.write_config(fingerprint(vcpus=1, memory=pages * PAGE_SIZE))
+    a.sendall(out.data)
+    live = StreamWriter(ScribblingChannel(a, src.page_view(0, pages)))
+    live.write_ram(0, src.page_view(0, pages), stable=stable)
+    live.write_round_end(1)
+    live.write_cpu(0, x86_state(0))
+    live.write_end()
+    a.close()
+    dst = GuestMemory([RegionSpec(0, pages * PAGE_SIZE)])
+    reader = StreamReader(SocketChannel(b), page_count=pages, ram=dst)
+    if stable:
+        with pytest.raises(StreamError, match="RAM section: checksum mismatch"):
+            reader.read_all()
+    else:
+        reader.read_all()
+        assert bytes(dst.page_view(0, pages)) == b"\x01" * (pages * PAGE_SIZE)  # the copy taken before
+    b.close()
 
 
 def test_ram_statistics_and_zero_markers() -> None:
@@ -459,7 +561,14 @@ def test_illegal_section_order() -> None:
     kinds = [k for k, _s, _e in offsets]
     cpu = kinds.index(SectionType.CPU)
     last_round = len(kinds) - 1 - kinds[::-1].index(SectionType.ROUND_END)
-    expect_error(_reorder((last_round, cpu)), "ROUND_END section after CPU/DEVICE state")
+    expect_error(_reorder((last_round, cpu)), r"CPU section while RAM pass 2 is still open \(missing ROUND_END\)")
+    ram = VALID[offsets[2][1]:offsets[2][2]]
+    rnd = section(SectionType.ROUND_END, struct.pack("<I", 3))
+    after_cpu = VALID[:offsets[cpu][2]]
+    expect_error(after_cpu + ram, "RAM section after CPU/DEVICE state: RAM must be complete first")
+    expect_error(after_cpu + rnd, "ROUND_END section after CPU/DEVICE state")
+    expect_error(VALID[:offsets[cpu][1]] + ram + section(SectionType.END, b""),
+                 "END section while RAM pass 3 is still open")
     header = VALID[offsets[0][1]:offsets[0][2]]
     expect_error(prefix_through_config() + header, "HEADER section out of order")
     config = VALID[offsets[1][1]:offsets[1][2]]

@@ -116,6 +116,8 @@ def _exchange(listener: Listener, uri: MigrationUri | str) -> None:
     """Source writes a stream, destination answers on the same connection."""
     src = connect(uri, 5)
     dst = listener.accept(5)
+    src.settimeout(20)  # a dead peer fails the test instead of hanging it
+    dst.settimeout(20)
     try:
         assert src.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if src.family != socket.AF_UNIX else True
         fp = Fingerprint("x86_64", "q35", 1, 4 * PAGE_SIZE)

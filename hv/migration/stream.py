@@ -383,6 +383,7 @@ class StreamWriter:
         self.run_pages = run_pages
         self.bytes_written = 0
         self._preamble_sent = False
+        self._copy: memoryview | None = None  # reused staging buffer for live pages
 
     def _send(self, buffers: list[bytes | memoryview]) -> None:
         try:
@@ -417,10 +418,15 @@ class StreamWriter:
     def write_config(self, fingerprint: Fingerprint) -> None:
         self.write_section(SectionType.CONFIG, _json_bytes(fingerprint.to_dict()))
 
-    def write_ram(self, start_page: int, view: memoryview | bytes | bytearray) -> RamStats:
+    def write_ram(self, start_page: int, view: memoryview | bytes | bytearray, *,
+                  stable: bool = False) -> RamStats:
         """Send pages ``start_page ..`` from ``view`` (whole pages), zero pages as markers.
 
-        Normal pages go out as slices of ``view`` itself (no copy) via ``writev``.
+        ``stable=False`` (the guest may be running): each run's normal pages are copied
+        once into a private buffer, and the checksum and the socket both read that copy,
+        so a page the guest rewrites mid-send cannot break the section's checksum (the
+        dirty log re-sends it next round). ``stable=True`` (guest paused, or a snapshot):
+        normal pages go out as slices of ``view`` itself, no copy, via ``writev``.
         """
         mv = memoryview(view).cast("B")
         if len(mv) % PAGE_SIZE:
@@ -430,11 +436,12 @@ class StreamWriter:
         done = 0
         while done < total:
             count = min(self.run_pages, total - done)
-            stats.add(self._write_run(start_page + done, mv[done * PAGE_SIZE:(done + count) * PAGE_SIZE], count))
+            stats.add(self._write_run(start_page + done, mv[done * PAGE_SIZE:(done + count) * PAGE_SIZE],
+                                      count, stable))
             done += count
         return stats
 
-    def _write_run(self, start: int, mv: memoryview, count: int) -> RamStats:
+    def _write_run(self, start: int, mv: memoryview, count: int, stable: bool) -> RamStats:
         kinds = bytearray(count)
         startswith = ZERO_PAGE.startswith
         segments: list[memoryview] = []  # coalesced runs of normal pages
@@ -453,6 +460,14 @@ class StreamWriter:
                     seg_start = off
         if seg_start >= 0:
             segments.append(mv[seg_start:count * PAGE_SIZE])
+        if not stable and segments:
+            if self._copy is None:
+                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
+            pos = 0
+            for seg in segments:
+                self._copy[pos:pos + len(seg)] = seg
+                pos += len(seg)
+            segments = [self._copy[:pos]]
         meta = RAM_RUN.pack(start, count, 0) + kinds
         length = len(meta) + normal * PAGE_SIZE
         head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
@@ -593,6 +608,7 @@ class StreamReader:
         self.cpus: set[int] = set()
         self.devices: set[tuple[str, str]] = set()
         self._phase = _Phase.PREAMBLE
+        self._round_open = False  # RAM arrived since the last ROUND_END
         self._covered = bytearray(page_count) if kind is not StreamKind.STATE else bytearray()
         self._crc = 0
         self._remaining = 0
@@ -743,8 +759,11 @@ class StreamReader:
                 raise StreamError(f"{name} section in a state-only stream")
             if phase is _Phase.STATE:
                 raise StreamError(f"{name} section after CPU/DEVICE state: RAM must be complete first")
-        if stype in (SectionType.CPU, SectionType.DEVICE) and self.kind is StreamKind.MEMORY:
-            raise StreamError(f"{name} section in a memory-only stream")
+        if stype in (SectionType.CPU, SectionType.DEVICE, SectionType.END):
+            if stype is not SectionType.END and self.kind is StreamKind.MEMORY:
+                raise StreamError(f"{name} section in a memory-only stream")
+            if self._round_open:
+                raise StreamError(f"{name} section while RAM pass {self.rounds + 1} is still open (missing ROUND_END)")
 
     def _dispatch(self, stype: SectionType, length: int) -> Section:
         self._order(stype)
@@ -768,6 +787,7 @@ class StreamReader:
             if number != self.rounds + 1:
                 raise StreamError(f"ROUND_END pass {number} out of sequence (expected {self.rounds + 1})")
             self.rounds = number
+            self._round_open = False
             self._phase = _Phase.RAM
             return RoundEndSection(number)
         if stype is SectionType.CPU:
@@ -882,6 +902,7 @@ class StreamReader:
         self._scatter(targets, "RAM page data")
         self._finish_section("RAM")
         self._covered[start:start + count] = b"\x01" * count
+        self._round_open = True
         return RamSection(start, count, count - normal, normal, length + SECTION_HEADER.size + CRC.size)
 
     def _target(self, page: int, count: int) -> memoryview:
@@ -952,8 +973,6 @@ class StreamReader:
             if missing:
                 first = self._covered.find(0)
                 raise StreamError(f"END before all RAM arrived: {missing} pages never sent (first: page {first})")
-            if self.kind is StreamKind.MIGRATION and self.rounds == 0:
-                raise StreamError("END before any ROUND_END")
         if self.kind is not StreamKind.MEMORY:
             if len(self.cpus) != self.config.vcpus:
                 missing_cpus = sorted(set(range(self.config.vcpus)) - self.cpus)
