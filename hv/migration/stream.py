@@ -9,17 +9,24 @@ The crc32 covers the 8-byte section header and the payload. Sections, in the onl
 a reader accepts: HEADER, CONFIG, then RAM runs and ROUND_END markers, then CPU and
 DEVICE states, then END. ERROR may appear anywhere after the preamble: the sender gave up.
 
-The destination applies RAM pages directly into guest RAM as they arrive (``recv_into``
-the guest's own pages, no staging copy). That is safe because every page number is
+The destination applies RAM pages directly into guest RAM as they arrive (scatter reads
+into the guest's own pages, no staging copy). That is safe because every page number is
 checked against the destination's RAM *before* a byte is read into it, and the guest
 never runs until END has been validated: a later checksum failure or truncation aborts
 the whole incoming migration and the half-written RAM is discarded with the process.
 Nothing outside RAM is ever written, and no allocation is proportional to an untrusted
 length beyond the caps below.
+
+On the source, ``write_ram`` copies a run's normal pages once into a private buffer while
+the guest may run (``stable=False``), so the checksum and the bytes sent always agree;
+with the guest paused (``stable=True``) it sends slices of guest RAM with no copy.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
+import functools
 import io
 import json
 import logging
@@ -319,26 +326,23 @@ class FileChannel:
         return self.readinto(buffers[0])
 
 
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-_LIBC: Any = None
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, loaded once."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = libc.madvise
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _populate(view: memoryview) -> None:
     """Pre-fault a page-aligned writable view in one call (Linux >= 5.14; else no-op)."""
-    global _LIBC  # a lazily loaded handle to libc, not mutable program state
-    import ctypes
-    if _LIBC is None:
-        _LIBC = _libc()
     try:
         anchor = (ctypes.c_char * len(view)).from_buffer(view)
     except (TypeError, ValueError):  # read-only or not a plain buffer
         return
-    _LIBC.madvise(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(view)), _MADV_POPULATE_WRITE)
+    _madvise()(ctypes.addressof(anchor), len(view), _MADV_POPULATE_WRITE)
     del anchor
 
 
