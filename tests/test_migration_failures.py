@@ -41,10 +41,13 @@ from hv.migration.stream import (
     CRC,
     RAM_RUN,
     SECTION_HEADER,
+    EndSection,
     Fingerprint,
     Reply,
     SectionType,
     SocketChannel,
+    StreamKind,
+    StreamReader,
     StreamWriter,
     read_reply,
     send_reply,
@@ -84,9 +87,16 @@ def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
         vm.close()
 
 
-def incoming(sock_dir: str, name: str) -> tuple[str, str]:
-    """('-incoming', 'unix:PATH') arguments for a destination named ``name``."""
+def incoming(sock_dir: str, name: str, transport: str = "unix") -> tuple[str, str]:
+    """('-incoming', URI) arguments for a destination named ``name``."""
+    if transport == "tcp":
+        return "-incoming", "tcp:127.0.0.1:0"
     return "-incoming", f"unix:{os.path.join(sock_dir, name + '.mig')}"
+
+
+# (phase, transport): every phase over unix, one over tcp.
+KILL_POINTS = [pytest.param(phase, "unix", id=phase) for phase in PHASES] + [
+    pytest.param("dirty-round", "tcp", id="dirty-round-tcp")]
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -156,6 +166,30 @@ def assert_destination_gave_up(dst: Vm, fragment: str = "") -> str:
     return last
 
 
+def socket_fds(vm: Vm) -> set[str]:
+    """The process's open sockets (``socket:[inode]``), from /proc; our QMP connection is
+    made first so that it is part of every baseline."""
+    vm.qmp
+    fd_dir = f"/proc/{vm.process.proc.pid}/fd"
+    found = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def assert_sockets_back_to(vm: Vm, baseline: set[str]) -> None:
+    """The migration connection was closed (the thread closes it just after the status)."""
+    deadline = time.monotonic() + 10
+    while (now := socket_fds(vm)) != baseline:
+        assert time.monotonic() < deadline, f"{vm.name}: sockets {now} != before {baseline}"
+        time.sleep(0.02)
+
+
 def kill(vm: Vm) -> None:
     """SIGKILL and reap."""
     vm.process.proc.send_signal(signal.SIGKILL)
@@ -173,26 +207,29 @@ def slow_down(src: Vm, *, auto_converge: bool = False, max_iterations: int = 30)
         {"capability": "auto-converge", "state": auto_converge}]) == {"return": {}}
 
 
-def start_slow_migration(src: Vm, dst: Vm, phase: str) -> None:
-    """Start a bandwidth-capped migration and return once it is in ``phase``."""
+def start_slow_migration(src: Vm, dst: Vm, phase: str) -> set[str]:
+    """Start a bandwidth-capped migration and return once it is in ``phase``; returns the
+    source's sockets from before the migration."""
     slow_down(src, max_iterations=1 if phase == "final-transfer" else 30)
     src.wait_lines(3)
-    assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+    uri = dst.incoming_address()
+    baseline = socket_fds(src)
+    assert src.execute("migrate", uri=uri) == {"return": {}}
     deadline = time.monotonic() + 30
     while True:
         assert time.monotonic() < deadline, f"never reached {phase}: {migrate_state(src)}"
         if phase == "final-transfer":
             src.qmp.wait_event("STOP", timeout=30)
             assert migrate_state(src)["status"] == "active"
-            return
+            return baseline
         state = migrate_state(src)
         assert state["status"] == "active" or state["status"] == "setup", state
         syncs, sent = state.get("ram", {}).get("dirty-sync-count", 0), state.get("ram", {}).get("transferred", 0)
         if phase == "full-pass" and syncs == 0 and sent >= 4 << 20:
-            return
+            return baseline
         if phase == "dirty-round" and syncs >= 1:
             assert not any(e["event"] == "STOP" for e in src.qmp.events)
-            return
+            return baseline
         time.sleep(0.02)
 
 
@@ -228,23 +265,24 @@ def migrate_to_fresh_destination(vms, sock_dir: str, src: Vm, name: str) -> Vm:
 
 
 # -- 1. destination killed ---------------------------------------------------------------------
-@pytest.mark.parametrize("phase", PHASES)
-def test_destination_killed(vms, sock_dir, phase):
+@pytest.mark.parametrize("phase,transport", KILL_POINTS)
+def test_destination_killed(vms, sock_dir, phase, transport):
     src = vms("src")
-    dst = vms("dst", *incoming(sock_dir, "dst"))
-    start_slow_migration(src, dst, phase)
+    dst = vms("dst", *incoming(sock_dir, "dst", transport))
+    baseline = start_slow_migration(src, dst, phase)
     kill(dst)
     result, events = assert_source_intact(src, "failed")
     check_phase(result, events, phase)
+    assert_sockets_back_to(src, baseline)
     assert any(word in result["error-desc"] for word in ("destination", "connection", "stream write")), result
     assert dst.output() == ""
 
 
 # -- 2. source killed ----------------------------------------------------------------------------
-@pytest.mark.parametrize("phase", PHASES)
-def test_source_killed(vms, sock_dir, phase):
+@pytest.mark.parametrize("phase,transport", KILL_POINTS)
+def test_source_killed(vms, sock_dir, phase, transport):
     src = vms("src")
-    dst = vms("dst", *incoming(sock_dir, "dst"))
+    dst = vms("dst", *incoming(sock_dir, "dst", transport))
     start_slow_migration(src, dst, phase)
     assert dst.execute("query-status")["return"]["status"] == "inmigrate"
     kill(src)
@@ -278,14 +316,36 @@ def test_cancel_in_setup(vms, sock_dir):
 def test_cancel(vms, sock_dir, phase):
     src = vms("src")
     dst = vms("dst", *incoming(sock_dir, "dst"))
-    start_slow_migration(src, dst, phase)
+    baseline = start_slow_migration(src, dst, phase)
     assert src.execute("migrate_cancel") == {"return": {}}
     result, events = assert_source_intact(src, "canceled")
     check_phase(result, events, phase)
+    assert_sockets_back_to(src, baseline)
     events = [e["data"]["status"] for e in src.qmp.events if e["event"] == "MIGRATION"]
     assert events[-1] == "canceled", events
     assert_destination_gave_up(dst)
     migrate_to_fresh_destination(vms, sock_dir, src, "dst2")
+
+
+def test_cancel_unblocks_a_hung_destination(vms, sock_dir):
+    """A destination that stops reading (SIGSTOP) blocks the source's send; migrate_cancel
+    still ends the migration at once and the guest runs on."""
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    baseline = start_slow_migration(src, dst, "dirty-round")
+    dst.process.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # socket buffers fill: the sender blocks in a write
+        assert migrate_state(src)["status"] == "active"
+        started = time.monotonic()
+        assert src.execute("migrate_cancel") == {"return": {}}
+        assert src.wait_migration(timeout=10)["status"] == "canceled"
+        assert time.monotonic() - started < 5
+    finally:
+        dst.process.proc.send_signal(signal.SIGCONT)
+    assert_source_intact(src, "canceled")
+    assert_sockets_back_to(src, baseline)
+    assert_destination_gave_up(dst)
 
 
 # -- 4. fake sources: corrupted, truncated, hostile and unfinished streams ----------------------
@@ -390,12 +450,17 @@ def _end_before_all_ram(fake: FakeSource) -> None:
     fake.writer.write_end()
 
 
+def _huge_section_length(fake: FakeSource) -> None:
+    fake.raw(SECTION_HEADER.pack(SectionType.RAM, 0, 0, 0xFFFFFFFF) + RAM_RUN.pack(64, 1, 0))
+
+
 HOSTILE = [
     pytest.param(_bad_checksum, "checksum mismatch", id="bad-checksum"),
     pytest.param(_garbage, "unknown", id="garbage"),
     pytest.param(_truncated, "truncated", id="truncated-mid-section"),
     pytest.param(_page_outside_ram, "outside guest RAM", id="page-outside-ram"),
     pytest.param(_huge_page_number, "outside guest RAM", id="page-2**64-1"),
+    pytest.param(_huge_section_length, "exceeds", id="section-length-4GiB"),
     pytest.param(_end_before_all_ram, "", id="end-before-all-ram"),
 ]
 
@@ -442,6 +507,100 @@ def test_source_gone_after_ready(vms, sock_dir, fake_source, ending):
         send_reply(fake.channel, False, "canceled")
     fake.close()
     assert_destination_gave_up(dst, "commit")
+
+
+class FakeDestination:
+    """A test-written destination: a real listening socket, StreamReader validation of the
+    whole stream (RAM read and checked, not applied), then a scripted switch-over."""
+
+    def __init__(self, sock_dir: str, page_count: int) -> None:
+        self.path = os.path.join(sock_dir, "fake.mig")
+        self.page_count = page_count
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.conn: socket.socket | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"unix:{self.path}"
+
+    def receive(self) -> SocketChannel:
+        """Accept the source and read its stream up to END; the back channel."""
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(30)
+        channel = SocketChannel(self.conn)
+        reader = StreamReader(channel, page_count=self.page_count, kind=StreamKind.MIGRATION)
+        while not isinstance(reader.read_section(), EndSection):
+            pass
+        return channel
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+        os.unlink(self.path)
+
+
+@pytest.mark.parametrize("ending", ["refuse", "close-before-ready", "go-away-after-ready"])
+def test_destination_fails_before_commit(vms, sock_dir, ending):
+    """The destination gives up at the switch-over, before the commit: the source resumes
+    the guest and reports failed with the destination's reason."""
+    src = vms("src", memory="64", mib=4)
+    src.wait_lines(3)
+    fake = FakeDestination(sock_dir, (64 << 20) // 4096)
+    try:
+        baseline = socket_fds(src)
+        assert src.execute("migrate", uri=fake.uri) == {"return": {}}
+        channel = fake.receive()
+        src.qmp.wait_event("STOP")  # the source is paused, waiting for 'ready'
+        if ending == "refuse":
+            send_reply(channel, False, "restore failed: test says no")
+        elif ending == "go-away-after-ready":
+            send_reply(channel, True, "ready")
+        assert fake.conn is not None
+        fake.conn.close()
+        fake.conn = None
+        result, events = assert_source_intact(src, "failed", mib=4)
+    finally:
+        fake.close()
+    assert "RESUME" in events
+    desc = result["error-desc"]
+    if ending == "refuse":
+        assert desc == "destination refused: restore failed: test says no", desc
+    elif ending == "close-before-ready":
+        assert desc.startswith("the destination did not confirm it is ready"), desc
+    else:  # the commit could not be delivered (or the peer was seen gone first)
+        assert "the destination" in desc and "may already be running" not in desc, desc
+    assert_sockets_back_to(src, baseline)
+
+
+def test_destination_gone_after_commit_keeps_source_paused(vms, sock_dir):
+    """Once the commit is sent the destination may be running the guest: if it then goes
+    silent, the source must not resume (never two running copies). It stays paused,
+    reports failed saying so, and runs on intact only when the operator says cont."""
+    src = vms("src", memory="64", mib=4)
+    src.wait_lines(3)
+    fake = FakeDestination(sock_dir, (64 << 20) // 4096)
+    try:
+        assert src.execute("migrate", uri=fake.uri) == {"return": {}}
+        channel = fake.receive()
+        send_reply(channel, True, "ready")
+        assert read_reply(channel) == Reply(True, "commit")
+        assert fake.conn is not None
+        fake.conn.close()
+        fake.conn = None
+        result = src.wait_migration(timeout=30)
+    finally:
+        fake.close()
+    assert result["status"] == "failed" and "the source stays paused" in result["error-desc"], result
+    assert src.execute("query-status")["return"]["status"] == "paused"
+    frozen = src.output()
+    time.sleep(0.3)
+    assert src.output() == frozen and "RESUME" not in [e["event"] for e in src.qmp.events]
+    assert src.execute("cont") == {"return": {}}
+    assert_source_intact(src, "failed", mib=4)
 
 
 # -- 5. illegal requests change nothing ----------------------------------------------------------

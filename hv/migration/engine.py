@@ -43,6 +43,7 @@ from hv.migration.stream import (
     HeaderSection,
     PeerError,
     RamSection,
+    Reply,
     RoundEndSection,
     SocketChannel,
     StreamError,
@@ -200,6 +201,16 @@ class _Sender:
         return pages
 
 
+def _switch_over_reply(channel: SocketChannel, what: str) -> Reply:
+    """One back-channel answer; a broken or closed connection says which answer is missing."""
+    try:
+        return read_reply(channel)
+    except StreamError as exc:
+        raise MigrationError(f"{what}: {exc}") from exc
+    except OSError as exc:
+        raise MigrationError(f"{what}: {exc.strerror or exc}") from exc
+
+
 def write_machine_state(writer: StreamWriter, snapshot: MachineSnapshot) -> None:
     for index, cpu in enumerate(snapshot.cpus):
         writer.write_cpu(index, cpu)
@@ -353,15 +364,21 @@ class OutgoingMigration:
 
         # Two-phase switch-over.
         self.sock.settimeout(REPLY_TIMEOUT)
-        reply = read_reply(channel)
+        reply = _switch_over_reply(channel, "the destination did not confirm it is ready")
         if not reply.ok:
             raise MigrationError(f"destination refused: {reply.text}")
         if reply.text != "ready":
             raise MigrationError(f"unexpected answer from the destination: {reply.text!r}")
         sender.check_cancel()
         self._committed = True
-        send_reply(channel, True, "commit")
-        reply = read_reply(channel)
+        try:
+            send_reply(channel, True, "commit")
+        except StreamError as exc:
+            # Not queued (the peer is gone), so it cannot have been read: the destination
+            # cannot start the guest and resuming here is safe.
+            self._committed = False
+            raise MigrationError(f"the destination went away before the commit: {exc}") from exc
+        reply = _switch_over_reply(channel, "the destination did not confirm it runs the guest")
         if not reply.ok or reply.text != "running":
             raise MigrationError(f"destination failed to start the guest: {reply.text}")
         self._downtime_ms = int((time.monotonic() - paused_at) * 1000)
