@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hv.memory import GuestMemory, RegionSpec  # noqa: E402
 from hv.migration.stream import (  # noqa: E402
-    PAGE_SIZE, Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter, read_reply, send_reply,
+    DEFAULT_RUN_PAGES, PAGE_SIZE, Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter, read_reply, send_reply,
 )
 from hv.migration.transport import connect, listen  # noqa: E402
 from hv.state import X86CpuState  # noqa: E402
@@ -81,7 +81,8 @@ def _serve(kind: str, make_listener_or_sock, size: int, fp: Fingerprint, wire: i
 
 
 
-def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int) -> float:
+def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
+             run_pages: int = DEFAULT_RUN_PAGES) -> float:
     """Seconds to move everything, from the first byte to the receiver's reply."""
     ctx = mp.get_context("fork")
     if transport == "tcp":
@@ -97,7 +98,7 @@ def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire:
         other.close()
     try:
         start = time.perf_counter()
-        if kind != "stream":
+        if kind.startswith("raw"):
             view = mem.regions[0].view
             sent = 0
             while sent < wire:
@@ -108,12 +109,12 @@ def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire:
                 raise RuntimeError("raw receiver did not acknowledge")
         else:
             chan = SocketChannel(sock)
-            writer = StreamWriter(chan)
+            writer = StreamWriter(chan, run_pages=run_pages)
             writer.write_header(fp.arch, fp.machine)
             writer.write_config(fp)
             reply = read_reply(chan)
             assert reply.ok, reply.text
-            writer.write_ram(0, mem.regions[0].view)
+            writer.write_ram(0, mem.regions[0].view, stable=kind == "stream-zero-copy")
             writer.write_round_end(1)
             writer.write_cpu(0, X86CpuState())
             writer.write_end()
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--zero-percent", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--run-pages", type=int, default=DEFAULT_RUN_PAGES, help="pages per RAM section")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.mib << 20
@@ -150,19 +152,18 @@ def main() -> int:
     wire = Counter.n
     log.info("%d MiB guest RAM, %d%% zero pages: %d zero, %d normal pages, %.1f MiB on the wire",
              args.mib, args.zero_percent, stats.zero, stats.normal, wire / (1 << 20))
-    rows = []
+    kinds = ("raw", "raw-fresh", "stream", "stream-zero-copy")
+    print(f"median of {args.runs} runs; MB/s of bytes on the wire ({wire / (1 << 20):.1f} MiB); "
+          f"'RAM MB/s' counts guest RAM moved ({args.mib} MiB)")
+    print(f"{'transport':<10}{'path':<18}{'MB/s':>8}{'RAM MB/s':>10}{'vs raw':>8}{'vs raw fresh':>14}")
     for transport in ("tcp", "unix"):
-        times = {kind: statistics.median(run_once(transport, kind, mem, fp, wire) for _ in range(args.runs))
-                 for kind in ("raw", "raw-fresh", "stream")}
-        rows.append((transport, *(wire / times[k] / 1e6 for k in ("raw", "raw-fresh", "stream")),
-                     size / times["stream"] / 1e6, times["raw"] / times["stream"],
-                     times["raw-fresh"] / times["stream"]))
-    print(f"median of {args.runs} runs; rates in MB/s of bytes on the wire (guest RAM: of RAM moved)")
-    print(f"{'transport':<10}{'raw 1MiB':>10}{'raw fresh':>11}{'stream':>9}{'guest RAM':>11}"
-          f"{'stream/raw':>12}{'stream/raw fresh':>18}")
-    for transport, raw_rate, fresh_rate, wire_rate, ram_rate, ratio, fresh_ratio in rows:
-        print(f"{transport:<10}{raw_rate:>10.0f}{fresh_rate:>11.0f}{wire_rate:>9.0f}{ram_rate:>11.0f}"
-              f"{ratio:>12.0%}{fresh_ratio:>18.0%}")
+        times = {kind: statistics.median(run_once(transport, kind, mem, fp, wire, args.run_pages)
+                                       for _ in range(args.runs))
+                 for kind in kinds}
+        for kind in kinds:
+            t = times[kind]
+            print(f"{transport:<10}{kind:<18}{wire / t / 1e6:>8.0f}{size / t / 1e6:>10.0f}"
+                  f"{times['raw'] / t:>8.0%}{times['raw-fresh'] / t:>14.0%}")
     mem.close()
     return 0
 

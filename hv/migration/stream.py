@@ -464,20 +464,23 @@ class StreamWriter:
                     seg_start = off
         if seg_start >= 0:
             segments.append(mv[seg_start:count * PAGE_SIZE])
-        if not stable and segments:
-            if self._copy is None:
-                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
-            pos = 0
-            for seg in segments:
-                self._copy[pos:pos + len(seg)] = seg
-                pos += len(seg)
-            segments = [self._copy[:pos]]
         meta = RAM_RUN.pack(start, count, 0) + kinds
         length = len(meta) + normal * PAGE_SIZE
         head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
         crc = zlib.crc32(meta, zlib.crc32(head))
-        for seg in segments:
-            crc = zlib.crc32(seg, crc)
+        if not stable and segments:
+            if self._copy is None:
+                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
+            pos = 0
+            for seg in segments:  # copy, then checksum the copy while it is cached
+                end = pos + len(seg)
+                self._copy[pos:end] = seg
+                crc = zlib.crc32(self._copy[pos:end], crc)
+                pos = end
+            segments = [self._copy[:pos]]
+        else:
+            for seg in segments:
+                crc = zlib.crc32(seg, crc)
         self._send([head + meta, *segments, CRC.pack(crc)])
         return RamStats(zero=count - normal, normal=normal, bytes=length + SECTION_HEADER.size + CRC.size)
 
@@ -663,6 +666,7 @@ class StreamReader:
         if total > self._remaining:
             raise StreamError(f"{what}: needs {total} bytes but only {self._remaining} remain in the section")
         got_total = 0
+        crc = self._crc
         while pending:
             try:
                 n = readv(pending[:_IOV_BATCH])
@@ -672,18 +676,21 @@ class StreamReader:
                 raise StreamError(f"stream truncated: end of input after {self.bytes_read + got_total} bytes "
                                   f"while reading {what}")
             got_total += n
+            # Checksum what just arrived while it is still in the cache.
             i = 0
-            while i < len(pending) and n >= len(pending[i]):
-                n -= len(pending[i])
-                i += 1
+            while n:
+                buf = pending[i]
+                if n >= len(buf):
+                    crc = zlib.crc32(buf, crc)
+                    n -= len(buf)
+                    i += 1
+                else:
+                    crc = zlib.crc32(buf[:n], crc)
+                    pending[i] = buf[n:]
+                    n = 0
             del pending[:i]
-            if n:
-                pending[0] = pending[0][n:]
         self.bytes_read += got_total
         self._remaining -= total
-        crc = self._crc
-        for view in targets:
-            crc = zlib.crc32(view, crc)
         self._crc = crc
 
     def _finish_section(self, name: str) -> None:

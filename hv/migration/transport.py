@@ -24,7 +24,6 @@ from typing import Any, BinaryIO, Literal
 
 log = logging.getLogger(__name__)
 
-SOCKET_BUFFER_BYTES = 4 << 20  # only applied to TCP; see _tune()
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -141,19 +140,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _tune(sock: socket.socket, tcp: bool) -> None:
-    """TCP_NODELAY for the small handshake replies; larger buffers for TCP bulk data.
+    """TCP_NODELAY, so the small handshake replies are not held back by Nagle.
 
-    On loopback UNIX sockets the default buffers measured as fast as enlarged ones, and
-    fixing SO_SNDBUF on TCP disables the kernel's autotuning, so only TCP gets a floor.
+    Buffer sizes are left to the kernel: fixing SO_SNDBUF/SO_RCVBUF (4 MiB) disables
+    TCP autotuning and measured no faster on loopback here (1 MiB sendall, median of 7:
+    ~2.7 GB/s autotuned vs ~1.9 GB/s fixed, on a loaded 2-core host). UNIX sockets are
+    left as created.
     """
     if tcp:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, opt) < SOCKET_BUFFER_BYTES:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
-            except OSError:  # a cap below our wish is fine
-                pass
 
 
 def connect(uri: MigrationUri | str, timeout: float) -> socket.socket:
@@ -272,7 +267,6 @@ def listen(uri: MigrationUri | str, backlog: int = 1) -> Listener:
         sock = socket.socket(family, stype, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _tune(sock, tcp=True)  # buffer sizes are inherited by accepted sockets
             sock.bind(addr)
             sock.listen(backlog)
         except OSError as exc:
