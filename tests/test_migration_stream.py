@@ -24,7 +24,7 @@ from hv.migration import stream as S
 from hv.migration.stream import (
     PAGE_SIZE, ConfigMismatchError, CpuSection, DeviceFingerprint, DeviceSection, EndSection,
     FileChannel, Fingerprint, HeaderSection, PeerError, RamSection, RoundEndSection, SectionType,
-    SocketChannel, StreamError, StreamKind, StreamReader, StreamWriter, compare_fingerprints,
+    SocketChannel, StreamError, StreamReader, StreamWriter, compare_fingerprints,
     read_reply, send_reply,
 )
 from hv.migration.transport import connect, listen
@@ -411,6 +411,18 @@ def test_back_channel_error_reply() -> None:
     a.close()
 
 
+def test_poll_reply_while_streaming() -> None:
+    a, b = socket.socketpair()
+    src_chan = SocketChannel(a)
+    assert S.poll_reply(src_chan, 0.0) is None
+    send_reply(SocketChannel(b), False, "RAM section: checksum mismatch")
+    assert S.poll_reply(src_chan, 1.0) == S.Reply(False, "RAM section: checksum mismatch")
+    b.close()
+    with pytest.raises(StreamError, match="stream truncated"):
+        S.poll_reply(src_chan, 1.0)
+    a.close()
+
+
 def test_back_channel_rejects_other_sections() -> None:
     data = section(SectionType.RAM, b"x")
     with pytest.raises(StreamError, match="unexpected reply section type 3"):
@@ -650,7 +662,9 @@ def test_header_and_config_are_validated() -> None:
     expect_error(pre + section(SectionType.HEADER, b'{"arch": "x86_64"}'), "HEADER: missing fields")
     hdr = (b'{"arch":"x86_64","machine":"q35","hv_version":"9","page_size":65536,"stream_id":"x"}')
     expect_error(pre + section(SectionType.HEADER, hdr), "page size 65536, this hv uses 4096")
-    expect_error(VALID, "architecture mismatch: source x86_64, destination aarch64", arch="aarch64")
+    mem = expect_error(VALID, "architecture mismatch: source x86_64, destination aarch64", arch="aarch64")
+    with pytest.raises(ConfigMismatchError):
+        reader_for(VALID, mem, arch="aarch64").read_all()
     header_only = VALID[:section_offsets(VALID)[0][2]]
     expect_error(header_only + section(SectionType.CONFIG, b'{"arch": 1}'), "config: fields")
     raw = fingerprint().to_dict()

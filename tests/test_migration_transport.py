@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -313,7 +313,7 @@ def test_open_snapshot_missing_files(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
     """Mount small or read-only tmpfs instances (hv's tests run as root here)."""
     mounted: list[Path] = []
 
@@ -330,7 +330,7 @@ def tmpfs(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
         subprocess.run(["umount", str(point)], check=False, capture_output=True)
 
 
-def test_snapshot_to_read_only_location(tmpfs) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_to_read_only_location(tmpfs: Callable[[str, str], Path]) -> None:
     ro = tmpfs("ro", "ro,size=1m")
     with pytest.raises(SnapshotError, match="Read-only file system"):
         _write_snapshot(ro / "snap", 4)
@@ -339,7 +339,7 @@ def test_snapshot_to_read_only_location(tmpfs) -> None:  # type: ignore[no-untyp
     assert os.listdir(ro) == []
 
 
-def test_snapshot_to_full_location(tmpfs) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_to_full_location(tmpfs: Callable[[str, str], Path]) -> None:
     full = tmpfs("full", "size=64k")
     with pytest.raises((StreamWriteError, SnapshotError), match="No space left on device"):
         _write_snapshot(full / "snap", 64, all_nonzero=True)  # 256 KiB of pages in 64 KiB

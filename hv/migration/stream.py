@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import select
 import struct
 import uuid
 import zlib
@@ -841,7 +842,7 @@ class StreamReader:
         if header.page_size != PAGE_SIZE:
             raise StreamError(f"HEADER: page size {header.page_size}, this hv uses {PAGE_SIZE}")
         if self.arch is not None and header.arch != self.arch:
-            raise StreamError(f"architecture mismatch: source {header.arch}, destination {self.arch}")
+            raise ConfigMismatchError([f"architecture mismatch: source {header.arch}, destination {self.arch}"])
         self.header = header
         self._phase = _Phase.CONFIG
         return header
@@ -1036,3 +1037,14 @@ def read_reply(source: Source) -> Reply:
     reader._finish_section("reply")
     return Reply(kind == SectionType.OK, text)
 
+
+def poll_reply(chan: SocketChannel, timeout: float = 0.0) -> Reply | None:
+    """Source side, while streaming: a reply (an ERROR, normally) if one is waiting.
+
+    Returns None when nothing arrived within ``timeout`` seconds. A closed connection
+    raises :class:`StreamError` ("stream truncated ...").
+    """
+    ready, _, _ = select.select([chan.sock], [], [], timeout)
+    if not ready:
+        return None
+    return read_reply(chan)
