@@ -316,6 +316,24 @@ class FileChannel:
                 raise StreamWriteError("file sink would block")
             view = view[n:]
 
+    def writev(self, buffers: list[bytes | memoryview]) -> None:
+        """Gather-write (``os.writev`` on an unbuffered file, else one buffer at a time)."""
+        if not isinstance(self.file, io.FileIO):
+            for buf in buffers:
+                self.write(buf)
+            return
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while pending:
+            batch = pending[:_IOV_BATCH]
+            written = os.writev(self.file.fileno(), batch)
+            i = 0
+            while i < len(batch) and written >= len(batch[i]):
+                written -= len(batch[i])
+                i += 1
+            del pending[:i]
+            if written:
+                pending[0] = pending[0][written:]
+
     def readinto(self, buf: memoryview) -> int:
         n = self.file.readinto(buf)
         return n or 0

@@ -375,7 +375,7 @@ def open_snapshot(directory: str) -> tuple[BinaryIO, BinaryIO]:
     opened: list[BinaryIO] = []
     try:
         for name in (STATE_FILE, MEMORY_FILE):
-            opened.append(open(os.path.join(directory, name), "rb"))
+            opened.append(open(os.path.join(directory, name), "rb", buffering=0))  # os.readv path
     except OSError as exc:
         for f in opened:
             f.close()
