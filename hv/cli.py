@@ -12,6 +12,7 @@ from types import FrameType
 from backends import choose_backend
 from backends.base import BackendError
 from hv import __version__
+from hv.devconfig import DevConfigError
 from hv.config import USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
 from hv.machine import Machine, RunState
@@ -55,12 +56,11 @@ def run(config: VmConfig) -> int:
         backend, why = choose_backend(config.arch, config.accel)
     except BackendError as exc:
         raise LaunchError(str(exc)) from None
-    log.info("%s", why)
     image = read_kernel(config) if config.kernel is not None else None
     console = open_console(config.serial)
     try:
         machine = Machine(config, backend, console)
-    except BackendError as exc:
+    except (BackendError, DevConfigError) as exc:
         console.close()
         raise LaunchError(str(exc)) from None
     session = Session(config, machine)
@@ -68,6 +68,7 @@ def run(config: VmConfig) -> int:
     try:
         if config.incoming is not None:
             machine.kernel_image = image
+            log.info("%s", why)  # logged after every check, so a bad option stays one line
             session.start_monitor()  # QMP answers while the migration arrives
             session.receive(config.incoming)
         else:
@@ -78,6 +79,7 @@ def run(config: VmConfig) -> int:
                 machine.load_kernel(image)
             except LoaderError as exc:
                 raise LaunchError(f"-kernel: {config.kernel}: {exc}") from None
+            log.info("%s", why)
             # vCPU threads exist before the monitor answers, so 'cont' after -S always works.
             machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
             session.start_monitor()

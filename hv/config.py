@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.base import Arch
+from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, parse_device, parse_drive
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
 
 MIB = 1 << 20
@@ -48,6 +49,8 @@ class VmConfig:
     start_paused: bool = False
     incoming: str | None = None
     qmp: tuple[SocketSpec, ...] = ()  # every -qmp, and every -chardev a -mon names
+    drives: tuple[DriveConfig, ...] = ()
+    devices: tuple[DeviceConfig, ...] = ()
 
     @property
     def arch(self) -> Arch:
@@ -224,10 +227,13 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         return ParsedArgs("version")
     if "-daemonize" in flags:
         raise ConfigError("-daemonize is not supported: run hv under a service manager instead")
-    for option in ("-drive", "-device", "-netdev"):
-        if option in values:
-            first = values[option][0].split(",")[0]
-            raise ConfigError(f"{option} {first}: devices beyond the console are not supported by this hv yet")
+    if "-netdev" in values:
+        raise ConfigError("-netdev: network devices are not supported by this hv yet")
+    try:
+        drives = tuple(parse_drive(v) for v in values.get("-drive", []))
+        devices = tuple(parse_device(v) for v in values.get("-device", []))
+    except DevConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
     def single(*names: str) -> str | None:
         given = [v for n in names for v in values.get(n, [])]
@@ -287,5 +293,7 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         start_paused="-S" in flags,
         incoming=incoming,
         qmp=qmp,
+        drives=drives,
+        devices=devices,
     )
     return ParsedArgs("run", config)

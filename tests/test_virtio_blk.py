@@ -2,6 +2,8 @@
 guest on KVM and Unicorn, O_DIRECT, read-only enforcement, image locks, save/restore."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ from hv.devconfig import DevConfigError, parse_device, parse_drive
 from hv.devices.bus import Bus
 from hv.devices.virtio_pci import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                                    STATUS_NEEDS_RESET, VirtioPciState)
-from hv.machine.machine import DeviceSlot, Machine
+from hv.machine.machine import Machine
 from hv.machine.pci_wiring import PciSetup, build_pci
 from hv.memory import GuestMemory, RegionSpec
 from tests.helpers import FIXTURES, requires_kvm
@@ -442,26 +444,16 @@ def test_reset_clears_queue(blk):
 
 # -- the fixture guest on real backends ------------------------------------------------------
 
-class PciMachine(Machine):
-    """Test harness: a Machine with the PCI host wired in, as the lead's Machine will do."""
+def PciMachine(config: Any, backend: Any, console: Any, drives: list, devices: list,
+               lock_images: bool = True) -> Machine:
+    """A Machine with these drives and devices, wired as the launcher does.
 
-    def __init__(self, config: Any, backend: Any, console: Any, drives: list, devices: list,
-                 lock_images: bool = True) -> None:
-        self._pci_args = (drives, devices)
-        self._lock_images = lock_images
-        super().__init__(config, backend, console)
-
-    def _build_devices(self) -> list[tuple[int, int]]:
-        windows = super()._build_devices()
-        self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio, *self._pci_args,
-                             lock_images=self._lock_images)
-        for s in self.pci.slots:
-            self.devices[s.name] = DeviceSlot(s.name, s.kind, s.device, s.state_type, s.bus, s.addr)
-        return windows + self.pci.mmio_windows
-
-    def close(self) -> None:
-        super().close()
-        self.pci.close()
+    ``lock_images=False`` builds it as a live-migration destination would (images opened
+    unlocked, locks taken over at the switch-over).
+    """
+    config = dataclasses.replace(config, drives=tuple(drives), devices=tuple(devices),
+                                 incoming=None if lock_images else "unix:/nonexistent/switch-over")
+    return Machine(config, backend, console)
 
 
 def value(p: int, i: int) -> int:

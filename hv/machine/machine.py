@@ -30,6 +30,7 @@ from hv.devices.bus import Bus
 from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
+from hv.machine.pci_wiring import build_pci
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
 
@@ -72,8 +73,9 @@ class DeviceSlot:
     kind: str
     device: PersistentDevice
     state_type: type
-    bus: str   # "port" | "mmio"
-    addr: str  # "0x3f8"
+    bus: str   # "port" | "mmio" | "pcie.0"
+    addr: str  # "0x3f8", "03.0"
+    attrs: dict[str, str] = dataclasses.field(default_factory=dict)  # must match across a migration
 
 
 @dataclass
@@ -125,8 +127,12 @@ class Machine:
         self._throttle_wake = threading.Event()
         self._throttle_thread: threading.Thread | None = None
         mmio_windows = self._build_devices()
-        self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
-        self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
+        try:
+            self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
+            self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
+        except BaseException:
+            self.pci.close()
+            raise
 
     # -- wiring -------------------------------------------------------------------
     def _add_device(self, name: str, kind: str, device: PersistentDevice, state_type: type,
@@ -140,10 +146,21 @@ class Machine:
                              self.pio, Q35_SERIAL_PORT, Serial16550.SIZE)
             self._add_device("acpi-pm", "ich9-pm", AcpiPm(self._on_sleep), AcpiPmState,
                              self.pio, Q35_ACPI_PM_PORT, AcpiPm.SIZE)
-            return []
-        self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
-                         self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
-        return [(VIRT_PL011_BASE, Pl011.SIZE)]
+            windows = []
+        else:
+            self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
+                             self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
+            windows = [(VIRT_PL011_BASE, Pl011.SIZE)]
+        # A live-migration destination opens its images unlocked and takes the locks over
+        # from the source at the switch-over.
+        incoming_live = (self.config.incoming or "").startswith(("tcp:", "unix:"))
+        self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio,
+                             self.config.drives, self.config.devices,
+                             lock_images=not incoming_live, taken_names=list(self.devices))
+        for slot in self.pci.slots:
+            self.devices[slot.name] = DeviceSlot(slot.name, slot.kind, slot.device, slot.state_type,
+                                                 slot.bus, slot.addr, {k: str(v) for k, v in slot.attrs.items()})
+        return windows + self.pci.mmio_windows
 
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal on both ends of a migration (the stream's CONFIG shape)."""
@@ -152,7 +169,7 @@ class Machine:
             "machine": self.config.machine,
             "vcpus": self.config.smp,
             "memory": self.memory.size,
-            "devices": [{"type": s.kind, "id": s.name, "bus": s.bus, "addr": s.addr, "attrs": {}}
+            "devices": [{"type": s.kind, "id": s.name, "bus": s.bus, "addr": s.addr, "attrs": dict(s.attrs)}
                         for s in self.devices.values()],
         }
 
@@ -300,6 +317,7 @@ class Machine:
         self._threads = []
         self.vm.close()
         self.memory.close()
+        self.pci.close()
 
     # -- throttling (migration auto-converge) ---------------------------------------------
     def set_throttle(self, percent: int) -> None:
