@@ -95,6 +95,30 @@ def test_connect_refused_carries_the_os_reason() -> None:
         connect(f"tcp:127.0.0.1:{port}", 2)
 
 
+def test_connect_timeout_carries_the_reason() -> None:
+    """A destination that never answers the SYN (its accept backlog is full)."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    held = []
+    try:
+        for _ in range(2):  # fill the backlog; the second attempt already times out
+            s = socket.socket()
+            s.settimeout(0.3)
+            try:
+                s.connect(("127.0.0.1", port))
+            except OSError:
+                pass
+            held.append(s)
+        with pytest.raises(MigrationConnectError, match=f"cannot connect to tcp:127.0.0.1:{port}: Connection timed out"):
+            connect(f"tcp:127.0.0.1:{port}", 0.3)
+    finally:
+        for s in held:
+            s.close()
+        full.close()
+
+
 def test_connect_to_missing_unix_socket(tmp_path: Path) -> None:
     with pytest.raises(MigrationConnectError, match="cannot connect to unix:.*: No such file or directory"):
         connect(f"unix:{tmp_path / 'nope.sock'}", 2)
