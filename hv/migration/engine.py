@@ -371,12 +371,14 @@ class OutgoingMigration:
             raise MigrationError(f"unexpected answer from the destination: {reply.text!r}")
         sender.check_cancel()
         self._committed = True
+        machine.pci.release_locks()  # the destination takes the disk image locks over
         try:
             send_reply(channel, True, "commit")
         except StreamError as exc:
             # Not queued (the peer is gone), so it cannot have been read: the destination
             # cannot start the guest and resuming here is safe.
             self._committed = False
+            machine.pci.acquire_locks()
             raise MigrationError(f"the destination went away before the commit: {exc}") from exc
         reply = _switch_over_reply(channel, "the destination did not confirm it runs the guest")
         if not reply.ok or reply.text != "running":
@@ -505,9 +507,23 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
     if not reply.ok or reply.text != "commit":
         raise MigrationError(f"source did not commit the switch-over: {reply.text}")
+    take_image_locks(machine)
     machine.start()
     status.complete(None)
     _try_send(channel, True, "running")
+
+
+def take_image_locks(machine: Machine, timeout: float = 5.0) -> None:
+    """Lock the disk images the source has just released (retrying briefly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            machine.pci.acquire_locks()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"cannot lock the disk images: {exc.strerror or exc}") from None
+            time.sleep(0.02)
 
 
 def _try_send(channel: SocketChannel, ok: bool, text: str) -> None:
