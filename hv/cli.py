@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from hv.qmp.client import main as qmp_main
 
         return qmp_main(args[1:])
+    if args[:1] == ["bench"]:
+        from hv.bench import main as bench_main
+
+        return bench_main(args[1:])
     try:
         parsed = parse_args(args)
     except ConfigError as exc:
