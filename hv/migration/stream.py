@@ -1035,7 +1035,8 @@ class Reply:
 
 
 def send_reply(sink: Sink, ok: bool, text: str) -> None:
-    """Destination side: OK ``phase`` ("config", "running") or ERROR ``reason``."""
+    """Send one reply: OK with a short word (the engine uses "ready", "commit", "running")
+    or ERROR with a reason."""
     writer = StreamWriter(sink)
     writer.write_section(SectionType.OK if ok else SectionType.ERROR, text.encode()[:MAX_MESSAGE_BYTES])
 
