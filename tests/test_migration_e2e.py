@@ -233,20 +233,22 @@ def test_cancel_then_migrate_again(vms, sock_dir):
     finish("q35", src, second)
 
 
+# (sectors, iterations) keep each run a few seconds long: kvm_pvm emulates this CPL0
+# driver ~20x slower than Unicorn, and the source must still be mid-run when it migrates.
 BLK_PAIRS = [
-    pytest.param("q35", "unicorn", "unicorn", id="x86_64-unicorn-unicorn"),
-    pytest.param("q35", "kvm", "unicorn", marks=requires_kvm, id="x86_64-kvm-unicorn"),
-    pytest.param("q35", "unicorn", "kvm", marks=requires_kvm, id="x86_64-unicorn-kvm"),
-    pytest.param("virt", "unicorn", "unicorn", id="aarch64-unicorn-unicorn"),
+    pytest.param("q35", "unicorn", "unicorn", 1024, 20, id="x86_64-unicorn-unicorn"),
+    pytest.param("q35", "kvm", "unicorn", 64, 12, marks=requires_kvm, id="x86_64-kvm-unicorn"),
+    pytest.param("q35", "unicorn", "kvm", 1024, 5, marks=requires_kvm, id="x86_64-unicorn-kvm"),
+    pytest.param("virt", "unicorn", "unicorn", 1024, 20, id="aarch64-unicorn-unicorn"),
 ]
 
 
-def blk_run(hv, sock_dir, tmp_path, machine, first, second=None, iterations=40):
+def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations):
     """Run the virtio-blk guest (migrating mid-I/O if ``second``); (serial output, image)."""
     image = tmp_path / f"disk-{first}-{second}.img"
     image.write_bytes(bytes(1 << 20))
     args = ["-machine", machine, "-m", "64", "-kernel", str(FIXTURES / ARCH[machine] / "blk.elf"),
-            "-append", f"sectors=64 iterations={iterations}",
+            "-append", f"sectors={sectors} iterations={iterations}",
             "-drive", f"file={image},id=d0,serial=BLK0", "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=3"]
     src = Vm(hv, sock_dir, f"bsrc{second}", *args, "-accel", first)
     vms = [src]
@@ -255,7 +257,7 @@ def blk_run(hv, sock_dir, tmp_path, machine, first, second=None, iterations=40):
             dst = Vm(hv, sock_dir, f"bdst{second}", *args, "-accel", second,
                      "-incoming", f"unix:{os.path.join(sock_dir, 'blk.mig')}")
             vms.append(dst)
-            src.wait_lines(4)
+            src.wait_lines(3)
             if (first, second) == ("unicorn", "kvm"):
                 # Unicorn runs this CPL0 driver ~20x faster than kvm_pvm: pause the fast
                 # source mid-run so the guest cannot finish before the migration starts.
@@ -271,13 +273,12 @@ def blk_run(hv, sock_dir, tmp_path, machine, first, second=None, iterations=40):
             vm.close()
 
 
-@pytest.mark.parametrize("machine,first,second", BLK_PAIRS)
-def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, second):
+@pytest.mark.parametrize("machine,first,second,sectors,iterations", BLK_PAIRS)
+def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations):
     """Migration while the guest writes its disk continuously loses no write and repeats
     none: the output and the image equal an unmigrated run's, byte for byte."""
-    iterations = 12 if first == "kvm" else 40  # kvm_pvm emulates the CPL0 driver slowly
-    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, first, second, iterations)
-    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, iterations)
+    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations)
+    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, sectors, iterations)
     assert migrated_out.splitlines() == plain_out.splitlines()
     assert migrated_out.splitlines()[-1] == "done"
     assert migrated_image == plain_image
