@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.base import Arch
-from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, parse_device, parse_drive
+from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfig, parse_device, parse_drive,
+                          parse_netdev)
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
 
 MIB = 1 << 20
@@ -51,6 +52,7 @@ class VmConfig:
     qmp: tuple[SocketSpec, ...] = ()  # every -qmp, and every -chardev a -mon names
     drives: tuple[DriveConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
+    netdevs: tuple[NetdevConfig, ...] = ()
 
     @property
     def arch(self) -> Arch:
@@ -227,10 +229,9 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         return ParsedArgs("version")
     if "-daemonize" in flags:
         raise ConfigError("-daemonize is not supported: run hv under a service manager instead")
-    if "-netdev" in values:
-        raise ConfigError("-netdev: network devices are not supported by this hv yet")
     try:
         drives = tuple(parse_drive(v) for v in values.get("-drive", []))
+        netdevs = tuple(parse_netdev(v) for v in values.get("-netdev", []))
         devices = tuple(parse_device(v) for v in values.get("-device", []))
     except DevConfigError as exc:
         raise ConfigError(str(exc)) from None
@@ -295,5 +296,6 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         qmp=qmp,
         drives=drives,
         devices=devices,
+        netdevs=netdevs,
     )
     return ParsedArgs("run", config)

@@ -2,6 +2,8 @@
 
     -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,serial=S][,if=none][,format=raw]
     -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0][,addr=SLOT[.FN]][,serial=S]
+    -netdev socket,id=ID,listen=PATH | socket,id=ID,connect=PATH | tap,id=ID,ifname=IF
+    -device virtio-net-pci,netdev=ID[,id=ID][,mac=52:54:00:12:34:56][,bus=pcie.0][,addr=SLOT[.FN]]
 
 Every problem is a :class:`DevConfigError` whose message is one line naming the option
 and what is wrong with it; the launcher prints it and exits 1.
@@ -17,11 +19,13 @@ from hv.devices.pci import PciError, parse_devfn
 
 SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
-DEVICE_DRIVERS = ("virtio-blk-pci",)
+DEVICE_DRIVERS = ("virtio-blk-pci", "virtio-net-pci")
+SUN_PATH_MAX = 107   # sockaddr_un.sun_path without the NUL
+IFNAME_MAX = 15      # IFNAMSIZ - 1
 
 
 class DevConfigError(ValueError):
-    """A -drive or -device value is malformed, inconsistent or names an unusable file."""
+    """A -drive, -netdev or -device value is malformed, inconsistent or names an unusable file."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,21 @@ class DeviceConfig:
     slot: int | None = None      # None: first free slot
     function: int = 0
     serial: str | None = None
+    netdev: str | None = None    # virtio-net-pci
+    mac: str | None = None       # virtio-net-pci, normalised lower case; None: assigned by the wiring
 
     @property
     def addr(self) -> str | None:
         return None if self.slot is None else f"{self.slot:#x}.{self.function}"
+
+
+@dataclass(frozen=True)
+class NetdevConfig:
+    id: str
+    kind: str                    # "socket" | "tap"
+    path: Path | None = None     # socket
+    role: str = "connect"        # socket: "listen" | "connect"
+    ifname: str = ""             # tap
 
 
 def _split(option: str, value: str) -> tuple[str | None, dict[str, str]]:
@@ -128,6 +143,77 @@ def parse_drive(value: str) -> DriveConfig:
     return DriveConfig(drive_id, path, readonly, direct, serial)
 
 
+def parse_netdev(value: str) -> NetdevConfig:
+    """Parse one ``-netdev`` value (the socket or tap itself is opened by the wiring)."""
+    option = "-netdev"
+    kind, pairs = _split(option, value)
+    if kind not in ("socket", "tap"):
+        raise DevConfigError(f"{option} {value}: the first item must be the backend type (socket or tap)")
+    known = {"socket": {"id", "listen", "connect", "path", "server"}, "tap": {"id", "ifname"}}[kind]
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {kind}: unknown parameter '{unknown[0]}'")
+    if not pairs.get("id"):
+        raise DevConfigError(f"{option} {kind}: id= is required")
+    netdev_id = _check_id(option, "id", pairs["id"])
+    if kind == "tap":
+        ifname = pairs.get("ifname", "")
+        if not ifname or len(ifname.encode()) > IFNAME_MAX or not re.fullmatch(r"[A-Za-z0-9_.:-]+", ifname):
+            raise DevConfigError(f"{option} tap,id={netdev_id}: ifname={ifname!r}: an interface name of "
+                                 f"1-{IFNAME_MAX} letters, digits, '_', '.', ':', '-' is required")
+        return NetdevConfig(netdev_id, "tap", ifname=ifname)
+    roles = [key for key in ("listen", "connect", "path") if key in pairs]
+    if len(roles) != 1:
+        raise DevConfigError(f"{option} socket,id={netdev_id}: give exactly one of listen=PATH, connect=PATH "
+                             "or path=PATH[,server=on|off]")
+    if "server" in pairs and roles[0] != "path":
+        raise DevConfigError(f"{option} socket,id={netdev_id}: server= only goes with path=")
+    text = pairs[roles[0]]
+    role = roles[0] if roles[0] != "path" else \
+        ("listen" if _on_off(option, "server", pairs.get("server", "off")) else "connect")
+    if not text or len(text.encode()) > SUN_PATH_MAX:
+        raise DevConfigError(f"{option} socket,id={netdev_id}: socket path must be 1-{SUN_PATH_MAX} bytes")
+    path = Path(text)
+    if role == "listen" and not path.expanduser().resolve().parent.is_dir():
+        raise DevConfigError(f"{option} socket,id={netdev_id}: directory of {text} does not exist")
+    return NetdevConfig(netdev_id, "socket", path=path, role=role)
+
+
+def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
+    from hv.devices.virtio_net import MacError, format_mac, parse_mac
+
+    known = {"netdev", "id", "bus", "addr", "mac", "multifunction"}
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    if not pairs.get("netdev"):
+        raise DevConfigError(f"{option} {driver}: netdev= is required")
+    netdev = _check_id(option, "netdev", pairs["netdev"])
+    device_id = _check_id(option, "id", pairs.get("id", netdev))
+    mac: str | None = None
+    if "mac" in pairs:
+        try:
+            mac = format_mac(parse_mac(pairs["mac"]))
+        except MacError as exc:
+            raise DevConfigError(f"{option} {driver}: {exc}") from None
+    bus, slot, function = _placement(option, driver, pairs)
+    return DeviceConfig(driver, device_id, "", bus, slot, function, None, netdev, mac)
+
+
+def _placement(option: str, driver: str, pairs: dict[str, str]) -> tuple[str, int | None, int]:
+    bus = pairs.get("bus", "pcie.0")
+    if bus != "pcie.0":
+        raise DevConfigError(f"{option} {driver}: bus={bus}: no such bus (the only bus is pcie.0)")
+    slot: int | None = None
+    function = 0
+    if "addr" in pairs:
+        try:
+            slot, function = parse_devfn(pairs["addr"])
+        except PciError as exc:
+            raise DevConfigError(f"{option} {driver}: {exc}") from None
+    return bus, slot, function
+
+
 def parse_device(value: str) -> DeviceConfig:
     """Parse one ``-device`` value (placement is checked against the bus by the wiring)."""
     option = "-device"
@@ -136,6 +222,8 @@ def parse_device(value: str) -> DeviceConfig:
         raise DevConfigError(f"{option} {value}: the first item must be the device type")
     if driver not in DEVICE_DRIVERS:
         raise DevConfigError(f"{option}: unknown device type '{driver}' (supported: {', '.join(DEVICE_DRIVERS)})")
+    if driver == "virtio-net-pci":
+        return _parse_net_device(option, driver, pairs)
     known = {"drive", "id", "bus", "addr", "serial", "multifunction"}
     unknown = sorted(set(pairs) - known)
     if unknown:

@@ -156,7 +156,8 @@ class Machine:
         incoming_live = (self.config.incoming or "").startswith(("tcp:", "unix:"))
         self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio,
                              self.config.drives, self.config.devices,
-                             lock_images=not incoming_live, taken_names=list(self.devices))
+                             lock_images=not incoming_live, taken_names=list(self.devices),
+                             netdevs=self.config.netdevs)
         for slot in self.pci.slots:
             self.devices[slot.name] = DeviceSlot(slot.name, slot.kind, slot.device, slot.state_type,
                                                  slot.bus, slot.addr, {k: str(v) for k, v in slot.attrs.items()})

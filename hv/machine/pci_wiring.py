@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from hv.block import BlockBackend, BlockError
-from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig
+from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
 from hv.devices.bus import Bus
 from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_MEMORY, HostBridge, PciBarWindow,
                             PciConfigPorts, PciEcam, PciError, PciFunction, PciHost, PciHostState,
                             format_devfn)
 from hv.devices.virtio_blk import VirtioBlk
+from hv.devices.virtio_net import VirtioNet, VirtioNetPciDevice, VirtioNetState, format_mac, parse_mac
 from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
 from hv.memory import GuestMemory
+from hv.net import NetBackend, NetError, open_netdev
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class PciSetup:
     mmio_windows: list[tuple[int, int]]
     slots: list[PciSlot]
     blocks: dict[str, BlockBackend]     # drive id -> open image
+    nets: dict[str, NetBackend] = field(default_factory=dict)   # netdev id -> open backend
 
     def fingerprint_devices(self) -> list[dict[str, Any]]:
         """Entries for ``Machine.fingerprint()['devices']`` (type, id, bus, addr, attrs)."""
@@ -95,11 +98,14 @@ class PciSetup:
     def close(self) -> None:
         for block in self.blocks.values():
             block.close()
+        for net in self.nets.values():
+            net.close()
 
 
 def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
               drives: Iterable[DriveConfig] = (), devices: Iterable[DeviceConfig] = (),
-              lock_images: bool = True, taken_names: Iterable[str] = ()) -> PciSetup:
+              lock_images: bool = True, taken_names: Iterable[str] = (),
+              netdevs: Iterable[NetdevConfig] = ()) -> PciSetup:
     """Create the host bridge and every ``-device``, and put them on the buses.
 
     ``lock_images=False`` is for an incoming migration: the destination opens the images
@@ -124,6 +130,11 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
         if drive.id in drive_map:
             raise DevConfigError(f"-drive id={drive.id}: duplicate drive id")
         drive_map[drive.id] = drive
+    netdev_map: dict[str, NetdevConfig] = {}
+    for netdev in netdevs:
+        if netdev.id in netdev_map:
+            raise DevConfigError(f"-netdev id={netdev.id}: duplicate netdev id")
+        netdev_map[netdev.id] = netdev
 
     host = PciHost(HostBridge(*layout.bridge_ids))
     ecam = PciEcam(host, layout.ecam_buses)
@@ -145,6 +156,9 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
             if device.id in names:
                 raise DevConfigError(f"-device {device.driver}: id={device.id} is already used by another device")
             names.add(device.id)
+            if device.driver == "virtio-net-pci":
+                _plug_net(setup, memory, device, netdev_map, slots)
+                continue
             drive = drive_map.get(device.drive)
             if drive is None:
                 raise DevConfigError(f"-device {device.driver}: drive={device.drive}: no -drive with that id")
@@ -171,10 +185,52 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
                                  format_devfn(slot, fn),
                                  {"drive": drive.id, "file": str(drive.file), "serial": serial or "",
                                   "readonly": drive.readonly}))
+        unused = sorted(set(netdev_map) - set(setup.nets))
+        if unused:
+            raise DevConfigError(f"-netdev id={unused[0]}: no -device virtio-net-pci uses it")
     except BaseException:
         setup.close()
         raise
+    for slot in slots:   # receive only once everything is built (nothing to leak on errors)
+        if isinstance(slot.device, VirtioNetPciDevice):
+            slot.device.start()
     return setup
+
+
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+def _plug_net(setup: PciSetup, memory: GuestMemory, device: DeviceConfig,
+              netdev_map: dict[str, NetdevConfig], slots: list[PciSlot]) -> None:
+    """Open the netdev's backend and plug a virtio-net-pci function for it."""
+    host = setup.host
+    netdev = netdev_map.get(device.netdev or "")
+    if netdev is None:
+        raise DevConfigError(f"-device {device.driver}: netdev={device.netdev}: no -netdev with that id")
+    if netdev.id in setup.nets:
+        raise DevConfigError(f"-device {device.driver}: netdev={netdev.id} is already used by a device")
+    slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
+    if slot << 3 | fn in host.functions:
+        what = "the host bridge" if slot == 0 and fn == 0 else "another device"
+        raise DevConfigError(f"-device {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
+                             f"is taken by {what}")
+    if device.mac is not None:
+        mac = parse_mac(device.mac)
+    else:   # QEMU's default, made unique per NIC: 52:54:00:12:34:56, :57, ...
+        mac = bytes.fromhex(DEFAULT_MAC.replace(":", ""))
+        mac = mac[:5] + bytes([(mac[5] + len(setup.nets)) & 0xFF])
+    try:
+        backend = open_netdev(netdev.kind, netdev.id, path=netdev.path, role=netdev.role, ifname=netdev.ifname)
+    except NetError as exc:
+        raise DevConfigError(f"-netdev {netdev.kind},id={netdev.id}: {exc.strerror}") from None
+    setup.nets[netdev.id] = backend
+    function = VirtioNetPciDevice(memory, VirtioNet(memory, backend, mac))
+    try:
+        host.plug(function, slot, fn)
+    except PciError as exc:
+        raise DevConfigError(f"-device {device.driver},id={device.id}: {exc}") from None
+    attrs = {"netdev": netdev.id, "mac": format_mac(mac)}
+    slots.append(PciSlot(device.id, device.driver, function, VirtioNetState, "pcie.0", format_devfn(slot, fn), attrs))
 
 
 def _free_slot(host: PciHost) -> int:

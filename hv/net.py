@@ -1,0 +1,359 @@
+"""Network backends for virtio-net: where the guest's Ethernet frames go and come from.
+
+* :class:`SocketNetBackend` (``-netdev socket,id=N,listen=PATH`` or ``connect=PATH``):
+  an unprivileged unix ``SOCK_SEQPACKET`` socket, one Ethernet frame per message (no
+  virtio header, no length prefix). ``listen`` binds PATH (which must not exist) and
+  accepts one peer at a time; when that peer hangs up the next one is accepted. ``connect``
+  connects to a listening PATH at start (the peer must be listening). Two hv processes
+  (one ``listen``, one ``connect``) are two machines joined by a cable; a test process can
+  be either end.
+* :class:`TapNetBackend` (``-netdev tap,id=N,ifname=IF``): ``/dev/net/tun`` with
+  ``IFF_TAP | IFF_NO_PI``; needs CAP_NET_ADMIN (or a persistent tap owned by the user).
+
+Both run one reader thread that hands every received frame to a callback (the device
+queues it); :meth:`NetBackend.send` writes one frame without blocking. A frame that cannot
+be sent (no peer connected yet, peer gone, socket buffer full) is dropped and counted, as
+a NIC drops frames on a link that is down or congested. Received frames longer than
+:data:`MAX_FRAME` are dropped and counted.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Largest frame either direction carries: 64 KiB of payload plus an Ethernet header with
+# a VLAN tag. Without GSO features a guest never sends more than its MTU + 14.
+MAX_FRAME = 65536 + 18
+MIN_FRAME = 14  # an Ethernet header
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+FrameSink = Callable[[bytes], None]
+
+
+class NetError(OSError):
+    """A network backend could not be opened (bad path, peer missing, no permission)."""
+
+
+@dataclass
+class NetStats:
+    """Counters of one backend (host side)."""
+
+    tx_frames: int = 0
+    tx_dropped: int = 0        # no peer / peer gone / would block
+    rx_frames: int = 0
+    rx_dropped: int = 0        # oversize or runt frames from the peer
+
+
+@dataclass
+class NetBackend:
+    """Base class: a frame transport with a reader thread.
+
+    Subclasses provide ``_fd()`` (what the reader polls), ``_recv()`` and ``_send()``.
+    """
+
+    name: str
+    stats: NetStats = field(default_factory=NetStats)
+
+    def __post_init__(self) -> None:
+        self._sink: FrameSink | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closed = False
+        self._lock = threading.Lock()   # guards the connection socket / fd swap
+
+    # -- public ------------------------------------------------------------------------
+    def start(self, sink: FrameSink) -> None:
+        """Start the reader thread; ``sink(frame)`` is called from it for every frame."""
+        if self._thread is not None:
+            raise RuntimeError("backend already started")
+        self._sink = sink
+        self._thread = threading.Thread(target=self._reader, name=f"net-{self.name}", daemon=True)
+        self._thread.start()
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        """Send one frame without blocking; False (and counted) when it was dropped."""
+        if self._closed:
+            self.stats.tx_dropped += 1
+            return False
+        try:
+            sent = self._send(frame)
+        except OSError as exc:
+            log.debug("netdev %s: send failed: %s", self.name, exc.strerror)
+            sent = False
+        if sent:
+            self.stats.tx_frames += 1
+        else:
+            self.stats.tx_dropped += 1
+        return sent
+
+    def close(self) -> None:
+        """Stop the reader thread and release the socket/device; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        self._release()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- reader -----------------------------------------------------------------------------
+    def _reader(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        current: int | None = None
+        while not self._closed:
+            fd = self._fd()
+            if fd != current:
+                if current is not None:
+                    try:
+                        poller.unregister(current)
+                    except KeyError:
+                        pass
+                if fd is not None:
+                    poller.register(fd, select.POLLIN)
+                current = fd
+            try:
+                events = poller.poll(500)
+            except InterruptedError:
+                continue
+            for ready, mask in events:
+                if ready == self._wake_r or self._closed:
+                    continue
+                try:
+                    self._readable(mask)
+                except OSError as exc:
+                    if not self._closed:
+                        log.warning("netdev %s: receive failed: %s", self.name, exc.strerror)
+                        self._peer_lost()
+                except Exception:  # a bug here must not silently stop the NIC's receive side
+                    log.exception("netdev %s: receive failed", self.name)
+                    self._peer_lost()
+
+    def _deliver(self, frame: bytes) -> None:
+        if len(frame) < MIN_FRAME or len(frame) > MAX_FRAME:
+            self.stats.rx_dropped += 1
+            return
+        self.stats.rx_frames += 1
+        if self._sink is not None:
+            self._sink(frame)
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _fd(self) -> int | None:
+        raise NotImplementedError
+
+    def _readable(self, mask: int) -> None:
+        raise NotImplementedError
+
+    def _send(self, frame: bytes | bytearray | memoryview) -> bool:
+        raise NotImplementedError
+
+    def _peer_lost(self) -> None:
+        return None
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class SocketNetBackend(NetBackend):
+    """A unix SOCK_SEQPACKET cable end: ``role`` is ``"listen"`` or ``"connect"``."""
+
+    path: Path = Path()
+    role: str = "connect"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        if self.role == "listen":
+            if os.path.lexists(self.path):
+                self._cleanup_pipe()
+                raise NetError(errno.EEXIST, f"{self.path} already exists (remove it or choose another path)")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                listener.bind(str(self.path))
+                listener.listen(1)
+                listener.setblocking(False)
+            except OSError as exc:
+                listener.close()
+                self._cleanup_pipe()
+                raise NetError(exc.errno, f"cannot listen on {self.path}: {exc.strerror}") from None
+            self._listener = listener
+        elif self.role == "connect":
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                conn.connect(str(self.path))
+                conn.setblocking(False)
+            except OSError as exc:
+                conn.close()
+                self._cleanup_pipe()
+                raise NetError(exc.errno, f"cannot connect to {self.path}: {exc.strerror}") from None
+            self._conn = conn
+        else:
+            self._cleanup_pipe()
+            raise NetError(errno.EINVAL, f"unknown socket role {self.role!r}")
+
+    def _cleanup_pipe(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _fd(self) -> int | None:
+        with self._lock:
+            if self._conn is not None:
+                return self._conn.fileno()
+            return self._listener.fileno() if self._listener is not None else None
+
+    def _readable(self, mask: int) -> None:
+        with self._lock:
+            conn, listener = self._conn, self._listener
+        if conn is None:
+            if listener is None:
+                return
+            try:
+                new, _ = listener.accept()
+            except BlockingIOError:
+                return
+            new.setblocking(False)
+            with self._lock:
+                self._conn = new
+            log.info("netdev %s: peer connected on %s", self.name, self.path)
+            return
+        while True:
+            try:
+                data, _, flags, _ = conn.recvmsg(MAX_FRAME + 1)
+            except BlockingIOError:
+                return
+            if not data and not flags & socket.MSG_TRUNC:
+                self._peer_lost()
+                return
+            if flags & socket.MSG_TRUNC:
+                self.stats.rx_dropped += 1
+                continue
+            self._deliver(data)
+
+    def _send(self, frame: bytes | bytearray | memoryview) -> bool:
+        with self._lock:
+            conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.send(frame)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def _peer_lost(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            log.info("netdev %s: peer on %s hung up", self.name, self.path)
+
+    def _release(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            listener, self._listener = self._listener, None
+        if conn is not None:
+            conn.close()
+        if listener is not None:
+            listener.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+
+@dataclass
+class TapNetBackend(NetBackend):
+    """A tap interface through /dev/net/tun (IFF_TAP | IFF_NO_PI)."""
+
+    ifname: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._tap: int | None = None
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            self._cleanup()
+            raise NetError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror}") from None
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", self.ifname.encode(), IFF_TAP | IFF_NO_PI))
+        except OSError as exc:
+            os.close(fd)
+            self._cleanup()
+            hint = " (needs CAP_NET_ADMIN, or a persistent tap owned by this user)" \
+                if exc.errno in (errno.EPERM, errno.EACCES) else ""
+            raise NetError(exc.errno, f"cannot attach tap {self.ifname}: {exc.strerror}{hint}") from None
+        self._tap = fd
+
+    def _cleanup(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _fd(self) -> int | None:
+        return self._tap
+
+    def _readable(self, mask: int) -> None:
+        if self._tap is None:
+            return
+        while True:
+            try:
+                data = os.read(self._tap, MAX_FRAME + 1)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._deliver(data)
+
+    def _send(self, frame: bytes | bytearray | memoryview) -> bool:
+        if self._tap is None:
+            return False
+        try:
+            os.write(self._tap, frame)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _release(self) -> None:
+        if self._tap is not None:
+            os.close(self._tap)
+            self._tap = None
+
+
+def open_netdev(kind: str, name: str, *, path: Path | None = None, role: str = "connect",
+                ifname: str = "") -> NetBackend:
+    """Open a backend (``kind`` ``"socket"`` or ``"tap"``); raises :class:`NetError`."""
+    if kind == "socket":
+        if path is None:
+            raise NetError(errno.EINVAL, "socket netdev needs a path")
+        return SocketNetBackend(name, path=path, role=role)
+    if kind == "tap":
+        return TapNetBackend(name, ifname=ifname)
+    raise NetError(errno.EINVAL, f"unknown netdev type {kind!r}")
