@@ -282,3 +282,48 @@ def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, secon
     assert migrated_out.splitlines() == plain_out.splitlines()
     assert migrated_out.splitlines()[-1] == "done"
     assert migrated_image == plain_image
+
+
+@pytest.mark.parametrize("first,second", [pytest.param("kvm", "unicorn", marks=requires_kvm, id="kvm-unicorn"),
+                                          pytest.param("unicorn", "kvm", marks=requires_kvm, id="unicorn-kvm"),
+                                          pytest.param("unicorn", "unicorn", id="unicorn-unicorn")])
+def test_snapshot_across_backends(vms, tmp_path, first, second):
+    src = vms("src", "q35", first)
+    src.wait_lines(3)
+    snap = str(tmp_path / "snap")
+    assert src.execute("migrate", uri=f"file:{snap}") == {"return": {}}
+    assert src.wait_migration()["status"] == "completed"
+    src.execute("quit")
+    restored = vms("restored", "q35", second, "-incoming", f"file:{snap}")
+    restored.wait_lines(3)
+    finish("q35", src, restored)
+
+
+def test_qmp_over_tcp_ipv6(hv):
+    import socket as socket_module
+
+    probe = socket_module.socket(socket_module.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unusable here: {exc}")
+    finally:
+        probe.close()
+    vm = hv("-machine", "virt", "-kernel", str(FIXTURES / "aarch64" / "dirty.elf"), "-append", "mib=1",
+            "-qmp", f"tcp:[::1]:{port},server,nowait")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = socket_module.create_connection(("::1", port), timeout=10)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with conn:
+        stream = conn.makefile("rwb")
+        assert b'"QMP"' in stream.readline()
+        stream.write(b'{"execute": "quit"}\r\n')
+        stream.flush()
+        assert stream.readline().strip() == b'{"return": {}}'
+    assert vm.wait(30) == 0
