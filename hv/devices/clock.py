@@ -1,0 +1,101 @@
+"""The guest's virtual clock: nanoseconds of guest time, the time base of hv's timers.
+
+Guest time advances with the host's monotonic clock while the machine runs and stands
+still while it is paused (or not yet started), so a guest never sees time jump over a
+pause, a snapshot or the downtime of a migration. Its value is part of the saved machine
+state: a restored clock continues from the saved value, so time seen by the guest (the
+local APIC timer's current count, timer deadlines) never goes backwards when a guest moves
+to another backend or host.
+
+All timer deadlines in hv's interrupt controllers are absolute guest nanoseconds of this
+clock, which makes them exact across migration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from hv.devices.interfaces import DeviceStateError
+
+MAX_NS = (1 << 63) - 1
+
+
+@dataclass
+class ClockState:
+    """The clock's value in guest nanoseconds at the moment it was saved."""
+
+    ns: int = 0
+
+    VERSION = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "ClockState":
+        if not isinstance(raw, dict) or set(raw) != {"ns"}:
+            raise DeviceStateError("clock state: wrong fields")
+        ns = raw["ns"]
+        if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns <= MAX_NS:
+            raise DeviceStateError("clock state: ns out of range")
+        return cls(ns)
+
+
+class GuestClock:
+    """A monotonic nanosecond clock that runs only while the machine runs.
+
+    ``host_ns`` is the host time source (``time.monotonic_ns`` unless a test injects a
+    fake one). Thread-safe.
+    """
+
+    def __init__(self, host_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self._host_ns = host_ns
+        self._lock = threading.Lock()
+        self._base = 0              # guest ns at _anchor (or the frozen value)
+        self._anchor = 0            # host ns when the clock last started
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def now(self) -> int:
+        """Current guest time in nanoseconds (never smaller than an earlier result)."""
+        with self._lock:
+            if not self._running:
+                return self._base
+            return self._base + max(0, self._host_ns() - self._anchor)
+
+    def set_running(self, running: bool) -> bool:
+        """Start or stop the clock; True if that changed anything."""
+        with self._lock:
+            if running == self._running:
+                return False
+            now = self._host_ns()
+            if running:
+                self._anchor = now
+            else:
+                self._base += max(0, now - self._anchor)
+            self._running = running
+            return True
+
+    def host_delay(self, guest_deadline: int) -> float | None:
+        """Seconds of host time until guest time reaches ``guest_deadline`` (0 if it has),
+        or None while the clock stands still."""
+        with self._lock:
+            if not self._running:
+                return None
+            now = self._base + max(0, self._host_ns() - self._anchor)
+        return max(0, guest_deadline - now) / 1e9
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self) -> ClockState:
+        return ClockState(self.now())
+
+    def restore(self, state: ClockState) -> None:
+        with self._lock:
+            self._base = state.ns
+            self._anchor = self._host_ns()
