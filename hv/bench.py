@@ -12,7 +12,9 @@ can be read as a fraction of what the link can do on this machine, now.
 Guest modes (the ``dirty`` guest with ``mib=B``, B = 64 or a quarter of a smaller RAM):
 ``idle`` runs one pass over its buffer and halts (``idle=1``): B MiB of data, the rest of
 RAM never touched. ``dirty`` keeps rewriting the buffer, so every page of it is dirty
-again about every pass. Migration starts once the guest printed its first pass.
+again about every pass. Migration starts once the guest printed its first pass. After a
+``dirty`` migration the destination's next pass line must say ``bad 0`` (the guest
+checked every word of its buffer), else the run counts as failed.
 
 Not a test: it measures; the goals (downtime <= 300 ms and <= QEMU's, total time <=
 QEMU's, throughput >= 80% of loopback) are printed as a verdict per row, never asserted.
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -234,6 +237,7 @@ class Settings:
     dirty_mib: int
     timeout: float
     qemu: str | None
+    hv: tuple[str, ...] = (sys.executable, "-m", "hv")
 
 
 def _guest_append(case: Case, settings: Settings) -> str:
@@ -242,7 +246,7 @@ def _guest_append(case: Case, settings: Settings) -> str:
 
 
 def _hv_argv(case: Case, settings: Settings, qmp: str, serial: Path, incoming: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "hv", "-machine", "q35", "-accel", case.accel, "-m", str(case.size_mib),
+    argv = [*settings.hv, "-machine", "q35", "-accel", case.accel, "-m", str(case.size_mib),
             "-kernel", str(settings.kernel), "-append", _guest_append(case, settings),
             "-serial", f"file,path={serial}", "-qmp", f"unix:{qmp},server,nowait"]
     return argv + ["-incoming", incoming] if incoming else argv
@@ -287,6 +291,21 @@ def _destination_uri(case: Case, dst: VmProcess, listen_uri: str) -> str:
         time.sleep(0.02)
 
 
+def check_guest(dst: VmProcess, timeout: float) -> None:
+    """The migrated dirty guest's next pass must find its whole buffer as it left it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        match = re.search(r"pass \d+ sum [0-9a-f]{16} bad (\d+)\n", dst.output())
+        if match:
+            if match.group(1) != "0":
+                raise BenchError(f"the migrated guest found {match.group(1)} bad words: RAM was corrupted")
+            return
+        dst.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"the migrated guest printed no pass within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
 def migrate_once(case: Case, settings: Settings) -> Sample:
     """Start source and destination, wait for the guest's first pass, migrate, measure."""
     make_argv = _hv_argv if case.engine == "hv" else _qemu_argv
@@ -325,6 +344,8 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                                      f"(status {status}, passes {info.get('ram', {}).get('dirty-sync-count')})")
                 time.sleep(0.02)
             ram = info.get("ram", {})
+            if case.mode == "dirty":
+                check_guest(dst, settings.timeout)
             return Sample(total_ms=int(info["total-time"]), downtime_ms=int(info["downtime"]),
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]))
         finally:
@@ -469,6 +490,8 @@ def migrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--loopback-mib", type=int, default=1024, help="bytes per raw loopback sample (MiB)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per migration before giving up")
     p.add_argument("--kernel", type=Path, default=DEFAULT_KERNEL, help="the dirty fixture guest")
+    p.add_argument("--hv", default=None, help="command that runs hv (default: this Python -m hv), "
+                   "e.g. to measure a patched hv")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
     return p
 
@@ -488,7 +511,9 @@ def run_migrate(argv: list[str]) -> int:
         log.warning("/dev/kvm is not usable here: skipping the kvm rows")
         args.accels = [a for a in args.accels if a != "kvm"]
     qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
-    settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu)
+    hv = tuple(shlex.split(args.hv)) if args.hv else (sys.executable, "-m", "hv")
+    settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu,
+                        hv=hv)
     cases = build_cases(args, ("kvm" if kvm else "tcg") if qemu else None)
     if not cases:
         print("hv bench migrate: nothing to run", file=sys.stderr)
