@@ -27,9 +27,13 @@ from backends.base import Arch, Backend, Exit, ExitReason, Vcpu
 from hv.config import VmConfig
 from hv.devices.acpi_pm import AcpiPm, AcpiPmState
 from hv.devices.bus import Bus
+from hv.devices.clock import ClockState
+from hv.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApicState
+from hv.devices.lapic import LAPIC_BASE, LAPIC_SIZE, LapicState
 from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
+from hv.machine.interrupts import InterruptController
 from hv.machine.pci_wiring import build_pci
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
@@ -40,6 +44,8 @@ Q35_RAM_BASE = 0
 VIRT_RAM_BASE = 0x4000_0000
 Q35_SERIAL_PORT = 0x3F8
 Q35_ACPI_PM_PORT = 0x600
+Q35_SERIAL_GSI = 4            # COM1 is ISA IRQ 4
+Q35_PCI_GSI_BASE = 16         # INTx of slot s, pin p (1 = INTA) -> GSI 16 + (s + p - 1) % 8
 VIRT_PL011_BASE = 0x0900_0000
 PAUSE_TIMEOUT = 10.0
 THROTTLE_SLICE = 0.01  # seconds of guest time between throttle sleeps
@@ -126,6 +132,7 @@ class Machine:
         self._throttle_percent = 0
         self._throttle_wake = threading.Event()
         self._throttle_thread: threading.Thread | None = None
+        self.interrupts: InterruptController | None = None   # q35: LAPICs, IOAPIC, clock
         mmio_windows = self._build_devices()
         try:
             self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
@@ -142,11 +149,20 @@ class Machine:
 
     def _build_devices(self) -> list[tuple[int, int]]:
         if self.config.machine == "q35":
-            self._add_device("serial0", "isa-serial", Serial16550(self.console), SerialState,
-                             self.pio, Q35_SERIAL_PORT, Serial16550.SIZE)
+            irq = self.interrupts = InterruptController(
+                self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
+                lambda: self._state is RunState.RUNNING, lambda: self._closing)
+            self._add_device("serial0", "isa-serial", Serial16550(self.console, irq.line(Q35_SERIAL_GSI)),
+                             SerialState, self.pio, Q35_SERIAL_PORT, Serial16550.SIZE)
             self._add_device("acpi-pm", "ich9-pm", AcpiPm(self._on_sleep), AcpiPmState,
                              self.pio, Q35_ACPI_PM_PORT, AcpiPm.SIZE)
-            windows = []
+            self.mmio.add(LAPIC_BASE, LAPIC_SIZE, irq.lapic_window(), "lapic")
+            for lapic in irq.lapics:
+                self.devices[f"lapic{lapic.index}"] = DeviceSlot(f"lapic{lapic.index}", "lapic", lapic, LapicState,
+                                                                 "mmio", f"{LAPIC_BASE:#x}")
+            self._add_device("ioapic", "ioapic", irq.ioapic, IoApicState, self.mmio, IOAPIC_BASE, IOAPIC_SIZE)
+            self.devices["clock"] = DeviceSlot("clock", "guest-clock", irq.clock_device(), ClockState, "none", "-")
+            windows = [(IOAPIC_BASE, IOAPIC_SIZE), (LAPIC_BASE, LAPIC_SIZE)]
         else:
             self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
                              self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
@@ -161,7 +177,23 @@ class Machine:
         for slot in self.pci.slots:
             self.devices[slot.name] = DeviceSlot(slot.name, slot.kind, slot.device, slot.state_type,
                                                  slot.bus, slot.addr, {k: str(v) for k, v in slot.attrs.items()})
+        if self.interrupts is not None:
+            self._wire_pci_interrupts(self.interrupts)
         return windows + self.pci.mmio_windows
+
+    def _wire_pci_interrupts(self, irq: InterruptController) -> None:
+        """MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23."""
+        msi = irq.msi()
+        for devfn, function in self.pci.host.functions.items():
+            table = getattr(function, "msix", None)
+            if table is not None:
+                table.sink = msi
+            pin = function.config_read(0x3D, 1)
+            if pin and hasattr(function, "intx"):
+                function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
+
+    def _kick_vcpu(self, index: int) -> None:
+        self.vcpus[index].kick()
 
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal on both ends of a migration (the stream's CONFIG shape)."""
@@ -377,6 +409,46 @@ class Machine:
         return self._state is RunState.RUNNING and not self._halted[index] and not self._closing
 
     def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
+        irq = self.interrupts
+        if irq is None:
+            self._vcpu_loop_no_irq(index, vcpu)
+            return
+        irq.bind_thread(index)
+        while True:
+            with self._lock:
+                irq.start_timer_thread()
+                parked = False
+                while True:
+                    irq.sync_clock()   # guest time runs exactly while the machine runs
+                    if self._closing:
+                        self._parked.add(index)
+                        self._state_changed.notify_all()
+                        return
+                    if self._state is RunState.RUNNING:
+                        if not self._halted[index]:
+                            irq.before_run(index, vcpu)
+                            break
+                        if irq.wake(index, vcpu):   # a halted vCPU takes an interrupt
+                            self._halted[index] = False
+                            irq.before_run(index, vcpu)
+                            break
+                    elif irq.must_settle(index):
+                        # A vector handed to KVM has not provably reached the guest: run once
+                        # more (the guest is entered, takes it, exits) before parking.
+                        irq.settle(index, vcpu)
+                        break
+                    if not parked:
+                        parked = True
+                        self._parked.add(index)
+                        self._state_changed.notify_all()
+                    self._state_changed.wait()
+                if parked:
+                    self._parked.discard(index)
+            result = vcpu.run(self)
+            irq.after_run(index, vcpu, result)
+            self._handle_exit(index, result)
+
+    def _vcpu_loop_no_irq(self, index: int, vcpu: Vcpu) -> None:
         while True:
             with self._lock:
                 if not self._may_run(index):
@@ -398,7 +470,8 @@ class Machine:
             self._throttle_pause()
             return
         if reason is ExitReason.HALT:
-            # No interrupt controller yet: a halted vCPU stays halted until reset.
+            # The vCPU waits in _vcpu_loop until an interrupt is deliverable (q35); without
+            # an interrupt controller (virt) it stays halted until reset.
             with self._lock:
                 self._halted[index] = True
                 self._state_changed.notify_all()

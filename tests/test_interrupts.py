@@ -1,0 +1,225 @@
+"""Interrupt delivery: routing (MSI, IOAPIC, IPIs), the timer thread, and the timer guest
+end to end on KVM and Unicorn, moved between backends mid-run."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backends import backend_class
+from hv.config import parse_args
+from hv.console import BufferSink
+from hv.devices.ioapic import ENTRY_LEVEL, IOREGSEL, IOWIN
+from hv.devices.lapic import REG_EOI, REG_ID, REG_ICR_HI, REG_ICR_LO, REG_LDR, REG_LVT_TIMER, REG_SVR, \
+    REG_TIMER_CURRENT, REG_TIMER_DIVIDE, REG_TIMER_INITIAL
+from hv.machine import Machine, RunState
+from hv.machine.interrupts import InterruptController
+from hv.machine.move import move_machine
+from tests.helpers import FIXTURES, HvProcess, requires_kvm
+
+TIMER = FIXTURES / "x86_64" / "timer.elf"
+
+
+def timer_reference(hz: int, ticks: int) -> list[str]:
+    """What the timer guest prints on a correct machine (see fixtures/common/timer.c)."""
+    return ([f"timer: hz={hz} ticks={ticks}"] + [f"tick {n} bad 0" for n in range(100, ticks + 1, 100)]
+            + [f"total {ticks} bad 0", "done"])
+
+
+class Harness:
+    """A controller outside a machine: the real lock/condition, a recorded kick."""
+
+    def __init__(self, vcpus: int = 2) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.kicks: list[int] = []
+        self.running = True
+        self.closing = False
+        self.irq = InterruptController(vcpus, self.lock, self.changed, self.kicks.append,
+                                       lambda: self.running, lambda: self.closing)
+        for lapic in self.irq.lapics:
+            lapic.write(REG_SVR, 4, 0x1FF)
+
+
+def test_msi_routing_physical_logical_and_bad_address() -> None:
+    h = Harness(3)
+    lapics = h.irq.lapics
+    msi = h.irq.msi()
+    msi.send(0xFEE0_1000, 0x31)                       # physical destination 1
+    assert lapics[1].s.irr == 1 << 0x31 and lapics[0].s.irr == 0 and lapics[2].s.irr == 0
+    msi.send(0xFEEF_F000, 0x42)                       # broadcast
+    assert all(lapic.s.irr >> 0x42 & 1 for lapic in lapics)
+    lapics[0].write(REG_LDR, 4, 0x0100_0000)
+    lapics[2].write(REG_LDR, 4, 0x0400_0000)
+    msi.send(0xFEE0_5004, 0x55)                       # logical, flat: bits 0 and 2
+    assert [lapic.s.irr >> 0x55 & 1 for lapic in lapics] == [1, 0, 1]
+    msi.send(0xFEE0_0004 | 0x4 << 12, 0x8166)        # lowest priority to {2}, level trigger
+    assert lapics[2].s.irr >> 0x66 & 1 and lapics[2].s.tmr >> 0x66 & 1
+    msi.send(0xC000_0000, 0x77)                       # not an interrupt address: dropped
+    msi.send(0xFEE0_0000, 0x0477)                     # NMI delivery mode: not supported, dropped
+    assert not any(lapic.s.irr >> 0x77 & 1 for lapic in lapics)
+    assert msi.sent == 6
+
+
+def test_ioapic_level_line_through_lapic_eoi() -> None:
+    h = Harness(2)
+    io = h.irq.ioapic
+    line = h.irq.line(20)
+    io.write(IOREGSEL, 4, 0x11 + 2 * 20)
+    io.write(IOWIN, 4, 0x0100_0000)                  # destination APIC 1
+    io.write(IOREGSEL, 4, 0x10 + 2 * 20)
+    io.write(IOWIN, 4, 0x5A | ENTRY_LEVEL)
+    line.set_level(True)
+    lapic = h.irq.lapics[1]
+    assert lapic.deliverable() == 0x5A
+    lapic.acknowledge(0x5A)
+    lapic.write(REG_EOI, 4, 0)                       # still asserted: delivered again
+    assert lapic.deliverable() == 0x5A
+    line.set_level(False)
+    lapic.acknowledge(0x5A)
+    lapic.write(REG_EOI, 4, 0)
+    assert lapic.deliverable() is None and not io.s.redirection[20] >> 14 & 1
+    with pytest.raises(ValueError):
+        h.irq.line(24)
+
+
+def test_ipis_by_shorthand_and_destination() -> None:
+    h = Harness(3)
+    a, b, c = h.irq.lapics
+    a.write(REG_ICR_LO, 4, 0x40000 | 0x61)           # self
+    assert a.s.irr == 1 << 0x61 and b.s.irr == 0
+    a.write(REG_ICR_LO, 4, 0xC0000 | 0x62)           # all excluding self
+    assert b.s.irr >> 0x62 & 1 and c.s.irr >> 0x62 & 1 and not a.s.irr >> 0x62 & 1
+    a.write(REG_ICR_HI, 4, 0x0200_0000)
+    a.write(REG_ICR_LO, 4, 0x63)                      # physical destination 2
+    assert c.s.irr >> 0x63 & 1 and not b.s.irr >> 0x63 & 1
+    a.write(REG_ICR_LO, 4, 0x80000 | 0x05)           # illegal vector: send error, nothing sent
+    assert a.s.esr_pending & 0x20 and not any(x.s.irr & 0xFFFF for x in (a, b, c))
+    a.write(REG_ICR_LO, 4, 0x500)                     # INIT: not supported, ignored
+    assert not any(x.s.irr & 1 for x in (a, b, c))
+
+
+def test_each_vcpu_thread_sees_its_own_lapic() -> None:
+    h = Harness(2)
+    window = h.irq.lapic_window()
+    seen: dict[int, int] = {}
+
+    def probe(index: int) -> None:
+        h.irq.bind_thread(index)
+        seen[index] = window.read(REG_ID, 4)
+
+    threads = [threading.Thread(target=probe, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {0: 0, 1: 1 << 24}
+    assert window.read(REG_ID, 4) == 0               # other threads: vCPU 0's APIC
+
+
+def test_timer_thread_fires_on_time_and_stops_with_the_clock() -> None:
+    h = Harness(1)
+    lapic = h.irq.lapics[0]
+    with h.lock:
+        h.irq.sync_clock()
+        lapic.write(REG_TIMER_DIVIDE, 4, 0xB)
+        lapic.write(REG_LVT_TIMER, 4, 0x40 | 1 << 17)
+        lapic.write(REG_TIMER_INITIAL, 4, 2_000_000)   # 2 ms period
+        h.irq.start_timer_thread()
+    try:
+        deadline = time.monotonic() + 5
+        with h.lock:
+            while lapic.deliverable() is None:
+                assert time.monotonic() < deadline, "timer did not fire"
+                h.changed.wait(0.05)
+        with h.lock:
+            h.running = False
+            h.changed.notify_all()
+        time.sleep(0.05)
+        with h.lock:
+            frozen = h.irq.clock.now()
+            count = lapic.read(REG_TIMER_CURRENT, 4)
+        time.sleep(0.1)
+        with h.lock:
+            assert h.irq.clock.now() == frozen and lapic.read(REG_TIMER_CURRENT, 4) == count
+    finally:
+        with h.lock:
+            h.closing = True
+            h.changed.notify_all()
+
+
+@pytest.mark.parametrize("accel", [pytest.param("kvm", marks=requires_kvm), "unicorn"])
+def test_timer_guest_via_launcher(tmp_path: Path, accel: str) -> None:
+    vm = HvProcess(tmp_path, "-machine", "q35", "-m", "64", "-accel", accel, "-kernel", str(TIMER),
+                   "-append", "hz=1000 ticks=400")
+    try:
+        assert vm.wait(60) == 0, vm.stderr()
+    finally:
+        vm.close()
+    assert vm.output().splitlines() == timer_reference(1000, 400)
+
+
+def build(accel: str, append: str) -> tuple[Machine, BufferSink]:
+    config = parse_args(["-machine", "q35", "-m", "64", "-kernel", str(TIMER), "-append", append]).config
+    console = BufferSink()
+    machine = Machine(config, backend_class(accel)(), console)
+    machine.load_kernel(config.kernel.read_bytes())
+    return machine, console
+
+
+def wait_lines(console: BufferSink, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while console.getvalue().count(b"\n") < count:
+        assert time.monotonic() < deadline, console.getvalue()[-300:]
+        time.sleep(0.002)
+
+
+ROUTES = [
+    pytest.param(["kvm", "unicorn", "kvm", "unicorn"], marks=requires_kvm, id="kvm-unicorn-kvm-unicorn"),
+    pytest.param(["unicorn", "kvm", "unicorn", "kvm"], marks=requires_kvm, id="unicorn-kvm-unicorn-kvm"),
+    pytest.param(["unicorn", "unicorn", "unicorn"], id="unicorn-unicorn-unicorn"),
+]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_timer_guest_moved_mid_run_keeps_every_tick(route: list[str]) -> None:
+    ticks = 100 * (len(route) + 3)
+    machine, console = build(route[0], f"hz=1000 ticks={ticks}")
+    machine.start()
+    try:
+        for hop, accel in enumerate(route[1:], start=1):
+            wait_lines(console, 1 + hop)             # after tick 100 * hop
+            time.sleep(0.013 * hop)                  # move at different phases of the period
+            machine = move_machine(machine, backend_class(accel)())
+            assert machine.backend.name == accel
+        assert machine.wait_shutdown(60) == "guest-shutdown"
+    finally:
+        machine.close()
+    assert console.getvalue().decode().splitlines() == timer_reference(1000, ticks)
+
+
+@pytest.mark.parametrize("accel", [pytest.param("kvm", marks=requires_kvm), "unicorn"])
+def test_paused_machine_freezes_guest_time_and_ticks(accel: str) -> None:
+    machine, console = build(accel, "hz=1000 ticks=300")
+    machine.start()
+    try:
+        wait_lines(console, 2)
+        assert machine.pause()
+        snap = machine.save()
+        clock_ns = snap.devices["clock"]["state"]["ns"]
+        output = console.getvalue()
+        time.sleep(0.3)
+        assert machine.save().devices["clock"]["state"]["ns"] == clock_ns
+        assert console.getvalue() == output
+        lapic = snap.devices["lapic0"]["state"]
+        assert lapic["timer_initial"] == 62500 and lapic["timer_deadline"] > clock_ns
+        assert machine.state is RunState.PAUSED
+        machine.resume()
+        assert machine.wait_shutdown(60) == "guest-shutdown"
+        stats = machine.interrupts.stats
+        assert stats.injected[0] >= 300 and stats.latency_count > 0
+    finally:
+        machine.close()
+    assert console.getvalue().decode().splitlines() == timer_reference(1000, 300)
