@@ -102,6 +102,23 @@ class NetBackend:
             self.stats.tx_dropped += 1
         return sent
 
+    def acquire(self) -> None:
+        """Open the socket/device if it is not open (a migration destination at switch-over)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Close the socket/device but keep the backend (a migration source at switch-over)."""
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Make the reader thread look at the (new) file descriptor."""
+        if self._closed:
+            return
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
     def close(self) -> None:
         """Stop the reader thread and release the socket/device; idempotent."""
         if self._closed:
@@ -138,7 +155,13 @@ class NetBackend:
             except InterruptedError:
                 continue
             for ready, mask in events:
-                if ready == self._wake_r or self._closed:
+                if ready == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 64)
+                    except OSError:
+                        pass
+                    continue
+                if self._closed:
                     continue
                 try:
                     self._readable(mask)
@@ -181,14 +204,29 @@ class SocketNetBackend(NetBackend):
 
     path: Path = Path()
     role: str = "connect"
+    attach: bool = True     # False: open later with acquire() (migration destination)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
+        if self.role not in ("listen", "connect"):
+            self._cleanup_pipe()
+            raise NetError(errno.EINVAL, f"unknown socket role {self.role!r}")
+        if self.attach:
+            try:
+                self.acquire()
+            except NetError:
+                self._cleanup_pipe()
+                raise
+
+    def acquire(self) -> None:
+        """Bind and listen, or connect; no-op when already attached. Raises NetError."""
+        with self._lock:
+            if self._listener is not None or self._conn is not None:
+                return
         if self.role == "listen":
             if os.path.lexists(self.path):
-                self._cleanup_pipe()
                 raise NetError(errno.EEXIST, f"{self.path} already exists (remove it or choose another path)")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
@@ -197,22 +235,25 @@ class SocketNetBackend(NetBackend):
                 listener.setblocking(False)
             except OSError as exc:
                 listener.close()
-                self._cleanup_pipe()
                 raise NetError(exc.errno, f"cannot listen on {self.path}: {exc.strerror}") from None
-            self._listener = listener
-        elif self.role == "connect":
+            with self._lock:
+                self._listener = listener
+        else:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 conn.connect(str(self.path))
                 conn.setblocking(False)
             except OSError as exc:
                 conn.close()
-                self._cleanup_pipe()
                 raise NetError(exc.errno, f"cannot connect to {self.path}: {exc.strerror}") from None
-            self._conn = conn
-        else:
-            self._cleanup_pipe()
-            raise NetError(errno.EINVAL, f"unknown socket role {self.role!r}")
+            with self._lock:
+                self._conn = conn
+        self._wake()
+
+    def release(self) -> None:
+        """Hang up and stop listening (the path is removed); :meth:`acquire` undoes it."""
+        self._release()
+        self._wake()
 
     def _cleanup_pipe(self) -> None:
         os.close(self._wake_r)
@@ -294,24 +335,40 @@ class TapNetBackend(NetBackend):
     """A tap interface through /dev/net/tun (IFF_TAP | IFF_NO_PI)."""
 
     ifname: str = ""
+    attach: bool = True     # False: open later with acquire() (migration destination)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._tap: int | None = None
+        if self.attach:
+            try:
+                self.acquire()
+            except NetError:
+                self._cleanup()
+                raise
+
+    def acquire(self) -> None:
+        """Attach to the tap interface; no-op when attached. Raises NetError."""
+        if self._tap is not None:
+            return
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            self._cleanup()
             raise NetError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror}") from None
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", self.ifname.encode(), IFF_TAP | IFF_NO_PI))
         except OSError as exc:
             os.close(fd)
-            self._cleanup()
             hint = " (needs CAP_NET_ADMIN, or a persistent tap owned by this user)" \
                 if exc.errno in (errno.EPERM, errno.EACCES) else ""
             raise NetError(exc.errno, f"cannot attach tap {self.ifname}: {exc.strerror}{hint}") from None
         self._tap = fd
+        self._wake()
+
+    def release(self) -> None:
+        """Detach from the tap (a non-persistent tap disappears); :meth:`acquire` undoes it."""
+        self._release()
+        self._wake()
 
     def _cleanup(self) -> None:
         os.close(self._wake_r)
@@ -348,12 +405,15 @@ class TapNetBackend(NetBackend):
 
 
 def open_netdev(kind: str, name: str, *, path: Path | None = None, role: str = "connect",
-                ifname: str = "") -> NetBackend:
-    """Open a backend (``kind`` ``"socket"`` or ``"tap"``); raises :class:`NetError`."""
+                ifname: str = "", attach: bool = True) -> NetBackend:
+    """Open a backend (``kind`` ``"socket"`` or ``"tap"``); raises :class:`NetError`.
+
+    ``attach=False`` creates it detached: :meth:`NetBackend.acquire` opens it later.
+    """
     if kind == "socket":
         if path is None:
             raise NetError(errno.EINVAL, "socket netdev needs a path")
-        return SocketNetBackend(name, path=path, role=role)
+        return SocketNetBackend(name, path=path, role=role, attach=attach)
     if kind == "tap":
-        return TapNetBackend(name, ifname=ifname)
+        return TapNetBackend(name, ifname=ifname, attach=attach)
     raise NetError(errno.EINVAL, f"unknown netdev type {kind!r}")

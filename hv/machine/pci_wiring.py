@@ -86,14 +86,19 @@ class PciSetup:
                 for s in self.slots]
 
     def release_locks(self) -> None:
-        """Migration source at switch-over: let the destination lock the images."""
+        """Migration source at switch-over: let the destination lock the images (and
+        take the network sockets/taps over)."""
         for block in self.blocks.values():
             block.release()
+        for net in self.nets.values():
+            net.release()
 
     def acquire_locks(self) -> None:
         """Migration destination at switch-over (or on a failed migration, the source)."""
         for block in self.blocks.values():
             block.acquire()
+        for net in self.nets.values():
+            net.acquire()
 
     def close(self) -> None:
         for block in self.blocks.values():
@@ -109,7 +114,8 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
     """Create the host bridge and every ``-device``, and put them on the buses.
 
     ``lock_images=False`` is for an incoming migration: the destination opens the images
-    without locking them and calls :meth:`PciSetup.acquire_locks` at switch-over.
+    without locking them (and leaves netdev sockets/taps closed) and calls
+    :meth:`PciSetup.acquire_locks` at switch-over.
     ``taken_names`` are the machine's other device names (``serial0``, ...): a ``-device``
     id may not reuse one, since names key the saved state.
     Raises :class:`DevConfigError` (one line) for any configuration problem.
@@ -157,7 +163,7 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
                 raise DevConfigError(f"-device {device.driver}: id={device.id} is already used by another device")
             names.add(device.id)
             if device.driver == "virtio-net-pci":
-                _plug_net(setup, memory, device, netdev_map, slots)
+                _plug_net(setup, memory, device, netdev_map, slots, attach=lock_images)
                 continue
             drive = drive_map.get(device.drive)
             if drive is None:
@@ -201,8 +207,12 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 
 
 def _plug_net(setup: PciSetup, memory: GuestMemory, device: DeviceConfig,
-              netdev_map: dict[str, NetdevConfig], slots: list[PciSlot]) -> None:
-    """Open the netdev's backend and plug a virtio-net-pci function for it."""
+              netdev_map: dict[str, NetdevConfig], slots: list[PciSlot], attach: bool = True) -> None:
+    """Open the netdev's backend and plug a virtio-net-pci function for it.
+
+    ``attach=False`` (live-migration destination): the socket/tap is opened by
+    :meth:`PciSetup.acquire_locks` at the switch-over, after the source released it.
+    """
     host = setup.host
     netdev = netdev_map.get(device.netdev or "")
     if netdev is None:
@@ -220,7 +230,8 @@ def _plug_net(setup: PciSetup, memory: GuestMemory, device: DeviceConfig,
         mac = bytes.fromhex(DEFAULT_MAC.replace(":", ""))
         mac = mac[:5] + bytes([(mac[5] + len(setup.nets)) & 0xFF])
     try:
-        backend = open_netdev(netdev.kind, netdev.id, path=netdev.path, role=netdev.role, ifname=netdev.ifname)
+        backend = open_netdev(netdev.kind, netdev.id, path=netdev.path, role=netdev.role, ifname=netdev.ifname,
+                              attach=attach)
     except NetError as exc:
         raise DevConfigError(f"-netdev {netdev.kind},id={netdev.id}: {exc.strerror}") from None
     setup.nets[netdev.id] = backend
