@@ -21,6 +21,7 @@ commit was sent, whether the destination runs is unknown: the source then stays 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import select
@@ -247,40 +248,50 @@ class OutgoingMigration:
 
     # -- the migration thread --------------------------------------------------------------
     def _run(self) -> None:
-        vm = self.machine.vm
+        # The terminal status is set only after the cleanup: once query-migrate says
+        # completed/failed/canceled a new migrate may start at once, and this thread's
+        # stop_dirty_log() must not switch off the dirty log of that next migration.
+        outcome: Callable[[], None]
         try:
             self.status.activate()
             self._precopy()
             self.machine.set_state(RunState.POSTMIGRATE)
-            self.status.complete(self._downtime_ms)
+            outcome = functools.partial(self.status.complete, self._downtime_ms)
             log.info("migration completed: downtime %d ms", self._downtime_ms)
         except Exception as exc:  # every failure ends as 'failed' (or 'canceled') with a reason
-            if self.canceled.is_set() and not self._committed:
-                # Cancel shuts the socket down, so the send or wait it interrupted fails too.
-                self._give_up()
-                self.status.cancel()
-                log.info("migration canceled")
-                return
-            reason = self._reason(exc)
-            if isinstance(exc, (OSError, StreamError)) and not self._committed and not self.canceled.is_set():
-                refusal = peer_refusal(self.sock, SocketChannel(self.sock), 1.0)
-                if refusal is not None:  # a write failed because the destination gave up: say why
-                    reason = f"destination refused: {refusal}"
-            if self._committed:
-                reason = (f"{reason}; the destination may already be running the guest, "
-                          "so the source stays paused")
-            else:
-                self._give_up()
-            log.error("migration failed: %s", reason)
-            self.status.fail(reason)
+            outcome = self._end_after(exc)
         finally:
-            self.machine.set_throttle(0)
-            self.status.set_throttle(None)
-            try:
-                vm.stop_dirty_log()
-            except Exception:  # the VM may be closing
-                log.debug("stop_dirty_log failed", exc_info=True)
-            self.sock.close()
+            self._release()
+        outcome()
+
+    def _end_after(self, exc: Exception) -> Callable[[], None]:
+        """Resume the guest if that is safe; the status change to make once released."""
+        if self.canceled.is_set() and not self._committed:
+            # Cancel shuts the socket down, so the send or wait it interrupted fails too.
+            self._give_up()
+            log.info("migration canceled")
+            return self.status.cancel
+        reason = self._reason(exc)
+        if isinstance(exc, (OSError, StreamError)) and not self._committed and not self.canceled.is_set():
+            refusal = peer_refusal(self.sock, SocketChannel(self.sock), 1.0)
+            if refusal is not None:  # a write failed because the destination gave up: say why
+                reason = f"destination refused: {refusal}"
+        if self._committed:
+            reason = (f"{reason}; the destination may already be running the guest, "
+                      "so the source stays paused")
+        else:
+            self._give_up()
+        log.error("migration failed: %s", reason)
+        return functools.partial(self.status.fail, reason)
+
+    def _release(self) -> None:
+        self.machine.set_throttle(0)
+        self.status.set_throttle(None)
+        try:
+            self.machine.vm.stop_dirty_log()
+        except Exception:  # the VM may be closing
+            log.debug("stop_dirty_log failed", exc_info=True)
+        self.sock.close()
 
     def _reason(self, exc: Exception) -> str:
         if self.canceled.is_set():
