@@ -479,6 +479,49 @@ def test_listen_role_accepts_a_peer_and_the_next_after_hangup(tmp_path):
     assert not path.exists()                         # the listener removes its socket
 
 
+def test_release_and_acquire_hand_the_cable_over(tmp_path):
+    """What the migration switch-over does: the source releases (a listener removes its
+    path), the destination, created detached, acquires; on a failed migration the source
+    acquires again."""
+    path = tmp_path / "nic.sock"
+    source = SocketNetBackend("n0", path=path, role="listen")
+    destination = SocketNetBackend("n0", path=path, role="listen", attach=False)
+    got: list[bytes] = []
+    try:
+        source.start(got.append)
+        destination.start(got.append)
+        source.release()
+        assert not path.exists()
+        destination.acquire()
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        peer.connect(str(path))
+        wait_for(lambda: destination.connected, what="destination accepts")
+        peer.send(frame_of(64, 1))
+        wait_for(lambda: got == [frame_of(64, 1)], what="frame at the destination")
+        peer.close()
+        destination.release()
+        source.acquire()                      # a failed migration: the source takes it back
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        peer.connect(str(path))
+        wait_for(lambda: source.connected, what="source accepts again")
+        peer.close()
+    finally:
+        source.close()
+        destination.close()
+    peer_listener = EchoPeer(tmp_path / "peer.sock", echo=False)
+    client = SocketNetBackend("c0", path=tmp_path / "peer.sock", role="connect")
+    try:
+        client.release()
+        assert not client.send(frame_of(60))
+        client.acquire()
+        assert client.send(frame_of(60, 2))
+        wait_for(lambda: peer_listener.received == [frame_of(60, 2)], what="frame after reconnect")
+        assert len(peer_listener.conns) == 2
+    finally:
+        client.close()
+        peer_listener.close()
+
+
 def test_connect_role_needs_a_listener(tmp_path):
     with pytest.raises(NetError, match="cannot connect to .*nobody.sock"):
         SocketNetBackend("n0", path=tmp_path / "nobody.sock", role="connect")
