@@ -270,6 +270,17 @@ def migrate_to_fresh_destination(vms, sock_dir: str, src: Vm, name: str) -> Vm:
     return dst
 
 
+def _pipelined(vm: Vm, *messages: dict) -> list[dict]:
+    """Send several commands in one write (nothing in between); their replies in order."""
+    qmp = vm.qmp
+    qmp.sock.sendall(b"".join(json.dumps(m).encode() + b"\r\n" for m in messages))
+    replies: list[dict] = []
+    while len(replies) < len(messages):
+        message = qmp._read()
+        (qmp.events if "event" in message else replies).append(message)
+    return replies
+
+
 # -- 1. destination killed ---------------------------------------------------------------------
 @pytest.mark.parametrize("phase,transport,accel", KILL_POINTS)
 def test_destination_killed(vms, sock_dir, phase, transport, accel):
@@ -305,13 +316,7 @@ def test_cancel_in_setup(vms, sock_dir):
     slow_down(src)
     src.wait_lines(3)
     uri = dst.incoming_address()
-    qmp = src.qmp
-    qmp.sock.sendall(json.dumps({"execute": "migrate", "arguments": {"uri": uri}}).encode() + b"\r\n"
-                     + json.dumps({"execute": "migrate_cancel"}).encode() + b"\r\n")
-    replies: list[dict] = []
-    while len(replies) < 2:
-        message = qmp._read()
-        (qmp.events if "event" in message else replies).append(message)
+    replies = _pipelined(src, {"execute": "migrate", "arguments": {"uri": uri}}, {"execute": "migrate_cancel"})
     assert replies == [{"return": {}}, {"return": {}}]
     result, _ = assert_source_intact(src, "canceled")
     assert result["ram"]["dirty-sync-count"] == 0
@@ -667,6 +672,24 @@ def test_migrate_while_active_and_cancel_with_nothing(vms, sock_dir):
     assert reply["error"]["class"] == "GenericError" and src.execute("query-migrate")["return"] == result
     assert other.execute("quit") == {"return": {}}
     assert other.process.wait(30) == 0 and other.output() == ""
+
+
+def test_cancel_during_snapshot_is_refused(vms, sock_dir, tmp_path):
+    """After a canceled live migration, a snapshot: migrate_cancel must not report success
+    by 'canceling' the earlier, finished migration while the snapshot goes on."""
+    src = vms("src")
+    dst = vms("dst", *incoming(sock_dir, "dst"))
+    start_slow_migration(src, dst, "full-pass")
+    assert src.execute("migrate_cancel") == {"return": {}}
+    assert src.wait_migration()["status"] == "canceled"
+    snap = tmp_path / "snap"
+    replies = _pipelined(src, {"execute": "migrate", "arguments": {"uri": f"file:{snap}"}},
+                         {"execute": "migrate_cancel"})
+    assert replies[0] == {"return": {}}
+    assert replies[1]["error"]["class"] == "GenericError", replies
+    assert "snapshot" in replies[1]["error"]["desc"]
+    assert src.wait_migration()["status"] == "completed"
+    assert sorted(os.listdir(snap)) == ["memory", "state"]
 
 
 def test_cancel_after_failure_changes_nothing(vms, sock_dir):

@@ -78,6 +78,7 @@ class MigrationManager:
             raise _generic(str(exc)) from None
         self.status.start(self.machine.memory.size)
         if uri.scheme == "file":
+            self.outgoing = None  # migrate_cancel must not act on a finished migration
             self._snapshot_thread = threading.Thread(target=self._snapshot, args=(uri.path,),
                                                      name="snapshot", daemon=True)
             self._snapshot_thread.start()
@@ -106,8 +107,10 @@ class MigrationManager:
         log.info("snapshot written to %s; VM paused", directory)
 
     def migrate_cancel(self, _args: dict[str, Any]) -> dict[str, Any]:
-        if self.outgoing is None or not self.status.is_active():
+        if not self.status.is_active():
             raise _generic("no migration in progress")
+        if self.outgoing is None:  # a file: snapshot: short, written atomically
+            raise _generic("a snapshot to file: cannot be canceled")
         self.outgoing.cancel()
         return {}
 
