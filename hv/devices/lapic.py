@@ -340,7 +340,8 @@ class Lapic:
             self.host.timer_changed()
 
     def poll_timer(self, now: int) -> bool:
-        """Fire the timer if its deadline has passed; True if it expired."""
+        """Fire the timer if its deadline has passed; True if it expired. The caller (the
+        timer thread) re-plans from :attr:`timer_deadline` itself: no ``timer_changed``."""
         deadline = self.s.timer_deadline
         if deadline is None or now < deadline:
             return False
@@ -350,7 +351,6 @@ class Lapic:
             self.s.timer_deadline = deadline + ((now - deadline) // period + 1) * period
         else:
             self.s.timer_deadline = None
-        self.host.timer_changed()
         if not lvt & LVT_MASKED:
             self.accept(lvt & 0xFF)
         return True

@@ -56,6 +56,20 @@ DELIVERY_LOWEST = 1
 KVM_WINDOW_DETAIL = "interrupt window"   # backends.kvm.INTERRUPT_WINDOW
 
 
+RFLAGS_IF = 1 << 9
+
+
+def _unicorn_interrupts_enabled(vcpu: Any) -> bool:
+    """Cheap RFLAGS.IF pre-check for a Unicorn vCPU (one register read; its
+    ``inject_interrupt`` captures the whole CPU state, about 0.6 ms, before it can say no).
+    True for other backends, whose ``inject_interrupt`` checks cheaply itself."""
+    uc = getattr(vcpu, "uc", None)
+    x86 = getattr(vcpu, "_x", None)
+    if uc is None or x86 is None:
+        return True
+    return bool(uc.reg_read(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
+
+
 class InjectingVcpu(Protocol):
     index: int
 
@@ -87,6 +101,7 @@ class InterruptController:
         self._in_run = [False] * vcpus
         self._unconfirmed: list[int | None] = [None] * vcpus   # KVM: queued, entry not proven
         self._retry_at: list[int | None] = [None] * vcpus      # Unicorn: host ns of next attempt
+        self._wake_refused: list[int | None] = [None] * vcpus  # IRR when a halted CPU refused (IF=0)
         self._timer_thread: threading.Thread | None = None
         self._reported: set[str] = set()
         self.stats = InterruptStats(vcpus)
@@ -123,9 +138,12 @@ class InterruptController:
 
     # -- LapicHost ---------------------------------------------------------------------
     def irq_changed(self, index: int) -> None:
-        if self.lapics[index].deliverable() is not None and self._in_run[index]:
+        if self.lapics[index].deliverable() is None:
+            return
+        if self._in_run[index]:
             self._kick(index)
-        self._notify()
+        else:
+            self._notify()      # a halted vCPU waits on the condition
 
     def timer_changed(self) -> None:
         self._notify()
@@ -204,7 +222,7 @@ class InterruptController:
         kvm = hasattr(vcpu, "request_interrupt_window")
         vector = lapic.deliverable()
         if kvm:
-            if vector is not None and self._unconfirmed[index] is None and vcpu.inject_interrupt(vector):
+            if vector is not None and self._unconfirmed[index] is None and self._inject(vcpu, vector):
                 self._taken(index, vector)
                 self._unconfirmed[index] = vector
                 vector = lapic.deliverable()
@@ -213,7 +231,7 @@ class InterruptController:
             vcpu.request_interrupt_window(vector is not None)
         else:
             while vector is not None:
-                if not vcpu.inject_interrupt(vector):
+                if not _unicorn_interrupts_enabled(vcpu) or not self._inject(vcpu, vector):
                     self._retry_at[index] = time.monotonic_ns() + UNICORN_RETRY_NS
                     self.stats.retries += 1
                     self._notify()
@@ -244,22 +262,47 @@ class InterruptController:
             vcpu.request_interrupt_window(True)
         self._in_run[index] = True
 
+    def wants_wake(self, index: int) -> bool:
+        """Whether a halted vCPU should try :meth:`wake`: a vector is deliverable and it is
+        not the same situation in which the CPU already refused (IF=0)."""
+        lapic = self.lapics[index]
+        return (lapic.deliverable() is not None and self._unconfirmed[index] is None
+                and lapic.s.irr != self._wake_refused[index])
+
     def wake(self, index: int, vcpu: Any) -> bool:
-        """A halted vCPU: True if an interrupt was injected (the vCPU runs again)."""
+        """A halted vCPU (not parked): True if an interrupt was injected (it runs again)."""
         lapic = self.lapics[index]
         vector = lapic.deliverable()
         if vector is None or self._unconfirmed[index] is not None:
             return False
-        if not vcpu.inject_interrupt(vector):
-            return False    # IF=0: HLT stays halted until an NMI/INIT/reset (none here)
+        if not _unicorn_interrupts_enabled(vcpu) or not self._inject(vcpu, vector):
+            # IF=0: HLT stays halted until an NMI/INIT/reset (none here); retried only
+            # when another vector arrives or the machine is stopped and started again.
+            self._wake_refused[index] = lapic.s.irr
+            return False
+        self._wake_refused[index] = None
         self._taken(index, vector)
         if hasattr(vcpu, "request_interrupt_window"):
             self._unconfirmed[index] = vector
         return True
 
+    def _inject(self, vcpu: Any, vector: int) -> bool:
+        """``vcpu.inject_interrupt(vector)`` without the big lock (Unicorn's takes ~0.6 ms,
+        which would hold up the timer thread and device threads). Safe: only this vCPU's
+        thread acknowledges its APIC's vectors, and the APIC state cannot be replaced
+        while this vCPU is not parked."""
+        self._lock.release()
+        try:
+            return bool(vcpu.inject_interrupt(vector))
+        finally:
+            self._lock.acquire()
+
     def _taken(self, index: int, vector: int) -> None:
         """The backend took ``vector``: acknowledge it (IRR -> ISR), count it."""
         lapic = self.lapics[index]
+        if not lapic.s.irr >> vector & 1:   # cannot happen (see _inject); never lose it
+            log.error("lapic%d: vector %d vanished from the IRR while being injected", index, vector)
+            lapic.s.irr |= 1 << vector
         lapic.acknowledge(vector)
         self.stats.injected[index] += 1
         fired = self._timer_fired_at[index]
@@ -267,15 +310,11 @@ class InterruptController:
             self._timer_fired_at[index] = None
             self.stats.note_latency(time.monotonic_ns() - fired)
 
-    def forget_vcpu_state(self) -> None:
-        """CPU states were replaced (restore): nothing can be queued in the backend."""
-        self._unconfirmed = [None] * len(self.lapics)
-        self._retry_at = [None] * len(self.lapics)
-
     # -- clock and timers ---------------------------------------------------------------------
     def sync_clock(self) -> None:
         """Run the guest clock exactly while the machine runs (big lock held)."""
         if self.clock.set_running(self._is_running()):
+            self._wake_refused = [None] * len(self.lapics)   # CPU states may have been replaced
             self._notify()
 
     def start_timer_thread(self) -> None:

@@ -417,36 +417,53 @@ class Machine:
         while True:
             with self._lock:
                 irq.start_timer_thread()
-                parked = False
-                while True:
-                    irq.sync_clock()   # guest time runs exactly while the machine runs
-                    if self._closing:
-                        self._parked.add(index)
-                        self._state_changed.notify_all()
-                        return
-                    if self._state is RunState.RUNNING:
-                        if not self._halted[index]:
-                            irq.before_run(index, vcpu)
-                            break
-                        if irq.wake(index, vcpu):   # a halted vCPU takes an interrupt
-                            self._halted[index] = False
-                            irq.before_run(index, vcpu)
-                            break
-                    elif irq.must_settle(index):
-                        # A vector handed to KVM has not provably reached the guest: run once
-                        # more (the guest is entered, takes it, exits) before parking.
-                        irq.settle(index, vcpu)
-                        break
-                    if not parked:
-                        parked = True
-                        self._parked.add(index)
-                        self._state_changed.notify_all()
-                    self._state_changed.wait()
-                if parked:
-                    self._parked.discard(index)
+                action = self._wait_runnable(index, irq)
+                if action is None:
+                    return
+                if action == "settle":
+                    # A vector handed to KVM has not provably reached the guest: run once
+                    # more (the guest is entered, takes it, exits) before parking.
+                    irq.settle(index, vcpu)
+                else:
+                    if action == "wake":
+                        if not irq.wake(index, vcpu):   # IF=0: the halt goes on
+                            continue
+                        self._halted[index] = False
+                    irq.before_run(index, vcpu)
             result = vcpu.run(self)
             irq.after_run(index, vcpu, result)
             self._handle_exit(index, result)
+
+    def _wait_runnable(self, index: int, irq: InterruptController) -> str | None:
+        """Big lock held: wait (parked) until vCPU ``index`` has something to do.
+
+        Returns "run", "wake" (halted, an interrupt is deliverable), "settle" (paused, but
+        an injection must reach the guest first) or None when the machine closes.
+        """
+        parked = False
+        while True:
+            irq.sync_clock()   # guest time runs exactly while the machine runs
+            if self._closing:
+                self._parked.add(index)
+                self._state_changed.notify_all()
+                return None
+            action = None
+            if self._state is RunState.RUNNING:
+                if not self._halted[index]:
+                    action = "run"
+                elif irq.wants_wake(index):
+                    action = "wake"
+            elif irq.must_settle(index):
+                action = "settle"
+            if action is not None:
+                if parked:
+                    self._parked.discard(index)
+                return action
+            if not parked:
+                parked = True
+                self._parked.add(index)
+                self._state_changed.notify_all()
+            self._state_changed.wait()
 
     def _vcpu_loop_no_irq(self, index: int, vcpu: Vcpu) -> None:
         while True:
