@@ -778,6 +778,7 @@ def test_net_guest_listening_retransmits_until_the_peer_connects(tmp_path):
                 conn.send(frame[6:12] + PEER_MAC + ETH_REP + frame[14:])
         assert vm.wait(30) == 0, vm.stderr()
         assert vm.output().splitlines() == net_reference(16, 2, mac)
+        assert not path.exists()                     # hv removes its listening socket on exit
     finally:
         conn.close()
         vm.close()
