@@ -2,6 +2,7 @@
 end to end on KVM and Unicorn, moved between backends mid-run."""
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from hv.devices.lapic import REG_EOI, REG_ID, REG_ICR_HI, REG_ICR_LO, REG_LDR, R
 from hv.machine import Machine, RunState
 from hv.machine.interrupts import InterruptController
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess, requires_kvm
+from tests.helpers import FIXTURES, HvProcess, Vm, requires_kvm
 
 TIMER = FIXTURES / "x86_64" / "timer.elf"
 
@@ -247,3 +248,27 @@ def test_many_pauses_never_leave_a_vector_inside_the_backend(accel: str, caplog)
         machine.close()
     assert console.getvalue().decode().splitlines() == timer_reference(2000, 600)
     assert not [r for r in caplog.records if "undelivered" in r.getMessage()]
+
+
+@pytest.mark.parametrize("first,second", [pytest.param("kvm", "unicorn", marks=requires_kvm, id="kvm-unicorn"),
+                                          pytest.param("unicorn", "kvm", marks=requires_kvm, id="unicorn-kvm"),
+                                          pytest.param("unicorn", "unicorn", id="unicorn-unicorn")])
+def test_timer_guest_live_migration_between_processes(hv, first: str, second: str) -> None:
+    """The LAPIC/IOAPIC/clock records travel in the migration stream: the destination
+    process continues the tick sequence where the source stopped."""
+    ticks = 600
+    with tempfile.TemporaryDirectory(prefix="hvi") as sock_dir:
+        args = ("-machine", "q35", "-m", "64", "-kernel", str(TIMER), "-append", f"hz=1000 ticks={ticks}")
+        src = Vm(hv, sock_dir, "src", *args, "-accel", first)
+        dst = Vm(hv, sock_dir, "dst", *args, "-accel", second, "-incoming",
+                 f"unix:{sock_dir}/mig.sock")
+        try:
+            src.wait_lines(3)                                # tick 200 printed
+            assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+            assert src.wait_migration()["status"] == "completed"
+            assert dst.process.wait(60) == 0, dst.stderr()
+            joined = src.output() + dst.output()
+        finally:
+            src.close()
+            dst.close()
+    assert joined.splitlines() == timer_reference(1000, ticks)
