@@ -55,7 +55,7 @@ from hv.migration.stream import (
     read_reply,
     send_reply,
 )
-from tests.helpers import FIXTURES, Vm, complete_lines, reference_output, requires_kvm
+from tests.helpers import FIXTURES, Vm, complete_lines, kvm_unusable_reason, requires_kvm
 
 KERNEL = str(FIXTURES / "x86_64" / "dirty.elf")
 MIB = 32                    # dirty buffer of the slow-phase source
@@ -65,7 +65,8 @@ PHASES = ["full-pass", "dirty-round", "final-transfer"]
 TERMINAL = ("completed", "failed", "canceled")
 ERROR_PREFIX = "hv: error: incoming migration failed: "
 
-pytestmark = requires_kvm  # the slow-phase sources run on KVM: fast guest, cheap reference
+# The slow-phase sources run on KVM (fast guest, cheap reference); tests that need it are
+# marked, the fake-source and in-process ones run everywhere.
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -99,33 +100,59 @@ def incoming(sock_dir: str, name: str, transport: str = "unix") -> tuple[str, st
 
 # (phase, transport, source accelerator): every phase over unix on KVM, plus tcp and a
 # Unicorn source (its write-tracking dirty log) at one point each.
-KILL_POINTS = [pytest.param(phase, "unix", "kvm", id=phase) for phase in PHASES] + [
-    pytest.param("dirty-round", "tcp", "kvm", id="dirty-round-tcp"),
+KILL_POINTS = [pytest.param(phase, "unix", "kvm", id=phase, marks=requires_kvm) for phase in PHASES] + [
+    pytest.param("dirty-round", "tcp", "kvm", id="dirty-round-tcp", marks=requires_kvm),
     pytest.param("final-transfer", "unix", "unicorn", id="final-transfer-unicorn")]
-CANCEL_POINTS = [pytest.param(phase, "kvm", id=phase) for phase in PHASES] + [
+CANCEL_POINTS = [pytest.param(phase, "kvm", id=phase, marks=requires_kvm) for phase in PHASES] + [
     pytest.param("dirty-round", "unicorn", id="dirty-round-unicorn")]
 
 
 # -- checks --------------------------------------------------------------------------------
+class ReferenceRun:
+    """An unmigrated dirty guest run in this process (KVM when usable), paused between
+    requests: its output only grows, so every test of a worker shares one run and pays
+    only for passes no earlier test needed."""
+
+    def __init__(self, mib: int) -> None:
+        config = parse_args(["-machine", "q35", "-m", "128", "-kernel", KERNEL,
+                             "-append", f"mib={mib}"]).config
+        accel = "kvm" if kvm_unusable_reason() is None else "unicorn"
+        self.console = BufferSink()
+        self.machine = Machine(config, backend_class(accel)(), self.console)
+        self.machine.load_kernel(config.kernel.read_bytes())
+        self.machine.start(paused=True)
+
+    def lines(self, count: int, timeout: float = 300.0) -> list[str]:
+        """The header and the first ``count`` pass lines."""
+        lines = complete_lines(self.console.getvalue().decode())
+        if len(lines) < count + 1:
+            self.machine.resume()
+            deadline = time.monotonic() + timeout
+            try:
+                while len(lines := complete_lines(self.console.getvalue().decode())) < count + 1:
+                    assert time.monotonic() < deadline, f"reference run: {len(lines)} lines"
+                    time.sleep(0.005)
+            finally:
+                self.machine.pause()
+        return lines[:count + 1]
+
+
 @functools.cache
-def _reference(mib: int, bucket: int) -> tuple[str, ...]:
-    return reference_output("q35", mib, bucket)
+def _reference(mib: int) -> ReferenceRun:
+    return ReferenceRun(mib)
 
 
 def check_output(text: str, mib: int = MIB) -> int:
-    """The whole serial output (possibly several VMs' joined) equals an unmigrated run's.
-
-    The reference is computed in buckets of 256 passes and compared as a prefix (a pass's
-    line does not depend on how many passes follow), so tests share one computation."""
+    """The whole serial output (possibly several VMs' joined) equals an unmigrated run's:
+    what tests.helpers.check_dirty_output checks, against a shared incremental reference."""
     lines = complete_lines(text)
     assert lines and lines[0] == f"dirty: mib={mib} iterations=0", lines[:1]
-    passes = lines[1:]
-    assert passes, "no pass completed"
-    bucket = -(-len(passes) // 256) * 256
-    reference = _reference(mib, bucket)
-    for index, line in enumerate(passes):
-        assert line == reference[index], f"pass {index + 1}: {line!r} != {reference[index]!r}"
-    return len(passes)
+    assert len(lines) > 1, "no pass completed"
+    reference = _reference(mib).lines(len(lines) - 1)
+    assert reference[0] == lines[0]
+    for index, line in enumerate(lines[1:], start=1):
+        assert line == reference[index], f"pass {index}: {line!r} != {reference[index]!r}"
+    return len(lines) - 1
 
 
 def wait_status(vm: Vm, wanted: str, timeout: float = 30.0) -> dict:
@@ -252,8 +279,9 @@ def check_phase(result: dict, events: list[str], phase: str) -> None:
 
 
 def migrate_to_fresh_destination(vms, sock_dir: str, src: Vm, name: str) -> Vm:
-    """After a failure or cancel, a new migration (unlimited bandwidth) completes."""
-    dst = vms(name, *incoming(sock_dir, name))
+    """After a failure or cancel, a new migration (unlimited bandwidth) completes (to KVM
+    when usable: after a Unicorn source that is also a cross-backend move)."""
+    dst = vms(name, *incoming(sock_dir, name), accel="kvm" if kvm_unusable_reason() is None else "unicorn")
     assert src.execute("cont") == {"return": {}}
     assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0, "max-iterations": 30}) == {"return": {}}
     assert src.execute("migrate-set-capabilities", capabilities=[
@@ -309,6 +337,7 @@ def test_source_killed(vms, sock_dir, phase, transport, accel):
 
 
 # -- 3. cancel in every phase, then migrate again -----------------------------------------------
+@requires_kvm
 def test_cancel_in_setup(vms, sock_dir):
     """migrate and migrate_cancel back to back: canceled at once, wherever it landed."""
     src = vms("src")
@@ -340,6 +369,7 @@ def test_cancel(vms, sock_dir, phase, accel):
     migrate_to_fresh_destination(vms, sock_dir, src, "dst2")
 
 
+@requires_kvm
 def test_cancel_unblocks_a_hung_destination(vms, sock_dir):
     """A destination that stops reading (SIGSTOP) blocks the source's send; migrate_cancel
     still ends the migration at once and the guest runs on."""
@@ -556,6 +586,7 @@ class FakeDestination:
         os.unlink(self.path)
 
 
+@requires_kvm
 @pytest.mark.parametrize("ending", ["refuse", "close-before-ready", "go-away-after-ready"])
 def test_destination_fails_before_commit(vms, sock_dir, ending):
     """The destination gives up at the switch-over, before the commit: the source resumes
@@ -593,6 +624,7 @@ def test_destination_fails_before_commit(vms, sock_dir, ending):
     assert_sockets_back_to(src, baseline)
 
 
+@requires_kvm
 def test_cancel_while_waiting_for_ready(vms, sock_dir):
     """The last phase before the destination confirms: everything is sent, the source is
     paused waiting for 'ready'. migrate_cancel ends it at once and the guest resumes."""
@@ -616,6 +648,7 @@ def test_cancel_while_waiting_for_ready(vms, sock_dir):
     assert_sockets_back_to(src, baseline)
 
 
+@requires_kvm
 def test_destination_gone_after_commit_keeps_source_paused(vms, sock_dir):
     """Once the commit is sent the destination may be running the guest: if it then goes
     silent, the source must not resume (never two running copies). It stays paused,
@@ -644,6 +677,7 @@ def test_destination_gone_after_commit_keeps_source_paused(vms, sock_dir):
 
 
 # -- 5. illegal requests change nothing ----------------------------------------------------------
+@requires_kvm
 def test_migrate_while_active_and_cancel_with_nothing(vms, sock_dir):
     src = vms("src")
     idle = [src.execute("migrate_cancel"), src.execute("query-migrate")]
@@ -674,6 +708,7 @@ def test_migrate_while_active_and_cancel_with_nothing(vms, sock_dir):
     assert other.process.wait(30) == 0 and other.output() == ""
 
 
+@requires_kvm
 def test_cancel_during_snapshot_is_refused(vms, sock_dir, tmp_path):
     """After a canceled live migration, a snapshot: migrate_cancel must not report success
     by 'canceling' the earlier, finished migration while the snapshot goes on."""
@@ -692,6 +727,7 @@ def test_cancel_during_snapshot_is_refused(vms, sock_dir, tmp_path):
     assert sorted(os.listdir(snap)) == ["memory", "state"]
 
 
+@requires_kvm
 def test_cancel_after_failure_changes_nothing(vms, sock_dir):
     src = vms("src")
     dst = vms("dst", *incoming(sock_dir, "dst"))
@@ -743,6 +779,7 @@ def _converge(vms, sock_dir) -> None:
     check_output(src.output() + dst.output())
 
 
+@requires_kvm
 def test_converges_under_heavy_dirtying(vms, sock_dir):
     """Default auto-converge parameters (throttle 20%, +10% per round that did not halve)."""
     _converge(vms, sock_dir)
