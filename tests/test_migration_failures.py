@@ -316,6 +316,8 @@ def test_destination_killed(vms, sock_dir, phase, transport, accel):
     dst = vms("dst", *incoming(sock_dir, "dst", transport))
     baseline = start_slow_migration(src, dst, phase)
     kill(dst)
+    if transport == "unix":  # removed at accept: even a SIGKILLed destination leaves none
+        assert not os.path.exists(os.path.join(sock_dir, "dst.mig"))
     result, events = assert_source_intact(src, "failed")
     check_phase(result, events, phase)
     assert_sockets_back_to(src, baseline)
