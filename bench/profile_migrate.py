@@ -1,7 +1,7 @@
 """Where a 1 GiB idle migration spends its time, and prototypes of faster paths.
 
     python bench/profile_migrate.py micro            # full-pass scan micro-benchmarks
-    python bench/profile_migrate.py source ACCEL [--spy-destination]
+    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--proto]
                                                      # cProfile of a real source (kvm|unicorn),
                                                      # py-spy samples of the destination
 
@@ -154,6 +154,7 @@ class BlockWriter(StreamWriter):
 
 PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_SWAPPED = 1 << 62
+_UNPOPULATED = bytes(0 if b & 0xC0 else 1 for b in range(256))
 
 
 def never_populated(view: memoryview) -> bytes:
@@ -168,9 +169,8 @@ def never_populated(view: memoryview) -> bytes:
     pages = len(view) // PAGE_SIZE
     with open("/proc/self/pagemap", "rb", buffering=0) as f:
         raw = os.pread(f.fileno(), pages * 8, address // PAGE_SIZE * 8)
-    entries = memoryview(raw).cast("Q")
-    mask = PAGEMAP_PRESENT | PAGEMAP_SWAPPED
-    return bytes(0 if e & mask else 1 for e in entries)
+    # The top byte of each little-endian entry holds bits 56..63: 0xC0 = present | swapped.
+    return raw[7::8].translate(_UNPOPULATED)
 
 
 MADV_DONTNEED = 4
@@ -282,7 +282,8 @@ def summarize_collapsed(path: Path, top: int = 15) -> str:
     return "\n".join(f"  {count / max(total, 1) * 100:5.1f}%  {leaf}" for leaf, count in rows)
 
 
-def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destination: bool = False) -> None:
+def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destination: bool = False,
+                   data_mib: int = 64) -> None:
     """cProfile the source side of a real migration of the idle guest (in this process);
     with ``spy_destination``, sample the destination process with py-spy meanwhile."""
     from backends import backend_class
@@ -294,10 +295,12 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
 
     kernel = ROOT / "fixtures" / "x86_64" / "dirty.elf"
     argv = ["-machine", "q35", "-accel", accel, "-m", str(total_mib), "-kernel", str(kernel),
-            "-append", "mib=64 idle=1"]
+            "-append", f"mib={data_mib} idle=1"]
     with tempfile.TemporaryDirectory(prefix="hvp") as tmp:
         path = os.path.join(tmp, "mig.sock")
-        dst = subprocess.Popen([sys.executable, "-m", "hv", *argv, "-serial", f"file,path={tmp}/dst.serial",
+        launcher = ([sys.executable, str(ROOT / "bench" / "proto_fastzero.py")]
+                    if "bench.proto_fastzero" in sys.modules else [sys.executable, "-m", "hv"])
+        dst = subprocess.Popen([*launcher, *argv, "-serial", f"file,path={tmp}/dst.serial",
                                 "-incoming", f"unix:{path}"], cwd=ROOT, stderr=subprocess.DEVNULL)
         config = parse_args(argv).config
         console = BufferSink()
@@ -329,7 +332,7 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
             profiler.disable()
             elapsed = time.perf_counter() - started
             info = status.to_qmp()
-            print(f"{accel} source, {total_mib} MiB idle: {info['status']} in {elapsed * 1000:.0f} ms "
+            print(f"{accel} source, {total_mib} MiB idle ({data_mib} MiB data): {info['status']} in {elapsed * 1000:.0f} ms "
                   f"(status total {info.get('total-time')} ms, downtime {info.get('downtime')} ms), "
                   f"{info['ram']['transferred'] / MIB:.1f} MiB sent")
             out = io.StringIO()
@@ -355,8 +358,17 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["micro"]:
         micro()
         return 0
-    if argv[:1] == ["source"] and len(argv) in (2, 3) and argv[1] in ("kvm", "unicorn"):
-        profile_source(argv[1], top=12, spy_destination=argv[2:] == ["--spy-destination"])
+    if argv[:1] == ["source"] and len(argv) >= 2 and argv[1] in ("kvm", "unicorn"):
+        import argparse
+        p = argparse.ArgumentParser(prog="profile_migrate.py source ACCEL")
+        p.add_argument("--spy-destination", action="store_true")
+        p.add_argument("--data-mib", type=int, default=64)
+        p.add_argument("--proto", action="store_true", help="apply bench/proto_fastzero.py on both ends")
+        opts = p.parse_args(argv[2:])
+        if opts.proto:
+            from bench.proto_fastzero import apply
+            apply()
+        profile_source(argv[1], top=12, spy_destination=opts.spy_destination, data_mib=opts.data_mib)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

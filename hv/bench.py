@@ -227,14 +227,18 @@ class Row:
         return statistics.median(getattr(s, attribute) for s in self.samples)
 
 
-def buffer_mib(size_mib: int, dirty_mib: int) -> int:
-    return max(1, min(dirty_mib, size_mib // 4))
+def buffer_mib(size_mib: int, dirty_mib: int | None) -> int:
+    """The guest's buffer: --dirty-mib as given (at most 3/4 of RAM), by default 64 MiB
+    or a quarter of a smaller RAM."""
+    if dirty_mib is None:
+        return max(1, min(64, size_mib // 4))
+    return max(1, min(dirty_mib, size_mib * 3 // 4))
 
 
 @dataclass(frozen=True)
 class Settings:
     kernel: Path
-    dirty_mib: int
+    dirty_mib: int | None
     timeout: float
     qemu: str | None
     hv: tuple[str, ...] = (sys.executable, "-m", "hv")
@@ -486,7 +490,8 @@ def migrate_parser() -> argparse.ArgumentParser:
                    help="hv accelerators (default kvm,unicorn; kvm only when /dev/kvm is usable)")
     p.add_argument("--repeat", type=int, default=3, help="runs per combination (median; default 3)")
     p.add_argument("--no-qemu", action="store_true", help="do not run QEMU even when installed")
-    p.add_argument("--dirty-mib", type=int, default=64, help="guest buffer (MiB, at most RAM/4; default 64)")
+    p.add_argument("--dirty-mib", type=int, default=None,
+                   help="guest buffer in MiB (at most 3/4 of RAM; default 64, or RAM/4 if smaller)")
     p.add_argument("--loopback-mib", type=int, default=1024, help="bytes per raw loopback sample (MiB)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per migration before giving up")
     p.add_argument("--kernel", type=Path, default=DEFAULT_KERNEL, help="the dirty fixture guest")
@@ -498,7 +503,7 @@ def migrate_parser() -> argparse.ArgumentParser:
 
 def run_migrate(argv: list[str]) -> int:
     args = migrate_parser().parse_args(argv)
-    if args.repeat < 1 or args.dirty_mib < 1 or args.loopback_mib < 1:
+    if args.repeat < 1 or (args.dirty_mib is not None and args.dirty_mib < 1) or args.loopback_mib < 1:
         print("hv bench migrate: --repeat, --dirty-mib and --loopback-mib must be positive", file=sys.stderr)
         return 2
     if not args.kernel.is_file():
