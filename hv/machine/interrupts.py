@@ -10,7 +10,9 @@ and the :class:`~hv.devices.clock.GuestClock`, and is called by the machine's vC
     backend — ``inject_interrupt(vector)``, which checks RFLAGS.IF and the interrupt
     shadow — and acknowledged (IRR -> ISR) only when the backend took it. Otherwise KVM
     is asked for an interrupt-window exit; on Unicorn (no window exits) a retry kick is
-    scheduled ``UNICORN_RETRY_NS`` later.
+    scheduled ``UNICORN_RETRY_NS`` later. The backend call itself is made with the big
+    lock released (Unicorn's takes ~0.6 ms); the vCPU is not parked meanwhile, so no
+    snapshot can be taken half-way.
 ``after_run(index, vcpu, exit)``
     KVM delivers a queued vector at the next guest entry. A ``run`` that was kicked
     before entering (``immediate_exit``) leaves it queued inside KVM, where a saved CPU
