@@ -319,8 +319,8 @@ class SocketNetBackend(NetBackend):
         with self._lock:
             conn, self._conn = self._conn, None
             listener, self._listener = self._listener, None
-        if conn is not None:
-            conn.close()
+        # Stop listening (and remove the path) before hanging up, so a peer that reconnects
+        # at once finds nobody instead of a listener about to close.
         if listener is not None:
             listener.close()
             try:
@@ -328,6 +328,8 @@ class SocketNetBackend(NetBackend):
                     os.unlink(self.path)
             except OSError:
                 pass
+        if conn is not None:
+            conn.close()
 
 
 @dataclass
