@@ -264,6 +264,18 @@ class InterruptController:
             vcpu.request_interrupt_window(True)
         self._in_run[index] = True
 
+    def halt_timeout(self, index: int) -> float | None:
+        """Seconds a halted vCPU may wait before its own APIC timer is due (None: no
+        timer, or the clock stands still). Big lock held. Due timers are fired here, so
+        a halted vCPU wakes at its deadline without a round trip through the timer
+        thread."""
+        lapic = self.lapics[index]
+        if lapic.poll_timer(self.clock.now()) and lapic.deliverable() is not None:
+            self._timer_fired_at[index] = time.monotonic_ns()
+            self._notify()       # the timer thread re-plans
+        deadline = lapic.timer_deadline
+        return None if deadline is None else self.clock.host_delay(deadline)
+
     def wants_wake(self, index: int) -> bool:
         """Whether a halted vCPU should try :meth:`wake`: a vector is deliverable and it is
         not the same situation in which the CPU already refused (IF=0)."""

@@ -448,11 +448,14 @@ class Machine:
                 self._state_changed.notify_all()
                 return None
             action = None
+            timeout = None
             if self._state is RunState.RUNNING:
                 if not self._halted[index]:
                     action = "run"
-                elif irq.wants_wake(index):
-                    action = "wake"
+                else:
+                    timeout = irq.halt_timeout(index)   # fires this vCPU's due timer
+                    if irq.wants_wake(index):
+                        action = "wake"
             elif irq.must_settle(index):
                 action = "settle"
             if action is not None:
@@ -463,7 +466,7 @@ class Machine:
                 parked = True
                 self._parked.add(index)
                 self._state_changed.notify_all()
-            self._state_changed.wait()
+            self._state_changed.wait(timeout)
 
     def _vcpu_loop_no_irq(self, index: int, vcpu: Vcpu) -> None:
         while True:
