@@ -16,6 +16,13 @@ again about every pass. Migration starts once the guest printed its first pass. 
 ``dirty`` migration the destination's next pass line must say ``bad 0`` (the guest
 checked every word of its buffer), else the run counts as failed.
 
+Columns are the source's ``query-migrate`` numbers: ``total-time``, ``downtime``,
+``ram.transferred`` and ``ram.dirty-sync-count`` ("passes"; each engine counts its own
+syncs: hv one per RAM round before the pause, QEMU also its initial and final sync, so
+an idle QEMU migration says 3 where hv says 1). MiB/s is transferred / total time, for
+both engines the same way; for a mostly-zero guest it is bounded by scanning, not by the
+link (``--dirty-mib 768`` makes a data-heavy guest to measure the wire rate).
+
 Not a test: it measures; the goals (downtime <= 300 ms and <= QEMU's, total time <=
 QEMU's, throughput >= 80% of loopback) are printed as a verdict per row, never asserted.
 """
