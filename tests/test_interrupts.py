@@ -302,3 +302,31 @@ def test_timer_guest_prints_the_same_on_qemu() -> None:
                              "-kernel", str(TIMER), "-append", "hz=1000 ticks=200"],
                             capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.stdout.decode().replace("\r", "").splitlines() == timer_reference(1000, 200)
+
+
+def test_machine_wires_serial_line_and_pci_msix_to_the_apics(tmp_path: Path) -> None:
+    """q35 wiring: COM1 drives IOAPIC pin 4, a virtio-blk-pci function's MSI-X reaches the
+    local APIC, and the LAPIC/IOAPIC/clock are saved devices of the machine."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    config = parse_args(["-machine", "q35", "-m", "64", "-kernel", str(TIMER),
+                         "-drive", f"file={image},id=d0,readonly=off,direct=off",
+                         "-device", "virtio-blk-pci,drive=d0,id=blk0,bus=pcie.0,addr=3"]).config
+    machine = Machine(config, backend_class("unicorn")(), BufferSink())
+    try:
+        assert {"lapic0", "ioapic", "clock"} <= set(machine.devices)
+        machine.mmio_write(0xFEE0_00F0, 4, 0x1FF)              # software-enable APIC 0
+        machine.mmio_write(0xFEC0_0000, 4, 0x10 + 2 * 4)        # IOAPIC pin 4: vector 0x24, edge
+        machine.mmio_write(0xFEC0_0010, 4, 0x24)
+        machine.pio_write(0x3F8 + 1, 1, 0x02)                   # UART IER: THR empty interrupt
+        lapic = machine.interrupts.lapics[0]
+        assert lapic.deliverable() == 0x24
+        function = machine.pci.host.functions[3 << 3]
+        function.msix.sink.send(0xFEE0_0000, 0x51)
+        assert lapic.s.irr >> 0x51 & 1
+        assert function.intx.gsi == 16 + (3 + 1 - 1) % 8
+        saved = machine.save()                                  # prelaunch: not running
+        assert saved.devices["lapic0"]["state"]["irr"] == f"{(1 << 0x24) | (1 << 0x51):064x}"
+        assert saved.devices["ioapic"]["state"]["redirection"][4] == 0x24
+    finally:
+        machine.close()
