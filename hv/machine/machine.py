@@ -132,6 +132,7 @@ class Machine:
         self._throttle_percent = 0
         self._throttle_wake = threading.Event()
         self._throttle_thread: threading.Thread | None = None
+        self._throttle_ran_since = [0.0] * config.smp  # when each vCPU's run slice began
         self.interrupts: InterruptController | None = None   # q35: LAPICs, IOAPIC, clock
         mmio_windows = self._build_devices()
         try:
@@ -361,6 +362,8 @@ class Machine:
         """
         percent = max(0, min(99, percent))
         with self._lock:
+            if percent and not self._throttle_percent:
+                self._throttle_ran_since = [time.monotonic()] * len(self.vcpus)
             self._throttle_percent = percent
             if percent and self._throttle_thread is None:
                 self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle", daemon=True)
@@ -377,15 +380,28 @@ class Machine:
                 if self._closing or not self._throttle_percent:
                     self._throttle_thread = None
                     return
-            self._throttle_wake.wait(THROTTLE_SLICE)
+            self._throttle_wake.wait(THROTTLE_SLICE / 2)
             self._throttle_wake.clear()
             if self._throttle_percent and self._state is RunState.RUNNING:
-                self._kick_all()
+                now = time.monotonic()
+                for index, vcpu in enumerate(self.vcpus):
+                    if now - self._throttle_ran_since[index] >= THROTTLE_SLICE:
+                        vcpu.kick()
 
-    def _throttle_pause(self) -> None:
+    def _throttle_pause(self, index: int) -> None:
+        """Sleep off a throttle kick, once the vCPU has had its slice of run time.
+
+        Slices are counted from the end of the vCPU's last throttle sleep, so a kick that
+        arrived while it slept (and is delivered as soon as it runs again) is ignored:
+        otherwise at 50% and more the guest would hardly run at all.
+        """
         percent = self._throttle_percent
-        if percent and self._state is RunState.RUNNING:
-            time.sleep(THROTTLE_SLICE * percent / (100 - percent))
+        if not percent or self._state is not RunState.RUNNING:
+            return
+        if time.monotonic() - self._throttle_ran_since[index] < THROTTLE_SLICE * 0.9:
+            return
+        time.sleep(THROTTLE_SLICE * percent / (100 - percent))
+        self._throttle_ran_since[index] = time.monotonic()
 
     def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the vCPU threads (0 before start)."""
@@ -487,7 +503,7 @@ class Machine:
     def _handle_exit(self, index: int, result: Exit) -> None:
         reason = result.reason
         if reason is ExitReason.KICKED:
-            self._throttle_pause()
+            self._throttle_pause(index)
             return
         if reason is ExitReason.HALT:
             # The vCPU waits in _vcpu_loop until an interrupt is deliverable (q35); without
