@@ -480,8 +480,17 @@ def _read_stream(reader: StreamReader, collected: IncomingState, status: Migrati
             return
 
 
-def _local_fingerprint(machine: Machine) -> Fingerprint:
-    return Fingerprint.from_dict(machine.fingerprint())
+def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
+    """A CONFIG-section check: raises MigrationError listing every difference between
+    the stream's configuration and this machine's."""
+    local = Fingerprint.from_dict(machine.fingerprint())
+
+    def check(remote: Fingerprint) -> None:
+        mismatches = compare_fingerprints(remote, local)
+        if mismatches:
+            raise MigrationError("; ".join(mismatches))
+
+    return check
 
 
 def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus) -> None:
@@ -491,13 +500,8 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     never started. A configuration mismatch is answered to the source as ERROR first.
     """
     channel = SocketChannel(sock)
-    local = _local_fingerprint(machine)
+    check_config = config_checker(machine)
     collected = IncomingState(machine)
-
-    def check_config(remote: Fingerprint) -> None:
-        mismatches = compare_fingerprints(remote, local)
-        if mismatches:
-            raise MigrationError("; ".join(mismatches))
 
     reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
                           kind=StreamKind.MIGRATION, arch=machine.arch.value)
@@ -565,13 +569,8 @@ def refuse(sock: socket.socket, message: str) -> None:
 def load_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
     """Restore DIR/state + DIR/memory into the (not yet started) ``machine``."""
     state_file, memory_file = open_snapshot(directory)
-    local = _local_fingerprint(machine)
+    check_config = config_checker(machine)
     collected = IncomingState(machine)
-
-    def check_config(remote: Fingerprint) -> None:
-        mismatches = compare_fingerprints(remote, local)
-        if mismatches:
-            raise MigrationError("; ".join(mismatches))
 
     with state_file, memory_file:
         status.activate()
