@@ -5,6 +5,7 @@ peer written here, moved between backends mid-traffic, and two guests cabled tog
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -994,15 +995,15 @@ def test_net_guest_on_qemu_matches_reference(arch):
         peer_path, local_path = os.path.join(sock_dir, "peer"), os.path.join(sock_dir, "qemu")
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         peer.bind(peer_path)
-        peer.settimeout(0.2)
         done = threading.Event()
 
         def echo() -> None:
+            # Blocking sends: a unix datagram queue holds only max_dgram_qlen (10) messages,
+            # and an echo that gave up on a full queue would leave QEMU's transmit stalled.
             while not done.is_set():
-                try:
-                    frame, addr = peer.recvfrom(1 << 17)
-                except socket.timeout:
+                if not select.select([peer], [], [], 0.2)[0]:
                     continue
+                frame, addr = peer.recvfrom(1 << 17)
                 if frame[12:14] == ETH_REQ:
                     peer.sendto(frame[6:12] + PEER_MAC + ETH_REP + frame[14:], addr)
 
