@@ -287,6 +287,29 @@ def test_transmit_delivers_what_has_arrived(net):
     assert net.used(0) == [(0, 92)]
 
 
+def test_async_rx_delivers_without_a_kick_only_while_running(net):
+    """enable_async_rx: the backend thread takes the (machine) lock and delivers at once,
+    raising the queue interrupt (ISR bit 0 with MSI-X off); a paused machine gets nothing."""
+    lock = threading.RLock()
+    running = [True]
+    net.device.enable_async_rx(lock, lambda: running[0])
+    net.init()
+    for i in range(4):
+        net.post_rx(i)
+    net.conn.send(frame_of(60, 1))
+    wait_for(lambda: net.memory.read_int(net.rings[0][2] + 2, 2) == 1, what="async delivery")
+    assert net.used(0) == [(0, 72)] and net.device.s.isr & 1
+    running[0] = False
+    net.conn.send(frame_of(60, 2))
+    wait_for(lambda: net.device.net.backlog == 1, what="backlog while paused")
+    time.sleep(0.05)
+    assert net.used(0) == []                      # RAM untouched while paused
+    running[0] = True
+    net.conn.send(frame_of(60, 3))
+    wait_for(lambda: net.memory.read_int(net.rings[0][2] + 2, 2) == 3, what="delivery after resume")
+    assert [net.rx_data(head, 72)[12:] for head, _ in net.used(0)] == [frame_of(60, 2), frame_of(60, 3)]
+
+
 def test_backlog_is_bounded_and_counts_drops(net):
     net.init()
     for i in range(RX_BACKLOG + 10):

@@ -17,10 +17,10 @@ Receive: the backend's reader thread appends frames to a bounded host-side backl
 (:data:`RX_BACKLOG` frames; when it is full further frames are dropped and counted, as a
 NIC drops when its FIFO overflows). The backlog is moved into the guest's receive buffers
 under the big lock: whenever the driver notifies either queue (it posted receive buffers,
-or it transmitted) — there is no interrupt controller yet, so a polling driver kicks the
-receive queue while it waits. :meth:`VirtioNetPciDevice.poll_rx` does the same from any
-caller that holds the machine's lock while the machine runs (the interrupt work will call
-it from the backend thread). A frame waits in the backlog while the ring has too little
+or it transmitted), so a polling driver kicks the receive queue while it waits.
+:meth:`VirtioNetPciDevice.enable_async_rx` (machine lock, is-running test) makes the backend
+thread deliver each frame at once and raise the rx interrupt, for interrupt-driven guests;
+:meth:`VirtioNetPciDevice.poll_rx` is the same for any caller holding the lock. A frame waits in the backlog while the ring has too little
 buffer space; without MRG_RXBUF a frame that does not fit the next chain at all is
 dropped (counted) and the chain stays available.
 
@@ -37,7 +37,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 from hv.devices.interfaces import DeviceStateError, InterruptLine
 from hv.devices.pci import MsiSink
@@ -109,6 +109,7 @@ class VirtioNet:
         self.counters = NetCounters()
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_lock = threading.Lock()
+        self.on_frame: Callable[[], None] | None = None   # called (no lock held) after a frame is queued
         self.config = self.mac + STATUS_LINK_UP.to_bytes(2, "little") + (1).to_bytes(2, "little")
 
     # -- host side (backend reader thread) ---------------------------------------------------
@@ -119,6 +120,8 @@ class VirtioNet:
                 self.counters.rx_dropped_backlog += 1
                 return
             self._backlog.append(frame)
+        if self.on_frame is not None:
+            self.on_frame()
 
     @property
     def backlog(self) -> int:
@@ -301,6 +304,17 @@ class VirtioNetPciDevice(VirtioPciDevice):
         """Deliver queued frames now; the caller holds the machine lock, machine running."""
         if self.net.backlog:
             super().notify(RX_QUEUE)
+
+    def enable_async_rx(self, lock: ContextManager[Any], running: Callable[[], bool]) -> None:
+        """Deliver each arriving frame at once from the backend thread: take ``lock`` (the
+        machine's big lock) and, if ``running()``, :meth:`poll_rx` (which raises the rx
+        interrupt). For guests that wait for an interrupt instead of kicking. A paused
+        machine gets nothing (its RAM must not change); its frames wait in the backlog."""
+        def deliver() -> None:
+            with lock:
+                if running():
+                    self.poll_rx()
+        self.net.on_frame = deliver
 
     def save(self) -> VirtioNetState:  # type: ignore[override]
         return VirtioNetState(super().save(), format_mac(self.net.mac))
