@@ -1,7 +1,7 @@
 """Where a 1 GiB idle migration spends its time, and prototypes of faster paths.
 
     python bench/profile_migrate.py micro            # full-pass scan micro-benchmarks
-    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--proto]
+    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--proto] [--timeline]
                                                      # cProfile of a real source (kvm|unicorn),
                                                      # py-spy samples of the destination
 
@@ -282,8 +282,23 @@ def summarize_collapsed(path: Path, top: int = 15) -> str:
     return "\n".join(f"  {count / max(total, 1) * 100:5.1f}%  {leaf}" for leaf, count in rows)
 
 
+def _timeline(events: list[tuple[str, float, float]]) -> Callable[[object, str], None]:
+    """Wrap obj.name so every call appends (name, start, end) to ``events``."""
+    def wrap(owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*args: object, **kwargs: object) -> object:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                events.append((name, started, time.perf_counter()))
+        setattr(owner, name, timed_call)
+    return wrap
+
+
 def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destination: bool = False,
-                   data_mib: int = 64) -> None:
+                   data_mib: int = 64, timeline: bool = False) -> None:
     """cProfile the source side of a real migration of the idle guest (in this process);
     with ``spy_destination``, sample the destination process with py-spy meanwhile."""
     from backends import backend_class
@@ -325,6 +340,19 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
             status = MigrationStatus()
             status.start(machine.memory.size)
             outgoing = OutgoingMigration(machine, status, MigrationParameters(), sock, lambda *a: None)
+            events: list[tuple[str, float, float]] = []
+            if timeline:  # where the downtime goes: every step between pause and 'running'
+                from hv.migration import engine
+                wrap = _timeline(events)
+                for name in ("pause", "save"):
+                    wrap(machine, name)
+                for name in ("take_dirty",):
+                    wrap(machine.vm, name)
+                for name in ("write_machine_state", "_switch_over_reply", "send_reply", "merge_bitmaps"):
+                    wrap(engine, name)
+                wrap(engine._Sender, "send_bitmap")
+                wrap(engine.StreamWriter, "write_end")
+                wrap(engine.StreamWriter, "write_round_end")
             profiler = cProfile.Profile()
             started = time.perf_counter()
             profiler.enable()
@@ -335,6 +363,12 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
             print(f"{accel} source, {total_mib} MiB idle ({data_mib} MiB data): {info['status']} in {elapsed * 1000:.0f} ms "
                   f"(status total {info.get('total-time')} ms, downtime {info.get('downtime')} ms), "
                   f"{info['ram']['transferred'] / MIB:.1f} MiB sent")
+            if events:
+                paused = next(start for name, start, _ in events if name == "pause")
+                print("after the pause (ms from pause start: step start .. end):")
+                for name, start, end in events:
+                    if start >= paused:
+                        print(f"  {name:22s} {(start - paused) * 1000:7.2f} .. {(end - paused) * 1000:7.2f}")
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
             print(out.getvalue())
@@ -364,11 +398,13 @@ def main(argv: list[str]) -> int:
         p.add_argument("--spy-destination", action="store_true")
         p.add_argument("--data-mib", type=int, default=64)
         p.add_argument("--proto", action="store_true", help="apply bench/proto_fastzero.py on both ends")
+        p.add_argument("--timeline", action="store_true", help="time each step after the pause")
         opts = p.parse_args(argv[2:])
         if opts.proto:
             from bench.proto_fastzero import apply
             apply()
-        profile_source(argv[1], top=12, spy_destination=opts.spy_destination, data_mib=opts.data_mib)
+        profile_source(argv[1], top=12, spy_destination=opts.spy_destination, data_mib=opts.data_mib,
+                       timeline=opts.timeline)
         return 0
     print(__doc__, file=sys.stderr)
     return 2
