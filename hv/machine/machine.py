@@ -34,6 +34,7 @@ from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
+from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.machine.pci_wiring import build_pci
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
@@ -178,6 +179,10 @@ class Machine:
         for slot in self.pci.slots:
             self.devices[slot.name] = DeviceSlot(slot.name, slot.kind, slot.device, slot.state_type,
                                                  slot.bus, slot.addr, {k: str(v) for k, v in slot.attrs.items()})
+            if isinstance(slot.device, VirtioNetPciDevice):
+                # Received frames go into guest RAM at once (under the big lock, only
+                # while running) and raise the rx interrupt, instead of waiting for a kick.
+                slot.device.enable_async_rx(self._lock, self._accepts_device_dma)
         if self.interrupts is not None:
             self._wire_pci_interrupts(self.interrupts)
         return windows + self.pci.mmio_windows
@@ -402,6 +407,9 @@ class Machine:
             return
         time.sleep(THROTTLE_SLICE * percent / (100 - percent))
         self._throttle_ran_since[index] = time.monotonic()
+
+    def _accepts_device_dma(self) -> bool:
+        return self._state is RunState.RUNNING and not self._closing
 
     def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the vCPU threads (0 before start)."""
