@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hv import __version__ as HV_VERSION
+from hv.migration.pages import page_kinds, zero_pages
 from hv.state import CpuState, StateError, state_from_dict, state_to_dict
 
 log = logging.getLogger(__name__)
@@ -465,24 +466,18 @@ class StreamWriter:
         return stats
 
     def _write_run(self, start: int, mv: memoryview, count: int, stable: bool) -> RamStats:
-        kinds = bytearray(count)
-        startswith = ZERO_PAGE.startswith
+        kinds, normal = page_kinds(mv, count)
         segments: list[memoryview] = []  # coalesced runs of normal pages
-        seg_start = -1
-        normal = 0
-        for i in range(count):
-            off = i * PAGE_SIZE
-            if startswith(mv[off:off + PAGE_SIZE]):
-                if seg_start >= 0:
-                    segments.append(mv[seg_start:off])
-                    seg_start = -1
+        i = 0
+        while i < count:
+            if kinds[i] == PAGE_NORMAL:
+                j = kinds.find(_ZERO_BYTE, i)
+                j = count if j < 0 else j
+                segments.append(mv[i * PAGE_SIZE:j * PAGE_SIZE])
             else:
-                kinds[i] = PAGE_NORMAL
-                normal += 1
-                if seg_start < 0:
-                    seg_start = off
-        if seg_start >= 0:
-            segments.append(mv[seg_start:count * PAGE_SIZE])
+                j = kinds.find(_NORMAL_BYTE, i)
+                j = count if j < 0 else j
+            i = j
         meta = RAM_RUN.pack(start, count, 0) + kinds
         length = len(meta) + normal * PAGE_SIZE
         head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
@@ -923,11 +918,7 @@ class StreamReader:
                 j = kinds.find(_NORMAL_BYTE, i)
                 j = count if j < 0 else j
                 if ram is not None:
-                    view = self._target(start + i, j - i)
-                    for off in range(0, len(view), PAGE_SIZE):
-                        page = view[off:off + PAGE_SIZE]
-                        if not ZERO_PAGE.startswith(page):  # leave untouched zero pages unallocated
-                            page[:] = ZERO_PAGE
+                    zero_pages(self._target(start + i, j - i))
             i = j
         self._scatter(targets, "RAM page data")
         self._finish_section("RAM")
