@@ -839,3 +839,16 @@ def test_fuzz_mutated_recorded_stream_long(mutations: list[tuple[str, int, int]]
 def test_fuzz_random_bytes_after_valid_config(tail: bytes) -> None:
     offsets = section_offsets(FUZZ_BASE)
     _fuzz_one(FUZZ_BASE[:offsets[1][2]] + tail)
+
+
+def test_stream_crc_is_zlibs_crc32() -> None:
+    """The stream may use ISA-L's CRC-32 for speed; it must equal zlib's, so streams stay
+    readable by an hv that falls back to zlib."""
+    import zlib
+
+    from hv.migration.stream import crc32
+
+    data = bytes(range(256)) * 1024
+    for seed in (0, 1, 0xFFFFFFFF):
+        assert crc32(data, seed) == zlib.crc32(data, seed)
+        assert crc32(memoryview(data)[7:9999], seed) == zlib.crc32(memoryview(data)[7:9999], seed)

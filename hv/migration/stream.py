@@ -34,7 +34,10 @@ import os
 import select
 import struct
 import uuid
-import zlib
+try:  # ISA-L computes zlib's very CRC-32 (same values) about 13x faster, with PCLMULQDQ
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without isal wheels
+    from zlib import crc32
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -425,7 +428,7 @@ class StreamWriter:
         if len(payload) > MAX_SECTION_BYTES:
             raise StreamError(f"section of {len(payload)} bytes exceeds the {MAX_SECTION_BYTES} byte cap")
         head = SECTION_HEADER.pack(kind, flags, 0, len(payload))
-        crc = zlib.crc32(payload, zlib.crc32(head))
+        crc = crc32(payload, crc32(head))
         self._send([head, payload, CRC.pack(crc)])
 
     def write_header(self, arch: str, machine: str, *, stream_id: str | None = None,
@@ -481,7 +484,7 @@ class StreamWriter:
         meta = RAM_RUN.pack(start, count, 0) + kinds
         length = len(meta) + normal * PAGE_SIZE
         head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
-        crc = zlib.crc32(meta, zlib.crc32(head))
+        crc = crc32(meta, crc32(head))
         if not stable and segments:
             if self._copy is None:
                 self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
@@ -489,12 +492,12 @@ class StreamWriter:
             for seg in segments:  # copy, then checksum the copy while it is cached
                 end = pos + len(seg)
                 self._copy[pos:end] = seg
-                crc = zlib.crc32(self._copy[pos:end], crc)
+                crc = crc32(self._copy[pos:end], crc)
                 pos = end
             segments = [self._copy[:pos]]
         else:
             for seg in segments:
-                crc = zlib.crc32(seg, crc)
+                crc = crc32(seg, crc)
         self._send([head + meta, *segments, CRC.pack(crc)])
         return RamStats(zero=count - normal, normal=normal, bytes=length + SECTION_HEADER.size + CRC.size)
 
@@ -660,13 +663,13 @@ class StreamReader:
             raise StreamError(f"{what}: needs {n} bytes but only {self._remaining} remain in the section")
         data = self._read(n, what)
         self._remaining -= n
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
         return data
 
     def _payload_into(self, view: memoryview, what: str) -> None:
         self._read_into(view, what)
         self._remaining -= len(view)
-        self._crc = zlib.crc32(view, self._crc)
+        self._crc = crc32(view, self._crc)
 
     def _scatter(self, targets: list[memoryview], what: str) -> None:
         """Fill every target exactly, in order, with as few reads as the source allows."""
@@ -695,11 +698,11 @@ class StreamReader:
             while n:
                 buf = pending[i]
                 if n >= len(buf):
-                    crc = zlib.crc32(buf, crc)
+                    crc = crc32(buf, crc)
                     n -= len(buf)
                     i += 1
                 else:
-                    crc = zlib.crc32(buf[:n], crc)
+                    crc = crc32(buf[:n], crc)
                     pending[i] = buf[n:]
                     n = 0
             del pending[:i]
@@ -742,7 +745,7 @@ class StreamReader:
                 raise StreamError(f"section type {kind}: unknown flags {flags:#x} or reserved field {reserved:#x}")
             if length > MAX_SECTION_BYTES:
                 raise StreamError(f"section type {kind}: length {length} exceeds the {MAX_SECTION_BYTES} byte cap")
-            self._crc = zlib.crc32(head)
+            self._crc = crc32(head)
             self._remaining = length
             try:
                 stype = SectionType(kind)
@@ -1041,7 +1044,7 @@ def read_reply(source: Source) -> Reply:
         raise StreamError(f"unexpected reply section type {kind} flags {flags:#x}")
     if length > MAX_MESSAGE_BYTES:
         raise StreamError(f"reply length {length} exceeds {MAX_MESSAGE_BYTES}")
-    reader._crc = zlib.crc32(head)
+    reader._crc = crc32(head)
     reader._remaining = length
     text = reader._payload(length, "reply").decode(errors="replace")
     reader._finish_section("reply")
