@@ -28,7 +28,6 @@ import logging
 import os
 import pstats
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -313,8 +312,7 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
             "-append", f"mib={data_mib} idle=1"]
     with tempfile.TemporaryDirectory(prefix="hvp") as tmp:
         path = os.path.join(tmp, "mig.sock")
-        launcher = ([sys.executable, str(ROOT / "bench" / "proto_fastzero.py")]
-                    if "bench.proto_fastzero" in sys.modules else [sys.executable, "-m", "hv"])
+        launcher = [sys.executable, "-m", "hv"]
         dst = subprocess.Popen([*launcher, *argv, "-serial", f"file,path={tmp}/dst.serial",
                                 "-incoming", f"unix:{path}"], cwd=ROOT, stderr=subprocess.DEVNULL)
         config = parse_args(argv).config
@@ -397,12 +395,8 @@ def main(argv: list[str]) -> int:
         p = argparse.ArgumentParser(prog="profile_migrate.py source ACCEL")
         p.add_argument("--spy-destination", action="store_true")
         p.add_argument("--data-mib", type=int, default=64)
-        p.add_argument("--proto", action="store_true", help="apply bench/proto_fastzero.py on both ends")
         p.add_argument("--timeline", action="store_true", help="time each step after the pause")
         opts = p.parse_args(argv[2:])
-        if opts.proto:
-            from bench.proto_fastzero import apply
-            apply()
         profile_source(argv[1], top=12, spy_destination=opts.spy_destination, data_mib=opts.data_mib,
                        timeline=opts.timeline)
         return 0
