@@ -1,7 +1,7 @@
 """Where a 1 GiB idle migration spends its time, and prototypes of faster paths.
 
     python bench/profile_migrate.py micro            # full-pass scan micro-benchmarks
-    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--proto] [--timeline]
+    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--timeline]
                                                      # cProfile of a real source (kvm|unicorn),
                                                      # py-spy samples of the destination
 
