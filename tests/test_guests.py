@@ -53,3 +53,11 @@ def test_start_paused_runs_nothing(hv):
     vm = hv("-machine", "virt", "-S", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"))
     time.sleep(1.0)
     assert vm.proc.poll() is None and vm.output() == ""
+
+
+def test_log_file_option(hv, tmp_path):
+    log = tmp_path / "hv.log"
+    vm = hv("-machine", "virt", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"), "-D", str(log))
+    assert vm.wait(60) == 0
+    assert "accelerator unicorn" in log.read_text()
+    assert vm.stderr() == ""  # everything went to the log file

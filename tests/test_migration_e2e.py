@@ -85,10 +85,11 @@ def test_pair_matrix(vms, sock_dir, machine, first, second, transport):
     assert finish(machine, src, dst) > 4
 
 
-def test_seed_walkthrough_raw_json(vms, sock_dir):
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_seed_walkthrough_raw_json(vms, sock_dir, transport):
     """The StratoVirt document's steps, spoken as ncat would: no qmp_capabilities."""
     src = vms("src", "q35", "unicorn")
-    dst = vms("dst", "q35", "unicorn", "-incoming", f"unix:{os.path.join(sock_dir, 'm.sock')}")
+    dst = vms("dst", "q35", "unicorn", "-incoming", incoming_uri(transport, sock_dir, "dst"))
     src.wait_lines(3)
     assert src.qmp.greeting["QMP"]["capabilities"] == []
     assert src.execute("query-migrate") == {"return": {"status": "none"}}
@@ -133,6 +134,24 @@ def test_ping_pong_three_hops(vms, sock_dir):
         chain.append(dst)
         dst.wait_lines(len(complete_lines(dst.output())) + 2)
     assert finish("q35", *chain) > 6
+
+
+def test_destination_reports_progress_while_receiving(vms, sock_dir):
+    src = vms("src", "q35", "unicorn", memory="512", mib=64)
+    dst = vms("dst", "q35", "unicorn", "-incoming", incoming_uri("unix", sock_dir, "dst"), memory="512", mib=64)
+    src.wait_lines(2)
+    src.execute("migrate-set-parameters", **{"max-bandwidth": 64 << 20})  # ~1 s per pass
+    assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+    progress = dst.wait_migration(states=("active",))
+    deadline = time.monotonic() + 30
+    while progress["ram"]["transferred"] == 0:
+        assert time.monotonic() < deadline
+        progress = dst.execute("query-migrate")["return"]
+    assert progress["status"] == "active"
+    assert dst.execute("query-status")["return"]["status"] == "inmigrate"
+    assert src.wait_migration()["status"] == "completed"
+    assert dst.wait_migration()["status"] == "completed"
+    assert dst.execute("query-status")["return"]["status"] == "running"
 
 
 def test_destination_answers_qmp_while_waiting(vms, sock_dir):
