@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from hv.machine import Machine, MachineError, RunState
-from hv.qmp import CommandTable, QmpError, QmpServer, Reply
+from hv.devconfig import DEVICE_DRIVERS, DevConfigError, parse_device
+from hv.qmp import ArgSpec, CommandTable, QmpError, QmpServer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,16 @@ class MachineMonitor:
         commands.register("quit", self.quit, doc="End hv after replying (SHUTDOWN event).")
         commands.register("query-cpus-fast", self.query_cpus_fast, doc="vCPUs and their host threads.")
         commands.register("query-name", self.query_name, doc="The -name of the VM.")
+        self._migration_status = "none"   # from MIGRATION events: no hot-plug while one runs
+        self.register_hotplug(commands)
         machine.add_listener(self.on_machine_event)
 
     def attach(self, server: QmpServer) -> None:
         self.server = server
 
     def on_machine_event(self, event: str, data: dict[str, Any] | None) -> None:
+        if event == "MIGRATION" and data is not None:
+            self._migration_status = str(data.get("status"))
         if self.server is not None:
             self.server.emit_event(event, data)
 
@@ -82,3 +87,71 @@ class MachineMonitor:
         state = self.machine.state
         if state in states:
             raise QmpError("GenericError", f"not possible while the VM is in state '{state.value}'")
+
+    # -- hot-plug ---------------------------------------------------------------------------
+    HOTPLUG_DRIVERS = ("virtio-blk-pci",)
+    DEVICE_ADD_PROPS = ("drive", "bus", "addr", "serial")
+
+    def register_hotplug(self, commands: CommandTable) -> None:
+        """``device_add`` / ``device_del`` for virtio-blk-pci (see :meth:`device_add`)."""
+        text = ArgSpec("string", required=False)
+        commands.register("device_add", self.device_add,
+                          {"driver": ArgSpec("string"), "id": ArgSpec("string"), "drive": ArgSpec("string"),
+                           "bus": text, "addr": ArgSpec(("string", "int"), required=False), "serial": text},
+                          doc="Hot-plug virtio-blk-pci for a -drive no device uses (id, drive, bus, addr).")
+        commands.register("device_del", self.device_del, {"id": ArgSpec("string")},
+                          doc="Hot-unplug a PCI device; DEVICE_DELETED follows the reply.")
+
+    def device_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Plug a virtio-blk-pci function at once (the guest sees it on its next PCI scan).
+
+        The arguments are those of ``-device virtio-blk-pci`` (driver, id, drive, bus,
+        addr, serial); ``drive`` names a ``-drive`` of the command line. Any problem is a
+        GenericError naming it, and nothing changes.
+        """
+        driver = args["driver"]
+        if driver not in self.HOTPLUG_DRIVERS:
+            known = "known but not hot-pluggable" if driver in DEVICE_DRIVERS else "unknown"
+            raise QmpError("GenericError", f"device_add: driver '{driver}' is {known} "
+                                           f"(hot-pluggable: {', '.join(self.HOTPLUG_DRIVERS)})")
+        self._require_no_migration("device_add")
+        items = [driver, f"id={args['id']}"]
+        for key in self.DEVICE_ADD_PROPS:
+            if key not in args:
+                continue
+            value = args[key]
+            if isinstance(value, bool):
+                raise QmpError("GenericError", f"Parameter '{key}' expects a string")
+            if isinstance(value, int):   # addr as a slot number
+                if not 0 <= value < 32:
+                    raise QmpError("GenericError", f"device_add: addr={value}: slot out of range 0-31")
+                value = f"{value:#x}"
+            if not value or "," in value or "=" in value:
+                raise QmpError("GenericError", f"device_add: {key}={value!r}: must be non-empty, "
+                                               "without ',' or '='")
+            items.append(f"{key}={value}")
+        try:
+            device = parse_device(",".join(items))
+        except DevConfigError as exc:
+            raise QmpError("GenericError", str(exc).replace("-device", "device_add", 1)) from None
+        try:
+            self.machine.hotplug_device(device)
+        except MachineError as exc:
+            raise QmpError("GenericError", str(exc)) from None
+        return {}
+
+    def device_del(self, args: dict[str, Any]) -> Reply:
+        """Unplug at once (hv has no hot-plug controller to wait for); DEVICE_DELETED is
+        sent right after the reply, as QEMU sends it once the guest has let go."""
+        device_id = args["id"]
+        self._require_no_migration("device_del")
+        try:
+            self.machine.hotunplug_device(device_id)
+        except MachineError as exc:
+            raise QmpError("GenericError", str(exc)) from None
+        data = {"device": device_id, "path": f"/machine/peripheral/{device_id}"}
+        return Reply({}, after=lambda: self.on_machine_event("DEVICE_DELETED", data))
+
+    def _require_no_migration(self, command: str) -> None:
+        if self._migration_status in ("setup", "active"):
+            raise QmpError("GenericError", f"{command}: not allowed while migrating")

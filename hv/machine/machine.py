@@ -35,7 +35,10 @@ from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
 from hv.devices.virtio_net import VirtioNetPciDevice
-from hv.machine.pci_wiring import build_pci
+from hv.devconfig import DevConfigError, DeviceConfig
+from hv.devices.interfaces import UnconnectedLine
+from hv.devices.pci import UnconnectedMsi, parse_devfn
+from hv.machine.pci_wiring import build_pci, plug_device, unplug_device
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
 
@@ -189,14 +192,82 @@ class Machine:
 
     def _wire_pci_interrupts(self, irq: InterruptController) -> None:
         """MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23."""
-        msi = irq.msi()
         for devfn, function in self.pci.host.functions.items():
-            table = getattr(function, "msix", None)
-            if table is not None:
-                table.sink = msi
-            pin = function.config_read(0x3D, 1)
-            if pin and hasattr(function, "intx"):
-                function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
+            self._wire_pci_function(irq, devfn, function)
+
+    @staticmethod
+    def _wire_pci_function(irq: InterruptController, devfn: int, function: Any) -> None:
+        """One function's MSI-X to the local APICs and INTx pin to its IOAPIC input."""
+        table = getattr(function, "msix", None)
+        if table is not None:
+            table.sink = irq.msi()
+        pin = function.config_read(0x3D, 1)
+        if pin and hasattr(function, "intx"):
+            function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
+
+    # -- hot-plug (QMP device_add / device_del) ----------------------------------------
+    def hotplug_device(self, device: DeviceConfig) -> DeviceSlot:
+        """Plug a virtio-blk-pci function for ``device`` while the machine exists.
+
+        Its drive must be a ``-drive`` of the command line that no device uses; the image
+        is opened and locked here. Under the big lock the function is put on pcie.0 (the
+        guest sees it on its next configuration-space scan), wired to the interrupt
+        controller (q35), and added to :attr:`devices`, so it is saved, reset and in the
+        migration fingerprint. Raises :class:`MachineError` naming the problem; on error
+        nothing has changed.
+        """
+        drives = {d.id: d for d in self.config.drives}
+        with self._lock:
+            self._check_hotplug_state("device_add")
+            if device.id in self.devices:
+                raise MachineError(f"Duplicate device ID '{device.id}'")
+            try:
+                pci_slot = plug_device(self.pci, self.memory, drives.get(device.drive), device,
+                                       option="device_add")
+            except DevConfigError as exc:
+                raise MachineError(str(exc)) from None
+            slot = DeviceSlot(pci_slot.name, pci_slot.kind, pci_slot.device, pci_slot.state_type,
+                              pci_slot.bus, pci_slot.addr, {k: str(v) for k, v in pci_slot.attrs.items()})
+            if self.interrupts is not None:
+                devfn_slot, devfn_fn = parse_devfn(pci_slot.addr)
+                self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device)
+            self.devices[slot.name] = slot
+        log.info("hot-plugged %s %s at pcie.0 %s", slot.kind, slot.name, slot.addr)
+        return slot
+
+    def hotunplug_device(self, device_id: str) -> DeviceSlot:
+        """Remove PCI device ``device_id`` (hot-plugged or from the command line).
+
+        Under the big lock: its interrupt is lowered, the function leaves pcie.0 (its
+        configuration space reads as all ones), its image is closed and unlocked, and it
+        leaves :attr:`devices`. Raises :class:`MachineError`; on error nothing changed.
+        """
+        with self._lock:
+            self._check_hotplug_state("device_del")
+            slot = self.devices.get(device_id)
+            if slot is None or slot.bus != "pcie.0":
+                raise MachineError(f"Device '{device_id}' not found" if slot is None else
+                                   f"device_del: {device_id} ({slot.kind}) is not a hot-pluggable device")
+            function = slot.device
+            try:
+                unplug_device(self.pci, device_id)
+            except DevConfigError as exc:
+                raise MachineError(str(exc)) from None
+            if getattr(function, "intx", None) is not None:
+                # Lower INTx only if this function drives it (IOAPIC pins are not wire-OR'd,
+                # so lowering unconditionally could drop a neighbour's level on a shared pin).
+                if getattr(getattr(function, "s", None), "isr", 0):
+                    function.intx.set_level(False)
+                function.intx = UnconnectedLine()
+            if getattr(function, "msix", None) is not None:
+                function.msix.sink = UnconnectedMsi()
+            del self.devices[device_id]
+        log.info("hot-unplugged %s %s from pcie.0 %s", slot.kind, slot.name, slot.addr)
+        return slot
+
+    def _check_hotplug_state(self, command: str) -> None:
+        if self._closing or self._state in (RunState.SHUTDOWN, RunState.INMIGRATE, RunState.POSTMIGRATE):
+            raise MachineError(f"{command}: not possible while the VM is in state '{self._state.value}'")
 
     def _kick_vcpu(self, index: int) -> None:
         self.vcpus[index].kick()

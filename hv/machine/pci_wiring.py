@@ -27,7 +27,7 @@ from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
 from hv.devices.bus import Bus
 from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_MEMORY, HostBridge, PciBarWindow,
                             PciConfigPorts, PciEcam, PciError, PciFunction, PciHost, PciHostState,
-                            format_devfn)
+                            format_devfn, parse_devfn)
 from hv.devices.virtio_blk import VirtioBlk
 from hv.devices.virtio_net import VirtioNet, VirtioNetPciDevice, VirtioNetState, format_mac, parse_mac
 from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
@@ -155,7 +155,6 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
         pio.add(0xCF8, PciConfigPorts.SIZE, PciConfigPorts(host), "pci-conf")
     slots = [PciSlot("pcie.0", "pcie-host", host, PciHostState, "mmio", f"{layout.ecam_base:#x}")]
     setup = PciSetup(host, layout, windows, slots, {})
-    used_drives: set[str] = set()
     names = {"pcie.0", *taken_names}
     try:
         for device in devices:
@@ -165,32 +164,7 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
             if device.driver == "virtio-net-pci":
                 _plug_net(setup, memory, device, netdev_map, slots, attach=lock_images)
                 continue
-            drive = drive_map.get(device.drive)
-            if drive is None:
-                raise DevConfigError(f"-device {device.driver}: drive={device.drive}: no -drive with that id")
-            if device.drive in used_drives:
-                raise DevConfigError(f"-device {device.driver}: drive={device.drive} is already used by a device")
-            used_drives.add(device.drive)
-            slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
-            if slot << 3 | fn in host.functions:
-                what = "the host bridge" if slot == 0 and fn == 0 else "another device"
-                raise DevConfigError(f"-device {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
-                                     f"is taken by {what}")
-            try:
-                block = BlockBackend(drive.file, readonly=drive.readonly, direct=drive.direct, lock=lock_images)
-            except BlockError as exc:
-                raise DevConfigError(f"-drive id={drive.id}: {exc.strerror}") from None
-            setup.blocks[drive.id] = block
-            serial = device.serial if device.serial is not None else drive.serial
-            function = VirtioPciDevice(memory, VirtioBlk(memory, block, serial))
-            try:
-                host.plug(function, slot, fn)
-            except PciError as exc:
-                raise DevConfigError(f"-device {device.driver},id={device.id}: {exc}") from None
-            slots.append(PciSlot(device.id, device.driver, function, VirtioPciState, "pcie.0",
-                                 format_devfn(slot, fn),
-                                 {"drive": drive.id, "file": str(drive.file), "serial": serial or "",
-                                  "readonly": drive.readonly}))
+            plug_device(setup, memory, drive_map.get(device.drive), device, lock_image=lock_images)
         unused = sorted(set(netdev_map) - set(setup.nets))
         if unused:
             raise DevConfigError(f"-netdev id={unused[0]}: no -device virtio-net-pci uses it")
@@ -201,6 +175,75 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
         if isinstance(slot.device, VirtioNetPciDevice):
             slot.device.start()
     return setup
+
+
+def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None, device: DeviceConfig,
+                lock_image: bool = True, option: str = "-device") -> PciSlot:
+    """Open ``drive``'s image and plug a virtio-blk-pci function for ``device`` on pcie.0.
+
+    The one code path for ``-device`` (:func:`build_pci`) and QMP ``device_add``
+    (``Machine.hotplug_device``, which holds the machine's big lock). The new slot is
+    appended to ``setup.slots`` and returned; the open image is ``setup.blocks[drive.id]``.
+    ``option`` prefixes error messages (``-device`` or ``device_add``).
+    Raises :class:`DevConfigError` (one line); on error ``setup`` is unchanged.
+    """
+    host = setup.host
+    if device.driver != "virtio-blk-pci":
+        raise DevConfigError(f"{option} {device.driver}: only virtio-blk-pci is handled here")
+    if drive is None:
+        raise DevConfigError(f"{option} {device.driver}: drive={device.drive}: no -drive with that id")
+    if drive.id in setup.blocks:
+        raise DevConfigError(f"{option} {device.driver}: drive={drive.id} is already used by a device")
+    if any(s.name == device.id for s in setup.slots):
+        raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
+    slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
+    if slot << 3 | fn in host.functions:
+        what = "the host bridge" if slot == 0 and fn == 0 else "another device"
+        raise DevConfigError(f"{option} {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
+                             f"is taken by {what}")
+    try:
+        block = BlockBackend(drive.file, readonly=drive.readonly, direct=drive.direct, lock=lock_image)
+    except BlockError as exc:
+        raise DevConfigError(f"-drive id={drive.id}: {exc.strerror}") from None
+    serial = device.serial if device.serial is not None else drive.serial
+    try:
+        function = VirtioPciDevice(memory, VirtioBlk(memory, block, serial))
+        host.plug(function, slot, fn)
+    except PciError as exc:
+        block.close()
+        raise DevConfigError(f"{option} {device.driver},id={device.id}: {exc}") from None
+    except BaseException:
+        block.close()
+        raise
+    setup.blocks[drive.id] = block
+    pci_slot = PciSlot(device.id, device.driver, function, VirtioPciState, "pcie.0", format_devfn(slot, fn),
+                       {"drive": drive.id, "file": str(drive.file), "serial": serial or "",
+                        "readonly": drive.readonly})
+    setup.slots.append(pci_slot)
+    return pci_slot
+
+
+def unplug_device(setup: PciSetup, device_id: str) -> PciSlot:
+    """Take virtio-blk-pci ``device_id`` off pcie.0 and close (and unlock) its image.
+
+    The reverse of :func:`plug_device`; the caller holds the machine's big lock. The
+    function disappears from configuration space (reads as all ones) and its BAR stops
+    decoding. Raises :class:`DevConfigError` (nothing changed) for an unknown id or a
+    device that cannot be unplugged.
+    """
+    pci_slot = next((s for s in setup.slots if s.name == device_id and s.bus == "pcie.0"), None)
+    if pci_slot is None:
+        raise DevConfigError(f"device_del: no PCI device with id {device_id}")
+    if pci_slot.kind != "virtio-blk-pci":
+        raise DevConfigError(f"device_del: {device_id} is a {pci_slot.kind}: only virtio-blk-pci can be "
+                             "unplugged")
+    slot, fn = parse_devfn(pci_slot.addr)
+    setup.host.unplug(slot, fn)
+    block = setup.blocks.pop(str(pci_slot.attrs["drive"]), None)
+    if block is not None:
+        block.close()
+    setup.slots.remove(pci_slot)
+    return pci_slot
 
 
 DEFAULT_MAC = "52:54:00:12:34:56"
