@@ -354,3 +354,56 @@ def test_migration_to_a_destination_without_the_device_fails_and_source_runs_on(
     finally:
         src.close()
         dst.close()
+
+
+def test_no_hot_plug_while_migrating_nor_on_either_end_after(hv, sock_dir, tmp_path):
+    """device_add/device_del during a migration (and on an incoming or migrated-away VM)
+    are refused: the device set is part of the stream's configuration."""
+    image = make_image(tmp_path / "hp.img", 1 << 20)
+    common = ["-machine", "q35", "-accel", "unicorn", "-m", "256", "-kernel", str(FIXTURES / "x86_64" / "dirty.elf"),
+              "-append", "mib=64", "-drive", f"file={image},id=d1"]
+    src = Vm(hv, sock_dir, "src", *common)
+    dst = Vm(hv, sock_dir, "dst", *common, "-incoming", f"unix:{os.path.join(sock_dir, 'dst.mig')}")
+    try:
+        reply = dst.execute("device_add", **HP0)   # the incoming side counts as migrating
+        assert reply["error"] == {"class": "GenericError", "desc": "device_add: not allowed while migrating"}
+        src.wait_lines(2)   # the guest has touched its 64 MiB: the first pass takes seconds
+        src.execute("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+        assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+        src.wait_migration(states=("active",))
+        for command, arguments in [("device_add", HP0), ("device_del", {"id": "hp0"})]:
+            reply = src.execute(command, **arguments)
+            assert reply["error"] == {"class": "GenericError", "desc": f"{command}: not allowed while migrating"}
+        src.execute("migrate-set-parameters", **{"max-bandwidth": 0})
+        assert src.wait_migration()["status"] == "completed"
+        reply = src.execute("device_add", **HP0)
+        assert "not possible while the VM is in state 'postmigrate'" in reply["error"]["desc"], reply
+        assert not locked_elsewhere(image)
+        # The destination runs the guest and may hot-plug now.
+        dst.wait_lines(len(dst.output().splitlines()) + 1)
+        assert dst.execute("device_add", **HP0) == {"return": {}}
+        assert locked_elsewhere(image)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_unplug_under_a_running_guest_keeps_the_vm_alive(hv, sock_dir, tmp_path):
+    """Surprise removal mid-I/O (the blk guest has no hot-plug support): the function and
+    its BAR vanish, so the guest reads all ones (NEEDS_RESET set), reports it and powers
+    off; the VMM does not crash and nothing writes the image after the unplug."""
+    image = make_image(tmp_path / "hp.img", 1 << 20)
+    vm = Vm(hv, sock_dir, "hp", *blk_args(image, mig_append(*MIG_RUN)), "-accel", "unicorn",
+            "-device", "virtio-blk-pci,drive=d1,id=hp0,addr=5")
+    try:
+        vm.wait_lines(3)
+        assert vm.execute("device_del", id="hp0") == {"return": {}}
+        assert vm.qmp.wait_event("DEVICE_DELETED")["data"]["device"] == "hp0"
+        frozen = image.read_bytes()
+        assert not locked_elsewhere(image)
+        assert vm.process.wait(30) == 0
+        assert vm.output().endswith("blk: error: device needs reset\n"), vm.output()[-300:]
+        assert image.read_bytes() == frozen
+        assert "Traceback" not in vm.stderr()
+    finally:
+        vm.close()
