@@ -290,11 +290,15 @@ def mig_append(sectors: int, iterations: int) -> str:
 
 
 def start_hot_plugged_source(hv, sock_dir: str, image: Path, accel: str = "unicorn",
-                             run: tuple[int, int] = MIG_RUN) -> Vm:
-    src = Vm(hv, sock_dir, "src", *blk_args(image, mig_append(*run)), "-accel", accel, "-S")
+                             run: tuple[int, int] = MIG_RUN, machine: str = "q35", pause: bool = False) -> Vm:
+    src = Vm(hv, sock_dir, "src", *blk_args(image, mig_append(*run), machine), "-accel", accel, "-S")
     assert src.execute("device_add", **HP0) == {"return": {}}
     assert src.execute("cont") == {"return": {}}
     src.wait_lines(3)
+    if pause:
+        # Unicorn runs this driver much faster than kvm_pvm: pause the source mid-run so
+        # the guest cannot finish before the migration starts.
+        assert src.execute("stop") == {"return": {}}
     assert not src.output().endswith("done\n"), "guest finished before the migration"
     return src
 
@@ -306,19 +310,23 @@ def check_blk_run(output: str, image: Path, run: tuple[int, int] = MIG_RUN) -> N
     assert image.read_bytes()[:len(expected)] == expected
 
 
-@pytest.mark.parametrize("first,second,run", [
-    pytest.param("unicorn", "unicorn", MIG_RUN, id="unicorn-unicorn"),
-    pytest.param("kvm", "unicorn", (64, 12), marks=requires_kvm, id="kvm-unicorn"),
+@pytest.mark.parametrize("machine,first,second,run", [
+    pytest.param("q35", "unicorn", "unicorn", MIG_RUN, id="x86_64-unicorn-unicorn"),
+    pytest.param("q35", "kvm", "unicorn", (64, 12), marks=requires_kvm, id="x86_64-kvm-unicorn"),
+    pytest.param("q35", "unicorn", "kvm", (1024, 5), marks=requires_kvm, id="x86_64-unicorn-kvm"),
+    pytest.param("virt", "unicorn", "unicorn", MIG_RUN, id="aarch64-unicorn-unicorn"),
 ])
-def test_hot_plugged_disk_migrates_to_a_destination_that_has_it(hv, sock_dir, tmp_path, first, second, run):
+def test_hot_plugged_disk_migrates_to_a_destination_that_has_it(hv, sock_dir, tmp_path, machine, first, second,
+                                                                 run):
     """The destination declares the device on its command line (same id, bus, addr):
     the migration completes mid-I/O and the joined output and the image equal an
     unmigrated run's."""
     image = make_image(tmp_path / "hp.img", 1 << 20)
-    dst = Vm(hv, sock_dir, "dst", *blk_args(image, mig_append(*run)), "-accel", second,
+    dst = Vm(hv, sock_dir, "dst", *blk_args(image, mig_append(*run), machine), "-accel", second,
              "-device", "virtio-blk-pci,drive=d1,id=hp0,bus=pcie.0,addr=5",
              "-incoming", f"unix:{os.path.join(sock_dir, 'dst.mig')}")
-    src = start_hot_plugged_source(hv, sock_dir, image, first, run)
+    src = start_hot_plugged_source(hv, sock_dir, image, first, run, machine,
+                                   pause=(first, second) == ("unicorn", "kvm"))
     try:
         assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
         result = src.wait_migration()
@@ -326,6 +334,7 @@ def test_hot_plugged_disk_migrates_to_a_destination_that_has_it(hv, sock_dir, tm
         assert src.execute("quit") == {"return": {}}
         assert src.process.wait(30) == 0
         assert dst.process.wait(120) == 0
+        assert not src.output().endswith("done\n") and dst.output().endswith("done\n")   # moved mid-run
         check_blk_run(src.output() + dst.output(), image, run)
     finally:
         src.close()
