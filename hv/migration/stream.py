@@ -23,10 +23,7 @@ with the guest paused (``stable=True``) it sends slices of guest RAM with no cop
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
-import functools
 import io
 import json
 import logging
@@ -42,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hv import __version__ as HV_VERSION
-from hv.migration.pages import page_kinds, zero_pages
+from hv.migration.pages import page_kinds, populate, zero_pages
 from hv.state import CpuState, StateError, state_from_dict, state_to_dict
 
 log = logging.getLogger(__name__)
@@ -82,7 +79,6 @@ _IOV_BATCH = 512  # buffers per sendmsg/writev call (IOV_MAX is 1024 on Linux)
 # Normal runs at least this long are pre-faulted in one madvise(MADV_POPULATE_WRITE)
 # before the socket copies into them: measured ~25% faster than faulting page by page.
 POPULATE_MIN_PAGES = 16
-_MADV_POPULATE_WRITE = 23
 
 
 class SectionType(enum.IntEnum):
@@ -347,26 +343,6 @@ class FileChannel:
         if isinstance(self.file, io.FileIO):
             return os.readv(self.file.fileno(), buffers)
         return self.readinto(buffers[0])
-
-
-@functools.cache
-def _madvise() -> Any:
-    """libc's madvise, loaded once."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    fn = libc.madvise
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _populate(view: memoryview) -> None:
-    """Pre-fault a page-aligned writable view in one call (Linux >= 5.14; else no-op)."""
-    try:
-        anchor = (ctypes.c_char * len(view)).from_buffer(view)
-    except (TypeError, ValueError):  # read-only or not a plain buffer
-        return
-    _madvise()(ctypes.addressof(anchor), len(view), _MADV_POPULATE_WRITE)
-    del anchor
 
 
 def _write_all(sink: Any, buffers: list[bytes | memoryview]) -> None:
@@ -910,7 +886,7 @@ class StreamReader:
                 if ram is not None:
                     view = self._target(start + i, j - i)
                     if j - i >= POPULATE_MIN_PAGES:
-                        _populate(view)
+                        populate(view)
                     targets.append(view)
                 else:
                     self._scatter(targets, "RAM page data")
