@@ -232,15 +232,6 @@ def parse_device(value: str) -> DeviceConfig:
         raise DevConfigError(f"{option} {driver}: drive= is required")
     drive = _check_id(option, "drive", pairs["drive"])
     device_id = _check_id(option, "id", pairs.get("id", drive))
-    bus = pairs.get("bus", "pcie.0")
-    if bus != "pcie.0":
-        raise DevConfigError(f"{option} {driver}: bus={bus}: no such bus (the only bus is pcie.0)")
-    slot: int | None = None
-    function = 0
-    if "addr" in pairs:
-        try:
-            slot, function = parse_devfn(pairs["addr"])
-        except PciError as exc:
-            raise DevConfigError(f"{option} {driver}: {exc}") from None
+    bus, slot, function = _placement(option, driver, pairs)
     serial = _check_serial(option, pairs["serial"]) if "serial" in pairs else None
     return DeviceConfig(driver, device_id, drive, bus, slot, function, serial)
