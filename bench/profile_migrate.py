@@ -1,4 +1,4 @@
-"""Where a 1 GiB idle migration spends its time, and prototypes of faster paths.
+"""Where a 1 GiB idle migration spends its time.
 
     python bench/profile_migrate.py micro            # full-pass scan micro-benchmarks
     python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--timeline]
@@ -7,14 +7,8 @@
 
 ``micro`` times, on a fresh 1 GiB GuestMemory holding 64 MiB of data (what the idle
 benchmark guest leaves), the source's full pass through ``StreamWriter.write_ram`` into a
-sink that discards, split into its parts, and prototypes:
-
-- ``block``: decide zero pages per 64-page block with one ``startswith`` (memcmp) per
-  block, page by page only inside mixed blocks;
-- ``pagemap``: never read pages the kernel has never populated (``/proc/self/pagemap``:
-  neither present nor swapped means zero), so the full pass costs no read faults on them;
-- the destination's zero-run handling (page-by-page check of its own fresh RAM) against
-  one check per run.
+sink that discards, and its parts (``hv.migration.pages``: pagemap lookups, block-wise
+zero detection), then the destination's zeroing of zero runs.
 
 ``source`` runs the guest in this process (the idle dirty guest, 1 GiB) and migrates it
 to a real ``hv -incoming`` process over a UNIX socket with the engine's own
@@ -38,16 +32,12 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hv.memory import GuestMemory, RegionSpec  # noqa: E402
-from hv.migration.stream import (  # noqa: E402
-    CRC, DEFAULT_RUN_PAGES, PAGE_NORMAL, PAGE_SIZE, RAM_RUN, SECTION_HEADER, ZERO_PAGE, RamStats,
-    SectionType, StreamWriter,
-)
+from hv.migration.pages import never_populated, page_kinds, zero_pages  # noqa: E402
+from hv.migration.stream import DEFAULT_RUN_PAGES, ZERO_PAGE, StreamWriter  # noqa: E402
 
 log = logging.getLogger("bench.profile")
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_PAGES = 64
-ZERO_BLOCK = bytes(BLOCK_PAGES * PAGE_SIZE)
 
 
 class NullSink:
@@ -75,116 +65,6 @@ def full_pass(writer: StreamWriter, memory: GuestMemory, stable: bool) -> None:
         writer.write_ram(start, memory.page_view(start, count), stable=stable)
 
 
-def scan_only(memory: GuestMemory) -> int:
-    """The per-page zero test of StreamWriter._write_run, alone."""
-    startswith = ZERO_PAGE.startswith
-    normal = 0
-    for start in range(0, memory.page_count, DEFAULT_RUN_PAGES):
-        mv = memory.page_view(start, DEFAULT_RUN_PAGES)
-        for i in range(DEFAULT_RUN_PAGES):
-            off = i * PAGE_SIZE
-            if not startswith(mv[off:off + PAGE_SIZE]):
-                normal += 1
-    return normal
-
-
-def classify_blocks(mv: memoryview, count: int, known_zero: bytes | None = None) -> tuple[bytearray, int]:
-    """Page kinds of a run: one memcmp per 64-page block, per page only in mixed blocks.
-
-    ``known_zero`` (one byte per page, nonzero = never populated) skips reading those."""
-    kinds = bytearray(count)
-    normal = 0
-    block_startswith = ZERO_BLOCK.startswith
-    page_startswith = ZERO_PAGE.startswith
-    for first in range(0, count, BLOCK_PAGES):
-        last = min(first + BLOCK_PAGES, count)
-        if known_zero is not None and known_zero.count(1, first, last) == last - first:
-            continue
-        if block_startswith(mv[first * PAGE_SIZE:last * PAGE_SIZE]):
-            continue
-        for i in range(first, last):
-            if known_zero is not None and known_zero[i]:
-                continue
-            if not page_startswith(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]):
-                kinds[i] = PAGE_NORMAL
-                normal += 1
-    return kinds, normal
-
-
-class BlockWriter(StreamWriter):
-    """StreamWriter whose full-pass zero detection works per 64-page block (prototype)."""
-
-    known_zero: bytes | None = None  # per page of the current run, from pagemap
-
-    def _write_run(self, start: int, mv: memoryview, count: int, stable: bool) -> RamStats:
-        kinds, normal = classify_blocks(mv, count, self.known_zero)
-        segments: list[memoryview] = []
-        i = 0
-        while i < count:
-            if kinds[i]:
-                j = kinds.find(b"\x00", i)
-                j = count if j < 0 else j
-                segments.append(mv[i * PAGE_SIZE:j * PAGE_SIZE])
-            else:
-                j = kinds.find(b"\x01", i)
-                j = count if j < 0 else j
-            i = j
-        meta = RAM_RUN.pack(start, count, 0) + kinds
-        length = len(meta) + normal * PAGE_SIZE
-        head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
-        import zlib
-        crc = zlib.crc32(meta, zlib.crc32(head))
-        if not stable and segments:
-            if self._copy is None:
-                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
-            pos = 0
-            for seg in segments:
-                end = pos + len(seg)
-                self._copy[pos:end] = seg
-                crc = zlib.crc32(self._copy[pos:end], crc)
-                pos = end
-            segments = [self._copy[:pos]]
-        else:
-            for seg in segments:
-                crc = zlib.crc32(seg, crc)
-        self._send([head + meta, *segments, CRC.pack(crc)])
-        return RamStats(zero=count - normal, normal=normal, bytes=length + SECTION_HEADER.size + CRC.size)
-
-
-PAGEMAP_PRESENT = 1 << 63
-PAGEMAP_SWAPPED = 1 << 62
-_UNPOPULATED = bytes(0 if b & 0xC0 else 1 for b in range(256))
-
-
-def never_populated(view: memoryview) -> bytes:
-    """One byte per page of ``view``: 1 where the page was never populated (reads as zero).
-
-    /proc/self/pagemap has one u64 per virtual page; neither 'present' (bit 63) nor
-    'swapped' (bit 62) means no page exists, so its content is zero."""
-    import ctypes
-    anchor = (ctypes.c_char * len(view)).from_buffer(view)
-    address = ctypes.addressof(anchor)
-    del anchor
-    pages = len(view) // PAGE_SIZE
-    with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        raw = os.pread(f.fileno(), pages * 8, address // PAGE_SIZE * 8)
-    # The top byte of each little-endian entry holds bits 56..63: 0xC0 = present | swapped.
-    return raw[7::8].translate(_UNPOPULATED)
-
-
-MADV_DONTNEED = 4
-
-
-def discard(view: memoryview) -> None:
-    """Make a page-aligned range of private anonymous RAM read as zero (frees it)."""
-    import ctypes
-    from hv.migration.stream import _madvise
-    anchor = (ctypes.c_char * len(view)).from_buffer(view)
-    if _madvise()(ctypes.addressof(anchor), len(view), MADV_DONTNEED) != 0:
-        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
-    del anchor
-
-
 def timed(label: str, fn: Callable[[], object], results: dict[str, float]) -> None:
     started = time.perf_counter()
     fn()
@@ -193,76 +73,27 @@ def timed(label: str, fn: Callable[[], object], results: dict[str, float]) -> No
 
 
 def micro(total_mib: int = 1024, data_mib: int = 64) -> None:
+    """Time the shipped full-pass and zero-run paths (hv/migration/pages.py) in isolation."""
     results: dict[str, float] = {}
     print(f"full pass over {total_mib} MiB (of which {data_mib} MiB data), null sink:")
     m = make_memory(total_mib, data_mib)
-    timed("current write_ram, stable=False, fresh RAM (read faults)", lambda: full_pass(StreamWriter(NullSink()), m, False), results)
-    timed("current write_ram, stable=False, second pass", lambda: full_pass(StreamWriter(NullSink()), m, False), results)
-    timed("current write_ram, stable=True, second pass", lambda: full_pass(StreamWriter(NullSink()), m, True), results)
-    timed("per-page zero scan alone (second pass)", lambda: scan_only(m), results)
+    timed("write_ram, stable=False, fresh RAM", lambda: full_pass(StreamWriter(NullSink()), m, False), results)
+    timed("write_ram, stable=False, second pass", lambda: full_pass(StreamWriter(NullSink()), m, False), results)
+    timed("write_ram, stable=True, second pass", lambda: full_pass(StreamWriter(NullSink()), m, True), results)
+    timed("page_kinds alone (second pass)",
+          lambda: [page_kinds(m.page_view(s, DEFAULT_RUN_PAGES), DEFAULT_RUN_PAGES)
+                   for s in range(0, m.page_count, DEFAULT_RUN_PAGES)], results)
+    timed("pagemap lookups alone", lambda: [never_populated(m.page_view(s, DEFAULT_RUN_PAGES))
+                                            for s in range(0, m.page_count, DEFAULT_RUN_PAGES)], results)
     m.close()
-    m = make_memory(total_mib, data_mib)
-    timed("per-page zero scan alone, fresh RAM", lambda: scan_only(m), results)
-    m.close()
-    m = make_memory(total_mib, data_mib)
-    timed("block (64 pages) write_ram, fresh RAM", lambda: full_pass(BlockWriter(NullSink()), m, False), results)
-    timed("block (64 pages) write_ram, second pass", lambda: full_pass(BlockWriter(NullSink()), m, False), results)
-    m.close()
-    m = make_memory(total_mib, data_mib)
-
-    def pagemap_pass() -> None:
-        writer = BlockWriter(NullSink())
-        for start in range(0, m.page_count, DEFAULT_RUN_PAGES):
-            count = min(DEFAULT_RUN_PAGES, m.page_count - start)
-            view = m.page_view(start, count)
-            writer.known_zero = never_populated(view)
-            writer.write_ram(start, view, stable=False)
-
-    timed("block + pagemap skip, fresh RAM", pagemap_pass, results)
-    timed("pagemap lookups alone (1 GiB)", lambda: [never_populated(m.page_view(s, DEFAULT_RUN_PAGES))
-                                                     for s in range(0, m.page_count, DEFAULT_RUN_PAGES)], results)
-    m.close()
-
-    print("destination, zero runs of a fresh 1 GiB RAM (what _read_ram does for zero pages):")
+    print(f"destination, zero runs of {total_mib} MiB of RAM:")
     d = GuestMemory([RegionSpec(0, total_mib * MIB)])
-
-    def per_page() -> None:
-        for start in range(0, d.page_count, DEFAULT_RUN_PAGES):
-            view = d.page_view(start, DEFAULT_RUN_PAGES)
-            for off in range(0, len(view), PAGE_SIZE):
-                page = view[off:off + PAGE_SIZE]
-                if not ZERO_PAGE.startswith(page):
-                    page[:] = ZERO_PAGE
-
-    zero_run = bytes(DEFAULT_RUN_PAGES * PAGE_SIZE)
-
-    def per_run() -> None:
-        for start in range(0, d.page_count, DEFAULT_RUN_PAGES):
-            view = d.page_view(start, DEFAULT_RUN_PAGES)
-            if not zero_run.startswith(view):
-                per_page()
-
-    timed("per-page check, fresh RAM", per_page, results)
-    timed("per-page check, second time", per_page, results)
-    d.close()
-    d = GuestMemory([RegionSpec(0, total_mib * MIB)])
-    timed("one check per 8 MiB run, fresh RAM", per_run, results)
-
-    def pagemap_dst() -> None:
-        for start in range(0, d.page_count, DEFAULT_RUN_PAGES):
-            never_populated(d.page_view(start, DEFAULT_RUN_PAGES))
-
-    timed("pagemap per 8 MiB run (skip never-populated)", pagemap_dst, results)
-    d.close()
-    d = GuestMemory([RegionSpec(0, total_mib * MIB)])
-    timed("madvise(MADV_DONTNEED) per 8 MiB run, fresh RAM",
-          lambda: [discard(d.page_view(s, DEFAULT_RUN_PAGES)) for s in range(0, d.page_count, DEFAULT_RUN_PAGES)],
-          results)
+    zero_all = lambda: [zero_pages(d.page_view(s, DEFAULT_RUN_PAGES))  # noqa: E731
+                        for s in range(0, d.page_count, DEFAULT_RUN_PAGES)]
+    timed("zero_pages per 8 MiB run, fresh RAM", zero_all, results)
     d.regions[0].view[:] = b"\x01" * d.size
-    timed("madvise(MADV_DONTNEED) per 8 MiB run, 1 GiB populated",
-          lambda: [discard(d.page_view(s, DEFAULT_RUN_PAGES)) for s in range(0, d.page_count, DEFAULT_RUN_PAGES)],
-          results)
-    assert ZERO_BLOCK.startswith(d.page_view(0, BLOCK_PAGES)), "MADV_DONTNEED did not zero the pages"
+    timed("zero_pages per 8 MiB run, all populated", zero_all, results)
+    assert ZERO_PAGE.startswith(d.page_view(0, 1)), "zero_pages did not zero the pages"
     d.close()
 
 
