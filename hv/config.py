@@ -100,6 +100,9 @@ hv options:
   -accel kvm|unicorn             force an accelerator (default: kvm if usable, else unicorn)
   -h, --help                     this help
   -version, --version            print the version
+
+hv qmp SOCKET COMMAND [key=value ...]   send one QMP command (SOCKET: path or tcp:HOST:PORT)
+hv bench migrate [--help]              live-migration benchmark (hv vs QEMU where installed)
 """
 
 
