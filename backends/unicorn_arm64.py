@@ -15,7 +15,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from backends.base import BackendError, Exit, ExitReason, IoHandler
 from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
@@ -45,6 +45,22 @@ CNTPCT_EL0 = (14, 0, 3, 3, 1)
 SCR_EL3_VALUE = (1 << 0) | (1 << 8) | (1 << 10)    # NS, HCE (hvc enabled), RW (lower ELs AArch64)
 HCR_EL2_VALUE = 1 << 31                           # RW: EL1 is AArch64
 COUNTER_NS_PER_TICK = 16                          # CNTFRQ_EL0 = 62.5 MHz, as Unicorn reports
+# System registers a machine's sysreg handler may serve (GICv3 CPU interface, generic
+# timer), by (crn, crm, op0, op1, op2). Unicorn has no GIC: an ICC_* access it does not
+# know only reaches hv through the MRS/MSR hook.
+ROUTED_SYSREGS: dict[tuple[int, int, int, int, int], str] = {
+    (4, 6, 3, 0, 0): "ICC_PMR_EL1", (12, 12, 3, 0, 0): "ICC_IAR1_EL1", (12, 12, 3, 0, 1): "ICC_EOIR1_EL1",
+    (12, 12, 3, 0, 2): "ICC_HPPIR1_EL1", (12, 12, 3, 0, 3): "ICC_BPR1_EL1", (12, 12, 3, 0, 4): "ICC_CTLR_EL1",
+    (12, 12, 3, 0, 5): "ICC_SRE_EL1", (12, 12, 3, 0, 6): "ICC_IGRPEN0_EL1", (12, 12, 3, 0, 7): "ICC_IGRPEN1_EL1",
+    (12, 11, 3, 0, 1): "ICC_DIR_EL1", (12, 11, 3, 0, 3): "ICC_RPR_EL1", (12, 11, 3, 0, 5): "ICC_SGI1R_EL1",
+    (12, 9, 3, 0, 0): "ICC_AP1R0_EL1", (12, 8, 3, 0, 4): "ICC_AP0R0_EL1", (12, 8, 3, 0, 0): "ICC_IAR0_EL1",
+    (12, 8, 3, 0, 1): "ICC_EOIR0_EL1", (12, 8, 3, 0, 2): "ICC_HPPIR0_EL1", (12, 8, 3, 0, 3): "ICC_BPR0_EL1",
+    (14, 3, 3, 3, 0): "CNTV_TVAL_EL0", (14, 3, 3, 3, 1): "CNTV_CTL_EL0", (14, 3, 3, 3, 2): "CNTV_CVAL_EL0",
+    (14, 2, 3, 3, 0): "CNTP_TVAL_EL0", (14, 2, 3, 3, 1): "CNTP_CTL_EL0", (14, 2, 3, 3, 2): "CNTP_CVAL_EL0",
+    CNTVCT_EL0: "CNTVCT_EL0", CNTPCT_EL0: "CNTPCT_EL0",
+}
+# Routed writes the engine also performs (so the canonical state's copy stays current).
+ENGINE_ALSO_WRITES = frozenset({"CNTV_CTL_EL0", "CNTV_CVAL_EL0"})
 
 # Saved context (uc_context header + CPUARMState of unicorn 2.1.4): the pending
 # exception record {u32 syndrome; u32 fsr; u64 vaddress; u32 target_el}, verified at
@@ -116,6 +132,14 @@ def verify_layout() -> None:
         raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: abort record {seen!r}")
 
 
+class SysregHandler(Protocol):
+    """Serves routed system registers of one vCPU (called on its thread inside ``run``)."""
+
+    def read(self, name: str) -> int | None: ...
+
+    def write(self, name: str, value: int) -> bool: ...
+
+
 @dataclass
 class Arm64Event:
     intno: int
@@ -138,10 +162,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._cnt_ns0: int | None = None
         self._carried: dict[str, int] = {name: 0 for name in CARRIED_SYSREGS}
         self._sysreg_keys: frozenset[str] = frozenset(SYSREG_ENCODINGS)
+        self._sysreg_handler: SysregHandler | None = None
         super().__init__(vm, index)
         unicorn = _import_unicorn()
         self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(unicorn.UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
+        self.uc.hook_add(unicorn.UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
         self._x_ids = [getattr(arm64_const, f"UC_ARM64_REG_X{i}") for i in range(31)]
         self.set_state(Arm64CpuState())
 
@@ -161,7 +187,47 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             return self._cnt_base
         return (self._cnt_base + (time.monotonic_ns() - self._cnt_ns0) // COUNTER_NS_PER_TICK) & ((1 << 64) - 1)
 
+    def set_sysreg_handler(self, handler: SysregHandler | None) -> None:
+        """Route ICC_* and CNT{V,P}{CTL,CVAL,TVAL,CT}_EL0 accesses to ``handler`` (the
+        machine's GIC and timers); None restores the engine's own handling."""
+        with self._engine_lock:
+            self._sysreg_handler = handler
+
+    def _skip_insn(self, uc: Any, name: str) -> int:
+        # Returning 1 skips an access to a register the engine knows (CNT*). One it does
+        # not know (ICC_*: no GIC in Unicorn) re-executes forever unless PC is moved past
+        # it; moving PC after a known register's access loses register values instead.
+        if name.startswith("ICC_"):
+            uc.reg_write(self._a.UC_ARM64_REG_PC, uc.reg_read(self._a.UC_ARM64_REG_PC) + 4)
+        return 1
+
+    def _on_msr(self, uc: Any, reg: int, cp: Any, user_data: Any) -> int:
+        handler = self._sysreg_handler
+        if handler is None:
+            return 0
+        name = ROUTED_SYSREGS.get((cp.crn, cp.crm, cp.op0, cp.op1, cp.op2))
+        if name is None:
+            return 0
+        value = 0 if reg == self._a.UC_ARM64_REG_XZR else int(uc.reg_read(reg))
+        if not handler.write(name, value):
+            return 0
+        if name in ENGINE_ALSO_WRITES:
+            return 0
+        if name == "CNTV_TVAL_EL0":
+            cval = handler.read("CNTV_CVAL_EL0")
+            if cval is not None:
+                self._set_cp(SYSREG_ENCODINGS["CNTV_CVAL_EL0"], cval)
+        return self._skip_insn(uc, name)
+
     def _on_mrs(self, uc: Any, reg: int, cp: Any, user_data: Any) -> int:
+        handler = self._sysreg_handler
+        if handler is not None:
+            name = ROUTED_SYSREGS.get((cp.crn, cp.crm, cp.op0, cp.op1, cp.op2))
+            value = None if name is None else handler.read(name)
+            if value is not None:
+                if reg != self._a.UC_ARM64_REG_XZR:
+                    uc.reg_write(reg, value)
+                return self._skip_insn(uc, name)
         if (cp.crn, cp.crm, cp.op0, cp.op1, cp.op2) in (CNTVCT_EL0, CNTPCT_EL0):
             if reg != self._a.UC_ARM64_REG_XZR:
                 uc.reg_write(reg, self._counter_now())
@@ -326,7 +392,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         st.v = [uc.reg_read(a.UC_ARM64_REG_Q0 + i) for i in range(32)]
         st.fpcr = uc.reg_read(a.UC_ARM64_REG_FPCR)
         st.fpsr = uc.reg_read(a.UC_ARM64_REG_FPSR)
-        st.cntvct = self._counter_now()
+        handler = self._sysreg_handler
+        routed = None if handler is None else handler.read("CNTVCT_EL0")
+        st.cntvct = self._counter_now() if routed is None else routed
         st.halted = self._halted
         return st
 

@@ -65,6 +65,11 @@ LOW_MEM_KIB = 640
 # aarch64 virt.
 VIRT_RAM_BASE = 0x40000000
 VIRT_PL011 = 0x09000000
+VIRT_GICD = 0x08000000              # GICv3 distributor, 64 KiB
+VIRT_GICR = 0x080A0000              # one 128 KiB redistributor frame pair per vCPU
+VIRT_GIC_PHANDLE = 1
+GIC_PPI = 1                         # first cell of a GIC interrupt specifier
+IRQ_LEVEL_HIGH = 4
 PSCI_SYSTEM_OFF = 0x84000008
 
 
@@ -311,6 +316,18 @@ def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
                  **{"enable-method": fdtlib.prop_str("psci")})
     root.add(f"pl011@{VIRT_PL011:x}", compatible=fdtlib.prop_str("arm,pl011", "arm,primecell"),
              reg=fdtlib.prop_u64(VIRT_PL011, 0x1000))
+    # GICv3 (system-register CPU interface) and the generic timer, as QEMU virt has them.
+    root.props["interrupt-parent"] = fdtlib.prop_u32(VIRT_GIC_PHANDLE)
+    root.add(f"intc@{VIRT_GICD:x}", compatible=fdtlib.prop_str("arm,gic-v3"),
+             reg=fdtlib.prop_u64(VIRT_GICD, 0x10000, VIRT_GICR, 0x20000 * smp),
+             phandle=fdtlib.prop_u32(VIRT_GIC_PHANDLE),
+             **{"#interrupt-cells": fdtlib.prop_u32(3), "interrupt-controller": b"",
+                "#redistributor-regions": fdtlib.prop_u32(1)})
+    # Secure physical, non-secure physical, virtual and hypervisor timer PPIs (29, 30, 27, 26).
+    root.add("timer", compatible=fdtlib.prop_str("arm,armv8-timer", "arm,armv7-timer"),
+             interrupts=fdtlib.prop_u32(*(cell for ppi in (13, 14, 11, 10)
+                                          for cell in (GIC_PPI, ppi, IRQ_LEVEL_HIGH))),
+             **{"always-on": b""})
     return fdtlib.build_fdt(root)
 
 

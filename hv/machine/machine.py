@@ -34,6 +34,9 @@ from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
+from hv.machine.gic_interrupts import GicController
+from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GicState
+from hv.devices.arch_timer import ArchTimerState
 from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.devconfig import DevConfigError, DeviceConfig
 from hv.devices.interfaces import UnconnectedLine
@@ -137,11 +140,16 @@ class Machine:
         self._throttle_wake = threading.Event()
         self._throttle_thread: threading.Thread | None = None
         self._throttle_ran_since = [0.0] * config.smp  # when each vCPU's run slice began
-        self.interrupts: InterruptController | None = None   # q35: LAPICs, IOAPIC, clock
+        self.interrupts: InterruptController | GicController | None = None  # q35: LAPICs, IOAPIC, clock; virt: GICv3, timers, clock
         mmio_windows = self._build_devices()
         try:
             self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
             self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
+            if isinstance(self.interrupts, GicController):
+                for index, vcpu in enumerate(self.vcpus):
+                    if not hasattr(vcpu, "set_sysreg_handler"):
+                        raise MachineError(f"backend {backend.name} cannot serve the virt GIC's system registers")
+                    vcpu.set_sysreg_handler(self.interrupts.sysreg_handler(index))  # type: ignore[attr-defined]
         except BaseException:
             self.pci.close()
             raise
@@ -172,6 +180,18 @@ class Machine:
             self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
                              self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
             windows = [(VIRT_PL011_BASE, Pl011.SIZE)]
+            # GICv3 + generic timers (ICC_*/CNT* served through the backend's sysreg handler)
+            gic = self.interrupts = GicController(
+                self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
+                lambda: self._state is RunState.RUNNING, lambda: self._closing)
+            redist = gic.redistributor_window()
+            self.mmio.add(GICD_BASE, GICD_SIZE, gic.distributor_window(), "gicd")
+            self.mmio.add(GICR_BASE, redist.SIZE, redist, "gicr")
+            self.devices["gic"] = DeviceSlot("gic", "gicv3", gic.gic_device(), GicState, "mmio", f"{GICD_BASE:#x}")
+            self.devices["arch-timer"] = DeviceSlot("arch-timer", "arch-timer", gic.timer_device(),
+                                                    ArchTimerState, "none", "-")
+            self.devices["clock"] = DeviceSlot("clock", "guest-clock", gic.clock_device(), ClockState, "none", "-")
+            windows += [(GICD_BASE, GICD_SIZE), (GICR_BASE, redist.SIZE)]
         # A live-migration destination opens its images unlocked and takes the locks over
         # from the source at the switch-over.
         incoming_live = (self.config.incoming or "").startswith(("tcp:", "unix:"))
@@ -186,7 +206,7 @@ class Machine:
                 # Received frames go into guest RAM at once (under the big lock, only
                 # while running) and raise the rx interrupt, instead of waiting for a kick.
                 slot.device.enable_async_rx(self._lock, self._accepts_device_dma)
-        if self.interrupts is not None:
+        if isinstance(self.interrupts, InterruptController):
             self._wire_pci_interrupts(self.interrupts)
         return windows + self.pci.mmio_windows
 
@@ -228,7 +248,7 @@ class Machine:
                 raise MachineError(str(exc)) from None
             slot = DeviceSlot(pci_slot.name, pci_slot.kind, pci_slot.device, pci_slot.state_type,
                               pci_slot.bus, pci_slot.addr, {k: str(v) for k, v in pci_slot.attrs.items()})
-            if self.interrupts is not None:
+            if isinstance(self.interrupts, InterruptController):
                 devfn_slot, devfn_fn = parse_devfn(pci_slot.addr)
                 self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device)
             self.devices[slot.name] = slot

@@ -1,0 +1,253 @@
+"""Interrupt delivery for virt (aarch64): the GICv3, the generic timers and the guest clock.
+
+The aarch64 sibling of :class:`hv.machine.interrupts.InterruptController`, with the same
+methods the machine's vCPU loop calls (``before_run``, ``after_run``, ``wake``,
+``wants_wake``, ``halt_timeout``, ``must_settle``, ``settle``, ``sync_clock``,
+``start_timer_thread``, ``bind_thread``):
+
+``before_run(index, vcpu)`` (big lock held)
+    If the GIC signals IRQ to this vCPU, ``vcpu.inject_irq()`` enters the guest's IRQ
+    vector (False while PSTATE.I is set: a retry kick is then scheduled
+    ``RETRY_NS`` later). Unlike x86 nothing is acknowledged at injection: the guest
+    acknowledges by reading ICC_IAR1_EL1.
+``wake(index, vcpu)``
+    A vCPU halted in WFI leaves the halt when an interrupt is signalled, even with
+    PSTATE.I set (as the architecture's WFI wake-up); the IRQ is injected if I is clear.
+System registers
+    :meth:`sysreg_read` / :meth:`sysreg_write` (the backend's sysreg handler, called on the
+    vCPU thread inside ``run``) serve ICC_* from the GIC and CNT*_EL0 from the timers.
+Timers
+    The ``irq-timer`` thread sleeps until the earliest timer deadline (guest clock),
+    raises the PPI and kicks or wakes the vCPU; it also runs the guest clock exactly while
+    the machine runs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from backends.base import Exit
+from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
+from hv.devices.clock import GuestClock
+from hv.devices.gicv3 import GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
+
+log = logging.getLogger(__name__)
+
+RETRY_NS = 200_000       # host ns between injection attempts while PSTATE.I is set
+
+
+class GicController:
+    """GICv3 + generic timers + guest clock + timer thread of one virt machine."""
+
+    def __init__(self, vcpus: int, lock: Any, changed: threading.Condition,
+                 kick: Callable[[int], None], is_running: Callable[[], bool],
+                 is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
+        self._lock = lock
+        self._changed = changed
+        self._kick = kick
+        self._is_running = is_running
+        self._is_closing = is_closing
+        self.clock = clock if clock is not None else GuestClock()
+        self.gic = GicV3(vcpus, self._irq_changed)
+        self.timers = ArchTimers(vcpus, self.clock, self.gic.set_level)
+        self._in_run = [False] * vcpus
+        self._retry_at: list[int | None] = [None] * vcpus
+        self._timer_thread: threading.Thread | None = None
+        self.injected = [0] * vcpus
+        self.retries = 0
+
+    # -- wiring ------------------------------------------------------------------------
+    def bind_thread(self, index: int) -> None:
+        """Nothing to bind: system-register handlers carry their vCPU index."""
+
+    def distributor_window(self) -> GicDistributorWindow:
+        return GicDistributorWindow(self.gic)
+
+    def redistributor_window(self) -> GicRedistributorWindow:
+        return GicRedistributorWindow(self.gic)
+
+    def gic_device(self) -> "GicDevice":
+        return GicDevice(self)
+
+    def timer_device(self) -> "TimerDevice":
+        return TimerDevice(self)
+
+    def clock_device(self) -> Any:
+        from hv.machine.interrupts import ClockDevice  # noqa: PLC0415
+        return ClockDevice(self)   # type: ignore[arg-type]
+
+    def sysreg_handler(self, index: int) -> "SysregHandler":
+        return SysregHandler(self, index)
+
+    # -- GIC host ----------------------------------------------------------------------
+    def _irq_changed(self, index: int) -> None:
+        if self._in_run[index]:
+            self._kick(index)
+        else:
+            self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._changed.notify_all()
+
+    # -- system registers (vCPU thread, inside run) -----------------------------------------
+    def sysreg_read(self, index: int, name: str) -> int | None:
+        with self._lock:
+            if name.startswith("ICC_"):
+                return self.gic.icc_read(index, name)
+            return self.timers.read(index, name)
+
+    def sysreg_write(self, index: int, name: str, value: int) -> bool:
+        with self._lock:
+            if name.startswith("ICC_"):
+                return self.gic.icc_write(index, name, value)
+            done = self.timers.write(index, name, value)
+            if done:
+                self._changed.notify_all()   # the timer thread re-plans
+            return done
+
+    # -- vCPU side ----------------------------------------------------------------------------
+    def before_run(self, index: int, vcpu: Any) -> None:
+        self.timers.update(index)
+        if self.gic.signalled(index) is not None:
+            if self._inject(vcpu):
+                self.injected[index] += 1
+                self._retry_at[index] = None
+            else:
+                self._retry_at[index] = time.monotonic_ns() + RETRY_NS
+                self.retries += 1
+                self._notify()
+        else:
+            self._retry_at[index] = None
+        self._in_run[index] = True
+
+    def after_run(self, index: int, vcpu: Any, result: Exit) -> None:
+        with self._lock:
+            self._in_run[index] = False
+
+    def must_settle(self, index: int) -> bool:
+        return False
+
+    def settle(self, index: int, vcpu: Any) -> None:
+        self._in_run[index] = True
+
+    def halt_timeout(self, index: int) -> float | None:
+        self.timers.update(index)
+        deadline = self.timers.deadline(index)
+        return None if deadline is None else self.clock.host_delay(deadline)
+
+    def wants_wake(self, index: int) -> bool:
+        return self.gic.signalled(index) is not None
+
+    def wake(self, index: int, vcpu: Any) -> bool:
+        """WFI ends when an interrupt is signalled, whether or not PSTATE.I masks it."""
+        if self.gic.signalled(index) is None:
+            return False
+        if self._inject(vcpu):
+            self.injected[index] += 1
+        return True
+
+    def _inject(self, vcpu: Any) -> bool:
+        self._lock.release()
+        try:
+            return bool(vcpu.inject_irq())
+        finally:
+            self._lock.acquire()
+
+    # -- clock and timers -----------------------------------------------------------------
+    def sync_clock(self) -> None:
+        if self.clock.set_running(self._is_running()):
+            self._notify()
+
+    def start_timer_thread(self) -> None:
+        if self._timer_thread is None:
+            self._timer_thread = threading.Thread(target=self._timer_loop, name="gic-timer", daemon=True)
+            self._timer_thread.start()
+
+    def poll(self) -> float | None:
+        """Raise due timer PPIs and retry kicks; seconds until the next thing to do."""
+        self.sync_clock()
+        delays: list[float] = []
+        for index in range(self.gic.vcpus):
+            self.timers.update(index)
+            deadline = self.timers.deadline(index)
+            if deadline is not None:
+                delay = self.clock.host_delay(deadline)
+                if delay is not None:
+                    delays.append(delay)
+        host_now = time.monotonic_ns()
+        for index, retry in enumerate(self._retry_at):
+            if retry is None:
+                continue
+            if not self._is_running() or self.gic.signalled(index) is None:
+                self._retry_at[index] = None
+            elif retry <= host_now:
+                self._retry_at[index] = None
+                if self._in_run[index]:
+                    self._kick(index)
+            else:
+                delays.append((retry - host_now) / 1e9)
+        return min(delays) if delays else None
+
+    def _timer_loop(self) -> None:
+        with self._lock:
+            while not self._is_closing():
+                delay = self.poll()
+                self._changed.wait(delay)
+            self._timer_thread = None
+
+
+class GicDevice:
+    """The GIC as a machine device (save/restore under the big lock)."""
+
+    def __init__(self, controller: GicController) -> None:
+        self.controller = controller
+
+    def save(self) -> GicState:
+        with self.controller._lock:
+            return self.controller.gic.save()
+
+    def restore(self, state: GicState) -> None:
+        """A default-constructed state (no vCPUs: what a machine reset loads) resets."""
+        with self.controller._lock:
+            gic = self.controller.gic
+            if not state.cpus:
+                state = GicV3(gic.vcpus).save()
+            gic.restore(state)
+
+
+class TimerDevice:
+    """The generic timers as a machine device."""
+
+    def __init__(self, controller: GicController) -> None:
+        self.controller = controller
+
+    def save(self) -> ArchTimerState:
+        with self.controller._lock:
+            return self.controller.timers.save()
+
+    def restore(self, state: ArchTimerState) -> None:
+        """A default-constructed state (no vCPUs: a machine reset) disables every timer."""
+        with self.controller._lock:
+            timers = self.controller.timers
+            if not state.virt:
+                state = ArchTimerState([TimerRegs() for _ in range(timers.vcpus)],
+                                       [TimerRegs() for _ in range(timers.vcpus)])
+            timers.restore(state)
+            self.controller._changed.notify_all()
+
+
+class SysregHandler:
+    """What a backend calls for a routed system-register access of vCPU ``index``."""
+
+    def __init__(self, controller: GicController, index: int) -> None:
+        self.controller = controller
+        self.index = index
+
+    def read(self, name: str) -> int | None:
+        return self.controller.sysreg_read(self.index, name)
+
+    def write(self, name: str, value: int) -> bool:
+        return self.controller.sysreg_write(self.index, name, value)

@@ -1,0 +1,142 @@
+"""aarch64 generic timer against the guest clock, and the timer guest on virt end to end:
+GICv3 + CNTV through Unicorn's system-register hook, via the launcher and moved mid-run."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from backends import backend_class
+from hv.config import parse_args
+from hv.console import BufferSink
+from hv.devices.arch_timer import NS_PER_TICK, PPI_PHYSICAL, PPI_VIRTUAL, ArchTimers, ArchTimerState
+from hv.devices.clock import GuestClock
+from hv.devices.interfaces import DeviceStateError
+from hv.machine import Machine
+from hv.machine.move import move_machine
+from tests.helpers import FIXTURES, HvProcess
+
+TIMER = FIXTURES / "aarch64" / "timer.elf"
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def make() -> tuple[ArchTimers, FakeHost, dict[tuple[int, int], bool]]:
+    host = FakeHost()
+    clock = GuestClock(host)
+    clock.set_running(True)
+    lines: dict[tuple[int, int], bool] = {}
+    timers = ArchTimers(2, clock, lambda cpu, ppi, level: lines.__setitem__((cpu, ppi), level))
+    return timers, host, lines
+
+
+def test_counter_runs_with_the_guest_clock_only() -> None:
+    timers, host, _ = make()
+    host.ns += 160
+    assert timers.read(0, "CNTVCT_EL0") == 10 == timers.read(1, "CNTPCT_EL0")
+    timers.clock.set_running(False)
+    host.ns += 10_000
+    assert timers.read(0, "CNTVCT_EL0") == 10
+    assert timers.read(0, "CNTFRQ_EL0") == 62_500_000
+
+
+def test_cval_fires_at_its_deadline_and_imask_masks() -> None:
+    timers, host, lines = make()
+    timers.write(0, "CNTV_CVAL_EL0", 100)
+    timers.write(0, "CNTV_CTL_EL0", 1)
+    assert lines[(0, PPI_VIRTUAL)] is False and timers.read(0, "CNTV_CTL_EL0") == 1
+    assert timers.deadline(0) == 100 * NS_PER_TICK and timers.deadline(1) is None
+    host.ns = 100 * NS_PER_TICK - 1
+    timers.update(0)
+    assert lines[(0, PPI_VIRTUAL)] is False
+    host.ns = 100 * NS_PER_TICK
+    timers.update(0)
+    assert lines[(0, PPI_VIRTUAL)] is True and timers.read(0, "CNTV_CTL_EL0") == 5   # ISTATUS
+    assert timers.deadline(0) is None
+    timers.write(0, "CNTV_CTL_EL0", 3)                 # IMASK: output low, ISTATUS still set
+    assert lines[(0, PPI_VIRTUAL)] is False and timers.read(0, "CNTV_CTL_EL0") == 7
+    assert lines[(1, PPI_VIRTUAL)] is False if (1, PPI_VIRTUAL) in lines else True
+
+
+def test_tval_is_signed_relative_to_the_counter() -> None:
+    timers, host, lines = make()
+    host.ns = 1000 * NS_PER_TICK
+    timers.write(1, "CNTP_TVAL_EL0", 50)
+    assert timers.read(1, "CNTP_CVAL_EL0") == 1050 and timers.read(1, "CNTP_TVAL_EL0") == 50
+    timers.write(1, "CNTP_TVAL_EL0", (-30) & 0xFFFF_FFFF)
+    assert timers.read(1, "CNTP_CVAL_EL0") == 970
+    timers.write(1, "CNTP_CTL_EL0", 1)
+    assert lines[(1, PPI_PHYSICAL)] is True
+    assert timers.read(1, "CNTP_TVAL_EL0") == (-30) & 0xFFFF_FFFF
+    assert timers.read(1, "ICC_PMR_EL1") is None and not timers.write(1, "CNTVCT_EL0", 5)
+
+
+def test_state_round_trip_and_validation() -> None:
+    timers, _, _ = make()
+    timers.write(1, "CNTV_CVAL_EL0", 1 << 63)
+    timers.write(1, "CNTV_CTL_EL0", 1)
+    raw = timers.save().to_dict()
+    other, _, _ = make()
+    other.restore(ArchTimerState.from_dict(raw))
+    assert other.read(1, "CNTV_CVAL_EL0") == 1 << 63
+    for bad in ({**raw, "virt": raw["virt"][:1]}, {**raw, "virt": [{"ctl": 4, "cval": 0}] * 2},
+                {"virt": raw["virt"]}, {**raw, "phys": [{"ctl": 0, "cval": 1 << 64}] * 2}):
+        with pytest.raises(DeviceStateError):
+            ArchTimerState.from_dict(bad)
+
+
+def reference(hz: int, ticks: int) -> list[str]:
+    """What fixtures/common/timer.c prints on a correct machine (the x86 guest's lines)."""
+    return ([f"timer: hz={hz} ticks={ticks}"] + [f"tick {n} bad 0" for n in range(100, ticks + 1, 100)]
+            + [f"total {ticks} bad 0", "done"])
+
+
+def test_timer_guest_on_virt_via_launcher(tmp_path: Path) -> None:
+    vm = HvProcess(tmp_path, "-machine", "virt", "-m", "64", "-accel", "unicorn", "-kernel", str(TIMER),
+                   "-append", "hz=1000 ticks=400")
+    started = time.monotonic()
+    try:
+        assert vm.wait(60) == 0, vm.stderr()
+    finally:
+        vm.close()
+    assert vm.output().splitlines() == reference(1000, 400)
+    assert time.monotonic() - started >= 0.4            # 400 ticks at 1 kHz of guest time
+
+
+def wait_lines(console: BufferSink, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while console.getvalue().count(b"\n") < count:
+        assert time.monotonic() < deadline, console.getvalue()[-300:]
+        time.sleep(0.002)
+
+
+def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
+    route = ["unicorn", "unicorn", "unicorn"]
+    ticks = 100 * (len(route) + 3)
+    config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
+                         "-append", f"hz=1000 ticks={ticks}"]).config
+    console = BufferSink()
+    machine = Machine(config, backend_class(route[0])(), console)
+    machine.load_kernel(config.kernel.read_bytes())
+    machine.start()
+    moved = 0
+    try:
+        for hop, accel in enumerate(route[1:], start=1):
+            wait_lines(console, 1 + hop)
+            time.sleep(0.013 * hop)                    # different phases of the period
+            old = machine
+            machine = move_machine(machine, backend_class(accel)())
+            moved += machine is not old
+        assert machine.wait_shutdown(60) == "guest-shutdown"
+        assert machine.interrupts is not None and sum(machine.interrupts.injected) > 0  # type: ignore[union-attr]
+    finally:
+        machine.close()
+    assert moved == len(route) - 1
+    assert console.getvalue().decode().splitlines() == reference(1000, ticks)
