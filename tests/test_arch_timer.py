@@ -2,6 +2,9 @@
 GICv3 + CNTV through Unicorn's system-register hook, via the launcher and moved mid-run."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -140,3 +143,45 @@ def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
         machine.close()
     assert moved == len(route) - 1
     assert console.getvalue().decode().splitlines() == reference(1000, ticks)
+
+
+def test_paused_virt_machine_freezes_the_counter_and_keeps_ticking_after() -> None:
+    config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
+                         "-append", "hz=1000 ticks=300"]).config
+    console = BufferSink()
+    machine = Machine(config, backend_class("unicorn")(), console)
+    machine.load_kernel(config.kernel.read_bytes())
+    machine.start()
+    try:
+        wait_lines(console, 2)
+        assert machine.pause()
+        irq = machine.interrupts
+        assert irq is not None
+        snapshot = machine.save()
+        frozen = irq.timers.counter()  # type: ignore[union-attr]
+        time.sleep(0.2)
+        assert irq.timers.counter() == frozen  # type: ignore[union-attr]
+        assert snapshot.cpus[0].cntvct == frozen             # the CPU state carries the same counter
+        assert snapshot.devices["arch-timer"]["state"]["virt"][0]["ctl"] == 1
+        assert machine.resume()
+        assert machine.wait_shutdown(60) == "guest-shutdown"
+    finally:
+        machine.close()
+    assert console.getvalue().decode().splitlines() == reference(1000, 300)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="aarch64 toolchain not installed")
+def test_aarch64_timer_guest_is_reproducible(tmp_path: Path) -> None:
+    subprocess.run([str(FIXTURES / "build.sh"), str(tmp_path)], check=True, capture_output=True, timeout=120,
+                   env=dict(os.environ, ARCHES="aarch64"))
+    assert (tmp_path / "aarch64" / "timer.elf").read_bytes() == TIMER.read_bytes(), \
+        "aarch64/timer.elf differs from a fresh build: run fixtures/build.sh"
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-aarch64") is None, reason="qemu-system-aarch64 not installed")
+def test_aarch64_timer_guest_prints_the_same_on_qemu_gicv3() -> None:
+    result = subprocess.run(["qemu-system-aarch64", "-M", "virt,gic-version=3", "-cpu", "cortex-a57", "-m", "64",
+                             "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(TIMER),
+                             "-append", "hz=1000 ticks=300"],
+                            capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.stdout.decode().splitlines() == reference(1000, 300)

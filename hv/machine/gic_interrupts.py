@@ -97,6 +97,7 @@ class GicController:
         with self._lock:
             if name.startswith("ICC_"):
                 return self.gic.icc_read(index, name)
+            self.sync_clock()    # a paused machine's counter (e.g. in a saved CPU state) stands still
             return self.timers.read(index, name)
 
     def sysreg_write(self, index: int, name: str, value: int) -> bool:
