@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hv.devices.clock import GuestClock
 from hv.devices.interfaces import DeviceStateError
 from hv.machine import Machine
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess
+from tests.helpers import FIXTURES, HvProcess, Vm
 
 TIMER = FIXTURES / "aarch64" / "timer.elf"
 
@@ -185,3 +186,24 @@ def test_aarch64_timer_guest_prints_the_same_on_qemu_gicv3() -> None:
                              "-append", "hz=1000 ticks=300"],
                             capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.stdout.decode().splitlines() == reference(1000, 300)
+
+
+def test_timer_guest_on_virt_live_migration_between_processes(hv) -> None:
+    """GIC, timer and clock records travel in the migration stream: the destination
+    process continues the tick sequence where the source stopped."""
+    ticks = 500
+    with tempfile.TemporaryDirectory(prefix="hvg") as sock_dir:
+        args = ("-machine", "virt", "-m", "64", "-accel", "unicorn", "-kernel", str(TIMER),
+                "-append", f"hz=1000 ticks={ticks}")
+        src = Vm(hv, sock_dir, "src", *args)
+        dst = Vm(hv, sock_dir, "dst", *args, "-incoming", f"unix:{sock_dir}/mig.sock")
+        try:
+            src.wait_lines(3)                                # tick 200 printed
+            assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+            assert src.wait_migration()["status"] == "completed"
+            assert dst.process.wait(60) == 0, dst.stderr()
+            joined = src.output() + dst.output()
+        finally:
+            src.close()
+            dst.close()
+    assert joined.splitlines() == reference(1000, ticks)
