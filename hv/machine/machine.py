@@ -549,7 +549,7 @@ class Machine:
             irq.after_run(index, vcpu, result)
             self._handle_exit(index, result)
 
-    def _wait_runnable(self, index: int, irq: InterruptController) -> str | None:
+    def _wait_runnable(self, index: int, irq: InterruptController | GicController) -> str | None:
         """Big lock held: wait (parked) until vCPU ``index`` has something to do.
 
         Returns "run", "wake" (halted, an interrupt is deliverable), "settle" (paused, but
