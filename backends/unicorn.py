@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Arch, Backend, BackendError, IoHandler, Vcpu, Vm
+from backends.base import Arch, Backend, BackendError, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv.memory import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:
@@ -256,6 +256,64 @@ class UnicornVcpuBase(Vcpu):
         with self._kick_lock:
             self._pending_invalidations.append((gpa, size))
         self.request_hook_sync(wait=False)
+
+    # -- the run loop, shared by both architectures ------------------------------------
+    PC_NAME = "pc"
+
+    def run(self, io: IoHandler) -> Exit:
+        with self._engine_lock:
+            return self._run_locked(io)
+
+    def _run_locked(self, io: IoHandler) -> Exit:
+        unicorn = _import_unicorn()
+        self._sync_write_hook()
+        self._io = io
+        self._start_clock()
+        try:
+            while True:
+                if self._take_kick():
+                    return Exit(ExitReason.KICKED)
+                self._halted = False
+                self._event = None
+                try:
+                    self.uc.emu_start(self._read_pc(), 0)
+                except unicorn.UcError as exc:
+                    if exc.errno != unicorn.UC_ERR_INSN_INVALID:
+                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at {self.PC_NAME} {self._read_pc():#x}")
+                    self._event = self._undefined_instruction(self._read_pc())
+                if self.native.struct.stopped:
+                    if self._service_stop():
+                        continue
+                    self._take_kick()
+                    return Exit(ExitReason.KICKED)
+                if self._event is not None:
+                    event, self._event = self._event, None
+                    result = self._handle_event(event)
+                    if result is not None:
+                        return result
+                    continue
+                self._halted = True  # HLT / WFI made emu_start return
+                return Exit(ExitReason.HALT)
+        finally:
+            self._stop_clock()
+            self._io = None
+
+    def _read_pc(self) -> int:
+        raise NotImplementedError
+
+    def _undefined_instruction(self, pc: int) -> Any:
+        """The architecture's event for an instruction the engine could not decode."""
+        raise NotImplementedError
+
+    def _handle_event(self, event: Any) -> Exit | None:
+        """Deliver an exception/trap recorded by a hook; an Exit ends run()."""
+        raise NotImplementedError
+
+    def _start_clock(self) -> None:
+        """The guest's counter (TSC / CNTVCT) advances from now on."""
+
+    def _stop_clock(self) -> None:
+        """The guest's counter stops advancing until the next run()."""
 
     def close(self) -> None:
         with self._engine_lock:

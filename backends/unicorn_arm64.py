@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backends.base import BackendError, Exit, ExitReason, IoHandler
+from backends.base import BackendError, Exit, ExitReason
 from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
 from hv.memory import GuestMemoryError
 from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
@@ -244,46 +244,18 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         uc.emu_stop()
 
     # -- run -----------------------------------------------------------------------
-    def run(self, io: IoHandler) -> Exit:
-        with self._engine_lock:
-            return self._run_locked(io)
+    def _read_pc(self) -> int:
+        return int(self.uc.reg_read(self._a.UC_ARM64_REG_PC))
 
-    def _run_locked(self, io: IoHandler) -> Exit:
-        a = self._a
-        unicorn = _import_unicorn()
-        self._sync_write_hook()
-        self._io = io
+    def _undefined_instruction(self, pc: int) -> Arm64Event:
+        return Arm64Event(EXCP_UDEF, pc)
+
+    def _start_clock(self) -> None:
         self._cnt_ns0 = time.monotonic_ns()
-        try:
-            while True:
-                if self._take_kick():
-                    return Exit(ExitReason.KICKED)
-                self._halted = False
-                self._event = None
-                try:
-                    self.uc.emu_start(self.uc.reg_read(a.UC_ARM64_REG_PC), 0)
-                except unicorn.UcError as exc:
-                    if exc.errno == unicorn.UC_ERR_INSN_INVALID:
-                        self._event = Arm64Event(EXCP_UDEF, self.uc.reg_read(a.UC_ARM64_REG_PC))
-                    else:
-                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at pc {self.uc.reg_read(a.UC_ARM64_REG_PC):#x}")
-                if self.native.struct.stopped:
-                    if self._service_stop():
-                        continue
-                    self._take_kick()
-                    return Exit(ExitReason.KICKED)
-                if self._event is not None:
-                    event, self._event = self._event, None
-                    result = self._handle_event(event)
-                    if result is not None:
-                        return result
-                    continue
-                self._halted = True
-                return Exit(ExitReason.HALT)
-        finally:
-            self._cnt_base = self._counter_now()
-            self._cnt_ns0 = None
-            self._io = None
+
+    def _stop_clock(self) -> None:
+        self._cnt_base = self._counter_now()
+        self._cnt_ns0 = None
 
     def _insn_at(self, va: int) -> int | None:
         try:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import BackendError, Exit, ExitReason, IoHandler
+from backends.base import BackendError, Exit, ExitReason
 from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
 from hv.memory import PAGE_SIZE, GuestMemoryError
 from hv.state import EFER_LMA, EFER_SCE, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState
@@ -290,46 +290,23 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self.uc.context_restore(ctx)
 
     # -- run -----------------------------------------------------------------------
-    def run(self, io: IoHandler) -> Exit:
-        with self._engine_lock:
-            return self._run_locked(io)
+    PC_NAME = "rip"
 
-    def _run_locked(self, io: IoHandler) -> Exit:
-        x = self._x
-        unicorn = _import_unicorn()
-        self._sync_write_hook()
-        self._io = io
+    def _read_pc(self) -> int:
+        return int(self.uc.reg_read(self._x.UC_X86_REG_RIP))
+
+    def _undefined_instruction(self, pc: int) -> X86Event:
+        return X86Event(EXC_UD, None, False, pc)
+
+    def _handle_event(self, event: X86Event) -> Exit | None:
+        return None if self._deliver_event(event) else Exit(ExitReason.SYSTEM_RESET, "triple fault")
+
+    def _start_clock(self) -> None:
         self._tsc_ns0 = time.monotonic_ns()
-        try:
-            while True:
-                if self._take_kick():
-                    return Exit(ExitReason.KICKED)
-                self._halted = False
-                self._event = None
-                rip = self.uc.reg_read(x.UC_X86_REG_RIP)
-                try:
-                    self.uc.emu_start(rip, 0)
-                except unicorn.UcError as exc:
-                    if exc.errno == unicorn.UC_ERR_INSN_INVALID:
-                        self._event = X86Event(EXC_UD, None, False, self.uc.reg_read(x.UC_X86_REG_RIP))
-                    else:
-                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at rip {self.uc.reg_read(x.UC_X86_REG_RIP):#x}")
-                if self.native.struct.stopped:
-                    if self._service_stop():
-                        continue
-                    self._take_kick()
-                    return Exit(ExitReason.KICKED)
-                if self._event is not None:
-                    event, self._event = self._event, None
-                    if not self._deliver_event(event):
-                        return Exit(ExitReason.SYSTEM_RESET, "triple fault")
-                    continue
-                self._halted = True
-                return Exit(ExitReason.HALT)
-        finally:
-            self._tsc_base = self._tsc_now()
-            self._tsc_ns0 = None
-            self._io = None
+
+    def _stop_clock(self) -> None:
+        self._tsc_base = self._tsc_now()
+        self._tsc_ns0 = None
 
     # -- event delivery ------------------------------------------------------------
     def _syscall(self) -> bool:
