@@ -32,29 +32,24 @@ from backends.base import Exit
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
 from hv.devices.gicv3 import GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
+from hv.machine.interrupts import ControllerCore
 
 log = logging.getLogger(__name__)
 
 RETRY_NS = 200_000       # host ns between injection attempts while PSTATE.I is set
 
 
-class GicController:
+class GicController(ControllerCore):
     """GICv3 + generic timers + guest clock + timer thread of one virt machine."""
+
+    TIMER_THREAD_NAME = "gic-timer"
 
     def __init__(self, vcpus: int, lock: Any, changed: threading.Condition,
                  kick: Callable[[int], None], is_running: Callable[[], bool],
                  is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
-        self._lock = lock
-        self._changed = changed
-        self._kick = kick
-        self._is_running = is_running
-        self._is_closing = is_closing
-        self.clock = clock if clock is not None else GuestClock()
+        super().__init__(vcpus, lock, changed, kick, is_running, is_closing, clock)
         self.gic = GicV3(vcpus, self._irq_changed)
         self.timers = ArchTimers(vcpus, self.clock, self.gic.set_level)
-        self._in_run = [False] * vcpus
-        self._retry_at: list[int | None] = [None] * vcpus
-        self._timer_thread: threading.Thread | None = None
         self.injected = [0] * vcpus
         self.retries = 0
 
@@ -74,10 +69,6 @@ class GicController:
     def timer_device(self) -> "TimerDevice":
         return TimerDevice(self)
 
-    def clock_device(self) -> Any:
-        from hv.machine.interrupts import ClockDevice  # noqa: PLC0415
-        return ClockDevice(self)   # type: ignore[arg-type]
-
     def sysreg_handler(self, index: int) -> "SysregHandler":
         return SysregHandler(self, index)
 
@@ -87,10 +78,6 @@ class GicController:
             self._kick(index)
         else:
             self._notify()
-
-    def _notify(self) -> None:
-        with self._lock:
-            self._changed.notify_all()
 
     # -- system registers (vCPU thread, inside run) -----------------------------------------
     def sysreg_read(self, index: int, name: str) -> int | None:
@@ -157,16 +144,7 @@ class GicController:
         finally:
             self._lock.acquire()
 
-    # -- clock and timers -----------------------------------------------------------------
-    def sync_clock(self) -> None:
-        if self.clock.set_running(self._is_running()):
-            self._notify()
-
-    def start_timer_thread(self) -> None:
-        if self._timer_thread is None:
-            self._timer_thread = threading.Thread(target=self._timer_loop, name="gic-timer", daemon=True)
-            self._timer_thread.start()
-
+    # -- timers ------------------------------------------------------------------------------
     def poll(self) -> float | None:
         """Raise due timer PPIs and retry kicks; seconds until the next thing to do."""
         self.sync_clock()
@@ -178,26 +156,8 @@ class GicController:
                 delay = self.clock.host_delay(deadline)
                 if delay is not None:
                     delays.append(delay)
-        host_now = time.monotonic_ns()
-        for index, retry in enumerate(self._retry_at):
-            if retry is None:
-                continue
-            if not self._is_running() or self.gic.signalled(index) is None:
-                self._retry_at[index] = None
-            elif retry <= host_now:
-                self._retry_at[index] = None
-                if self._in_run[index]:
-                    self._kick(index)
-            else:
-                delays.append((retry - host_now) / 1e9)
+        self._retry_kicks(lambda index: self.gic.signalled(index) is not None, delays)
         return min(delays) if delays else None
-
-    def _timer_loop(self) -> None:
-        with self._lock:
-            while not self._is_closing():
-                delay = self.poll()
-                self._changed.wait(delay)
-            self._timer_thread = None
 
 
 class GicDevice:

@@ -80,31 +80,97 @@ class InjectingVcpu(Protocol):
     def kick(self) -> None: ...
 
 
-class InterruptController:
-    """Local APICs, IOAPIC, MSI routing, the guest clock and timer thread of one machine.
+class ControllerCore:
+    """What the q35 and virt interrupt controllers share: the machine's big lock and
+    condition, the kick / run-state callbacks, the guest clock, the bookkeeping of
+    injection retries (Unicorn has no interrupt-window exit) and the timer thread that
+    runs :meth:`poll`.
 
     ``lock`` is the machine's big lock and ``changed`` its condition (vCPU threads wait on
     it while halted); ``kick(index)`` makes a vCPU's ``run`` return; ``is_running()``
     and ``is_closing()`` report the machine's run state.
     """
 
+    TIMER_THREAD_NAME = "irq-timer"
+
     def __init__(self, vcpus: int, lock: Any, changed: threading.Condition,
                  kick: Callable[[int], None], is_running: Callable[[], bool],
-                 is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
+                 is_closing: Callable[[], bool], clock: GuestClock | None) -> None:
         self._lock = lock
         self._changed = changed
         self._kick = kick
         self._is_running = is_running
         self._is_closing = is_closing
         self.clock = clock if clock is not None else GuestClock()
+        self._in_run = [False] * vcpus
+        self._retry_at: list[int | None] = [None] * vcpus      # host ns of the next attempt
+        self._timer_thread: threading.Thread | None = None
+
+    def clock_device(self) -> "ClockDevice":
+        """The clock for ``Machine.devices`` (save/restore)."""
+        return ClockDevice(self)
+
+    def _notify(self) -> None:
+        with self._lock:        # re-entrant: callers usually hold it already
+            self._changed.notify_all()
+
+    def sync_clock(self) -> None:
+        """Run the guest clock exactly while the machine runs (big lock held)."""
+        if self.clock.set_running(self._is_running()):
+            self._clock_started_or_stopped()
+            self._notify()
+
+    def _clock_started_or_stopped(self) -> None:
+        """Hook: the machine was paused or resumed (CPU states may have been replaced)."""
+
+    def start_timer_thread(self) -> None:
+        """Start the timer thread once (big lock held)."""
+        if self._timer_thread is None:
+            self._timer_thread = threading.Thread(target=self._timer_loop, name=self.TIMER_THREAD_NAME,
+                                                  daemon=True)
+            self._timer_thread.start()
+
+    def poll(self) -> float | None:
+        """Fire due timers and retry kicks; seconds until the next thing to do (None:
+        nothing scheduled). Big lock held."""
+        raise NotImplementedError
+
+    def _retry_kicks(self, pending: Callable[[int], bool], delays: list[float]) -> None:
+        """Kick each running vCPU whose injection retry is due while ``pending(index)``
+        still holds; add the delays of the retries not yet due."""
+        host_now = time.monotonic_ns()
+        for index, retry in enumerate(self._retry_at):
+            if retry is None:
+                continue
+            if not self._is_running() or not pending(index):
+                self._retry_at[index] = None
+            elif retry <= host_now:
+                self._retry_at[index] = None
+                if self._in_run[index]:
+                    self._kick(index)
+            else:
+                delays.append((retry - host_now) / 1e9)
+
+    def _timer_loop(self) -> None:
+        with self._lock:
+            while not self._is_closing():
+                delay = self.poll()
+                self._changed.wait(delay)
+            self._timer_thread = None
+
+
+class InterruptController(ControllerCore):
+    """Local APICs, IOAPIC, MSI routing, the guest clock and timer thread of one q35 machine."""
+
+    def __init__(self, vcpus: int, lock: Any, changed: threading.Condition,
+                 kick: Callable[[int], None], is_running: Callable[[], bool],
+                 is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
+        super().__init__(vcpus, lock, changed, kick, is_running, is_closing, clock)
         self.lapics = [Lapic(i, self.clock, self) for i in range(vcpus)]
         self.ioapic = IoApic(self)
         self._local = threading.local()
-        self._in_run = [False] * vcpus
         self._unconfirmed: list[int | None] = [None] * vcpus   # KVM: queued, entry not proven
-        self._retry_at: list[int | None] = [None] * vcpus      # Unicorn: host ns of next attempt
         self._wake_refused: list[int | None] = [None] * vcpus  # IRR when a halted CPU refused (IF=0)
-        self._timer_thread: threading.Thread | None = None
         self._reported: set[str] = set()
         self.stats = InterruptStats(vcpus)
         self._timer_fired_at: list[int | None] = [None] * vcpus   # host ns, for latency
@@ -122,10 +188,6 @@ class InterruptController:
             return self.lapics[0]
         self._unconfirmed[index] = None
         return self.lapics[index]
-
-    def clock_device(self) -> "ClockDevice":
-        """The clock for ``Machine.devices`` (save/restore)."""
-        return ClockDevice(self)
 
     def lapic_window(self) -> "LapicWindow":
         return LapicWindow(self)
@@ -149,10 +211,6 @@ class InterruptController:
 
     def timer_changed(self) -> None:
         self._notify()
-
-    def _notify(self) -> None:
-        with self._lock:        # re-entrant: callers usually hold it already
-            self._changed.notify_all()
 
     def eoi_broadcast(self, vector: int) -> None:
         self.ioapic.eoi(vector)
@@ -325,21 +383,10 @@ class InterruptController:
             self.stats.note_latency(time.monotonic_ns() - fired)
 
     # -- clock and timers ---------------------------------------------------------------------
-    def sync_clock(self) -> None:
-        """Run the guest clock exactly while the machine runs (big lock held)."""
-        if self.clock.set_running(self._is_running()):
-            self._wake_refused = [None] * len(self.lapics)   # CPU states may have been replaced
-            self._notify()
-
-    def start_timer_thread(self) -> None:
-        """Start the timer thread once (big lock held)."""
-        if self._timer_thread is None:
-            self._timer_thread = threading.Thread(target=self._timer_loop, name="irq-timer", daemon=True)
-            self._timer_thread.start()
+    def _clock_started_or_stopped(self) -> None:
+        self._wake_refused = [None] * len(self.lapics)   # CPU states may have been replaced
 
     def poll(self) -> float | None:
-        """Fire due timers and retry kicks; seconds until the next thing to do (None:
-        nothing scheduled). Big lock held."""
         self.sync_clock()
         now = self.clock.now()
         delays: list[float] = []
@@ -351,26 +398,8 @@ class InterruptController:
                 delay = self.clock.host_delay(deadline)
                 if delay is not None:
                     delays.append(delay)
-        host_now = time.monotonic_ns()
-        for index, retry in enumerate(self._retry_at):
-            if retry is None:
-                continue
-            if not self._is_running() or self.lapics[index].deliverable() is None:
-                self._retry_at[index] = None
-            elif retry <= host_now:
-                self._retry_at[index] = None
-                if self._in_run[index]:
-                    self._kick(index)
-            else:
-                delays.append((retry - host_now) / 1e9)
+        self._retry_kicks(lambda index: self.lapics[index].deliverable() is not None, delays)
         return min(delays) if delays else None
-
-    def _timer_loop(self) -> None:
-        with self._lock:
-            while not self._is_closing():
-                delay = self.poll()
-                self._changed.wait(delay)
-            self._timer_thread = None
 
 
 @dataclass
@@ -404,7 +433,7 @@ class ClockDevice:
     run state, so a paused machine's saved time is the moment it stopped, whichever thread
     noticed the pause first."""
 
-    def __init__(self, controller: InterruptController) -> None:
+    def __init__(self, controller: ControllerCore) -> None:
         self.controller = controller
 
     def save(self) -> ClockState:
