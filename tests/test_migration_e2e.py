@@ -256,19 +256,25 @@ def test_cancel_then_migrate_again(vms, sock_dir):
 # driver ~20x slower than Unicorn, and the source must still be mid-run when it migrates.
 BLK_PAIRS = [
     pytest.param("q35", "unicorn", "unicorn", 1024, 20, id="x86_64-unicorn-unicorn"),
+    pytest.param("q35", "kvm", "kvm", 64, 12, marks=requires_kvm, id="x86_64-kvm-kvm"),
     pytest.param("q35", "kvm", "unicorn", 64, 12, marks=requires_kvm, id="x86_64-kvm-unicorn"),
     pytest.param("q35", "unicorn", "kvm", 1024, 5, marks=requires_kvm, id="x86_64-unicorn-kvm"),
     pytest.param("virt", "unicorn", "unicorn", 1024, 20, id="aarch64-unicorn-unicorn"),
 ]
 
 
-def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations):
-    """Run the virtio-blk guest (migrating mid-I/O if ``second``); (serial output, image)."""
+def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations, seed_devices=False):
+    """Run the virtio-blk guest (migrating mid-I/O if ``second``); (serial output, image).
+
+    ``seed_devices``: the disk options of StratoVirt's walkthrough (``readonly=off,
+    direct=off``, ``bus=pcie.0,addr=0``) instead of hv's own."""
     image = tmp_path / f"disk-{first}-{second}.img"
     image.write_bytes(bytes(1 << 20))
+    drive, device = ((f"file={image},id=rootfs,readonly=off,direct=off,serial=BLK0",
+                      "virtio-blk-pci,drive=rootfs,id=rootfs,bus=pcie.0,addr=0") if seed_devices else
+                     (f"file={image},id=d0,serial=BLK0", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=3"))
     args = ["-machine", machine, "-m", "64", "-kernel", str(FIXTURES / ARCH[machine] / "blk.elf"),
-            "-append", f"sectors={sectors} iterations={iterations}",
-            "-drive", f"file={image},id=d0,serial=BLK0", "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=3"]
+            "-append", f"sectors={sectors} iterations={iterations}", "-drive", drive, "-device", device]
     src = Vm(hv, sock_dir, f"bsrc{second}", *args, "-accel", first)
     vms = [src]
     try:
@@ -298,6 +304,20 @@ def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, secon
     none: the output and the image equal an unmigrated run's, byte for byte."""
     migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations)
     plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, sectors, iterations)
+    assert migrated_out.splitlines() == plain_out.splitlines()
+    assert migrated_out.splitlines()[-1] == "done"
+    assert migrated_image == plain_image
+
+
+@pytest.mark.parametrize("machine", ["q35", "virt"])
+def test_seed_disk_at_addr_0_migrates_mid_io(hv, sock_dir, tmp_path, machine):
+    """The walkthrough's own disk line (addr=0, readonly=off, direct=off) boots, is found
+    by PCI enumeration at 0:0.0 and migrates mid-I/O like any other slot."""
+    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024, 20,
+                                           seed_devices=True)
+    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, 1024, 20,
+                                     seed_devices=True)
+    assert "blk: device 00:00.0 capacity 2048 id BLK0" in migrated_out.splitlines()
     assert migrated_out.splitlines() == plain_out.splitlines()
     assert migrated_out.splitlines()[-1] == "done"
     assert migrated_image == plain_image

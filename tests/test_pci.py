@@ -223,9 +223,27 @@ def test_parse_devfn_rejects(addr):
         parse_devfn(addr)
 
 
+@pytest.mark.parametrize("machine", ["q35", "virt"])
+def test_seed_addr_0_takes_the_host_bridge_slot(tmp_path, machine):
+    """StratoVirt's walkthrough puts its disk at addr=0: the disk becomes 0:0.0 and the
+    machine has no host bridge function (a second device still fills its own slot)."""
+    setup, _, _, mmio = build(tmp_path, machine, ("virtio-blk-pci,drive=d0,id=rootfs,bus=pcie.0,addr=0",
+                                                  "virtio-blk-pci,drive=d1,id=b"), drives=2)
+    ecam = LAYOUTS[machine].ecam_base
+    assert setup.host.bridge is None
+    assert mmio.read(ecam, 4) == 0x1042_1AF4                       # virtio-blk at 0:0.0
+    assert mmio.read(ecam + (1 << 15), 4) == 0x1042_1AF4           # the next one at 0:1.0
+    assert [(s.name, s.addr) for s in setup.slots[1:]] == [("rootfs", "00.0"), ("b", "01.0")]
+    state = setup.host.save()
+    assert state.bridge_config == ""
+    setup.host.restore(state)
+    with pytest.raises(DeviceStateError, match="a host bridge was saved"):
+        setup.host.restore(PciHostState(0x8000_0000, bytes(256).hex()))
+    assert setup.host.config_address == state.config_address       # refused: nothing changed
+    setup.close()
+
+
 def test_placement_errors(tmp_path):
-    with pytest.raises(DevConfigError, match=r"addr=0x0.0 on pcie.0 is taken by the host bridge"):
-        build(tmp_path, devices=("virtio-blk-pci,drive=d0,id=b,addr=0",), drives=1)
     with pytest.raises(DevConfigError, match=r"addr=0x3.0 on pcie.0 is taken by another device"):
         build(tmp_path, devices=("virtio-blk-pci,drive=d0,id=a,addr=3", "virtio-blk-pci,drive=d1,id=b,addr=3"),
               drives=2)

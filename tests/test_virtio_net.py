@@ -667,8 +667,9 @@ def test_wiring_errors(tmp_path):
                        ["virtio-net-pci,netdev=n0"]) == "-netdev id=n0: duplicate netdev id"
     assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}x"],
                        ["virtio-net-pci,netdev=n0"]) == "-netdev id=n1: no -device virtio-net-pci uses it"
-    assert build_error(tmp_path, [f"socket,id=n0,listen={sock}"], ["virtio-net-pci,netdev=n0,addr=0"]) == \
-        "-device virtio-net-pci,id=n0: addr=0x0.0 on pcie.0 is taken by the host bridge"
+    assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}1"],
+                       ["virtio-net-pci,netdev=n0,addr=0", "virtio-net-pci,netdev=n1,addr=0"]) == \
+        "-device virtio-net-pci,id=n1: addr=0x0.0 on pcie.0 is taken by another device"
     assert build_error(tmp_path, [f"socket,id=n0,connect={tmp_path}/none.sock"], ["virtio-net-pci,netdev=n0"]) \
         == f"-netdev socket,id=n0: cannot connect to {tmp_path}/none.sock: No such file or directory"
     assert not sock.exists() and not Path(f"{sock}x").exists()   # nothing left behind on errors

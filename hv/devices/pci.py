@@ -441,12 +441,15 @@ class _Mapping:
 class PciHost:
     """The root bus: functions by (slot, function), config access, BAR decoding."""
 
-    def __init__(self, bridge: HostBridge) -> None:
+    def __init__(self, bridge: HostBridge | None) -> None:
+        """``bridge`` sits at 0:0.0; ``None`` leaves slot 0 to a device (the seed's
+        ``addr=0``): guests find the root bus through ECAM / CF8 without it."""
         self.functions: dict[int, PciFunction] = {}
         self.config_address = 0
         self.bridge = bridge
         self._maps: dict[str, tuple[list[int], list[_Mapping]] | None] = {"mem": None, "io": None}
-        self.plug(bridge, 0, 0)
+        if bridge is not None:
+            self.plug(bridge, 0, 0)
 
     def plug(self, function: PciFunction, slot: int, fn: int) -> None:
         if not 0 <= slot < SLOTS or not 0 <= fn < FUNCTIONS:
@@ -513,11 +516,17 @@ class PciHost:
 
     # -- persistence ------------------------------------------------------------------------
     def save(self) -> PciHostState:
-        return PciHostState(self.config_address, self.bridge.config_bytes().hex())
+        bridge = self.bridge.config_bytes().hex() if self.bridge is not None else ""
+        return PciHostState(self.config_address, bridge)
 
     def restore(self, state: PciHostState) -> None:
+        if self.bridge is None and state.bridge_config:
+            raise DeviceStateError("pci host state: a host bridge was saved, but this machine has "
+                                   "a device at 0:0.0 instead")
         self.config_address = state.config_address
-        if state.bridge_config:
+        if self.bridge is None:
+            pass
+        elif state.bridge_config:
             self.bridge.load_config(bytes.fromhex(state.bridge_config))
         else:
             self.bridge.reset_config()

@@ -11,6 +11,9 @@ QEMU's:
 | I/O window | ports 0xC000-0xFFFF | 0x3EFF0000, 64 KiB (PCI I/O 0-0xFFFF) |
 | host bridge 0:0.0 | 8086:29c0 | 1b36:0008 |
 
+The host bridge function is left out when a ``-device`` asks for slot 0 (StratoVirt's
+walkthrough uses ``addr=0`` for its disk); guests do not need it to enumerate pcie.0.
+
 BARs start unassigned (address 0, decoding off): the guest sizes and programs them, as
 firmware would. :func:`preassign_bars` places them the way a firmware would, for guests
 that expect it. ``mmio_windows`` lists what a backend without exits for unmapped
@@ -142,7 +145,13 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
             raise DevConfigError(f"-netdev id={netdev.id}: duplicate netdev id")
         netdev_map[netdev.id] = netdev
 
-    host = PciHost(HostBridge(*layout.bridge_ids))
+    devices = list(devices)
+    # The seed walkthrough puts its disk at addr=0: then that device, not the host
+    # bridge, is 0:0.0 (guests enumerate the root bus without a bridge function).
+    slot0_claimed = any(device.slot == 0 for device in devices)
+    host = PciHost(None if slot0_claimed else HostBridge(*layout.bridge_ids))
+    if slot0_claimed:
+        log.info("pcie.0: a -device takes slot 0, so the machine has no host bridge function")
     ecam = PciEcam(host, layout.ecam_buses)
     mmio.add(layout.ecam_base, ecam.size, ecam, "pcie-ecam")
     mmio.add(layout.mmio_base, layout.mmio_size, PciBarWindow(host, "mem", layout.mmio_base, layout.mmio_size),
@@ -198,7 +207,7 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
         raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
     slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
     if slot << 3 | fn in host.functions:
-        what = "the host bridge" if slot == 0 and fn == 0 else "another device"
+        what = "the host bridge" if host.functions[slot << 3 | fn] is host.bridge else "another device"
         raise DevConfigError(f"{option} {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
                              f"is taken by {what}")
     try:
@@ -264,7 +273,7 @@ def _plug_net(setup: PciSetup, memory: GuestMemory, device: DeviceConfig,
         raise DevConfigError(f"-device {device.driver}: netdev={netdev.id} is already used by a device")
     slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
     if slot << 3 | fn in host.functions:
-        what = "the host bridge" if slot == 0 and fn == 0 else "another device"
+        what = "the host bridge" if host.functions[slot << 3 | fn] is host.bridge else "another device"
         raise DevConfigError(f"-device {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
                              f"is taken by {what}")
     if device.mac is not None:
