@@ -86,10 +86,15 @@ def test_pair_matrix(vms, sock_dir, machine, first, second, transport):
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
-def test_seed_walkthrough_raw_json(vms, sock_dir, transport):
-    """The StratoVirt document's steps, spoken as ncat would: no qmp_capabilities."""
-    src = vms("src", "q35", "unicorn")
-    dst = vms("dst", "q35", "unicorn", "-incoming", incoming_uri(transport, sock_dir, "dst"))
+def test_seed_walkthrough_raw_json(vms, sock_dir, tmp_path, transport):
+    """The StratoVirt document's steps, spoken as ncat would: no qmp_capabilities. Both
+    ends carry the document's disk line (addr=0) and hand its image lock over."""
+    rootfs = tmp_path / "rootfs"
+    rootfs.write_bytes(bytes(1 << 20))
+    disk = ["-drive", f"file={rootfs},id=rootfs,readonly=off,direct=off",
+            "-device", "virtio-blk-pci,drive=rootfs,id=rootfs,bus=pcie.0,addr=0"]
+    src = vms("src", "q35", "unicorn", *disk)
+    dst = vms("dst", "q35", "unicorn", *disk, "-incoming", incoming_uri(transport, sock_dir, "dst"))
     src.wait_lines(3)
     assert src.qmp.greeting["QMP"]["capabilities"] == []
     assert src.execute("query-migrate") == {"return": {"status": "none"}}
