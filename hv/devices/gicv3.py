@@ -21,7 +21,9 @@ Registers are accessed as 32-bit words (IPRIORITYR also by byte, IROUTER/GICR_TY
 
 Interrupts: SGIs 0-15 (edge, from ICC_SGI1R_EL1), PPIs 16-31 and SPIs 32..NUM_IRQS-1
 (level or edge per ICFGR, driven by :meth:`GicV3.set_level`). A level-sensitive interrupt
-is pending while its line is high or its pending latch (ISPENDR) is set. Only Group 1
+is pending while its line is high or its pending latch (ISPENDR) is set; an edge-triggered
+one latches pending on a rising edge, until acknowledged. :meth:`GicV3.pulse_spi` sets an
+SPI's pending latch directly (a message-signalled edge, from the GICv2m frame). Only Group 1
 interrupts are signalled (as IRQ); Group 0 ones (FIQ) are never signalled.
 
 CPU interface (per vCPU): PMR, BPR1, IGRPEN1, CTLR (EOImode bit 1), SRE (reads 7),
@@ -303,6 +305,15 @@ class GicV3:
             self._set_bit("pending", cpu, intid, True)
         if level:
             self._notify(cpu if intid < PRIVATE else self._target(intid))
+
+    def pulse_spi(self, intid: int) -> None:
+        """An edge on SPI ``intid`` (a message, e.g. a GICv2m MSI): set its pending latch,
+        whatever ICFGR says, without touching its input line. Acknowledging it (IAR1)
+        clears the latch, as for any edge; a second pulse before that is merged."""
+        if not PRIVATE <= intid < NUM_IRQS:
+            raise ValueError(f"gicv3: INTID {intid} is not an SPI")
+        self._set_bit("pending", 0, intid, True)
+        self._notify(self._target(intid))
 
     def _notify(self, cpu: int) -> None:
         if self.signalled(cpu) is not None:

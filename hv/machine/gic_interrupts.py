@@ -16,6 +16,11 @@ methods the machine's vCPU loop calls (``before_run``, ``after_run``, ``wake``,
 System registers
     :meth:`sysreg_read` / :meth:`sysreg_write` (the backend's sysreg handler, called on the
     vCPU thread inside ``run``) serve ICC_* from the GIC and CNT*_EL0 from the timers.
+PCI interrupts
+    :meth:`GicController.msi` is the MSI sink of virt's PCI functions: a message to the
+    GICv2m frame's MSI_SETSPI_NS (0x08020040) with data = INTID 80..143 makes that SPI
+    pending (an edge); any other message is dropped and counted.
+    :meth:`GicController.spi_line` drives an SPI's input (PCI INTx: level, INTIDs 35-38).
 Timers
     The ``irq-timer`` thread sleeps until the earliest timer deadline (guest clock),
     raises the PPI and kicks or wakes the vCPU; it also runs the guest clock exactly while
@@ -31,7 +36,8 @@ from typing import Any, Callable
 from backends.base import Exit
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
-from hv.devices.gicv3 import GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
+from hv.devices.gicv2m import V2M_DOORBELL, GicV2m
+from hv.devices.gicv3 import PRIVATE, NUM_IRQS, GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
 from hv.machine.interrupts import ControllerCore
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ class GicController(ControllerCore):
                  is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
         super().__init__(vcpus, lock, changed, kick, is_running, is_closing, clock)
         self.gic = GicV3(vcpus, self._irq_changed)
+        self.v2m = GicV2m(self.gic.pulse_spi)
         self.timers = ArchTimers(vcpus, self.clock, self.gic.set_level)
         self.injected = [0] * vcpus
         self.retries = 0
@@ -62,6 +69,18 @@ class GicController(ControllerCore):
 
     def redistributor_window(self) -> GicRedistributorWindow:
         return GicRedistributorWindow(self.gic)
+
+    def v2m_window(self) -> GicV2m:
+        """The GICv2m MSI frame for the MMIO bus (accesses arrive under the big lock)."""
+        return self.v2m
+
+    def msi(self) -> "GicMsiSink":
+        """An MSI sink for a PCI function (thread-safe)."""
+        return GicMsiSink(self)
+
+    def spi_line(self, intid: int) -> "SpiLine":
+        """An interrupt line driving SPI ``intid``'s input (thread-safe)."""
+        return SpiLine(self, intid)
 
     def gic_device(self) -> "GicDevice":
         return GicDevice(self)
@@ -158,6 +177,43 @@ class GicController(ControllerCore):
                     delays.append(delay)
         self._retry_kicks(lambda index: self.gic.signalled(index) is not None, delays)
         return min(delays) if delays else None
+
+
+class GicMsiSink:
+    """``hv.devices.pci.MsiSink`` for virt: a message written to the GICv2m frame's
+    MSI_SETSPI_NS raises that SPI; anything else is a guest bug, dropped and counted
+    (warned once per sink, then at debug level). Takes the big lock."""
+
+    def __init__(self, controller: GicController) -> None:
+        self.controller = controller
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, address: int, data: int) -> None:
+        with self.controller._lock:
+            if address == V2M_DOORBELL and self.controller.v2m.set_spi(data):
+                self.sent += 1
+                return
+            self.dropped += 1
+            level = logging.WARNING if self.dropped == 1 else logging.DEBUG
+            log.log(level, "MSI (address %#x, data %#x) is not a GICv2m SETSPI_NS write of INTID %d-%d: dropped",
+                    address, data, self.controller.v2m.spi_base,
+                    self.controller.v2m.spi_base + self.controller.v2m.count - 1)
+
+
+class SpiLine:
+    """An SPI input as an ``InterruptLine`` (level; edge if the guest set ICFGR so);
+    takes the big lock, since devices may call it from their own threads."""
+
+    def __init__(self, controller: GicController, intid: int) -> None:
+        if not PRIVATE <= intid < NUM_IRQS:
+            raise ValueError(f"gicv3: INTID {intid} is not an SPI")
+        self.controller = controller
+        self.intid = intid
+
+    def set_level(self, level: bool) -> None:
+        with self.controller._lock:
+            self.controller.gic.set_level(0, self.intid, bool(level))
 
 
 class GicDevice:

@@ -36,6 +36,8 @@ from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
 from hv.machine.gic_interrupts import GicController
 from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GicState
+from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
+from hv.devices.irqline import SharedLine, SharedLineInput
 from hv.devices.arch_timer import ArchTimerState
 from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.devconfig import DevConfigError, DeviceConfig
@@ -53,6 +55,8 @@ Q35_SERIAL_PORT = 0x3F8
 Q35_ACPI_PM_PORT = 0x600
 Q35_SERIAL_GSI = 4            # COM1 is ISA IRQ 4
 Q35_PCI_GSI_BASE = 16         # INTx of slot s, pin p (1 = INTA) -> GSI 16 + (s + p - 1) % 8
+VIRT_PCI_INTID_BASE = 35      # INTx of slot s, pin p -> SPI 3 + (s + p - 1) % 4 = INTID 35..38 (QEMU's)
+VIRT_PCI_INTX_LINES = 4
 VIRT_PL011_BASE = 0x0900_0000
 PAUSE_TIMEOUT = 10.0
 THROTTLE_SLICE = 0.01  # seconds of guest time between throttle sleeps
@@ -141,6 +145,7 @@ class Machine:
         self._throttle_thread: threading.Thread | None = None
         self._throttle_ran_since = [0.0] * config.smp  # when each vCPU's run slice began
         self.interrupts: InterruptController | GicController | None = None  # q35: LAPICs, IOAPIC, clock; virt: GICv3, timers, clock
+        self.intx_lines: dict[int, SharedLine] = {}   # virt: INTID -> wire-OR of the PCI functions' INTx
         mmio_windows = self._build_devices()
         try:
             self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
@@ -187,11 +192,14 @@ class Machine:
             redist = gic.redistributor_window()
             self.mmio.add(GICD_BASE, GICD_SIZE, gic.distributor_window(), "gicd")
             self.mmio.add(GICR_BASE, redist.SIZE, redist, "gicr")
+            # GICv2m MSI frame: stateless (the pending bits it sets live in the saved GIC),
+            # so it is on the bus but not a saved device.
+            self.mmio.add(V2M_BASE, V2M_SIZE, gic.v2m_window(), "gicv2m")
             self.devices["gic"] = DeviceSlot("gic", "gicv3", gic.gic_device(), GicState, "mmio", f"{GICD_BASE:#x}")
             self.devices["arch-timer"] = DeviceSlot("arch-timer", "arch-timer", gic.timer_device(),
                                                     ArchTimerState, "none", "-")
             self.devices["clock"] = DeviceSlot("clock", "guest-clock", gic.clock_device(), ClockState, "none", "-")
-            windows += [(GICD_BASE, GICD_SIZE), (GICR_BASE, redist.SIZE)]
+            windows += [(GICD_BASE, GICD_SIZE), (GICR_BASE, redist.SIZE), (V2M_BASE, V2M_SIZE)]
         # A live-migration destination opens its images unlocked and takes the locks over
         # from the source at the switch-over.
         incoming_live = (self.config.incoming or "").startswith(("tcp:", "unix:"))
@@ -206,24 +214,37 @@ class Machine:
                 # Received frames go into guest RAM at once (under the big lock, only
                 # while running) and raise the rx interrupt, instead of waiting for a kick.
                 slot.device.enable_async_rx(self._lock, self._accepts_device_dma)
-        if isinstance(self.interrupts, InterruptController):
+        if self.interrupts is not None:
             self._wire_pci_interrupts(self.interrupts)
         return windows + self.pci.mmio_windows
 
-    def _wire_pci_interrupts(self, irq: InterruptController) -> None:
-        """MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23."""
-        for devfn, function in self.pci.host.functions.items():
+    def _wire_pci_interrupts(self, irq: InterruptController | GicController) -> None:
+        """q35: MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23.
+        virt: MSI-X messages go to the GICv2m frame, INTx pins to SPIs 3-6 (INTIDs 35-38),
+        each a wire-OR of the functions sharing it."""
+        for devfn, function in sorted(self.pci.host.functions.items()):
             self._wire_pci_function(irq, devfn, function)
 
-    @staticmethod
-    def _wire_pci_function(irq: InterruptController, devfn: int, function: Any) -> None:
-        """One function's MSI-X to the local APICs and INTx pin to its IOAPIC input."""
+    def _wire_pci_function(self, irq: InterruptController | GicController, devfn: int, function: Any) -> None:
+        """One function's MSI-X sink and INTx pin (see :meth:`_wire_pci_interrupts`)."""
         table = getattr(function, "msix", None)
         if table is not None:
             table.sink = irq.msi()
         pin = function.config_read(0x3D, 1)
-        if pin and hasattr(function, "intx"):
+        if not pin or not hasattr(function, "intx"):
+            return
+        if isinstance(irq, InterruptController):
             function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
+            return
+        intid = VIRT_PCI_INTID_BASE + ((devfn >> 3) + pin - 1) % VIRT_PCI_INTX_LINES
+        line = self.intx_lines.get(intid)
+        if line is None:
+            line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
+        function.intx = line.attach(devfn)
+        # The function may already assert INTx (a restored ISR): drive the shared line now.
+        isr = getattr(getattr(function, "s", None), "isr", 0)
+        if isr and not function.command & 0x400:
+            function.intx.set_level(True)
 
     # -- hot-plug (QMP device_add / device_del) ----------------------------------------
     def hotplug_device(self, device: DeviceConfig) -> DeviceSlot:
@@ -232,7 +253,7 @@ class Machine:
         Its drive must be a ``-drive`` of the command line that no device uses; the image
         is opened and locked here. Under the big lock the function is put on pcie.0 (the
         guest sees it on its next configuration-space scan), wired to the interrupt
-        controller (q35), and added to :attr:`devices`, so it is saved, reset and in the
+        controller (q35: LAPICs/IOAPIC; virt: GICv2m/SPIs), and added to :attr:`devices`, so it is saved, reset and in the
         migration fingerprint. Raises :class:`MachineError` naming the problem; on error
         nothing has changed.
         """
@@ -248,7 +269,7 @@ class Machine:
                 raise MachineError(str(exc)) from None
             slot = DeviceSlot(pci_slot.name, pci_slot.kind, pci_slot.device, pci_slot.state_type,
                               pci_slot.bus, pci_slot.addr, {k: str(v) for k, v in pci_slot.attrs.items()})
-            if isinstance(self.interrupts, InterruptController):
+            if self.interrupts is not None:
                 devfn_slot, devfn_fn = parse_devfn(pci_slot.addr)
                 self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device)
             self.devices[slot.name] = slot
@@ -273,7 +294,11 @@ class Machine:
                 unplug_device(self.pci, device_id)
             except DevConfigError as exc:
                 raise MachineError(str(exc)) from None
-            if getattr(function, "intx", None) is not None:
+            if isinstance(getattr(function, "intx", None), SharedLineInput):
+                # virt: INTx lines are wire-OR'd; leaving the line drops only this input.
+                function.intx.line.detach(function.intx.key)
+                function.intx = UnconnectedLine()
+            elif getattr(function, "intx", None) is not None:
                 # Lower INTx only if this function drives it (IOAPIC pins are not wire-OR'd,
                 # so lowering unconditionally could drop a neighbour's level on a shared pin).
                 if getattr(getattr(function, "s", None), "isr", 0):
