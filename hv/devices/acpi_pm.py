@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hv.devices.interfaces import DeviceStateError
+from hv.devices.interfaces import checked_fields, checked_uint
 
 SLP_EN = 1 << 13
 SCI_EN = 1 << 0
@@ -30,11 +30,9 @@ class AcpiPmState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "AcpiPmState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names or any(
-                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF for v in raw.values()):
-            raise DeviceStateError("acpi-pm state: bad fields")
-        return cls(**raw)
+        raw = checked_fields(raw, cls, "acpi-pm")
+        return cls(**{name: checked_uint(value, 0x1_0000, f"acpi-pm state: bad {name}")
+                      for name, value in raw.items()})
 
 
 class AcpiPm:

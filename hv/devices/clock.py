@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hv.devices.interfaces import DeviceStateError
+from hv.devices.interfaces import checked_fields, checked_uint
 
 MAX_NS = (1 << 63) - 1
 
@@ -36,12 +36,8 @@ class ClockState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ClockState":
-        if not isinstance(raw, dict) or set(raw) != {"ns"}:
-            raise DeviceStateError("clock state: wrong fields")
-        ns = raw["ns"]
-        if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns <= MAX_NS:
-            raise DeviceStateError("clock state: ns out of range")
-        return cls(ns)
+        raw = checked_fields(raw, cls, "clock")
+        return cls(checked_uint(raw["ns"], MAX_NS + 1, "clock state: ns out of range"))
 
 
 class GuestClock:

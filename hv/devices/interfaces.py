@@ -1,7 +1,8 @@
 """Small interfaces injected into devices (after rust-vmm vm-superio)."""
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from typing import Any, Protocol
 
 
 class InterruptLine(Protocol):
@@ -32,3 +33,31 @@ class OutputSink(Protocol):
 
 class DeviceStateError(ValueError):
     """A saved device state is malformed or from an incompatible version."""
+
+
+def checked_fields(raw: Any, state_type: type, what: str) -> dict[str, Any]:
+    """``raw`` as a dict holding exactly ``state_type``'s dataclass fields, else
+    :class:`DeviceStateError` naming ``what`` (the device kind)."""
+    names = {f.name for f in dataclasses.fields(state_type)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        raise DeviceStateError(f"{what} state: wrong fields")
+    return raw
+
+
+def checked_uint(value: Any, limit: int, what: str) -> int:
+    """``value`` if it is an int (not a bool) in ``[0, limit)``, else
+    DeviceStateError(``what``), which names the device and field."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        raise DeviceStateError(what)
+    return value
+
+
+def checked_uint_list(value: Any, limit: int, what: str, *, length: int | None = None,
+                      max_length: int | None = None) -> list[int]:
+    """A list of ints in ``[0, limit)``, of exactly ``length`` or at most ``max_length``
+    items, else DeviceStateError(``what``)."""
+    if (not isinstance(value, list) or (length is not None and len(value) != length)
+            or (max_length is not None and len(value) > max_length)
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < limit for v in value)):
+        raise DeviceStateError(what)
+    return list(value)

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hv.devices.interfaces import DeviceStateError
+from hv.devices.interfaces import checked_fields, checked_uint, checked_uint_list
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,12 @@ class IoApicState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "IoApicState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise DeviceStateError("ioapic state: wrong fields")
+        raw = checked_fields(raw, cls, "ioapic")
         for name, limit in (("ioregsel", 256), ("apic_id", 16), ("levels", 1 << IOAPIC_PINS)):
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-                raise DeviceStateError(f"ioapic state: bad {name}")
-        entries = raw["redirection"]
-        if not isinstance(entries, list) or len(entries) != IOAPIC_PINS or any(
-                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64 for v in entries):
-            raise DeviceStateError("ioapic state: bad redirection table")
-        return cls(raw["ioregsel"], raw["apic_id"], list(entries), raw["levels"])
+            checked_uint(raw[name], limit, f"ioapic state: bad {name}")
+        entries = checked_uint_list(raw["redirection"], 1 << 64, "ioapic state: bad redirection table",
+                                    length=IOAPIC_PINS)
+        return cls(raw["ioregsel"], raw["apic_id"], entries, raw["levels"])
 
 
 class IoApic:

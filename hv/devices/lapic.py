@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hv.devices.clock import MAX_NS, GuestClock
-from hv.devices.interfaces import DeviceStateError
+from hv.devices.interfaces import DeviceStateError, checked_fields, checked_uint, checked_uint_list
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ class LapicHost(Protocol):
 
 
 def _check_int(raw: dict[str, Any], name: str, limit: int) -> int:
-    value = raw[name]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-        raise DeviceStateError(f"lapic state: bad {name}")
-    return value
+    return checked_uint(raw[name], limit, f"lapic state: bad {name}")
 
 
 def _check_bits(raw: dict[str, Any], name: str) -> int:
@@ -188,9 +185,7 @@ class LapicState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "LapicState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise DeviceStateError("lapic state: wrong fields")
+        raw = checked_fields(raw, cls, "lapic")
         values: dict[str, Any] = {}
         if raw["apic_id"] is not None:
             values["apic_id"] = _check_int(raw, "apic_id", 256)
@@ -202,11 +197,7 @@ class LapicState:
         values["timer_start"] = _check_int(raw, "timer_start", MAX_NS + 1)
         if raw["timer_deadline"] is not None:
             values["timer_deadline"] = _check_int(raw, "timer_deadline", MAX_NS + 1)
-        lvt = raw["lvt"]
-        if not isinstance(lvt, list) or len(lvt) != len(LVT_OFFSETS) or any(
-                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 32 for v in lvt):
-            raise DeviceStateError("lapic state: bad lvt")
-        values["lvt"] = list(lvt)
+        values["lvt"] = checked_uint_list(raw["lvt"], 1 << 32, "lapic state: bad lvt", length=len(LVT_OFFSETS))
         for name in ("irr", "isr", "tmr"):
             values[name] = _check_bits(raw, name)
         return cls(**values)

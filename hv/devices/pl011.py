@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.devices.interfaces import DeviceStateError, InterruptLine, OutputSink, UnconnectedLine
+from hv.devices.interfaces import InterruptLine, OutputSink, UnconnectedLine, checked_fields, checked_uint, checked_uint_list
 
 RX_FIFO_SIZE = 32
 DR, RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, ICR, DMACR = (
@@ -47,20 +47,11 @@ class Pl011State:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "Pl011State":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise DeviceStateError("pl011 state: wrong fields")
-        fifo = raw["rx_fifo"]
-        if not isinstance(fifo, list) or len(fifo) > RX_FIFO_SIZE or any(
-                not isinstance(b, int) or isinstance(b, bool) or not 0 <= b <= 0xFF for b in fifo):
-            raise DeviceStateError("pl011 state: bad rx_fifo")
-        values = {}
-        for name in names - {"rx_fifo"}:
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
-                raise DeviceStateError(f"pl011 state: bad {name}")
-            values[name] = value
-        return cls(**values, rx_fifo=list(fifo))
+        raw = checked_fields(raw, cls, "pl011")
+        fifo = checked_uint_list(raw["rx_fifo"], 0x100, "pl011 state: bad rx_fifo", max_length=RX_FIFO_SIZE)
+        values = {name: checked_uint(value, 0x1_0000, f"pl011 state: bad {name}")
+                  for name, value in raw.items() if name != "rx_fifo"}
+        return cls(**values, rx_fifo=fifo)
 
 
 class Pl011:

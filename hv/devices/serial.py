@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.devices.interfaces import DeviceStateError, InterruptLine, OutputSink, UnconnectedLine
+from hv.devices.interfaces import DeviceStateError, InterruptLine, OutputSink, UnconnectedLine, checked_fields, checked_uint, checked_uint_list
 
 RX_FIFO_SIZE = 64
 
@@ -54,22 +54,13 @@ class SerialState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "SerialState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise DeviceStateError("serial state: wrong fields")
-        fifo = raw["rx_fifo"]
-        if not isinstance(fifo, list) or len(fifo) > RX_FIFO_SIZE or any(
-                not isinstance(b, int) or not 0 <= b <= 0xFF for b in fifo):
-            raise DeviceStateError("serial state: bad rx_fifo")
-        values = {}
-        for name in names - {"rx_fifo", "thr_interrupt_pending"}:
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFF:
-                raise DeviceStateError(f"serial state: bad {name}")
-            values[name] = value
+        raw = checked_fields(raw, cls, "serial")
+        fifo = checked_uint_list(raw["rx_fifo"], 0x100, "serial state: bad rx_fifo", max_length=RX_FIFO_SIZE)
+        values = {name: checked_uint(value, 0x100, f"serial state: bad {name}")
+                  for name, value in raw.items() if name not in ("rx_fifo", "thr_interrupt_pending")}
         if not isinstance(raw["thr_interrupt_pending"], bool):
             raise DeviceStateError("serial state: bad thr_interrupt_pending")
-        return cls(**values, thr_interrupt_pending=raw["thr_interrupt_pending"], rx_fifo=list(fifo))
+        return cls(**values, thr_interrupt_pending=raw["thr_interrupt_pending"], rx_fifo=fifo)
 
 
 class Serial16550:

@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine
+from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
 from hv.devices.pci import (BAR_MEM64, SAVED_CONFIG_SIZE, BarSpec, MsiSink, MsixTable,
                             PciFunction, parse_hex_bytes)
 from hv.devices.virtqueue import Virtqueue, VirtqueueError, VirtqueueState
@@ -136,16 +136,12 @@ class VirtioPciState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "VirtioPciState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise DeviceStateError("virtio-pci state: wrong fields")
+        raw = checked_fields(raw, cls, "virtio-pci")
         limits = {"msix_pba": 1 << 64, "device_feature_select": 1 << 32, "driver_feature_select": 1 << 32,
                   "driver_features": 1 << 64, "status": 256, "config_generation": 256,
                   "queue_select": 1 << 16, "config_msix_vector": 1 << 16, "isr": 4}
         for name, limit in limits.items():
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-                raise DeviceStateError(f"virtio-pci state: bad {name}")
+            checked_uint(raw[name], limit, f"virtio-pci state: bad {name}")
         for name in ("config", "msix_table"):
             if not isinstance(raw[name], str):
                 raise DeviceStateError(f"virtio-pci state: bad {name}")
@@ -156,7 +152,7 @@ class VirtioPciState:
             raise DeviceStateError("virtio-pci state: bad queues")
         for q in queues:
             VirtqueueState.from_dict(q, 1 << 15)
-        return cls(**{name: raw[name] for name in names})
+        return cls(**raw)
 
 
 class VirtioPciDevice(PciFunction):
