@@ -296,6 +296,11 @@ def _load_x86(memory: GuestMemory, image: bytes, cmdline: str, image_name: str) 
 
 def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
     """The device tree hv's aarch64 virt machine hands to its kernel."""
+    from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
+    from hv.machine.gic_interrupts import PCI_INTX_LINES, pci_intx_intid
+    from hv.machine.pci_wiring import LAYOUTS
+
+    GIC_SPI = 0                     # first cell of a GIC interrupt specifier: SPI
     root = fdtlib.FdtNode("", {
         "#address-cells": fdtlib.prop_u32(2),
         "#size-cells": fdtlib.prop_u32(2),
@@ -318,11 +323,38 @@ def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
              reg=fdtlib.prop_u64(VIRT_PL011, 0x1000))
     # GICv3 (system-register CPU interface) and the generic timer, as QEMU virt has them.
     root.props["interrupt-parent"] = fdtlib.prop_u32(VIRT_GIC_PHANDLE)
-    root.add(f"intc@{VIRT_GICD:x}", compatible=fdtlib.prop_str("arm,gic-v3"),
-             reg=fdtlib.prop_u64(VIRT_GICD, 0x10000, VIRT_GICR, 0x20000 * smp),
-             phandle=fdtlib.prop_u32(VIRT_GIC_PHANDLE),
-             **{"#interrupt-cells": fdtlib.prop_u32(3), "interrupt-controller": b"",
-                "#redistributor-regions": fdtlib.prop_u32(1)})
+    intc = root.add(f"intc@{VIRT_GICD:x}", compatible=fdtlib.prop_str("arm,gic-v3"),
+                    reg=fdtlib.prop_u64(VIRT_GICD, 0x10000, VIRT_GICR, 0x20000 * smp),
+                    phandle=fdtlib.prop_u32(VIRT_GIC_PHANDLE), ranges=b"",
+                    **{"#interrupt-cells": fdtlib.prop_u32(3), "interrupt-controller": b"",
+                       "#redistributor-regions": fdtlib.prop_u32(1), "#address-cells": fdtlib.prop_u32(2),
+                       "#size-cells": fdtlib.prop_u32(2)})
+    # GICv2m MSI frame (the PCI host's msi-parent); INTIDs 80..143, read from MSI_TYPER.
+    v2m_phandle = VIRT_GIC_PHANDLE + 1
+    intc.add(f"v2m@{V2M_BASE:x}", compatible=fdtlib.prop_str("arm,gic-v2m-frame"),
+             reg=fdtlib.prop_u64(V2M_BASE, V2M_SIZE), phandle=fdtlib.prop_u32(v2m_phandle),
+             **{"msi-controller": b""})
+    # PCI Express host (ECAM), as QEMU virt's low-memory one: buses 0-15, PCI I/O 0-0xFFFF at
+    # 0x3EFF0000, 32-bit MMIO identity-mapped, INTx swizzled onto SPIs 3-6.
+    pcie = LAYOUTS["virt"]
+    buses = pcie.ecam_buses
+    pci_space_io, pci_space_mem32 = 0x0100_0000, 0x0200_0000   # phys.hi cell: space code
+    irq_map: list[int] = []
+    for slot in range(PCI_INTX_LINES):
+        for pin in range(1, 5):
+            irq_map += [slot << 11, 0, 0, pin,                            # child unit address + pin
+                        VIRT_GIC_PHANDLE, 0, 0,                           # GIC (#address-cells 2)
+                        GIC_SPI, pci_intx_intid(slot, pin) - 32, IRQ_LEVEL_HIGH]
+    root.add(f"pcie@{pcie.mmio_base:x}", compatible=fdtlib.prop_str("pci-host-ecam-generic"),
+             device_type=fdtlib.prop_str("pci"), reg=fdtlib.prop_u64(pcie.ecam_base, buses << 20),
+             ranges=fdtlib.prop_u32(pci_space_io, 0, 0, 0, pcie.io_base, 0, pcie.io_size,
+                                    pci_space_mem32, 0, pcie.mmio_base, 0, pcie.mmio_base, 0, pcie.mmio_size),
+             **{"#address-cells": fdtlib.prop_u32(3), "#size-cells": fdtlib.prop_u32(2),
+                "bus-range": fdtlib.prop_u32(0, buses - 1), "linux,pci-domain": fdtlib.prop_u32(0),
+                "dma-coherent": b"", "msi-parent": fdtlib.prop_u32(v2m_phandle),
+                "#interrupt-cells": fdtlib.prop_u32(1),
+                "interrupt-map-mask": fdtlib.prop_u32(0x1800, 0, 0, 7),
+                "interrupt-map": fdtlib.prop_u32(*irq_map)})
     # Secure physical, non-secure physical, virtual and hypervisor timer PPIs (29, 30, 27, 26).
     root.add("timer", compatible=fdtlib.prop_str("arm,armv8-timer", "arm,armv7-timer"),
              interrupts=fdtlib.prop_u32(*(cell for ppi in (13, 14, 11, 10)

@@ -43,6 +43,16 @@ from hv.machine.interrupts import ControllerCore
 log = logging.getLogger(__name__)
 
 RETRY_NS = 200_000       # host ns between injection attempts while PSTATE.I is set
+PCI_INTX_INTID_BASE = 35  # PCI INTx -> SPIs 3..6 (INTIDs 35..38), as QEMU virt's PCIE IRQs
+PCI_INTX_LINES = 4
+
+
+def pci_intx_intid(slot: int, pin: int) -> int:
+    """The INTID that INTx pin ``pin`` (1 = INTA .. 4 = INTD) of a function in ``slot``
+    drives: the standard swizzle, SPI 3 + (slot + pin - 1) % 4."""
+    if not 0 <= slot < 32 or not 1 <= pin <= 4:
+        raise ValueError(f"no INTx pin {pin} in slot {slot}")
+    return PCI_INTX_INTID_BASE + (slot + pin - 1) % PCI_INTX_LINES
 
 
 class GicController(ControllerCore):

@@ -34,7 +34,7 @@ from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
-from hv.machine.gic_interrupts import GicController
+from hv.machine.gic_interrupts import GicController, pci_intx_intid
 from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GicState
 from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
 from hv.devices.irqline import SharedLine, SharedLineInput
@@ -55,8 +55,6 @@ Q35_SERIAL_PORT = 0x3F8
 Q35_ACPI_PM_PORT = 0x600
 Q35_SERIAL_GSI = 4            # COM1 is ISA IRQ 4
 Q35_PCI_GSI_BASE = 16         # INTx of slot s, pin p (1 = INTA) -> GSI 16 + (s + p - 1) % 8
-VIRT_PCI_INTID_BASE = 35      # INTx of slot s, pin p -> SPI 3 + (s + p - 1) % 4 = INTID 35..38 (QEMU's)
-VIRT_PCI_INTX_LINES = 4
 VIRT_PL011_BASE = 0x0900_0000
 PAUSE_TIMEOUT = 10.0
 THROTTLE_SLICE = 0.01  # seconds of guest time between throttle sleeps
@@ -236,7 +234,7 @@ class Machine:
         if isinstance(irq, InterruptController):
             function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
             return
-        intid = VIRT_PCI_INTID_BASE + ((devfn >> 3) + pin - 1) % VIRT_PCI_INTX_LINES
+        intid = pci_intx_intid(devfn >> 3, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
         line = self.intx_lines.get(intid)
         if line is None:
             line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
