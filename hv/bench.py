@@ -556,10 +556,15 @@ def run_migrate(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``hv bench <name> [options]``; the only benchmark is ``migrate``."""
+    """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU) or ``blk``
+    (virtio-blk throughput against dd)."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["migrate"]:
-        print(f"usage: {USAGE_MIGRATE}", file=sys.stderr)
+    if args[:1] not in (["migrate"], ["blk"]):
+        from hv.bench_blk import USAGE_BLK
+        print(f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    if args[0] == "blk":
+        from hv.bench_blk import run_blk
+        return run_blk(args[1:])
     return run_migrate(args[1:])

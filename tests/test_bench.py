@@ -58,3 +58,33 @@ def test_sizes_and_ratios() -> None:
     # medians 500 ms / 200 ms; 64 MiB in 0.5 s = 128 MiB/s = 13% of 1000; ratios 2.00 and 2.00
     assert row[5:13] == ["500", "200", "64.0", "2", "128", "13%", "2.00", "2.00"], row
     assert "missed" in row[-1]
+
+
+def test_bench_blk_prints_guest_and_dd_side_by_side() -> None:
+    """``hv bench blk`` runs the blk guest through the launcher and dd in one run; the
+    table has both rows and a ratio (the numbers themselves are not judged here)."""
+    if shutil.which("dd") is None:
+        pytest.skip("dd(1) is not installed (coreutils)")
+    accel = "kvm" if kvm_unusable_reason() is None else "unicorn"
+    proc = subprocess.run([sys.executable, "-m", "hv", "bench", "blk", "--sizes", "4K", "--arches", "x86_64",
+                           "--accels", accel, "--repeat", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["run", "bsize", "write", "MB/s", "read", "MB/s", "write/dd", "read/dd"]
+    host = next(line for line in lines if line.startswith("host dd")).split()
+    guest = next(line for line in lines if line.startswith(f"x86_64 {accel}")).split()
+    assert host[2] == "4K" and float(host[3]) > 0 and float(host[4]) > 0
+    assert guest[2] == "4K" and float(guest[3]) > 0 and float(guest[4]) > 0
+    write_ratio, read_ratio = float(guest[5]), float(guest[6])
+    assert abs(write_ratio - float(guest[3]) / float(host[3])) < 0.05 * write_ratio + 0.01
+    assert read_ratio > 0
+
+
+def test_bench_blk_rejects_bad_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "hv", "bench", "blk", "--sizes", "3K"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "block size 3K: choose from 4K, 1M" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "hv", "bench", "blk", "--arches", "riscv"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown arch 'riscv'" in proc.stderr
