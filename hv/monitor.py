@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from hv.machine import Machine, MachineError, RunState
+from hv.machine.pci_wiring import HOTPLUG_DRIVERS
 from hv.devconfig import DEVICE_DRIVERS, DevConfigError, parse_device
 from hv.qmp import ArgSpec, CommandTable, QmpError, QmpServer, Reply
 
@@ -89,25 +90,30 @@ class MachineMonitor:
             raise QmpError("GenericError", f"not possible while the VM is in state '{state.value}'")
 
     # -- hot-plug ---------------------------------------------------------------------------
-    HOTPLUG_DRIVERS = ("virtio-blk-pci",)
-    DEVICE_ADD_PROPS = ("drive", "bus", "addr", "serial")
+    HOTPLUG_DRIVERS = HOTPLUG_DRIVERS
+    DEVICE_ADD_PROPS = ("drive", "netdev", "mac", "bus", "addr", "serial")
 
     def register_hotplug(self, commands: CommandTable) -> None:
-        """``device_add`` / ``device_del`` for virtio-blk-pci (see :meth:`device_add`)."""
+        """``device_add`` / ``device_del`` for virtio-blk-pci and virtio-net-pci (see
+        :meth:`device_add`)."""
         text = ArgSpec("string", required=False)
         commands.register("device_add", self.device_add,
-                          {"driver": ArgSpec("string"), "id": ArgSpec("string"), "drive": ArgSpec("string"),
-                           "bus": text, "addr": ArgSpec(("string", "int"), required=False), "serial": text},
-                          doc="Hot-plug virtio-blk-pci for a -drive no device uses (id, drive, bus, addr).")
+                          {"driver": ArgSpec("string"), "id": ArgSpec("string"), "drive": text, "netdev": text,
+                           "mac": text, "bus": text, "addr": ArgSpec(("string", "int"), required=False),
+                           "serial": text},
+                          doc="Hot-plug virtio-blk-pci for a -drive, or virtio-net-pci for a -netdev, that no "
+                              "device uses (id, drive|netdev, mac, bus, addr).")
         commands.register("device_del", self.device_del, {"id": ArgSpec("string")},
                           doc="Hot-unplug a PCI device; DEVICE_DELETED follows the reply.")
 
     def device_add(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Plug a virtio-blk-pci function at once (the guest sees it on its next PCI scan).
+        """Plug a virtio-blk-pci or virtio-net-pci function at once (the guest sees it on
+        its next PCI scan).
 
-        The arguments are those of ``-device virtio-blk-pci`` (driver, id, drive, bus,
-        addr, serial); ``drive`` names a ``-drive`` of the command line. Any problem is a
-        GenericError naming it, and nothing changes.
+        The arguments are those of ``-device`` (driver, id, drive or netdev, mac, bus,
+        addr, serial); ``drive``/``netdev`` name a ``-drive``/``-netdev`` of the command
+        line that no device uses. Any problem is a GenericError naming it, and nothing
+        changes.
         """
         driver = args["driver"]
         if driver not in self.HOTPLUG_DRIVERS:

@@ -665,8 +665,10 @@ def test_wiring_errors(tmp_path):
         "-device virtio-net-pci: netdev=n0 is already used by a device"
     assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n0,listen={sock}x"],
                        ["virtio-net-pci,netdev=n0"]) == "-netdev id=n0: duplicate netdev id"
-    assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}x"],
-                       ["virtio-net-pci,netdev=n0"]) == "-netdev id=n1: no -device virtio-net-pci uses it"
+    assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}x",
+                                  f"socket,id=n2,connect={tmp_path}/none.sock"],
+                       ["virtio-net-pci,netdev=n0,addr=3", "virtio-net-pci,netdev=n1,addr=3"]) == \
+        "-device virtio-net-pci,id=n1: addr=0x3.0 on pcie.0 is taken by another device"
     assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}1"],
                        ["virtio-net-pci,netdev=n0,addr=0", "virtio-net-pci,netdev=n1,addr=0"]) == \
         "-device virtio-net-pci,id=n1: addr=0x0.0 on pcie.0 is taken by another device"

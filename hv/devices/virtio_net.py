@@ -290,6 +290,13 @@ class VirtioNetPciDevice(VirtioPciDevice):
                  intx: InterruptLine | None = None) -> None:
         super().__init__(memory, net, msi, intx)
         self.net = net
+        self.detached = False
+
+    def detach(self) -> None:
+        """Hot-unplug (under the machine lock): no frame reaches guest RAM from now on,
+        even one whose delivery is already waiting for the lock."""
+        self.detached = True
+        self.net.on_frame = None
 
     def start(self) -> None:
         """Start receiving from the backend (frames queue until the guest takes them)."""
@@ -302,7 +309,7 @@ class VirtioNetPciDevice(VirtioPciDevice):
 
     def poll_rx(self) -> None:
         """Deliver queued frames now; the caller holds the machine lock, machine running."""
-        if self.net.backlog:
+        if self.net.backlog and not self.detached:
             super().notify(RX_QUEUE)
 
     def enable_async_rx(self, lock: ContextManager[Any], running: Callable[[], bool]) -> None:

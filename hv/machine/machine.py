@@ -43,7 +43,7 @@ from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.devconfig import DevConfigError, DeviceConfig
 from hv.devices.interfaces import UnconnectedLine
 from hv.devices.pci import UnconnectedMsi, parse_devfn
-from hv.machine.pci_wiring import build_pci, plug_device, unplug_device
+from hv.machine.pci_wiring import build_pci, plug_device, plug_net_device, unplug_device
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
 
@@ -246,23 +246,29 @@ class Machine:
 
     # -- hot-plug (QMP device_add / device_del) ----------------------------------------
     def hotplug_device(self, device: DeviceConfig) -> DeviceSlot:
-        """Plug a virtio-blk-pci function for ``device`` while the machine exists.
+        """Plug a virtio-blk-pci or virtio-net-pci function for ``device`` while the
+        machine exists.
 
-        Its drive must be a ``-drive`` of the command line that no device uses; the image
-        is opened and locked here. Under the big lock the function is put on pcie.0 (the
+        Its drive (netdev) must be a ``-drive`` (``-netdev``) of the command line that no
+        device uses; the image is opened and locked (the socket/tap opened) here. Under the big lock the function is put on pcie.0 (the
         guest sees it on its next configuration-space scan), wired to the interrupt
         controller (q35: LAPICs/IOAPIC; virt: GICv2m/SPIs), and added to :attr:`devices`, so it is saved, reset and in the
         migration fingerprint. Raises :class:`MachineError` naming the problem; on error
         nothing has changed.
         """
         drives = {d.id: d for d in self.config.drives}
+        netdevs = {n.id: n for n in self.config.netdevs}
         with self._lock:
             self._check_hotplug_state("device_add")
             if device.id in self.devices:
                 raise MachineError(f"Duplicate device ID '{device.id}'")
             try:
-                pci_slot = plug_device(self.pci, self.memory, drives.get(device.drive), device,
-                                       option="device_add")
+                if device.driver == "virtio-net-pci":
+                    pci_slot = plug_net_device(self.pci, self.memory, netdevs.get(device.netdev or ""), device,
+                                               option="device_add")
+                else:
+                    pci_slot = plug_device(self.pci, self.memory, drives.get(device.drive), device,
+                                           option="device_add")
             except DevConfigError as exc:
                 raise MachineError(str(exc)) from None
             slot = DeviceSlot(pci_slot.name, pci_slot.kind, pci_slot.device, pci_slot.state_type,
@@ -270,6 +276,9 @@ class Machine:
             if self.interrupts is not None:
                 devfn_slot, devfn_fn = parse_devfn(pci_slot.addr)
                 self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device)
+            if isinstance(pci_slot.device, VirtioNetPciDevice):
+                pci_slot.device.enable_async_rx(self._lock, self._accepts_device_dma)
+                pci_slot.device.start()
             self.devices[slot.name] = slot
         log.info("hot-plugged %s %s at pcie.0 %s", slot.kind, slot.name, slot.addr)
         return slot
@@ -278,8 +287,10 @@ class Machine:
         """Remove PCI device ``device_id`` (hot-plugged or from the command line).
 
         Under the big lock: its interrupt is lowered, the function leaves pcie.0 (its
-        configuration space reads as all ones), its image is closed and unlocked, and it
-        leaves :attr:`devices`. Raises :class:`MachineError`; on error nothing changed.
+        configuration space reads as all ones), a NIC stops delivering, and it leaves
+        :attr:`devices`. Then, outside the lock (a NIC's reader thread may be waiting for
+        it), its image is closed and unlocked or its netdev closed. Raises
+        :class:`MachineError`; on error nothing changed.
         """
         with self._lock:
             self._check_hotplug_state("device_del")
@@ -289,7 +300,7 @@ class Machine:
                                    f"device_del: {device_id} ({slot.kind}) is not a hot-pluggable device")
             function = slot.device
             try:
-                unplug_device(self.pci, device_id)
+                _, release = unplug_device(self.pci, device_id)
             except DevConfigError as exc:
                 raise MachineError(str(exc)) from None
             if isinstance(getattr(function, "intx", None), SharedLineInput):
@@ -305,6 +316,7 @@ class Machine:
             if getattr(function, "msix", None) is not None:
                 function.msix.sink = UnconnectedMsi()
             del self.devices[device_id]
+        release()
         log.info("hot-unplugged %s %s from pcie.0 %s", slot.kind, slot.name, slot.addr)
         return slot
 

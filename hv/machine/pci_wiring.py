@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from hv.block import BlockBackend, BlockError
 from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
@@ -171,12 +171,12 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
                 raise DevConfigError(f"-device {device.driver}: id={device.id} is already used by another device")
             names.add(device.id)
             if device.driver == "virtio-net-pci":
-                _plug_net(setup, memory, device, netdev_map, slots, attach=lock_images)
+                plug_net_device(setup, memory, netdev_map.get(device.netdev or ""), device, attach=lock_images)
                 continue
             plug_device(setup, memory, drive_map.get(device.drive), device, lock_image=lock_images)
-        unused = sorted(set(netdev_map) - set(setup.nets))
-        if unused:
-            raise DevConfigError(f"-netdev id={unused[0]}: no -device virtio-net-pci uses it")
+        for unused in sorted(set(netdev_map) - set(setup.nets)):
+            # Like a -drive without a device: kept for device_add, not opened until then.
+            log.warning("-netdev id=%s: no device uses it yet (device_add virtio-net-pci can)", unused)
     except BaseException:
         setup.close()
         raise
@@ -232,68 +232,89 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
     return pci_slot
 
 
-def unplug_device(setup: PciSetup, device_id: str) -> PciSlot:
-    """Take virtio-blk-pci ``device_id`` off pcie.0 and close (and unlock) its image.
+HOTPLUG_DRIVERS = ("virtio-blk-pci", "virtio-net-pci")
 
-    The reverse of :func:`plug_device`; the caller holds the machine's big lock. The
-    function disappears from configuration space (reads as all ones) and its BAR stops
-    decoding. Raises :class:`DevConfigError` (nothing changed) for an unknown id or a
-    device that cannot be unplugged.
+
+def unplug_device(setup: PciSetup, device_id: str) -> tuple[PciSlot, Callable[[], None]]:
+    """Take virtio-blk-pci or virtio-net-pci ``device_id`` off pcie.0.
+
+    The reverse of :func:`plug_device` / :func:`plug_net_device`; the caller holds the
+    machine's big lock. The function disappears from configuration space (reads as all
+    ones), its BAR stops decoding, and a NIC stops delivering frames into guest RAM.
+    Returns the slot and a ``close`` to call *after* releasing the big lock: it closes
+    (and unlocks) the image or closes the netdev, whose reader thread may be waiting
+    for that lock. Raises :class:`DevConfigError` (nothing changed) for an unknown id or
+    a device that cannot be unplugged.
     """
     pci_slot = next((s for s in setup.slots if s.name == device_id and s.bus == "pcie.0"), None)
     if pci_slot is None:
         raise DevConfigError(f"device_del: no PCI device with id {device_id}")
-    if pci_slot.kind != "virtio-blk-pci":
-        raise DevConfigError(f"device_del: {device_id} is a {pci_slot.kind}: only virtio-blk-pci can be "
-                             "unplugged")
+    if pci_slot.kind not in HOTPLUG_DRIVERS:
+        raise DevConfigError(f"device_del: {device_id} is a {pci_slot.kind}: only "
+                             f"{' and '.join(HOTPLUG_DRIVERS)} can be unplugged")
     slot, fn = parse_devfn(pci_slot.addr)
     setup.host.unplug(slot, fn)
-    block = setup.blocks.pop(str(pci_slot.attrs["drive"]), None)
-    if block is not None:
-        block.close()
+    resource: BlockBackend | NetBackend | None
+    if pci_slot.kind == "virtio-net-pci":
+        pci_slot.device.detach()
+        resource = setup.nets.pop(str(pci_slot.attrs["netdev"]), None)
+    else:
+        resource = setup.blocks.pop(str(pci_slot.attrs["drive"]), None)
     setup.slots.remove(pci_slot)
-    return pci_slot
+    return pci_slot, (resource.close if resource is not None else (lambda: None))
 
 
 DEFAULT_MAC = "52:54:00:12:34:56"
 
 
-def _plug_net(setup: PciSetup, memory: GuestMemory, device: DeviceConfig,
-              netdev_map: dict[str, NetdevConfig], slots: list[PciSlot], attach: bool = True) -> None:
-    """Open the netdev's backend and plug a virtio-net-pci function for it.
+def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig | None, device: DeviceConfig,
+                    attach: bool = True, option: str = "-device") -> PciSlot:
+    """Open the netdev's backend and plug a virtio-net-pci function for it on pcie.0.
 
-    ``attach=False`` (live-migration destination): the socket/tap is opened by
+    The one code path for ``-device`` and QMP ``device_add`` (the caller then starts
+    the device's receiving with :meth:`VirtioNetPciDevice.start`). ``attach=False``
+    (live-migration destination): the socket/tap is opened by
     :meth:`PciSetup.acquire_locks` at the switch-over, after the source released it.
+    Raises :class:`DevConfigError` (one line); on error ``setup`` is unchanged.
     """
     host = setup.host
-    netdev = netdev_map.get(device.netdev or "")
     if netdev is None:
-        raise DevConfigError(f"-device {device.driver}: netdev={device.netdev}: no -netdev with that id")
+        raise DevConfigError(f"{option} {device.driver}: netdev={device.netdev}: no -netdev with that id")
     if netdev.id in setup.nets:
-        raise DevConfigError(f"-device {device.driver}: netdev={netdev.id} is already used by a device")
+        raise DevConfigError(f"{option} {device.driver}: netdev={netdev.id} is already used by a device")
+    if any(s.name == device.id for s in setup.slots):
+        raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
     slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
     if slot << 3 | fn in host.functions:
         what = "the host bridge" if host.functions[slot << 3 | fn] is host.bridge else "another device"
-        raise DevConfigError(f"-device {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
+        raise DevConfigError(f"{option} {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
                              f"is taken by {what}")
     if device.mac is not None:
         mac = parse_mac(device.mac)
     else:   # QEMU's default, made unique per NIC: 52:54:00:12:34:56, :57, ...
-        mac = bytes.fromhex(DEFAULT_MAC.replace(":", ""))
-        mac = mac[:5] + bytes([(mac[5] + len(setup.nets)) & 0xFF])
+        base = bytes.fromhex(DEFAULT_MAC.replace(":", ""))
+        used = {s.attrs.get("mac") for s in setup.slots}
+        mac = next(m for m in (base[:5] + bytes([(base[5] + i) & 0xFF]) for i in range(256))
+                   if format_mac(m) not in used)
     try:
         backend = open_netdev(netdev.kind, netdev.id, path=netdev.path, role=netdev.role, ifname=netdev.ifname,
                               attach=attach)
     except NetError as exc:
         raise DevConfigError(f"-netdev {netdev.kind},id={netdev.id}: {exc.strerror}") from None
-    setup.nets[netdev.id] = backend
     function = VirtioNetPciDevice(memory, VirtioNet(memory, backend, mac))
     try:
         host.plug(function, slot, fn)
     except PciError as exc:
-        raise DevConfigError(f"-device {device.driver},id={device.id}: {exc}") from None
+        backend.close()
+        raise DevConfigError(f"{option} {device.driver},id={device.id}: {exc}") from None
+    except BaseException:
+        backend.close()
+        raise
+    setup.nets[netdev.id] = backend
     attrs = {"netdev": netdev.id, "mac": format_mac(mac)}
-    slots.append(PciSlot(device.id, device.driver, function, VirtioNetState, "pcie.0", format_devfn(slot, fn), attrs))
+    pci_slot = PciSlot(device.id, device.driver, function, VirtioNetState, "pcie.0", format_devfn(slot, fn), attrs)
+    setup.slots.append(pci_slot)
+    return pci_slot
 
 
 def _free_slot(host: PciHost) -> int:
