@@ -29,7 +29,7 @@ def enable_ppi(gic: GicV3, cpu: int, intid: int, prio: int) -> None:
 
 def test_identification_and_waker() -> None:
     gic = GicV3(2)
-    assert gic.dist_read(0x4, 4) & 0x1F == 2                  # 96 INTIDs
+    assert gic.dist_read(0x4, 4) & 0x1F == 8                  # 288 INTIDs (as QEMU virt)
     assert gic.dist_read(0xFFE8, 4) >> 4 & 0xF == 3           # GICv3
     assert gic.dist_read(0, 4) & 0x50 == 0x50                 # ARE, DS read as one
     assert gic.redist_read(0x14, 4) == 0x6                    # asleep at reset
@@ -160,3 +160,67 @@ def test_virt_device_tree_describes_the_gic_and_timer() -> None:
     timer = fdtlib.find_node(root, "/timer")
     assert timer.props["interrupts"][12:24] == fdtlib.prop_u32(1, 14, 4)   # non-secure physical: PPI 30
     assert timer.props["interrupts"][24:36] == fdtlib.prop_u32(1, 11, 4)   # virtual: PPI 27
+
+
+def enable_spi(gic: GicV3, intid: int, prio: int, edge: bool = False) -> None:
+    n, bit = divmod(intid, 32)
+    gic.dist_write(REG_IGROUPR + 4 * n, 4, gic.dist_read(REG_IGROUPR + 4 * n, 4) | 1 << bit)
+    gic.dist_write(REG_IPRIORITYR + intid, 1, prio)
+    cfg_n, cfg_i = divmod(intid, 16)
+    old = gic.dist_read(REG_ICFGR + 4 * cfg_n, 4)
+    gic.dist_write(REG_ICFGR + 4 * cfg_n, 4, old | 2 << (2 * cfg_i) if edge else old & ~(2 << (2 * cfg_i)))
+    gic.dist_write(REG_ISENABLER + 4 * n, 4, 1 << bit)
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["icfgr-level", "icfgr-edge"])
+def test_pulse_spi_latches_pending_until_acknowledged(edge: bool) -> None:
+    """A message-signalled SPI (GICv2m) is an edge whatever ICFGR says: the latch is set,
+    the input line is untouched, a second pulse before the acknowledge merges."""
+    gic, changed = make()
+    enable_spi(gic, 143, 0x40, edge)
+    gic.pulse_spi(143)
+    gic.pulse_spi(143)
+    assert changed == [0] * 2 and gic.signalled(0) == 143 and not gic.s.line >> 143 & 1
+    assert gic.dist_read(REG_ISPENDR + 4 * 4, 4) >> 15 & 1                 # ISPENDR4 bit 15
+    assert gic.icc_read(0, "ICC_IAR1_EL1") == 143
+    assert gic.icc_read(0, "ICC_IAR1_EL1") == SPURIOUS                      # merged: taken once
+    gic.icc_write(0, "ICC_EOIR1_EL1", 143)
+    assert gic.signalled(0) is None and not gic.s.pending >> 143 & 1
+    gic.pulse_spi(143)                                                      # while active: pends again
+    assert gic.icc_read(0, "ICC_IAR1_EL1") == 143
+
+
+def test_pulse_spi_while_disabled_waits_and_targets_the_routed_vcpu() -> None:
+    gic, changed = make(2)
+    gic.dist_write(REG_IROUTER + 8 * 90, 8, 1)
+    gic.pulse_spi(90)                                                       # not enabled yet
+    assert gic.signalled(1) is None and changed == []
+    enable_spi(gic, 90, 0x20)
+    assert gic.signalled(1) == 90 and gic.signalled(0) is None
+    for bad in (31, 5, 288):
+        with pytest.raises(ValueError):
+            gic.pulse_spi(bad)
+
+
+def test_level_spi_follows_its_line_and_edge_spi_latches() -> None:
+    gic, _ = make()
+    enable_spi(gic, 38, 0x80)                                               # level (PCI INTx)
+    enable_spi(gic, 200, 0x80, edge=True)
+    gic.set_level(0, 38, True)
+    assert gic.signalled(0) == 38
+    gic.set_level(0, 38, False)                                             # level: not latched
+    assert gic.signalled(0) is None
+    gic.set_level(0, 200, True)
+    gic.set_level(0, 200, False)                                            # edge: latched
+    assert gic.signalled(0) == 200
+
+
+def test_a_state_saved_with_96_intids_still_restores() -> None:
+    gic, _ = make()
+    enable_spi(gic, 40, 0x30)
+    raw = gic.save().to_dict()
+    raw["priority"], raw["router"] = raw["priority"][:96], raw["router"][:96]
+    state = GicState.from_dict(raw)
+    assert len(state.priority) == len(state.router) == 288 and state.priority[40] == 0x30
+    with pytest.raises(DeviceStateError):
+        GicState.from_dict({**raw, "priority": [0] * 97})

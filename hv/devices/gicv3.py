@@ -19,7 +19,9 @@ In the distributor, INTIDs 0-31 read as zero (their registers live in each SGI_b
 Registers are accessed as 32-bit words (IPRIORITYR also by byte, IROUTER/GICR_TYPER as
 64 bits or two words); other sizes read as zero and writes are ignored.
 
-Interrupts: SGIs 0-15 (edge, from ICC_SGI1R_EL1), PPIs 16-31 and SPIs 32..NUM_IRQS-1
+Interrupts: SGIs 0-15 (edge, from ICC_SGI1R_EL1), PPIs 16-31 and SPIs 32..287 (256 SPIs,
+GICD_TYPER.ITLinesNumber 8, as QEMU virt: the GICv2m frame's INTIDs 80-143 and PCI INTx's
+35-38 are among them)
 (level or edge per ICFGR, driven by :meth:`GicV3.set_level`). A level-sensitive interrupt
 is pending while its line is high or its pending latch (ISPENDR) is set; an edge-triggered
 one latches pending on a rising edge, until acknowledged. :meth:`GicV3.pulse_spi` sets an
@@ -49,7 +51,8 @@ GICD_BASE = 0x0800_0000
 GICD_SIZE = 0x1_0000
 GICR_BASE = 0x080A_0000
 GICR_STRIDE = 0x2_0000           # RD_base + SGI_base
-NUM_IRQS = 96                    # SGIs, PPIs and 64 SPIs (ITLinesNumber = 2)
+NUM_IRQS = 288                   # SGIs, PPIs and 256 SPIs (ITLinesNumber = 8), as QEMU virt
+LEGACY_NUM_IRQS = 96             # states saved before the GICv2m frame (INTIDs 80-143) had 64 SPIs
 SPURIOUS = 1023
 PRIVATE = 32
 MAX_VCPUS = 123                  # redistributors fit below 0x08000000 + 16 MiB
@@ -181,9 +184,10 @@ class GicState:
             setattr(st, name, value)
         for name in ("priority", "router"):
             values = raw[name]
-            if not isinstance(values, list) or len(values) != NUM_IRQS:
+            if not isinstance(values, list) or len(values) not in (NUM_IRQS, LEGACY_NUM_IRQS):
                 raise DeviceStateError(f"gicv3 state: {name} list has the wrong length")
-            setattr(st, name, [_check_u(name, v, 8 if name == "priority" else 64) for v in values])
+            checked = [_check_u(name, v, 8 if name == "priority" else 64) for v in values]
+            setattr(st, name, checked + [0] * (NUM_IRQS - len(checked)))   # the extra SPIs at reset
         cpus = raw["cpus"]
         if not isinstance(cpus, list) or not 1 <= len(cpus) <= MAX_VCPUS:
             raise DeviceStateError("gicv3 state: cpu list malformed")
@@ -250,10 +254,18 @@ class GicV3:
         c = self.s.cpus[cpu]
         out = []
         private = (c.pending | (c.line & ~c.edge)) & c.enable & ~c.active & c.group
-        out.extend(i for i in range(PRIVATE) if private >> i & 1)
+        while private:
+            low = private & -private
+            out.append(low.bit_length() - 1)
+            private ^= low
         d = self.s
         shared = (d.pending | (d.line & ~d.edge)) & d.enable & ~d.active & d.group
-        out.extend(i for i in range(PRIVATE, NUM_IRQS) if shared >> i & 1 and self._target(i) == cpu)
+        while shared:                     # the set bits only: most of the 256 SPIs are idle
+            low = shared & -shared
+            intid = low.bit_length() - 1
+            shared ^= low
+            if self._target(intid) == cpu:
+                out.append(intid)
         return out
 
     def _highest(self, cpu: int) -> int | None:
