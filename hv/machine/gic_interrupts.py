@@ -37,7 +37,7 @@ from backends.base import Exit
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
 from hv.devices.gicv2m import V2M_DOORBELL, GicV2m
-from hv.devices.gicv3 import PRIVATE, NUM_IRQS, GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
+from hv.devices.gicv3 import NUM_IRQS, PRIVATE, GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
 from hv.machine.interrupts import ControllerCore
 
 log = logging.getLogger(__name__)
