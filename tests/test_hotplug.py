@@ -136,7 +136,7 @@ def test_machine_hotplug_is_saved_fingerprinted_and_wired(machine):
     slot = vm.hotplug_device(parse_device("virtio-blk-pci,drive=d1,id=hp0,bus=pcie.0,addr=5"))
     assert vm.devices["hp0"] is slot and locked_elsewhere(image)
     assert not isinstance(slot.device.msix.sink, UnconnectedMsi)          # MSI-X -> local APICs
-    assert type(slot.device.intx).__name__ == "GsiLine"                    # INTx -> IOAPIC
+    assert type(slot.device.intx.line.target).__name__ == "GsiLine"        # INTx -> IOAPIC (wire-OR)
     after = vm.fingerprint()
     entry = {"type": "virtio-blk-pci", "id": "hp0", "bus": "pcie.0", "addr": "05.0",
              "attrs": {"drive": "d1", "file": str(image), "serial": "HP", "readonly": "False"}}

@@ -324,9 +324,39 @@ def test_machine_wires_serial_line_and_pci_msix_to_the_apics(tmp_path: Path) -> 
         function = machine.pci.host.functions[3 << 3]
         function.msix.sink.send(0xFEE0_0000, 0x51)
         assert lapic.s.irr >> 0x51 & 1
-        assert function.intx.gsi == 16 + (3 + 1 - 1) % 8
+        assert function.intx.line.target.gsi == 16 + (3 + 1 - 1) % 8    # a wire-OR onto that IOAPIC pin
         saved = machine.save()                                  # prelaunch: not running
         assert saved.devices["lapic0"]["state"]["irr"] == f"{(1 << 0x24) | (1 << 0x51):064x}"
         assert saved.devices["ioapic"]["state"]["redirection"][4] == 0x24
+    finally:
+        machine.close()
+
+
+def test_q35_pci_functions_sharing_an_ioapic_pin_are_wire_ored(tmp_path: Path) -> None:
+    """Slots 3 and 11 both put INTA on GSI 19: one function lowering its INTx must not
+    drop the other's level (PCI INTx is open-drain), and unplugging one leaves the other's."""
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    for image in images:
+        image.write_bytes(bytes(1 << 20))
+    config = parse_args(["-machine", "q35", "-m", "64", "-kernel", str(TIMER),
+                         "-drive", f"file={images[0]},id=d0", "-drive", f"file={images[1]},id=d1",
+                         "-device", "virtio-blk-pci,drive=d0,id=a,addr=3",
+                         "-device", "virtio-blk-pci,drive=d1,id=b,addr=0xb"]).config
+    machine = Machine(config, backend_class("unicorn")(), BufferSink())
+    try:
+        a, b = machine.pci.host.functions[3 << 3], machine.pci.host.functions[11 << 3]
+        assert a.intx.line is b.intx.line and a.intx.line.target.gsi == 19
+        pin_level = lambda: bool(machine.interrupts.ioapic.s.levels >> 19 & 1)  # noqa: E731
+        a.intx.set_level(True)
+        b.intx.set_level(True)
+        a.intx.set_level(False)
+        assert pin_level()                      # b still asserts
+        b.intx.set_level(False)
+        assert not pin_level()
+        b.intx.set_level(True)
+        machine.hotunplug_device("a")
+        assert pin_level()                      # a's leaving does not drop b's level
+        machine.hotunplug_device("b")
+        assert not pin_level()
     finally:
         machine.close()

@@ -672,6 +672,25 @@ def test_blk_throughput(tmp_path, machine_type, accel, bsize, depth, mib):
     assert guest_write > 0 and guest_read > 0
 
 
+def test_intx_disable_lowers_and_enable_reraises_the_line_at_once(tmp_path):
+    """PCI command bit 10 gates INTx immediately, not at the next interrupt."""
+    setup, memory, pio, mmio, d = build(tmp_path)
+    try:
+        d.init()
+        dev = device_of(d)
+        assert d.request(T_FLUSH)[0] == 0
+        assert dev.intx.level                          # ISR bit 0 set, INTx asserted
+        command = d.cfg(0x04, 2)
+        d.cfg_write(0x04, 2, command | 0x400)
+        assert not dev.intx.level and dev.s.isr == 1   # masked, the interrupt stays pending
+        d.cfg_write(0x04, 2, command)
+        assert dev.intx.level                          # unmasked: asserted again
+        assert d.r(0x1000, 1) == 1 and not dev.intx.level
+    finally:
+        setup.close()
+        memory.close()
+
+
 def test_indirect_event_idx_and_interrupt_state(tmp_path):
     setup, memory, pio, mmio, d = build(tmp_path)
     try:

@@ -105,13 +105,15 @@ class BarSpec:
 
 
 class MsiSink(Protocol):
-    """Where an MSI/MSI-X message goes (an interrupt controller; none yet)."""
+    """Where an MSI/MSI-X message goes: the machine's interrupt controller (q35: the
+    local APICs; virt: the GICv2m frame)."""
 
     def send(self, address: int, data: int) -> None: ...
 
 
 class UnconnectedMsi:
-    """An MSI sink wired to nothing: the messages are counted, guests of this machine poll."""
+    """An MSI sink wired to nothing (an unplugged function, or a function not yet wired):
+    the messages are counted and go nowhere."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[int, int]] = []

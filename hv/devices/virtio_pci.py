@@ -17,8 +17,10 @@ the write returns, every available request of that queue is complete and in the 
 ring. So a paused machine never has a request in flight, and a saved device is its
 registers plus ring positions.
 
-Interrupts are computed exactly (ISR bits, MSI-X pending bits, messages sent to the
-:class:`hv.devices.pci.MsiSink`) but reach no CPU yet: guests poll the used ring.
+Interrupts: with MSI-X enabled, a message per vector to the :class:`hv.devices.pci.MsiSink`
+(the local APICs on q35, the GICv2m frame on virt); otherwise an ISR bit and the INTx
+line (an IOAPIC pin on q35, an SPI on virt), which follows the ISR and the command
+register's INTx-disable bit at once.
 
 A malformed queue (see :mod:`hv.devices.virtqueue`) or any device failure sets
 DEVICE_NEEDS_RESET in the status and stops the device until the driver resets it.
@@ -221,6 +223,8 @@ class VirtioPciDevice(PciFunction):
     def config_written(self, offset: int, size: int) -> None:
         if offset < self.msix.cap + 4 and offset + size > self.msix.cap + 2:
             self.msix.control_written()
+        if offset < 0x06 and offset + size > 0x04:   # COMMAND: INTx disable takes effect now
+            self._update_intx()
 
     def _pci_cfg_access(self, inner: int, size: int, value: int | None) -> int:
         cap = self.pci_cfg_cap

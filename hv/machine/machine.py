@@ -143,7 +143,7 @@ class Machine:
         self._throttle_thread: threading.Thread | None = None
         self._throttle_ran_since = [0.0] * config.smp  # when each vCPU's run slice began
         self.interrupts: InterruptController | GicController | None = None  # q35: LAPICs, IOAPIC, clock; virt: GICv3, timers, clock
-        self.intx_lines: dict[int, SharedLine] = {}   # virt: INTID -> wire-OR of the PCI functions' INTx
+        self.intx_lines: dict[int, SharedLine] = {}   # GSI (q35) or INTID (virt) -> wire-OR of the PCI functions' INTx
         mmio_windows = self._build_devices()
         try:
             self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
@@ -218,8 +218,8 @@ class Machine:
 
     def _wire_pci_interrupts(self, irq: InterruptController | GicController) -> None:
         """q35: MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23.
-        virt: MSI-X messages go to the GICv2m frame, INTx pins to SPIs 3-6 (INTIDs 35-38),
-        each a wire-OR of the functions sharing it."""
+        virt: MSI-X messages go to the GICv2m frame, INTx pins to SPIs 3-6 (INTIDs 35-38).
+        On both, an INTx input is a wire-OR of the functions sharing it."""
         for devfn, function in sorted(self.pci.host.functions.items()):
             self._wire_pci_function(irq, devfn, function)
 
@@ -232,12 +232,15 @@ class Machine:
         if not pin or not hasattr(function, "intx"):
             return
         if isinstance(irq, InterruptController):
-            function.intx = irq.line(Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8)
-            return
-        intid = pci_intx_intid(devfn >> 3, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
-        line = self.intx_lines.get(intid)
-        if line is None:
-            line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
+            gsi = Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8
+            line = self.intx_lines.get(gsi)
+            if line is None:
+                line = self.intx_lines[gsi] = SharedLine(irq.line(gsi), self._lock, f"gsi{gsi}")
+        else:
+            intid = pci_intx_intid(devfn >> 3, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
+            line = self.intx_lines.get(intid)
+            if line is None:
+                line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
         function.intx = line.attach(devfn)
         # The function may already assert INTx (a restored ISR): drive the shared line now.
         isr = getattr(getattr(function, "s", None), "isr", 0)
@@ -304,14 +307,8 @@ class Machine:
             except DevConfigError as exc:
                 raise MachineError(str(exc)) from None
             if isinstance(getattr(function, "intx", None), SharedLineInput):
-                # virt: INTx lines are wire-OR'd; leaving the line drops only this input.
+                # INTx lines are wire-OR'd; leaving the line drops only this input.
                 function.intx.line.detach(function.intx.key)
-                function.intx = UnconnectedLine()
-            elif getattr(function, "intx", None) is not None:
-                # Lower INTx only if this function drives it (IOAPIC pins are not wire-OR'd,
-                # so lowering unconditionally could drop a neighbour's level on a shared pin).
-                if getattr(getattr(function, "s", None), "isr", 0):
-                    function.intx.set_level(False)
                 function.intx = UnconnectedLine()
             if getattr(function, "msix", None) is not None:
                 function.msix.sink = UnconnectedMsi()
