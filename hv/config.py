@@ -89,9 +89,10 @@ StratoVirt-compatible options:
   -qmp unix:PATH,server,nowait | tcp:HOST:PORT,server,nowait   QMP monitor
   -chardev socket,id=ID,path=PATH,server,nowait -mon chardev=ID,mode=control
   -drive file=FILE,id=ID[,readonly=on|off][,direct=on|off][,serial=S]   a raw disk image
-  -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0][,addr=N]          a disk
+  -device pcie-root-port,id=BUS,port=N[,addr=N][,chassis=N][,slot=N]  a hot-plug slot (bus BUS)
+  -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0|BUS][,addr=N]      a disk
   -netdev socket,id=ID,listen=PATH|connect=PATH | tap,id=ID,ifname=IF   a network backend
-  -device virtio-net-pci,netdev=ID,id=ID[,mac=MAC][,addr=N]             a NIC
+  -device virtio-net-pci,netdev=ID,id=ID[,mac=MAC][,bus=..][,addr=N]   a NIC
   -incoming tcp:HOST:PORT | unix:PATH | file:DIR   wait for a migration / restore a snapshot
   -name NAME                     VM name (query-name)
   -D FILE                        write hv's log to FILE

@@ -1,9 +1,13 @@
 """``-drive`` and ``-device`` option values, parsed and validated.
 
     -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,serial=S][,if=none][,format=raw]
-    -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0][,addr=SLOT[.FN]][,serial=S]
+    -device pcie-root-port,id=BUS,port=N[,chassis=N][,slot=N][,addr=SLOT[.FN]][,bus=pcie.0][,multifunction=on|off]
+    -device virtio-blk-pci,drive=ID,id=ID[,bus=pcie.0|BUS][,addr=SLOT[.FN]][,serial=S]
     -netdev socket,id=ID,listen=PATH | socket,id=ID,connect=PATH | tap,id=ID,ifname=IF
-    -device virtio-net-pci,netdev=ID[,id=ID][,mac=52:54:00:12:34:56][,bus=pcie.0][,addr=SLOT[.FN]]
+    -device virtio-net-pci,netdev=ID[,id=ID][,mac=52:54:00:12:34:56][,bus=pcie.0|BUS][,addr=SLOT[.FN]]
+
+A root port's ``id`` names its secondary bus: a device says ``bus=<that id>,addr=0[.F]``
+(a PCIe link has one device). Whether a ``bus=`` exists is checked by the wiring.
 
 Every problem is a :class:`DevConfigError` whose message is one line naming the option
 and what is wrong with it; the launcher prints it and exits 1.
@@ -19,7 +23,9 @@ from hv.devices.pci import PciError, parse_devfn
 
 SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
-DEVICE_DRIVERS = ("virtio-blk-pci", "virtio-net-pci")
+DEVICE_DRIVERS = ("pcie-root-port", "virtio-blk-pci", "virtio-net-pci")
+ROOT_BUS = "pcie.0"
+PHYSICAL_SLOT_MAX = (1 << 13) - 1   # Slot Capabilities' Physical Slot Number field
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path without the NUL
 IFNAME_MAX = 15      # IFNAMSIZ - 1
 
@@ -49,6 +55,10 @@ class DeviceConfig:
     serial: str | None = None
     netdev: str | None = None    # virtio-net-pci
     mac: str | None = None       # virtio-net-pci, normalised lower case; None: assigned by the wiring
+    port: int = 0                # pcie-root-port: Link Capabilities port number
+    chassis: int = 0             # pcie-root-port
+    physical_slot: int | None = None   # pcie-root-port slot=; None: the port number
+    multifunction: bool = False
 
     @property
     def addr(self) -> str | None:
@@ -201,9 +211,7 @@ def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> Device
 
 
 def _placement(option: str, driver: str, pairs: dict[str, str]) -> tuple[str, int | None, int]:
-    bus = pairs.get("bus", "pcie.0")
-    if bus != "pcie.0":
-        raise DevConfigError(f"{option} {driver}: bus={bus}: no such bus (the only bus is pcie.0)")
+    bus = _check_id(option, "bus", pairs.get("bus", ROOT_BUS))
     slot: int | None = None
     function = 0
     if "addr" in pairs:
@@ -224,6 +232,8 @@ def parse_device(value: str) -> DeviceConfig:
         raise DevConfigError(f"{option}: unknown device type '{driver}' (supported: {', '.join(DEVICE_DRIVERS)})")
     if driver == "virtio-net-pci":
         return _parse_net_device(option, driver, pairs)
+    if driver == "pcie-root-port":
+        return _parse_root_port(option, driver, pairs)
     known = {"drive", "id", "bus", "addr", "serial", "multifunction"}
     unknown = sorted(set(pairs) - known)
     if unknown:
@@ -235,3 +245,32 @@ def parse_device(value: str) -> DeviceConfig:
     bus, slot, function = _placement(option, driver, pairs)
     serial = _check_serial(option, pairs["serial"]) if "serial" in pairs else None
     return DeviceConfig(driver, device_id, drive, bus, slot, function, serial)
+
+
+def _number(option: str, driver: str, key: str, text: str, limit: int) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise DevConfigError(f"{option} {driver}: {key}={text}: not a number") from None
+    if not 0 <= value <= limit:
+        raise DevConfigError(f"{option} {driver}: {key}={text}: out of range 0-{limit:#x}")
+    return value
+
+
+def _parse_root_port(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
+    known = {"id", "port", "chassis", "slot", "addr", "bus", "multifunction"}
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    if not pairs.get("id"):
+        raise DevConfigError(f"{option} {driver}: id= is required (it names the port's bus)")
+    port_id = _check_id(option, "id", pairs["id"])
+    bus, slot, function = _placement(option, driver, pairs)
+    if bus != ROOT_BUS:
+        raise DevConfigError(f"{option} {driver},id={port_id}: bus={bus}: a root port goes on {ROOT_BUS}")
+    port = _number(option, driver, "port", pairs.get("port", "0"), 0xFF)
+    chassis = _number(option, driver, "chassis", pairs.get("chassis", "0"), 0xFF)
+    physical = _number(option, driver, "slot", pairs["slot"], PHYSICAL_SLOT_MAX) if "slot" in pairs else None
+    multifunction = _on_off(option, "multifunction", pairs.get("multifunction", "off"))
+    return DeviceConfig(driver, port_id, "", bus, slot, function, port=port, chassis=chassis,
+                        physical_slot=physical, multifunction=multifunction)

@@ -107,8 +107,9 @@ class MachineMonitor:
                           doc="Hot-unplug a PCI device; DEVICE_DELETED follows the reply.")
 
     def device_add(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Plug a virtio-blk-pci or virtio-net-pci function at once (the guest sees it on
-        its next PCI scan).
+        """Plug a virtio-blk-pci or virtio-net-pci function at once: on pcie.0 the guest
+        sees it on its next PCI scan; on a root port's bus (``bus=pcie.1,addr=0``) the
+        port raises its hot-plug event and interrupt.
 
         The arguments are those of ``-device`` (driver, id, drive or netdev, mac, bus,
         addr, serial); ``drive``/``netdev`` name a ``-drive``/``-netdev`` of the command
@@ -147,8 +148,9 @@ class MachineMonitor:
         return {}
 
     def device_del(self, args: dict[str, Any]) -> Reply:
-        """Unplug at once (hv has no hot-plug controller to wait for); DEVICE_DELETED is
-        sent right after the reply, as QEMU sends it once the guest has let go."""
+        """Unplug at once; DEVICE_DELETED is sent right after the reply, as QEMU sends it
+        once the guest has let go. Behind a ``pcie-root-port`` the slot signals a surprise
+        removal (presence/link down, hot-plug interrupt); hv never waits for the guest."""
         device_id = args["id"]
         self._require_no_migration("device_del")
         try:

@@ -39,6 +39,15 @@ def test_device_options():
     assert parse_device("virtio-blk-pci,drive=d").slot is None         # first free slot
 
 
+def test_root_port_parses_stratovirt_syntax():
+    device = parse_device("pcie-root-port,port=0x1,addr=0x1,bus=pcie.0,id=pcie.1,chassis=2,slot=9,multifunction=on")
+    assert (device.driver, device.id, device.bus, device.slot, device.function) == ("pcie-root-port", "pcie.1",
+                                                                                    "pcie.0", 1, 0)
+    assert (device.port, device.chassis, device.physical_slot, device.multifunction) == (1, 2, 9, True)
+    blk = parse_device("virtio-blk-pci,drive=d1,id=hp0,bus=pcie.1,addr=0x0")
+    assert (blk.bus, blk.slot, blk.function) == ("pcie.1", 0, 0)
+
+
 @pytest.mark.parametrize("value,message", [
     ("", "empty value"),
     ("file=X", "id= is required"),
@@ -87,12 +96,26 @@ def test_drive_directory_and_unwritable(tmp_path, img):
             parse_drive(f"file={img},id=a,readonly=on")
 
 
+def test_root_port_parses_stratovirt_syntax():
+    device = parse_device("pcie-root-port,port=0x1,addr=0x1,bus=pcie.0,id=pcie.1,chassis=2,slot=9,multifunction=on")
+    assert (device.driver, device.id, device.bus, device.slot, device.function) == ("pcie-root-port", "pcie.1",
+                                                                                    "pcie.0", 1, 0)
+    assert (device.port, device.chassis, device.physical_slot, device.multifunction) == (1, 2, 9, True)
+    blk = parse_device("virtio-blk-pci,drive=d1,id=hp0,bus=pcie.1,addr=0x0")
+    assert (blk.bus, blk.slot, blk.function) == ("pcie.1", 0, 0)
+
+
 @pytest.mark.parametrize("value,message", [
     ("", "empty value"),
     ("drive=d", "first item must be the device type"),
     ("e1000,drive=d", "unknown device type 'e1000'"),
     ("virtio-blk-pci", "drive= is required"),
-    ("virtio-blk-pci,drive=d,bus=pcie.1", "bus=pcie.1: no such bus"),
+    ("virtio-blk-pci,drive=d,bus=1x", "bus='1x': ids start with a letter"),   # an unknown bus: the wiring
+    ("pcie-root-port,port=1", "id= is required"),
+    ("pcie-root-port,id=p1,bus=p0", "bus=p0: a root port goes on pcie.0"),
+    ("pcie-root-port,id=p1,port=0x100", "port=0x100: out of range"),
+    ("pcie-root-port,id=p1,slot=x", "slot=x: not a number"),
+    ("pcie-root-port,id=p1,drive=d", "unknown parameter 'drive'"),
     ("virtio-blk-pci,drive=d,addr=0x20", "slot 0x20 out of range"),
     ("virtio-blk-pci,drive=d,addr=3.8", "function 8 out of range"),
     ("virtio-blk-pci,drive=d,addr=zz", "not a hexadecimal"),

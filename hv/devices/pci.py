@@ -1,7 +1,11 @@
 """PCI Express host: configuration space, BARs, capability lists and MSI-X table state.
 
-One root bus (``pcie.0``) of up to 32 slots x 8 functions. Configuration space reaches
-the guest three ways, all decoding to :meth:`PciHost.config_read` / ``config_write``:
+One root bus (``pcie.0``) of up to 32 slots x 8 functions, plus one secondary bus behind
+each PCI-to-PCI bridge on it (:class:`PciBridge`; hv's bridges are PCIe root ports, see
+:mod:`hv.devices.pcie_root_port`). A configuration access to bus N > 0 goes to the bridge
+whose secondary bus number is N, and there to device 0 (functions 0-7): a PCIe link has
+one device. Other buses read as all ones. Configuration space reaches the guest three
+ways, all decoding to :meth:`PciHost.config_read` / ``config_write``:
 
 * :class:`PciConfigPorts` - configuration mechanism #1 (x86 ports 0xCF8 address,
   0xCFC-0xCFF data);
@@ -11,7 +15,9 @@ the guest three ways, all decoding to :meth:`PciHost.config_read` / ``config_wri
 BARs are programmed by the guest (write all ones, read the size mask back, write the
 address, set COMMAND.MEM/IO). :class:`PciBarWindow` is one bus range covering the whole
 PCI MMIO (or I/O) window: it routes each access to the BAR that decodes it, using a map
-rebuilt only when a BAR or the command register changes.
+rebuilt only when a BAR or the command register changes. A BAR behind a bridge decodes
+only while the bridge forwards it: the bridge's command register enables memory (I/O)
+and the BAR lies wholly inside its memory or prefetchable window (its I/O window).
 
 Every function keeps its 4 KiB configuration space as bytes plus a write mask and a
 write-1-to-clear mask, so saving a function is saving those bytes.
@@ -54,6 +60,7 @@ COMMAND_INTX_DISABLE = 0x400
 STATUS_INTERRUPT = 0x08
 STATUS_CAP_LIST = 0x10
 
+CAP_ID_MSI = 0x05
 CAP_ID_VENDOR = 0x09
 CAP_ID_PCIE = 0x10
 CAP_ID_MSIX = 0x11
@@ -213,7 +220,7 @@ class PciFunction:
     def config_write(self, offset: int, size: int, value: int) -> None:
         if offset < 0 or size not in (1, 2, 4) or offset + size > CONFIG_SPACE_SIZE:
             return
-        old_decode = self._decode_bytes() if offset < 0x28 and offset + size > COMMAND else None
+        old_decode = self._decode_bytes() if offset < self.DECODE_END and offset + size > COMMAND else None
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         for i, byte in enumerate(data):
             pos = offset + i
@@ -226,6 +233,8 @@ class PciFunction:
 
     def config_written(self, offset: int, size: int) -> None:
         """Hook for subclasses (capability side effects)."""
+
+    DECODE_END = 0x28   # registers below this offset may change what the function decodes
 
     def _decode_bytes(self) -> bytes:
         return bytes(self.config[COMMAND:COMMAND + 2]) + bytes(self.config[BAR0:BAR0 + 24])
@@ -407,6 +416,108 @@ class HostBridge(PciFunction):
         super().__init__(vendor, device, 0x060000)
 
 
+# Type 1 (PCI-to-PCI bridge) header offsets.
+PRIMARY_BUS = 0x18
+SECONDARY_BUS = 0x19
+SUBORDINATE_BUS = 0x1A
+IO_BASE = 0x1C
+IO_LIMIT = 0x1D
+MEMORY_BASE = 0x20
+MEMORY_LIMIT = 0x22
+PREF_MEMORY_BASE = 0x24
+PREF_MEMORY_LIMIT = 0x26
+PREF_BASE_UPPER32 = 0x28
+PREF_LIMIT_UPPER32 = 0x2C
+BRIDGE_CONTROL = 0x3E
+HEADER_TYPE_BRIDGE = 0x01
+HEADER_TYPE_MULTIFUNCTION = 0x80
+PREF_RANGE_64BIT = 0x1
+BRIDGE_CONTROL_MASK = 0x006F   # parity/SERR enable, ISA, VGA, master abort, secondary bus reset
+
+
+class PciBridge(PciFunction):
+    """A type 1 configuration header: a PCI-to-PCI bridge with one secondary bus.
+
+    Bus numbers, the I/O window (16-bit), the memory window and the 64-bit prefetchable
+    window are guest-writable, as is the bridge control register. The functions on the
+    secondary bus are :attr:`children` (function number -> function; a PCIe link
+    carries device 0 only). The bridge has no BARs.
+    """
+
+    DECODE_END = 0x34   # the command register and every window register
+
+    def __init__(self, vendor: int, device: int, class_code: int = 0x060400, revision: int = 0,
+                 interrupt_pin: int = 0, multifunction: bool = False) -> None:
+        super().__init__(vendor, device, class_code, revision, interrupt_pin=interrupt_pin)
+        self.children: dict[int, PciFunction] = {}
+        self.config[HEADER_TYPE] = HEADER_TYPE_BRIDGE | (HEADER_TYPE_MULTIFUNCTION if multifunction else 0)
+        self._mask(PRIMARY_BUS, 3, 0xFFFFFF)
+        self._mask(IO_BASE, 2, 0xF0F0)
+        self._mask(MEMORY_BASE, 4, 0xFFF0FFF0)
+        self._put(PREF_MEMORY_BASE, 4, PREF_RANGE_64BIT << 16 | PREF_RANGE_64BIT)
+        self._mask(PREF_MEMORY_BASE, 4, 0xFFF0FFF0)
+        self._mask(PREF_BASE_UPPER32, 8, (1 << 64) - 1)
+        self._mask(BRIDGE_CONTROL, 2, BRIDGE_CONTROL_MASK)
+
+    # -- the secondary bus -------------------------------------------------------------
+    @property
+    def secondary_bus(self) -> int:
+        return self.config[SECONDARY_BUS]
+
+    @property
+    def subordinate_bus(self) -> int:
+        return self.config[SUBORDINATE_BUS]
+
+    def set_bus_numbers(self, primary: int, secondary: int, subordinate: int) -> None:
+        """Program the bus numbers as firmware does (the guest may rewrite them)."""
+        for value in (primary, secondary, subordinate):
+            if not 0 <= value < 256:
+                raise PciError(f"bus number {value} out of range 0-255")
+        self._put(PRIMARY_BUS, 3, primary | secondary << 8 | subordinate << 16)
+
+    def set_memory_window(self, base: int, limit: int) -> None:
+        """Program the (non-prefetchable) memory window [base, limit] (1 MiB granules)."""
+        self._put(MEMORY_BASE, 2, (base >> 16) & 0xFFF0)
+        self._put(MEMORY_LIMIT, 2, (limit >> 16) & 0xFFF0)
+        if self.on_decode_change:
+            self.on_decode_change()
+
+    def set_io_window(self, base: int, limit: int) -> None:
+        """Program the I/O window [base, limit] (4 KiB granules, 16-bit)."""
+        self.config[IO_BASE] = (base >> 8) & 0xF0
+        self.config[IO_LIMIT] = (limit >> 8) & 0xF0
+        if self.on_decode_change:
+            self.on_decode_change()
+
+    def windows(self, space: str) -> list[tuple[int, int]]:
+        """The open windows of ``space`` ("mem" or "io") as (base, last byte) pairs."""
+        if space == "io":
+            ranges = [((self.config[IO_BASE] & 0xF0) << 8, (self.config[IO_LIMIT] & 0xF0) << 8 | 0xFFF)]
+        else:
+            ranges = [((self._get(MEMORY_BASE, 2) & 0xFFF0) << 16, (self._get(MEMORY_LIMIT, 2) & 0xFFF0) << 16 | 0xFFFFF),
+                      ((self._get(PREF_MEMORY_BASE, 2) & 0xFFF0) << 16 | self._get(PREF_BASE_UPPER32, 4) << 32,
+                       (self._get(PREF_MEMORY_LIMIT, 2) & 0xFFF0) << 16 | 0xFFFFF
+                       | self._get(PREF_LIMIT_UPPER32, 4) << 32)]
+        return [(base, last) for base, last in ranges if base <= last]
+
+    def forwards(self, space: str, base: int, size: int) -> bool:
+        """Whether the bridge passes accesses to [base, base + size) down to its bus."""
+        if not self.command & (COMMAND_IO if space == "io" else COMMAND_MEMORY):
+            return False
+        return any(low <= base and base + size - 1 <= last for low, last in self.windows(space))
+
+    def attach(self, function: PciFunction, fn: int) -> None:
+        """Put ``function`` at device 0, function ``fn`` of the secondary bus."""
+        if not 0 <= fn < FUNCTIONS:
+            raise PciError(f"function {fn} out of range 0-7")
+        if fn in self.children:
+            raise PciError(f"addr 0x0.{fn} is already taken")
+        self.children[fn] = function
+
+    def detach(self, fn: int) -> PciFunction | None:
+        return self.children.pop(fn, None)
+
+
 @dataclass
 class PciHostState:
     """The CF8 address latch and the host bridge's configuration bytes ("" = power-on)."""
@@ -468,14 +579,43 @@ class PciHost:
         self.invalidate()
 
     # -- configuration space -----------------------------------------------------------
+    def bridges(self) -> list[tuple[int, PciBridge]]:
+        """The bridges on the root bus as (devfn, bridge), in devfn order."""
+        return [(devfn, f) for devfn, f in sorted(self.functions.items()) if isinstance(f, PciBridge)]
+
+    def bridge_of(self, bus: int) -> PciBridge | None:
+        """The bridge whose secondary bus is ``bus`` (> 0), the lowest devfn first."""
+        if bus == 0:
+            return None
+        return next((b for _, b in self.bridges() if b.secondary_bus == bus), None)
+
+    def target(self, bus: int, devfn: int) -> PciFunction | None:
+        """The function a configuration access to ``bus``:``devfn`` reaches, if any."""
+        if bus == 0:
+            return self.functions.get(devfn)
+        bridge = self.bridge_of(bus)
+        if bridge is None or devfn >= FUNCTIONS:   # a PCIe link has device 0 only
+            return None
+        return bridge.children.get(devfn)
+
+    def plug_child(self, bridge: PciBridge, function: PciFunction, fn: int) -> None:
+        """Put ``function`` at 0.``fn`` behind ``bridge`` (which must be on this host)."""
+        bridge.attach(function, fn)
+        function.on_decode_change = self.invalidate
+        self.invalidate()
+
+    def unplug_child(self, bridge: PciBridge, fn: int) -> None:
+        bridge.detach(fn)
+        self.invalidate()
+
     def config_read(self, bus: int, devfn: int, offset: int, size: int) -> int:
-        function = self.functions.get(devfn) if bus == 0 else None
+        function = self.target(bus, devfn)
         if function is None:
             return (1 << (8 * size)) - 1
         return function.config_read(offset, size)
 
     def config_write(self, bus: int, devfn: int, offset: int, size: int, value: int) -> None:
-        function = self.functions.get(devfn) if bus == 0 else None
+        function = self.target(bus, devfn)
         if function is not None:
             function.config_write(offset, size, value)
 
@@ -488,13 +628,18 @@ class PciHost:
         if cached is not None:
             return cached
         mappings: list[_Mapping] = []
+        decoders: list[tuple[PciFunction, PciBridge | None]] = []
         for devfn in sorted(self.functions):
             function = self.functions[devfn]
+            decoders.append((function, None))
+            if isinstance(function, PciBridge):
+                decoders += [(function.children[fn], function) for fn in sorted(function.children)]
+        for function, parent in decoders:
             for spec in function.bars:
                 if spec is None or (spec.kind == BAR_IO) != (space == "io"):
                     continue
                 base = function.bar_address(spec.index)
-                if base is not None:
+                if base is not None and (parent is None or parent.forwards(space, base, spec.size)):
                     mappings.append(_Mapping(base, spec.size, function, spec.index))
         mappings.sort(key=lambda m: m.base)
         kept: list[_Mapping] = []

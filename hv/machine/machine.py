@@ -43,6 +43,7 @@ from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.devconfig import DevConfigError, DeviceConfig
 from hv.devices.interfaces import UnconnectedLine
 from hv.devices.pci import UnconnectedMsi, parse_devfn
+from hv.devices.pcie_root_port import PcieRootPort
 from hv.machine.pci_wiring import build_pci, plug_device, plug_net_device, unplug_device
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
@@ -217,31 +218,50 @@ class Machine:
         return windows + self.pci.mmio_windows
 
     def _wire_pci_interrupts(self, irq: InterruptController | GicController) -> None:
-        """q35: MSI-X messages go to the local APICs, INTx pins to IOAPIC inputs 16-23.
-        virt: MSI-X messages go to the GICv2m frame, INTx pins to SPIs 3-6 (INTIDs 35-38).
-        On both, an INTx input is a wire-OR of the functions sharing it."""
+        """q35: MSI-X/MSI messages go to the local APICs, INTx pins to IOAPIC inputs 16-23.
+        virt: MSI-X/MSI messages go to the GICv2m frame, INTx pins to SPIs 3-6 (INTIDs 35-38).
+        On both, an INTx input is a wire-OR of the functions sharing it; a function
+        behind a root port has its pin swizzled to the port's slot (PCI bridge rule)."""
         for devfn, function in sorted(self.pci.host.functions.items()):
             self._wire_pci_function(irq, devfn, function)
+        for bus, port in self.pci.ports.items():
+            for fn, child in sorted(port.children.items()):
+                self._wire_pci_function(irq, fn, child, bus)
 
-    def _wire_pci_function(self, irq: InterruptController | GicController, devfn: int, function: Any) -> None:
-        """One function's MSI-X sink and INTx pin (see :meth:`_wire_pci_interrupts`)."""
+    def _wire_pci_function(self, irq: InterruptController | GicController, devfn: int, function: Any,
+                           bus: str = "pcie.0") -> None:
+        """One function's MSI-X (MSI) sink and INTx pin (see :meth:`_wire_pci_interrupts`).
+        ``devfn`` is on ``bus``: pcie.0 or a root port's id."""
         table = getattr(function, "msix", None)
         if table is not None:
             table.sink = irq.msi()
+        if isinstance(function, PcieRootPort):
+            function.msi_sink = irq.msi()
         pin = function.config_read(0x3D, 1)
         if not pin or not hasattr(function, "intx"):
             return
+        key: Any = devfn
+        routed_slot = devfn >> 3
+        if bus != "pcie.0":
+            # PCI-to-PCI bridge swizzle: pin' = ((pin - 1 + slot) % 4) + 1, at the port's slot.
+            port = self.pci.ports[bus]
+            pin = ((pin - 1 + (devfn >> 3)) % 4) + 1
+            routed_slot = (port.devfn or 0) >> 3
+            key = (bus, devfn)
         if isinstance(irq, InterruptController):
-            gsi = Q35_PCI_GSI_BASE + ((devfn >> 3) + pin - 1) % 8
+            gsi = Q35_PCI_GSI_BASE + (routed_slot + pin - 1) % 8
             line = self.intx_lines.get(gsi)
             if line is None:
                 line = self.intx_lines[gsi] = SharedLine(irq.line(gsi), self._lock, f"gsi{gsi}")
         else:
-            intid = pci_intx_intid(devfn >> 3, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
+            intid = pci_intx_intid(routed_slot, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
             line = self.intx_lines.get(intid)
             if line is None:
                 line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
-        function.intx = line.attach(devfn)
+        function.intx = line.attach(key)
+        if isinstance(function, PcieRootPort):
+            function.drive_intx()
+            return
         # The function may already assert INTx (a restored ISR): drive the shared line now.
         isr = getattr(getattr(function, "s", None), "isr", 0)
         if isr and not function.command & 0x400:
@@ -253,8 +273,11 @@ class Machine:
         machine exists.
 
         Its drive (netdev) must be a ``-drive`` (``-netdev``) of the command line that no
-        device uses; the image is opened and locked (the socket/tap opened) here. Under the big lock the function is put on pcie.0 (the
-        guest sees it on its next configuration-space scan), wired to the interrupt
+        device uses; the image is opened and locked (the socket/tap opened) here. Under the
+        big lock the function is put on its bus: on pcie.0 the guest sees it on its next
+        configuration-space scan; behind a ``pcie-root-port`` the port's :meth:`plug`
+        raises its slot events (Presence Detect / DLL State Changed) and hot-plug
+        interrupt, so a pciehp guest notices at once. The function is wired to the interrupt
         controller (q35: LAPICs/IOAPIC; virt: GICv2m/SPIs), and added to :attr:`devices`, so it is saved, reset and in the
         migration fingerprint. Raises :class:`MachineError` naming the problem; on error
         nothing has changed.
@@ -278,27 +301,33 @@ class Machine:
                               pci_slot.bus, pci_slot.addr, {k: str(v) for k, v in pci_slot.attrs.items()})
             if self.interrupts is not None:
                 devfn_slot, devfn_fn = parse_devfn(pci_slot.addr)
-                self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device)
+                self._wire_pci_function(self.interrupts, devfn_slot << 3 | devfn_fn, pci_slot.device,
+                                        pci_slot.bus)
             if isinstance(pci_slot.device, VirtioNetPciDevice):
                 pci_slot.device.enable_async_rx(self._lock, self._accepts_device_dma)
                 pci_slot.device.start()
             self.devices[slot.name] = slot
-        log.info("hot-plugged %s %s at pcie.0 %s", slot.kind, slot.name, slot.addr)
+            port = self.pci.ports.get(pci_slot.bus)
+            if port is not None:
+                port.plug()   # presence + link up, PDC + DLLSC, the hot-plug interrupt
+        log.info("hot-plugged %s %s at %s %s", slot.kind, slot.name, slot.bus, slot.addr)
         return slot
 
     def hotunplug_device(self, device_id: str) -> DeviceSlot:
         """Remove PCI device ``device_id`` (hot-plugged or from the command line).
 
-        Under the big lock: its interrupt is lowered, the function leaves pcie.0 (its
+        Under the big lock: its interrupt is lowered, the function leaves its bus (its
         configuration space reads as all ones), a NIC stops delivering, and it leaves
-        :attr:`devices`. Then, outside the lock (a NIC's reader thread may be waiting for
+        :attr:`devices`; behind a root port, the port's :meth:`unplug` raises the slot
+        events and interrupt (surprise removal: nothing waits for the guest). Root ports
+        themselves cannot be unplugged. Then, outside the lock (a NIC's reader thread may be waiting for
         it), its image is closed and unlocked or its netdev closed. Raises
         :class:`MachineError`; on error nothing changed.
         """
         with self._lock:
             self._check_hotplug_state("device_del")
             slot = self.devices.get(device_id)
-            if slot is None or slot.bus != "pcie.0":
+            if slot is None or slot.bus not in self.pci.buses:
                 raise MachineError(f"Device '{device_id}' not found" if slot is None else
                                    f"device_del: {device_id} ({slot.kind}) is not a hot-pluggable device")
             function = slot.device
@@ -313,8 +342,11 @@ class Machine:
             if getattr(function, "msix", None) is not None:
                 function.msix.sink = UnconnectedMsi()
             del self.devices[device_id]
+            port = self.pci.ports.get(slot.bus)
+            if port is not None:
+                port.unplug()   # presence + link down, PDC + DLLSC, the hot-plug interrupt
         release()
-        log.info("hot-unplugged %s %s from pcie.0 %s", slot.kind, slot.name, slot.addr)
+        log.info("hot-unplugged %s %s from %s %s", slot.kind, slot.name, slot.bus, slot.addr)
         return slot
 
     def _check_hotplug_state(self, command: str) -> None:

@@ -11,8 +11,14 @@ QEMU's:
 | I/O window | ports 0xC000-0xFFFF | 0x3EFF0000, 64 KiB (PCI I/O 0-0xFFFF) |
 | host bridge 0:0.0 | 8086:29c0 | 1b36:0008 |
 
-The host bridge function is left out when a ``-device`` asks for slot 0 (StratoVirt's
-walkthrough uses ``addr=0`` for its disk); guests do not need it to enumerate pcie.0.
+The host bridge function is left out when a ``-device`` asks for slot 0 of pcie.0
+(StratoVirt's walkthrough uses ``addr=0`` for its disk); guests do not need it to
+enumerate pcie.0.
+
+``-device pcie-root-port,id=pcie.1,...`` functions are built first; each one's ``id``
+names a secondary bus taking one device (``bus=pcie.1,addr=0[.F]``). Firmware-style bus
+numbers are assigned at build time: root port k (1, 2, ... in slot order on pcie.0) gets
+secondary = subordinate = k (the guest may renumber).
 
 BARs start unassigned (address 0, decoding off): the guest sizes and programs them, as
 firmware would. :func:`preassign_bars` places them the way a firmware would, for guests
@@ -26,11 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from hv.block import BlockBackend, BlockError
-from hv.devconfig import DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
+from hv.devconfig import ROOT_BUS, DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
 from hv.devices.bus import Bus
-from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_MEMORY, HostBridge, PciBarWindow,
-                            PciConfigPorts, PciEcam, PciError, PciFunction, PciHost, PciHostState,
-                            format_devfn, parse_devfn)
+from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, HostBridge,
+                            PciBarWindow, PciBridge, PciConfigPorts, PciEcam, PciError, PciFunction, PciHost,
+                            PciHostState, format_devfn, parse_devfn)
+from hv.devices.pcie_root_port import PcieRootPort, PcieRootPortState
 from hv.devices.virtio_blk import VirtioBlk
 from hv.devices.virtio_net import VirtioNet, VirtioNetPciDevice, VirtioNetState, format_mac, parse_mac
 from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
@@ -69,7 +76,7 @@ class PciSlot:
     kind: str
     device: Any          # has save() / restore()
     state_type: type
-    bus: str             # "pcie.0" for functions, "mmio"/"port" for the host's ranges
+    bus: str             # "pcie.0" or a root port's id for functions, "mmio"/"port" for the host's ranges
     addr: str            # "03.0" for functions
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +89,12 @@ class PciSetup:
     slots: list[PciSlot]
     blocks: dict[str, BlockBackend]     # drive id -> open image
     nets: dict[str, NetBackend] = field(default_factory=dict)   # netdev id -> open backend
+    ports: dict[str, PcieRootPort] = field(default_factory=dict)   # root port id (its bus) -> port
+
+    @property
+    def buses(self) -> set[str]:
+        """The PCI bus ids: pcie.0 and every root port's secondary bus."""
+        return {ROOT_BUS, *self.ports}
 
     def fingerprint_devices(self) -> list[dict[str, Any]]:
         """Entries for ``Machine.fingerprint()['devices']`` (type, id, bus, addr, attrs)."""
@@ -148,7 +161,7 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
     devices = list(devices)
     # The seed walkthrough puts its disk at addr=0: then that device, not the host
     # bridge, is 0:0.0 (guests enumerate the root bus without a bridge function).
-    slot0_claimed = any(device.slot == 0 for device in devices)
+    slot0_claimed = any(device.slot == 0 and device.bus == ROOT_BUS for device in devices)
     host = PciHost(None if slot0_claimed else HostBridge(*layout.bridge_ids))
     if slot0_claimed:
         log.info("pcie.0: a -device takes slot 0, so the machine has no host bridge function")
@@ -165,11 +178,17 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
     slots = [PciSlot("pcie.0", "pcie-host", host, PciHostState, "mmio", f"{layout.ecam_base:#x}")]
     setup = PciSetup(host, layout, windows, slots, {})
     names = {"pcie.0", *taken_names}
+    ports = [device for device in devices if device.driver == "pcie-root-port"]
     try:
-        for device in devices:
+        for device in ports + [device for device in devices if device.driver != "pcie-root-port"]:
             if device.id in names:
                 raise DevConfigError(f"-device {device.driver}: id={device.id} is already used by another device")
             names.add(device.id)
+            if device.driver == "pcie-root-port":
+                plug_root_port(setup, device)
+                if device is ports[-1]:
+                    _assign_bus_numbers(setup)
+                continue
             if device.driver == "virtio-net-pci":
                 plug_net_device(setup, memory, netdev_map.get(device.netdev or ""), device, attach=lock_images)
                 continue
@@ -188,7 +207,8 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
 
 def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None, device: DeviceConfig,
                 lock_image: bool = True, option: str = "-device") -> PciSlot:
-    """Open ``drive``'s image and plug a virtio-blk-pci function for ``device`` on pcie.0.
+    """Open ``drive``'s image and plug a virtio-blk-pci function for ``device`` on its bus
+    (pcie.0, or a root port's secondary bus: then only addr 0[.F]).
 
     The one code path for ``-device`` (:func:`build_pci`) and QMP ``device_add``
     (``Machine.hotplug_device``, which holds the machine's big lock). The new slot is
@@ -205,11 +225,7 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
         raise DevConfigError(f"{option} {device.driver}: drive={drive.id} is already used by a device")
     if any(s.name == device.id for s in setup.slots):
         raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
-    slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
-    if slot << 3 | fn in host.functions:
-        what = "the host bridge" if host.functions[slot << 3 | fn] is host.bridge else "another device"
-        raise DevConfigError(f"{option} {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
-                             f"is taken by {what}")
+    port, slot, fn = _place(setup, device, option)
     try:
         block = BlockBackend(drive.file, readonly=drive.readonly, direct=drive.direct, lock=lock_image)
     except BlockError as exc:
@@ -217,7 +233,7 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
     serial = device.serial if device.serial is not None else drive.serial
     try:
         function = VirtioPciDevice(memory, VirtioBlk(memory, block, serial))
-        host.plug(function, slot, fn)
+        _attach(setup, port, function, slot, fn)
     except PciError as exc:
         block.close()
         raise DevConfigError(f"{option} {device.driver},id={device.id}: {exc}") from None
@@ -225,7 +241,7 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
         block.close()
         raise
     setup.blocks[drive.id] = block
-    pci_slot = PciSlot(device.id, device.driver, function, VirtioPciState, "pcie.0", format_devfn(slot, fn),
+    pci_slot = PciSlot(device.id, device.driver, function, VirtioPciState, device.bus, format_devfn(slot, fn),
                        {"drive": drive.id, "file": str(drive.file), "serial": serial or "",
                         "readonly": drive.readonly})
     setup.slots.append(pci_slot)
@@ -236,7 +252,7 @@ HOTPLUG_DRIVERS = ("virtio-blk-pci", "virtio-net-pci")
 
 
 def unplug_device(setup: PciSetup, device_id: str) -> tuple[PciSlot, Callable[[], None]]:
-    """Take virtio-blk-pci or virtio-net-pci ``device_id`` off pcie.0.
+    """Take virtio-blk-pci or virtio-net-pci ``device_id`` off its bus (pcie.0 or a port's).
 
     The reverse of :func:`plug_device` / :func:`plug_net_device`; the caller holds the
     machine's big lock. The function disappears from configuration space (reads as all
@@ -246,14 +262,23 @@ def unplug_device(setup: PciSetup, device_id: str) -> tuple[PciSlot, Callable[[]
     for that lock. Raises :class:`DevConfigError` (nothing changed) for an unknown id or
     a device that cannot be unplugged.
     """
-    pci_slot = next((s for s in setup.slots if s.name == device_id and s.bus == "pcie.0"), None)
+    pci_slot = next((s for s in setup.slots if s.name == device_id and s.bus in setup.buses), None)
     if pci_slot is None:
         raise DevConfigError(f"device_del: no PCI device with id {device_id}")
+    if pci_slot.kind == "pcie-root-port":
+        port = setup.ports[device_id]
+        inside = [s.name for s in setup.slots if s.bus == device_id]
+        held = f" (it holds {', '.join(inside)})" if inside else ""
+        raise DevConfigError(f"device_del: {device_id} is a pcie-root-port: root ports cannot be unplugged{held}"
+                             if port is not None else f"device_del: {device_id}: no such root port")
     if pci_slot.kind not in HOTPLUG_DRIVERS:
         raise DevConfigError(f"device_del: {device_id} is a {pci_slot.kind}: only "
                              f"{' and '.join(HOTPLUG_DRIVERS)} can be unplugged")
     slot, fn = parse_devfn(pci_slot.addr)
-    setup.host.unplug(slot, fn)
+    if pci_slot.bus == ROOT_BUS:
+        setup.host.unplug(slot, fn)
+    else:
+        setup.host.unplug_child(setup.ports[pci_slot.bus], fn)
     resource: BlockBackend | NetBackend | None
     if pci_slot.kind == "virtio-net-pci":
         pci_slot.device.detach()
@@ -269,7 +294,7 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 
 def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig | None, device: DeviceConfig,
                     attach: bool = True, option: str = "-device") -> PciSlot:
-    """Open the netdev's backend and plug a virtio-net-pci function for it on pcie.0.
+    """Open the netdev's backend and plug a virtio-net-pci function for it on its bus.
 
     The one code path for ``-device`` and QMP ``device_add`` (the caller then starts
     the device's receiving with :meth:`VirtioNetPciDevice.start`). ``attach=False``
@@ -284,11 +309,7 @@ def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig |
         raise DevConfigError(f"{option} {device.driver}: netdev={netdev.id} is already used by a device")
     if any(s.name == device.id for s in setup.slots):
         raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
-    slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
-    if slot << 3 | fn in host.functions:
-        what = "the host bridge" if host.functions[slot << 3 | fn] is host.bridge else "another device"
-        raise DevConfigError(f"{option} {device.driver},id={device.id}: addr={slot:#x}.{fn} on pcie.0 "
-                             f"is taken by {what}")
+    port, slot, fn = _place(setup, device, option)
     if device.mac is not None:
         mac = parse_mac(device.mac)
     else:   # QEMU's default, made unique per NIC: 52:54:00:12:34:56, :57, ...
@@ -303,7 +324,7 @@ def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig |
         raise DevConfigError(f"-netdev {netdev.kind},id={netdev.id}: {exc.strerror}") from None
     function = VirtioNetPciDevice(memory, VirtioNet(memory, backend, mac))
     try:
-        host.plug(function, slot, fn)
+        _attach(setup, port, function, slot, fn)
     except PciError as exc:
         backend.close()
         raise DevConfigError(f"{option} {device.driver},id={device.id}: {exc}") from None
@@ -312,9 +333,82 @@ def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig |
         raise
     setup.nets[netdev.id] = backend
     attrs = {"netdev": netdev.id, "mac": format_mac(mac)}
-    pci_slot = PciSlot(device.id, device.driver, function, VirtioNetState, "pcie.0", format_devfn(slot, fn), attrs)
+    pci_slot = PciSlot(device.id, device.driver, function, VirtioNetState, device.bus, format_devfn(slot, fn),
+                       attrs)
     setup.slots.append(pci_slot)
     return pci_slot
+
+
+def plug_root_port(setup: PciSetup, device: DeviceConfig, option: str = "-device") -> PciSlot:
+    """Plug a ``pcie-root-port`` on pcie.0; its id becomes a bus. Bus numbers are
+    assigned by :func:`_assign_bus_numbers` once every port is built."""
+    if any(s.name == device.id for s in setup.slots):
+        raise DevConfigError(f"{option} {device.driver}: id={device.id} is already used by another device")
+    _, slot, fn = _place(setup, device, option)
+    try:
+        port = PcieRootPort(device.port, device.chassis, device.physical_slot, device.multifunction)
+        setup.host.plug(port, slot, fn)
+    except PciError as exc:
+        raise DevConfigError(f"{option} {device.driver},id={device.id}: {exc}") from None
+    port.devfn = slot << 3 | fn
+    setup.ports[device.id] = port
+    attrs = {"port": device.port, "chassis": device.chassis, "slot": port.physical_slot,
+             "multifunction": device.multifunction}
+    pci_slot = PciSlot(device.id, device.driver, port, PcieRootPortState, ROOT_BUS, format_devfn(slot, fn), attrs)
+    setup.slots.append(pci_slot)
+    return pci_slot
+
+
+def _assign_bus_numbers(setup: PciSetup) -> None:
+    """Root port k (1, 2, ... in slot order) gets secondary = subordinate = k, as firmware
+    enumerating pcie.0 depth-first would."""
+    for number, (_, port) in enumerate(setup.host.bridges(), start=1):
+        if number >= setup.layout.ecam_buses:
+            raise DevConfigError(f"-device pcie-root-port: too many root ports (the ECAM covers buses "
+                                 f"0-{setup.layout.ecam_buses - 1})")
+        if isinstance(port, PcieRootPort):
+            port.firmware_buses = (0, number, number)
+        port.set_bus_numbers(0, number, number)
+
+
+def _occupant(setup: PciSetup, function: PciFunction) -> str:
+    if function is setup.host.bridge:
+        return "the host bridge"
+    name = next((s.name for s in setup.slots if s.device is function), None)
+    if isinstance(function, PcieRootPort) and name is not None:
+        return f"root port {name}"
+    return "another device"
+
+
+def _place(setup: PciSetup, device: DeviceConfig, option: str) -> tuple[PcieRootPort | None, int, int]:
+    """Where ``device`` goes: (root port or None for pcie.0, slot, function); a clear
+    one-line DevConfigError when the bus does not exist or the address is taken."""
+    host = setup.host
+    where = f"{option} {device.driver},id={device.id}"
+    if device.bus == ROOT_BUS:
+        slot, fn = (device.slot, device.function) if device.slot is not None else (_free_slot(host), 0)
+        if slot << 3 | fn in host.functions:
+            raise DevConfigError(f"{where}: addr={slot:#x}.{fn} on pcie.0 is taken by "
+                                 f"{_occupant(setup, host.functions[slot << 3 | fn])}")
+        return None, slot, fn
+    port = setup.ports.get(device.bus)
+    if port is None:
+        raise DevConfigError(f"{option} {device.driver}: bus={device.bus}: no such bus")
+    slot, fn = (device.slot, device.function) if device.slot is not None else (0, 0)
+    if slot != 0:
+        raise DevConfigError(f"{where}: addr={slot:#x}.{fn} on {device.bus}: a root port's bus has one "
+                             f"device, at addr=0 (functions 0.0-0.7)")
+    if fn in port.children:
+        raise DevConfigError(f"{where}: addr=0x0.{fn} on {device.bus} is taken by "
+                             f"{_occupant(setup, port.children[fn])}")
+    return port, slot, fn
+
+
+def _attach(setup: PciSetup, port: PcieRootPort | None, function: PciFunction, slot: int, fn: int) -> None:
+    if port is None:
+        setup.host.plug(function, slot, fn)
+    else:
+        setup.host.plug_child(port, function, fn)
 
 
 def _free_slot(host: PciHost) -> int:
@@ -324,28 +418,56 @@ def _free_slot(host: PciHost) -> int:
     raise DevConfigError("-device: no free slot on pcie.0")
 
 
+BRIDGE_MEM_RESERVE = 2 << 20     # memory window kept for a root port's hot-plugged device
+BRIDGE_MEM_ALIGN = 1 << 20
+BRIDGE_IO_ALIGN = 0x1000
+
+
 def preassign_bars(setup: PciSetup) -> None:
-    """Place every BAR in the windows and enable decoding, as firmware would."""
+    """Place every BAR in the windows and enable decoding, as firmware would.
+
+    Root-bus BARs first (devfn order); then, per root port in slot order, a memory
+    window (1 MiB aligned, at least :data:`BRIDGE_MEM_RESERVE` so a hot-plugged device
+    fits) holding its children's BARs, an I/O window only if a child has an I/O BAR
+    (else closed), and the port's memory/I/O/bus-master enables. Bus numbers were set
+    at build time.
+    """
     layout = setup.layout
-    next_mem = layout.mmio_base
-    next_io = 0x1000 if not layout.io_on_pio else layout.io_base
-    for devfn in sorted(setup.host.functions):
-        function: PciFunction = setup.host.functions[devfn]
+    cursor = {"mem": layout.mmio_base, "io": 0x1000 if not layout.io_on_pio else layout.io_base}
+
+    def place(function: PciFunction) -> None:
         command = function.command
         for spec in function.bars:
             if spec is None:
                 continue
             offset = 0x10 + 4 * spec.index
-            if spec.kind == BAR_IO:
-                next_io = -(-next_io // spec.size) * spec.size
-                function.config_write(offset, 4, next_io)
-                next_io += spec.size
-                command |= 0x1
-            else:
-                next_mem = -(-next_mem // spec.size) * spec.size
-                function.config_write(offset, 4, next_mem & 0xFFFFFFFF)
-                if spec.kind == BAR_MEM64:
-                    function.config_write(offset + 4, 4, next_mem >> 32)
-                next_mem += spec.size
-                command |= COMMAND_MEMORY
+            space = "io" if spec.kind == BAR_IO else "mem"
+            address = cursor[space] = -(-cursor[space] // spec.size) * spec.size
+            function.config_write(offset, 4, address & 0xFFFFFFFF)
+            if spec.kind == BAR_MEM64:
+                function.config_write(offset + 4, 4, address >> 32)
+            cursor[space] += spec.size
+            command |= COMMAND_IO if space == "io" else COMMAND_MEMORY
         function.config_write(COMMAND, 2, command)
+
+    for devfn in sorted(setup.host.functions):
+        function: PciFunction = setup.host.functions[devfn]
+        if not isinstance(function, PciBridge):
+            place(function)
+    for _, bridge in setup.host.bridges():
+        mem_base = cursor["mem"] = -(-cursor["mem"] // BRIDGE_MEM_ALIGN) * BRIDGE_MEM_ALIGN
+        io_base = cursor["io"] = -(-cursor["io"] // BRIDGE_IO_ALIGN) * BRIDGE_IO_ALIGN
+        for fn in sorted(bridge.children):
+            place(bridge.children[fn])
+        mem_end = max(-(-cursor["mem"] // BRIDGE_MEM_ALIGN) * BRIDGE_MEM_ALIGN, mem_base + BRIDGE_MEM_RESERVE)
+        bridge.set_memory_window(mem_base, mem_end - 1)
+        cursor["mem"] = mem_end
+        command = bridge.command | COMMAND_MEMORY | COMMAND_MASTER
+        if cursor["io"] > io_base:
+            io_end = -(-cursor["io"] // BRIDGE_IO_ALIGN) * BRIDGE_IO_ALIGN
+            bridge.set_io_window(io_base, io_end - 1)
+            cursor["io"] = io_end
+            command |= COMMAND_IO
+        else:
+            bridge.set_io_window(0xF000, 0)     # closed: base above limit
+        bridge.config_write(COMMAND, 2, command)
