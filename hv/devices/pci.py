@@ -459,6 +459,9 @@ class PciBridge(PciFunction):
         self._mask(PREF_BASE_UPPER32, 8, (1 << 64) - 1)
         self._mask(BRIDGE_CONTROL, 2, BRIDGE_CONTROL_MASK)
 
+    def _decode_bytes(self) -> bytes:
+        return bytes(self.config[COMMAND:COMMAND + 2]) + bytes(self.config[BAR0:self.DECODE_END])
+
     # -- the secondary bus -------------------------------------------------------------
     @property
     def secondary_bus(self) -> int:
@@ -486,6 +489,13 @@ class PciBridge(PciFunction):
         """Program the I/O window [base, limit] (4 KiB granules, 16-bit)."""
         self.config[IO_BASE] = (base >> 8) & 0xF0
         self.config[IO_LIMIT] = (limit >> 8) & 0xF0
+        if self.on_decode_change:
+            self.on_decode_change()
+
+    def close_prefetchable_window(self) -> None:
+        """Base above limit: the prefetchable window forwards nothing."""
+        self._put(PREF_MEMORY_BASE, 4, PREF_RANGE_64BIT << 16 | 0xFFF0 | PREF_RANGE_64BIT)
+        self._put(PREF_BASE_UPPER32, 8, 0)
         if self.on_decode_change:
             self.on_decode_change()
 

@@ -428,7 +428,8 @@ def preassign_bars(setup: PciSetup) -> None:
 
     Root-bus BARs first (devfn order); then, per root port in slot order, a memory
     window (1 MiB aligned, at least :data:`BRIDGE_MEM_RESERVE` so a hot-plugged device
-    fits) holding its children's BARs, an I/O window only if a child has an I/O BAR
+    fits) holding its children's BARs (prefetchable ones too: the prefetchable window
+    is closed), an I/O window only if a child has an I/O BAR
     (else closed), and the port's memory/I/O/bus-master enables. Bus numbers were set
     at build time.
     """
@@ -461,6 +462,7 @@ def preassign_bars(setup: PciSetup) -> None:
             place(bridge.children[fn])
         mem_end = max(-(-cursor["mem"] // BRIDGE_MEM_ALIGN) * BRIDGE_MEM_ALIGN, mem_base + BRIDGE_MEM_RESERVE)
         bridge.set_memory_window(mem_base, mem_end - 1)
+        bridge.close_prefetchable_window()
         cursor["mem"] = mem_end
         command = bridge.command | COMMAND_MEMORY | COMMAND_MASTER
         if cursor["io"] > io_base:
