@@ -39,15 +39,6 @@ def test_device_options():
     assert parse_device("virtio-blk-pci,drive=d").slot is None         # first free slot
 
 
-def test_root_port_parses_stratovirt_syntax():
-    device = parse_device("pcie-root-port,port=0x1,addr=0x1,bus=pcie.0,id=pcie.1,chassis=2,slot=9,multifunction=on")
-    assert (device.driver, device.id, device.bus, device.slot, device.function) == ("pcie-root-port", "pcie.1",
-                                                                                    "pcie.0", 1, 0)
-    assert (device.port, device.chassis, device.physical_slot, device.multifunction) == (1, 2, 9, True)
-    blk = parse_device("virtio-blk-pci,drive=d1,id=hp0,bus=pcie.1,addr=0x0")
-    assert (blk.bus, blk.slot, blk.function) == ("pcie.1", 0, 0)
-
-
 @pytest.mark.parametrize("value,message", [
     ("", "empty value"),
     ("file=X", "id= is required"),

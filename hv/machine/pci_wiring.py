@@ -216,7 +216,6 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
     ``option`` prefixes error messages (``-device`` or ``device_add``).
     Raises :class:`DevConfigError` (one line); on error ``setup`` is unchanged.
     """
-    host = setup.host
     if device.driver != "virtio-blk-pci":
         raise DevConfigError(f"{option} {device.driver}: only virtio-blk-pci is handled here")
     if drive is None:
@@ -266,11 +265,9 @@ def unplug_device(setup: PciSetup, device_id: str) -> tuple[PciSlot, Callable[[]
     if pci_slot is None:
         raise DevConfigError(f"device_del: no PCI device with id {device_id}")
     if pci_slot.kind == "pcie-root-port":
-        port = setup.ports[device_id]
         inside = [s.name for s in setup.slots if s.bus == device_id]
         held = f" (it holds {', '.join(inside)})" if inside else ""
-        raise DevConfigError(f"device_del: {device_id} is a pcie-root-port: root ports cannot be unplugged{held}"
-                             if port is not None else f"device_del: {device_id}: no such root port")
+        raise DevConfigError(f"device_del: {device_id} is a pcie-root-port: root ports cannot be unplugged{held}")
     if pci_slot.kind not in HOTPLUG_DRIVERS:
         raise DevConfigError(f"device_del: {device_id} is a {pci_slot.kind}: only "
                              f"{' and '.join(HOTPLUG_DRIVERS)} can be unplugged")
@@ -302,7 +299,6 @@ def plug_net_device(setup: PciSetup, memory: GuestMemory, netdev: NetdevConfig |
     :meth:`PciSetup.acquire_locks` at the switch-over, after the source released it.
     Raises :class:`DevConfigError` (one line); on error ``setup`` is unchanged.
     """
-    host = setup.host
     if netdev is None:
         raise DevConfigError(f"{option} {device.driver}: netdev={device.netdev}: no -netdev with that id")
     if netdev.id in setup.nets:
