@@ -211,7 +211,7 @@ def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> Device
 
 
 def _placement(option: str, driver: str, pairs: dict[str, str]) -> tuple[str, int | None, int]:
-    bus = _check_id(option, "bus", pairs.get("bus", ROOT_BUS))
+    bus = _check_id(f"{option} {driver}", "bus", pairs.get("bus", ROOT_BUS))
     slot: int | None = None
     function = 0
     if "addr" in pairs:

@@ -635,7 +635,7 @@ def test_netdev_errors(netdev, message):
     ("virtio-net-pci,netdev=n0,mac=52-54-00-12-34-56", "six hex bytes"),
     ("virtio-net-pci,netdev=n0,mac=01:00:5e:00:00:01", "multicast"),
     ("virtio-net-pci,netdev=n0,drive=d0", "unknown parameter 'drive'"),
-    ("virtio-net-pci,netdev=n0,bus=pcie.1", "no such bus"),
+    ("virtio-net-pci,netdev=n0,bus=9x", "bus='9x': ids start with a letter"),   # unknown bus: the wiring
     ("virtio-net-pci,netdev=n0,addr=20", "slot"),
 ])
 def test_net_device_errors(device, message):
@@ -672,6 +672,8 @@ def test_wiring_errors(tmp_path):
     assert build_error(tmp_path, [f"socket,id=n0,listen={sock}", f"socket,id=n1,listen={sock}1"],
                        ["virtio-net-pci,netdev=n0,addr=0", "virtio-net-pci,netdev=n1,addr=0"]) == \
         "-device virtio-net-pci,id=n1: addr=0x0.0 on pcie.0 is taken by another device"
+    assert build_error(tmp_path, [f"socket,id=n0,listen={sock}"], ["virtio-net-pci,netdev=n0,bus=pcie.1"]) == \
+        "-device virtio-net-pci: bus=pcie.1: no such bus"
     assert build_error(tmp_path, [f"socket,id=n0,connect={tmp_path}/none.sock"], ["virtio-net-pci,netdev=n0"]) \
         == f"-netdev socket,id=n0: cannot connect to {tmp_path}/none.sock: No such file or directory"
     assert not sock.exists() and not Path(f"{sock}x").exists()   # nothing left behind on errors
