@@ -517,3 +517,19 @@ def test_launcher_starts_with_a_device_behind_a_port_and_rejects_a_bad_bus(hv, s
     assert bad2.wait(30) == 1
     lines = bad2.stderr().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hv: error: -device virtio-blk-pci,id=d0: addr=0x3.0 on pcie.1")
+
+
+def test_nic_hot_plugs_behind_a_port_too(sock_dir):
+    machine = new_machine("virt", "-netdev", f"socket,id=n1,listen={sock_dir}/n1.sock")
+    try:
+        cfg = Config.of_machine(machine)
+        enable_msi(cfg, machine)
+        cfg.write(0, PORT_DEV, SLTCTL, 2, HPIE_PDCE_DLLSCE)
+        slot = machine.hotplug_device(parse_device("virtio-net-pci,netdev=n1,id=nic1,bus=pcie.1,addr=0"))
+        assert (slot.bus, slot.addr) == ("pcie.1", "00.0") and msi_pending(machine)
+        assert cfg.read(1, 0, 0) == 0x1041_1AF4 and cfg.read(0, PORT_DEV, SLTSTA, 2) == PDS | PDC | DLLSC
+        assert slot.device.intx.line.name == "spi-intid36"
+        machine.hotunplug_device("nic1")
+        assert cfg.read(1, 0, 0) == ALL_ONES and cfg.read(0, PORT_DEV, SLTSTA, 2) == PDC | DLLSC
+    finally:
+        machine.close()
