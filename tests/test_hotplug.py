@@ -298,7 +298,7 @@ def start_hot_plugged_source(hv, sock_dir: str, image: Path, accel: str = "unico
     src = Vm(hv, sock_dir, "src", *blk_args(image, mig_append(*run), machine), "-accel", accel, "-S")
     assert src.execute("device_add", **HP0) == {"return": {}}
     assert src.execute("cont") == {"return": {}}
-    src.wait_lines(3)
+    src.wait_lines(4)   # banner, mode, device, first pass
     if pause:
         # Unicorn runs this driver much faster than kvm_pvm: pause the source mid-run so
         # the guest cannot finish before the migration starts.
@@ -409,7 +409,7 @@ def test_unplug_under_a_running_guest_keeps_the_vm_alive(hv, sock_dir, tmp_path)
     vm = Vm(hv, sock_dir, "hp", *blk_args(image, mig_append(*MIG_RUN)), "-accel", "unicorn",
             "-device", "virtio-blk-pci,drive=d1,id=hp0,addr=5")
     try:
-        vm.wait_lines(3)
+        vm.wait_lines(4)
         assert vm.execute("device_del", id="hp0") == {"return": {}}
         assert vm.qmp.wait_event("DEVICE_DELETED")["data"]["device"] == "hp0"
         frozen = image.read_bytes()

@@ -287,7 +287,7 @@ def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations,
             dst = Vm(hv, sock_dir, f"bdst{second}", *args, "-accel", second,
                      "-incoming", f"unix:{os.path.join(sock_dir, 'blk.mig')}")
             vms.append(dst)
-            src.wait_lines(3)
+            src.wait_lines(4)   # banner, mode, device, first pass
             if (first, second) == ("unicorn", "kvm"):
                 # Unicorn runs this CPL0 driver ~20x faster than kvm_pvm: pause the fast
                 # source mid-run so the guest cannot finish before the migration starts.

@@ -643,3 +643,39 @@ def test_close_from_another_thread_waits_for_a_running_command(sockdir: Path) ->
     assert client.recv() == {"return": {"finished": True}}  # and delivered its reply
     assert client.at_eof()
     assert not os.path.exists(path)
+
+
+def test_event_after_a_reply_survives_an_immediate_close(sockdir: Path) -> None:
+    """device_del's DEVICE_DELETED follows its reply; if the VM powers off at that very
+    moment (server closed before the loop flushed the reply) the client must still get
+    the reply and then the event, never the reply alone."""
+    for attempt in range(30):
+        path = sockdir / f"r{attempt}"
+        path.mkdir()
+        ref: list[Harness] = []
+        table = build_table(ref)
+        handled = threading.Event()
+
+        def unplug(_args: dict[str, Any]) -> Reply:
+            handled.set()
+            return Reply({}, after=lambda: ref[0].server.emit_event("DEVICE_DELETED", {"device": "hp0"}))
+
+        table.register("device_del", unplug)
+        harness = start_harness_with(path, table, ref)
+        client = connect(harness)
+        client.send(b'{"execute": "device_del"}\r\n')
+        assert handled.wait(TIMEOUT)
+        harness.server.close()                     # races the serving loop's flush
+        assert client.recv() == {"return": {}}
+        event = client.recv()
+        assert event["event"] == "DEVICE_DELETED" and event["data"] == {"device": "hp0"}
+        client.sock.close()
+
+
+def start_harness_with(sockdir: Path, table: CommandTable, ref: list[Harness]) -> Harness:
+    unix_path = str(sockdir / "qmp.sock")
+    server = QmpServer([SocketSpec("unix", path=unix_path)], table)
+    harness = Harness(server, table, unix_path)
+    ref.append(harness)
+    server.start()
+    return harness

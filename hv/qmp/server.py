@@ -98,6 +98,7 @@ class QmpServer:
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._events_closed = False   # set once close() has flushed the last replies' events
         self._closed = False
         self._ids = itertools.count(1)
 
@@ -159,6 +160,20 @@ class QmpServer:
             self._close_listeners()
             with self._lock:
                 clients = list(self._clients.values())
+            # A reply may carry an event to send after it (device_del's DEVICE_DELETED);
+            # deliver those too before hanging up: flush replies, run their callbacks,
+            # flush the events they emitted.
+            for client in clients:
+                self._flush_blocking(client)
+            for client in clients:
+                with self._lock:
+                    ready = [callback for pos, callback in client.afters if pos <= client.sent_total]
+                    client.afters = [(pos, cb) for pos, cb in client.afters if pos > client.sent_total]
+                for callback in ready:
+                    self._run_after(callback)
+            with self._lock:
+                self._events_closed = True
+                clients = list(self._clients.values())
                 self._clients.clear()
             for client in clients:
                 self._flush_blocking(client)
@@ -183,12 +198,13 @@ class QmpServer:
             raise ValueError("an event needs a non-empty name")
         payload = encode_message(event_message(name, data))  # TypeError on unserialisable data
         with self._lock:
-            if self._closing:
-                log.debug("event %s dropped: QMP server closing", name)
+            if self._events_closed:
+                log.debug("event %s dropped: QMP server closed", name)
                 return
             for client in list(self._clients.values()):
                 self._queue_locked(client, payload)
-        self._wake()
+        if not self._closing:
+            self._wake()
 
     # ------------------------------------------------------------------ binding
     def _bind_unix(self, spec: SocketSpec) -> _Listener:
