@@ -194,6 +194,21 @@ class UnicornVcpuBase(Vcpu):
             self.native.struct.stopped = 0
         return pending
 
+    # -- interrupt window ------------------------------------------------------------------
+    def arm_irq_window(self, armed: bool, after_one_block: bool = False) -> None:
+        """Unicorn's interrupt-window exit: while armed, ``run`` returns KICKED at the first
+        block boundary where the guest has unmasked interrupts (x86 RFLAGS.IF set, aarch64
+        PSTATE.I clear), so a pending interrupt is injected right after the unmasking
+        instruction instead of at the next periodic retry. Disarms itself when it fires.
+        ``after_one_block``: first let one block run (x86: the instruction under an
+        interrupt shadow, which QEMU translates as a block of its own)."""
+        self.native.struct.irq_window = (2 if after_one_block else 1) if armed else 0
+
+    @property
+    def window_exits(self) -> int:
+        """How many times an armed interrupt window stopped the engine."""
+        return int(self.native.struct.window_exits)
+
     # -- dirty-log write hook (installed only while logging) ------------------------------
     def _sync_write_hook(self) -> None:
         """Housekeeping by the engine's owner (inside run(), or with the engine lock

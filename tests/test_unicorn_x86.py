@@ -362,3 +362,55 @@ def test_inject_external_interrupt(guest: X86Guest) -> None:
     assert st.rip == KCODE + 4 and not st.rflags & (1 << 9)
     rip, cs, rflags = struct.unpack("<3Q", guest.memory.read(st.rsp, 24))
     assert rip == KCODE + 1 and cs == 0x08 and rflags & (1 << 9)
+
+
+def test_interrupt_window_stops_after_sti_and_its_shadow(guest: X86Guest) -> None:
+    """hv's interrupt window for Unicorn: armed while IF=0, ``run`` returns KICKED at the
+    block after ``sti`` (still under the interrupt shadow, so injection is refused there);
+    re-armed past one block it stops after the shadowed instruction, where the interrupt
+    goes in before the guest's loop counted once."""
+    handler = KCODE + 0x800
+    guest.load(KCODE, """
+        cli
+        mov ecx, 1000
+    1:  dec ecx
+        jnz 1b
+        xor ebx, ebx
+        sti
+        nop
+    2:  inc rbx
+        jmp 2b
+    """)
+    guest.load(handler, "mov rdx, rbx\n hlt")
+    guest.set_gate(0x40, handler)
+    guest.vcpu.set_state(guest.kernel_state())
+    code = guest.memory.read(KCODE, 64)
+    nop_at = KCODE + code.index(b"\xfb\x90") + 1          # the instruction after sti
+    guest.vcpu.arm_irq_window(True)
+    assert guest.run().reason is ExitReason.KICKED
+    st = guest.vcpu.get_state()
+    assert st.rip == nop_at and st.interrupt_shadow and st.rbx == 0
+    assert not guest.vcpu.inject_interrupt(0x40)          # the shadow refuses it
+    guest.vcpu.arm_irq_window(True, after_one_block=True)
+    assert guest.run().reason is ExitReason.KICKED
+    st = guest.vcpu.get_state()
+    assert st.rip == nop_at + 1 and not st.interrupt_shadow and st.rbx == 0
+    assert guest.vcpu.inject_interrupt(0x40)
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().rdx == 0                 # taken before the loop's first count
+    assert guest.vcpu.window_exits == 2
+
+
+def test_disarmed_window_does_not_stop_the_guest(guest: X86Guest) -> None:
+    import threading
+    guest.load(KCODE, "sti\n 2: inc rbx\n jmp 2b")
+    guest.vcpu.set_state(guest.kernel_state())
+    guest.vcpu.arm_irq_window(True)
+    guest.vcpu.arm_irq_window(False)
+    timer = threading.Timer(0.05, guest.vcpu.kick)
+    timer.start()
+    try:
+        assert guest.run().reason is ExitReason.KICKED
+    finally:
+        timer.cancel()
+    assert guest.vcpu.get_state().rbx > 0 and guest.vcpu.window_exits == 0

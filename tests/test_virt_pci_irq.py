@@ -466,3 +466,88 @@ def test_dtc_accepts_the_virt_device_tree(tmp_path: Path) -> None:
     assert result.stderr == "", result.stderr                      # no warnings
     assert 'compatible = "pci-host-ecam-generic";' in result.stdout
     assert "msi-controller;" in result.stdout and "v2m@8020000 {" in result.stdout
+
+
+# -- Unicorn's interrupt window: taken right after the guest unmasks --------------------------
+
+GO = RAM + 0x30_0010
+MASKED_GUEST = f"""
+_start:
+    ldr     x1, =vectors
+    msr     vbar_el1, x1
+    ldr     x1, ={READY}
+    mov     w2, #1
+    str     w2, [x1]
+    ldr     x1, ={GO}
+1:  ldr     w2, [x1]                 // interrupts masked (PSTATE.I) until the host says go
+    cbz     w2, 1b
+    mov     x3, #0
+    msr     daifclr, #2              // unmask: the pending IRQ must be taken right here
+2:  add     x3, x3, #1               // ... not after this loop ran for a retry period
+    b       2b
+
+    .macro  VEC n
+    .balign 0x80
+    mov     w0, #(0xE00 + \\n)
+    b       done
+    .endm
+    .macro  IRQVEC
+    .balign 0x80
+    mrs     x0, s3_0_c12_c12_0       // ICC_IAR1_EL1
+    msr     s3_0_c12_c12_1, x0       // ICC_EOIR1_EL1
+    ldr     x1, ={RESULT}
+    str     x3, [x1, #8]             // loop iterations before the IRQ
+    b       done
+    .endm
+
+    .balign 0x800
+vectors:
+    VEC 0
+    VEC 1
+    VEC 2
+    VEC 3
+    VEC 4
+    IRQVEC
+    VEC 6
+    VEC 7
+    VEC 8
+    VEC 9
+    VEC 10
+    VEC 11
+    VEC 12
+    VEC 13
+    VEC 14
+    VEC 15
+done:
+    ldr     x1, ={RESULT}
+    str     w0, [x1]
+    ldr     x0, ={PSCI_SYSTEM_OFF}
+    hvc     #0
+    b       .
+"""
+
+
+def test_pending_irq_is_taken_at_the_unmasking_instruction(tmp_path: Path) -> None:
+    """An SPI pends while the guest runs with PSTATE.I set; the guest then unmasks and
+    counts. The IRQ arrives before the first count (the armed interrupt window stops the
+    engine at the block after ``msr daifclr``), not a retry period (~200 us) later."""
+    machine = virt_machine(tmp_path, drives=0)
+    try:
+        configure_gic(machine, MSI_INTID)
+        machine.memory.write(CODE, assemble_a64(MASKED_GUEST, CODE))
+        machine.vcpus[0].set_state(Arm64CpuState(pc=CODE, pstate=PSTATE_EL1H_DAIF))
+        machine.start()
+        deadline = time.monotonic() + 20
+        while machine.memory.read_int(READY, 4) != 1:
+            assert time.monotonic() < deadline and machine.state.value == "running", "guest never got ready"
+            time.sleep(0.005)
+        with machine._lock:
+            machine.interrupts.gic.pulse_spi(MSI_INTID)            # type: ignore[union-attr]
+        time.sleep(0.05)                                           # the guest spins masked meanwhile
+        machine.memory.write_int(GO, 4, 1)
+        assert machine.wait_shutdown(20) == "guest-shutdown"
+        assert machine.memory.read_int(RESULT, 4) == MSI_INTID
+        assert machine.memory.read_int(RESULT + 8, 8) == 0         # not one loop iteration ran
+        assert machine.vcpus[0].window_exits >= 1                  # type: ignore[attr-defined]
+    finally:
+        machine.close()

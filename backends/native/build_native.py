@@ -22,6 +22,7 @@ struct hv_vcpu {
     struct hv_vm *vm; int32_t arch; volatile int32_t kick; volatile int32_t stopped; volatile int32_t service;
     void *emu_stop; void *reg_read; uint64_t blocks;
     uint64_t r0, r1, r2, r3;
+    volatile int32_t irq_window; uint64_t window_exits;
 };
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
 void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data);

@@ -16,6 +16,8 @@
 
 /* Register ids of unicorn 2.1.4 (x86.h / arm64.h); checked against the Python
  * constants by the backend at start-up. */
+#define UCX_EFLAGS 25
+#define UCA_PSTATE 265
 #define UCX_CR0 50
 #define UCX_CR3 53
 #define UCX_CR4 54
@@ -54,6 +56,9 @@ struct hv_vcpu {
     uint64_t blocks;             /* translation blocks entered */
     /* paging registers, read by refresh_mode() before a walk */
     uint64_t r0, r1, r2, r3;     /* x86: cr0 cr3 cr4 efer; arm64: sctlr tcr ttbr0 ttbr1 */
+    volatile int32_t irq_window; /* 1: stop (as a kick) once the guest unmasks interrupts;
+                                    2: the same after one block (an x86 interrupt shadow) */
+    uint64_t window_exits;       /* times the interrupt window stopped the engine */
 };
 
 struct uc_x86_msr_s { uint32_t rid; uint64_t value; };
@@ -378,13 +383,38 @@ static void cross_page(void *uc, struct hv_vcpu *c, uint64_t first_page)
         mark_all(c->vm);
 }
 
-/* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine. */
+/* Whether the guest accepts interrupts now: x86 RFLAGS.IF set, aarch64 PSTATE.I clear.
+ * Instructions that unmask (sti, popf, iret; msr daifclr / daif, eret) end their
+ * translation block, so the next block hook sees the new state. */
+static int irqs_unmasked(void *uc, struct hv_vcpu *c)
+{
+    uint64_t flags = 0;
+    if (c->arch == 0) {
+        ((hv_reg_read_fn)c->reg_read)(uc, UCX_EFLAGS, &flags);
+        return (flags & (1u << 9)) != 0;
+    }
+    ((hv_reg_read_fn)c->reg_read)(uc, UCA_PSTATE, &flags);
+    return (flags & (1u << 7)) == 0;
+}
+
+/* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine.
+ * An armed interrupt window (an interrupt is pending but the guest masks it) turns into
+ * a kick at the first block where the guest has unmasked: Unicorn's interrupt-window exit. */
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct hv_vcpu *c = (struct hv_vcpu *)user_data;
     (void)address;
     (void)size;
     c->blocks++;
+    int32_t window = __atomic_load_n(&c->irq_window, __ATOMIC_ACQUIRE);
+    if (window == 2) {
+        /* This block is the one instruction under the shadow (QEMU translates it alone). */
+        __atomic_store_n(&c->irq_window, 1, __ATOMIC_RELEASE);
+    } else if (window == 1 && irqs_unmasked(uc, c)) {
+        __atomic_store_n(&c->irq_window, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&c->kick, 1, __ATOMIC_RELEASE);
+        c->window_exits++;
+    }
     if (__atomic_load_n(&c->kick, __ATOMIC_ACQUIRE) || __atomic_load_n(&c->service, __ATOMIC_ACQUIRE)) {
         c->stopped = 1;
         ((hv_emu_stop_fn)c->emu_stop)(uc);

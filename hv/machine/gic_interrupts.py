@@ -7,8 +7,9 @@ methods the machine's vCPU loop calls (``before_run``, ``after_run``, ``wake``,
 
 ``before_run(index, vcpu)`` (big lock held)
     If the GIC signals IRQ to this vCPU, ``vcpu.inject_irq()`` enters the guest's IRQ
-    vector (False while PSTATE.I is set: a retry kick is then scheduled
-    ``RETRY_NS`` later). Unlike x86 nothing is acknowledged at injection: the guest
+    vector (False while PSTATE.I is set: the vCPU's interrupt window is then armed, so
+    the engine stops right after the guest unmasks, and a retry kick ``RETRY_NS`` later
+    backs it up). Unlike x86 nothing is acknowledged at injection: the guest
     acknowledges by reading ICC_IAR1_EL1.
 ``wake(index, vcpu)``
     A vCPU halted in WFI leaves the halt when an interrupt is signalled, even with
@@ -128,16 +129,24 @@ class GicController(ControllerCore):
     # -- vCPU side ----------------------------------------------------------------------------
     def before_run(self, index: int, vcpu: Any) -> None:
         self.timers.update(index)
+        window = False
         if self.gic.signalled(index) is not None:
             if self._inject(vcpu):
                 self.injected[index] += 1
                 self._retry_at[index] = None
             else:
+                # PSTATE.I set: the engine stops at the first block after the guest
+                # unmasks (msr daifclr / daif, eret end their block); the retry kick
+                # stays as a safety net.
+                window = True
                 self._retry_at[index] = time.monotonic_ns() + RETRY_NS
                 self.retries += 1
                 self._notify()
         else:
             self._retry_at[index] = None
+        arm = getattr(vcpu, "arm_irq_window", None)
+        if arm is not None:
+            arm(window)
         self._in_run[index] = True
 
     def after_run(self, index: int, vcpu: Any, result: Exit) -> None:

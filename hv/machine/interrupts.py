@@ -9,8 +9,9 @@ and the :class:`~hv.devices.clock.GuestClock`, and is called by the machine's vC
     If the APIC has a deliverable vector (highest IRR above PPR) it is handed to the
     backend — ``inject_interrupt(vector)``, which checks RFLAGS.IF and the interrupt
     shadow — and acknowledged (IRR -> ISR) only when the backend took it. Otherwise KVM
-    is asked for an interrupt-window exit; on Unicorn (no window exits) a retry kick is
-    scheduled ``UNICORN_RETRY_NS`` later. The backend call itself is made with the big
+    is asked for an interrupt-window exit; Unicorn has none of its own, so hv's native
+    block hook plays it (``arm_irq_window``: stop at the first block with IF=1), and a
+    retry kick ``UNICORN_RETRY_NS`` later backs it up (and covers the interrupt shadow). The backend call itself is made with the big
     lock released (Unicorn's takes ~0.6 ms); the vCPU is not parked meanwhile, so no
     snapshot can be taken half-way.
 ``after_run(index, vcpu, exit)``
@@ -290,8 +291,15 @@ class InterruptController(ControllerCore):
                 self.stats.window_requests += 1
             vcpu.request_interrupt_window(vector is not None)
         else:
+            window = shadow = False
             while vector is not None:
-                if not _unicorn_interrupts_enabled(vcpu) or not self._inject(vcpu, vector):
+                enabled = _unicorn_interrupts_enabled(vcpu)
+                if not enabled or not self._inject(vcpu, vector):
+                    # IF=0: the engine stops as soon as the guest sets IF (the window).
+                    # IF=1 but refused: the shadow after sti / mov ss covers one more
+                    # instruction, so the window opens after it. The retry kick stays
+                    # as a safety net either way.
+                    window, shadow = True, enabled
                     self._retry_at[index] = time.monotonic_ns() + UNICORN_RETRY_NS
                     self.stats.retries += 1
                     self._notify()
@@ -300,6 +308,9 @@ class InterruptController(ControllerCore):
                 vector = lapic.deliverable()
             else:
                 self._retry_at[index] = None
+            arm = getattr(vcpu, "arm_irq_window", None)
+            if arm is not None:
+                arm(window, after_one_block=shadow)
         self._in_run[index] = True
 
     def after_run(self, index: int, vcpu: Any, result: Exit) -> None:
