@@ -26,8 +26,8 @@ from hv.machine import Machine, MachineError
 from hv.machine.pci_wiring import LAYOUTS, build_pci, preassign_bars, unplug_device
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.stream import compare_fingerprints
-from tests.helpers import FIXTURES, Vm
-from tests.test_virtio_blk import make_image
+from tests.helpers import FIXTURES, Vm, requires_kvm
+from tests.test_virtio_blk import blk_reference, make_image
 
 VIRTIO_BLK_ID = 0x1042_1AF4
 ROOT_PORT_ID = 0x000C_1B36
@@ -533,3 +533,39 @@ def test_nic_hot_plugs_behind_a_port_too(sock_dir):
         assert cfg.read(1, 0, 0) == ALL_ONES and cfg.read(0, PORT_DEV, SLTSTA, 2) == PDC | DLLSC
     finally:
         machine.close()
+
+
+# -- a real guest drives a disk behind a port --------------------------------------------------
+
+GUEST_RUNS = [pytest.param("q35", "x86_64", "kvm", marks=requires_kvm, id="x86_64-kvm"),
+              pytest.param("q35", "x86_64", "unicorn", id="x86_64-unicorn"),
+              pytest.param("virt", "aarch64", "unicorn", id="aarch64-unicorn")]
+
+
+@pytest.mark.parametrize("machine,arch,accel", GUEST_RUNS)
+def test_blk_guest_finds_and_drives_a_disk_behind_a_root_port(hv, tmp_path, machine, arch, accel):
+    """The blk fixture finds nothing on bus 0, follows the port to its secondary bus (the
+    firmware's number, 1), opens the port's memory window and drives the disk at 01:00.0
+    with MSI-X: the port's BAR forwarding, config routing and the child's interrupts."""
+    image = make_image(tmp_path / "d0.img", 1 << 20)
+    vm = hv("-machine", machine, "-accel", accel, "-m", "64", "-kernel", str(FIXTURES / arch / "blk.elf"),
+            "-append", "sectors=32 iterations=2 chunk=8 depth=4", "-device", PORT_ARG,
+            "-drive", f"file={image},id=d0,serial=RP0", "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.1,addr=0x0")
+    assert vm.wait(120) == 0, vm.stderr()[-2000:]
+    assert vm.output().splitlines() == blk_reference(32, 2, 8, 4, "RP0", slot=0, capacity=2048, bus=1)
+
+
+def test_blk_guest_drives_a_disk_hot_plugged_behind_a_root_port(hv, sock_dir, tmp_path):
+    """-S, device_add on pcie.1, cont: the guest finds the hot-plugged disk behind the port."""
+    image = make_image(tmp_path / "d1.img", 1 << 20)
+    vm = Vm(hv, sock_dir, "rph", "-machine", "q35", "-accel", "unicorn", "-m", "64", "-S",
+            "-kernel", str(FIXTURES / "x86_64" / "blk.elf"), "-append", "sectors=32 iterations=1 chunk=8 depth=4",
+            "-device", PORT_ARG, "-drive", f"file={image},id=d1,serial=HP1")
+    try:
+        assert vm.execute("device_add", driver="virtio-blk-pci", id="hp0", drive="d1", bus="pcie.1",
+                          addr="0x0") == {"return": {}}
+        assert vm.execute("cont") == {"return": {}}
+        assert vm.process.wait(60) == 0
+        assert vm.output().splitlines() == blk_reference(32, 1, 8, 4, "HP1", slot=0, capacity=2048, bus=1)
+    finally:
+        vm.close()

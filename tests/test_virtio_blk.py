@@ -465,12 +465,12 @@ def value(p: int, i: int) -> int:
 
 
 def blk_reference(sectors: int, iterations: int, chunk: int, depth: int, ident: str, slot: int = 3,
-                  capacity: int = 8192, mode: str = "msix") -> list[str]:
+                  capacity: int = 8192, mode: str = "msix", bus: int = 0) -> list[str]:
     """What fixtures/common/blk.c prints; ``mode`` is its interrupt mode line ("msix" only
-    once it has taken an MSI, else "polling")."""
+    once it has taken an MSI, else "polling"); ``bus`` > 0: behind a root port."""
     lines = [f"blk: sectors={sectors} iterations={iterations} chunk={chunk} depth={depth}",
              f"blk: {mode}",
-             f"blk: device 00:{slot:02x}.0 capacity {capacity} id {ident}"]
+             f"blk: device {bus:02x}:{slot:02x}.0 capacity {capacity} id {ident}"]
     total = 0
     for p in range(1, iterations + 1):
         for i in range(sectors * 64):
