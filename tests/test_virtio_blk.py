@@ -635,43 +635,6 @@ def test_blk_x86_avoids_instructions_kvm_pvm_lacks():
     assert {"in", "out"} <= mnemonics
 
 
-def dd_seconds(*args: str) -> float:
-    result = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
-    # "... bytes (...) copied, 0.0123 s, 1.2 GB/s"
-    return float(result.stderr.strip().splitlines()[-1].split(",")[-2].split()[0])
-
-
-def dd_throughput(path: Path, bsize: int, total: int) -> tuple[float, float]:
-    """Host reference with dd(1): overwrite then read ``total`` bytes in ``bsize`` blocks (MB/s)."""
-    count = str(total // bsize)
-    write = dd_seconds("if=/dev/zero", f"of={path}", f"bs={bsize}", f"count={count}", "conv=notrunc")
-    read = dd_seconds(f"if={path}", "of=/dev/null", f"bs={bsize}", f"count={count}")
-    return total / write / 1e6, total / read / 1e6
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("machine_type,accel", GUESTS)
-@pytest.mark.parametrize("bsize,depth,mib", [(4096, 16, 16), (1 << 20, 4, 64)])
-def test_blk_throughput(tmp_path, machine_type, accel, bsize, depth, mib):
-    if shutil.which("dd") is None:
-        pytest.skip("dd not installed")
-    image = tmp_path / f"{machine_type}-{accel}.img"
-    make_image(image, fill=bytes((mib + 1) << 20))   # allocated: guest and dd both overwrite
-    output, image, stamps = run_guest(tmp_path, machine_type, accel, f"bench={mib} bsize={bsize} depth={depth}",
-                                      timeout=600)
-    lines = output.splitlines()
-    assert lines[-2:] == ["bench done", "done"], output
-    times = {count: t for t, count in stamps}
-    write_s = times[4] - times[3]
-    read_s = times[5] - times[4]
-    host_write, host_read = dd_throughput(image, bsize, mib << 20)
-    guest_write, guest_read = (mib << 20) / write_s / 1e6, (mib << 20) / read_s / 1e6
-    print(f"\nBENCH {machine_type}/{accel} bsize={bsize}: guest write {guest_write:.1f} MB/s read "
-          f"{guest_read:.1f} MB/s; host write {host_write:.1f} read {host_read:.1f} MB/s; ratio write "
-          f"{guest_write / host_write:.3f} read {guest_read / host_read:.3f}")
-    assert guest_write > 0 and guest_read > 0
-
-
 def test_intx_disable_lowers_and_enable_reraises_the_line_at_once(tmp_path):
     """PCI command bit 10 gates INTx immediately, not at the next interrupt."""
     setup, memory, pio, mmio, d = build(tmp_path)
