@@ -84,7 +84,8 @@ class InjectingVcpu(Protocol):
 class ControllerCore:
     """What the q35 and virt interrupt controllers share: the machine's big lock and
     condition, the kick / run-state callbacks, the guest clock, the bookkeeping of
-    injection retries (Unicorn has no interrupt-window exit) and the timer thread that
+    injection retries (the safety net behind Unicorn's emulated interrupt window) and the
+    timer thread that
     runs :meth:`poll`.
 
     ``lock`` is the machine's big lock and ``changed`` its condition (vCPU threads wait on
