@@ -85,8 +85,7 @@ class ControllerCore:
     """What the q35 and virt interrupt controllers share: the machine's big lock and
     condition, the kick / run-state callbacks, the guest clock, the bookkeeping of
     injection retries (the safety net behind Unicorn's emulated interrupt window) and the
-    timer thread that
-    runs :meth:`poll`.
+    timer thread that runs :meth:`poll`.
 
     ``lock`` is the machine's big lock and ``changed`` its condition (vCPU threads wait on
     it while halted); ``kick(index)`` makes a vCPU's ``run`` return; ``is_running()``
