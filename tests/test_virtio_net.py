@@ -962,6 +962,7 @@ class ReconnectingPeer:
 
 
 LIVE = [
+    pytest.param("q35", "x86_64", "kvm", "kvm", "connect", marks=requires_kvm, id="x86_64-kvm-kvm"),
     pytest.param("q35", "x86_64", "kvm", "unicorn", "connect", marks=requires_kvm, id="x86_64-kvm-unicorn"),
     pytest.param("q35", "x86_64", "unicorn", "kvm", "connect", marks=requires_kvm, id="x86_64-unicorn-kvm"),
     pytest.param("q35", "x86_64", "unicorn", "unicorn", "listen", id="x86_64-unicorn-unicorn-listen"),
