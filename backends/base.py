@@ -49,6 +49,7 @@ class ExitReason(enum.Enum):
     SYSTEM_OFF = "system-off"      # PSCI SYSTEM_OFF (aarch64)
     SYSTEM_RESET = "system-reset"  # PSCI SYSTEM_RESET, or triple fault on x86
     ERROR = "error"                # internal/emulation error; detail says what
+    CPU_OFF = "cpu-off"            # PSCI CPU_OFF: this vCPU powered itself off (aarch64)
 
 
 @dataclass(frozen=True)

@@ -82,9 +82,30 @@ EC_BRK = 0x3C
 IL = 1 << 25
 
 PSCI_VERSION = 0x84000000
+PSCI_CPU_OFF = 0x84000002
+PSCI_CPU_ON_32 = 0x84000003
+PSCI_CPU_ON_64 = 0xC4000003
+PSCI_AFFINITY_INFO_32 = 0x84000004
+PSCI_AFFINITY_INFO_64 = 0xC4000004
+PSCI_MIGRATE_INFO_TYPE = 0x84000006
 PSCI_SYSTEM_OFF = 0x84000008
 PSCI_SYSTEM_RESET = 0x84000009
+PSCI_FEATURES = 0x8400000A
+# PSCI return codes (PSCI 1.0, section 5.2.2).
+PSCI_SUCCESS = 0
+PSCI_E_NOT_SUPPORTED = -1
+PSCI_E_INVALID_PARAMETERS = -2
+PSCI_E_DENIED = -3
+PSCI_E_ALREADY_ON = -4
+PSCI_E_INVALID_ADDRESS = -9
 PSCI_NOT_SUPPORTED = (1 << 64) - 1
+PSCI_MIGRATE_NOT_PRESENT = 2            # MIGRATE_INFO_TYPE: no Trusted OS to migrate
+PSCI_BASE_FUNCTIONS = frozenset({PSCI_VERSION, PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET,
+                                 PSCI_MIGRATE_INFO_TYPE})
+PSCI_POWER_FUNCTIONS = frozenset({PSCI_CPU_OFF, PSCI_CPU_ON_32, PSCI_CPU_ON_64,
+                                  PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64})
+MPIDR_EL1 = (0, 0, 3, 0, 5)
+MPIDR_RES1 = 1 << 31
 
 PSTATE_EL1H_MASKED = 0x3C5
 PSTATE_I = 1 << 7
@@ -140,6 +161,15 @@ class SysregHandler(Protocol):
     def write(self, name: str, value: int) -> bool: ...
 
 
+class PowerHandler(Protocol):
+    """The machine's PSCI power controller, as a vCPU sees it (called on the calling
+    vCPU's thread inside ``run``). Results are PSCI return codes (negative: errors)."""
+
+    def cpu_on(self, target_mpidr: int, entry: int, context_id: int) -> int: ...
+
+    def affinity_info(self, target_mpidr: int, lowest_level: int) -> int: ...
+
+
 @dataclass
 class Arm64Event:
     intno: int
@@ -163,6 +193,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._carried: dict[str, int] = {name: 0 for name in CARRIED_SYSREGS}
         self._sysreg_keys: frozenset[str] = frozenset(SYSREG_ENCODINGS)
         self._sysreg_handler: SysregHandler | None = None
+        self._power_handler: PowerHandler | None = None
         super().__init__(vm, index)
         unicorn = _import_unicorn()
         self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
@@ -192,6 +223,17 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         machine's GIC and timers); None restores the engine's own handling."""
         with self._engine_lock:
             self._sysreg_handler = handler
+
+    def set_power_handler(self, handler: PowerHandler | None) -> None:
+        """Serve PSCI CPU_ON / CPU_OFF / AFFINITY_INFO through ``handler`` (the
+        machine's power controller); None answers them NOT_SUPPORTED."""
+        with self._engine_lock:
+            self._power_handler = handler
+
+    @property
+    def mpidr(self) -> int:
+        """MPIDR_EL1 as the guest reads it: Aff0 = vCPU index (the FDT's cpu reg)."""
+        return MPIDR_RES1 | (self.index & 0xFF) | ((self.index >> 8) & 0xFF) << 8
 
     def _skip_insn(self, uc: Any, name: str) -> int:
         # Returning 1 skips an access to a register the engine knows (CNT*). One it does
@@ -228,9 +270,14 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
                 if reg != self._a.UC_ARM64_REG_XZR:
                     uc.reg_write(reg, value)
                 return self._skip_insn(uc, name)
-        if (cp.crn, cp.crm, cp.op0, cp.op1, cp.op2) in (CNTVCT_EL0, CNTPCT_EL0):
+        key = (cp.crn, cp.crm, cp.op0, cp.op1, cp.op2)
+        if key in (CNTVCT_EL0, CNTPCT_EL0):
             if reg != self._a.UC_ARM64_REG_XZR:
                 uc.reg_write(reg, self._counter_now())
+            return 1
+        if key == MPIDR_EL1:   # the engine reports 0x80000000 on every vCPU
+            if reg != self._a.UC_ARM64_REG_XZR:
+                uc.reg_write(reg, self.mpidr)
             return 1
         return 0
 
@@ -287,16 +334,35 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     def _psci(self) -> Exit | None:
         a = self._a
-        function = self.uc.reg_read(a.UC_ARM64_REG_X0) & 0xFFFFFFFF
+        uc = self.uc
+        function = uc.reg_read(a.UC_ARM64_REG_X0) & 0xFFFFFFFF
+        args = [uc.reg_read(r) for r in (a.UC_ARM64_REG_X1, a.UC_ARM64_REG_X2, a.UC_ARM64_REG_X3)]
+        if not function & 0x40000000:        # SMC32/HVC32 calling convention: w1..w3
+            args = [arg & 0xFFFFFFFF for arg in args]
+        power = self._power_handler
+        result: int
         if function == PSCI_SYSTEM_OFF:
             return Exit(ExitReason.SYSTEM_OFF, "PSCI SYSTEM_OFF")
         if function == PSCI_SYSTEM_RESET:
             return Exit(ExitReason.SYSTEM_RESET, "PSCI SYSTEM_RESET")
         if function == PSCI_VERSION:
-            self.uc.reg_write(a.UC_ARM64_REG_X0, 0x10000)
+            result = 0x10000
+        elif function == PSCI_FEATURES:
+            supported = PSCI_BASE_FUNCTIONS | (PSCI_POWER_FUNCTIONS if power is not None else frozenset())
+            result = PSCI_SUCCESS if args[0] & 0xFFFFFFFF in supported else PSCI_E_NOT_SUPPORTED
+        elif function == PSCI_MIGRATE_INFO_TYPE:
+            result = PSCI_MIGRATE_NOT_PRESENT
+        elif power is not None and function == PSCI_CPU_OFF:
+            log.debug("vCPU %d: PSCI CPU_OFF", self.index)
+            return Exit(ExitReason.CPU_OFF, "PSCI CPU_OFF")
+        elif power is not None and function in (PSCI_CPU_ON_32, PSCI_CPU_ON_64):
+            result = power.cpu_on(args[0], args[1], args[2])
+        elif power is not None and function in (PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64):
+            result = power.affinity_info(args[0], args[1])
         else:
             log.debug("vCPU %d: PSCI function %#x not supported", self.index, function)
-            self.uc.reg_write(a.UC_ARM64_REG_X0, PSCI_NOT_SUPPORTED)
+            result = PSCI_E_NOT_SUPPORTED
+        uc.reg_write(a.UC_ARM64_REG_X0, result & ((1 << 64) - 1))
         return None
 
     # -- exception entry -------------------------------------------------------------

@@ -57,6 +57,21 @@ def fxsave_reset() -> bytes:
     return bytes(image)
 
 
+# vCPU power states (``power`` field). aarch64: PSCI on/off; x86: running, or waiting
+# for a STARTUP IPI after INIT (also the state of an application processor at reset).
+POWER_ON = "on"
+POWER_OFF = "off"
+POWER_WAIT_SIPI = "wait-for-sipi"
+POWER_STATES: dict[str, frozenset[str]] = {
+    "x86_64": frozenset({POWER_ON, POWER_WAIT_SIPI}),
+    "aarch64": frozenset({POWER_ON, POWER_OFF}),
+}
+# Version of the canonical CPU state form. 2 added ``power``; a version-1 dict (no
+# ``power`` key) still loads, with ``power`` None: the machine then decides (vCPU 0
+# runs, the others stay powered off / waiting, as version-1 machines kept them).
+STATE_VERSION = 2
+
+
 class StateError(ValueError):
     """A CPU state value is malformed (wrong type, width or missing field)."""
 
@@ -152,6 +167,9 @@ class X86CpuState:
     nmi_masked: bool = False
     # True when the vCPU was stopped inside HLT waiting for an interrupt.
     halted: bool = False
+    # "on" (running) or "wait-for-sipi" (after INIT / at reset for an AP); None only
+    # for a version-1 state, which carried no power state (see STATE_VERSION).
+    power: str | None = POWER_ON
 
     @property
     def cpl(self) -> int:
@@ -199,6 +217,8 @@ class Arm64CpuState:
     cntvct: int = 0
     # True when the vCPU was stopped inside WFI.
     halted: bool = False
+    # PSCI power state, "on" or "off"; None only for a version-1 state (no power state).
+    power: str | None = POWER_ON
 
     @property
     def current_el(self) -> int:
@@ -215,6 +235,8 @@ def state_to_dict(state: CpuState) -> dict[str, Any]:
     if isinstance(state, X86CpuState):
         raw["fxsave"] = state.fxsave.hex()
         raw["msrs"] = {str(k): v for k, v in state.msrs.items()}
+    if state.power is None:      # a version-1 state stays one
+        del raw["power"]
     raw["arch"] = state.ARCH
     return raw
 
@@ -241,12 +263,15 @@ def state_from_dict(raw: Any) -> CpuState:
         raise StateError(f"cpu state: unknown architecture {arch!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(raw) - names - {"arch"}
-    missing = names - set(raw)
+    missing = names - set(raw) - {"power"}   # version 1 had no power state
     if extra or missing:
         raise StateError(f"cpu state: unexpected fields {sorted(extra)}, missing {sorted(missing)}")
-    if cls is X86CpuState:
-        return _x86_from_dict(raw)
-    return _arm64_from_dict(raw)
+    power = raw.get("power")
+    if "power" in raw and power not in POWER_STATES[arch]:
+        raise StateError(f"power: {power!r} is not one of {sorted(POWER_STATES[arch])}")
+    state: CpuState = _x86_from_dict(raw) if cls is X86CpuState else _arm64_from_dict(raw)
+    state.power = power
+    return state
 
 
 def _x86_from_dict(raw: dict[str, Any]) -> X86CpuState:

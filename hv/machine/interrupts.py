@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 UNICORN_RETRY_NS = 200_000       # host ns between injection attempts while IF=0 on Unicorn
 DELIVERY_FIXED = 0
 DELIVERY_LOWEST = 1
+DELIVERY_INIT = 5
+DELIVERY_STARTUP = 6
+ICR_LEVEL_ASSERT = 1 << 14
 KVM_WINDOW_DETAIL = "interrupt window"   # backends.kvm.INTERRUPT_WINDOW
 
 
@@ -79,6 +82,15 @@ class InjectingVcpu(Protocol):
     def inject_interrupt(self, vector: int) -> bool: ...
 
     def kick(self) -> None: ...
+
+
+class PowerHost(Protocol):
+    """What INIT and STARTUP IPIs act on: the machine's vCPU power states (called with
+    the big lock held)."""
+
+    def apic_init(self, target: int) -> None: ...
+
+    def apic_startup(self, target: int, vector: int) -> None: ...
 
 
 class ControllerCore:
@@ -175,11 +187,16 @@ class InterruptController(ControllerCore):
         self._reported: set[str] = set()
         self.stats = InterruptStats(vcpus)
         self._timer_fired_at: list[int | None] = [None] * vcpus   # host ns, for latency
+        self._power_host: PowerHost | None = None
 
     # -- wiring ------------------------------------------------------------------------
     def bind_thread(self, index: int) -> None:
         """Declare the calling thread to be vCPU ``index``'s (for local APIC accesses)."""
         self._local.index = index
+
+    def set_power_host(self, host: PowerHost | None) -> None:
+        """Where INIT / STARTUP IPIs go (the machine); None refuses them."""
+        self._power_host = host
 
     def current_lapic(self) -> Lapic:
         """The calling vCPU thread's local APIC (vCPU 0's for other threads). An access
@@ -221,12 +238,29 @@ class InterruptController(ControllerCore):
         mode = (icr_lo >> ICR_DELIVERY_MODE_SHIFT) & 7
         shorthand = (icr_lo >> ICR_SHORTHAND_SHIFT) & 3
         level = bool(icr_lo & ICR_TRIGGER_LEVEL)
+        if mode in (DELIVERY_INIT, DELIVERY_STARTUP) and self._power_host is not None:
+            if mode == DELIVERY_INIT and not icr_lo & ICR_LEVEL_ASSERT:
+                return      # INIT level de-assert: no effect on modern CPUs
+            for lapic in self._ipi_targets(source, shorthand, icr_lo, icr_hi):
+                if mode == DELIVERY_INIT:
+                    self._power_host.apic_init(lapic.index)
+                else:
+                    self._power_host.apic_startup(lapic.index, vector)
+            return
         if mode not in (DELIVERY_FIXED, DELIVERY_LOWEST):
             self._report(f"ipi-mode-{mode}", "IPI delivery mode %d (INIT/SIPI/NMI/SMI) is not supported", mode)
             return
         if vector < 16:
             self.lapics[source].note_send_error()
             return
+        targets = self._ipi_targets(source, shorthand, icr_lo, icr_hi)
+        if mode == DELIVERY_LOWEST:
+            targets = targets[:1]
+        for lapic in targets:
+            lapic.accept(vector, level)
+
+    def _ipi_targets(self, source: int, shorthand: int, icr_lo: int, icr_hi: int) -> list[Lapic]:
+        """The local APICs an IPI from ``source`` goes to (shorthand or destination)."""
         if shorthand == 1:
             targets = [self.lapics[source]]
         elif shorthand == 2:
@@ -235,10 +269,7 @@ class InterruptController(ControllerCore):
             targets = [lapic for lapic in self.lapics if lapic.index != source]
         else:
             targets = self._destinations(icr_hi >> 24, bool(icr_lo & ICR_DEST_LOGICAL))
-        if mode == DELIVERY_LOWEST:
-            targets = targets[:1]
-        for lapic in targets:
-            lapic.accept(vector, level)
+        return targets
 
     # -- messages (IOAPIC, MSI) ------------------------------------------------------------
     def _destinations(self, dest: int, logical: bool) -> list[Lapic]:

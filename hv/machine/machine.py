@@ -46,7 +46,8 @@ from hv.devices.pci import UnconnectedMsi, parse_devfn
 from hv.devices.pcie_root_port import PcieRootPort
 from hv.machine.pci_wiring import build_pci, plug_device, plug_net_device, unplug_device
 from hv.memory import GuestMemory, RegionSpec
-from hv.state import CpuState, state_from_dict, state_to_dict
+from hv.state import (POWER_OFF, POWER_ON, POWER_STATES, POWER_WAIT_SIPI, PSTATE_EL1H_DAIF, Arm64CpuState, CpuState, Segment,
+                      X86CpuState, state_from_dict, state_to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ Q35_PCI_GSI_BASE = 16         # INTx of slot s, pin p (1 = INTA) -> GSI 16 + (s 
 VIRT_PL011_BASE = 0x0900_0000
 PAUSE_TIMEOUT = 10.0
 THROTTLE_SLICE = 0.01  # seconds of guest time between throttle sleeps
+# PSCI return codes the machine's power controller gives (PSCI 1.0, 5.2.2).
+PSCI_SUCCESS = 0
+PSCI_E_INVALID_PARAMETERS = -2
+PSCI_E_ALREADY_ON = -4
+PSCI_E_INVALID_ADDRESS = -9
+PSCI_AFFINITY_ON = 0
+PSCI_AFFINITY_OFF = 1
+MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF     # Aff3..Aff0
+X86_AP_APIC_BASE = 0xFEE00800           # enabled, not the BSP
 
 
 class RunState(str, enum.Enum):
@@ -135,6 +145,14 @@ class Machine:
         self._closing = False
         self._parked: set[int] = set()
         self._halted: list[bool] = [False] * config.smp
+        # Power state of each vCPU: "on", or (secondaries at reset) "off" on virt /
+        # "wait-for-sipi" on q35. A vCPU that is not on parks until CPU_ON / SIPI.
+        self._off_state = POWER_WAIT_SIPI if self.arch is Arch.X86_64 else POWER_OFF
+        self._power: list[str] = [POWER_ON] + [self._off_state] * (config.smp - 1)
+        # The state a vCPU starts from (CPU_ON / SIPI), loaded under the big lock by its
+        # own thread before it next runs, or by save() (all vCPUs parked).
+        self._pending_start: list[CpuState | None] = [None] * config.smp
+        self._sipi_refused: set[int] = set()
         self._threads: list[threading.Thread] = []
         self.listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
         self.kernel_image: bytes | None = None
@@ -154,6 +172,11 @@ class Machine:
                     if not hasattr(vcpu, "set_sysreg_handler"):
                         raise MachineError(f"backend {backend.name} cannot serve the virt GIC's system registers")
                     vcpu.set_sysreg_handler(self.interrupts.sysreg_handler(index))  # type: ignore[attr-defined]
+            for index, vcpu in enumerate(self.vcpus):
+                if hasattr(vcpu, "set_power_handler"):
+                    vcpu.set_power_handler(PsciPower(self, index))
+            if isinstance(self.interrupts, InterruptController):
+                self.interrupts.set_power_host(self)
         except BaseException:
             self.pci.close()
             raise
@@ -356,6 +379,97 @@ class Machine:
     def _kick_vcpu(self, index: int) -> None:
         self.vcpus[index].kick()
 
+    # -- vCPU power: PSCI (virt), INIT/SIPI (q35) ------------------------------------------
+    def power_state(self, index: int) -> str:
+        """vCPU ``index``'s power state: "on", "off" (virt) or "wait-for-sipi" (q35)."""
+        with self._lock:
+            return self._power[index]
+
+    def _mpidr_index(self, mpidr: int) -> int | None:
+        """The vCPU whose MPIDR affinity is ``mpidr`` (Aff0 = index, Aff1 = index >> 8)."""
+        if mpidr & ~MPIDR_AFFINITY_MASK or mpidr >> 16 & 0xFF_00FF:
+            return None
+        index = (mpidr & 0xFF) | (mpidr >> 8 & 0xFF) << 8
+        return index if index < len(self.vcpus) else None
+
+    def psci_cpu_on(self, target_mpidr: int, entry: int, context_id: int) -> int:
+        """PSCI CPU_ON: start the powered-off vCPU ``target_mpidr`` at ``entry`` (EL1h,
+        MMU off, DAIF masked, x0 = ``context_id``). A PSCI return code."""
+        target = self._mpidr_index(target_mpidr)
+        if target is None:
+            return PSCI_E_INVALID_PARAMETERS
+        with self._lock:
+            if self._power[target] == POWER_ON:
+                return PSCI_E_ALREADY_ON
+            if entry & 3 or not self.memory.contains(entry, 4):
+                return PSCI_E_INVALID_ADDRESS
+            state = Arm64CpuState(pc=entry, pstate=PSTATE_EL1H_DAIF)
+            state.x[0] = context_id
+            self._start_vcpu(target, state)
+        log.info("vcpu%d: PSCI CPU_ON at %#x", target, entry)
+        return PSCI_SUCCESS
+
+    def psci_affinity_info(self, target_mpidr: int, lowest_level: int) -> int:
+        """PSCI AFFINITY_INFO at level 0: 0 (ON) or 1 (OFF), or INVALID_PARAMETERS."""
+        target = self._mpidr_index(target_mpidr)
+        if target is None or lowest_level != 0:
+            return PSCI_E_INVALID_PARAMETERS
+        with self._lock:
+            return PSCI_AFFINITY_ON if self._power[target] == POWER_ON else PSCI_AFFINITY_OFF
+
+    def apic_init(self, target: int) -> None:
+        """An INIT IPI (assert) reached vCPU ``target``: it stops and waits for a SIPI.
+        Called with the big lock held (from the sender's local APIC access)."""
+        if self._power[target] != POWER_WAIT_SIPI:
+            log.info("vcpu%d: INIT, waiting for SIPI", target)
+        self._power[target] = POWER_WAIT_SIPI
+        self._pending_start[target] = None
+        self._halted[target] = False
+        self._state_changed.notify_all()
+        self.vcpus[target].kick()
+
+    def apic_startup(self, target: int, vector: int) -> None:
+        """A STARTUP IPI with ``vector`` reached vCPU ``target``: if it waits for one, it
+        starts in real mode at CS = vector << 8, IP = 0; otherwise the SIPI is ignored,
+        as hardware does. Big lock held."""
+        if self._power[target] != POWER_WAIT_SIPI or self._pending_start[target] is not None:
+            return
+        refusal = getattr(self.vcpus[target], "real_mode_refusal", None)
+        if refusal is not None:
+            reason = refusal()
+            if reason is not None:
+                if target not in self._sipi_refused:
+                    self._sipi_refused.add(target)
+                    log.error("vcpu%d: STARTUP IPI refused, the vCPU stays waiting: %s", target, reason)
+                return
+        state = X86CpuState(rip=0)
+        state.cs = Segment(vector << 8, vector << 12, 0xFFFF, 0xB)
+        state.apic_base = X86CpuState().apic_base if target == 0 else X86_AP_APIC_BASE
+        self._start_vcpu(target, state)
+        log.info("vcpu%d: SIPI, starting at %#x", target, vector << 12)
+
+    def _start_vcpu(self, index: int, state: CpuState) -> None:
+        """Big lock held: power vCPU ``index`` on with ``state`` (loaded before it runs)."""
+        self._pending_start[index] = state
+        self._power[index] = POWER_ON
+        self._halted[index] = False
+        self._state_changed.notify_all()
+
+    def _apply_start(self, index: int) -> None:
+        """Big lock held, vCPU ``index`` not running: load its pending start state,
+        keeping its clock (TSC / virtual counter) where it is."""
+        state = self._pending_start[index]
+        if state is None:
+            return
+        self._pending_start[index] = None
+        vcpu = self.vcpus[index]
+        current = vcpu.get_state()
+        if isinstance(state, X86CpuState) and isinstance(current, X86CpuState):
+            state.tsc = current.tsc
+        elif isinstance(state, Arm64CpuState) and isinstance(current, Arm64CpuState):
+            state.cntvct = current.cntvct
+        vcpu.set_state(state)
+
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal on both ends of a migration (the stream's CONFIG shape)."""
         return {
@@ -402,7 +516,9 @@ class Machine:
         boot = load_kernel(self.arch.value, self.memory, image, self.config.append, smp=self.config.smp)
         self.kernel_image = image
         self.vcpus[0].set_state(boot.cpu_state)
-        self._halted = [False] + [True] * (self.config.smp - 1)
+        self._halted = [False] * self.config.smp
+        self._power = [POWER_ON] + [self._off_state] * (self.config.smp - 1)
+        self._pending_start = [None] * self.config.smp
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -585,7 +701,8 @@ class Machine:
 
     # -- vCPU threads -------------------------------------------------------------------
     def _may_run(self, index: int) -> bool:
-        return self._state is RunState.RUNNING and not self._halted[index] and not self._closing
+        return (self._state is RunState.RUNNING and not self._halted[index] and not self._closing
+                and self._power[index] == POWER_ON)
 
     def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
         irq = self.interrupts
@@ -626,9 +743,13 @@ class Machine:
                 self._parked.add(index)
                 self._state_changed.notify_all()
                 return None
+            if self._pending_start[index] is not None:
+                self._apply_start(index)
             action = None
             timeout = None
-            if self._state is RunState.RUNNING:
+            if self._power[index] != POWER_ON:
+                pass    # powered off / waiting for SIPI: parked until CPU_ON / SIPI
+            elif self._state is RunState.RUNNING:
                 if not self._halted[index]:
                     action = "run"
                 else:
@@ -675,6 +796,12 @@ class Machine:
                 self._halted[index] = True
                 self._state_changed.notify_all()
             log.debug("vcpu%d halted", index)
+        elif reason is ExitReason.CPU_OFF:
+            with self._lock:
+                self._power[index] = POWER_OFF
+                self._halted[index] = False
+                self._state_changed.notify_all()
+            log.info("vcpu%d: PSCI CPU_OFF", index)
         elif reason is ExitReason.SYSTEM_OFF:
             self.request_shutdown("guest-shutdown")
         elif reason is ExitReason.SYSTEM_RESET:
@@ -703,8 +830,10 @@ class Machine:
                 raise MachineError("pause the machine before saving it")
             cpus = []
             for index, vcpu in enumerate(self.vcpus):
+                self._apply_start(index)   # every vCPU is parked: safe from this thread
                 state = vcpu.get_state()
                 state.halted = self._halted[index]
+                state.power = self._power[index]
                 cpus.append(state)
             devices = {name: {"version": slot.state_type.VERSION, "state": slot.device.save().to_dict()}
                        for name, slot in self.devices.items()}
@@ -720,6 +849,8 @@ class Machine:
         for state in snapshot.cpus:
             if state.ARCH != self.arch.value:
                 raise DeviceStateError(f"snapshot CPU state is {state.ARCH}, machine is {self.arch.value}")
+            if state.power is not None and state.power not in POWER_STATES[self.arch.value]:
+                raise DeviceStateError(f"snapshot CPU power state {state.power!r} is not valid on {self.arch.value}")
         if set(snapshot.devices) != set(self.devices):
             raise DeviceStateError(
                 f"snapshot devices {sorted(snapshot.devices)} differ from machine devices {sorted(self.devices)}")
@@ -737,6 +868,26 @@ class Machine:
             for index, (vcpu, cpu) in enumerate(zip(self.vcpus, snapshot.cpus)):
                 vcpu.set_state(dataclasses.replace(cpu))
                 self._halted[index] = cpu.halted
+                self._pending_start[index] = None
+                # A version-1 state has no power state: its vCPU 0 ran, the others
+                # never did (they stay off / waiting for SIPI).
+                self._power[index] = cpu.power if cpu.power is not None else \
+                    POWER_ON if index == 0 else self._off_state
+
+
+class PsciPower:
+    """A vCPU's view of the machine's PSCI power controller (the backend's power
+    handler): CPU_ON and AFFINITY_INFO go to the machine; CPU_OFF is an exit."""
+
+    def __init__(self, machine: Machine, index: int) -> None:
+        self.machine = machine
+        self.index = index
+
+    def cpu_on(self, target_mpidr: int, entry: int, context_id: int) -> int:
+        return self.machine.psci_cpu_on(target_mpidr, entry, context_id)
+
+    def affinity_info(self, target_mpidr: int, lowest_level: int) -> int:
+        return self.machine.psci_affinity_info(target_mpidr, lowest_level)
 
 
 def ram_layout(config: VmConfig) -> list[RegionSpec]:
