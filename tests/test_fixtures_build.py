@@ -33,7 +33,7 @@ def test_build_is_reproducible(arch: str, tmp_path: Path) -> None:
     env = dict(os.environ, ARCHES=arch)
     subprocess.run([str(FIXTURES / "build.sh"), str(tmp_path)], check=True, env=env,
                    capture_output=True, timeout=120)
-    for prog in ("hello", "dirty"):
+    for prog in ("hello", "dirty", "smp"):
         built = (tmp_path / arch / f"{prog}.elf").read_bytes()
         committed = (FIXTURES / arch / f"{prog}.elf").read_bytes()
         assert built == committed, f"{arch}/{prog}.elf differs from a fresh build: run fixtures/build.sh"

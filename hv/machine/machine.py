@@ -152,7 +152,6 @@ class Machine:
         # The state a vCPU starts from (CPU_ON / SIPI), loaded under the big lock by its
         # own thread before it next runs, or by save() (all vCPUs parked).
         self._pending_start: list[CpuState | None] = [None] * config.smp
-        self._sipi_refused: set[int] = set()
         self._threads: list[threading.Thread] = []
         self.listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
         self.kernel_image: bytes | None = None
@@ -434,14 +433,6 @@ class Machine:
         as hardware does. Big lock held."""
         if self._power[target] != POWER_WAIT_SIPI or self._pending_start[target] is not None:
             return
-        refusal = getattr(self.vcpus[target], "real_mode_refusal", None)
-        if refusal is not None:
-            reason = refusal()
-            if reason is not None:
-                if target not in self._sipi_refused:
-                    self._sipi_refused.add(target)
-                    log.error("vcpu%d: STARTUP IPI refused, the vCPU stays waiting: %s", target, reason)
-                return
         state = X86CpuState(rip=0)
         state.cs = Segment(vector << 8, vector << 12, 0xFFFF, 0xB)
         state.apic_base = X86CpuState().apic_base if target == 0 else X86_AP_APIC_BASE
