@@ -283,7 +283,13 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
         event = Arm64Event(intno, uc.reg_read(self._a.UC_ARM64_REG_PC))
-        if intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT):
+        if intno in (EXCP_HVC, EXCP_SMC):
+            # Back to the hvc/smc itself until the call is handled: if a stop request
+            # ends this run before the event is (a kick, housekeeping), the call is made
+            # again on the next run instead of being lost.
+            event.pc -= 4
+            uc.reg_write(self._a.UC_ARM64_REG_PC, event.pc)
+        elif intno in (EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT):
             ctx = uc.context_save()
             raw = ctypes.string_at(ctx.context, ctx.size)
             event.syndrome, _, event.vaddress = struct.unpack_from("<IIQ", raw, CTX_EXCEPTION)
@@ -314,6 +320,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     def _handle_event(self, event: Arm64Event) -> Exit | None:
         a = self._a
         if event.intno in (EXCP_HVC, EXCP_SMC):
+            self.uc.reg_write(a.UC_ARM64_REG_PC, event.pc + 4)
             return self._psci()
         if event.intno == EXCP_SWI:
             insn = self._insn_at(event.pc - 4) or 0
