@@ -453,6 +453,7 @@ class Machine:
         if state is None:
             return
         self._pending_start[index] = None
+        self._halted[index] = False   # a HLT/WFI exit of its previous life may have set it
         vcpu = self.vcpus[index]
         current = vcpu.get_state()
         if isinstance(state, X86CpuState) and isinstance(current, X86CpuState):
