@@ -43,7 +43,7 @@ FORBIDDEN_MNEMONICS = {"popcnt", "cmpxchg16b", "xrstor", "xrstors", "xsave", "xs
                        "stac", "fwait", "wait", "syscall", "sysretq", "sysenter", "int"}
 
 
-@pytest.mark.parametrize("prog", ["hello", "dirty"])
+@pytest.mark.parametrize("prog", ["hello", "dirty", "smp"])
 def test_x86_guest_avoids_instructions_kvm_pvm_lacks(prog: str) -> None:
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) not installed")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 
@@ -231,6 +233,26 @@ def test_smp_guest_on_every_backend(machine_type: str, arch: str, accel: str) ->
     finally:
         machine.close()
     assert tuple(console.getvalue().decode().splitlines()) == smp_reference(cpus, 1, iterations)
+
+
+QEMU_SMP = {
+    "x86_64": ["qemu-system-x86_64", "-M", "q35"],
+    "aarch64": ["qemu-system-aarch64", "-M", "virt,gic-version=3,highmem=off", "-cpu", "cortex-a57"],
+}
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_smp_guest_under_qemu_prints_the_reference(arch: str) -> None:
+    """QEMU (TCG, -smp 3) is the reference machine: the same output as hv's."""
+    command = QEMU_SMP[arch]
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} not installed")
+    result = subprocess.run([*command, "-smp", "3", "-m", "128M", "-display", "none", "-serial", "stdio",
+                             "-monitor", "none", "-nodefaults", "-no-reboot",
+                             "-kernel", str(FIXTURES / arch / "smp.elf"), "-append", "cpus=3 mib=1 iterations=3"],
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert tuple(result.stdout.decode().splitlines()) == smp_reference(3, 1, 3)
 
 
 def test_smp_guest_with_fewer_cpus_than_vcpus_leaves_the_rest_off() -> None:
