@@ -22,6 +22,7 @@ from hv.devices.lapic import LAPIC_BASE
 from hv.machine import Machine
 from hv.machine.machine import MachineSnapshot
 from hv.machine.move import move_machine
+from hv.migration.stream import CpuSection, FileChannel, StreamKind, StreamReader
 from hv.state import (POWER_OFF, POWER_ON, POWER_WAIT_SIPI, Arm64CpuState, StateError, X86CpuState,
                       state_from_dict, state_to_dict)
 from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm
@@ -437,3 +438,37 @@ def test_smp_guest_live_migrates_mid_run(hv, sock_dir, machine_type: str, first:
     passes = lines[1:]
     assert len(passes) >= 3 and all(line.endswith(" bad 0") for line in passes)
     assert tuple(passes) == unmigrated(machine_type, 2, mib, len(passes))
+
+
+@pytest.mark.parametrize("machine_type,accel", [
+    pytest.param("q35", "kvm", marks=requires_kvm, id="x86_64-kvm"),
+    pytest.param("virt", "unicorn", id="aarch64-unicorn"),
+])
+def test_live_migrated_secondary_that_is_off_stays_off(hv, sock_dir, tmp_path, machine_type: str,
+                                                       accel: str) -> None:
+    """-smp 2 running the smp guest with cpus=1: vCPU 1 is never started. After a live
+    migration the destination's vCPU 1 is still off / waiting (read back from a file
+    snapshot of the destination) while vCPU 0 runs on."""
+    common = ("-machine", machine_type, "-m", "64", "-smp", "2", "-accel", accel, "-kernel",
+              str(FIXTURES / ARCH[machine_type] / "smp.elf"), "-append", "cpus=1 mib=1")
+    src = Vm(hv, sock_dir, "src", *common)
+    dst = Vm(hv, sock_dir, "dst", *common, "-incoming", f"unix:{os.path.join(sock_dir, 'dst.mig')}")
+    snap = tmp_path / "snap"
+    try:
+        src.wait_lines(2)
+        assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
+        assert src.wait_migration()["status"] == "completed"
+        assert dst.wait_migration()["status"] == "completed"
+        dst.wait_lines(len(complete_lines(src.output() + dst.output())) + 1)
+        assert dst.execute("migrate", uri=f"file:{snap}") == {"return": {}}
+        assert dst.wait_migration()["status"] == "completed"
+        lines = complete_lines(src.output() + dst.output())
+    finally:
+        src.close()
+        dst.close()
+    with open(snap / "state", "rb") as state:
+        reader = StreamReader(FileChannel(state), page_count=(64 << 20) // 4096, kind=StreamKind.STATE, arch=ARCH[machine_type])
+        cpus = {s.index: s.state for s in reader.read_all() if isinstance(s, CpuSection)}
+    off = POWER_WAIT_SIPI if machine_type == "q35" else POWER_OFF
+    assert cpus[0].power == POWER_ON and cpus[1].power == off
+    assert tuple(lines[1:]) == smp_reference(1, 1, len(lines) - 1)[1:-1]
