@@ -296,16 +296,22 @@ class UnicornVcpuBase(Vcpu):
                     if exc.errno != unicorn.UC_ERR_INSN_INVALID:
                         return Exit(ExitReason.ERROR, f"unicorn: {exc} at {self.PC_NAME} {self._read_pc():#x}")
                     self._event = self._undefined_instruction(self._read_pc())
+                # An event a hook recorded (an exception to deliver, int3, hvc, ...) is
+                # handled even when a stop request ended the same emu_start: the guest
+                # has executed the instruction, so dropping the event would lose it
+                # (a trap's PC is already past it).
+                handled = self._event is not None
+                if handled:
+                    event, self._event = self._event, None
+                    result = self._handle_event(event)
+                    if result is not None:
+                        return result
                 if self.native.struct.stopped:
                     if self._service_stop():
                         continue
                     self._take_kick()
                     return Exit(ExitReason.KICKED)
-                if self._event is not None:
-                    event, self._event = self._event, None
-                    result = self._handle_event(event)
-                    if result is not None:
-                        return result
+                if handled:
                     continue
                 self._halted = True  # HLT / WFI made emu_start return
                 return Exit(ExitReason.HALT)

@@ -414,3 +414,27 @@ def test_disarmed_window_does_not_stop_the_guest(guest: X86Guest) -> None:
     finally:
         timer.cancel()
     assert guest.vcpu.get_state().rbx > 0 and guest.vcpu.window_exits == 0
+
+
+def test_trap_recorded_in_a_run_that_a_kick_ends_is_still_delivered(guest: X86Guest) -> None:
+    """A kick that arrives while the engine reports an int3 is seen by the block hook that
+    Unicorn still runs before it stops: the int3 is recorded in the same emu_start that
+    the kick ends. The trap must be delivered, not dropped (its return address is
+    already past it)."""
+    import unicorn
+    handler = KCODE + 0x800
+    guest.load(KCODE, "mov rbx, 1\n int3\n mov rbx, 2\n hlt")
+    guest.load(handler, "mov rcx, 0x33\n iretq")
+    guest.set_gate(3, handler)
+    guest.vcpu.set_state(guest.kernel_state())
+    native = guest.vcpu.native.struct
+
+    def kick_arrives_with_the_trap(uc, intno, user_data):
+        native.kick = 1                            # another thread's Vcpu.kick(), right now
+
+    hook = guest.vcpu.uc.hook_add(unicorn.UC_HOOK_INTR, kick_arrives_with_the_trap)
+    assert guest.run().reason is ExitReason.KICKED
+    guest.vcpu.uc.hook_del(hook)
+    assert guest.run().reason is ExitReason.HALT
+    st = guest.vcpu.get_state()
+    assert st.rcx == 0x33 and st.rbx == 2          # the handler ran, then the code after int3
