@@ -852,3 +852,25 @@ def test_stream_crc_is_zlibs_crc32() -> None:
     for seed in (0, 1, 0xFFFFFFFF):
         assert crc32(data, seed) == zlib.crc32(data, seed)
         assert crc32(memoryview(data)[7:9999], seed) == zlib.crc32(memoryview(data)[7:9999], seed)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_recorded_v1_1_stream_is_still_accepted(arch: str) -> None:
+    """Format 1.1 (second release): two vCPUs, the second never started; its power state
+    travels in the CPU section. Recorded once by tests/data/make_migration_fixtures_v1_1.py."""
+    data = (DATA / f"migration-stream-v1.1-{arch}.bin").read_bytes()
+    mem = GuestMemory([RegionSpec(0, 16 * PAGE_SIZE)])
+    reader = StreamReader(FileChannel(io.BytesIO(data)), page_count=16, ram=mem, arch=arch)
+    sections = reader.read_all()
+    header = sections[0]
+    assert isinstance(header, HeaderSection)
+    assert (header.format_major, header.format_minor, header.stream_id, header.hv_version) == \
+        (1, 1, f"fixture-{arch}-v1.1", "0.2.0")
+    assert bytes(mem.page_view(5, 1))[:16] == b"hv stream v1.1!!"
+    cpus = [s for s in sections if isinstance(s, CpuSection)]
+    assert [c.index for c in cpus] == [0, 1]
+    assert cpus[0].state.power == "on"
+    assert cpus[1].state.power == ("wait-for-sipi" if arch == "x86_64" else "off")
+    config = sections[1]
+    assert isinstance(config, S.ConfigSection) and config.fingerprint.vcpus == 2
+    assert config.fingerprint.devices[0].type == "pcie-root-port"

@@ -47,7 +47,11 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 4096
 MAGIC = b"HVMIGSTR"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+# 1.1: CPU sections may carry "power" (canonical state form 2: secondary vCPUs off /
+# waiting for SIPI), the GIC has 288 INTIDs, and pcie-root-port devices exist. A 1.0
+# reader refuses such a stream with the unknown field's name (its state validation is
+# strict), which is what must happen: it could not run those guests.
+FORMAT_MINOR = 1
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")
