@@ -28,6 +28,15 @@ Limitations (measured on kvm_pvm; hardware KVM does not have the first two)
       the filter below is advisory there.
     * An interrupt queued with :meth:`KvmVcpu.inject_interrupt` is delivered at the next
       guest entry; a state taken before that entry does not contain it (logged).
+    * A software interrupt from CPL3 (int3, int n, into, int1): kvm_pvm may exit to
+      userspace (a kick) with RIP already past the instruction and the exception still
+      pending. KVM does not report pending software exceptions (KVM_GET_VCPU_EVENTS
+      assumes RIP was not advanced, so re-execution would raise it again) and
+      KVM_SET_REGS drops them, so a state taken there loses the interrupt (the dirty
+      guest lost whole serial writes in moves). A kicked :meth:`KvmVcpu.run` that stops
+      at CPL3 right after such an instruction therefore runs the guest a little longer
+      (a delayed re-kick, at most ``SOFT_INT_SETTLE_ATTEMPTS`` times) so the exception is
+      delivered before the state can be taken.
 """
 from __future__ import annotations
 
@@ -65,6 +74,10 @@ FXSAVE_ARCH_END = 416
 INTERRUPT_WINDOW = "interrupt window"
 
 RFLAGS_IF = 1 << 9
+SOFT_INT_SETTLE_ATTEMPTS = 8
+SOFT_INT_SETTLE_DELAY = 0.0002   # seconds of guest run per settle attempt (times the attempt)
+EFER_LMA = 1 << 10
+CR0_PG = 1 << 31
 
 _EINTR = 4
 _PROT_READ = 1
@@ -414,6 +427,8 @@ class KvmVcpu(Vcpu):
         self._kick_pending = False
         self._thread: int | None = None
         self._halted = False
+        self._settle_attempts = 0
+        self._settle_timer: threading.Timer | None = None
         self._fd = _ioctl(vm._vm_fd, abi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
         self._mmap_size = vm.vcpu_mmap_size
         if self._mmap_size < ffi.sizeof("struct kvm_run"):
@@ -468,10 +483,21 @@ class KvmVcpu(Vcpu):
                     err = ffi.errno
                     if err == _EINTR:
                         with self._lock:
-                            if self._kick_pending:
+                            kicked = self._kick_pending
+                            if kicked:
                                 self._kick_pending = False
                                 run.immediate_exit = 0
-                                return Exit(ExitReason.KICKED)
+                        if kicked:
+                            if self._settle_attempts < SOFT_INT_SETTLE_ATTEMPTS and self._after_soft_interrupt():
+                                # kvm_pvm: the interrupt may still be pending (see the module
+                                # docstring); run on briefly, then honour the kick.
+                                self._settle_attempts += 1
+                                self._settle_timer = threading.Timer(
+                                    SOFT_INT_SETTLE_DELAY * self._settle_attempts, self.kick)
+                                self._settle_timer.start()
+                                continue
+                            self._settle_attempts = 0
+                            return Exit(ExitReason.KICKED)
                         continue  # a signal that was not a kick
                     raise BackendError(f"KVM_RUN: {_errno_text(err)} (errno {err})")
                 self._halted = False
@@ -496,8 +522,59 @@ class KvmVcpu(Vcpu):
                 else:
                     return self._other_exit(reason)
         finally:
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()
+                self._settle_timer = None
+            self._settle_attempts = 0
             with self._lock:
                 self._thread = None
+
+    def _after_soft_interrupt(self) -> bool:
+        """Whether the vCPU stopped at CPL3 right after int3 / int n / into / int1 (the
+        point where kvm_pvm can hold an undelivered software exception). Long mode and
+        unpaged code only; unreadable memory answers False."""
+        regs = ffi.new("struct kvm_regs *")
+        sregs = ffi.new("struct kvm_sregs *")
+        if libc.ioctl(self._fd, abi.KVM_GET_REGS, regs) < 0 or libc.ioctl(self._fd, abi.KVM_GET_SREGS, sregs) < 0:
+            return False
+        if sregs.cs.dpl != 3 or regs.rip < 2:
+            return False
+        linear = (sregs.cs.base + regs.rip - 2) & ((1 << 64) - 1)
+        try:
+            first = self._read_linear(sregs, linear)
+            second = self._read_linear(sregs, linear + 1)
+        except (BackendError, ValueError):
+            return False
+        if first is None or second is None:
+            return False
+        return second in (0xCC, 0xCE, 0xF1) or first == 0xCD
+
+    def _read_linear(self, sregs: Any, linear: int) -> int | None:
+        """One byte at a linear address through the guest's page tables (4-level long
+        mode, or paging off); None when unmapped or not a mode handled here."""
+        memory = self._vm.memory
+        if not sregs.cr0 & CR0_PG:
+            gpa = linear & 0xFFFF_FFFF
+        elif sregs.efer & EFER_LMA:
+            table = sregs.cr3 & 0x000F_FFFF_FFFF_F000
+            gpa = None
+            for level, shift in enumerate((39, 30, 21, 12)):
+                entry = memory.read_int(table + ((linear >> shift) & 0x1FF) * 8, 8)
+                if not entry & 1:
+                    return None
+                frame = entry & 0x000F_FFFF_FFFF_F000
+                if shift == 12 or (level in (1, 2) and entry & 0x80):
+                    gpa = (frame & ~((1 << shift) - 1)) | (linear & ((1 << shift) - 1))
+                    break
+                table = frame
+        else:
+            return None
+        if gpa is None:
+            return None
+        try:
+            return memory.read(gpa, 1)[0]
+        except Exception:
+            return None
 
     def _complete_pending_access(self) -> None:
         """Finish an I/O or MMIO access whose handler failed, so that the vCPU is at an
