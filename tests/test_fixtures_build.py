@@ -21,6 +21,9 @@ TOOLCHAINS = {
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 
 
+ALL_PROGRAMS = ("hello", "dirty", "blk", "net", "timer", "smp")   # everything build.sh makes
+
+
 def missing_tools(arch: str) -> list[str]:
     return [tool for tool in TOOLCHAINS[arch] if shutil.which(tool) is None]
 
@@ -33,7 +36,7 @@ def test_build_is_reproducible(arch: str, tmp_path: Path) -> None:
     env = dict(os.environ, ARCHES=arch)
     subprocess.run([str(FIXTURES / "build.sh"), str(tmp_path)], check=True, env=env,
                    capture_output=True, timeout=120)
-    for prog in ("hello", "dirty", "smp"):
+    for prog in ALL_PROGRAMS:
         built = (tmp_path / arch / f"{prog}.elf").read_bytes()
         committed = (FIXTURES / arch / f"{prog}.elf").read_bytes()
         assert built == committed, f"{arch}/{prog}.elf differs from a fresh build: run fixtures/build.sh"
@@ -43,7 +46,7 @@ FORBIDDEN_MNEMONICS = {"popcnt", "cmpxchg16b", "xrstor", "xrstors", "xsave", "xs
                        "stac", "fwait", "wait", "syscall", "sysretq", "sysenter", "int"}
 
 
-@pytest.mark.parametrize("prog", ["hello", "dirty", "smp"])
+@pytest.mark.parametrize("prog", ALL_PROGRAMS)
 def test_x86_guest_avoids_instructions_kvm_pvm_lacks(prog: str) -> None:
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) not installed")
