@@ -74,6 +74,14 @@ class NetdevConfig:
     ifname: str = ""             # tap
 
 
+def _reject_unknown(option: str, what: str, pairs: dict[str, str], known: set[str]) -> None:
+    """One line naming the first parameter that is not in ``known`` (sorted, so the
+    message does not depend on the order on the command line)."""
+    unknown = sorted(set(pairs) - known)
+    if unknown:
+        raise DevConfigError(f"{option} {what}: unknown parameter '{unknown[0]}'")
+
+
 def _split(option: str, value: str) -> tuple[str | None, dict[str, str]]:
     """``"[first,]key=value,..."`` -> (first word or None, {key: value})."""
     if not value:
@@ -124,10 +132,7 @@ def parse_drive(value: str) -> DriveConfig:
     first, pairs = _split(option, value)
     if first is not None:
         raise DevConfigError(f"{option} {value}: '{first}' is not key=value")
-    known = {"file", "id", "readonly", "direct", "serial", "if", "format"}
-    unknown = sorted(set(pairs) - known)
-    if unknown:
-        raise DevConfigError(f"{option} {value}: unknown parameter '{unknown[0]}'")
+    _reject_unknown(option, value, pairs, {"file", "id", "readonly", "direct", "serial", "if", "format"})
     for required in ("file", "id"):
         if not pairs.get(required):
             raise DevConfigError(f"{option} {value}: {required}= is required")
@@ -160,9 +165,7 @@ def parse_netdev(value: str) -> NetdevConfig:
     if kind not in ("socket", "tap"):
         raise DevConfigError(f"{option} {value}: the first item must be the backend type (socket or tap)")
     known = {"socket": {"id", "listen", "connect", "path", "server"}, "tap": {"id", "ifname"}}[kind]
-    unknown = sorted(set(pairs) - known)
-    if unknown:
-        raise DevConfigError(f"{option} {kind}: unknown parameter '{unknown[0]}'")
+    _reject_unknown(option, kind, pairs, known)
     if not pairs.get("id"):
         raise DevConfigError(f"{option} {kind}: id= is required")
     netdev_id = _check_id(option, "id", pairs["id"])
@@ -192,10 +195,7 @@ def parse_netdev(value: str) -> NetdevConfig:
 def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
     from hv.devices.virtio_net import MacError, format_mac, parse_mac
 
-    known = {"netdev", "id", "bus", "addr", "mac", "multifunction"}
-    unknown = sorted(set(pairs) - known)
-    if unknown:
-        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    _reject_unknown(option, driver, pairs, {"netdev", "id", "bus", "addr", "mac", "multifunction"})
     if not pairs.get("netdev"):
         raise DevConfigError(f"{option} {driver}: netdev= is required")
     netdev = _check_id(option, "netdev", pairs["netdev"])
@@ -234,10 +234,7 @@ def parse_device(value: str) -> DeviceConfig:
         return _parse_net_device(option, driver, pairs)
     if driver == "pcie-root-port":
         return _parse_root_port(option, driver, pairs)
-    known = {"drive", "id", "bus", "addr", "serial", "multifunction"}
-    unknown = sorted(set(pairs) - known)
-    if unknown:
-        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    _reject_unknown(option, driver, pairs, {"drive", "id", "bus", "addr", "serial", "multifunction"})
     if not pairs.get("drive"):
         raise DevConfigError(f"{option} {driver}: drive= is required")
     drive = _check_id(option, "drive", pairs["drive"])
@@ -258,10 +255,7 @@ def _number(option: str, driver: str, key: str, text: str, limit: int) -> int:
 
 
 def _parse_root_port(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
-    known = {"id", "port", "chassis", "slot", "addr", "bus", "multifunction"}
-    unknown = sorted(set(pairs) - known)
-    if unknown:
-        raise DevConfigError(f"{option} {driver}: unknown parameter '{unknown[0]}'")
+    _reject_unknown(option, driver, pairs, {"id", "port", "chassis", "slot", "addr", "bus", "multifunction"})
     if not pairs.get("id"):
         raise DevConfigError(f"{option} {driver}: id= is required (it names the port's bus)")
     port_id = _check_id(option, "id", pairs["id"])
