@@ -36,7 +36,7 @@ try:  # ISA-L computes zlib's very CRC-32 (same values) about 13x faster, with P
 except ImportError:  # pragma: no cover - a platform without isal wheels
     from zlib import crc32
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from hv import __version__ as HV_VERSION
 from hv.migration.pages import page_kinds, populate, zero_pages
@@ -285,18 +285,7 @@ class SocketChannel:
 
     def writev(self, buffers: list[bytes | memoryview]) -> None:
         """Send every buffer, in order, with as few ``sendmsg`` calls as the kernel allows."""
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-        while pending:
-            batch = pending[:_IOV_BATCH]
-            sent = self.sock.sendmsg(batch)
-            # Drop fully sent buffers, trim a partially sent one.
-            i = 0
-            while i < len(batch) and sent >= len(batch[i]):
-                sent -= len(batch[i])
-                i += 1
-            del pending[:i]
-            if sent:
-                pending[0] = pending[0][sent:]
+        _gather_all(buffers, self.sock.sendmsg)
 
     def readinto(self, buf: memoryview) -> int:
         return self.sock.recv_into(buf)
@@ -304,6 +293,23 @@ class SocketChannel:
     def readv(self, buffers: list[memoryview]) -> int:
         """Scatter-read into ``buffers`` in one ``recvmsg_into`` call (at most IOV_MAX)."""
         return self.sock.recvmsg_into(buffers)[0]
+
+
+def _gather_all(buffers: list[bytes | memoryview], send: Callable[[list[memoryview]], int]) -> None:
+    """Write every buffer, in order, through ``send`` (sendmsg / writev: takes at most
+    ``_IOV_BATCH`` buffers, returns the bytes it took), resuming after short writes."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        batch = pending[:_IOV_BATCH]
+        done = send(batch)
+        # Drop fully written buffers, trim a partially written one.
+        i = 0
+        while i < len(batch) and done >= len(batch[i]):
+            done -= len(batch[i])
+            i += 1
+        del pending[:i]
+        if done:
+            pending[0] = pending[0][done:]
 
 
 class FileChannel:
@@ -326,17 +332,8 @@ class FileChannel:
             for buf in buffers:
                 self.write(buf)
             return
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-        while pending:
-            batch = pending[:_IOV_BATCH]
-            written = os.writev(self.file.fileno(), batch)
-            i = 0
-            while i < len(batch) and written >= len(batch[i]):
-                written -= len(batch[i])
-                i += 1
-            del pending[:i]
-            if written:
-                pending[0] = pending[0][written:]
+        fd = self.file.fileno()
+        _gather_all(buffers, lambda batch: os.writev(fd, batch))
 
     def readinto(self, buf: memoryview) -> int:
         n = self.file.readinto(buf)
