@@ -18,7 +18,7 @@ from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devconfig import parse_device
 from hv.devices.gicv2m import V2M_BASE, V2M_DOORBELL, V2M_IIDR_VALUE, GicV2m
-from hv.devices.gicv3 import GICR_STRIDE, REG_ICFGR, REG_IGROUPR, REG_IPRIORITYR, REG_ISENABLER
+from hv.devices.gicv3 import REG_IGROUPR, REG_IPRIORITYR, REG_ISENABLER
 from hv.devices.irqline import SharedLine, SharedLineError, SharedLineInput
 from hv.devices.pci import UnconnectedMsi
 from hv.loader import build_virt_fdt
@@ -256,32 +256,11 @@ def test_hotplugged_function_is_wired_and_unplug_leaves_the_shared_line_to_the_o
 
 # -- a real vCPU takes the MSI ---------------------------------------------------------------
 
-GUEST = f"""
-_start:
-    ldr     x1, =vectors
-    msr     vbar_el1, x1
-    ldr     x1, =0x08000000          // GICD
-    mov     w2, #0x12
-    str     w2, [x1]                 // CTLR: ARE, EnableGrp1
-    mov     w2, #(1 << ({MSI_INTID} - 64))
-    str     w2, [x1, #0x88]          // IGROUPR2: Group 1
-    mov     w3, #0x80
-    strb    w3, [x1, #(0x400 + {MSI_INTID})]   // IPRIORITYR
-    str     w2, [x1, #0x108]         // ISENABLER2
-    ldr     x1, =0x080A0000          // GICR of vCPU 0
-    str     wzr, [x1, #0x14]         // WAKER: awake
-    mov     x2, #0xf0
-    msr     s3_0_c4_c6_0, x2         // ICC_PMR_EL1
-    mov     x2, #1
-    msr     s3_0_c12_c12_7, x2       // ICC_IGRPEN1_EL1
-    isb
-    ldr     x1, ={READY}
-    mov     w2, #1
-    str     w2, [x1]
-    msr     daifclr, #2
-1:  wfi
-    b       1b
-
+def vector_table(irq_extra: str = "") -> str:
+    """The test guests' VBAR table: the IRQ entry acknowledges the interrupt (ICC_IAR1 /
+    ICC_EOIR1), runs ``irq_extra``, and reports the INTID in RESULT; every other entry
+    reports 0xE00 + its index; then PSCI SYSTEM_OFF."""
+    return f"""
     .macro  VEC n
     .balign 0x80
     mov     w0, #(0xE00 + \\n)       // an unexpected exception: report its entry
@@ -290,7 +269,7 @@ _start:
     .macro  IRQVEC
     .balign 0x80
     mrs     x0, s3_0_c12_c12_0       // ICC_IAR1_EL1: acknowledge
-    msr     s3_0_c12_c12_1, x0       // ICC_EOIR1_EL1
+    msr     s3_0_c12_c12_1, x0       // ICC_EOIR1_EL1{irq_extra}
     b       done
     .endm
 
@@ -319,6 +298,35 @@ done:
     hvc     #0
     b       .
 """
+
+
+GUEST = f"""
+_start:
+    ldr     x1, =vectors
+    msr     vbar_el1, x1
+    ldr     x1, =0x08000000          // GICD
+    mov     w2, #0x12
+    str     w2, [x1]                 // CTLR: ARE, EnableGrp1
+    mov     w2, #(1 << ({MSI_INTID} - 64))
+    str     w2, [x1, #0x88]          // IGROUPR2: Group 1
+    mov     w3, #0x80
+    strb    w3, [x1, #(0x400 + {MSI_INTID})]   // IPRIORITYR
+    str     w2, [x1, #0x108]         // ISENABLER2
+    ldr     x1, =0x080A0000          // GICR of vCPU 0
+    str     wzr, [x1, #0x14]         // WAKER: awake
+    mov     x2, #0xf0
+    msr     s3_0_c4_c6_0, x2         // ICC_PMR_EL1
+    mov     x2, #1
+    msr     s3_0_c12_c12_7, x2       // ICC_IGRPEN1_EL1
+    isb
+    ldr     x1, ={READY}
+    mov     w2, #1
+    str     w2, [x1]
+    msr     daifclr, #2
+1:  wfi
+    b       1b
+
+""" + vector_table()
 
 
 def move(machine: Machine) -> Machine:
@@ -486,45 +494,9 @@ _start:
 2:  add     x3, x3, #1               // ... not after this loop ran for a retry period
     b       2b
 
-    .macro  VEC n
-    .balign 0x80
-    mov     w0, #(0xE00 + \\n)
-    b       done
-    .endm
-    .macro  IRQVEC
-    .balign 0x80
-    mrs     x0, s3_0_c12_c12_0       // ICC_IAR1_EL1
-    msr     s3_0_c12_c12_1, x0       // ICC_EOIR1_EL1
+""" + vector_table(f"""
     ldr     x1, ={RESULT}
-    str     x3, [x1, #8]             // loop iterations before the IRQ
-    b       done
-    .endm
-
-    .balign 0x800
-vectors:
-    VEC 0
-    VEC 1
-    VEC 2
-    VEC 3
-    VEC 4
-    IRQVEC
-    VEC 6
-    VEC 7
-    VEC 8
-    VEC 9
-    VEC 10
-    VEC 11
-    VEC 12
-    VEC 13
-    VEC 14
-    VEC 15
-done:
-    ldr     x1, ={RESULT}
-    str     w0, [x1]
-    ldr     x0, ={PSCI_SYSTEM_OFF}
-    hvc     #0
-    b       .
-"""
+    str     x3, [x1, #8]             // loop iterations before the IRQ""")
 
 
 def test_pending_irq_is_taken_at_the_unmasking_instruction(tmp_path: Path) -> None:
