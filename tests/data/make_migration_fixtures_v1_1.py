@@ -16,16 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from hv.migration.stream import PAGE_SIZE, DeviceFingerprint, Fingerprint, StreamWriter  # noqa: E402
 from hv.state import POWER_OFF, POWER_WAIT_SIPI, Arm64CpuState, Segment, X86CpuState  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-PAGES = 16
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        self.data += chunk
+from tests.data.make_migration_fixtures import HERE, PAGES, Collect  # noqa: E402
 
 
 def cpu_states(arch: str) -> list[X86CpuState | Arm64CpuState]:
