@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,17 @@ def run_guest(arch: str, accel: str, image: Path, bsize: int, timeout: float = 6
             "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=2", "-serial", "stdio"]
     stamps: dict[str, float] = {}
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT) as process:
+        # A guest that stops printing must not hang the benchmark: kill it at the deadline
+        # (reading its output then ends).
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            process.kill()
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.start()
         try:
             assert process.stdout is not None
             for raw in process.stdout:
@@ -79,13 +89,14 @@ def run_guest(arch: str, accel: str, image: Path, bsize: int, timeout: float = 6
                 for key in ("bench write", "bench read", "bench done"):
                     if line.startswith(key):
                         stamps[key] = now
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{arch}/{accel}: no end after {timeout:.0f} s")
             code = process.wait(30)
         finally:
+            watchdog.cancel()
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        if timed_out.is_set():
+            raise BenchError(f"{arch}/{accel}: no end after {timeout:g} s (killed)")
         stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
     if code != 0 or len(stamps) != 3:
         tail = "\n".join(lines[-3:] + stderr.splitlines()[-3:])
