@@ -271,15 +271,14 @@ class Machine:
             routed_slot = (port.devfn or 0) >> 3
             key = (bus, devfn)
         if isinstance(irq, InterruptController):
-            gsi = Q35_PCI_GSI_BASE + (routed_slot + pin - 1) % 8
-            line = self.intx_lines.get(gsi)
-            if line is None:
-                line = self.intx_lines[gsi] = SharedLine(irq.line(gsi), self._lock, f"gsi{gsi}")
+            number = Q35_PCI_GSI_BASE + (routed_slot + pin - 1) % 8       # an IOAPIC pin, 16-23
+            name, target = f"gsi{number}", irq.line
         else:
-            intid = pci_intx_intid(routed_slot, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
-            line = self.intx_lines.get(intid)
-            if line is None:
-                line = self.intx_lines[intid] = SharedLine(irq.spi_line(intid), self._lock, f"spi-intid{intid}")
+            number = pci_intx_intid(routed_slot, pin)   # SPI 3 + (slot + pin - 1) % 4, INTIDs 35-38
+            name, target = f"spi-intid{number}", irq.spi_line
+        line = self.intx_lines.get(number)
+        if line is None:
+            line = self.intx_lines[number] = SharedLine(target(number), self._lock, name)
         function.intx = line.attach(key)
         if isinstance(function, PcieRootPort):
             function.drive_intx()
