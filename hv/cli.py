@@ -69,6 +69,9 @@ def run(config: VmConfig) -> int:
         if config.incoming is not None:
             machine.kernel_image = image
             log.info("%s", why)  # logged after every check, so a bad option stays one line
+            # In 'inmigrate' before QMP answers: nothing may change the device set or run
+            # the guest between the first QMP command and the incoming stream.
+            machine.set_state(RunState.INMIGRATE)
             session.start_monitor()  # QMP answers while the migration arrives
             session.receive(config.incoming)
         else:

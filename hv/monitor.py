@@ -161,5 +161,5 @@ class MachineMonitor:
         return Reply({}, after=lambda: self.on_machine_event("DEVICE_DELETED", data))
 
     def _require_no_migration(self, command: str) -> None:
-        if self._migration_status in ("setup", "active"):
+        if self._migration_status in ("setup", "active") or self.machine.state is RunState.INMIGRATE:
             raise QmpError("GenericError", f"{command}: not allowed while migrating")
