@@ -1,4 +1,4 @@
-"""Builds the cffi extension ``backends._hv_native`` (Unicorn backend hot hooks).
+"""Builds the cffi extension ``hv_backends._hv_native`` (Unicorn backend hot hooks).
 
 All other metadata lives in pyproject.toml.
 """

@@ -1,4 +1,4 @@
-"""CPU backends behind one interface (see :mod:`backends.base`).
+"""CPU backends behind one interface (see :mod:`hv_backends.base`).
 
 ``kvm``: /dev/kvm ioctls (x86_64 on x86_64 hosts). ``unicorn``: the Unicorn CPU emulator
 (x86_64 and aarch64 anywhere). Modules are imported lazily so that a host without one
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-from backends.base import Arch, Backend, BackendUnavailable
+from hv_backends.base import Arch, Backend, BackendUnavailable
 
 BACKEND_CLASSES: dict[str, str] = {
-    "kvm": "backends.kvm:KvmBackend",
-    "unicorn": "backends.unicorn:UnicornBackend",
+    "kvm": "hv_backends.kvm:KvmBackend",
+    "unicorn": "hv_backends.unicorn:UnicornBackend",
 }
 
 

@@ -49,8 +49,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from backends import kvm_abi as abi
-from backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
+from hv_backends import kvm_abi as abi
+from hv_backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
 from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
 
@@ -665,7 +665,7 @@ class KvmVcpu(Vcpu):
             if thread is None or thread == threading.get_ident():
                 return
             if not _kick_handler_installed():
-                log.warning("vCPU %d: no handler for %s (call backends.kvm.install_kick_handler() from the "
+                log.warning("vCPU %d: no handler for %s (call hv_backends.kvm.install_kick_handler() from the "
                             "main thread): the kick waits for the guest's next exit",
                             self.index, signal.Signals(KICK_SIGNAL).name)
                 return

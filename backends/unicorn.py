@@ -2,7 +2,7 @@
 
 Guest RAM is mapped with ``mem_map_ptr`` over :class:`hv.memory.GuestMemory`'s own host
 buffers (one copy of RAM), MMIO windows with ``mmio_map``. The hot hooks are native
-(``backends._hv_native``, built by cffi at install time):
+(``hv_backends._hv_native``, built by cffi at install time):
 
 * a block hook that honours :meth:`Vcpu.kick` by calling ``uc_emu_stop`` at the start of
   a translation block -- the only point where a stop never replays or splits an
@@ -11,7 +11,7 @@ buffers (one copy of RAM), MMIO windows with ``mmio_map``. The hot hooks are nat
   page tables: Unicorn reports virtual addresses) in a bitmap in RAM offset space.
 
 Exceptions and interrupts are delivered by hv itself (Unicorn does not use the guest's
-IDT / VBAR): see :mod:`backends.unicorn_x86` and :mod:`backends.unicorn_arm64`.
+IDT / VBAR): see :mod:`hv_backends.unicorn_x86` and :mod:`hv_backends.unicorn_arm64`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Arch, Backend, BackendError, Exit, ExitReason, IoHandler, Vcpu, Vm
+from hv_backends.base import Arch, Backend, BackendError, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv.memory import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _import_unicorn() -> Any:
 
 
 def _native() -> Any:
-    from backends import _hv_native  # noqa: PLC0415 - built at install time
+    from hv_backends import _hv_native  # noqa: PLC0415 - built at install time
 
     return _hv_native
 
@@ -63,7 +63,7 @@ def _fn_addr(name: str) -> int:
 
 
 def add_native_hook(uc: "unicorn.Uc", htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
-    """Register the C function ``name`` of ``backends._hv_native`` as a Unicorn hook."""
+    """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
     native = _native()
     fptr = int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
     handle = ctypes.c_size_t()
@@ -362,11 +362,11 @@ class UnicornVm(Vm):
         if any(v.index == index for v in self.vcpus):
             raise BackendError(f"vCPU {index} already exists")
         if self.arch is Arch.X86_64:
-            from backends.unicorn_x86 import UnicornX86Vcpu  # noqa: PLC0415
+            from hv_backends.unicorn_x86 import UnicornX86Vcpu  # noqa: PLC0415
 
             vcpu: UnicornVcpuBase = UnicornX86Vcpu(self, index)
         else:
-            from backends.unicorn_arm64 import UnicornArm64Vcpu  # noqa: PLC0415
+            from hv_backends.unicorn_arm64 import UnicornArm64Vcpu  # noqa: PLC0415
 
             vcpu = UnicornArm64Vcpu(self, index)
         self.vcpus.append(vcpu)
@@ -418,12 +418,12 @@ class UnicornBackend(Backend):
         try:
             _native()
         except ImportError as exc:
-            return f"the native hook module backends._hv_native is not built (run `pip install -e .`): {exc}"
+            return f"the native hook module hv_backends._hv_native is not built (run `pip install -e .`): {exc}"
         try:
             if arch is Arch.X86_64:
-                from backends.unicorn_x86 import verify_layout  # noqa: PLC0415
+                from hv_backends.unicorn_x86 import verify_layout  # noqa: PLC0415
             else:
-                from backends.unicorn_arm64 import verify_layout  # noqa: PLC0415
+                from hv_backends.unicorn_arm64 import verify_layout  # noqa: PLC0415
             verify_layout()
         except UnicornLayoutError as exc:
             return str(exc)

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backends.base import BackendError, Exit, ExitReason
-from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
+from hv_backends.base import BackendError, Exit, ExitReason
+from hv_backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
 from hv.memory import GuestMemoryError
 from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
 

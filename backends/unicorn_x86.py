@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import BackendError, Exit, ExitReason
-from backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
+from hv_backends.base import BackendError, Exit, ExitReason
+from hv_backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
 from hv.memory import PAGE_SIZE, GuestMemoryError
 from hv.state import EFER_LMA, EFER_SCE, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState
 

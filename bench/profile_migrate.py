@@ -131,7 +131,7 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
                    data_mib: int = 64, timeline: bool = False) -> None:
     """cProfile the source side of a real migration of the idle guest (in this process);
     with ``spy_destination``, sample the destination process with py-spy meanwhile."""
-    from backends import backend_class
+    from hv_backends import backend_class
     from hv.config import parse_args
     from hv.console import BufferSink
     from hv.machine import Machine

@@ -47,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from hv_fixtures import guest as fixture_guest
+
 log = logging.getLogger("hv.bench")
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_KERNEL = ROOT / "fixtures" / "x86_64" / "dirty.elf"
+DEFAULT_KERNEL = fixture_guest("x86_64", "dirty")
 MIB = 1 << 20
 CHUNK = MIB                       # raw loopback loop: 1 MiB sendall / recv_into
 DOWNTIME_LIMIT_MS = 300

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hv.bench import ROOT, BenchError, kvm_usable
+from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
 
@@ -63,7 +64,7 @@ def run_guest(arch: str, accel: str, image: Path, bsize: int, timeout: float = 6
     """One hv process running the blk guest's benchmark mode on ``image``."""
     depth, mib = SIZE_PLANS[bsize]
     argv = [sys.executable, "-m", "hv", "-machine", MACHINE_FOR_ARCH[arch], "-accel", accel, "-m", "256",
-            "-kernel", str(ROOT / "fixtures" / arch / "blk.elf"),
+            "-kernel", str(fixture_guest(arch, "blk")),
             "-append", f"bench={mib} bsize={bsize} depth={depth}",
             "-drive", f"file={image},id=d0,readonly=off,direct=off",
             "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=2", "-serial", "stdio"]

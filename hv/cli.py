@@ -9,8 +9,8 @@ import threading
 import traceback
 from types import FrameType
 
-from backends import choose_backend
-from backends.base import BackendError
+from hv_backends import choose_backend
+from hv_backends.base import BackendError
 from hv import __version__
 from hv.devconfig import DevConfigError
 from hv.config import USAGE, ConfigError, VmConfig, parse_args

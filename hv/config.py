@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import Arch
+from hv_backends.base import Arch
 from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfig, parse_device, parse_drive,
                           parse_netdev)
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option

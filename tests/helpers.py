@@ -260,7 +260,7 @@ def complete_lines(text: str) -> list[str]:
 def reference_output(machine: str, mib: int, passes: int) -> tuple[str, ...]:
     """What an unmigrated dirty guest prints for ``passes`` passes (lines, without 'done'),
     run in-process on the fastest backend here."""
-    from backends import backend_class
+    from hv_backends import backend_class
     from hv.config import parse_args
     from hv.console import BufferSink
     from hv.machine import Machine

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devices.arch_timer import NS_PER_TICK, PPI_PHYSICAL, PPI_VIRTUAL, ArchTimers, ArchTimerState

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.block import BlockBackend, BlockLockedError
 from hv.config import parse_args
 from hv.console import BufferSink

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devconfig import parse_device

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devices.ioapic import ENTRY_LEVEL, IOREGSEL, IOWIN
@@ -234,7 +234,7 @@ def test_paused_machine_freezes_guest_time_and_ticks(accel: str) -> None:
 def test_many_pauses_never_leave_a_vector_inside_the_backend(accel: str, caplog) -> None:
     """Pause (and save) at arbitrary moments: every vector is either in an APIC's IRR/ISR or
     already delivered, never queued in KVM where a saved CPU state would not carry it."""
-    caplog.set_level("WARNING", logger="backends.kvm")
+    caplog.set_level("WARNING", logger="hv_backends.kvm")
     machine, console = build(accel, "hz=2000 ticks=600")
     machine.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import kvm_abi as abi
+from hv_backends import kvm_abi as abi
 
 # The kernel's numeric ioctl values on x86_64 (from linux/kvm.h as compiled for x86_64).
 KERNEL_IOCTLS: dict[str, int] = {

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.base import Arch, BackendError, BackendUnavailable, ExitReason
-from backends.kvm import KvmBackend, KvmVcpu, KvmVm
+from hv_backends.base import Arch, BackendError, BackendUnavailable, ExitReason
+from hv_backends.kvm import KvmBackend, KvmVcpu, KvmVm
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import (
     CANONICAL_MSRS, EFER_LMA, EFER_LME, FXSAVE_SIZE, MSR_IA32_CR_PAT, MSR_IA32_SYSENTER_CS,
@@ -678,7 +678,7 @@ def test_tsc_restore_where_kvm_supports_it(vm: KvmVm) -> None:
 
 def test_interrupt_injection_with_window(vm: KvmVm) -> None:
     """External interrupts without an in-kernel irqchip: KVM_INTERRUPT + window exits."""
-    from backends.kvm import INTERRUPT_WINDOW
+    from hv_backends.kvm import INTERRUPT_WINDOW
     vcpu = vm.create_vcpu(0)
     handler = assemble("mov al, 0x77\n out 0x99, al\n iretq", 64, 0xA000)
     vm.memory.write(0xA000, handler)
@@ -785,7 +785,7 @@ def test_two_vcpus_kicked_independently(vm: KvmVm) -> None:
 
 def test_kick_without_signal_handler_waits_for_next_exit(vm: KvmVm) -> None:
     import signal as signal_module
-    from backends.kvm import KICK_SIGNAL, install_kick_handler
+    from hv_backends.kvm import KICK_SIGNAL, install_kick_handler
     vcpu = vm.create_vcpu(0)
     load(vm, vcpu, "1: jmp 1b", 64)
     thread, result = run_in_thread(vcpu, RecordingIo())

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine

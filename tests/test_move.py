@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine, RunState

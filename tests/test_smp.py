@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from backends import backend_class
-from backends.base import ExitReason
+from hv_backends import backend_class
+from hv_backends.base import ExitReason
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devices.interfaces import DeviceStateError

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import Arch, ExitReason
-from backends.unicorn import UnicornBackend
+from hv_backends.base import Arch, ExitReason
+from hv_backends.unicorn import UnicornBackend
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import Arm64CpuState
 from tests.test_unicorn_x86 import RecordingIo

@@ -5,7 +5,7 @@ import random
 import threading
 import time
 
-from backends.base import ExitReason
+from hv_backends.base import ExitReason
 from tests.test_unicorn_x86 import (
     KCODE,
     MMIO_BASE,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from backends.base import ExitReason
+from hv_backends.base import ExitReason
 from tests.test_unicorn_x86 import KCODE, X86Guest, assemble_x86
 
 log = logging.getLogger(__name__)

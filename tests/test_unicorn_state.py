@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.base import Arch
-from backends.unicorn import UnicornBackend
+from hv_backends.base import Arch
+from hv_backends.unicorn import UnicornBackend
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import (
     ARM64_SYSREG_NAMES,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import Arch, ExitReason
-from backends.unicorn import UnicornBackend
+from hv_backends.base import Arch, ExitReason
+from hv_backends.unicorn import UnicornBackend
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import Segment, X86CpuState, DescriptorTable
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv import fdt as fdtlib
 from hv.config import parse_args
 from hv.console import BufferSink

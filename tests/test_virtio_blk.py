@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from backends import backend_class
+from hv_backends import backend_class
 from hv.block import BlockBackend, BlockError, BlockLockedError
 from hv.config import parse_args
 from hv.console import BufferSink

@@ -1,4 +1,4 @@
-"""cffi build script of ``backends._hv_native`` (the Unicorn backend's hot hooks).
+"""cffi build script of ``hv_backends._hv_native`` (the Unicorn backend's hot hooks).
 
 Built by setuptools through ``cffi_modules`` in setup.py during ``pip install -e .``;
 needs a C compiler. The module does not link against libunicorn: the backend passes the
@@ -34,7 +34,7 @@ SOURCE = (HERE / "hv_native.c").read_text()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("backends._hv_native", SOURCE, extra_compile_args=["-O2"])
+ffibuilder.set_source("hv_backends._hv_native", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from backends.base import Exit
+from hv_backends.base import Exit
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
 from hv.devices.gicv2m import V2M_DOORBELL, GicV2m

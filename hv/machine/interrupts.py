@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from backends.base import Exit, ExitReason
+from hv_backends.base import Exit, ExitReason
 from hv.devices.clock import ClockState, GuestClock
 from hv.devices.ioapic import IoApic
 from hv.devices.lapic import (ICR_DELIVERY_MODE_SHIFT, ICR_DEST_LOGICAL, ICR_SHORTHAND_SHIFT, ICR_TRIGGER_LEVEL,
@@ -59,7 +59,7 @@ DELIVERY_LOWEST = 1
 DELIVERY_INIT = 5
 DELIVERY_STARTUP = 6
 ICR_LEVEL_ASSERT = 1 << 14
-KVM_WINDOW_DETAIL = "interrupt window"   # backends.kvm.INTERRUPT_WINDOW
+KVM_WINDOW_DETAIL = "interrupt window"   # hv_backends.kvm.INTERRUPT_WINDOW
 
 
 RFLAGS_IF = 1 << 9

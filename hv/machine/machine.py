@@ -2,7 +2,7 @@
 
 The machine is the same whatever the backend: it owns the RAM (one mapping, shared with
 the backend), the devices (pure register files wired to port/MMIO buses) and the vCPU
-threads. It implements :class:`backends.base.IoHandler`, so a backend forwards every port
+threads. It implements :class:`hv_backends.base.IoHandler`, so a backend forwards every port
 and MMIO access here. All device accesses are serialised by one lock (the machine's
 "big lock"), so devices never see concurrent accesses.
 
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from backends.base import Arch, Backend, Exit, ExitReason, Vcpu
+from hv_backends.base import Arch, Backend, Exit, ExitReason, Vcpu
 from hv.config import VmConfig
 from hv.devices.acpi_pm import AcpiPm, AcpiPmState
 from hv.devices.bus import Bus

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from backends.base import Backend
+from hv_backends.base import Backend
 from hv.machine.machine import Machine, MachineSnapshot
 from hv.memory import GuestMemory
 
