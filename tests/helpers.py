@@ -1,23 +1,28 @@
 """Shared test helpers: KVM availability, fixture paths, launching hv processes."""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import json
 import re
+import shutil
 import socket
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import os
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 KVM_GET_API_VERSION = 0xAE00
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @functools.cache
@@ -291,3 +296,145 @@ def check_dirty_output(machine: str, mib: int, text: str) -> int:
     assert passes, "no pass completed"
     assert tuple(passes) == reference_output(machine, mib, len(passes))
     return len(passes)
+
+
+# -- external tools ---------------------------------------------------------------------------
+# Every program a test runs besides Python, with the Debian command that installs it. A tool
+# is "optional" when the README's install command does not bring it: such tests carry the
+# `optional_tool` marker, and CI (ci/test.sh) runs the suite once with them hidden from PATH.
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    install: str
+    optional: bool
+
+
+_BINUTILS = Tool("apt-get install binutils", False)            # gcc depends on it
+_A64_BINUTILS = Tool("apt-get install binutils-aarch64-linux-gnu", True)
+_ACPICA = Tool("apt-get install acpica-tools", True)
+TOOLS: dict[str, Tool] = {
+    "qemu-system-x86_64": Tool("apt-get install qemu-system-x86", True),
+    "qemu-system-aarch64": Tool("apt-get install qemu-system-arm", True),
+    "dtc": Tool("apt-get install device-tree-compiler", True),
+    "ncat": Tool("apt-get install ncat", True),
+    "aarch64-linux-gnu-as": _A64_BINUTILS,
+    "aarch64-linux-gnu-ld": _A64_BINUTILS,
+    "aarch64-linux-gnu-objcopy": _A64_BINUTILS,
+    "aarch64-linux-gnu-gcc": Tool("apt-get install gcc-aarch64-linux-gnu", True),
+    "iasl": _ACPICA,
+    "acpidump": _ACPICA,
+    "gcc": Tool("apt-get install gcc", False),
+    "as": _BINUTILS,
+    "ld": _BINUTILS,
+    "objcopy": _BINUTILS,
+    "objdump": _BINUTILS,
+    "dd": Tool("apt-get install coreutils", False),
+}
+
+
+def missing_tool_reason(*tools: str) -> str | None:
+    """None when every tool is on PATH, else the skip reason naming the missing ones and the
+    command that installs them. A tool missing from TOOLS is a KeyError on purpose: every
+    skip must say how to stop skipping."""
+    unknown = [tool for tool in tools if tool not in TOOLS]
+    if unknown:
+        raise KeyError(f"add {', '.join(unknown)} and its install command to tests.helpers.TOOLS")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if not missing:
+        return None
+    needed = dict.fromkeys(TOOLS[tool].install for tool in missing)
+    return f"{', '.join(missing)} not installed ({'; '.join(needed)})"
+
+
+def tool_marks(*tools: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test that runs ``tools``: skip (with the install command) when one is
+    missing, and ``optional_tool`` when one of them is not brought by the README's install."""
+    reason = missing_tool_reason(*tools)
+    marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
+    if any(TOOLS[tool].optional for tool in tools):
+        marks.append(pytest.mark.optional_tool)
+    return marks
+
+
+def require_tool(*tools: str) -> Callable[[_F], _F]:
+    """Decorator form of ``tool_marks``: ``@require_tool("dtc")``."""
+    def apply(test: _F) -> _F:
+        for mark in tool_marks(*tools):
+            test = mark(test)
+        return test
+    return apply
+
+
+def skip_unless_tool(*tools: str) -> None:
+    """The same skip at run time, for helpers called by tests that carry ``tool_marks``."""
+    reason = missing_tool_reason(*tools)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# -- aarch64 test snippets: assembled once with GNU as, committed ------------------------------
+# The default suite must not need a cross toolchain, so the bytes of every aarch64 snippet the
+# tests run are committed beside their source text in A64_SNIPPETS;
+# tests/test_unicorn_arm64.py::test_committed_a64_snippets_match_gnu_as reassembles them
+# where aarch64-linux-gnu-as exists. A new or edited snippet is recorded by running its tests
+# once with HV_A64_RECORD=1 and binutils-aarch64-linux-gnu installed.
+
+A64_SNIPPETS = ROOT / "tests" / "data" / "a64_snippets.json"
+A64_RECORD_COMMAND = ("HV_A64_RECORD=1 python -m pytest -p no:xdist tests/test_unicorn_arm64.py "
+                      "tests/test_virt_pci_irq.py (with binutils-aarch64-linux-gnu installed)")
+
+
+def gnu_assemble_a64(source: str, base: int) -> bytes:
+    """``source`` assembled by GNU as and linked at ``base``, as a flat binary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "g.s").write_text(".text\n" + source + "\n")
+        for command in (["aarch64-linux-gnu-as", "-o", f"{tmp}/g.o", f"{tmp}/g.s"],
+                        ["aarch64-linux-gnu-ld", "-Ttext", hex(base), "-o", f"{tmp}/g.elf", f"{tmp}/g.o"],
+                        ["aarch64-linux-gnu-objcopy", "-O", "binary", f"{tmp}/g.elf", f"{tmp}/g.bin"]):
+            subprocess.run(command, check=True, capture_output=True, timeout=60)
+        return Path(tmp, "g.bin").read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class A64Snippet:
+    base: int
+    source: str
+    code: bytes
+
+
+def load_a64_snippets() -> list[A64Snippet]:
+    """The committed snippets, in file order."""
+    raw = json.loads(A64_SNIPPETS.read_text())
+    return [A64Snippet(int(e["base"], 16), e["source"], bytes.fromhex(e["code"])) for e in raw["snippets"]]
+
+
+@functools.cache
+def _a64_index() -> dict[tuple[int, str], bytes]:
+    return {(s.base, s.source): s.code for s in load_a64_snippets()}
+
+
+def _record_a64(snippet: A64Snippet) -> None:
+    """Add ``snippet`` to the committed file (locked: xdist workers may record at once)."""
+    with open(A64_SNIPPETS, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        entries = json.loads(f.read())["snippets"]
+        if not any(int(e["base"], 16) == snippet.base and e["source"] == snippet.source for e in entries):
+            entries.append({"base": hex(snippet.base), "source": snippet.source, "code": snippet.code.hex()})
+        entries.sort(key=lambda e: (int(e["base"], 16), e["source"]))
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"assembler": "GNU as (binutils-aarch64-linux-gnu), ld -Ttext base, objcopy -O binary",
+                            "snippets": entries}, indent=1) + "\n")
+
+
+def assemble_a64(source: str, base: int) -> bytes:
+    """The committed bytes of ``source`` linked at ``base`` (see A64_SNIPPETS)."""
+    code = _a64_index().get((base, source))
+    if code is not None:
+        return code
+    if os.environ.get("HV_A64_RECORD") == "1":
+        code = gnu_assemble_a64(source, base)
+        _record_a64(A64Snippet(base, source, code))
+        return code
+    raise AssertionError(f"this aarch64 snippet (at {base:#x}) is not in {A64_SNIPPETS.relative_to(ROOT)}: "
+                         f"record it with {A64_RECORD_COMMAND}")

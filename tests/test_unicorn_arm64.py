@@ -1,12 +1,10 @@
-"""The Unicorn backend running real aarch64 guest code (assembled with GNU as at test time)."""
+"""The Unicorn backend running real aarch64 guest code (assembled with GNU as once; the bytes
+are committed in tests/data/a64_snippets.json and checked against GNU as where it exists)."""
 from __future__ import annotations
 
 import random
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +12,7 @@ from hv_backends.base import Arch, ExitReason
 from hv_backends.unicorn import UnicornBackend
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import Arm64CpuState
+from tests.helpers import assemble_a64, gnu_assemble_a64, load_a64_snippets, require_tool
 from tests.test_unicorn_x86 import RecordingIo
 
 RAM = 0x40000000
@@ -33,17 +32,6 @@ SCRAMBLED_PHYS = [RAM + 0x300000 + ((7 * i + 5) % 16) * 0x1000 for i in range(16
 TCR = 25 | (1 << 23)  # T0SZ=25 (39-bit VA, walk starts at level 1), 4K granule, EPD1
 MAIR = 0xFF | (0x00 << 8)  # attr0 normal write-back, attr1 device-nGnRnE
 SCTLR_MMU = 0x30D00800 | 1
-
-
-def assemble_a64(source: str, base: int) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "g.s").write_text(".text\n" + source + "\n")
-        subprocess.run(["aarch64-linux-gnu-as", "-o", f"{tmp}/g.o", f"{tmp}/g.s"], check=True, capture_output=True)
-        subprocess.run(["aarch64-linux-gnu-ld", "-Ttext", hex(base), "-o", f"{tmp}/g.elf", f"{tmp}/g.o"],
-                       check=True, capture_output=True)
-        subprocess.run(["aarch64-linux-gnu-objcopy", "-O", "binary", f"{tmp}/g.elf", f"{tmp}/g.bin"],
-                       check=True, capture_output=True)
-        return Path(tmp, "g.bin").read_bytes()
 
 
 class Arm64Guest:
@@ -92,6 +80,16 @@ def guest():
     g = Arm64Guest()
     yield g
     g.close()
+
+
+@require_tool("aarch64-linux-gnu-as")
+def test_committed_a64_snippets_match_gnu_as() -> None:
+    """Every committed snippet is what GNU as + ld + objcopy make of its source today."""
+    snippets = load_a64_snippets()
+    assert snippets, "tests/data/a64_snippets.json has no snippets"
+    for snippet in snippets:
+        assert gnu_assemble_a64(snippet.source, snippet.base) == snippet.code, \
+            f"snippet at {snippet.base:#x} differs from GNU as:\n{snippet.source}"
 
 
 def test_probe_accepts_aarch64() -> None:

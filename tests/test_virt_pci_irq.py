@@ -4,7 +4,6 @@ real virtio-blk-pci functions driven through the machine's buses."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ from hv.machine.machine import MachineSnapshot
 from hv.machine.move import copy_ram
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF, Arm64CpuState
-from tests.helpers import FIXTURES
-from tests.test_unicorn_arm64 import assemble_a64
+from tests.helpers import FIXTURES, assemble_a64, require_tool
 from tests.test_virtio_blk import T_FLUSH, Driver, make_image
 
 RAM = 0x4000_0000
@@ -465,7 +463,7 @@ def test_interrupt_map_is_qemu_virt_s() -> None:
     assert ours == QEMU_IRQ_MAP
 
 
-@pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc (device-tree-compiler) not installed")
+@require_tool("dtc")
 def test_dtc_accepts_the_virt_device_tree(tmp_path: Path) -> None:
     blob = tmp_path / "virt.dtb"
     blob.write_bytes(virt_fdt())
