@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from hv.bench import Case, Row, Sample, format_table, parse_size
+from hv.bench.migrate import Case, Row, Sample, format_table, parse_size
 from tests.helpers import ROOT, kvm_unusable_reason
 
 

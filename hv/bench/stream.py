@@ -8,7 +8,7 @@ stream wire rate of at least 80% of the raw rate. "raw fresh" is the same raw lo
 receiving into fresh guest-sized memory (page faults included), which every destination
 pays and a reused 1 MiB buffer hides.
 
-    python bench/stream_throughput.py [--mib 512] [--zero-percent 25] [--runs 3]
+    hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]
 """
 from __future__ import annotations
 
@@ -22,14 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hv.memory import GuestMemory, RegionSpec  # noqa: E402
-from hv.migration.stream import (  # noqa: E402
+from hv.memory import GuestMemory, RegionSpec
+from hv.migration.stream import (
     DEFAULT_RUN_PAGES, PAGE_SIZE, Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter, read_reply, send_reply,
 )
-from hv.migration.transport import connect, listen  # noqa: E402
-from hv.state import X86CpuState  # noqa: E402
+from hv.migration.transport import connect, listen
+from hv.state import X86CpuState
 
 log = logging.getLogger("bench")
 CHUNK = 1 << 20
@@ -129,13 +127,13 @@ def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire:
     return elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hv bench stream", description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--zero-percent", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--run-pages", type=int, default=DEFAULT_RUN_PAGES, help="pages per RAM section")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.mib << 20
     mem = GuestMemory([RegionSpec(0, size)])

@@ -1,7 +1,7 @@
 """Where a 1 GiB idle migration spends its time.
 
-    python bench/profile_migrate.py micro            # full-pass scan micro-benchmarks
-    python bench/profile_migrate.py source ACCEL [--spy-destination] [--data-mib 64] [--timeline]
+    hv bench profile micro            # full-pass scan micro-benchmarks
+    hv bench profile source ACCEL [--spy-destination] [--data-mib 64] [--timeline]
                                                      # cProfile of a real source (kvm|unicorn),
                                                      # py-spy samples of the destination
 
@@ -29,15 +29,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hv.memory import GuestMemory, RegionSpec  # noqa: E402
-from hv.migration.pages import never_populated, page_kinds, zero_pages  # noqa: E402
-from hv.migration.stream import DEFAULT_RUN_PAGES, ZERO_PAGE, StreamWriter  # noqa: E402
+from hv.memory import GuestMemory, RegionSpec
+from hv.migration.pages import never_populated, page_kinds, zero_pages
+from hv.migration.stream import DEFAULT_RUN_PAGES, ZERO_PAGE, StreamWriter
+from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("bench.profile")
 MIB = 1 << 20
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class NullSink:
@@ -138,14 +136,14 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
     from hv.migration.engine import MigrationParameters, OutgoingMigration
     from hv.migration.status import MigrationStatus
 
-    kernel = ROOT / "fixtures" / "x86_64" / "dirty.elf"
+    kernel = fixture_guest("x86_64", "dirty")
     argv = ["-machine", "q35", "-accel", accel, "-m", str(total_mib), "-kernel", str(kernel),
             "-append", f"mib={data_mib} idle=1"]
     with tempfile.TemporaryDirectory(prefix="hvp") as tmp:
         path = os.path.join(tmp, "mig.sock")
         launcher = [sys.executable, "-m", "hv"]
         dst = subprocess.Popen([*launcher, *argv, "-serial", f"file,path={tmp}/dst.serial",
-                                "-incoming", f"unix:{path}"], cwd=ROOT, stderr=subprocess.DEVNULL)
+                                "-incoming", f"unix:{path}"], stderr=subprocess.DEVNULL)
         config = parse_args(argv).config
         console = BufferSink()
         machine = Machine(config, backend_class(accel)(), console)

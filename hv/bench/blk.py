@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hv.bench import ROOT, BenchError, kvm_usable
+from hv.bench.common import BenchError, kvm_usable
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
@@ -70,7 +70,7 @@ def run_guest(arch: str, accel: str, image: Path, bsize: int, timeout: float = 6
             "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=2", "-serial", "stdio"]
     stamps: dict[str, float] = {}
     lines: list[str] = []
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT) as process:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         # A guest that stops printing must not hang the benchmark: kill it at the deadline
         # (reading its output then ends).
         timed_out = threading.Event()

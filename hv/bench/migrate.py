@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from hv.bench.common import BenchError, VmProcess, kvm_usable, parse_size, size_text
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_KERNEL = fixture_guest("x86_64", "dirty")
 MIB = 1 << 20
 CHUNK = MIB                       # raw loopback loop: 1 MiB sendall / recv_into
@@ -59,145 +59,6 @@ DOWNTIME_LIMIT_MS = 300
 QEMU_UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU has no "0 = unlimited"
 USAGE_MIGRATE = "hv bench migrate [--sizes 256M,1G] [--modes idle,dirty] [--transports tcp,unix] " \
                 "[--accels kvm,unicorn] [--repeat 3] [--no-qemu]"
-
-
-class BenchError(RuntimeError):
-    """A benchmark run could not be carried out; the message says which and why."""
-
-
-# -- small parts -----------------------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """'256M', '1G', '512' (MiB) -> MiB."""
-    match = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(?:i?[Bb])?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 256M, 1G)")
-    value = int(match.group(1)) * (1024 if match.group(2).lower() == "g" else 1)
-    if not 16 <= value <= 64 * 1024:
-        raise argparse.ArgumentTypeError(f"size {text!r} out of range (16M .. 64G)")
-    return value
-
-
-def size_text(mib: int) -> str:
-    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
-
-
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-class Qmp:
-    """A QMP client over a UNIX socket (JSON lines), for hv and QEMU alike."""
-
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise BenchError(f"QMP socket {path} never accepted a connection") from None
-                time.sleep(0.05)
-        self._buffer = b""
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise BenchError("QMP connection closed")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.sock.sendall(json.dumps(message).encode() + b"\r\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise BenchError(f"{command}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class VmProcess:
-    """One hv or QEMU process: serial output and stderr in files, always reaped by close()."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path, serial: Path) -> None:
-        self.name = name
-        self.serial = serial
-        self.stderr_path = workdir / f"{name}.stderr"
-        self.qmp: Qmp | None = None
-        with open(self.stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def output(self) -> str:
-        try:
-            return self.serial.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with {self.proc.returncode}: {self.stderr()[-600:].strip()}")
-
-    def wait_output(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.output():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: no {needle!r} on the serial port after {timeout:.0f} s")
-            time.sleep(0.02)
-
-    def wait_stderr(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.stderr())
-            if match:
-                return match
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: no {pattern!r} in its log after {timeout:.0f} s")
-            time.sleep(0.02)
-
-    def connect_qmp(self, path: str) -> Qmp:
-        self.qmp = Qmp(path)
-        return self.qmp
-
-    def close(self) -> None:
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 # -- one migration -----------------------------------------------------------------------------------
@@ -555,18 +416,3 @@ def run_migrate(argv: list[str]) -> int:
             {"case": row.case.__dict__, "samples": [s.__dict__ for s in row.samples], "errors": row.errors}
             for row in rows]}, indent=1))
     return 0 if all(row.samples for row in rows) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU) or ``blk``
-    (virtio-blk throughput against dd)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] not in (["migrate"], ["blk"]):
-        from hv.bench_blk import USAGE_BLK
-        print(f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
-    if args[0] == "blk":
-        from hv.bench_blk import run_blk
-        return run_blk(args[1:])
-    return run_migrate(args[1:])

@@ -1,0 +1,43 @@
+"""``hv bench``: figures measured side by side with a reference in one run.
+
+``hv bench migrate`` (:mod:`hv.bench.migrate`) migrates fixture guests between hv
+processes and, where installed, QEMU processes; ``hv bench blk`` (:mod:`hv.bench.blk`)
+measures virtio-blk against ``dd`` on the same image. ``hv bench stream``
+(:mod:`hv.bench.stream`) measures the migration stream alone against a raw socket loop, and
+``hv bench profile`` (:mod:`hv.bench.profile`) shows where a migration's time goes. What they share (the QMP client,
+guest processes, the KVM probe) is :mod:`hv.bench.common`. Benchmarks measure and print;
+nothing here is asserted by the test suite.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from hv.bench.blk import USAGE_BLK, run_blk
+from hv.bench.migrate import USAGE_MIGRATE, run_migrate
+
+USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n"
+         "       hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]\n"
+         "       hv bench profile micro | source ACCEL [--spy-destination] [--data-mib 64] [--timeline]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU) or ``blk``
+    (virtio-blk throughput against dd)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if args[:1] not in (["migrate"], ["blk"], ["stream"], ["profile"]):
+        print(USAGE, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    if args[0] == "blk":
+        return run_blk(args[1:])
+    if args[0] == "stream":
+        from hv.bench.stream import main as stream_main
+        return stream_main(args[1:])
+    if args[0] == "profile":
+        from hv.bench.profile import main as profile_main
+        return profile_main(args[1:])
+    return run_migrate(args[1:])
