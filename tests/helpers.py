@@ -305,7 +305,7 @@ def check_dirty_output(machine: str, mib: int, text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Tool:
-    install: str
+    install: str        # always "apt-get install <Debian package>"
     optional: bool
 
 
@@ -342,8 +342,8 @@ def missing_tool_reason(*tools: str) -> str | None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if not missing:
         return None
-    needed = dict.fromkeys(TOOLS[tool].install for tool in missing)
-    return f"{', '.join(missing)} not installed ({'; '.join(needed)})"
+    packages = dict.fromkeys(TOOLS[tool].install.removeprefix("apt-get install ") for tool in missing)
+    return f"{', '.join(missing)} not installed (apt-get install {' '.join(packages)})"
 
 
 def tool_marks(*tools: str) -> list[pytest.MarkDecorator]:
@@ -363,6 +363,14 @@ def require_tool(*tools: str) -> Callable[[_F], _F]:
             test = mark(test)
         return test
     return apply
+
+
+def may_use_tool(*tools: str) -> pytest.MarkDecorator:
+    """The mark of a test that runs without ``tools`` but checks more where they exist
+    (e.g. adds QEMU's rows): ``optional_tool`` only, no skip."""
+    missing_tool_reason(*tools)                                     # validates the names
+    assert any(TOOLS[tool].optional for tool in tools), tools
+    return pytest.mark.optional_tool
 
 
 def skip_unless_tool(*tools: str) -> None:

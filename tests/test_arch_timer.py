@@ -2,7 +2,6 @@
 GICv3 + CNTV through Unicorn's system-register hook, via the launcher and moved mid-run."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,7 @@ from hv.devices.clock import GuestClock
 from hv.devices.interfaces import DeviceStateError
 from hv.machine import Machine
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess, Vm
+from tests.helpers import FIXTURES, HvProcess, Vm, require_tool
 
 TIMER = FIXTURES / "aarch64" / "timer.elf"
 
@@ -170,7 +169,7 @@ def test_paused_virt_machine_freezes_the_counter_and_keeps_ticking_after() -> No
     assert console.getvalue().decode().splitlines() == reference(1000, 300)
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-aarch64") is None, reason="qemu-system-aarch64 not installed")
+@require_tool("qemu-system-aarch64")
 def test_aarch64_timer_guest_prints_the_same_on_qemu_gicv3() -> None:
     result = subprocess.run(["qemu-system-aarch64", "-M", "virt,gic-version=3", "-cpu", "cortex-a57", "-m", "64",
                              "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(TIMER),

@@ -14,9 +14,10 @@ import sys
 import pytest
 
 from hv.bench.migrate import Case, Row, Sample, format_table, parse_size
-from tests.helpers import ROOT, kvm_unusable_reason
+from tests.helpers import ROOT, kvm_unusable_reason, may_use_tool, require_tool
 
 
+@may_use_tool("qemu-system-x86_64")     # adds QEMU's rows where it is installed
 def test_bench_migrate_prints_table() -> None:
     accel = "kvm" if kvm_unusable_reason() is None else "unicorn"
     proc = subprocess.run([sys.executable, "-m", "hv", "bench", "migrate", "--sizes", "64M", "--modes", "idle",
@@ -60,11 +61,10 @@ def test_sizes_and_ratios() -> None:
     assert "missed" in row[-1]
 
 
+@require_tool("dd")
 def test_bench_blk_prints_guest_and_dd_side_by_side() -> None:
     """``hv bench blk`` runs the blk guest through the launcher and dd in one run; the
     table has both rows and a ratio (the numbers themselves are not judged here)."""
-    if shutil.which("dd") is None:
-        pytest.skip("dd(1) is not installed (coreutils)")
     accel = "kvm" if kvm_unusable_reason() is None else "unicorn"
     proc = subprocess.run([sys.executable, "-m", "hv", "bench", "blk", "--sizes", "4K", "--arches", "x86_64",
                            "--accels", accel, "--repeat", "1"], cwd=ROOT, capture_output=True, text=True,

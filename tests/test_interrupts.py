@@ -2,7 +2,6 @@
 end to end on KVM and Unicorn, moved between backends mid-run."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -20,7 +19,7 @@ from hv.devices.lapic import REG_EOI, REG_ID, REG_ICR_HI, REG_ICR_LO, REG_LDR, R
 from hv.machine import Machine, RunState
 from hv.machine.interrupts import InterruptController
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess, Vm, requires_kvm
+from tests.helpers import FIXTURES, HvProcess, Vm, require_tool, requires_kvm
 
 TIMER = FIXTURES / "x86_64" / "timer.elf"
 
@@ -276,12 +275,10 @@ def test_timer_guest_live_migration_between_processes(hv, first: str, second: st
     assert joined.splitlines() == timer_reference(1000, ticks)
 
 
+@require_tool("qemu-system-x86_64")                              # the reference machine
 def test_timer_guest_prints_the_same_on_qemu() -> None:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        pytest.skip("qemu-system-x86_64 not installed (the reference machine)")
-    result = subprocess.run([qemu, "-M", "q35", "-m", "64", "-display", "none", "-no-reboot", "-serial", "stdio",
-                             "-kernel", str(TIMER), "-append", "hz=1000 ticks=200"],
+    result = subprocess.run(["qemu-system-x86_64", "-M", "q35", "-m", "64", "-display", "none", "-no-reboot",
+                             "-serial", "stdio", "-kernel", str(TIMER), "-append", "hz=1000 ticks=200"],
                             capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.stdout.decode().replace("\r", "").splitlines() == timer_reference(1000, 200)
 

@@ -3,7 +3,6 @@ LoaderError (and nothing else, and without touching guest RAM), and device trees
 round-trip through hv's reader, dtc, and a real aarch64 guest run under Unicorn."""
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from hv.loader import (
 )
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, require_tool
 
 MIB = 1024 * 1024
 X86_HELLO = (FIXTURES / "x86_64" / "hello.elf").read_bytes()
@@ -329,7 +328,7 @@ def test_fdt_writer_rejects_bad_input() -> None:
         fdtlib.build_fdt(fdtlib.FdtNode("", children=[fdtlib.FdtNode("")]))
 
 
-@pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc (device-tree-compiler) not installed")
+@require_tool("dtc")
 def test_fdt_roundtrip_through_dtc(tmp_path: Path) -> None:
     mem = arm_memory(32 * MIB)
     try:
@@ -347,7 +346,7 @@ def test_fdt_roundtrip_through_dtc(tmp_path: Path) -> None:
     assert fdtlib.parse_fdt(back) == fdtlib.parse_fdt(blob)
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-aarch64") is None, reason="qemu-system-aarch64 not installed")
+@require_tool("qemu-system-aarch64")
 def test_fdt_reader_parses_qemu_virt_dtb(tmp_path: Path) -> None:
     subprocess.run(["qemu-system-aarch64", "-M", f"virt,dumpdtb={tmp_path / 'virt.dtb'}", "-cpu", "cortex-a57",
                     "-display", "none", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"), "-append", "from qemu"], check=True, capture_output=True, timeout=30)

@@ -34,6 +34,7 @@ from hv.qmp import (
     version_info,
 )
 from hv.qmp.protocol import greeting
+from tests.helpers import require_tool
 
 TIMEOUT = 5.0
 
@@ -205,7 +206,7 @@ def test_ncat_transcript_without_negotiation(harness: Harness, via: str) -> None
     client.close()
 
 
-@pytest.mark.skipif(shutil.which("ncat") is None, reason="ncat is not installed")
+@require_tool("ncat")
 def test_real_ncat_session(harness: Harness) -> None:
     """The seed's transcript through the real ``ncat -U``, which half-closes at stdin EOF."""
     script = (b'{"execute":"migrate", "arguments":{"uri":"tcp:192.168.0.1:4446"}}\n'

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from hv.machine.move import move_machine
 from hv.migration.stream import CpuSection, FileChannel, StreamKind, StreamReader
 from hv.state import (POWER_OFF, POWER_ON, POWER_WAIT_SIPI, Arm64CpuState, StateError, X86CpuState,
                       state_from_dict, state_to_dict)
-from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm
+from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm, tool_marks
 
 MASK = (1 << 64) - 1
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -242,12 +241,11 @@ QEMU_SMP = {
 }
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=tool_marks(command[0]), id=arch)
+                                  for arch, command in QEMU_SMP.items()])
 def test_smp_guest_under_qemu_prints_the_reference(arch: str) -> None:
     """QEMU (TCG, -smp 3) is the reference machine: the same output as hv's."""
     command = QEMU_SMP[arch]
-    if shutil.which(command[0]) is None:
-        pytest.skip(f"{command[0]} not installed")
     result = subprocess.run([*command, "-smp", "3", "-m", "128M", "-display", "none", "-serial", "stdio",
                              "-monitor", "none", "-nodefaults", "-no-reboot",
                              "-kernel", str(FIXTURES / arch / "smp.elf"), "-append", "cpus=3 mib=1 iterations=3"],
