@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import socket
 import sys
@@ -13,12 +14,13 @@ from hv_backends import choose_backend
 from hv_backends.base import BackendError
 from hv import __version__
 from hv.devconfig import DevConfigError
-from hv.config import USAGE, ConfigError, VmConfig, parse_args
+from hv.config import INCOMING_DEFER, USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
 from hv.machine import Machine, RunState
 from hv.migration.engine import load_snapshot, receive_migration
 from hv.migration.manager import MigrationManager
-from hv.migration.transport import listen, parse_migration_uri
+from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
+                                    open_snapshot, parse_migration_uri)
 from hv.monitor import MachineMonitor
 from hv.qmp import CommandTable, QmpServer, QmpServerError
 
@@ -113,6 +115,10 @@ class Session:
         self.server: QmpServer | None = None
         self.stop_signal: list[int] = []
         self._incoming_sock: socket.socket | None = None
+        # -incoming defer: what migrate-incoming opened, for the main thread to receive on
+        self._deferred: queue.Queue[tuple[MigrationUri, Listener | None]] = queue.Queue()
+        self.migration.register_incoming(self.commands, self._defer_start,
+                                         started=config.incoming not in (None, INCOMING_DEFER))
         machine.add_listener(self._on_machine_event)
 
     def start_monitor(self) -> None:
@@ -143,33 +149,86 @@ class Session:
             except OSError:
                 pass
 
+    def _open_incoming(self, uri: MigrationUri) -> Listener | None:
+        """Listen on a tcp:/unix: URI (logging the bound address: the real port for port 0),
+        or check that a file: snapshot can be read (None)."""
+        if uri.scheme == "file":
+            for f in open_snapshot(uri.path):  # SnapshotError now, not after the QMP reply
+                f.close()
+            return None
+        listener = listen(uri)
+        log.info("waiting for an incoming migration on %s", listener.address)
+        return listener
+
+    def _defer_start(self, uri: MigrationUri) -> None:
+        """migrate-incoming (QMP thread): open the URI now and hand it to the main thread."""
+        self._deferred.put((uri, self._open_incoming(uri)))
+
+    def _wait_deferred(self) -> tuple[MigrationUri, Listener | None] | None:
+        """-incoming defer: wait for migrate-incoming; None when quit or a signal came first."""
+        log.info("-incoming defer: waiting for the QMP command migrate-incoming")
+        while True:
+            try:
+                item = self._deferred.get(timeout=0.2)
+            except queue.Empty:
+                if self.machine.state is RunState.SHUTDOWN:
+                    return None
+                continue
+            if self.machine.state is RunState.SHUTDOWN:
+                if item[1] is not None:
+                    item[1].close()
+                return None
+            return item
+
     def receive(self, uri_text: str) -> None:
         """Wait for and receive an incoming migration (or restore a snapshot), then run.
 
-        The guest starts only once everything arrived and validated; on failure hv exits
+        ``defer`` waits for the QMP command migrate-incoming to name the URI first. The
+        guest starts only once everything arrived and validated; on failure hv exits
         non-zero with one line (LaunchError), never running a half-received guest.
         """
-        uri = parse_migration_uri(uri_text)
+        if uri_text == INCOMING_DEFER:
+            item = self._wait_deferred()
+            if item is None:
+                return
+            uri, listener = item
+        else:
+            uri = parse_migration_uri(uri_text)
+            try:
+                listener = self._open_incoming(uri)
+            except (MigrationConnectError, SnapshotError) as exc:
+                raise LaunchError(f"incoming migration failed: {exc}") from None
+        if listener is None:
+            self._receive_snapshot(uri)
+        else:
+            with listener:
+                self._receive_stream(listener)
+
+    def _receive_snapshot(self, uri: MigrationUri) -> None:
         machine, status = self.machine, self.migration.status
-        machine.set_state(RunState.INMIGRATE)
         status.start(machine.memory.size)
         try:
-            if uri.scheme == "file":
-                load_snapshot(machine, uri.path, status)
-                machine.start()
-                status.complete(None)
-                log.info("restored snapshot %s", uri.path)
-                return
-            with listen(uri) as listener:
-                log.info("waiting for an incoming migration on %s", listener.address)
-                conn = None
-                while conn is None:
-                    if machine.state is RunState.SHUTDOWN:
-                        return
-                    try:
-                        conn = listener.accept(timeout=0.2)
-                    except TimeoutError:
-                        continue
+            load_snapshot(machine, uri.path, status)
+        except Exception as exc:
+            self._incoming_failed(exc)
+            return
+        machine.start()
+        status.complete(None)
+        log.info("restored snapshot %s", uri.path)
+
+    def _receive_stream(self, listener: Listener) -> None:
+        machine, status = self.machine, self.migration.status
+        status.start(machine.memory.size)
+        try:
+            conn = None
+            while conn is None:
+                if machine.state is RunState.SHUTDOWN:
+                    return
+                try:
+                    conn = listener.accept(timeout=0.2)
+                except TimeoutError:
+                    continue
+            listener.close()
             self._incoming_sock = conn
             try:
                 if machine.state is RunState.SHUTDOWN:
@@ -180,19 +239,28 @@ class Session:
                 conn.close()
             log.info("incoming migration completed; guest running")
         except Exception as exc:
-            _release_frames(exc)
-            if machine.state is RunState.SHUTDOWN:
-                return  # quit or a signal interrupted the wait
-            reason = str(exc) or exc.__class__.__name__
-            if isinstance(exc, OSError) and exc.strerror:
-                reason = exc.strerror
-            if status.is_active():
-                status.fail(reason)
-            raise LaunchError(f"incoming migration failed: {reason}") from None
+            self._incoming_failed(exc)
+
+    def _incoming_failed(self, exc: Exception) -> None:
+        """Record why an incoming migration failed and end hv with one line (unless quit
+        or a signal interrupted it, which ends hv normally)."""
+        _release_frames(exc)
+        if self.machine.state is RunState.SHUTDOWN:
+            return  # quit or a signal interrupted the wait
+        reason = str(exc) or exc.__class__.__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        if self.migration.status.is_active():
+            self.migration.status.fail(reason)
+        raise LaunchError(f"incoming migration failed: {reason}") from None
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        while not self._deferred.empty():  # migrate-incoming raced with quit
+            _uri, listener = self._deferred.get_nowait()
+            if listener is not None:
+                listener.close()
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -216,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["qmp"]:
         from hv.qmp.client import main as qmp_main
 
-        return qmp_main(args[1:])
+        return qmp_main(args[1:], prog="hv qmp")
     if args[:1] == ["bench"]:
         from hv.bench import main as bench_main
 

@@ -19,11 +19,14 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 MACHINE_ARCH = {"q35": Arch.X86_64, "virt": Arch.AARCH64}
-# q35 keeps all RAM below the 32-bit PCI hole (no high-memory split yet).
-MACHINE_MAX_MEMORY = {"q35": 3 * GIB, "virt": 64 * GIB}
+# q35 keeps all RAM below its PCI windows (no split above 4 GiB yet): RAM ends where the
+# ECAM starts, 0xB0000000 = 2816 MiB (QEMU's q35 also starts its MMCONFIG there).
+Q35_RAM_LIMIT = 0xB000_0000
+MACHINE_MAX_MEMORY = {"q35": Q35_RAM_LIMIT, "virt": 64 * GIB}
 MIN_MEMORY = 16 * MIB
 MAX_SMP = 64
 ACCELERATORS = ("kvm", "unicorn")
+INCOMING_DEFER = "defer"  # -incoming defer: the QMP command migrate-incoming gives the URI
 
 
 class ConfigError(ValueError):
@@ -72,18 +75,21 @@ OPTIONS: dict[str, bool] = {
     "-machine": True, "-M": True, "-kernel": True, "-append": True, "-m": True, "-smp": True,
     "-serial": True, "-accel": True, "-name": True, "-D": True, "-S": False, "-incoming": True,
     "-qmp": True, "-chardev": True, "-mon": True, "-drive": True, "-device": True,
-    "-netdev": True, "-h": False, "-help": False, "--help": False, "-version": False,
-    "--version": False, "-daemonize": False,
+    "-netdev": True, "-h": False, "-help": False, "-version": False, "-V": False, "-daemonize": False,
 }
+HELP_FLAGS = frozenset({"-h", "-help"})
+VERSION_FLAGS = frozenset({"-version", "-V"})
 
 USAGE = """\
 usage: hv -machine q35|virt -kernel FILE [options]
+       hv qmp SOCKET COMMAND [key=value ...]
+       hv bench migrate [options] | hv bench blk [options]
 
-StratoVirt-compatible options:
+StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m, --machine):
   -machine TYPE[,mem-share=off]  machine type: q35 (x86_64) or virt (aarch64)
   -kernel FILE                   guest kernel (multiboot ELF for q35, ELF for virt)
   -append STRING                 kernel command line
-  -m SIZE                        guest RAM: 256, 256M, 1G (default 256M)
+  -m SIZE                        guest RAM: 256, 256M, 1G (default 256M; q35: at most 2816M)
   -smp N | cpus=N                number of vCPUs (default 1)
   -serial stdio|file,path=FILE|none   console (default none)
   -qmp unix:PATH,server,nowait | tcp:HOST:PORT,server,nowait   QMP monitor
@@ -94,16 +100,19 @@ StratoVirt-compatible options:
   -netdev socket,id=ID,listen=PATH|connect=PATH | tap,id=ID,ifname=IF   a network backend
   -device virtio-net-pci,netdev=ID,id=ID[,mac=MAC][,bus=..][,addr=N]   a NIC
   -incoming tcp:HOST:PORT | unix:PATH | file:DIR   wait for a migration / restore a snapshot
+  -incoming defer                wait for the QMP command migrate-incoming to say where
   -name NAME                     VM name (query-name)
   -D FILE                        write hv's log to FILE
   -S                             start paused (resume with the QMP command cont)
 hv options:
   -accel kvm|unicorn             force an accelerator (default: kvm if usable, else unicorn)
   -h, --help                     this help
-  -version, --version            print the version
+  -V, -version, --version        print the version
 
-hv qmp SOCKET COMMAND [key=value ...]   send one QMP command (SOCKET: path or tcp:HOST:PORT)
-hv bench migrate [--help]              live-migration benchmark (hv vs QEMU where installed)
+subcommands:
+  hv qmp SOCKET COMMAND [key=value ...]   send one QMP command (SOCKET: path or tcp:HOST:PORT)
+  hv bench migrate [--help]               live-migration benchmark (hv vs QEMU where installed)
+  hv bench blk [--help]                   virtio-blk throughput benchmark (hv vs dd)
 """
 
 
@@ -219,6 +228,8 @@ def parse_args(argv: list[str]) -> ParsedArgs:
     i = 0
     while i < len(argv):
         option = argv[i]
+        if option.startswith("--") and option[1:] in OPTIONS:
+            option = option[1:]  # QEMU's spelling: every option also takes two dashes
         if option not in OPTIONS:
             if option.startswith("-"):
                 raise ConfigError(f"unknown option {option!r} (see hv --help)")
@@ -231,9 +242,9 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         else:
             flags.add(option)
             i += 1
-    if flags & {"-h", "-help", "--help"}:
+    if flags & HELP_FLAGS:
         return ParsedArgs("help")
-    if flags & {"-version", "--version"}:
+    if flags & VERSION_FLAGS:
         return ParsedArgs("version")
     if "-daemonize" in flags:
         raise ConfigError("-daemonize is not supported: run hv under a service manager instead")
@@ -269,7 +280,7 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         if accel not in ACCELERATORS:
             raise ConfigError(f"-accel: unknown accelerator {accel!r} (choose kvm or unicorn)")
     incoming = single("-incoming")
-    if incoming is not None:
+    if incoming is not None and incoming != INCOMING_DEFER:
         from hv.migration.transport import MigrationUriError, parse_migration_uri
 
         try:

@@ -1,12 +1,15 @@
 """The launcher's command line: every malformed option is one line and exit 1."""
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from hv.config import ConfigError, parse_args, parse_size
+from hv.config import OPTIONS, USAGE, ConfigError, parse_args, parse_size
 from tests.helpers import FIXTURES, ROOT
 
 KERNEL = str(ROOT / "pyproject.toml")  # any readable file passes the option check
@@ -42,7 +45,11 @@ BAD = [
     (["-machine", "q35", "-kernel", "/"], "not a regular file"),
     (["-machine", "q35", "-kernel", KERNEL, "-m", "lots"], "invalid size"),
     (["-machine", "q35", "-kernel", KERNEL, "-m", "4"], "at least 16 MiB"),
-    (["-machine", "q35", "-kernel", KERNEL, "-m", "8G"], "at most 3072 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "8G"], "at most 2816 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "3072"], "at most 2816 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "2817"], "at most 2816 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "--bogus"], "unknown option '--bogus'"),
+    (["-machine", "q35", "-kernel", KERNEL, "-incoming", "deferred"], "-incoming"),
     (["-machine", "q35", "-kernel", KERNEL, "-smp", "0"], "between 1 and"),
     (["-machine", "q35", "-kernel", KERNEL, "-smp", "two"], "invalid vCPU count"),
     (["-machine", "q35", "-kernel", KERNEL, "-accel", "tcg"], "unknown accelerator 'tcg'"),
@@ -95,3 +102,122 @@ def test_wrong_arch_kernel_is_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("hv: error: -kernel:")
     assert "Traceback" not in result.stderr
+
+
+def run_hv(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hv", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("flag", ["-V", "-version", "--version"])
+def test_version_flags(flag):
+    out = run_hv(flag)
+    assert out.returncode == 0 and re.fullmatch(r"hv \d+\.\d+\.\d+\S*\n", out.stdout), out
+    assert out.stderr == ""
+
+
+def test_every_option_takes_two_dashes():
+    single = ["-machine", "virt", "-kernel", KERNEL, "-append", "a b", "-m", "1G", "-smp", "2", "-serial", "stdio",
+              "-accel", "unicorn", "-name", "vm1", "-D", "/tmp/hv.log", "-S", "-qmp", "unix:/tmp/q.sock,server,nowait",
+              "-chardev", "socket,id=m,path=/tmp/m.sock,server,nowait", "-mon", "chardev=m,mode=control",
+              "-drive", f"file={KERNEL},id=d0", "-device", "virtio-blk-pci,drive=d0,id=b0",
+              "-netdev", "socket,id=n0,listen=/tmp/n.sock", "-device", "virtio-net-pci,netdev=n0,id=x0",
+              "-incoming", "tcp:127.0.0.1:0"]
+    double = ["-" + a if a.startswith("-") and a in OPTIONS else a for a in single]
+    assert double.count("--machine") == 1 and double.count("--S") == 1
+    assert parse_args(double) == parse_args(single)
+    assert parse_args(["--M", "q35", "--kernel", KERNEL]) == parse_args(["-M", "q35", "-kernel", KERNEL])
+    for flag in ("--h", "--help", "--help"):
+        assert parse_args([flag]).action == "help"
+    with pytest.raises(ConfigError, match="option -m given more than once"):
+        parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", "64", "--m", "128"])
+    assert USAGE.count("two dashes") == 1
+
+
+def test_two_dash_spelling_boots_a_guest(tmp_path: Path):
+    serial = tmp_path / "serial"
+    out = run_hv("--machine", "q35", "--accel", "unicorn", "--m", "64", "--kernel",
+                 str(FIXTURES / "x86_64" / "hello.elf"), "--append", "dashes", "--serial", f"file,path={serial}")
+    assert out.returncode == 0, out.stderr
+    assert "cmdline: dashes" in serial.read_text()
+
+
+def test_help_lists_every_subcommand():
+    out = run_hv("--help")
+    assert out.returncode == 0
+    for subcommand in ("hv qmp SOCKET COMMAND", "hv bench migrate", "hv bench blk"):
+        assert subcommand in out.stdout, subcommand
+    assert "-V, -version, --version" in out.stdout and "-incoming defer" in out.stdout
+
+
+def test_qmp_subcommand_names_itself_as_invoked():
+    out = run_hv("qmp", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: hv qmp "), out.stdout
+    out = run_hv("qmp", "/tmp/x", "cmd", "novalue")
+    assert out.returncode == 1 and out.stderr == "hv qmp: argument 'novalue' is not key=value\n"
+    out = subprocess.run([sys.executable, "-m", "hv.qmp.client", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: hv-qmp "), out.stdout
+
+
+def test_incoming_defer_needs_no_kernel():
+    config = parse_args(["-machine", "q35", "-incoming", "defer"]).config
+    assert config.incoming == "defer" and config.kernel is None
+
+
+def test_q35_memory_limit_is_below_the_ecam():
+    """RAM ends where q35's ECAM starts (0xB0000000): 2816 MiB is the most, as README says."""
+    assert parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", "2816"]).config.memory_bytes == 0xB000_0000
+    assert parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", "2816M"]).config.memory_bytes == 0xB000_0000
+    readme = (ROOT / "README.md").read_text()
+    assert "q35: up to 2816 MiB" in readme and "3 GiB" not in readme
+
+
+def test_q35_largest_memory_boots(tmp_path: Path):
+    serial = tmp_path / "serial"
+    out = run_hv("-machine", "q35", "-accel", "unicorn", "-m", "2816", "-kernel",
+                 str(FIXTURES / "x86_64" / "hello.elf"), "-serial", f"file,path={serial}")
+    assert out.returncode == 0, out.stderr
+    assert "hello from hv guest (x86_64)" in serial.read_text()
+    assert "mem_upper 2882560 KiB" in out.stderr  # 2816 MiB - 1 MiB of low memory
+
+
+def test_virt_power_off_is_logged():
+    out = run_hv("-machine", "virt", "-accel", "unicorn", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines()[-1] == "hv: guest requested power-off (PSCI SYSTEM_OFF)"
+
+
+@pytest.fixture
+def busy_port():
+    """A port something already listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def one_error_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("hv: error: ") and "[Errno" not in out.stderr, out.stderr
+    return last
+
+
+def test_busy_qmp_port_error_has_no_errno(busy_port):
+    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", str(FIXTURES / "x86_64" / "hello.elf"),
+                                 "-qmp", f"tcp:127.0.0.1:{busy_port},server,nowait"))
+    assert last == f"hv: error: cannot listen on tcp:127.0.0.1:{busy_port}: Address already in use"
+
+
+def test_bad_qmp_path_error_has_no_errno(tmp_path: Path):
+    path = tmp_path / "no" / "dir" / "q.sock"
+    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", str(FIXTURES / "x86_64" / "hello.elf"),
+                                 "-qmp", f"unix:{path},server,nowait"))
+    assert last == f"hv: error: cannot listen on unix:{path}: No such file or directory"
+
+
+def test_busy_incoming_port_error_has_no_errno(busy_port):
+    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-incoming", f"tcp:127.0.0.1:{busy_port}"))
+    assert last == (f"hv: error: incoming migration failed: cannot listen on tcp:127.0.0.1:{busy_port}: "
+                    "Address already in use")

@@ -794,6 +794,7 @@ class Machine:
                 self._state_changed.notify_all()
             log.info("vcpu%d: PSCI CPU_OFF", index)
         elif reason is ExitReason.SYSTEM_OFF:
+            log.info("guest requested power-off (PSCI SYSTEM_OFF)")  # as q35's ACPI line
             self.request_shutdown("guest-shutdown")
         elif reason is ExitReason.SYSTEM_RESET:
             log.info("vcpu%d: guest reset (%s)", index, result.detail or "reset request")

@@ -14,7 +14,8 @@ from typing import Any, Callable
 from hv.machine import Machine, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.status import MigrationStatus
-from hv.migration.transport import MigrationConnectError, MigrationUriError, connect, parse_migration_uri
+from hv.migration.transport import (MigrationConnectError, MigrationUri, MigrationUriError, SnapshotError, connect,
+                                    parse_migration_uri)
 from hv.qmp import ArgSpec, CommandTable, QmpError
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ PARAMETERS: dict[str, tuple[str, int, int]] = {
     "max-cpu-throttle": ("max_cpu_throttle", 1, 99),
 }
 CAPABILITIES = {"auto-converge": "auto_converge"}
+# Capabilities hv always has: 'events' (MIGRATION / MIGRATION_PASS are always sent).
+# Setting one to true is a no-op; false is refused, since hv cannot turn it off.
+ALWAYS_ON_CAPABILITIES = ("events",)
 
 
 def _generic(desc: str) -> QmpError:
@@ -140,11 +144,16 @@ class MigrationManager:
             if not isinstance(item, dict) or set(item) != {"capability", "state"}:
                 raise _generic(f"capabilities[{index}]: expected {{'capability': NAME, 'state': BOOL}}")
             name, state = item["capability"], item["state"]
-            if name not in CAPABILITIES:
+            if name not in CAPABILITIES and name not in ALWAYS_ON_CAPABILITIES:
                 raise _generic(f"capabilities[{index}]: unknown capability {name!r} "
-                               f"(supported: {', '.join(CAPABILITIES)})")
+                               f"(supported: {', '.join([*CAPABILITIES, *ALWAYS_ON_CAPABILITIES])})")
             if not isinstance(state, bool):
                 raise _generic(f"capabilities[{index}]: 'state' must be a boolean")
+            if name in ALWAYS_ON_CAPABILITIES:
+                if not state:
+                    raise _generic(f"capabilities[{index}]: capability {name!r} is always on in hv "
+                                   "and cannot be turned off")
+                continue
             updates[CAPABILITIES[name]] = state
         for attribute, state in updates.items():
             setattr(self.params, attribute, state)
@@ -152,4 +161,33 @@ class MigrationManager:
 
     def query_capabilities(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"capability": name, "state": getattr(self.params, attribute)}
-                for name, attribute in CAPABILITIES.items()]
+                for name, attribute in CAPABILITIES.items()] + \
+            [{"capability": name, "state": True} for name in ALWAYS_ON_CAPABILITIES]
+
+    # -- migrate-incoming (-incoming defer, as libvirt drives QEMU) ---------------------------
+    def register_incoming(self, commands: CommandTable, start: Callable[[MigrationUri], None],
+                          started: bool) -> None:
+        """Register ``migrate-incoming``, with QEMU's rules and error texts.
+
+        ``started`` is True when the command line already named the incoming URI (then the
+        command only says so). Otherwise it works once, while the VM is 'inmigrate'
+        (``-incoming defer``): ``start(uri)`` listens (or opens the snapshot) at once, so a
+        bad URI or a busy address is this command's GenericError and a later one may
+        still succeed; it raises MigrationUriError, MigrationConnectError or SnapshotError.
+        """
+        self._incoming_started = started
+
+        def migrate_incoming(args: dict[str, Any]) -> dict[str, Any]:
+            if self._incoming_started:
+                raise _generic("The incoming migration has already been started")
+            if self.machine.state is not RunState.INMIGRATE:
+                raise _generic("'-incoming' was not specified on the command line")
+            try:
+                start(parse_migration_uri(args["uri"]))
+            except (MigrationUriError, MigrationConnectError, SnapshotError) as exc:
+                raise _generic(f"migrate-incoming: {exc}") from None
+            self._incoming_started = True
+            return {}
+
+        commands.register("migrate-incoming", migrate_incoming, {"uri": ArgSpec("string")},
+                          doc="With -incoming defer: receive from tcp:HOST:PORT, unix:PATH or file:DIR.")

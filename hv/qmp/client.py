@@ -135,9 +135,11 @@ class QmpConnection:
                 return message
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "hv-qmp") -> int:
+    """The ``hv-qmp`` script, and ``hv qmp`` (``prog`` names the spelling the user typed,
+    in the usage text and on every error line)."""
     parser = argparse.ArgumentParser(
-        prog="hv-qmp",
+        prog=prog,
         description="Run one QMP command against an hv (or QEMU/StratoVirt) monitor and print the reply.",
     )
     parser.add_argument("socket", help="unix socket path, unix:PATH, or tcp:HOST:PORT")
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = parse_target(options.socket)
         arguments = parse_arguments(options.arguments)
     except (QmpAddressError, _UsageError) as exc:
-        print(f"hv-qmp: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if options.timeout <= 0:
         print("hv-qmp: --timeout must be positive", file=sys.stderr)
@@ -164,12 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             connection.execute("qmp_capabilities")
             reply = connection.execute(options.command, arguments)
     except QmpClientError as exc:
-        print(f"hv-qmp: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(reply, indent=2 if options.pretty else None))
     if "error" in reply:
         error = reply["error"]
-        print(f"hv-qmp: {options.command} failed: {error.get('class')}: {error.get('desc')}", file=sys.stderr)
+        print(f"{prog}: {options.command} failed: {error.get('class')}: {error.get('desc')}", file=sys.stderr)
         return EXIT_ERROR_REPLY
     return EXIT_OK
 

@@ -52,7 +52,15 @@ _CLOSE_FLUSH_SECONDS = 0.5
 
 
 class QmpServerError(OSError):
-    """The QMP server could not listen where it was asked to."""
+    """The QMP server could not listen where it was asked to.
+
+    Raised as ``QmpServerError(errno, message)``; ``str()`` is the message alone (the
+    message already names the address and the OS reason), never OSError's
+    ``[Errno N] message``, so it can be shown to the user as it is.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror else super().__str__()
 
 
 @dataclass
