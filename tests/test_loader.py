@@ -348,8 +348,10 @@ def test_fdt_roundtrip_through_dtc(tmp_path: Path) -> None:
 
 @require_tool("qemu-system-aarch64")
 def test_fdt_reader_parses_qemu_virt_dtb(tmp_path: Path) -> None:
+    # -nodefaults: no default NIC, whose option ROM (package ipxe-qemu) is only recommended
     subprocess.run(["qemu-system-aarch64", "-M", f"virt,dumpdtb={tmp_path / 'virt.dtb'}", "-cpu", "cortex-a57",
-                    "-display", "none", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"), "-append", "from qemu"], check=True, capture_output=True, timeout=30)
+                    "-nodefaults", "-display", "none", "-kernel", str(FIXTURES / "aarch64" / "hello.elf"),
+                    "-append", "from qemu"], check=True, capture_output=True, timeout=30)
     root = fdtlib.parse_fdt((tmp_path / "virt.dtb").read_bytes())
     assert fdtlib.find_node(root, "/chosen").props["bootargs"] == b"from qemu\0"
     assert fdtlib.find_node(root, "/psci").props["method"] == b"hvc\0"
