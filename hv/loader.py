@@ -8,10 +8,13 @@ as the Multiboot spec says: 32-bit protected mode, flat segments, paging off, IF
 EAX=0x2BADB002, EBX=address of the information structure. Like GRUB and QEMU, the
 multiboot command line is ``"<image name> <cmdline>"``.
 
-aarch64 (machine virt): an ELF64 EM_AARCH64 image; PT_LOAD segments at their physical
-addresses, a device tree (:mod:`hv.fdt`) at the RAM base 0x40000000 with
-/chosen/bootargs, /memory, /psci (method "hvc"), /cpus and the PL011. The vCPU starts
-at EL1h with DAIF masked, MMU off, x0 = address of the device tree.
+aarch64 (machine virt): a Linux arm64 ``Image`` (raw, gzip'd, or the ELF ``vmlinux``
+holding one), placed as booting.rst says (:mod:`hv.boot.arm64_image`): kernel at the
+2 MiB aligned RAM base + text_offset, device tree and initrd after it. Any other ELF64
+EM_AARCH64 image (the fixtures) loads by its PT_LOAD segments at their physical
+addresses, with the device tree at the RAM base 0x40000000. The tree
+(:func:`build_virt_fdt`) is QEMU virt's for the devices hv has. The vCPU starts at EL1h
+with DAIF masked, MMU off, x0 = address of the device tree, x1-x3 = 0.
 
 The image is untrusted: every header field, offset and size is checked, and anything
 wrong raises :class:`LoaderError` with a one-line message, before guest RAM is written.
@@ -21,10 +24,15 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hv import fdt as fdtlib
+from hv.boot import arm64_image
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.state import Arm64CpuState, CpuState, PSTATE_EL1H_DAIF, Segment, X86CpuState
+
+if TYPE_CHECKING:
+    from hv.machine.pci_wiring import PciLayout
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ ELFCLASS32 = 1
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
 ET_EXEC = 2
+ET_DYN = 3                           # a relocatable arm64 vmlinux (CONFIG_RELOCATABLE)
 PT_LOAD = 1
 EM_386 = 3
 EM_X86_64 = 62
@@ -68,7 +77,12 @@ VIRT_PL011 = 0x09000000
 VIRT_GICD = 0x08000000              # GICv3 distributor, 64 KiB
 VIRT_GICR = 0x080A0000              # one 128 KiB redistributor frame pair per vCPU
 VIRT_GIC_PHANDLE = 1
-GIC_PPI = 1                         # first cell of a GIC interrupt specifier
+VIRT_V2M_PHANDLE = 2
+VIRT_CLK_PHANDLE = 3                # apb-pclk, the PL011's fixed 24 MHz clock
+VIRT_PL011_INTID = 33               # SPI 1, as QEMU virt
+VIRT_GIC_MAINT_PPI = 9              # GIC maintenance interrupt, PPI 9 = INTID 25
+GIC_SPI = 0                         # first cell of a GIC interrupt specifier: SPI
+GIC_PPI = 1                         # ... PPI
 IRQ_LEVEL_HIGH = 4
 PSCI_SYSTEM_OFF = 0x84000008
 
@@ -94,6 +108,7 @@ class ElfImage:
     machine: int
     entry: int
     segments: tuple[LoadSegment, ...]
+    e_type: int = ET_EXEC
 
     @property
     def arch_name(self) -> str:
@@ -112,8 +127,9 @@ class BootInfo:
     boot_data: tuple[int, int]  # multiboot info area (x86_64) or the FDT (aarch64)
 
 
-def parse_elf(image: bytes) -> ElfImage:
-    """Parse and check the ELF header and program headers (no machine check here)."""
+def parse_elf(image: bytes, *, allow_dyn: bool = False) -> ElfImage:
+    """Parse and check the ELF header and program headers (no machine check here);
+    ``allow_dyn`` also accepts ET_DYN (a relocatable Linux vmlinux)."""
     if len(image) < 16:
         raise LoaderError(f"kernel is not an ELF file (only {len(image)} bytes)")
     if image[:4] != b"\x7fELF":
@@ -130,7 +146,7 @@ def parse_elf(image: bytes) -> ElfImage:
         raise LoaderError(f"kernel ELF header is truncated ({len(image)} of {ehdr_size} bytes)")
     (e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize, e_phentsize,
      e_phnum, *_rest) = struct.unpack_from(ehdr_fmt, image, 16)
-    if e_type != ET_EXEC:
+    if e_type != ET_EXEC and not (allow_dyn and e_type == ET_DYN):
         raise LoaderError(f"kernel ELF type is {e_type}, expected an executable (ET_EXEC)")
     ph_fmt = "<IIQQQQQQ" if is64 else "<IIIIIIII"
     ph_size = struct.calcsize(ph_fmt)
@@ -157,7 +173,7 @@ def parse_elf(image: bytes) -> ElfImage:
         segments.append(LoadSegment(p_paddr, p_vaddr, p_offset, p_filesz, p_memsz))
     if not segments:
         raise LoaderError("kernel has no loadable (PT_LOAD) segment")
-    return ElfImage(elf_class, e_machine, e_entry, tuple(segments))
+    return ElfImage(elf_class, e_machine, e_entry, tuple(segments), e_type)
 
 
 def _check_arch(arch: str, elf: ElfImage) -> None:
@@ -294,49 +310,76 @@ def _load_x86(memory: GuestMemory, image: bytes, cmdline: str, image_name: str) 
                     (MB_INFO_GPA, MB_AREA_END - MB_INFO_GPA))
 
 
-def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
-    """The device tree hv's aarch64 virt machine hands to its kernel."""
+def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1,
+                   initrd: tuple[int, int] | None = None) -> bytes:
+    """The device tree hv's aarch64 virt machine hands to its kernel: node for node what
+    QEMU 7.2's ``-M virt,gic-version=3`` writes for the devices hv has (see
+    tests/test_fdt_virt.py), with hv's real addresses. ``initrd`` is ``(gpa, size)``."""
     from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
-    from hv.machine.gic_interrupts import PCI_INTX_LINES, pci_intx_intid
     from hv.machine.pci_wiring import LAYOUTS
 
-    GIC_SPI = 0                     # first cell of a GIC interrupt specifier: SPI
     root = fdtlib.FdtNode("", {
+        "interrupt-parent": fdtlib.prop_u32(VIRT_GIC_PHANDLE),
         "#address-cells": fdtlib.prop_u32(2),
         "#size-cells": fdtlib.prop_u32(2),
         "compatible": fdtlib.prop_str("linux,dummy-virt"),
         "model": fdtlib.prop_str("hv virt"),
     })
-    root.add("chosen", bootargs=fdtlib.prop_str(cmdline),
-             **{"stdout-path": fdtlib.prop_str(f"/pl011@{VIRT_PL011:x}")})
+    chosen = root.add("chosen", bootargs=fdtlib.prop_str(cmdline),
+                      **{"stdout-path": fdtlib.prop_str(f"/pl011@{VIRT_PL011:x}")})
+    if initrd is not None:
+        chosen.props["linux,initrd-start"] = fdtlib.prop_u64(initrd[0])
+        chosen.props["linux,initrd-end"] = fdtlib.prop_u64(initrd[0] + initrd[1])
     for gpa, size in _ram_ranges(memory):
         root.add(f"memory@{gpa:x}", device_type=fdtlib.prop_str("memory"),
                  reg=fdtlib.prop_u64(gpa, size))
     root.add("psci", compatible=fdtlib.prop_str("arm,psci-1.0", "arm,psci-0.2", "arm,psci"),
-             method=fdtlib.prop_str("hvc"))
+             method=fdtlib.prop_str("hvc"), cpu_suspend=fdtlib.prop_u32(0xC4000001),
+             cpu_off=fdtlib.prop_u32(0x84000002), cpu_on=fdtlib.prop_u32(0xC4000003),
+             migrate=fdtlib.prop_u32(0xC4000005))
     cpus = root.add("cpus", **{"#address-cells": fdtlib.prop_u32(1), "#size-cells": fdtlib.prop_u32(0)})
     for index in range(smp):
+        # reg is the MPIDR_EL1 affinity the vCPU reads (Aff0 = index, Aff1 = index >> 8).
         cpus.add(f"cpu@{index}", device_type=fdtlib.prop_str("cpu"),
-                 compatible=fdtlib.prop_str("arm,cortex-a57"), reg=fdtlib.prop_u32(index),
+                 compatible=fdtlib.prop_str("arm,cortex-a57"),
+                 reg=fdtlib.prop_u32((index & 0xFF) | (index >> 8 & 0xFF) << 8),
                  **{"enable-method": fdtlib.prop_str("psci")})
+    root.add("apb-pclk", compatible=fdtlib.prop_str("fixed-clock"), phandle=fdtlib.prop_u32(VIRT_CLK_PHANDLE),
+             **{"#clock-cells": fdtlib.prop_u32(0), "clock-frequency": fdtlib.prop_u32(24_000_000),
+                "clock-output-names": fdtlib.prop_str("clk24mhz")})
     root.add(f"pl011@{VIRT_PL011:x}", compatible=fdtlib.prop_str("arm,pl011", "arm,primecell"),
-             reg=fdtlib.prop_u64(VIRT_PL011, 0x1000))
+             reg=fdtlib.prop_u64(VIRT_PL011, 0x1000),
+             interrupts=fdtlib.prop_u32(GIC_SPI, VIRT_PL011_INTID - 32, IRQ_LEVEL_HIGH),
+             clocks=fdtlib.prop_u32(VIRT_CLK_PHANDLE, VIRT_CLK_PHANDLE),
+             **{"clock-names": fdtlib.prop_str("uartclk", "apb_pclk")})
     # GICv3 (system-register CPU interface) and the generic timer, as QEMU virt has them.
-    root.props["interrupt-parent"] = fdtlib.prop_u32(VIRT_GIC_PHANDLE)
     intc = root.add(f"intc@{VIRT_GICD:x}", compatible=fdtlib.prop_str("arm,gic-v3"),
                     reg=fdtlib.prop_u64(VIRT_GICD, 0x10000, VIRT_GICR, 0x20000 * smp),
                     phandle=fdtlib.prop_u32(VIRT_GIC_PHANDLE), ranges=b"",
+                    interrupts=fdtlib.prop_u32(GIC_PPI, VIRT_GIC_MAINT_PPI, IRQ_LEVEL_HIGH),
                     **{"#interrupt-cells": fdtlib.prop_u32(3), "interrupt-controller": b"",
                        "#redistributor-regions": fdtlib.prop_u32(1), "#address-cells": fdtlib.prop_u32(2),
                        "#size-cells": fdtlib.prop_u32(2)})
     # GICv2m MSI frame (the PCI host's msi-parent); INTIDs 80..143, read from MSI_TYPER.
-    v2m_phandle = VIRT_GIC_PHANDLE + 1
     intc.add(f"v2m@{V2M_BASE:x}", compatible=fdtlib.prop_str("arm,gic-v2m-frame"),
-             reg=fdtlib.prop_u64(V2M_BASE, V2M_SIZE), phandle=fdtlib.prop_u32(v2m_phandle),
+             reg=fdtlib.prop_u64(V2M_BASE, V2M_SIZE), phandle=fdtlib.prop_u32(VIRT_V2M_PHANDLE),
              **{"msi-controller": b""})
-    # PCI Express host (ECAM), as QEMU virt's low-memory one: buses 0-15, PCI I/O 0-0xFFFF at
-    # 0x3EFF0000, 32-bit MMIO identity-mapped, INTx swizzled onto SPIs 3-6.
-    pcie = LAYOUTS["virt"]
+    root.children.append(_virt_pcie_node(LAYOUTS["virt"]))
+    # Secure physical, non-secure physical, virtual and hypervisor timer PPIs (29, 30, 27, 26),
+    # level-high as QEMU >= 2.9 writes them for a GICv3.
+    root.add("timer", compatible=fdtlib.prop_str("arm,armv8-timer", "arm,armv7-timer"),
+             interrupts=fdtlib.prop_u32(*(cell for ppi in (13, 14, 11, 10)
+                                          for cell in (GIC_PPI, ppi, IRQ_LEVEL_HIGH))),
+             **{"always-on": b""})
+    return fdtlib.build_fdt(root)
+
+
+def _virt_pcie_node(pcie: "PciLayout") -> fdtlib.FdtNode:
+    """The PCI Express host (ECAM), as QEMU virt's low-memory one: buses 0-15, PCI I/O
+    0-0xFFFF at 0x3EFF0000, 32-bit MMIO identity-mapped, INTx swizzled onto SPIs 3-6
+    exactly as hv wires them (:func:`hv.machine.gic_interrupts.pci_intx_intid`)."""
+    from hv.machine.gic_interrupts import PCI_INTX_LINES, pci_intx_intid
+
     buses = pcie.ecam_buses
     pci_space_io, pci_space_mem32 = 0x0100_0000, 0x0200_0000   # phys.hi cell: space code
     irq_map: list[int] = []
@@ -345,29 +388,73 @@ def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1) -> bytes:
             irq_map += [slot << 11, 0, 0, pin,                            # child unit address + pin
                         VIRT_GIC_PHANDLE, 0, 0,                           # GIC (#address-cells 2)
                         GIC_SPI, pci_intx_intid(slot, pin) - 32, IRQ_LEVEL_HIGH]
-    root.add(f"pcie@{pcie.mmio_base:x}", compatible=fdtlib.prop_str("pci-host-ecam-generic"),
-             device_type=fdtlib.prop_str("pci"), reg=fdtlib.prop_u64(pcie.ecam_base, buses << 20),
-             ranges=fdtlib.prop_u32(pci_space_io, 0, 0, 0, pcie.io_base, 0, pcie.io_size,
-                                    pci_space_mem32, 0, pcie.mmio_base, 0, pcie.mmio_base, 0, pcie.mmio_size),
-             **{"#address-cells": fdtlib.prop_u32(3), "#size-cells": fdtlib.prop_u32(2),
-                "bus-range": fdtlib.prop_u32(0, buses - 1), "linux,pci-domain": fdtlib.prop_u32(0),
-                "dma-coherent": b"", "msi-parent": fdtlib.prop_u32(v2m_phandle),
-                "#interrupt-cells": fdtlib.prop_u32(1),
-                "interrupt-map-mask": fdtlib.prop_u32(0x1800, 0, 0, 7),
-                "interrupt-map": fdtlib.prop_u32(*irq_map)})
-    # Secure physical, non-secure physical, virtual and hypervisor timer PPIs (29, 30, 27, 26).
-    root.add("timer", compatible=fdtlib.prop_str("arm,armv8-timer", "arm,armv7-timer"),
-             interrupts=fdtlib.prop_u32(*(cell for ppi in (13, 14, 11, 10)
-                                          for cell in (GIC_PPI, ppi, IRQ_LEVEL_HIGH))),
-             **{"always-on": b""})
-    return fdtlib.build_fdt(root)
+    return fdtlib.FdtNode(f"pcie@{pcie.mmio_base:x}", {
+        "compatible": fdtlib.prop_str("pci-host-ecam-generic"), "device_type": fdtlib.prop_str("pci"),
+        "reg": fdtlib.prop_u64(pcie.ecam_base, buses << 20),
+        "ranges": fdtlib.prop_u32(pci_space_io, 0, 0, 0, pcie.io_base, 0, pcie.io_size,
+                                  pci_space_mem32, 0, pcie.mmio_base, 0, pcie.mmio_base, 0, pcie.mmio_size),
+        "#address-cells": fdtlib.prop_u32(3), "#size-cells": fdtlib.prop_u32(2),
+        "bus-range": fdtlib.prop_u32(0, buses - 1), "linux,pci-domain": fdtlib.prop_u32(0),
+        "dma-coherent": b"", "msi-parent": fdtlib.prop_u32(VIRT_V2M_PHANDLE),
+        "#interrupt-cells": fdtlib.prop_u32(1),
+        "interrupt-map-mask": fdtlib.prop_u32(0x1800, 0, 0, 7),
+        "interrupt-map": fdtlib.prop_u32(*irq_map)})
 
 
-def _load_aarch64(memory: GuestMemory, image: bytes, cmdline: str, smp: int) -> BootInfo:
-    elf = parse_elf(image)
-    _check_arch("aarch64", elf)
+def _load_aarch64(memory: GuestMemory, image: bytes, cmdline: str, smp: int,
+                  initrd: bytes | None) -> BootInfo:
+    """Dispatch on the format: an arm64 ``Image`` (also gzip'd, or inside an ELF vmlinux)
+    boots by booting.rst; any other ELF64 (the fixtures) loads by its PT_LOAD segments."""
     if "\0" in cmdline:
         raise LoaderError("kernel command line contains a NUL character")
+    try:
+        if arm64_image.is_gzip(image):
+            image = arm64_image.gunzip_bounded(image)
+        if image[:4] == b"\x7fELF":
+            elf = parse_elf(image, allow_dyn=True)
+            _check_arch("aarch64", elf)
+            flat = arm64_image.flatten_vmlinux(
+                [(s.vaddr, s.offset, s.filesz, s.memsz) for s in elf.segments], image)
+            if flat is None:
+                if elf.e_type != ET_EXEC:
+                    raise LoaderError(f"kernel ELF type is {elf.e_type}, expected an executable (ET_EXEC)")
+                if initrd is not None:
+                    raise LoaderError("-initrd needs a Linux kernel (arm64 Image or vmlinux), not a plain ELF")
+                return _load_aarch64_elf(memory, image, elf, cmdline, smp)
+            image = flat
+        if not arm64_image.is_image(image):
+            raise LoaderError("kernel is neither an ELF nor an arm64 Linux Image (no \"ARM\\x64\" magic "
+                              "at offset 56, no gzip magic)")
+        return _load_arm64_image(memory, image, cmdline, smp, initrd)
+    except arm64_image.Arm64ImageError as exc:
+        raise LoaderError(str(exc)) from None
+
+
+def _load_arm64_image(memory: GuestMemory, image: bytes, cmdline: str, smp: int,
+                      initrd: bytes | None) -> BootInfo:
+    header = arm64_image.parse_header(image)
+    ram = next(((gpa, size) for gpa, size in _ram_ranges(memory) if gpa <= VIRT_RAM_BASE < gpa + size), None)
+    if ram is None:
+        raise LoaderError(f"guest RAM does not cover the kernel's base {VIRT_RAM_BASE:#x}")
+    layout = arm64_image.plan_layout(ram, header, len(image), None if initrd is None else len(initrd))
+    initrd_range = None if layout.initrd is None else (layout.initrd, layout.initrd_size)
+    blob = build_virt_fdt(memory, cmdline, smp, initrd_range)
+    if len(blob) > arm64_image.MAX_DTB_SIZE:
+        raise LoaderError(f"device tree is {len(blob)} bytes, more than booting.rst's 2 MiB")
+    memory.write(layout.kernel, image)
+    memory.write(layout.dtb, blob)
+    if initrd is not None and layout.initrd is not None:
+        memory.write(layout.initrd, initrd)
+    state = Arm64CpuState(pc=layout.kernel, pstate=PSTATE_EL1H_DAIF)   # x1-x3 = 0, MMU off
+    state.x[0] = layout.dtb
+    log.info("loaded arm64 Image: %d bytes at %#x (image_size %#x, %s pages), fdt %d bytes at %#x%s",
+             len(image), layout.kernel, header.image_size, header.page_size, len(blob), layout.dtb,
+             f", initrd {layout.initrd_size} bytes at {layout.initrd:#x}" if initrd_range else "")
+    segments = ((layout.kernel, layout.kernel_span),) + ((initrd_range,) if initrd_range else ())
+    return BootInfo("aarch64", layout.kernel, state, segments, (layout.dtb, len(blob)))
+
+
+def _load_aarch64_elf(memory: GuestMemory, image: bytes, elf: ElfImage, cmdline: str, smp: int) -> BootInfo:
     blob = build_virt_fdt(memory, cmdline, smp)
     fdt_size = len(blob) + (-len(blob) % PAGE_SIZE)
     if not memory.contains(VIRT_RAM_BASE, fdt_size):
@@ -387,11 +474,12 @@ def _load_aarch64(memory: GuestMemory, image: bytes, cmdline: str, smp: int) -> 
 
 
 def load_kernel(arch: str, memory: GuestMemory, image: bytes, cmdline: str, *,
-                image_name: str = "kernel", smp: int = 1) -> BootInfo:
+                image_name: str = "kernel", smp: int = 1, initrd: bytes | None = None) -> BootInfo:
     """Load ``image`` into ``memory`` for machine q35 (``arch="x86_64"``) or virt
     (``"aarch64"``) and return the boot vCPU's state. Nothing is written to guest RAM
     unless every check passed. ``image_name`` is the first word of the multiboot command
-    line (x86_64); ``smp`` the number of /cpus nodes in the device tree (aarch64)."""
+    line (x86_64); ``smp`` the number of /cpus nodes in the device tree (aarch64);
+    ``initrd`` an initial RAM disk for a Linux kernel (aarch64)."""
     if arch not in MACHINE_FOR_ARCH:
         raise LoaderError(f"unknown architecture {arch!r} (choose from: {', '.join(MACHINE_FOR_ARCH)})")
     if not isinstance(image, (bytes, bytearray, memoryview)):
@@ -403,4 +491,4 @@ def load_kernel(arch: str, memory: GuestMemory, image: bytes, cmdline: str, *,
         return _load_x86(memory, image, cmdline, image_name)
     if not 1 <= smp <= 512:
         raise LoaderError(f"smp={smp} is out of range 1..512")
-    return _load_aarch64(memory, image, cmdline, smp)
+    return _load_aarch64(memory, image, cmdline, smp, initrd)

@@ -1,0 +1,1 @@
+"""Boot loaders: kernel image formats and where they go in guest RAM."""
