@@ -13,6 +13,7 @@ from hv.config import OPTIONS, USAGE, ConfigError, parse_args, parse_size
 from tests.helpers import FIXTURES, ROOT
 
 KERNEL = str(ROOT / "pyproject.toml")  # any readable file passes the option check
+HELLO_X86 = str(FIXTURES / "x86_64" / "hello.elf")
 
 
 def test_minimal_config():
@@ -205,14 +206,14 @@ def one_error_line(out: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_busy_qmp_port_error_has_no_errno(busy_port):
-    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", str(FIXTURES / "x86_64" / "hello.elf"),
+    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", HELLO_X86,
                                  "-qmp", f"tcp:127.0.0.1:{busy_port},server,nowait"))
     assert last == f"hv: error: cannot listen on tcp:127.0.0.1:{busy_port}: Address already in use"
 
 
 def test_bad_qmp_path_error_has_no_errno(tmp_path: Path):
     path = tmp_path / "no" / "dir" / "q.sock"
-    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", str(FIXTURES / "x86_64" / "hello.elf"),
+    last = one_error_line(run_hv("-machine", "q35", "-accel", "unicorn", "-kernel", HELLO_X86,
                                  "-qmp", f"unix:{path},server,nowait"))
     assert last == f"hv: error: cannot listen on unix:{path}: No such file or directory"
 
