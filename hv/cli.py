@@ -17,7 +17,7 @@ from hv.devconfig import DevConfigError
 from hv.config import INCOMING_DEFER, USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
 from hv.machine import Machine, RunState
-from hv.migration.engine import load_snapshot, receive_migration
+from hv.migration.incoming import incoming_error, load_snapshot, receive_migration
 from hv.migration.manager import MigrationManager
 from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
                                     open_snapshot, parse_migration_uri)
@@ -252,7 +252,7 @@ class Session:
             reason = exc.strerror
         if self.migration.status.is_active():
             self.migration.status.fail(reason)
-        raise LaunchError(f"incoming migration failed: {reason}") from None
+        raise LaunchError(incoming_error(exc, reason)) from None
 
     def close(self) -> None:
         if self.server is not None:

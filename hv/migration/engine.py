@@ -35,32 +35,27 @@ from hv.machine import Machine, MachineError, MachineSnapshot, RunState
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.migration.status import MigrationStatus
 from hv.migration.stream import (
-    ConfigSection,
-    CpuSection,
-    DeviceSection,
-    EndSection,
-    FileChannel,
     Fingerprint,
-    HeaderSection,
     PeerError,
-    RamSection,
     Reply,
-    RoundEndSection,
     SocketChannel,
     StreamError,
-    StreamKind,
-    StreamReader,
     StreamWriter,
-    compare_fingerprints,
     read_reply,
     send_reply,
 )
-from hv.migration.transport import SnapshotWriter, open_snapshot
+from hv.migration.transport import SnapshotWriter
+from hv.textsafe import printable
 
 log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 2048           # pages per write_ram call in the full pass (8 MiB)
 REPLY_TIMEOUT = 60.0         # seconds the source waits for each destination answer
+# After migrate_cancel the source finishes the record it is writing and appends CANCEL. A
+# destination that takes in nothing for this long (frozen, or gone) gets the connection
+# shut down instead, mid-record; it then reports a truncated stream.
+CANCEL_GRACE = 2.0
+CANCEL_DRAIN = 1.0           # seconds the source waits for the destination to hang up
 BANDWIDTH_SAMPLE_BYTES = 4 << 20
 EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
@@ -233,18 +228,51 @@ class OutgoingMigration:
         self.thread = threading.Thread(target=self._run, name="migration-out", daemon=True)
         self._paused_by_us = False
         self._committed = False
+        self._released = False
+        self._writer: StreamWriter | None = None
+        self._grace: threading.Timer | None = None
 
     def start(self) -> None:
         self.thread.start()
 
     def cancel(self) -> None:
-        """Abort as soon as possible; a commit already sent cannot be taken back."""
+        """Abort as soon as possible; a commit already sent cannot be taken back.
+
+        The migration thread notices at the next record boundary (it checks before every
+        RAM run, between rounds, and polls while it waits for an answer), appends a CANCEL
+        section and hangs up. A send the destination does not take in within
+        ``CANCEL_GRACE`` (a frozen peer) is cut by shutting the socket down.
+        """
         self.canceled.set()
-        if not self._committed:
+        if self._grace is None and not self._committed:
+            self._grace = threading.Timer(CANCEL_GRACE, self._cut)
+            self._grace.daemon = True
+            self._grace.start()
+
+    def _cut(self) -> None:
+        if not self._committed and not self._released:
+            log.info("migration cancel: the destination takes in nothing; closing the connection")
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # unblock a send or a wait for a reply
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _send_cancel(self) -> None:
+        """Tell the destination the migration is canceled (CANCEL, format 1.2) if the
+        stream is at a record boundary, half-close, and give it a moment to hang up: closing
+        at once could reset the connection and destroy the CANCEL before it is read."""
+        writer = self._writer
+        if writer is None or not writer.at_boundary:
+            return
+        try:
+            self.sock.settimeout(CANCEL_DRAIN)
+            writer.write_cancel()
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + CANCEL_DRAIN
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except (OSError, StreamError) as exc:
+            log.debug("could not tell the destination about the cancel: %s", exc)
 
     # -- the migration thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -267,7 +295,7 @@ class OutgoingMigration:
     def _end_after(self, exc: Exception) -> Callable[[], None]:
         """Resume the guest if that is safe; the status change to make once released."""
         if self.canceled.is_set() and not self._committed:
-            # Cancel shuts the socket down, so the send or wait it interrupted fails too.
+            self._send_cancel()
             self._give_up()
             log.info("migration canceled")
             return self.status.cancel
@@ -281,10 +309,13 @@ class OutgoingMigration:
                       "so the source stays paused")
         else:
             self._give_up()
-        log.error("migration failed: %s", reason)
+        log.error("migration failed: %s", printable(reason))
         return functools.partial(self.status.fail, reason)
 
     def _release(self) -> None:
+        self._released = True
+        if self._grace is not None:
+            self._grace.cancel()
         self.machine.set_throttle(0)
         self.status.set_throttle(None)
         try:
@@ -312,7 +343,7 @@ class OutgoingMigration:
     def _precopy(self) -> None:
         machine, memory, vm, params = self.machine, self.machine.memory, self.machine.vm, self.params
         channel = SocketChannel(self.sock)
-        writer = StreamWriter(channel)
+        writer = self._writer = StreamWriter(channel)
         sender = _Sender(writer, memory, self.status, params, self.canceled, self.sock, channel)
         writer.write_header(machine.arch.value, machine.config.machine)
         writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
@@ -375,6 +406,7 @@ class OutgoingMigration:
 
         # Two-phase switch-over.
         self.sock.settimeout(REPLY_TIMEOUT)
+        self._await_answer()
         reply = _switch_over_reply(channel, "the destination did not confirm it is ready")
         if not reply.ok:
             raise MigrationError(f"destination refused: {reply.text}")
@@ -395,6 +427,16 @@ class OutgoingMigration:
         if not reply.ok or reply.text != "running":
             raise MigrationError(f"destination failed to start the guest: {reply.text}")
         self._downtime_ms = int((time.monotonic() - paused_at) * 1000)
+
+    def _await_answer(self) -> None:
+        """Wait (up to REPLY_TIMEOUT) until the destination's answer starts to arrive,
+        honouring migrate_cancel meanwhile: a cancel here still sends CANCEL."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while not select.select([self.sock], [], [], 0.05)[0]:
+            if self.canceled.is_set():
+                raise MigrationCanceled("canceled")
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"the destination did not confirm it is ready within {REPLY_TIMEOUT:g} s")
 
     def _throttle_up(self) -> None:
         current = self.machine.throttle_percent
@@ -436,151 +478,3 @@ def save_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> 
         memory_writer.write_end()
         status.record_bytes(state_writer.bytes_written + memory_writer.bytes_written)
         snapshot.commit()
-
-
-# -- destination ---------------------------------------------------------------------------------
-class IncomingState:
-    """What the destination collected from a stream before the switch-over."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.cpus: dict[int, Any] = {}
-        self.devices: dict[str, dict[str, Any]] = {}
-        self.source_fingerprint: Fingerprint | None = None
-
-    def snapshot(self) -> MachineSnapshot:
-        cpus = [self.cpus[i] for i in range(len(self.machine.vcpus))]
-        return MachineSnapshot(self.machine.fingerprint(), cpus, self.devices)
-
-
-def _read_stream(reader: StreamReader, collected: IncomingState, status: MigrationStatus,
-                 on_config: Callable[[Fingerprint], None] | None = None) -> None:
-    machine = collected.machine
-    while True:
-        section = reader.read_section()
-        if isinstance(section, HeaderSection):
-            if section.arch != machine.arch.value or section.machine != machine.config.machine:
-                raise MigrationError(f"stream is for a {section.machine} ({section.arch}) machine, "
-                                     f"this is {machine.config.machine} ({machine.arch.value})")
-        elif isinstance(section, ConfigSection):
-            collected.source_fingerprint = section.fingerprint
-            if on_config is not None:
-                on_config(section.fingerprint)
-        elif isinstance(section, RamSection):
-            status.record_ram(zero=section.zero, normal=section.normal, wire_bytes=section.bytes)
-        elif isinstance(section, RoundEndSection):
-            status.end_round(0, 0.0)
-        elif isinstance(section, CpuSection):
-            collected.cpus[section.index] = section.state
-        elif isinstance(section, DeviceSection):
-            if not isinstance(section.state, dict):
-                raise MigrationError(f"device {section.name}: unsupported binary state")
-            collected.devices[section.name] = {"version": section.version, "state": section.state}
-        elif isinstance(section, EndSection):
-            return
-
-
-def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
-    """A CONFIG-section check: raises MigrationError listing every difference between
-    the stream's configuration and this machine's."""
-    local = Fingerprint.from_dict(machine.fingerprint())
-
-    def check(remote: Fingerprint) -> None:
-        mismatches = compare_fingerprints(remote, local)
-        if mismatches:
-            raise MigrationError("; ".join(mismatches))
-
-    return check
-
-
-def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus) -> None:
-    """Receive a live migration into the (not yet started) ``machine`` and start it.
-
-    Raises MigrationError/StreamError/OSError when anything is wrong; the guest is then
-    never started. A configuration mismatch is answered to the source as ERROR first.
-    """
-    channel = SocketChannel(sock)
-    check_config = config_checker(machine)
-    collected = IncomingState(machine)
-
-    reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
-                          kind=StreamKind.MIGRATION, arch=machine.arch.value)
-    status.activate()
-    try:
-        _read_stream(reader, collected, status, check_config)
-        machine.restore(collected.snapshot())
-    except PeerError:
-        raise
-    except Exception as exc:
-        refuse(sock, str(exc))
-        raise
-    send_reply(channel, True, "ready")
-    sock.settimeout(REPLY_TIMEOUT)
-    try:
-        reply = read_reply(channel)
-    except (OSError, StreamError) as exc:  # the source died or gave up before deciding
-        raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
-    if not reply.ok or reply.text != "commit":
-        raise MigrationError(f"source did not commit the switch-over: {reply.text}")
-    take_image_locks(machine)
-    machine.start()
-    status.complete(None)
-    _try_send(channel, True, "running")
-
-
-def take_image_locks(machine: Machine, timeout: float = 5.0) -> None:
-    """Lock the disk images the source has just released (retrying briefly)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            machine.pci.acquire_locks()
-            return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise MigrationError(f"cannot lock the disk images: {exc.strerror or exc}") from None
-            time.sleep(0.02)
-
-
-def _try_send(channel: SocketChannel, ok: bool, text: str) -> None:
-    try:
-        send_reply(channel, ok, text)
-    except (OSError, StreamError):
-        log.debug("could not answer the source", exc_info=True)
-
-
-def refuse(sock: socket.socket, message: str) -> None:
-    """Tell the source why the destination gives up, so its error-desc says so.
-
-    The answer is followed by a half-close and a short bounded drain of what the source
-    is still sending: closing with unread data would reset the connection and could
-    destroy the answer before the source reads it.
-    """
-    _try_send(SocketChannel(sock), False, message)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(0.2)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and sock.recv(1 << 20):
-            pass
-    except OSError:
-        pass
-
-
-def load_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
-    """Restore DIR/state + DIR/memory into the (not yet started) ``machine``."""
-    state_file, memory_file = open_snapshot(directory)
-    check_config = config_checker(machine)
-    collected = IncomingState(machine)
-
-    with state_file, memory_file:
-        status.activate()
-        state_reader = StreamReader(FileChannel(state_file), page_count=machine.memory.page_count,
-                                    kind=StreamKind.STATE, arch=machine.arch.value)
-        _read_stream(state_reader, collected, status, check_config)
-        memory_reader = StreamReader(FileChannel(memory_file), page_count=machine.memory.page_count,
-                                     ram=machine.memory, kind=StreamKind.MEMORY, arch=machine.arch.value)
-        _read_stream(memory_reader, IncomingState(machine), status, check_config)
-        assert state_reader.header is not None and memory_reader.header is not None
-        if state_reader.header.stream_id != memory_reader.header.stream_id:
-            raise MigrationError(f"{directory}: state and memory files are from different snapshots")
-        machine.restore(collected.snapshot())

@@ -137,6 +137,14 @@ class MigrationStatus:
             self.ram.remaining = total_bytes
             self._transition(State.SETUP)
 
+    def connected(self) -> None:
+        """Destination, in setup: the source connected. The clocks restart here, so
+        ``setup-time`` and ``total-time`` measure the migration, not the wait for it."""
+        with self._lock:
+            if self._state is not State.SETUP:
+                raise IllegalTransition(f"connection recorded while {self._state.value}")
+            self._start = self._clock()
+
     def activate(self) -> None:
         """setup -> active (connection made, configuration accepted)."""
         with self._lock:

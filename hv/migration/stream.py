@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from hv import __version__ as HV_VERSION
+from hv.devconfig import ID_RE
 from hv.migration.pages import page_kinds, populate, zero_pages
 from hv.state import CpuState, StateError, state_from_dict, state_to_dict
+from hv.textsafe import printable, printable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ FORMAT_MAJOR = 1
 # waiting for SIPI), the GIC has 288 INTIDs, and pcie-root-port devices exist. A 1.0
 # reader refuses such a stream with the unknown field's name (its state validation is
 # strict), which is what must happen: it could not run those guests.
-FORMAT_MINOR = 1
+# 1.2: a CANCEL section (type 10, flagged SKIPPABLE so a 1.0/1.1 reader skips it and then
+# sees the connection end, as before): the source canceled, the destination stops cleanly.
+FORMAT_MINOR = 2
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")
@@ -95,6 +99,7 @@ class SectionType(enum.IntEnum):
     ERROR = 7
     END = 8
     OK = 9  # back channel only
+    CANCEL = 10  # source -> destination, always flagged SKIPPABLE (format 1.2)
 
 
 class StreamKind(enum.Enum):
@@ -120,6 +125,10 @@ class StreamWriteError(StreamError):
 
 class PeerError(StreamError):
     """The other end sent an ERROR section: it gave up, and says why."""
+
+
+class PeerCanceled(PeerError):
+    """The source sent a CANCEL section: its operator canceled the migration."""
 
 
 class ConfigMismatchError(StreamError):
@@ -189,16 +198,17 @@ class Fingerprint:
             attrs = dev["attrs"]
             if not isinstance(attrs, dict) or len(attrs) > 64:
                 raise StreamError(f"{where}.attrs: expected an object of at most 64 strings")
-            dev_id = _check_str(f"{where}.id", dev["id"])
+            dev_id = _check_id(f"{where}.id", dev["id"])
             if dev_id in seen:
                 raise StreamError(f"{where}: duplicate device id {dev_id!r}")
             seen.add(dev_id)
             devices.append(DeviceFingerprint(
-                type=_check_str(f"{where}.type", dev["type"]),
+                type=_check_id(f"{where}.type", dev["type"]),
                 id=dev_id,
                 bus=_check_str(f"{where}.bus", dev["bus"], allow_empty=True),
                 addr=_check_str(f"{where}.addr", dev["addr"], allow_empty=True),
-                attrs={_check_str(f"{where}.attrs key", k): _check_str(f"{where}.attrs.{k}", v, allow_empty=True)
+                attrs={_check_str(f"{where}.attrs key", k): _check_str(f"{where}.attrs.{printable(k)}", v,
+                                                                       allow_empty=True)
                        for k, v in attrs.items()},
             ))
         return cls(arch, machine, vcpus, memory, tuple(devices))
@@ -207,6 +217,17 @@ class Fingerprint:
 def _check_str(name: str, value: Any, *, allow_empty: bool = False, limit: int = 4096) -> str:
     if not isinstance(value, str) or len(value) > limit or (not value and not allow_empty):
         raise StreamError(f"{name}: expected a {'' if allow_empty else 'non-empty '}string of at most {limit} characters")
+    return value
+
+
+def _check_id(name: str, value: Any) -> str:
+    """Device ids and types follow the -device/-drive id rule (hv.devconfig.ID_RE): a
+    stream that names a device any other way is invalid input, refused before comparison
+    (and before its text could reach an error line)."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        shown = repr(printable(value)) if isinstance(value, str) else type(value).__name__
+        raise StreamError(f"{name}: {shown[:80]} is not a valid device id (a letter, then letters, "
+                          "digits, '_', '.', '-'; at most 64)")
     return value
 
 
@@ -224,14 +245,18 @@ def _size_text(size: int) -> str:
 
 def compare_fingerprints(source: Fingerprint | dict[str, Any],
                          dest: Fingerprint | dict[str, Any]) -> list[str]:
-    """Every difference between two configurations, one human-readable line each."""
+    """Every difference between two configurations, one human-readable line each.
+
+    Every field is shown through :func:`hv.textsafe.printable`: one side came from a peer.
+    """
     src = source if isinstance(source, Fingerprint) else Fingerprint.from_dict(source)
     dst = dest if isinstance(dest, Fingerprint) else Fingerprint.from_dict(dest)
+    p = printable
     out: list[str] = []
     if src.arch != dst.arch:
-        out.append(f"architecture mismatch: source {src.arch}, destination {dst.arch}")
+        out.append(f"architecture mismatch: source {p(src.arch)}, destination {p(dst.arch)}")
     if src.machine != dst.machine:
-        out.append(f"machine type mismatch: source {src.machine}, destination {dst.machine}")
+        out.append(f"machine type mismatch: source {p(src.machine)}, destination {p(dst.machine)}")
     if src.vcpus != dst.vcpus:
         out.append(f"vCPU count mismatch: source {src.vcpus}, destination {dst.vcpus}")
     if src.memory != dst.memory:
@@ -242,24 +267,25 @@ def compare_fingerprints(source: Fingerprint | dict[str, Any],
     for s in src.devices:
         src_ids.add(s.id)
         d = dst_devices.get(s.id)
+        name = f"{p(s.id)} ({p(s.type)})"
         if d is None:
-            out.append(f"device {s.id} ({s.type}) present on the source but not on the destination")
+            out.append(f"device {name} present on the source but not on the destination")
             continue
         if s.type != d.type:
-            out.append(f"device {s.id} type mismatch: source {s.type}, destination {d.type}")
+            out.append(f"device {p(s.id)} type mismatch: source {p(s.type)}, destination {p(d.type)}")
             continue
         if (s.bus, s.addr) != (d.bus, d.addr):
-            out.append(f"device {s.id} ({s.type}) bus/addr mismatch: source {s.bus or '-'}/{s.addr or '-'}, "
-                       f"destination {d.bus or '-'}/{d.addr or '-'}")
+            out.append(f"device {name} bus/addr mismatch: source {p(s.bus) or '-'}/{p(s.addr) or '-'}, "
+                       f"destination {p(d.bus) or '-'}/{p(d.addr) or '-'}")
         for key in sorted(set(s.attrs) | set(d.attrs)):
             sv, dv = s.attrs.get(key), d.attrs.get(key)
             if sv != dv:
-                out.append(f"device {s.id} ({s.type}) {key} mismatch: source "
+                out.append(f"device {name} {p(key)} mismatch: source "
                            f"{'(unset)' if sv is None else repr(sv)}, destination "
                            f"{'(unset)' if dv is None else repr(dv)}")
     for d in dst.devices:
         if d.id not in src_ids:
-            out.append(f"device {d.id} ({d.type}) present on the destination but not on the source")
+            out.append(f"device {p(d.id)} ({p(d.type)}) present on the destination but not on the source")
     return out
 
 
@@ -386,15 +412,20 @@ class StreamWriter:
         self.sink = sink
         self.run_pages = run_pages
         self.bytes_written = 0
+        self.at_boundary = True  # False while (or after an error) writing a record
         self._preamble_sent = False
         self._copy: memoryview | None = None  # reused staging buffer for live pages
 
     def _send(self, buffers: list[bytes | memoryview]) -> None:
+        """One whole record (the preamble or a section). ``at_boundary`` stays False if it
+        fails, so nothing more (not even CANCEL) is appended to a cut record."""
+        self.at_boundary = False
         try:
             _write_all(self.sink, buffers)
         except OSError as exc:
             raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
         self.bytes_written += sum(len(b) for b in buffers)
+        self.at_boundary = True
 
     def write_preamble(self, major: int = FORMAT_MAJOR, minor: int = FORMAT_MINOR) -> None:
         self._send([PREAMBLE.pack(MAGIC, major, minor, 0)])
@@ -511,6 +542,13 @@ class StreamWriter:
 
     def write_end(self) -> None:
         self.write_section(SectionType.END)
+
+    def write_cancel(self) -> None:
+        """The source gives up on its operator's request (format 1.2). Flagged SKIPPABLE so
+        an older reader skips it and then sees the stream end, as it did before 1.2."""
+        if not self._preamble_sent:
+            self.write_preamble()
+        self.write_section(SectionType.CANCEL, b"", flags=FLAG_SKIPPABLE)
 
 
 # --------------------------------------------------------------------------------------
@@ -745,7 +783,7 @@ class StreamReader:
     def _order(self, stype: SectionType) -> None:
         phase = self._phase
         name = stype.name
-        if stype is SectionType.ERROR:  # the sender may give up at any point
+        if stype in (SectionType.ERROR, SectionType.CANCEL):  # the sender may give up at any point
             return
         if stype is SectionType.HEADER:
             if phase is not _Phase.HEADER:
@@ -775,9 +813,14 @@ class StreamReader:
         if stype is SectionType.ERROR:
             if length > MAX_MESSAGE_BYTES:
                 raise StreamError(f"ERROR section: length {length} exceeds {MAX_MESSAGE_BYTES}")
-            msg = self._payload(length, "ERROR message").decode(errors="replace")
+            msg = printable_bytes(self._payload(length, "ERROR message"))
             self._finish_section("ERROR")
             raise PeerError(f"the other end reported an error: {msg}")
+        if stype is SectionType.CANCEL:
+            if length:
+                raise StreamError(f"CANCEL section: length {length}, expected 0")
+            self._finish_section("CANCEL")
+            raise PeerCanceled("the source canceled the migration")
         if stype is SectionType.RAM:
             return self._read_ram(length)
         if stype is SectionType.HEADER:
@@ -835,7 +878,8 @@ class StreamReader:
         if header.page_size != PAGE_SIZE:
             raise StreamError(f"HEADER: page size {header.page_size}, this hv uses {PAGE_SIZE}")
         if self.arch is not None and header.arch != self.arch:
-            raise ConfigMismatchError([f"architecture mismatch: source {header.arch}, destination {self.arch}"])
+            raise ConfigMismatchError([f"architecture mismatch: source {printable(header.arch)}, "
+                                       f"destination {self.arch}"])
         self.header = header
         self._phase = _Phase.CONFIG
         return header
@@ -931,7 +975,7 @@ class StreamReader:
         try:
             state = state_from_dict(raw)
         except StateError as exc:
-            raise StreamError(f"CPU section for vCPU {index}: {exc}") from None
+            raise StreamError(f"CPU section for vCPU {index}: {printable(str(exc))}") from None
         if state.ARCH != self.config.arch:
             raise StreamError(f"CPU section for vCPU {index}: {state.ARCH} state in a {self.config.arch} stream")
         self.cpus.add(index)
@@ -949,6 +993,9 @@ class StreamReader:
             instance_id = self._payload(id_len, "DEVICE id").decode()
         except UnicodeDecodeError:
             raise StreamError("DEVICE section: name or id is not UTF-8") from None
+        if not (name.isprintable() and instance_id.isprintable()):
+            raise StreamError(f"DEVICE section: name or id {printable(name)!r}/{printable(instance_id)!r} "
+                              "holds non-printable characters")
         if encoding == DeviceEncoding.JSON:
             state: dict[str, Any] | bytes = self._json(self._remaining, f"DEVICE {name}")
             if not isinstance(state, dict):
@@ -999,10 +1046,13 @@ class StreamReader:
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Reply:
-    """A reply on the back channel: ``ok`` with a phase word, or an error message."""
+    """A reply on the back channel: ``ok`` with a phase word, or an error message (shown
+    escaped: it came from the peer). ``canceled``: the source sent CANCEL instead of its
+    commit (the destination reads that in the same place)."""
 
     ok: bool
     text: str
+    canceled: bool = False
 
 
 def send_reply(sink: Sink, ok: bool, text: str) -> None:
@@ -1017,14 +1067,17 @@ def read_reply(source: Source) -> Reply:
     reader = StreamReader(source, page_count=0, kind=StreamKind.STATE)
     head = reader._read(SECTION_HEADER.size, "reply header")
     kind, flags, reserved, length = SECTION_HEADER.unpack(head)
-    if kind not in (SectionType.OK, SectionType.ERROR) or flags or reserved:
+    cancel = kind == SectionType.CANCEL and flags in (0, FLAG_SKIPPABLE)
+    if not (cancel or (kind in (SectionType.OK, SectionType.ERROR) and not flags)) or reserved:
         raise StreamError(f"unexpected reply section type {kind} flags {flags:#x}")
     if length > MAX_MESSAGE_BYTES:
         raise StreamError(f"reply length {length} exceeds {MAX_MESSAGE_BYTES}")
     reader._crc = crc32(head)
     reader._remaining = length
-    text = reader._payload(length, "reply").decode(errors="replace")
+    text = printable_bytes(reader._payload(length, "reply"))
     reader._finish_section("reply")
+    if cancel:
+        return Reply(False, text or "canceled", canceled=True)
     return Reply(kind == SectionType.OK, text)
 
 

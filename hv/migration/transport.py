@@ -7,7 +7,9 @@ writes the stream, the destination answers on the same socket (see
 
 ``file:DIR`` snapshots are written to temporary names inside DIR, fsynced, then renamed
 to ``DIR/memory`` and ``DIR/state`` (memory first, so ``state`` appears last), so a
-failed snapshot never leaves a half-written ``state`` or ``memory`` behind.
+failed snapshot never leaves a half-written ``state`` or ``memory`` behind. Both files are
+created mode 0600 whatever the umask (they hold the guest's whole memory). A restore
+opens only regular files (not a FIFO, device or symlink), without blocking on the open.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
+SNAPSHOT_MODE = 0o600
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
@@ -320,7 +323,7 @@ class SnapshotWriter:
         self.files: dict[str, BinaryIO] = {}
         try:
             for name, path in self._tmp.items():
-                self.files[name] = open(path, "xb", buffering=0)
+                self.files[name] = _create_private(path)
         except OSError as exc:
             self.abort()
             raise SnapshotError(exc.errno or 0, f"cannot write snapshot in {directory}: {_reason(exc)}") from exc
@@ -370,15 +373,55 @@ class SnapshotWriter:
             self.abort()
 
 
+def _create_private(path: str) -> BinaryIO:
+    """A new file, mode 0600 regardless of the umask (fchmod after the create: a umask
+    can only take bits away, and one like 0277 would leave it unwritable by its owner)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, SNAPSHOT_MODE)
+    try:
+        os.fchmod(fd, SNAPSHOT_MODE)
+        return os.fdopen(fd, "wb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """Open a snapshot file for reading only if it is a regular file.
+
+    O_NONBLOCK makes the open itself return at once even for a FIFO with no writer (a
+    plain open would block hv for good, deaf to quit and SIGTERM); O_NOFOLLOW refuses a
+    symlink; the type is then checked on the opened descriptor (fstat), so nothing can be
+    swapped in between. Reads of a regular file never block, O_NONBLOCK is then cleared.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "an unusual file")
+            raise SnapshotError(errno.EINVAL, f"cannot read snapshot {path}: {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)  # unbuffered: the os.readv path
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_snapshot(directory: str) -> tuple[BinaryIO, BinaryIO]:
-    """Open DIR/state and DIR/memory for reading (caller closes both)."""
+    """Open DIR/state and DIR/memory for reading (caller closes both); each must be a
+    regular file (see :func:`_open_regular`)."""
     opened: list[BinaryIO] = []
     try:
         for name in (STATE_FILE, MEMORY_FILE):
-            opened.append(open(os.path.join(directory, name), "rb", buffering=0))  # os.readv path
+            opened.append(_open_regular(os.path.join(directory, name)))
     except OSError as exc:
         for f in opened:
             f.close()
-        raise SnapshotError(exc.errno or 0,
-                            f"cannot read snapshot {os.path.join(directory, name)}: {_reason(exc)}") from exc
+        reason = "a symbolic link, not a regular file" if exc.errno == errno.ELOOP else _reason(exc)
+        raise SnapshotError(exc.errno or 0, f"cannot read snapshot {os.path.join(directory, name)}: {reason}") from exc
+    except SnapshotError:
+        for f in opened:
+            f.close()
+        raise
     return opened[0], opened[1]

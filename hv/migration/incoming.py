@@ -1,0 +1,273 @@
+"""The destination side of live migration and snapshot restore.
+
+``receive_migration`` reads a stream from a connected source into a machine that has not
+run yet, validating everything before the guest may start (see
+``docs/migration-stream.md``): the CONFIG fingerprint is compared first, RAM is applied
+as it arrives, CPU and device state are restored at END, then the two-phase switch-over
+(``ready`` / ``commit`` / ``running``). A CANCEL from the source (format 1.2) ends it as
+:class:`IncomingCanceled` with the status ``canceled``; any other problem raises, is
+answered to the source as ERROR where that helps it, and the guest never runs.
+
+Reads never block for good: they wait at most ``STOP_POLL`` seconds at a time and give
+up once the machine shuts down (QMP ``quit``, SIGTERM), so a stalled source cannot keep hv
+alive. ``load_snapshot`` restores ``file:DIR``, whose files ``open_snapshot`` accepts only
+as regular files (a FIFO there would block the open for good).
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from hv.machine import Machine, MachineSnapshot, RunState
+from hv.migration.engine import REPLY_TIMEOUT, MigrationError
+from hv.migration.status import MigrationStatus
+from hv.migration.stream import (
+    ConfigSection,
+    CpuSection,
+    DeviceSection,
+    EndSection,
+    FileChannel,
+    Fingerprint,
+    HeaderSection,
+    PeerCanceled,
+    PeerError,
+    RamSection,
+    RoundEndSection,
+    SocketChannel,
+    StreamError,
+    StreamKind,
+    StreamReader,
+    compare_fingerprints,
+    read_reply,
+    send_reply,
+)
+from hv.migration.transport import open_snapshot
+from hv.textsafe import printable
+
+log = logging.getLogger(__name__)
+
+STOP_POLL = 0.25  # seconds: how often a blocked read checks for quit/SIGTERM
+
+
+class IncomingCanceled(MigrationError):
+    """Destination: the source canceled the migration (it sent CANCEL)."""
+
+    def __init__(self) -> None:
+        super().__init__("incoming migration canceled by the source")
+
+
+def incoming_error(exc: BaseException, reason: str) -> str:
+    """The destination's final error line (after ``hv: error: ``) for ``exc``; peer text
+    in ``reason`` is escaped again here, the one place every incoming failure passes."""
+    if isinstance(exc, IncomingCanceled):
+        return str(exc)
+    return f"incoming migration failed: {printable(reason)}"
+
+
+
+class IncomingState:
+    """What the destination collected from a stream before the switch-over."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.cpus: dict[int, Any] = {}
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.source_fingerprint: Fingerprint | None = None
+
+    def snapshot(self) -> MachineSnapshot:
+        cpus = [self.cpus[i] for i in range(len(self.machine.vcpus))]
+        return MachineSnapshot(self.machine.fingerprint(), cpus, self.devices)
+
+
+def _read_stream(reader: StreamReader, collected: IncomingState, status: MigrationStatus,
+                 on_config: Callable[[Fingerprint], None] | None = None,
+                 on_round_end: Callable[[], None] | None = None) -> None:
+    machine = collected.machine
+    while True:
+        section = reader.read_section()
+        if isinstance(section, HeaderSection):
+            if section.arch != machine.arch.value or section.machine != machine.config.machine:
+                raise MigrationError(f"stream is for a {printable(section.machine)} ({printable(section.arch)}) machine, "
+                                     f"this is {machine.config.machine} ({machine.arch.value})")
+        elif isinstance(section, ConfigSection):
+            collected.source_fingerprint = section.fingerprint
+            if on_config is not None:
+                on_config(section.fingerprint)
+        elif isinstance(section, RamSection):
+            status.record_ram(zero=section.zero, normal=section.normal, wire_bytes=section.bytes)
+        elif isinstance(section, RoundEndSection):
+            status.end_round(0, 0.0)
+            if on_round_end is not None:
+                on_round_end()
+        elif isinstance(section, CpuSection):
+            collected.cpus[section.index] = section.state
+        elif isinstance(section, DeviceSection):
+            if not isinstance(section.state, dict):
+                raise MigrationError(f"device {section.name}: unsupported binary state")
+            collected.devices[section.name] = {"version": section.version, "state": section.state}
+        elif isinstance(section, EndSection):
+            return
+
+
+def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
+    """A CONFIG-section check: raises MigrationError listing every difference between
+    the stream's configuration and this machine's."""
+    local = Fingerprint.from_dict(machine.fingerprint())
+
+    def check(remote: Fingerprint) -> None:
+        mismatches = compare_fingerprints(remote, local)
+        if mismatches:
+            raise MigrationError("; ".join(mismatches))
+
+    return check
+
+
+class _WatchedChannel(SocketChannel):
+    """The destination's end of the connection: reads wait at most ``STOP_POLL`` at a
+    time and give up once ``stopped()`` (quit or SIGTERM made the machine shut down), so
+    a source that stalls mid-stream can never keep hv from exiting."""
+
+    def __init__(self, sock: socket.socket, stopped: Callable[[], bool]) -> None:
+        super().__init__(sock)
+        self._stopped = stopped
+
+    def _wait_readable(self) -> None:
+        while not select.select([self.sock], [], [], STOP_POLL)[0]:
+            if self._stopped():
+                raise ConnectionAbortedError("hv is shutting down")
+
+    def readinto(self, buf: memoryview) -> int:
+        self._wait_readable()
+        return super().readinto(buf)
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        self._wait_readable()
+        return super().readv(buffers)
+
+
+@dataclass
+class _IncomingClock:
+    """Destination-side times for query-migrate, all from the moment the source connected
+    (not from when hv started waiting for it)."""
+
+    _round_ends: tuple[float, ...] = ()  # the last two ROUND_END arrival times
+
+    def round_end(self) -> None:
+        self._round_ends = (*self._round_ends[-1:], time.monotonic())
+
+    def downtime_ms(self) -> int | None:
+        """From the close of the next-to-last pass (the source pauses the guest right then
+        for the last one) to now, the guest running here; None with a single pass."""
+        if len(self._round_ends) < 2:
+            return None
+        return int((time.monotonic() - self._round_ends[0]) * 1000)
+
+
+def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus) -> None:
+    """Receive a live migration into the (not yet started) ``machine`` and start it.
+
+    Raises MigrationError/StreamError/OSError when anything is wrong; the guest is then
+    never started. A configuration mismatch is answered to the source as ERROR first; a
+    CANCEL from the source ends it as IncomingCanceled with the status ``canceled``.
+    query-migrate's clock starts now (``setup`` until CONFIG is accepted).
+    """
+    status.connected()
+    channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN)
+    check_config = config_checker(machine)
+    collected = IncomingState(machine)
+    clock = _IncomingClock()
+
+    def on_config(remote: Fingerprint) -> None:
+        check_config(remote)
+        status.activate()
+
+    reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
+                          kind=StreamKind.MIGRATION, arch=machine.arch.value)
+    try:
+        _read_stream(reader, collected, status, on_config, clock.round_end)
+        machine.restore(collected.snapshot())
+    except PeerCanceled:
+        status.cancel()
+        raise IncomingCanceled() from None
+    except PeerError:
+        raise
+    except Exception as exc:
+        refuse(sock, str(exc))
+        raise
+    send_reply(channel, True, "ready")
+    sock.settimeout(REPLY_TIMEOUT)
+    try:
+        reply = read_reply(channel)
+    except (OSError, StreamError) as exc:  # the source died or gave up before deciding
+        raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
+    if reply.canceled:
+        status.cancel()
+        raise IncomingCanceled()
+    if not reply.ok or reply.text != "commit":
+        raise MigrationError(f"source did not commit the switch-over: {reply.text}")
+    take_image_locks(machine)
+    machine.start()
+    status.complete(clock.downtime_ms())
+    _try_send(channel, True, "running")
+
+
+def take_image_locks(machine: Machine, timeout: float = 5.0) -> None:
+    """Lock the disk images the source has just released (retrying briefly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            machine.pci.acquire_locks()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"cannot lock the disk images: {exc.strerror or exc}") from None
+            time.sleep(0.02)
+
+
+def _try_send(channel: SocketChannel, ok: bool, text: str) -> None:
+    try:
+        send_reply(channel, ok, text)
+    except (OSError, StreamError):
+        log.debug("could not answer the source", exc_info=True)
+
+
+def refuse(sock: socket.socket, message: str) -> None:
+    """Tell the source why the destination gives up, so its error-desc says so.
+
+    The answer is followed by a half-close and a short bounded drain of what the source
+    is still sending: closing with unread data would reset the connection and could
+    destroy the answer before the source reads it.
+    """
+    _try_send(SocketChannel(sock), False, message)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and sock.recv(1 << 20):
+            pass
+    except OSError:
+        pass
+
+
+def load_snapshot(machine: Machine, directory: str, status: MigrationStatus) -> None:
+    """Restore DIR/state + DIR/memory into the (not yet started) ``machine``."""
+    state_file, memory_file = open_snapshot(directory)
+    check_config = config_checker(machine)
+    collected = IncomingState(machine)
+
+    with state_file, memory_file:
+        status.activate()
+        state_reader = StreamReader(FileChannel(state_file), page_count=machine.memory.page_count,
+                                    kind=StreamKind.STATE, arch=machine.arch.value)
+        _read_stream(state_reader, collected, status, check_config)
+        memory_reader = StreamReader(FileChannel(memory_file), page_count=machine.memory.page_count,
+                                     ram=machine.memory, kind=StreamKind.MEMORY, arch=machine.arch.value)
+        _read_stream(memory_reader, IncomingState(machine), status, check_config)
+        assert state_reader.header is not None and memory_reader.header is not None
+        if state_reader.header.stream_id != memory_reader.header.stream_id:
+            raise MigrationError(f"{directory}: state and memory files are from different snapshots")
+        machine.restore(collected.snapshot())
