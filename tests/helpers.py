@@ -329,6 +329,8 @@ TOOLS: dict[str, Tool] = {
     "objcopy": _BINUTILS,
     "objdump": _BINUTILS,
     "dd": Tool("apt-get install coreutils", False),
+    "ip": Tool("apt-get install iproute2", False),                 # tap tests, as root only
+    "setpriv": Tool("apt-get install util-linux", False),
 }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from hv.devices.virtio_pci import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRI
 from hv.machine.machine import Machine
 from hv.machine.pci_wiring import PciSetup, build_pci
 from hv.memory import GuestMemory, RegionSpec
-from tests.helpers import FIXTURES, requires_kvm
+from tests.helpers import FIXTURES, requires_kvm, tool_marks
 
 MASK = (1 << 64) - 1
 ECAM = {"q35": 0xB000_0000, "virt": 0x3F00_0000}
@@ -589,13 +588,12 @@ def test_blk_guest_moves_between_backends_mid_io(tmp_path, machine_type, accels)
     assert raw[:len(pattern)] == pattern
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=tool_marks(f"qemu-system-{arch}"), id=arch)
+                                  for arch in ("x86_64", "aarch64")])
 def test_blk_guest_on_qemu_matches_reference(tmp_path, arch):
     """The reference machine: the same binary against QEMU's virtio-blk-pci (modern only).
     QEMU's virt puts ECAM at 0x3F000000 only with highmem=off (else above 4 GiB)."""
     binary = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}[arch]
-    if shutil.which(binary) is None:
-        pytest.skip(f"{binary} not installed")
     image = make_image(tmp_path / "qemu.img", 4 << 20)
     machine = ["-M", "q35"] if arch == "x86_64" else ["-M", "virt,highmem=off", "-cpu", "cortex-a57"]
     result = subprocess.run([binary, *machine, "-m", "128M", "-display", "none", "-serial", "stdio", "-monitor",

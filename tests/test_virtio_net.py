@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
 import subprocess
 import threading
@@ -30,7 +29,7 @@ from hv.machine.machine import Machine, MachineSnapshot
 from hv.machine.pci_wiring import PciSetup, build_pci
 from hv.memory import GuestMemory, RegionSpec
 from hv.net import MAX_FRAME, NetError, SocketNetBackend, TapNetBackend
-from tests.helpers import FIXTURES, HvProcess, hv_command, requires_kvm
+from tests.helpers import FIXTURES, HvProcess, hv_command, requires_kvm, skip_unless_tool, tool_marks
 
 MASK = (1 << 64) - 1
 ECAM = {"q35": 0xB000_0000, "virt": 0x3F00_0000}
@@ -553,8 +552,9 @@ def test_connect_role_needs_a_listener(tmp_path):
 
 def test_tap_backend_moves_frames_through_the_kernel():
     """A real tap interface, brought up, with an AF_PACKET socket on the host side."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create a tap interface")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a tap interface")
+    skip_unless_tool("ip")
     name = f"hvt{os.getpid() % 100000}"
     received: list[bytes] = []
     backend = TapNetBackend("n0", ifname=name)
@@ -579,8 +579,9 @@ def test_tap_backend_moves_frames_through_the_kernel():
 
 
 def test_tap_without_privilege_is_one_clear_line(tmp_path):
-    if shutil.which("setpriv") is None or os.geteuid() != 0:
-        pytest.skip("needs setpriv and root to drop CAP_NET_ADMIN")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_NET_ADMIN")
+    skip_unless_tool("setpriv")
     result = subprocess.run(["setpriv", "--bounding-set=-net_admin", *hv_command(
         "-machine", "q35", "-accel", "unicorn", "-kernel", str(FIXTURES / "x86_64" / "net.elf"),
         "-netdev", "tap,id=n0,ifname=hvtap0", "-device", "virtio-net-pci,netdev=n0")],
@@ -990,15 +991,14 @@ def test_live_migration_mid_traffic(hv, machine, arch, first, second, role):
             peer.close()
 
 
-@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=tool_marks(f"qemu-system-{arch}"), id=arch)
+                                  for arch in ("x86_64", "aarch64")])
 def test_net_guest_on_qemu_matches_reference(arch):
     """The reference machine: the same binary against QEMU's virtio-net-pci (modern only),
     cabled to a datagram echo peer with QEMU's ``-netdev dgram`` (unix sockets)."""
     import tempfile
 
     binary = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}[arch]
-    if shutil.which(binary) is None:
-        pytest.skip(f"{binary} not installed")
     with tempfile.TemporaryDirectory(prefix="hvq") as sock_dir:
         peer_path, local_path = os.path.join(sock_dir, "peer"), os.path.join(sock_dir, "qemu")
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -1025,7 +1025,7 @@ def test_net_guest_on_qemu_matches_reference(arch):
                  "-append", "frames=64 iterations=3",
                  "-netdev", f"dgram,id=n0,local.type=unix,local.path={local_path},remote.type=unix,"
                             f"remote.path={peer_path}",
-                 "-device", "virtio-net-pci,netdev=n0,addr=2,disable-legacy=on,mac=52:54:00:12:34:56"],
+                 "-device", "virtio-net-pci,netdev=n0,addr=2,disable-legacy=on,mac=52:54:00:12:34:56,romfile="],
                 capture_output=True, timeout=120)
         finally:
             done.set()
