@@ -103,7 +103,7 @@ def test_ioc_rejects_oversized_argument() -> None:
 
 HEADER = Path("/usr/include/linux/kvm.h")
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(),
-                               reason="gcc or /usr/include/linux/kvm.h not installed")
+                               reason="gcc or /usr/include/linux/kvm.h not installed (apt-get install gcc linux-libc-dev)")
 
 
 @needs_gcc
