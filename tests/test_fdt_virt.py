@@ -14,7 +14,7 @@ from hv import fdt as fdtlib
 from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
 from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GICR_STRIDE
 from hv.loader import build_virt_fdt
-from hv.machine.gic_interrupts import pci_intx_intid
+from hv.machine.gic_interrupts import PL011_INTID, pci_intx_intid
 from hv.machine.machine import VIRT_PL011_BASE
 from hv.memory import GuestMemory, RegionSpec
 from tests.helpers import FIXTURES, require_tool
@@ -111,7 +111,7 @@ def test_pl011_and_its_clock(tree: fdtlib.FdtNode) -> None:
     uart = fdtlib.find_node(tree, f"/pl011@{VIRT_PL011_BASE:x}")
     assert strings(uart.props["compatible"]) == ["arm,pl011", "arm,primecell"]
     assert struct.unpack(">2Q", uart.props["reg"]) == (VIRT_PL011_BASE, 0x1000)
-    assert cells(uart.props["interrupts"]) == [0, 1, 4]     # SPI 1 = INTID 33, level
+    assert cells(uart.props["interrupts"]) == [0, PL011_INTID - 32, 4] == [0, 1, 4]   # SPI 1, level
     assert strings(uart.props["clock-names"]) == ["uartclk", "apb_pclk"]
     clocks = cells(uart.props["clocks"])
     assert len(clocks) == 2 and clocks[0] == clocks[1]

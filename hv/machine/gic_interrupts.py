@@ -22,6 +22,8 @@ PCI interrupts
     GICv2m frame's MSI_SETSPI_NS (0x08020040) with data = INTID 80..143 makes that SPI
     pending (an edge); any other message is dropped and counted.
     :meth:`GicController.spi_line` drives an SPI's input (PCI INTx: level, INTIDs 35-38).
+Console
+    :meth:`GicController.pl011_line` is the PL011's UARTINTR (level, SPI INTID 33).
 Timers
     The ``irq-timer`` thread sleeps until the earliest timer deadline (guest clock),
     raises the PPI and kicks or wakes the vCPU; it also runs the guest clock exactly while
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 RETRY_NS = 200_000       # host ns between injection attempts while PSTATE.I is set
 PCI_INTX_INTID_BASE = 35  # PCI INTx -> SPIs 3..6 (INTIDs 35..38), as QEMU virt's PCIE IRQs
 PCI_INTX_LINES = 4
+PL011_INTID = 33          # the PL011's UARTINTR: SPI 1, as QEMU virt (the device tree says <0 1 4>)
 
 
 def pci_intx_intid(slot: int, pin: int) -> int:
@@ -92,6 +95,10 @@ class GicController(ControllerCore):
     def spi_line(self, intid: int) -> "SpiLine":
         """An interrupt line driving SPI ``intid``'s input (thread-safe)."""
         return SpiLine(self, intid)
+
+    def pl011_line(self) -> "SpiLine":
+        """The PL011's interrupt output: level-triggered SPI INTID 33."""
+        return SpiLine(self, PL011_INTID)
 
     def gic_device(self) -> "GicDevice":
         return GicDevice(self)
