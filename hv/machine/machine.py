@@ -203,13 +203,13 @@ class Machine:
             self.devices["clock"] = DeviceSlot("clock", "guest-clock", irq.clock_device(), ClockState, "none", "-")
             windows = [(IOAPIC_BASE, IOAPIC_SIZE), (LAPIC_BASE, LAPIC_SIZE)]
         else:
-            self._add_device("pl011", "pl011", Pl011(self.console), Pl011State,
-                             self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
-            windows = [(VIRT_PL011_BASE, Pl011.SIZE)]
             # GICv3 + generic timers (ICC_*/CNT* served through the backend's sysreg handler)
             gic = self.interrupts = GicController(
                 self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
                 lambda: self._state is RunState.RUNNING, lambda: self._closing)
+            self._add_device("pl011", "pl011", Pl011(self.console, gic.pl011_line()), Pl011State,
+                             self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
+            windows = [(VIRT_PL011_BASE, Pl011.SIZE)]
             redist = gic.redistributor_window()
             self.mmio.add(GICD_BASE, GICD_SIZE, gic.distributor_window(), "gicd")
             self.mmio.add(GICR_BASE, redist.SIZE, redist, "gicr")
