@@ -14,14 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hv.acpi import AcpiError, BoardFacts, ResetRegister, build_q35_acpi, q35_board_facts, q35_intx_gsi
-from hv.acpi import aml
+from hv.acpi import (
+    AcpiError,
+    BoardFacts,
+    ResetRegister,
+    aml,
+    build_q35_acpi,
+    q35_board_facts,
+    q35_intx_gsi,
+)
 from hv.acpi.aml import AmlError
+from tests.helpers import require_tool
 
 BIOS_START, BIOS_END = 0xE0000, 0x100000
-IASL_SKIP = "iasl not installed (apt-get install acpica-tools)"
+# acpiexec comes in iasl's Debian package (acpica-tools); its test is keyed on iasl, which
+# tests.helpers.TOOLS lists and CI hides, and skips on its own if acpiexec is missing.
 ACPIEXEC_SKIP = "acpiexec not installed (apt-get install acpica-tools)"
 
 
@@ -60,7 +70,7 @@ def walk(memory: bytes, start: int) -> Walk:
     """RSDP -> XSDT (and RSDT) -> every table -> FADT's DSDT and FACS."""
     rsdp_addr = scan_rsdp(memory, start)
     rsdp = memory[rsdp_addr - start:rsdp_addr - start + 36]
-    sig, _, oem, revision, rsdt_addr, length, xsdt_addr, _ = struct.unpack("<8sB6sBIIQB3x", rsdp)
+    _, _, _, revision, rsdt_addr, length, xsdt_addr, _ = struct.unpack("<8sB6sBIIQB3x", rsdp)
     assert revision == 2 and length == 36 and _sum(rsdp) == 0
     result = Walk(rsdp_addr)
     xsdt = read_table(memory, start, xsdt_addr, b"XSDT")
@@ -162,9 +172,9 @@ class AmlReader:
         if op == 0x11:
             size = self.data_object()
             assert size == end - self.pos, "Buffer size differs from its PkgLength"
-            value = self.data[self.pos:end]
+            contents = bytes(self.data[self.pos:end])
             self.pos = end
-            return bytes(value)
+            return contents
         assert op == 0x12, f"unexpected data opcode {op:#x} at {self.pos - 1}"
         count = self.byte()
         elements = []
@@ -493,31 +503,34 @@ def _dump(tmp_path: Path, facts: BoardFacts) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.skipif(shutil.which("iasl") is None, reason=IASL_SKIP)
+@require_tool("iasl")
 def test_iasl_disassembles_and_recompiles_identically(tmp_path: Path) -> None:
     paths = _dump(tmp_path, q35_board_facts(4, pit=True, rtc=True, i8042=True, reset=ResetRegister(0x64, 0xFE)))
-    for signature, path in paths.items():
-        run = subprocess.run(["iasl", "-d", path.name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    for path in paths.values():
+        run = subprocess.run(["iasl", "-d", path.name], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             check=False)
         assert run.returncode == 0 and "Error" not in run.stdout + run.stderr, run.stdout + run.stderr
     dsl = (tmp_path / "dsdt.dsl").read_text()
     for needle in ("Device (PCI0)", "_PRT", "_S5", "_OSC", "PNP0A08", "PNP0501", "PNP0303"):
         assert needle in dsl
     # Recompiled without optimisations, iasl's AML equals ours byte for byte.
     run = subprocess.run(["iasl", "-oa", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, check=False)
     assert run.returncode == 0 and "0 Errors, 0 Warnings" in run.stdout, run.stdout + run.stderr
     assert (tmp_path / "again.aml").read_bytes()[36:] == paths["DSDT"].read_bytes()[36:]
 
 
-@pytest.mark.skipif(shutil.which("acpiexec") is None, reason=ACPIEXEC_SKIP)
+@require_tool("iasl")
 def test_acpiexec_runs_osc(tmp_path: Path) -> None:
     """ACPICA (Linux's interpreter) loads the tables and runs _OSC as Linux calls it."""
+    if shutil.which("acpiexec") is None:
+        pytest.skip(ACPIEXEC_SKIP)
     paths = _dump(tmp_path, q35_board_facts(2))
     uuid = " ".join(f"{b:02x}" for b in aml.uuid("33DB4D5B-1FF7-401C-9657-7441C03DD766"))
     command = f"evaluate \\_SB.PCI0._OSC ({uuid}) 1 3 (00 00 00 00 1f 00 00 00 ff 00 00 00)"
     files = [paths[s].name for s in ("FACP", "DSDT", "APIC", "MCFG")]
     run = subprocess.run(["acpiexec", "-b", command, *files], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "AE_" not in out.split("Evaluating")[-1], out
     assert "10 00 00 00 1F 00 00 00 1F 00 00 00" in out        # masked to the granted 0x1F

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 # -- opcodes (ACPI 6.4, 20.3) ---------------------------------------------------------
 ZERO_OP = 0x00

@@ -7,8 +7,8 @@ modules so the two cannot drift apart silently.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class AcpiError(ValueError):

@@ -74,7 +74,7 @@ class AcpiBlob:
     tables: dict[str, int] = field(default_factory=dict)
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` (with that byte counted as 0) sum to 0 mod 256."""
     return -sum(data) & 0xFF
 
