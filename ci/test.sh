@@ -77,6 +77,11 @@ mkdir "$WORK/elsewhere"
 (
     cd "$WORK/elsewhere"
     . "$WORK/venv-installed/bin/activate"
+    # every package of the checkout must have been installed (the list in pyproject.toml)
+    (cd "$ROOT" && find hv backends fixtures -name __init__.py) \
+        | sed -e 's|/__init__.py$||' -e 's|^backends|hv_backends|' -e 's|^fixtures|hv_fixtures|' -e 's|/|.|g' \
+        | xargs python -c 'import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]' \
+        || { echo "a package of the checkout is missing from the installed hv (pyproject.toml packages)"; exit 1; }
     kernel=$(python -c 'import hv_fixtures; print(hv_fixtures.guest("x86_64", "hello"))')
     case $kernel in "$ROOT"/*) echo "hv_fixtures comes from the checkout: $kernel"; exit 1;; esac
     out=$(timeout 120 hv -machine q35 -kernel "$kernel" -append hi -serial stdio -accel unicorn </dev/null)
