@@ -84,6 +84,15 @@ class InjectingVcpu(Protocol):
     def kick(self) -> None: ...
 
 
+class TimerSource(Protocol):
+    """A device timer the timer thread runs (guest-clock ns deadlines, big lock held)."""
+
+    @property
+    def timer_deadline(self) -> int | None: ...
+
+    def poll_timer(self, now: int) -> bool: ...
+
+
 class PowerHost(Protocol):
     """What INIT and STARTUP IPIs act on: the machine's vCPU power states (called with
     the big lock held)."""
@@ -188,11 +197,18 @@ class InterruptController(ControllerCore):
         self.stats = InterruptStats(vcpus)
         self._timer_fired_at: list[int | None] = [None] * vcpus   # host ns, for latency
         self._power_host: PowerHost | None = None
+        # Board timers besides the local APICs (q35: PIT counter 0, RTC), see add_timer_source.
+        self.timer_sources: list[TimerSource] = []
 
     # -- wiring ------------------------------------------------------------------------
     def bind_thread(self, index: int) -> None:
         """Declare the calling thread to be vCPU ``index``'s (for local APIC accesses)."""
         self._local.index = index
+
+    def add_timer_source(self, source: "TimerSource") -> None:
+        """Let the timer thread fire ``source`` at its :attr:`TimerSource.timer_deadline`
+        (the device calls :meth:`timer_changed` when that moves)."""
+        self.timer_sources.append(source)
 
     def set_power_host(self, host: PowerHost | None) -> None:
         """Where INIT / STARTUP IPIs go (the machine); None refuses them."""
@@ -436,6 +452,13 @@ class InterruptController(ControllerCore):
             if lapic.poll_timer(now) and lapic.deliverable() is not None:
                 self._timer_fired_at[lapic.index] = time.monotonic_ns()
             deadline = lapic.timer_deadline
+            if deadline is not None:
+                delay = self.clock.host_delay(deadline)
+                if delay is not None:
+                    delays.append(delay)
+        for source in self.timer_sources:
+            source.poll_timer(now)
+            deadline = source.timer_deadline
             if deadline is not None:
                 delay = self.clock.host_delay(deadline)
                 if delay is not None:

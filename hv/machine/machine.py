@@ -34,6 +34,7 @@ from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
+from hv.machine.legacy import LEGACY_DEVICE_IDS, GuestResetRequest, build_legacy_devices
 from hv.machine.gic_interrupts import GicController, pci_intx_intid
 from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GicState
 from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
@@ -200,6 +201,14 @@ class Machine:
                 self.devices[f"lapic{lapic.index}"] = DeviceSlot(f"lapic{lapic.index}", "lapic", lapic, LapicState,
                                                                  "mmio", f"{LAPIC_BASE:#x}")
             self._add_device("ioapic", "ioapic", irq.ioapic, IoApicState, self.mmio, IOAPIC_BASE, IOAPIC_SIZE)
+            # Legacy ISA devices (PIT, RTC, i8042; hv/machine/legacy.py). Before "clock":
+            # a reset restores devices in this order, and the RTC keeps its time across
+            # one by reading the guest clock before the clock restarts at 0.
+            for legacy in build_legacy_devices(irq, GuestResetRequest(self.system_reset)):
+                for base, window in legacy.ports:
+                    self.pio.add(base, window.SIZE, window, f"{legacy.name}@{base:#x}")
+                self.devices[legacy.name] = DeviceSlot(legacy.name, legacy.kind, legacy.device, legacy.state_type,
+                                                       "port", f"{legacy.ports[0][0]:#x}")
             self.devices["clock"] = DeviceSlot("clock", "guest-clock", irq.clock_device(), ClockState, "none", "-")
             windows = [(IOAPIC_BASE, IOAPIC_SIZE), (LAPIC_BASE, LAPIC_SIZE)]
         else:
@@ -461,15 +470,19 @@ class Machine:
             state.cntvct = current.cntvct
         vcpu.set_state(state)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What must be equal on both ends of a migration (the stream's CONFIG shape)."""
+    def fingerprint(self, source: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What must be equal on both ends of a migration (the stream's CONFIG shape).
+        With ``source`` (an incoming stream's fingerprint), legacy devices that the source
+        lacks (an older hv) are left out: they keep their reset state (see restore)."""
+        present = None if source is None else {d.get("id") for d in source.get("devices", []) if isinstance(d, dict)}
         return {
             "arch": self.arch.value,
             "machine": self.config.machine,
             "vcpus": self.config.smp,
             "memory": self.memory.size,
             "devices": [{"type": s.kind, "id": s.name, "bus": s.bus, "addr": s.addr, "attrs": dict(s.attrs)}
-                        for s in self.devices.values()],
+                        for s in self.devices.values()
+                        if present is None or s.name in present or s.name not in LEGACY_DEVICE_IDS],
         }
 
     # -- IoHandler (called from vCPU threads) ----------------------------------------
@@ -590,15 +603,16 @@ class Machine:
                 self._state_changed.wait(remaining)
             return self._shutdown_reason
 
-    def system_reset(self) -> None:
-        """Reset devices and vCPUs and reload the kernel, as a reset button would."""
+    def system_reset(self, reason: str = "host-qmp-system-reset") -> None:
+        """Reset devices and vCPUs and reload the kernel, as a reset button would;
+        ``reason`` goes into the RESET event ("guest-reset": the guest asked)."""
         was_running = self.pause()
         with self._lock:
             for slot in self.devices.values():
                 slot.device.restore(slot.state_type())
             if self.kernel_image is not None:
                 self.load_kernel(self.kernel_image)
-        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        self._emit("RESET", {"guest": reason.startswith("guest"), "reason": reason})
         if was_running:
             self.resume()
 
@@ -843,7 +857,8 @@ class Machine:
                 raise DeviceStateError(f"snapshot CPU state is {state.ARCH}, machine is {self.arch.value}")
             if state.power is not None and state.power not in POWER_STATES[self.arch.value]:
                 raise DeviceStateError(f"snapshot CPU power state {state.power!r} is not valid on {self.arch.value}")
-        if set(snapshot.devices) != set(self.devices):
+        absent = set(self.devices) - set(snapshot.devices)
+        if set(snapshot.devices) - set(self.devices) or absent - set(LEGACY_DEVICE_IDS):
             raise DeviceStateError(
                 f"snapshot devices {sorted(snapshot.devices)} differ from machine devices {sorted(self.devices)}")
         device_states = {}
@@ -857,6 +872,8 @@ class Machine:
                 raise MachineError("cannot restore into a running machine")
             for name, state in device_states.items():
                 self.devices[name].device.restore(state)
+            for name in absent:     # a stream from an hv without legacy devices: reset state
+                self.devices[name].device.restore(self.devices[name].state_type())
             for index, (vcpu, cpu) in enumerate(zip(self.vcpus, snapshot.cpus)):
                 vcpu.set_state(dataclasses.replace(cpu))
                 self._halted[index] = cpu.halted

@@ -115,10 +115,11 @@ def _read_stream(reader: StreamReader, collected: IncomingState, status: Migrati
 
 def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
     """A CONFIG-section check: raises MigrationError listing every difference between
-    the stream's configuration and this machine's."""
-    local = Fingerprint.from_dict(machine.fingerprint())
+    the stream's configuration and this machine's (legacy devices that an older source
+    lacks are not differences: they keep their reset state, see Machine.fingerprint)."""
 
     def check(remote: Fingerprint) -> None:
+        local = Fingerprint.from_dict(machine.fingerprint(source=remote.to_dict()))
         mismatches = compare_fingerprints(remote, local)
         if mismatches:
             raise MigrationError("; ".join(mismatches))
