@@ -55,7 +55,10 @@ FORMAT_MAJOR = 1
 # strict), which is what must happen: it could not run those guests.
 # 1.2: a CANCEL section (type 10, flagged SKIPPABLE so a 1.0/1.1 reader skips it and then
 # sees the connection end, as before): the source canceled, the destination stops cleanly.
-FORMAT_MINOR = 2
+# 1.3: q35 CONFIG/DEVICE sections carry the legacy devices pit, rtc and i8042. A 1.2
+# destination refuses such a stream at CONFIG (a device it does not have); a 1.3
+# destination loads older q35 streams without them (those devices keep their reset state).
+FORMAT_MINOR = 3
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")
