@@ -341,8 +341,8 @@ class Rtc:
 
     # -- persistence ------------------------------------------------------------------
     def save(self) -> RtcState:
-        """The state with the anchor moved to guest-clock now (so ``wall_ns`` is the
-        guest's wall clock at the moment of saving)."""
+        """The state with the anchor moved to guest-clock now: ``wall_ns`` is the guest's
+        wall clock at guest time ``guest_ns``, the moment of saving."""
         now = self._now()
         s = self.s
         s.wall_ns, s.guest_ns = self.wall_at(now), now
