@@ -10,11 +10,11 @@ not a skip. ``linux_images_fixture`` is the same as a pytest fixture factory.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from hv_fixtures.linux import assemble, build_images, debarchive
 
 BUILD_COMMAND = "python fixtures/linux/build_images.py"

@@ -13,10 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hv_fixtures.linux import assemble, build_images, debarchive, kernelimage, newc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv_fixtures.linux import assemble, build_images, debarchive, kernelimage, newc
 from tests.helpers import tool_marks
 from tests.linux_images import BUILD_COMMAND, LinuxImages, linux_images
 
@@ -139,13 +139,13 @@ def native_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_workload_runs_natively(native_workload: Path, tmp_path: Path) -> None:
     data = tmp_path / "wl.bin"
     result = subprocess.run([str(native_workload), "mem=1M", "file=96K", "passes=3", f"path={data}"],
-                            capture_output=True, timeout=60, env={"wl_mem": "8M"})
+                            capture_output=True, timeout=60, env={"wl_mem": "8M"}, check=False)
     assert result.returncode == 0, result
     assert result.stdout.decode().splitlines() == [
         f"wl: start mem 1 MiB file 96 KiB passes 3 path {data}",
         *(f"wl: pass {n} ok mem 1 MiB file 96 KiB" for n in (1, 2, 3)), "wl: done 3 passes"]
     assert data.stat().st_size == 96 << 10
-    env = subprocess.run([str(native_workload)], capture_output=True, timeout=60,
+    env = subprocess.run([str(native_workload)], capture_output=True, timeout=60, check=False,
                          env={"wl_mem": "64K", "wl_file": "0", "wl_passes": "1", "wl_path": str(data)})
     assert env.stdout.decode().splitlines()[0] == f"wl: start mem 64 KiB file 0 MiB passes 1 path {data}"
 
@@ -158,7 +158,8 @@ def test_workload_runs_natively(native_workload: Path, tmp_path: Path) -> None:
     (["mem=64K", "passes=1", "path=/nonexistent-dir/wl.bin"], 1, "wl: pass 1 BAD file open for writing errno 2"),
 ])
 def test_workload_rejects(native_workload: Path, args: list[str], status: int, line: str) -> None:
-    result = subprocess.run([str(native_workload), *args], capture_output=True, timeout=60, env={})
+    result = subprocess.run([str(native_workload), *args], capture_output=True, timeout=60, env={},
+                            check=False)
     assert result.returncode == status
     assert result.stdout.decode().splitlines()[-1] == line
 
@@ -192,7 +193,7 @@ def test_init_script_parses() -> None:
 
 def test_build_cli_rejects_unknown_arch() -> None:
     result = subprocess.run(["python", str(build_images.HERE / "build_images.py"), "--arch", "sparc"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["build_images: error: unknown arch 'sparc': choose from x86_64, aarch64"]
 
@@ -311,7 +312,8 @@ def test_rootfs_is_ext4_with_init_and_workload(images: LinuxImages, tool: str) -
                              text=True, check=True, timeout=60).stdout
     assert re.search(r"120777\s+\(7\)\s+0\s+0\s+\d+\s+14-Nov-2023 22:13 sh\b", listing)
     fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
-    assert subprocess.run([fsck, "-fn", str(images.rootfs)], capture_output=True, timeout=60).returncode == 0
+    fsck_run = subprocess.run([fsck, "-fn", str(images.rootfs)], capture_output=True, timeout=60, check=False)
+    assert fsck_run.returncode == 0, fsck_run.stdout
 
 
 def gzip_member(images: LinuxImages, path: str) -> bytes:
