@@ -46,7 +46,12 @@ ENV_ERROR_CODE = 5384
 ENV_EXCEPTION_IS_INT = 5388
 ENV_EXCEPTION_NEXT_EIP = 5392
 ENV_DR = 5400
-ENV_MIN_SIZE = ENV_DR + 64
+# int old_exception, the "exception in flight" QEMU uses to promote a second fault to #DF.
+# QEMU resets it to -1 once it delivered an exception; Unicorn hands the exception to the
+# interrupt hook instead, so hv resets it whenever it loads a state (see _set_state).
+ENV_OLD_EXCEPTION = 5496
+NO_EXCEPTION = -1
+ENV_MIN_SIZE = ENV_OLD_EXCEPTION + 4
 
 QEMU_SEG_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")
 
@@ -177,6 +182,10 @@ def verify_layout() -> None:
         if got != expect:
             raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: {name} at env+{offset} "
                                      f"holds {got:#x}, expected {expect:#x}")
+    old_exception = struct.unpack_from("<i", raw, CTX_HEADER + ENV_OLD_EXCEPTION)[0]
+    if old_exception != NO_EXCEPTION:
+        raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: old_exception at "
+                                 f"env+{ENV_OLD_EXCEPTION} of a fresh engine is {old_exception}, expected -1")
     hflags = int.from_bytes(raw[CTX_HEADER + ENV_HFLAGS:CTX_HEADER + ENV_HFLAGS + 4], "little")
     if not hflags & HF_LMA or not hflags & HF_CS64:
         raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: hflags {hflags:#x} of a "
@@ -465,6 +474,9 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         hflags = compute_hflags(hflags, state)
         hflags2 = (hflags2 | HF2_NMI_MASK) if state.nmi_masked else (hflags2 & ~HF2_NMI_MASK)
         struct.pack_into("<II", env, ENV_HFLAGS, hflags, hflags2)
+        # A canonical state never has an exception in flight: after hv delivered one (or
+        # loaded a migrated state) the next fault must not be promoted to a double fault.
+        struct.pack_into("<i", env, ENV_OLD_EXCEPTION, NO_EXCEPTION)
         self._restore_raw(ctx, env)
         unicorn = _import_unicorn()
         uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)

@@ -52,6 +52,20 @@ def read_kernel(config: VmConfig) -> bytes:
         raise LaunchError(f"-kernel: {config.kernel}: {exc.strerror}") from None
 
 
+def read_initrd(config: VmConfig) -> bytes | None:
+    """The -initrd file; one larger than guest RAM is refused before it is read."""
+    if config.initrd is None:
+        return None
+    try:
+        size = config.initrd.stat().st_size
+        if size > config.memory_bytes:
+            raise LaunchError(f"-initrd: {config.initrd}: {size} bytes do not fit in "
+                              f"{config.memory_bytes >> 20} MiB of guest RAM")
+        return config.initrd.read_bytes()
+    except OSError as exc:
+        raise LaunchError(f"-initrd: {config.initrd}: {exc.strerror}") from None
+
+
 def run(config: VmConfig) -> int:
     """Build the machine, run it until it ends, clean up; the process exit code."""
     try:
@@ -59,6 +73,7 @@ def run(config: VmConfig) -> int:
     except BackendError as exc:
         raise LaunchError(str(exc)) from None
     image = read_kernel(config) if config.kernel is not None else None
+    initrd = read_initrd(config)
     console = open_console(config.serial)
     try:
         machine = Machine(config, backend, console)
@@ -70,6 +85,7 @@ def run(config: VmConfig) -> int:
     try:
         if config.incoming is not None:
             machine.kernel_image = image
+            machine.initrd_image = initrd
             log.info("%s", why)  # logged after every check, so a bad option stays one line
             # In 'inmigrate' before QMP answers: nothing may change the device set or run
             # the guest between the first QMP command and the incoming stream.
@@ -81,7 +97,7 @@ def run(config: VmConfig) -> int:
             from hv.loader import LoaderError
 
             try:
-                machine.load_kernel(image)
+                machine.load_kernel(image, initrd)
             except LoaderError as exc:
                 raise LaunchError(f"-kernel: {config.kernel}: {exc}") from None
             log.info("%s", why)

@@ -43,6 +43,7 @@ class SerialConfig:
 class VmConfig:
     machine: str = "q35"
     kernel: Path | None = None
+    initrd: Path | None = None
     append: str = ""
     memory_bytes: int = 256 * MIB
     smp: int = 1
@@ -72,7 +73,7 @@ class ParsedArgs:
 
 # option name -> takes a value
 OPTIONS: dict[str, bool] = {
-    "-machine": True, "-M": True, "-kernel": True, "-append": True, "-m": True, "-smp": True,
+    "-machine": True, "-M": True, "-kernel": True, "-initrd": True, "-append": True, "-m": True, "-smp": True,
     "-serial": True, "-accel": True, "-name": True, "-D": True, "-S": False, "-incoming": True,
     "-qmp": True, "-chardev": True, "-mon": True, "-drive": True, "-device": True,
     "-netdev": True, "-h": False, "-help": False, "-version": False, "-V": False, "-daemonize": False,
@@ -88,6 +89,7 @@ usage: hv -machine q35|virt -kernel FILE [options]
 StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m, --machine):
   -machine TYPE[,mem-share=off]  machine type: q35 (x86_64) or virt (aarch64)
   -kernel FILE                   guest kernel (multiboot ELF for q35, ELF for virt)
+  -initrd FILE                   initial RAM disk for a Linux kernel
   -append STRING                 kernel command line
   -m SIZE                        guest RAM: 256, 256M, 1G (default 256M; q35: at most 2816M)
   -smp N | cpus=N                number of vCPUs (default 1)
@@ -189,14 +191,14 @@ def _parse_serial(value: str) -> SerialConfig:
     raise ConfigError(f"-serial: unsupported value {value!r} (use stdio, file,path=FILE or none)")
 
 
-def _check_kernel(path_text: str) -> Path:
+def _check_kernel(path_text: str, option: str = "-kernel") -> Path:
     path = Path(path_text).expanduser()
     if not path.exists():
-        raise ConfigError(f"-kernel: {path_text}: no such file")
+        raise ConfigError(f"{option}: {path_text}: no such file")
     if not path.is_file():
-        raise ConfigError(f"-kernel: {path_text}: not a regular file")
+        raise ConfigError(f"{option}: {path_text}: not a regular file")
     if not os.access(path, os.R_OK):
-        raise ConfigError(f"-kernel: {path_text}: permission denied")
+        raise ConfigError(f"{option}: {path_text}: permission denied")
     return path
 
 
@@ -291,6 +293,8 @@ def parse_args(argv: list[str]) -> ParsedArgs:
     if kernel_text is None and incoming is None:
         raise ConfigError("-kernel is required (unless -incoming restores a VM)")
     kernel = _check_kernel(kernel_text) if kernel_text is not None else None
+    initrd_text = single("-initrd")
+    initrd = _check_kernel(initrd_text, "-initrd") if initrd_text is not None else None
     logfile = single("-D")
     if logfile is not None and not Path(logfile).expanduser().resolve().parent.is_dir():
         raise ConfigError(f"-D: directory of {logfile!r} does not exist")
@@ -303,6 +307,7 @@ def parse_args(argv: list[str]) -> ParsedArgs:
     config = VmConfig(
         machine=machine,
         kernel=kernel,
+        initrd=initrd,
         append=single("-append") or "",
         memory_bytes=memory,
         smp=_parse_smp(smp_text) if smp_text is not None else 1,

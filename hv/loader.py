@@ -473,13 +473,40 @@ def _load_aarch64_elf(memory: GuestMemory, image: bytes, elf: ElfImage, cmdline:
                     (VIRT_RAM_BASE, len(blob)))
 
 
+def _load_x86_format(memory: GuestMemory, image: bytes, cmdline: str, image_name: str,
+                     initrd: bytes | None, rsdp_addr: int | None) -> BootInfo:
+    """q35 formats: a bzImage (by its "HdrS" magic), an ELF with a PVH entry note (a Linux
+    vmlinux), or a multiboot ELF (the fixtures); see :mod:`hv.boot.x86_linux`."""
+    from hv.boot import x86_linux
+
+    if x86_linux.is_bzimage(image):
+        return x86_linux.load_bzimage(memory, image, cmdline, initrd=initrd, rsdp_addr=rsdp_addr)
+    if image[:4] != b"\x7fELF":
+        raise LoaderError("kernel is not an ELF file (no \\x7fELF magic) nor a bzImage (no 'HdrS' magic at "
+                          "0x202): q35 boots bzImages, PVH vmlinux ELFs and multiboot ELFs")
+    elf = parse_elf(image)
+    _check_arch("x86_64", elf)
+    if x86_linux.find_pvh_entry(image) is not None:
+        return x86_linux.load_pvh(memory, image, cmdline, initrd=initrd, rsdp_addr=rsdp_addr)
+    try:
+        find_multiboot_header(image)
+    except LoaderError as exc:
+        raise LoaderError(f"{exc}, and no PVH entry note (ELF note 'Xen' type 18): q35 boots bzImages, "
+                          "PVH vmlinux ELFs and multiboot ELFs") from None
+    if initrd is not None:
+        raise LoaderError("-initrd needs a Linux kernel (bzImage or PVH vmlinux), not a multiboot ELF")
+    return _load_x86(memory, image, cmdline, image_name)
+
+
 def load_kernel(arch: str, memory: GuestMemory, image: bytes, cmdline: str, *,
-                image_name: str = "kernel", smp: int = 1, initrd: bytes | None = None) -> BootInfo:
+                image_name: str = "kernel", smp: int = 1, initrd: bytes | None = None,
+                rsdp_addr: int | None = None) -> BootInfo:
     """Load ``image`` into ``memory`` for machine q35 (``arch="x86_64"``) or virt
     (``"aarch64"``) and return the boot vCPU's state. Nothing is written to guest RAM
     unless every check passed. ``image_name`` is the first word of the multiboot command
     line (x86_64); ``smp`` the number of /cpus nodes in the device tree (aarch64);
-    ``initrd`` an initial RAM disk for a Linux kernel (aarch64)."""
+    ``initrd`` an initial RAM disk for a Linux kernel; ``rsdp_addr`` where the board put
+    the ACPI RSDP (x86_64 Linux kernels are told)."""
     if arch not in MACHINE_FOR_ARCH:
         raise LoaderError(f"unknown architecture {arch!r} (choose from: {', '.join(MACHINE_FOR_ARCH)})")
     if not isinstance(image, (bytes, bytearray, memoryview)):
@@ -488,7 +515,7 @@ def load_kernel(arch: str, memory: GuestMemory, image: bytes, cmdline: str, *,
     if arch == "x86_64":
         if not image_name or " " in image_name or "\0" in image_name:
             raise LoaderError(f"bad kernel image name {image_name!r} (one word expected)")
-        return _load_x86(memory, image, cmdline, image_name)
+        return _load_x86_format(memory, image, cmdline, image_name, initrd, rsdp_addr)
     if not 1 <= smp <= 512:
         raise LoaderError(f"smp={smp} is out of range 1..512")
     return _load_aarch64(memory, image, cmdline, smp, initrd)

@@ -156,6 +156,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self.listeners: list[Callable[[str, dict[str, Any] | None], None]] = []
         self.kernel_image: bytes | None = None
+        self.initrd_image: bytes | None = None
         self.exit_error: str | None = None
         self._throttle_percent = 0
         self._throttle_wake = threading.Event()
@@ -514,11 +515,13 @@ class Machine:
                 log.exception("event listener failed for %s", event)
 
     # -- boot -------------------------------------------------------------------------
-    def load_kernel(self, image: bytes) -> None:
+    def load_kernel(self, image: bytes, initrd: bytes | None = None) -> None:
         from hv.loader import load_kernel
 
-        boot = load_kernel(self.arch.value, self.memory, image, self.config.append, smp=self.config.smp)
+        boot = load_kernel(self.arch.value, self.memory, image, self.config.append, smp=self.config.smp,
+                           initrd=initrd)
         self.kernel_image = image
+        self.initrd_image = initrd
         self.vcpus[0].set_state(boot.cpu_state)
         self._halted = [False] * self.config.smp
         self._power = [POWER_ON] + [self._off_state] * (self.config.smp - 1)
@@ -611,7 +614,7 @@ class Machine:
             for slot in self.devices.values():
                 slot.device.restore(slot.state_type())
             if self.kernel_image is not None:
-                self.load_kernel(self.kernel_image)
+                self.load_kernel(self.kernel_image, self.initrd_image)
         self._emit("RESET", {"guest": reason.startswith("guest"), "reason": reason})
         if was_running:
             self.resume()

@@ -1,0 +1,109 @@
+"""The q35 guest's physical memory map, as a BIOS would report it (E820).
+
+Linux learns where its RAM is from this map: the bzImage path hands it in the zero page
+(``boot_params.e820_table``, 20-byte entries), the PVH path in ``hvm_start_info``'s memory
+map (24-byte ``hvm_memmap_table_entry``: the same fields plus a reserved word).
+
+What the map says, for RAM as :func:`hv.machine.machine.ram_layout` lays it out (q35: one
+region from 0, all of it below the PCI windows):
+
+| range | type | why |
+| --- | --- | --- |
+| 0 - 0x9FC00 | RAM | conventional memory |
+| 0x9FC00 - 0xA0000 | reserved | where a BIOS keeps its EBDA |
+| 0xA0000 - 0x100000 | reserved | VGA hole and BIOS area; hv's ACPI tables live in 0xE0000-0xFFFFF |
+| 0x100000 - RAM top | RAM | |
+| 0xB0000000 - 0xC0000000 | reserved | the PCIe ECAM (Linux accepts MMCONFIG only if E820 reserves it) |
+
+The PCI MMIO window, the IOAPIC and the local APIC are not listed: "not RAM" is what
+Linux needs to know about them. RAM that a reserved range covers is cut out of the RAM
+entries, so no address is ever both.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+E820_NVS = 4
+E820_MAX_ENTRIES = 128          # E820_MAX_ENTRIES_ZEROPAGE: what boot_params holds
+
+EBDA_START = 0x9FC00
+LEGACY_START = 0xA0000
+LEGACY_END = 0x100000
+# The q35 ECAM window; hv.machine.pci_wiring.LAYOUTS["q35"] is the authority (a test
+# checks they agree), kept here so the boot code stays free of the device model.
+Q35_ECAM = (0xB000_0000, 256 << 20)
+LEGACY_RESERVED: tuple[tuple[int, int], ...] = (
+    (EBDA_START, LEGACY_START - EBDA_START),
+    (LEGACY_START, LEGACY_END - LEGACY_START),
+)
+
+E820_ENTRY = struct.Struct("<QQI")        # boot_params.e820_table[i]
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")  # hvm_memmap_table_entry
+
+
+class E820Error(ValueError):
+    """The memory map cannot be built (too many entries)."""
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    addr: int
+    size: int
+    type: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+
+def _subtract(ranges: list[tuple[int, int]], cut_start: int, cut_end: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges with ``[cut_start, cut_end)`` removed."""
+    result: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if end <= cut_start or cut_end <= start:
+            result.append((start, end))
+            continue
+        if start < cut_start:
+            result.append((start, cut_start))
+        if cut_end < end:
+            result.append((cut_end, end))
+    return result
+
+
+def build_e820(ram: Iterable[tuple[int, int]],
+               reserved: Sequence[tuple[int, int]] = (*LEGACY_RESERVED, Q35_ECAM)) -> list[E820Entry]:
+    """The map for RAM regions ``ram`` (``(gpa, size)``) with ``reserved`` ranges marked
+    reserved and cut out of RAM; sorted by address."""
+    ram_ranges = [(gpa, gpa + size) for gpa, size in sorted(ram) if size > 0]
+    for start, size in reserved:
+        ram_ranges = _subtract(ram_ranges, start, start + size)
+    entries = [E820Entry(start, end - start, E820_RAM) for start, end in ram_ranges]
+    entries += [E820Entry(start, size, E820_RESERVED) for start, size in reserved if size > 0]
+    entries.sort(key=lambda e: (e.addr, e.type))
+    if len(entries) > E820_MAX_ENTRIES:
+        raise E820Error(f"guest memory map has {len(entries)} entries, at most {E820_MAX_ENTRIES} fit")
+    return entries
+
+
+def ram_entries(entries: Iterable[E820Entry]) -> list[E820Entry]:
+    return [e for e in entries if e.type == E820_RAM]
+
+
+def ram_covers(entries: Iterable[E820Entry], gpa: int, size: int) -> bool:
+    """True when ``[gpa, gpa + size)`` lies inside one RAM entry."""
+    return any(e.addr <= gpa and gpa + size <= e.end for e in ram_entries(entries))
+
+
+def pack_boot_params(entries: Sequence[E820Entry]) -> bytes:
+    """``boot_params.e820_table`` bytes (20 bytes an entry)."""
+    return b"".join(E820_ENTRY.pack(e.addr, e.size, e.type) for e in entries)
+
+
+def pack_hvm_memmap(entries: Sequence[E820Entry]) -> bytes:
+    """PVH ``hvm_memmap_table_entry`` array bytes (24 bytes an entry)."""
+    return b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in entries)
