@@ -1,11 +1,17 @@
 """aarch64 vCPUs on Unicorn 2.1.4 (the guest runs at EL1/EL0).
 
-Unicorn takes no exception itself: the interrupt hook stops the engine and hv enters
-the guest's vector table (ELR_EL1, SPSR_EL1, ESR_EL1, FAR_EL1, PSTATE, VBAR_EL1 +
-offset). EL3/EL2 are kept out of the way: SCR_EL3 = NS|HCE|RW (so ``hvc`` is reported
-and EL2/EL1 are AArch64) and HCR_EL2.RW, which lets the engine execute ``eret``. PSCI
-calls over ``hvc``/``smc`` are answered here. CNTVCT_EL0 is a virtual counter carried
-in the state.
+Unicorn takes no exception itself: hv's native interrupt hook (``hv_a64_intr_hook`` in
+``native/hv_native_arm64.c``) enters the guest's vector table (ELR_EL1, SPSR_EL1,
+ESR_EL1, FAR_EL1, PSTATE, VBAR_EL1 + offset) for svc, brk, undefined instructions and
+aborts without leaving the engine; hvc/smc and anything unknown come to Python, which
+stops the engine and handles them after ``emu_start``. EL3/EL2 are kept out of the way:
+SCR_EL3 = NS|HCE|RW (so ``hvc`` is reported and EL2/EL1 are AArch64) and HCR_EL2.RW,
+which lets the engine execute ``eret``. PSCI calls over ``hvc``/``smc`` are answered
+here. CNTVCT_EL0 is a virtual counter carried in the state.
+
+System registers: the native MRS/MSR hooks let the engine handle every register hv does
+not own; MPIDR_EL1 and the bare vCPU's counter are answered natively, and only the
+registers a machine's :class:`SysregHandler` serves (ROUTED_SYSREGS) reach Python.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hv_backends.base import BackendError, Exit, ExitReason
-from hv_backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn
+from hv_backends.unicorn import (UnicornLayoutError, UnicornVcpuBase, _fn_addr, _import_unicorn, _native,
+                                 add_native_hook, uclib)
 from hv.memory import GuestMemoryError
 from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
 
@@ -109,6 +116,22 @@ MPIDR_RES1 = 1 << 31
 
 PSTATE_EL1H_MASKED = 0x3C5
 PSTATE_I = 1 << 7
+EXCP_HOOK_ERROR = -1     # Arm64Event.intno of an exception raised inside a Python hook
+
+# sysreg_class bits of the native hooks (hv_native_arm64.c)
+CLASS_ROUTE_READ = 1
+CLASS_ROUTE_WRITE = 2
+CLASS_MPIDR = 4
+CLASS_COUNTER = 8
+# The register ids hv_native_arm64.c was compiled with, in hv_a64_regids' order.
+NATIVE_REGIDS = ("SP", "XZR", "PC", "ELR_EL1", "SP_EL0", "SP_EL1", "PSTATE", "CP_REG", "TTBR0_EL1", "TTBR1_EL1")
+
+
+def sysreg_key(enc: tuple[int, int, int, int, int]) -> int:
+    """Index of (crn, crm, op0, op1, op2) in the native class table: op0:op1:crn:crm:op2,
+    the MRS/MSR encoding's bits 20..5."""
+    crn, crm, op0, op1, op2 = enc
+    return (op0 & 3) << 14 | (op1 & 7) << 11 | (crn & 15) << 7 | (crm & 15) << 3 | (op2 & 7)
 
 
 @functools.cache
@@ -151,6 +174,37 @@ def verify_layout() -> None:
         pass
     if not seen or seen[0][0] != EXCP_PREFETCH_ABORT or seen[0][1] >> 26 != 0x21 or seen[0][2] != 0x1230:
         raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: abort record {seen!r}")
+    native = _native()
+    ids = native.ffi.new("int32_t[]", len(NATIVE_REGIDS))
+    native.lib.hv_a64_regids(ids, len(NATIVE_REGIDS))
+    for i, name in enumerate(NATIVE_REGIDS):
+        if ids[i] != getattr(a, f"UC_ARM64_REG_{name}"):
+            raise UnicornLayoutError(f"hv_native_arm64.c was built with UC_ARM64_REG_{name} = {ids[i]}, "
+                                     f"unicorn says {getattr(a, f'UC_ARM64_REG_{name}')}")
+    _define_python_callbacks()
+
+
+@functools.cache
+def _define_python_callbacks() -> None:
+    """The extern "Python" functions the native hooks call for what hv decides itself."""
+    ffi = _native().ffi
+
+    @ffi.def_extern(name="hv_a64_py_sysreg")
+    def py_sysreg(handle: Any, isread: int, reg: int, cp: Any) -> int:
+        vcpu: UnicornArm64Vcpu = ffi.from_handle(handle)
+        try:
+            return vcpu._on_mrs(vcpu.uc, reg, cp) if isread else vcpu._on_msr(vcpu.uc, reg, cp)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() after emu_start
+            vcpu._hook_failed(exc)
+            return 0
+
+    @ffi.def_extern(name="hv_a64_py_intr")
+    def py_intr(handle: Any, intno: int) -> None:
+        vcpu: UnicornArm64Vcpu = ffi.from_handle(handle)
+        try:
+            vcpu._on_interrupt(vcpu.uc, intno)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() after emu_start
+            vcpu._hook_failed(exc)
 
 
 class SysregHandler(Protocol):
@@ -176,6 +230,7 @@ class Arm64Event:
     pc: int
     syndrome: int = 0
     vaddress: int = 0
+    error: BaseException | None = None    # EXCP_HOOK_ERROR: what a Python hook raised
 
 
 class UnicornArm64Vcpu(UnicornVcpuBase):
@@ -188,19 +243,65 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._a = arm64_const
         self._halted = False
         self._event: Arm64Event | None = None
-        self._cnt_base = 0
-        self._cnt_ns0: int | None = None
         self._carried: dict[str, int] = {name: 0 for name in CARRIED_SYSREGS}
         self._sysreg_keys: frozenset[str] = frozenset(SYSREG_ENCODINGS)
         self._sysreg_handler: SysregHandler | None = None
         self._power_handler: PowerHandler | None = None
         super().__init__(vm, index)
-        unicorn = _import_unicorn()
-        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
-        self.uc.hook_add(unicorn.UC_HOOK_INSN, self._on_mrs, None, 1, 0, arm64_const.UC_ARM64_INS_MRS)
-        self.uc.hook_add(unicorn.UC_HOOK_INSN, self._on_msr, None, 1, 0, arm64_const.UC_ARM64_INS_MSR)
+        self._install_native_hooks()
         self._x_ids = [getattr(arm64_const, f"UC_ARM64_REG_X{i}") for i in range(31)]
         self.set_state(Arm64CpuState())
+
+    def _install_native_hooks(self) -> None:
+        """The C record of this vCPU (struct hv_a64) and its MRS/MSR/interrupt hooks."""
+        unicorn = _import_unicorn()
+        ffi = self.native.ffi
+        self._py_handle = ffi.new_handle(self)
+        self._sysreg_class = ffi.new("uint8_t[]", 1 << 16)
+        self._exc_context = self.uc.context_save()   # the buffer exception records are saved to
+        a64 = ffi.new("struct hv_a64 *")
+        a64.vcpu = self.native.struct
+        a64.reg_write = ffi.cast("void *", _fn_addr("uc_reg_write"))
+        a64.context_save = ffi.cast("void *", _fn_addr("uc_context_save"))
+        a64.context = ffi.cast("void *", self._exc_context.context.value)
+        a64.ctx_exception = CTX_EXCEPTION
+        a64.py = self._py_handle
+        a64.sysreg_class = self._sysreg_class
+        a64.mpidr = self.mpidr
+        self.a64 = a64
+        self._a64_addr = int(ffi.cast("uintptr_t", a64))
+        self._fill_sysreg_classes()
+        add_native_hook(self.uc, unicorn.UC_HOOK_INTR, "hv_a64_intr_hook", self._a64_addr)
+        for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"), (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook")):
+            fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.native.lib, name)))
+            handle = ctypes.c_size_t()
+            status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
+                                         ctypes.c_void_p(fptr), ctypes.c_void_p(self._a64_addr),
+                                         ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+            if status != 0:
+                raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+
+    def _fill_sysreg_classes(self) -> None:
+        """Which system-register accesses the native hooks answer or send to Python: with a
+        machine handler every ROUTED_SYSREGS access goes to Python, without one the
+        counter is the vCPU's own; MPIDR_EL1 is always answered natively."""
+        table = self._sysreg_class
+        self.native.ffi.memmove(table, bytes(1 << 16), 1 << 16)
+        if self._sysreg_handler is not None:
+            for enc in ROUTED_SYSREGS:
+                table[sysreg_key(enc)] = CLASS_ROUTE_READ | CLASS_ROUTE_WRITE
+        else:
+            for enc in (CNTVCT_EL0, CNTPCT_EL0):
+                table[sysreg_key(enc)] = CLASS_COUNTER
+        table[sysreg_key(MPIDR_EL1)] |= CLASS_MPIDR
+
+    @property
+    def sysreg_stats(self) -> dict[str, int]:
+        """Counts of system-register accesses and exceptions the native hooks handled
+        themselves and the ones that went to Python."""
+        a = self.a64
+        return {"sysreg_native": int(a.sysreg_native), "sysreg_python": int(a.sysreg_python),
+                "exceptions_native": int(a.exc_native), "exceptions_python": int(a.exc_python)}
 
     def _create_engine(self) -> Any:
         unicorn = _import_unicorn()
@@ -214,15 +315,14 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     # -- hooks ---------------------------------------------------------------------
     def _counter_now(self) -> int:
-        if self._cnt_ns0 is None:
-            return self._cnt_base
-        return (self._cnt_base + (time.monotonic_ns() - self._cnt_ns0) // COUNTER_NS_PER_TICK) & ((1 << 64) - 1)
+        return int(self.native.lib.hv_a64_counter(self.a64)) & ((1 << 64) - 1)
 
     def set_sysreg_handler(self, handler: SysregHandler | None) -> None:
         """Route ICC_* and CNT{V,P}{CTL,CVAL,TVAL,CT}_EL0 accesses to ``handler`` (the
         machine's GIC and timers); None restores the engine's own handling."""
         with self._engine_lock:
             self._sysreg_handler = handler
+            self._fill_sysreg_classes()
 
     def set_power_handler(self, handler: PowerHandler | None) -> None:
         """Serve PSCI CPU_ON / CPU_OFF / AFFINITY_INFO through ``handler`` (the
@@ -243,14 +343,15 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             uc.reg_write(self._a.UC_ARM64_REG_PC, uc.reg_read(self._a.UC_ARM64_REG_PC) + 4)
         return 1
 
-    def _on_msr(self, uc: Any, reg: int, cp: Any, user_data: Any) -> int:
+    def _on_msr(self, uc: Any, reg: int, cp: Any) -> int:
+        """A write to a routed register (the native hook sent it): the handler's."""
         handler = self._sysreg_handler
         if handler is None:
             return 0
         name = ROUTED_SYSREGS.get((cp.crn, cp.crm, cp.op0, cp.op1, cp.op2))
         if name is None:
             return 0
-        value = 0 if reg == self._a.UC_ARM64_REG_XZR else int(uc.reg_read(reg))
+        value = 0 if reg == self._a.UC_ARM64_REG_XZR else int(cp.val)
         if not handler.write(name, value):
             return 0
         if name in ENGINE_ALSO_WRITES:
@@ -261,7 +362,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
                 self._set_cp(SYSREG_ENCODINGS["CNTV_CVAL_EL0"], cval)
         return self._skip_insn(uc, name)
 
-    def _on_mrs(self, uc: Any, reg: int, cp: Any, user_data: Any) -> int:
+    def _on_mrs(self, uc: Any, reg: int, cp: Any) -> int:
+        """A read of a routed register (the native hook sent it): the handler's, else the
+        vCPU's own counter / MPIDR, else the engine's."""
         handler = self._sysreg_handler
         if handler is not None:
             name = ROUTED_SYSREGS.get((cp.crn, cp.crm, cp.op0, cp.op1, cp.op2))
@@ -281,7 +384,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             return 1
         return 0
 
-    def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
+    def _on_interrupt(self, uc: Any, intno: int) -> None:
+        """An exception the native hook leaves to hv (hvc/smc, unknown ones): recorded, and
+        handled by ``_handle_event`` once the engine has stopped."""
         event = Arm64Event(intno, uc.reg_read(self._a.UC_ARM64_REG_PC))
         if intno in (EXCP_HVC, EXCP_SMC):
             # Back to the hvc/smc itself until the call is handled: if a stop request
@@ -296,6 +401,13 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._event = event
         uc.emu_stop()
 
+    def _hook_failed(self, exc: BaseException) -> None:
+        """A Python hook raised: stop the engine; ``run`` raises it again (as Unicorn's
+        own Python hooks do)."""
+        if self._event is None or self._event.intno != EXCP_HOOK_ERROR:
+            self._event = Arm64Event(EXCP_HOOK_ERROR, 0, error=exc)
+        self.uc.emu_stop()
+
     # -- run -----------------------------------------------------------------------
     def _read_pc(self) -> int:
         return int(self.uc.reg_read(self._a.UC_ARM64_REG_PC))
@@ -304,11 +416,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         return Arm64Event(EXCP_UDEF, pc)
 
     def _start_clock(self) -> None:
-        self._cnt_ns0 = time.monotonic_ns()
+        self.a64.cnt_ns0 = time.monotonic_ns()
+        self.a64.cnt_running = 1
 
     def _stop_clock(self) -> None:
-        self._cnt_base = self._counter_now()
-        self._cnt_ns0 = None
+        self.a64.cnt_base = self._counter_now()
+        self.a64.cnt_running = 0
 
     def _insn_at(self, va: int) -> int | None:
         try:
@@ -319,6 +432,8 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     def _handle_event(self, event: Arm64Event) -> Exit | None:
         a = self._a
+        if event.intno == EXCP_HOOK_ERROR and event.error is not None:
+            raise event.error
         if event.intno in (EXCP_HVC, EXCP_SMC):
             self.uc.reg_write(a.UC_ARM64_REG_PC, event.pc + 4)
             return self._psci()
@@ -374,31 +489,18 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     # -- exception entry -------------------------------------------------------------
     def enter_exception(self, esr: int, return_pc: int, far: int | None = None, kind: int = 0) -> None:
-        """Take an exception to EL1: ``kind`` 0 synchronous, 1 IRQ, 2 FIQ, 3 SError."""
-        a = self._a
-        uc = self.uc
-        pstate = uc.reg_read(a.UC_ARM64_REG_PSTATE)
-        el = (pstate >> 2) & 3
-        if el > 1:
+        """Take an exception to EL1: ``kind`` 0 synchronous, 1 IRQ, 2 FIQ, 3 SError.
+
+        The entry itself is ``hv_a64_enter`` (the native hook's): the current SP is banked,
+        ELR_EL1 = ``return_pc``, SPSR_EL1 = PSTATE, ESR_EL1 (and FAR_EL1) for synchronous
+        exceptions, PSTATE = EL1h with DAIF masked, PC = VBAR_EL1 + offset + 0x80 * kind
+        (offset 0x000 from EL1t, 0x200 from EL1h, 0x400 from EL0)."""
+        rc = self.native.lib.hv_a64_enter(self.native.ffi.cast("void *", self.uc._uch.value), self.a64,
+                                          esr & ((1 << 64) - 1), return_pc & ((1 << 64) - 1),
+                                          far is not None, (far or 0) & ((1 << 64) - 1), kind)
+        if rc != 0:
+            el = (int(self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)) >> 2) & 3
             raise BackendError(f"exception taken from EL{el}: hv runs guests at EL1/EL0 only")
-        sp = uc.reg_read(a.UC_ARM64_REG_SP)
-        if el == 0 or not pstate & 1:
-            uc.reg_write(a.UC_ARM64_REG_SP_EL0, sp)
-            offset = 0x400 if el == 0 else 0x000
-        else:
-            uc.reg_write(a.UC_ARM64_REG_SP_EL1, sp)
-            offset = 0x200
-        uc.reg_write(a.UC_ARM64_REG_ELR_EL1, return_pc)
-        self._set_cp(SPSR_EL1, pstate)
-        if kind == 0:
-            self._set_cp(SYSREG_ENCODINGS["ESR_EL1"], esr)
-            if far is not None:
-                self._set_cp(SYSREG_ENCODINGS["FAR_EL1"], far)
-        uc.reg_write(a.UC_ARM64_REG_PSTATE, PSTATE_EL1H_MASKED)
-        uc.reg_write(a.UC_ARM64_REG_SP, uc.reg_read(a.UC_ARM64_REG_SP_EL1))
-        vbar = self._cp(SYSREG_ENCODINGS["VBAR_EL1"])
-        uc.reg_write(a.UC_ARM64_REG_PC, vbar + offset + 0x80 * kind)
-        self._set_cp(SCR_EL3, SCR_EL3_VALUE)  # any CP_REG write rebuilds the engine's hflags
 
     def inject_irq(self) -> bool:
         """Take an IRQ exception now if PSTATE.I allows; False otherwise (vCPU stopped)."""
@@ -481,7 +583,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         unicorn = _import_unicorn()
         uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
         uc.ctl_flush_tb()
-        self._cnt_base = state.cntvct
-        if self._cnt_ns0 is not None:
-            self._cnt_ns0 = time.monotonic_ns()
+        self.a64.cnt_base = state.cntvct & ((1 << 64) - 1)
+        if self.a64.cnt_running:
+            self.a64.cnt_ns0 = time.monotonic_ns()
         self._halted = state.halted

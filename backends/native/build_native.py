@@ -6,6 +6,7 @@ addresses of ``uc_emu_stop`` and ``uc_reg_read`` at runtime.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -30,7 +31,10 @@ void hv_take_dirty(struct hv_vm *vm, uint8_t *out);
 int hv_translate(void *uc, struct hv_vcpu *c, uint64_t va, uint64_t *ppage);
 """
 
-SOURCE = (HERE / "hv_native.c").read_text()
+# hv_native.c first (the per-architecture hv_native_*.c files use its definitions); each
+# of those declares what Python sees of it between "CDEF-BEGIN" and "CDEF-END" lines.
+SOURCE = "\n".join(path.read_text() for path in sorted(HERE.glob("hv_native*.c")))
+CDEF += "".join(re.findall(r"CDEF-BEGIN\n(.*?)CDEF-END", SOURCE, re.S))
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
