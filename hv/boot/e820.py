@@ -22,8 +22,8 @@ entries, so no address is ever both.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 E820_RAM = 1
 E820_RESERVED = 2

@@ -45,8 +45,15 @@ from dataclasses import dataclass
 
 from hv.boot import e820 as e820lib
 from hv.boot.e820 import E820Entry
-from hv.loader import (LoaderError, BootInfo, ElfImage, _check_arch, _place_segments,
-                       _write_segments, parse_elf)
+from hv.loader import (
+    BootInfo,
+    ElfImage,
+    LoaderError,
+    _check_arch,
+    _place_segments,
+    _write_segments,
+    parse_elf,
+)
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.state import EFER_LMA, EFER_LME, DescriptorTable, Segment, X86CpuState
 
@@ -226,9 +233,13 @@ def _mib(size: int) -> str:
     return f"{size / MIB:.1f} MiB"
 
 
-def place_initrd(e820: list[E820Entry], size: int, floor: int, limit: int) -> int:
+def _size_text(size: int) -> str:
+    return _mib(size) if size >= MIB else f"{size} bytes"
+
+
+def place_initrd(e820: list[E820Entry], size: int, floor: int, limit: int, limit_why: str = "4 GiB") -> int:
     """The highest page-aligned address for ``size`` initrd bytes inside one RAM entry,
-    at or above ``floor`` and ending at or below ``limit``."""
+    at or above ``floor`` and ending at or below ``limit`` (``limit_why`` names it)."""
     if size == 0:
         raise LoaderError("initrd is empty")
     for entry in sorted(e820lib.ram_entries(e820), key=lambda e: e.addr, reverse=True):
@@ -238,8 +249,9 @@ def place_initrd(e820: list[E820Entry], size: int, floor: int, limit: int) -> in
         addr = (top - size) // PAGE_SIZE * PAGE_SIZE
         if addr >= max(entry.addr, floor):
             return addr
-    raise LoaderError(f"initrd ({_mib(size)}) does not fit in guest RAM between the kernel's end at "
-                      f"{floor:#x} and {limit:#x}: give the guest more memory (-m)")
+    ram_top = max((e.end for e in e820lib.ram_entries(e820)), default=0)
+    raise LoaderError(f"initrd ({_size_text(size)}) does not fit between the kernel's end at {floor:#x} and "
+                      f"{min(limit, ram_top):#x} (the end of RAM, {_mib(ram_top)}, or {limit_why})")
 
 
 def _memory_map(memory: GuestMemory) -> list[E820Entry]:
@@ -300,7 +312,8 @@ def place_bzimage(hdr: SetupHeader, e820: list[E820Entry], initrd_size: int | No
     initrd = None
     if initrd_size is not None:
         limit = min(hdr.initrd_addr_max + 1, FOUR_GIB)
-        initrd = place_initrd(e820, initrd_size, _align_up(end, PAGE_SIZE), limit)
+        initrd = place_initrd(e820, initrd_size, _align_up(end, PAGE_SIZE), limit,
+                              f"the kernel's initrd_addr_max {hdr.initrd_addr_max:#x}")
     return Placement(load, end, initrd)
 
 
