@@ -1,0 +1,1 @@
+"""The virt board (aarch64): its memory map (:mod:`.layout`), device tree and boot firmware."""
