@@ -80,6 +80,53 @@ def test_tval_is_signed_relative_to_the_counter() -> None:
     assert timers.read(1, "ICC_PMR_EL1") is None and not timers.write(1, "CNTVCT_EL0", 5)
 
 
+class SteppingHost:
+    """A host clock that advances ``step`` ns at every read: time passes between any two
+    counter reads, as it does on a real host."""
+
+    def __init__(self, start: int, step: int) -> None:
+        self.ns = start
+        self.step = step
+
+    def __call__(self) -> int:
+        value = self.ns
+        self.ns += self.step
+        return value
+
+
+def test_timer_expiring_during_a_poll_is_raised_or_still_planned() -> None:
+    """The timer thread's poll must never leave an armed timer with its output low and no
+    deadline: the thread would then sleep without a timeout and a vCPU that never exits
+    (a busy guest: nothing else re-evaluates the timer) would get no tick again -- the
+    stall seen under Linux once its workload ran. Here the counter crosses CVAL between
+    the first and second clock read inside poll()."""
+    import threading
+    from hv.machine.gic_interrupts import GicController
+
+    cval = 1000
+    host = SteppingHost(0, 0)
+    clock = GuestClock(host)
+    clock.set_running(True)                                  # guest time 0 = host time 0
+    lock = threading.RLock()
+    kicks: list[int] = []
+    controller = GicController(1, lock, threading.Condition(lock), kicks.append, lambda: True, lambda: False,
+                               clock=clock)
+    with lock:
+        controller.gic.s.ctlr = 3                       # distributor: both groups enabled
+        cpu = controller.gic.s.cpus[0]
+        cpu.igrpen1, cpu.pmr = 1, 0xF0
+        cpu.enable |= 1 << PPI_VIRTUAL
+        cpu.group |= 1 << PPI_VIRTUAL
+        cpu.priority[PPI_VIRTUAL] = 0xA0
+        controller.timers.s.virt[0].cval = cval
+        controller.timers.s.virt[0].ctl = 1
+        host.ns, host.step = cval * NS_PER_TICK - 1, NS_PER_TICK   # first read: 1 ns before CVAL
+        delay = controller.poll()
+        signalled = controller.gic.signalled(0)
+    assert delay is not None or signalled == PPI_VIRTUAL, \
+        "poll left an expired timer's PPI low with nothing planned: the timer thread would sleep forever"
+
+
 def test_state_round_trip_and_validation() -> None:
     timers, _, _ = make()
     timers.write(1, "CNTV_CVAL_EL0", 1 << 63)

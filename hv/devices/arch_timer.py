@@ -137,14 +137,22 @@ class ArchTimers:
 
     def update(self, cpu: int) -> None:
         """Drive both PPIs of vCPU ``cpu`` from the current counter."""
-        count = self.counter()
+        self._drive(cpu, self.counter())
+
+    def _drive(self, cpu: int, count: int) -> None:
         self._set_line(cpu, PPI_VIRTUAL, self._output(self.s.virt[cpu], count))
         self._set_line(cpu, PPI_PHYSICAL, self._output(self.s.phys[cpu], count))
 
     def deadline(self, cpu: int) -> int | None:
         """Guest ns at which a timer of vCPU ``cpu`` next raises its output (None: none
-        armed, or already raised)."""
+        armed, or already raised).
+
+        The PPIs are driven from the same counter value first: a timer that expires
+        between a caller's ``update`` and this call is raised here rather than reported
+        as "no deadline" with its line still low (the timer thread would then sleep
+        without a timeout, and a vCPU that never exits would get no tick again)."""
         count = self.counter()
+        self._drive(cpu, count)
         best: int | None = None
         for regs in (self.s.virt[cpu], self.s.phys[cpu]):
             if regs.ctl & (CTL_ENABLE | CTL_IMASK) == CTL_ENABLE and count < regs.cval:
