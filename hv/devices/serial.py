@@ -2,9 +2,29 @@
 
 Eight byte-wide registers; DLAB (LCR bit 7) switches offsets 0 and 1 to the divisor
 latch. Transmission is instantaneous: a byte written to THR goes straight to the output
-sink and THR/TSR are empty again, so LSR always shows THRE|TEMT. Received bytes wait in a
-bounded FIFO. The interrupt state (IIR) is computed exactly and driven onto an injected
-line.
+sink and THR/TSR are empty again, so LSR always shows THRE|TEMT.
+
+Reception (what Linux's 8250 driver relies on, as a 16550A):
+
+* FCR bit 0 = 0 (16450 mode): a one-byte receive buffer register (RBR).
+* FCR bit 0 = 1: a 16-byte RX FIFO. IIR reports "received data available" (0x04) while
+  the fill level is at or above the FCR trigger (1, 4, 8 or 14 bytes) and the character
+  timeout (0x0C) while data sits below it: the host delivers bursts, so by the time the
+  guest looks, the four-character idle time of a real line has passed. Changing FCR bit 0
+  or writing FCR bit 1 flushes the RX FIFO.
+* LSR.DR is set while the RBR/FIFO holds data; with IER bit 0 set, either indication
+  drives the interrupt line (COM1: IRQ 4).
+
+Bytes the host offers while the FIFO is full wait in a bounded host-side queue
+(``rx_pending``, 4 KiB) and move into the FIFO as the guest reads, so typed-ahead input
+is neither lost nor able to grow without bound. Loopback (MCR bit 4) puts transmitted
+bytes straight into the FIFO (dropped when it is full, as an overrun).
+
+Saved state: the registers, the FIFO (``rx_fifo``) and ``rx_pending``. ``rx_pending``
+was added after the first release: a state without it (older hv) loads with an empty
+queue, and it is left out of the saved dict when empty, so an older hv can still load
+such a state. An older hv's FIFO held up to 64 bytes: whatever does not fit in this
+FIFO's current capacity is kept, in order, at the head of ``rx_pending``.
 """
 from __future__ import annotations
 
@@ -13,22 +33,30 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.devices.interfaces import DeviceStateError, InterruptLine, OutputSink, UnconnectedLine, checked_fields, checked_uint, checked_uint_list
+from hv.devices.interfaces import DeviceStateError, InterruptLine, OutputSink, UnconnectedLine, checked_uint, checked_uint_list
 
-RX_FIFO_SIZE = 64
+FIFO_DEPTH = 16                 # the 16550A's RX FIFO
+LEGACY_RX_FIFO_SIZE = 64        # a state saved by an older hv may hold this many
+RX_PENDING_MAX = 4096           # host bytes waiting for room in the FIFO
 
 IER_RDA = 0x01
 IER_THRE = 0x02
 IIR_NONE = 0x01
 IIR_THRE = 0x02
 IIR_RDA = 0x04
+IIR_TIMEOUT = 0x0C
 IIR_FIFO_ENABLED = 0xC0
+FCR_ENABLE = 0x01
+FCR_CLEAR_RX = 0x02
+FCR_TRIGGER = {0: 1, 1: 4, 2: 8, 3: 14}   # FCR bits 7:6 -> RX trigger level
 LCR_DLAB = 0x80
 LSR_DR = 0x01
 LSR_THRE = 0x20
 LSR_TEMT = 0x40
 MCR_LOOP = 0x10
 MSR_RESET_LOOPBACK_BITS = 0xF0
+_BASE_FIELDS = ("dll", "dlm", "ier", "lcr", "mcr", "lsr", "msr", "scr", "fcr", "thr_interrupt_pending", "rx_fifo")
+_LATER_FIELDS: dict[str, Any] = {"rx_pending": []}
 
 
 @dataclass
@@ -46,21 +74,28 @@ class SerialState:
     fcr: int = 0
     thr_interrupt_pending: bool = True
     rx_fifo: list[int] = field(default_factory=list)
+    rx_pending: list[int] = field(default_factory=list)
 
     VERSION = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if not raw["rx_pending"]:
+            del raw["rx_pending"]   # an older hv (no such field) loads this state too
+        return raw
 
     @classmethod
     def from_dict(cls, raw: Any) -> "SerialState":
-        raw = checked_fields(raw, cls, "serial")
-        fifo = checked_uint_list(raw["rx_fifo"], 0x100, "serial state: bad rx_fifo", max_length=RX_FIFO_SIZE)
-        values = {name: checked_uint(value, 0x100, f"serial state: bad {name}")
-                  for name, value in raw.items() if name not in ("rx_fifo", "thr_interrupt_pending")}
+        if not isinstance(raw, dict) or not set(_BASE_FIELDS) <= set(raw) <= set(_BASE_FIELDS) | set(_LATER_FIELDS):
+            raise DeviceStateError("serial state: wrong fields")
+        fifo = checked_uint_list(raw["rx_fifo"], 0x100, "serial state: bad rx_fifo", max_length=LEGACY_RX_FIFO_SIZE)
+        pending = checked_uint_list(raw.get("rx_pending", []), 0x100, "serial state: bad rx_pending",
+                                    max_length=RX_PENDING_MAX)
+        values = {name: checked_uint(raw[name], 0x100, f"serial state: bad {name}")
+                  for name in _BASE_FIELDS if name not in ("rx_fifo", "thr_interrupt_pending")}
         if not isinstance(raw["thr_interrupt_pending"], bool):
             raise DeviceStateError("serial state: bad thr_interrupt_pending")
-        return cls(**values, thr_interrupt_pending=raw["thr_interrupt_pending"], rx_fifo=fifo)
+        return cls(**values, thr_interrupt_pending=raw["thr_interrupt_pending"], rx_fifo=fifo, rx_pending=pending)
 
 
 class Serial16550:
@@ -72,7 +107,8 @@ class Serial16550:
         self.out = out
         self.irq = irq if irq is not None else UnconnectedLine()
         self.state = SerialState()
-        self._rx: deque[int] = deque(maxlen=RX_FIFO_SIZE)
+        self._rx: deque[int] = deque()
+        self._pending: deque[int] = deque()
 
     # -- guest side -------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -81,6 +117,7 @@ class Serial16550:
             if s.lcr & LCR_DLAB:
                 return s.dll
             value = self._rx.popleft() if self._rx else 0
+            self._refill()
             self._update_lsr_and_irq()
             return value
         if offset == 1:
@@ -90,7 +127,7 @@ class Serial16550:
             if iir == IIR_THRE:  # reading IIR clears a pending THRE interrupt
                 s.thr_interrupt_pending = False
                 self._update_irq()
-            return iir | (IIR_FIFO_ENABLED if s.fcr & 1 else 0)
+            return iir | (IIR_FIFO_ENABLED if s.fcr & FCR_ENABLE else 0)
         if offset == 3:
             return s.lcr
         if offset == 4:
@@ -115,7 +152,9 @@ class Serial16550:
                 s.dll = value
                 return
             if s.mcr & MCR_LOOP:
-                self._receive(bytes([value]))
+                if len(self._rx) < self._capacity():
+                    self._rx.append(value)      # else an overrun: the byte is lost
+                self._update_lsr_and_irq()
             else:
                 self.out.write(bytes([value]))
             s.thr_interrupt_pending = True
@@ -130,10 +169,7 @@ class Serial16550:
                     s.thr_interrupt_pending = True
                 self._update_irq()
         elif offset == 2:
-            s.fcr = value & 0xC9
-            if value & 0x02:
-                self._rx.clear()
-                self._update_lsr_and_irq()
+            self._write_fcr(value)
         elif offset == 3:
             s.lcr = value
         elif offset == 4:
@@ -142,22 +178,48 @@ class Serial16550:
             s.scr = value
         # LSR and MSR are read-only.
 
+    def _write_fcr(self, value: int) -> None:
+        """FIFO control: a change of the enable bit or the clear-RX bit flushes the RX
+        FIFO; host bytes still waiting then refill it (they were never received)."""
+        s = self.state
+        flush = bool((s.fcr ^ value) & FCR_ENABLE or value & FCR_CLEAR_RX)
+        s.fcr = value & 0xC9
+        if flush:
+            self._rx.clear()
+        self._refill()
+        self._update_lsr_and_irq()
+
     # -- host side ----------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:
-        """Queue bytes for the guest to read; returns how many fit in the FIFO."""
-        return self._receive(data)
-
-    def _receive(self, data: bytes) -> int:
-        room = RX_FIFO_SIZE - len(self._rx)
-        accepted = data[:room]
-        self._rx.extend(accepted)
+        """Offer console input; returns how many bytes were taken (the rest did not fit
+        in the FIFO and the bounded pending queue: offer them again later)."""
+        room = RX_PENDING_MAX - len(self._pending) + max(0, self._capacity() - len(self._rx))
+        accepted = data[:max(0, room)]
+        if not accepted:
+            return 0
+        self._pending.extend(accepted)
+        self._refill()
         self._update_lsr_and_irq()
         return len(accepted)
+
+    def pending_input(self) -> int:
+        """Bytes received from the host that the guest has not read yet."""
+        return len(self._rx) + len(self._pending)
+
+    # -- internals ----------------------------------------------------------------
+    def _capacity(self) -> int:
+        return FIFO_DEPTH if self.state.fcr & FCR_ENABLE else 1
+
+    def _refill(self) -> None:
+        while self._pending and len(self._rx) < self._capacity():
+            self._rx.append(self._pending.popleft())
 
     def _iir(self) -> int:
         s = self.state
         if s.ier & IER_RDA and self._rx:
-            return IIR_RDA
+            if not s.fcr & FCR_ENABLE or len(self._rx) >= FCR_TRIGGER[s.fcr >> 6]:
+                return IIR_RDA
+            return IIR_TIMEOUT
         if s.ier & IER_THRE and s.thr_interrupt_pending:
             return IIR_THRE
         return IIR_NONE
@@ -174,10 +236,12 @@ class Serial16550:
 
     # -- persistence ----------------------------------------------------------------
     def save(self) -> SerialState:
-        saved = dataclasses.replace(self.state, rx_fifo=list(self._rx))
-        return saved
+        return dataclasses.replace(self.state, rx_fifo=list(self._rx), rx_pending=list(self._pending))
 
     def restore(self, state: SerialState) -> None:
-        self.state = dataclasses.replace(state, rx_fifo=[])
-        self._rx = deque(state.rx_fifo, maxlen=RX_FIFO_SIZE)
+        self.state = dataclasses.replace(state, rx_fifo=[], rx_pending=[])
+        received = list(state.rx_fifo) + list(state.rx_pending)
+        capacity = self._capacity()
+        self._rx = deque(received[:capacity])
+        self._pending = deque(received[capacity:])
         self._update_lsr_and_irq()
