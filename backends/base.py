@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from hv.memory import GuestMemory
 from hv.state import CpuState
@@ -43,9 +43,33 @@ class IoHandler(Protocol):
     def mmio_write(self, addr: int, size: int, value: int) -> None: ...
 
 
+class SysregHandler(Protocol):
+    """Serves the system registers a machine owns for one aarch64 vCPU (the GIC's ICC_*,
+    the generic timers' CNT*_EL0); called on that vCPU's thread inside :meth:`Vcpu.run`."""
+
+    def read(self, name: str) -> int | None:
+        """The register's value, or None when the machine does not serve ``name``."""
+
+    def write(self, name: str, value: int) -> bool:
+        """True when the machine took the write."""
+
+
+class PowerHandler(Protocol):
+    """The machine's PSCI power controller as an aarch64 vCPU sees it (called on the
+    calling vCPU's thread inside :meth:`Vcpu.run`). Results are PSCI return codes
+    (negative: errors)."""
+
+    def cpu_on(self, target_mpidr: int, entry: int, context_id: int) -> int: ...
+
+    def affinity_info(self, target_mpidr: int, lowest_level: int) -> int: ...
+
+
 class ExitReason(enum.Enum):
+    """Why :meth:`Vcpu.run` returned: the complete list of what a backend may report."""
+
     HALT = "halt"                  # HLT / WFI: wait for an interrupt (or a kick)
     KICKED = "kicked"              # Vcpu.kick() was honoured at an architectural point
+    IRQ_WINDOW = "irq-window"      # a requested interrupt window opened (request consumed)
     SYSTEM_OFF = "system-off"      # PSCI SYSTEM_OFF (aarch64)
     SYSTEM_RESET = "system-reset"  # PSCI SYSTEM_RESET, or triple fault on x86
     ERROR = "error"                # internal/emulation error; detail says what
@@ -59,9 +83,32 @@ class Exit:
 
 
 class Vcpu(ABC):
-    """One virtual CPU. ``run`` is called from a single vCPU thread; ``kick`` from any."""
+    """One virtual CPU. ``run`` is called from a single vCPU thread; ``kick`` from any.
+
+    This class is the whole of what the VMM may ask of a vCPU: hv never reaches past it
+    (no private attributes, no ``hasattr`` probing; ``tests/test_backend_seam.py``). A
+    capability only some backends have is a method here whose default raises
+    :class:`BackendError` naming the backend; what every backend must provide is abstract.
+
+    Interrupts: the interrupt controllers are hv devices. A backend only hands one
+    interrupt to the CPU (:meth:`inject_interrupt` on x86, :meth:`inject_irq` on
+    aarch64), says whether the CPU would accept one (:meth:`interrupts_enabled`,
+    :attr:`ready_for_interrupt`), and stops the guest when a masked CPU unmasks
+    (:meth:`request_interrupt_window` -> ``ExitReason.IRQ_WINDOW``).
+    """
 
     index: int
+    #: Short name of the backend in messages ("kvm", "unicorn").
+    backend_name: ClassVar[str] = ""
+    #: True when an injected interrupt is only *queued* inside the backend and reaches the
+    #: CPU at the next guest entry (KVM_INTERRUPT): until a ``run`` proves the guest was
+    #: entered the vector is in no saved state, so the VMM must run the vCPU once more
+    #: before a snapshot. False: the interrupt is in the CPU state when injection returns.
+    deferred_injection: ClassVar[bool] = False
+    #: True when the interrupt window opens exactly when the CPU can take an interrupt
+    #: (KVM). False: it is emulated at coarser points (Unicorn: translation-block
+    #: boundaries) and the VMM backs it up with a retry kick.
+    exact_interrupt_window: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, io: IoHandler) -> Exit:
@@ -87,6 +134,59 @@ class Vcpu(ABC):
     @abstractmethod
     def set_state(self, state: CpuState) -> None:
         """Load a canonical state (from this or any other backend)."""
+
+    # -- interrupts (between runs, on the vCPU's own thread) ---------------------------
+    def inject_interrupt(self, vector: int) -> bool:
+        """x86: hand external interrupt ``vector`` (32..255) to the CPU if it can take it
+        now (RFLAGS.IF set, no interrupt shadow, nothing else pending); False otherwise,
+        and nothing changed. See :attr:`deferred_injection` for when it reaches the CPU."""
+        raise self.unsupported("x86 external interrupt injection")
+
+    def inject_irq(self) -> bool:
+        """aarch64: the CPU's IRQ line is asserted (level; the GIC signals an interrupt).
+        Enter the IRQ exception now if PSTATE.I allows; False otherwise. Nothing is
+        acknowledged: the guest does that through the GIC, and while the line stays
+        asserted the VMM calls this again before each run."""
+        raise self.unsupported("aarch64 IRQ injection")
+
+    @abstractmethod
+    def interrupts_enabled(self) -> bool:
+        """Whether the CPU has maskable interrupts unmasked now (x86 RFLAGS.IF, aarch64
+        PSTATE.I clear). A cheap pre-check: injection checks everything again."""
+
+    @property
+    @abstractmethod
+    def ready_for_interrupt(self) -> bool:
+        """Whether the CPU can take an interrupt now: unmasked, no interrupt shadow and
+        no injection still pending in the backend (KVM: as it reported at the end of the
+        last ``run``)."""
+
+    @abstractmethod
+    def request_interrupt_window(self, after_shadow: bool = False) -> None:
+        """Stop the guest as soon as it can take an interrupt: ``run`` returns
+        ``ExitReason.IRQ_WINDOW`` and the request is consumed. ``after_shadow``: the CPU
+        is unmasked but in an interrupt shadow (after ``sti`` / ``mov ss``); let that one
+        instruction run first (a backend whose window already waits for the shadow
+        ignores it)."""
+
+    @abstractmethod
+    def cancel_interrupt_window(self) -> None:
+        """Withdraw a :meth:`request_interrupt_window` that has not fired yet."""
+
+    # -- aarch64 machine services (routed from inside run) ------------------------------
+    def set_sysreg_handler(self, handler: SysregHandler | None) -> None:
+        """Route the system registers a machine owns (ICC_*, CNT*_EL0) to ``handler``;
+        None gives them back to the backend's own handling."""
+        raise self.unsupported("routing system registers to the machine")
+
+    def set_power_handler(self, handler: PowerHandler | None) -> None:
+        """Serve PSCI CPU_ON / AFFINITY_INFO through ``handler`` (the machine's power
+        controller); None answers them NOT_SUPPORTED."""
+        raise self.unsupported("PSCI power control")
+
+    def unsupported(self, what: str) -> BackendError:
+        """The error for a capability this backend (or this architecture) lacks."""
+        return BackendError(f"{what} is not supported by {self.backend_name or type(self).__name__}")
 
 
 class Vm(ABC):

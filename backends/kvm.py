@@ -70,9 +70,6 @@ XSTATE_X87_SSE = 0x3
 # them as zeros so that images from different backends compare equal.
 FXSAVE_ARCH_END = 416
 
-# Exit.detail of the KICKED exit that reports an open interrupt window.
-INTERRUPT_WINDOW = "interrupt window"
-
 RFLAGS_IF = 1 << 9
 SOFT_INT_SETTLE_ATTEMPTS = 8
 SOFT_INT_SETTLE_DELAY = 0.0002   # seconds of guest run per settle attempt (times the attempt)
@@ -420,6 +417,10 @@ _STATE_MSRS: tuple[int, ...] = (*CANONICAL_MSRS, abi.MSR_IA32_TSC)
 class KvmVcpu(Vcpu):
     """One KVM vCPU: an fd and its shared ``kvm_run`` page."""
 
+    backend_name = "kvm"
+    deferred_injection = True       # KVM_INTERRUPT queues the vector for the next entry
+    exact_interrupt_window = True   # KVM_EXIT_IRQ_WINDOW_OPEN: IF=1 and no shadow
+
     def __init__(self, vm: KvmVm, index: int) -> None:
         self.index = index
         self._vm = vm
@@ -516,7 +517,7 @@ class KvmVcpu(Vcpu):
                     return Exit(ExitReason.HALT)
                 elif reason == abi.KVM_EXIT_IRQ_WINDOW_OPEN:
                     run.request_interrupt_window = 0
-                    return Exit(ExitReason.KICKED, INTERRUPT_WINDOW)
+                    return Exit(ExitReason.IRQ_WINDOW)
                 elif reason == abi.KVM_EXIT_INTR:
                     continue
                 else:
@@ -714,10 +715,21 @@ class KvmVcpu(Vcpu):
         queued), as KVM reported at the end of the last ``run``."""
         return bool(self._run.ready_for_interrupt_injection)
 
-    def request_interrupt_window(self, wanted: bool) -> None:
+    def interrupts_enabled(self) -> bool:
+        """RFLAGS.IF (KVM_GET_REGS). Between runs only."""
+        self._check_stopped("interrupts_enabled")
+        regs = ffi.new("struct kvm_regs *")
+        _ioctl(self._fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return bool(regs.rflags & RFLAGS_IF)
+
+    def request_interrupt_window(self, after_shadow: bool = False) -> None:
         """Ask KVM to stop the guest as soon as it can take an interrupt: ``run`` then
-        returns ``Exit(KICKED, INTERRUPT_WINDOW)`` and the request is cleared."""
-        self._run.request_interrupt_window = 1 if wanted else 0
+        returns ``Exit(IRQ_WINDOW)`` and the request is cleared. KVM's window already
+        waits for an interrupt shadow to end, so ``after_shadow`` changes nothing."""
+        self._run.request_interrupt_window = 1
+
+    def cancel_interrupt_window(self) -> None:
+        self._run.request_interrupt_window = 0
 
     # -- state ---------------------------------------------------------------------------
     def _check_stopped(self, what: str) -> None:

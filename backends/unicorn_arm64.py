@@ -21,11 +21,11 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from hv_backends.base import BackendError, Exit, ExitReason
-from hv_backends.unicorn import (UnicornLayoutError, UnicornVcpuBase, _fn_addr, _import_unicorn, _native,
-                                 add_native_hook, uclib)
+from hv_backends.base import BackendError, Exit, ExitReason, PowerHandler, SysregHandler
+from hv_backends.unicorn_common import (UnicornLayoutError, UnicornVcpuBase, _fn_addr, _import_unicorn, _native,
+                                        add_native_hook, uclib)
 from hv.memory import GuestMemoryError
 from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
 
@@ -205,23 +205,6 @@ def _define_python_callbacks() -> None:
             vcpu._on_interrupt(vcpu.uc, intno)
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() after emu_start
             vcpu._hook_failed(exc)
-
-
-class SysregHandler(Protocol):
-    """Serves routed system registers of one vCPU (called on its thread inside ``run``)."""
-
-    def read(self, name: str) -> int | None: ...
-
-    def write(self, name: str, value: int) -> bool: ...
-
-
-class PowerHandler(Protocol):
-    """The machine's PSCI power controller, as a vCPU sees it (called on the calling
-    vCPU's thread inside ``run``). Results are PSCI return codes (negative: errors)."""
-
-    def cpu_on(self, target_mpidr: int, entry: int, context_id: int) -> int: ...
-
-    def affinity_info(self, target_mpidr: int, lowest_level: int) -> int: ...
 
 
 @dataclass
@@ -506,6 +489,16 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         """Take an IRQ exception now if PSTATE.I allows; False otherwise (vCPU stopped)."""
         with self._engine_lock:
             return self._inject_irq_locked()
+
+    def interrupts_enabled(self) -> bool:
+        """PSTATE.I clear (one register read)."""
+        with self._engine_lock:
+            return not self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE) & PSTATE_I
+
+    @property
+    def ready_for_interrupt(self) -> bool:
+        """aarch64 has no interrupt shadow: the same as :meth:`interrupts_enabled`."""
+        return self.interrupts_enabled()
 
     def _inject_irq_locked(self) -> bool:
         pstate = self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)

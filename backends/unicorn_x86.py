@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv_backends.base import BackendError, Exit, ExitReason
-from hv_backends.unicorn import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
+from hv_backends.unicorn_common import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
 from hv.memory import PAGE_SIZE, GuestMemoryError
 from hv.state import EFER_LMA, EFER_SCE, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState
 
@@ -365,6 +365,18 @@ class UnicornX86Vcpu(UnicornVcpuBase):
             raise BackendError(f"interrupt vector {vector} is out of range 32..255")
         with self._engine_lock:
             return self._inject_locked(vector)
+
+    def interrupts_enabled(self) -> bool:
+        """RFLAGS.IF: one register read, where :meth:`inject_interrupt` first captures the
+        whole CPU state (about 0.6 ms) before it can say no."""
+        with self._engine_lock:
+            return bool(self.uc.reg_read(self._x.UC_X86_REG_RFLAGS) & RFLAGS_IF)
+
+    @property
+    def ready_for_interrupt(self) -> bool:
+        """RFLAGS.IF set and no interrupt shadow (reads the CPU state)."""
+        state = self.get_state()
+        return bool(state.rflags & RFLAGS_IF) and not state.interrupt_shadow
 
     def _inject_locked(self, vector: int) -> bool:
         state = self.get_state()

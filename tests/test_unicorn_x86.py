@@ -365,7 +365,7 @@ def test_inject_external_interrupt(guest: X86Guest) -> None:
 
 
 def test_interrupt_window_stops_after_sti_and_its_shadow(guest: X86Guest) -> None:
-    """hv's interrupt window for Unicorn: armed while IF=0, ``run`` returns KICKED at the
+    """hv's interrupt window for Unicorn: armed while IF=0, ``run`` returns IRQ_WINDOW at the
     block after ``sti`` (still under the interrupt shadow, so injection is refused there);
     re-armed past one block it stops after the shadowed instruction, where the interrupt
     goes in before the guest's loop counted once."""
@@ -386,13 +386,13 @@ def test_interrupt_window_stops_after_sti_and_its_shadow(guest: X86Guest) -> Non
     guest.vcpu.set_state(guest.kernel_state())
     code = guest.memory.read(KCODE, 64)
     nop_at = KCODE + code.index(b"\xfb\x90") + 1          # the instruction after sti
-    guest.vcpu.arm_irq_window(True)
-    assert guest.run().reason is ExitReason.KICKED
+    guest.vcpu.request_interrupt_window()
+    assert guest.run().reason is ExitReason.IRQ_WINDOW
     st = guest.vcpu.get_state()
     assert st.rip == nop_at and st.interrupt_shadow and st.rbx == 0
     assert not guest.vcpu.inject_interrupt(0x40)          # the shadow refuses it
-    guest.vcpu.arm_irq_window(True, after_one_block=True)
-    assert guest.run().reason is ExitReason.KICKED
+    guest.vcpu.request_interrupt_window(after_shadow=True)
+    assert guest.run().reason is ExitReason.IRQ_WINDOW
     st = guest.vcpu.get_state()
     assert st.rip == nop_at + 1 and not st.interrupt_shadow and st.rbx == 0
     assert guest.vcpu.inject_interrupt(0x40)
@@ -405,8 +405,8 @@ def test_disarmed_window_does_not_stop_the_guest(guest: X86Guest) -> None:
     import threading
     guest.load(KCODE, "sti\n 2: inc rbx\n jmp 2b")
     guest.vcpu.set_state(guest.kernel_state())
-    guest.vcpu.arm_irq_window(True)
-    guest.vcpu.arm_irq_window(False)
+    guest.vcpu.request_interrupt_window()
+    guest.vcpu.cancel_interrupt_window()
     timer = threading.Timer(0.05, guest.vcpu.kick)
     timer.start()
     try:

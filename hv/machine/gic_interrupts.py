@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hv_backends.base import Exit
+from hv_backends.base import Exit, Vcpu
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
 from hv.devices.gicv2m import V2M_DOORBELL, GicV2m
@@ -134,36 +134,36 @@ class GicController(ControllerCore):
             return done
 
     # -- vCPU side ----------------------------------------------------------------------------
-    def before_run(self, index: int, vcpu: Any) -> None:
+    def before_run(self, index: int, vcpu: Vcpu) -> None:
+        """Assert the IRQ line into the CPU while the GIC signals (big lock held)."""
         self.timers.update(index)
-        window = False
-        if self.gic.signalled(index) is not None:
-            if self._inject(vcpu):
-                self.injected[index] += 1
-                self._retry_at[index] = None
-            else:
-                # PSTATE.I set: the engine stops at the first block after the guest
-                # unmasks (msr daifclr / daif, eret end their block); the retry kick
-                # stays as a safety net.
-                window = True
+        if self.gic.signalled(index) is None:
+            self._retry_at[index] = None
+            vcpu.cancel_interrupt_window()
+        elif self._inject(vcpu):
+            self.injected[index] += 1
+            self._retry_at[index] = None
+            vcpu.cancel_interrupt_window()
+        else:
+            # PSTATE.I set: the window stops the guest right after it unmasks (Unicorn:
+            # msr daifclr / daif and eret end their block); an inexact window is backed
+            # by a retry kick.
+            vcpu.request_interrupt_window()
+            if not vcpu.exact_interrupt_window:
                 self._retry_at[index] = time.monotonic_ns() + RETRY_NS
                 self.retries += 1
                 self._notify()
-        else:
-            self._retry_at[index] = None
-        arm = getattr(vcpu, "arm_irq_window", None)
-        if arm is not None:
-            arm(window)
         self._in_run[index] = True
 
-    def after_run(self, index: int, vcpu: Any, result: Exit) -> None:
+    def after_run(self, index: int, vcpu: Vcpu, result: Exit) -> None:
         with self._lock:
             self._in_run[index] = False
 
     def must_settle(self, index: int) -> bool:
+        """Never: aarch64 injection enters the vector at once (nothing stays queued)."""
         return False
 
-    def settle(self, index: int, vcpu: Any) -> None:
+    def settle(self, index: int, vcpu: Vcpu) -> None:
         self._in_run[index] = True
 
     def halt_timeout(self, index: int) -> float | None:
@@ -174,7 +174,7 @@ class GicController(ControllerCore):
     def wants_wake(self, index: int) -> bool:
         return self.gic.signalled(index) is not None
 
-    def wake(self, index: int, vcpu: Any) -> bool:
+    def wake(self, index: int, vcpu: Vcpu) -> bool:
         """WFI ends when an interrupt is signalled, whether or not PSTATE.I masks it."""
         if self.gic.signalled(index) is None:
             return False
@@ -182,7 +182,7 @@ class GicController(ControllerCore):
             self.injected[index] += 1
         return True
 
-    def _inject(self, vcpu: Any) -> bool:
+    def _inject(self, vcpu: Vcpu) -> bool:
         self._lock.release()
         try:
             return bool(vcpu.inject_irq())

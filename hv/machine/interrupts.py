@@ -8,18 +8,20 @@ and the :class:`~hv.devices.clock.GuestClock`, and is called by the machine's vC
 ``before_run(index, vcpu)`` (big lock held, right before ``vcpu.run``)
     If the APIC has a deliverable vector (highest IRR above PPR) it is handed to the
     backend — ``inject_interrupt(vector)``, which checks RFLAGS.IF and the interrupt
-    shadow — and acknowledged (IRR -> ISR) only when the backend took it. Otherwise KVM
-    is asked for an interrupt-window exit; Unicorn has none of its own, so hv's native
-    block hook plays it (``arm_irq_window``: stop at the first block with IF=1), and a
-    retry kick ``UNICORN_RETRY_NS`` later backs it up (and covers the interrupt shadow). The backend call itself is made with the big
-    lock released (Unicorn's takes ~0.6 ms); the vCPU is not parked meanwhile, so no
-    snapshot can be taken half-way.
+    shadow — and acknowledged (IRR -> ISR) only when the backend took it. Otherwise the
+    backend is asked for an interrupt-window exit (``request_interrupt_window``; KVM's
+    own, or on Unicorn hv's native block hook stopping at the first block with IF=1).
+    Where the window is not exact (``Vcpu.exact_interrupt_window`` false) a retry kick
+    ``UNICORN_RETRY_NS`` later backs it up (and covers the interrupt shadow). The backend
+    call itself is made with the big lock released (Unicorn's takes ~0.6 ms); the vCPU is
+    not parked meanwhile, so no snapshot can be taken half-way.
 ``after_run(index, vcpu, exit)``
-    KVM delivers a queued vector at the next guest entry. A ``run`` that was kicked
-    before entering (``immediate_exit``) leaves it queued inside KVM, where a saved CPU
-    state would not see it. Such an injection stays *unconfirmed* until a run proves the
-    guest was entered (any exit other than a kick, or KVM reporting it can take
-    interrupts again, which it cannot while one is queued).
+    A backend with ``deferred_injection`` (KVM) delivers a queued vector at the next
+    guest entry. A ``run`` that was kicked before entering (``immediate_exit``) leaves it
+    queued inside KVM, where a saved CPU state would not see it. Such an injection stays
+    *unconfirmed* until a run proves the guest was entered (any exit other than a kick,
+    or the backend reporting it can take interrupts again, which it cannot while one is
+    queued).
 ``must_settle(index)``
     True while an injection is unconfirmed: the vCPU loop then runs the vCPU once more
     (with an interrupt-window request, so it exits as soon as the handler re-enables
@@ -45,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from hv_backends.base import Exit, ExitReason
+from hv_backends.base import Exit, ExitReason, Vcpu
 from hv.devices.clock import ClockState, GuestClock
 from hv.devices.ioapic import IoApic
 from hv.devices.lapic import (ICR_DELIVERY_MODE_SHIFT, ICR_DEST_LOGICAL, ICR_SHORTHAND_SHIFT, ICR_TRIGGER_LEVEL,
@@ -59,30 +61,6 @@ DELIVERY_LOWEST = 1
 DELIVERY_INIT = 5
 DELIVERY_STARTUP = 6
 ICR_LEVEL_ASSERT = 1 << 14
-KVM_WINDOW_DETAIL = "interrupt window"   # hv_backends.kvm.INTERRUPT_WINDOW
-
-
-RFLAGS_IF = 1 << 9
-
-
-def _unicorn_interrupts_enabled(vcpu: Any) -> bool:
-    """Cheap RFLAGS.IF pre-check for a Unicorn vCPU (one register read; its
-    ``inject_interrupt`` captures the whole CPU state, about 0.6 ms, before it can say no).
-    True for other backends, whose ``inject_interrupt`` checks cheaply itself."""
-    uc = getattr(vcpu, "uc", None)
-    x86 = getattr(vcpu, "_x", None)
-    if uc is None or x86 is None:
-        return True
-    return bool(uc.reg_read(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
-
-
-class InjectingVcpu(Protocol):
-    index: int
-
-    def inject_interrupt(self, vector: int) -> bool: ...
-
-    def kick(self) -> None: ...
-
 
 class TimerSource(Protocol):
     """A device timer the timer thread runs (guest-clock ns deadlines, big lock held)."""
@@ -323,61 +301,72 @@ class InterruptController(ControllerCore):
             log.warning(message, *args)
 
     # -- vCPU side (called by the vCPU's own thread) ------------------------------------------
-    def before_run(self, index: int, vcpu: Any) -> None:
+    def before_run(self, index: int, vcpu: Vcpu) -> None:
         """Hand the highest deliverable vector to the backend, or arrange to retry.
         Big lock held; the machine is running."""
-        lapic = self.lapics[index]
-        kvm = hasattr(vcpu, "request_interrupt_window")
-        vector = lapic.deliverable()
-        if kvm:
-            if vector is not None and self._unconfirmed[index] is None and self._inject(vcpu, vector):
-                self._taken(index, vector)
-                self._unconfirmed[index] = vector
-                vector = lapic.deliverable()
-            if vector is not None:
-                self.stats.window_requests += 1
-            vcpu.request_interrupt_window(vector is not None)
+        if vcpu.deferred_injection:
+            self._offer_queued(index, vcpu)
         else:
-            window = shadow = False
-            while vector is not None:
-                enabled = _unicorn_interrupts_enabled(vcpu)
-                if not enabled or not self._inject(vcpu, vector):
-                    # IF=0: the engine stops as soon as the guest sets IF (the window).
-                    # IF=1 but refused: the shadow after sti / mov ss covers one more
-                    # instruction, so the window opens after it. The retry kick stays
-                    # as a safety net either way.
-                    window, shadow = True, enabled
+            self._offer_immediate(index, vcpu)
+        self._in_run[index] = True
+
+    def _offer_queued(self, index: int, vcpu: Vcpu) -> None:
+        """A backend that queues the vector for the next entry (KVM): one vector per run,
+        unconfirmed until the guest was entered; the window exit asks for the next."""
+        lapic = self.lapics[index]
+        vector = lapic.deliverable()
+        if vector is not None and self._unconfirmed[index] is None and self._inject(vcpu, vector):
+            self._taken(index, vector)
+            self._unconfirmed[index] = vector
+            vector = lapic.deliverable()
+        if vector is not None:
+            self.stats.window_requests += 1
+            vcpu.request_interrupt_window()
+        else:
+            vcpu.cancel_interrupt_window()
+
+    def _offer_immediate(self, index: int, vcpu: Vcpu) -> None:
+        """A backend whose injection enters the handler at once (Unicorn): inject every
+        deliverable vector the CPU takes; when it refuses, open the window."""
+        lapic = self.lapics[index]
+        vector = lapic.deliverable()
+        while vector is not None:
+            enabled = vcpu.interrupts_enabled()
+            if not enabled or not self._inject(vcpu, vector):
+                # IF=0: the engine stops as soon as the guest sets IF (the window).
+                # IF=1 but refused: the shadow after sti / mov ss covers one more
+                # instruction, so the window opens after it. An inexact window is
+                # backed by a retry kick either way.
+                vcpu.request_interrupt_window(after_shadow=enabled)
+                if not vcpu.exact_interrupt_window:
                     self._retry_at[index] = time.monotonic_ns() + UNICORN_RETRY_NS
                     self.stats.retries += 1
                     self._notify()
-                    break
-                self._taken(index, vector)
-                vector = lapic.deliverable()
-            else:
-                self._retry_at[index] = None
-            arm = getattr(vcpu, "arm_irq_window", None)
-            if arm is not None:
-                arm(window, after_one_block=shadow)
-        self._in_run[index] = True
+                return
+            self._taken(index, vector)
+            vector = lapic.deliverable()
+        self._retry_at[index] = None
+        vcpu.cancel_interrupt_window()
 
-    def after_run(self, index: int, vcpu: Any, result: Exit) -> None:
-        """Note the end of a run; confirms a KVM injection once the guest was entered."""
+    def after_run(self, index: int, vcpu: Vcpu, result: Exit) -> None:
+        """Note the end of a run; confirms a deferred (KVM) injection once the guest was
+        entered: any exit but a kick (an open window included) proves it, and so does
+        the backend reporting it could take another interrupt."""
         with self._lock:
             self._in_run[index] = False
             if self._unconfirmed[index] is None:
                 return
-            if result.reason is not ExitReason.KICKED or result.detail == KVM_WINDOW_DETAIL \
-                    or getattr(vcpu, "ready_for_interrupt", True):
+            if result.reason is not ExitReason.KICKED or vcpu.ready_for_interrupt:
                 self._unconfirmed[index] = None
 
     def must_settle(self, index: int) -> bool:
         """True while a vector may still sit queued inside KVM (run once more first)."""
         return self._unconfirmed[index] is not None
 
-    def settle(self, index: int, vcpu: Any) -> None:
-        """Prepare a run whose only purpose is to complete a queued entry (paused machine)."""
-        if hasattr(vcpu, "request_interrupt_window"):
-            vcpu.request_interrupt_window(True)
+    def settle(self, index: int, vcpu: Vcpu) -> None:
+        """Prepare a run whose only purpose is to complete a queued entry (paused
+        machine): the window exit ends it as soon as the handler re-enables interrupts."""
+        vcpu.request_interrupt_window()
         self._in_run[index] = True
 
     def halt_timeout(self, index: int) -> float | None:
@@ -399,24 +388,24 @@ class InterruptController(ControllerCore):
         return (lapic.deliverable() is not None and self._unconfirmed[index] is None
                 and lapic.s.irr != self._wake_refused[index])
 
-    def wake(self, index: int, vcpu: Any) -> bool:
+    def wake(self, index: int, vcpu: Vcpu) -> bool:
         """A halted vCPU (not parked): True if an interrupt was injected (it runs again)."""
         lapic = self.lapics[index]
         vector = lapic.deliverable()
         if vector is None or self._unconfirmed[index] is not None:
             return False
-        if not _unicorn_interrupts_enabled(vcpu) or not self._inject(vcpu, vector):
+        if not vcpu.interrupts_enabled() or not self._inject(vcpu, vector):
             # IF=0: HLT stays halted until an NMI/INIT/reset (none here); retried only
             # when another vector arrives or the machine is stopped and started again.
             self._wake_refused[index] = lapic.s.irr
             return False
         self._wake_refused[index] = None
         self._taken(index, vector)
-        if hasattr(vcpu, "request_interrupt_window"):
+        if vcpu.deferred_injection:
             self._unconfirmed[index] = vector
         return True
 
-    def _inject(self, vcpu: Any, vector: int) -> bool:
+    def _inject(self, vcpu: Vcpu, vector: int) -> bool:
         """``vcpu.inject_interrupt(vector)`` without the big lock (Unicorn's takes ~0.6 ms,
         which would hold up the timer thread and device threads). Safe: only this vCPU's
         thread acknowledges its APIC's vectors, and the APIC state cannot be replaced

@@ -169,12 +169,10 @@ class Machine:
             self.vm = backend.open_vm(self.arch, self.memory, mmio_windows)
             self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(config.smp)]
             if isinstance(self.interrupts, GicController):
+                # virt: ICC_*/CNT* and PSCI are served by the machine (BackendError where
+                # the backend cannot route them)
                 for index, vcpu in enumerate(self.vcpus):
-                    if not hasattr(vcpu, "set_sysreg_handler"):
-                        raise MachineError(f"backend {backend.name} cannot serve the virt GIC's system registers")
-                    vcpu.set_sysreg_handler(self.interrupts.sysreg_handler(index))  # type: ignore[attr-defined]
-            for index, vcpu in enumerate(self.vcpus):
-                if hasattr(vcpu, "set_power_handler"):
+                    vcpu.set_sysreg_handler(self.interrupts.sysreg_handler(index))
                     vcpu.set_power_handler(PsciPower(self, index))
             if isinstance(self.interrupts, InterruptController):
                 self.interrupts.set_power_host(self)
@@ -794,7 +792,7 @@ class Machine:
 
     def _handle_exit(self, index: int, result: Exit) -> None:
         reason = result.reason
-        if reason is ExitReason.KICKED:
+        if reason is ExitReason.KICKED or reason is ExitReason.IRQ_WINDOW:
             self._throttle_pause(index)
             return
         if reason is ExitReason.HALT:

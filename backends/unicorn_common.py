@@ -1,0 +1,355 @@
+"""What the Unicorn backend's modules share: the engine and its native hooks, and the
+vCPU base class both architectures build on.
+
+:mod:`hv_backends.unicorn` (the backend and its VM) imports the architecture modules
+:mod:`hv_backends.unicorn_x86` and :mod:`hv_backends.unicorn_arm64`; they, in turn,
+import only this module, so the three never import each other in a circle.
+
+The hot hooks are native (``hv_backends._hv_native``, built by cffi at install time):
+
+* a block hook that honours :meth:`Vcpu.kick` by calling ``uc_emu_stop`` at the start of
+  a translation block -- the only point where a stop never replays or splits an
+  instruction or a device access -- and plays KVM's interrupt-window exit;
+* a write hook that marks the guest-*physical* pages a store touches (it walks the guest
+  page tables: Unicorn reports virtual addresses) in a bitmap in RAM offset space.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from hv_backends.base import Arch, BackendError, Exit, ExitReason, IoHandler, Vcpu
+from hv.memory import PAGE_SIZE, GuestMemory
+
+if TYPE_CHECKING:
+    import unicorn
+
+    from hv_backends.unicorn import UnicornVm
+
+log = logging.getLogger(__name__)
+
+UNICORN_VERSION = "2.1.4"
+MAX_REGIONS = 16
+
+
+class UnicornLayoutError(BackendError):
+    """Unicorn's saved-context layout is not the one this backend was written for."""
+
+
+def _import_unicorn() -> Any:
+    import unicorn  # noqa: PLC0415 - imported lazily so hosts without unicorn can use KVM
+
+    return unicorn
+
+
+def _native() -> Any:
+    from hv_backends import _hv_native  # noqa: PLC0415 - built at install time
+
+    return _hv_native
+
+
+def uclib() -> ctypes.CDLL:
+    """The ctypes handle of the libunicorn the Python binding loaded."""
+    from unicorn.unicorn_py3 import unicorn as binding  # noqa: PLC0415
+
+    return binding.uclib
+
+
+def _fn_addr(name: str) -> int:
+    addr = ctypes.cast(getattr(uclib(), name), ctypes.c_void_p).value
+    if not addr:
+        raise BackendError(f"libunicorn has no symbol {name}")
+    return addr
+
+
+def add_native_hook(uc: "unicorn.Uc", htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
+    """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
+    native = _native()
+    fptr = int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
+    handle = ctypes.c_size_t()
+    status = uclib().uc_hook_add(uc._uch, ctypes.byref(handle), htype, ctypes.c_void_p(fptr),
+                                 ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    if status != 0:
+        raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+    return handle.value
+
+
+class NativeVm:
+    """The C-side record of a VM's RAM layout and its guest-write dirty bitmap."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        native = _native()
+        self.ffi = native.ffi
+        self.lib = native.lib
+        if len(memory.regions) > MAX_REGIONS:
+            raise BackendError(f"at most {MAX_REGIONS} RAM regions are supported")
+        self.struct = self.ffi.new("struct hv_vm *")
+        self.bitmap = self.ffi.new("uint8_t[]", max(1, (memory.page_count + 7) // 8))
+        self.struct.bitmap = self.bitmap
+        self.struct.npages = memory.page_count
+        self.struct.nregions = len(memory.regions)
+        for i, region in enumerate(memory.regions):
+            entry = self.struct.regions[i]
+            entry.gpa = region.gpa
+            entry.size = region.size
+            entry.ram_offset = region.offset
+            entry.host = self.ffi.cast("uint8_t *", region.host_addr)
+        self.nbytes = (memory.page_count + 7) // 8
+
+    def take(self) -> bytearray:
+        out = bytearray(self.nbytes)
+        if self.nbytes:
+            self.lib.hv_take_dirty(self.struct, self.ffi.from_buffer(out))
+        return out
+
+
+class NativeVcpu:
+    """The C-side record one vCPU's hooks use (kick flag, paging-register cache)."""
+
+    def __init__(self, vm: NativeVm, arch: Arch) -> None:
+        self.ffi = vm.ffi
+        self.lib = vm.lib
+        self.vm = vm
+        self.struct = self.ffi.new("struct hv_vcpu *")
+        self.struct.vm = vm.struct
+        self.struct.arch = 0 if arch is Arch.X86_64 else 1
+        self.struct.emu_stop = self.ffi.cast("void *", _fn_addr("uc_emu_stop"))
+        self.struct.reg_read = self.ffi.cast("void *", _fn_addr("uc_reg_read"))
+        self.addr = int(self.ffi.cast("uintptr_t", self.struct))
+
+    def install(self, uc: "unicorn.Uc") -> None:
+        """The block hook is always present; the write hook only while dirty logging
+        (a memory-write hook sends every store through Unicorn's slow path)."""
+        add_native_hook(uc, _import_unicorn().UC_HOOK_BLOCK, "hv_block_hook", self.addr)
+
+    def add_write_hook(self, uc: "unicorn.Uc") -> int:
+        return add_native_hook(uc, _import_unicorn().UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
+
+    def translate(self, uc: "unicorn.Uc", vaddr: int) -> int | None:
+        """Guest-physical address of ``vaddr`` under the current paging mode.
+
+        None when the page is not mapped; raises BackendError when the tables cannot
+        be walked (outside RAM, unsupported format)."""
+        out = self.ffi.new("uint64_t *")
+        rc = self.lib.hv_translate(self.ffi.cast("void *", uc._uch.value), self.struct, vaddr, out)
+        if rc < 0:
+            raise BackendError(f"cannot walk the guest page tables for {vaddr:#x}")
+        if rc > 0:
+            return None
+        return out[0] | (vaddr & (PAGE_SIZE - 1))
+
+
+class UnicornVcpuBase(Vcpu):
+    """What x86_64 and aarch64 vCPUs share: engine, RAM/MMIO mapping, kicks, the
+    interrupt window."""
+
+    backend_name = "unicorn"
+    deferred_injection = False      # injection writes the exception entry into the CPU state
+    exact_interrupt_window = False  # the window is checked at translation-block boundaries
+
+    def __init__(self, vm: "UnicornVm", index: int) -> None:
+        self.index = index
+        self.vm = vm
+        self.memory = vm.memory
+        self._io: IoHandler | None = None
+        self._kick_lock = threading.Lock()
+        # Held by the vCPU thread for the whole of run(): whoever holds it owns the engine.
+        self._engine_lock = threading.RLock()
+        self._write_hook: int | None = None
+        self._hook_synced = threading.Event()
+        self._pending_invalidations: list[tuple[int, int]] = []
+        self.native = NativeVcpu(vm.native, vm.arch)
+        self.uc = self._create_engine()
+        unicorn = _import_unicorn()
+        for region in self.memory.regions:
+            self.uc.mem_map_ptr(region.gpa, region.size, unicorn.UC_PROT_ALL, region.host_addr)
+        for gpa, size in vm.mmio_windows:
+            self.uc.mmio_map(gpa, size, self._mmio_read, gpa, self._mmio_write, gpa)
+        self.native.install(self.uc)
+        # Stop only where the native block hook stops us: no `until` address.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
+
+    def _create_engine(self) -> "unicorn.Uc":
+        raise NotImplementedError
+
+    # -- device access -------------------------------------------------------------
+    def _current_io(self) -> IoHandler:
+        if self._io is None:
+            raise BackendError("device access outside Vcpu.run()")
+        return self._io
+
+    def _mmio_read(self, uc: Any, offset: int, size: int, base: int) -> int:
+        value = self._current_io().mmio_read(base + offset, size)
+        return int(value) & ((1 << (8 * size)) - 1)
+
+    def _mmio_write(self, uc: Any, offset: int, size: int, value: int, base: int) -> None:
+        self._current_io().mmio_write(base + offset, size, value & ((1 << (8 * size)) - 1))
+
+    # -- kicks ---------------------------------------------------------------------
+    def kick(self) -> None:
+        with self._kick_lock:
+            self.native.struct.kick = 1
+
+    def _take_kick(self) -> bool:
+        """Consume a pending kick (from this run or remembered from before)."""
+        with self._kick_lock:
+            pending = bool(self.native.struct.kick)
+            self.native.struct.kick = 0
+            self.native.struct.stopped = 0
+        return pending
+
+    # -- interrupt window ------------------------------------------------------------------
+    def request_interrupt_window(self, after_shadow: bool = False) -> None:
+        """Unicorn has no interrupt-window exit of its own; hv's native block hook plays
+        it: ``run`` returns ``IRQ_WINDOW`` at the first block boundary where the guest has
+        unmasked interrupts (x86 RFLAGS.IF set, aarch64 PSTATE.I clear), so a pending
+        interrupt is injected right after the unmasking instruction instead of at the next
+        periodic retry. ``after_shadow``: first let one block run (x86: the instruction
+        under an interrupt shadow, which QEMU translates as a block of its own)."""
+        self.native.struct.irq_window = 2 if after_shadow else 1
+
+    def cancel_interrupt_window(self) -> None:
+        self.native.struct.irq_window = 0
+
+    @property
+    def window_exits(self) -> int:
+        """How many times an armed interrupt window stopped the engine."""
+        return int(self.native.struct.window_exits)
+
+    # -- dirty-log write hook (installed only while logging) ------------------------------
+    def _sync_write_hook(self) -> None:
+        """Housekeeping by the engine's owner (inside run(), or with the engine lock
+        held): install or remove the write hook to match the VM's dirty-log switch and
+        drop translations the VMM asked to invalidate."""
+        with self._kick_lock:
+            ranges, self._pending_invalidations = self._pending_invalidations, []
+        for gpa, size in ranges:
+            self.uc.ctl_remove_cache(gpa, gpa + size)
+        want = bool(self.vm.native.struct.dirty_enabled)
+        if want and self._write_hook is None:
+            self._write_hook = self.native.add_write_hook(self.uc)
+            self.uc.ctl_flush_tb()
+        elif not want and self._write_hook is not None:
+            status = uclib().uc_hook_del(self.uc._uch, ctypes.c_size_t(self._write_hook))
+            if status != 0:
+                raise BackendError(f"uc_hook_del failed with Unicorn error {status}")
+            self._write_hook = None
+            self.uc.ctl_flush_tb()
+        self.native.struct.service = 0
+        self._hook_synced.set()
+
+    def request_hook_sync(self, wait: bool) -> None:
+        """Make the write hook follow the dirty-log switch; with ``wait``, return only
+        once it does (a running vCPU is stopped at a block boundary and resumes)."""
+        if self._engine_lock.acquire(blocking=False):
+            try:
+                self._sync_write_hook()
+            finally:
+                self._engine_lock.release()
+            return
+        self._hook_synced.clear()
+        self.native.struct.service = 1
+        while wait and not self._hook_synced.wait(0.01):
+            if self._engine_lock.acquire(blocking=False):  # run() returned meanwhile
+                try:
+                    self._sync_write_hook()
+                finally:
+                    self._engine_lock.release()
+                return
+
+    def _service_stop(self) -> bool:
+        """After emu_start: True if the engine stopped only for housekeeping (handled)."""
+        if self.native.struct.stopped and not self.native.struct.kick:
+            self.native.struct.stopped = 0
+            self._sync_write_hook()
+            return True
+        return False
+
+    @property
+    def blocks_executed(self) -> int:
+        return int(self.native.struct.blocks)
+
+    def invalidate_code(self, gpa: int, size: int) -> None:
+        """Drop translated code for guest-physical ``gpa..gpa+size`` (after the VMM wrote
+        guest code). Immediate when the vCPU is stopped; a running vCPU does it at its
+        next block boundary and continues."""
+        if size <= 0 or gpa < 0:
+            return
+        with self._kick_lock:
+            self._pending_invalidations.append((gpa, size))
+        self.request_hook_sync(wait=False)
+
+    # -- the run loop, shared by both architectures ------------------------------------
+    PC_NAME = "pc"
+
+    def run(self, io: IoHandler) -> Exit:
+        with self._engine_lock:
+            return self._run_locked(io)
+
+    def _run_locked(self, io: IoHandler) -> Exit:
+        unicorn = _import_unicorn()
+        self._sync_write_hook()
+        self._io = io
+        self._start_clock()
+        try:
+            while True:
+                if self._take_kick():
+                    return Exit(ExitReason.KICKED)
+                self._halted = False
+                self._event = None
+                windows = self.native.struct.window_exits
+                try:
+                    self.uc.emu_start(self._read_pc(), 0)
+                except unicorn.UcError as exc:
+                    if exc.errno != unicorn.UC_ERR_INSN_INVALID:
+                        return Exit(ExitReason.ERROR, f"unicorn: {exc} at {self.PC_NAME} {self._read_pc():#x}")
+                    self._event = self._undefined_instruction(self._read_pc())
+                # An event a hook recorded (an exception to deliver, int3, hvc, ...) is
+                # handled even when a stop request ended the same emu_start: the guest
+                # has executed the instruction, so dropping the event would lose it
+                # (a trap's PC is already past it).
+                handled = self._event is not None
+                if handled:
+                    event, self._event = self._event, None
+                    result = self._handle_event(event)
+                    if result is not None:
+                        return result
+                if self.native.struct.stopped:
+                    if self._service_stop():
+                        continue
+                    # The window's stop is a kick the block hook made (a kick from another
+                    # thread that coincides with it is answered by the same return).
+                    self._take_kick()
+                    opened = self.native.struct.window_exits != windows
+                    return Exit(ExitReason.IRQ_WINDOW if opened else ExitReason.KICKED)
+                if handled:
+                    continue
+                self._halted = True  # HLT / WFI made emu_start return
+                return Exit(ExitReason.HALT)
+        finally:
+            self._stop_clock()
+            self._io = None
+
+    def _read_pc(self) -> int:
+        raise NotImplementedError
+
+    def _undefined_instruction(self, pc: int) -> Any:
+        """The architecture's event for an instruction the engine could not decode."""
+        raise NotImplementedError
+
+    def _handle_event(self, event: Any) -> Exit | None:
+        """Deliver an exception/trap recorded by a hook; an Exit ends run()."""
+        raise NotImplementedError
+
+    def _start_clock(self) -> None:
+        """The guest's counter (TSC / CNTVCT) advances from now on."""
+
+    def _stop_clock(self) -> None:
+        """The guest's counter stops advancing until the next run()."""
+
+    def close(self) -> None:
+        with self._engine_lock:
+            self.uc = None  # type: ignore[assignment]
