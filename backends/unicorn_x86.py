@@ -5,9 +5,9 @@ moved through the engine's saved context, whose bytes are unicorn 2.1.4's ``CPUX
 (QEMU 5.0) behind a 40-byte ``uc_context`` header. :func:`verify_layout` checks every
 offset used here against values written through the API before the backend is used.
 
-Unicorn does not deliver exceptions or ``int n`` through the guest IDT: the interrupt
-hook records the event and stops the engine, and :class:`X86Delivery` pushes the 64-bit
-interrupt frame, switches stacks via TSS.RSP0/IST and loads CS/SS the way the CPU does.
+Unicorn does not deliver exceptions or ``int n`` through the guest IDT: native hooks do
+the common cases inside the engine, and :class:`~hv_backends.unicorn_x86_delivery.X86Delivery`
+the rest once the engine has stopped (see :mod:`hv_backends.unicorn_x86_delivery`).
 """
 from __future__ import annotations
 
@@ -15,14 +15,38 @@ import ctypes
 import functools
 import logging
 import struct
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from hv_backends.base import BackendError, Exit, ExitReason
-from hv_backends.unicorn_common import UnicornLayoutError, UnicornVcpuBase, _import_unicorn, uclib
-from hv.memory import PAGE_SIZE, GuestMemoryError
-from hv.state import EFER_LMA, EFER_SCE, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState
+from hv_backends.unicorn_common import (
+    UnicornLayoutError,
+    UnicornVcpuBase,
+    _import_unicorn,
+)
+from hv_backends.unicorn_x86_delivery import (
+    ERROR_CODE_VECTORS,
+    EXC_DF,
+    EXC_SYSCALL,
+    EXC_UD,
+    RFLAGS_IF,
+    RFLAGS_RF,
+    RFLAGS_VM,
+    DeliveryFault,
+    NativeX86,
+    X86Delivery,
+    X86Event,
+    check_native_constants,
+    flags_to_seg,
+)
+
+from hv.state import (
+    EFER_LMA,
+    EFER_SCE,
+    FXSAVE_SIZE,
+    DescriptorTable,
+    Segment,
+    X86CpuState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,40 +95,16 @@ HF_MODELLED = (HF_CPL_MASK | HF_INHIBIT_IRQ | HF_CS32 | HF_SS32 | HF_ADDSEG | HF
                | HF_LMA | HF_CS64 | HF_OSFXSR | HF_SMAP)
 HF2_NMI_MASK = 1 << 2
 
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
-RFLAGS_AC = 1 << 18
-
 CR0_PE = 1
 CR4_OSFXSR = 1 << 9
 CR4_SMAP = 1 << 21
 
-EXC_DF = 8
-EXC_TS = 10
-EXC_NP = 11
-EXC_SS = 12
-EXC_GP = 13
-EXC_PF = 14
-EXC_UD = 6
-EXC_SYSCALL = -1  # pseudo vector: the SYSCALL instruction
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
-
-TSC_HZ_PER_NS = 1  # the virtual TSC ticks once per nanosecond of host monotonic time
+TSC_HZ_PER_NS = 1  # the virtual TSC ticks once per nanosecond of host monotonic time (hv_native_x86.c)
 
 
 def seg_to_flags(seg: Segment) -> int:
     return ((seg.type & 0xF) << 8 | (seg.s & 1) << 12 | (seg.dpl & 3) << 13 | (seg.present & 1) << 15
             | (seg.avl & 1) << 20 | (seg.l & 1) << 21 | (seg.db & 1) << 22 | (seg.g & 1) << 23)
-
-
-def flags_to_seg(selector: int, base: int, limit: int, flags: int) -> Segment:
-    present = (flags >> 15) & 1
-    return Segment(selector=selector & 0xFFFF, base=base, limit=limit & 0xFFFFFFFF, type=(flags >> 8) & 0xF,
-                   present=present, dpl=(flags >> 13) & 3, db=(flags >> 22) & 1, s=(flags >> 12) & 1,
-                   l=(flags >> 21) & 1, g=(flags >> 23) & 1, avl=(flags >> 20) & 1, unusable=0 if present else 1)
 
 
 def compute_hflags(old: int, st: X86CpuState) -> int:
@@ -190,25 +190,8 @@ def verify_layout() -> None:
     if not hflags & HF_LMA or not hflags & HF_CS64:
         raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: hflags {hflags:#x} of a "
                                  "64-bit engine lacks LMA/CS64")
-
-
-@dataclass
-class X86Event:
-    """An exception or software interrupt reported by the interrupt hook."""
-
-    vector: int
-    error_code: int | None
-    software: bool
-    return_rip: int
-
-
-class DeliveryFault(Exception):
-    """Delivering an exception or interrupt through the guest IDT raised another exception."""
-
-    def __init__(self, vector: int, error_code: int | None) -> None:
-        super().__init__(vector, error_code)
-        self.vector = vector
-        self.error_code = error_code
+    check_native_constants((CTX_HEADER, ENV_REGS, ENV_EIP, ENV_HFLAGS, ENV_SEGS, SEG_STRIDE, ENV_TR, ENV_GDT,
+                            ENV_IDT, ENV_CR, ENV_EFER, ENV_ERROR_CODE, ENV_EXCEPTION_IS_INT, ENV_OLD_EXCEPTION))
 
 
 class UnicornX86Vcpu(UnicornVcpuBase):
@@ -227,29 +210,34 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._fx_extra = bytes(FXSAVE_SIZE)
         self._extra_msrs: dict[int, int] = {}
         self._msr_keys: tuple[int, ...] = ()
-        self._tsc_base = 0
-        self._tsc_ns0: int | None = None
         super().__init__(vm, index)
         x = self._x
-        self.uc.hook_add(_import_unicorn().UC_HOOK_INTR, self._on_interrupt)
+        # interrupts/exceptions, SYSCALL and RDTSC: native hooks (Python only for what they leave)
+        self._native_x86 = NativeX86(self)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
-        self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_syscall, None, 1, 0, x.UC_X86_INS_SYSCALL)
-        self._rdtsc_cb = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)(self._on_rdtsc)
-        self._add_raw_insn_hook(self._rdtsc_cb, x.UC_X86_INS_RDTSC)
         self.set_state(X86CpuState())
 
     def _create_engine(self) -> Any:
         unicorn = _import_unicorn()
         return unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
 
-    def _add_raw_insn_hook(self, cb: Any, insn: int) -> None:
-        handle = ctypes.c_size_t()
-        status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), _import_unicorn().UC_HOOK_INSN,
-                                     ctypes.cast(cb, ctypes.c_void_p), None, ctypes.c_uint64(1),
-                                     ctypes.c_uint64(0), ctypes.c_int(insn))
-        if status != 0:
-            raise BackendError(f"uc_hook_add(INSN {insn}) failed with Unicorn error {status}")
+    @property
+    def native_delivery(self) -> bool:
+        """Whether the native hooks deliver the events they can (default; the environment
+        variable HV_UNICORN_X86_NATIVE=0 turns it off); False sends every exception,
+        interrupt and SYSCALL through the Python reference path."""
+        return self._native_x86.enabled
+
+    @native_delivery.setter
+    def native_delivery(self, value: bool) -> None:
+        with self._engine_lock:
+            self._native_x86.enabled = value
+
+    @property
+    def delivery_stats(self) -> dict[str, int]:
+        """Counts of events the native hooks delivered and of those left to Python."""
+        return self._native_x86.stats
 
     # -- hooks ---------------------------------------------------------------------
     def _on_in(self, uc: Any, port: int, size: int, user_data: Any) -> int:
@@ -259,25 +247,24 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._current_io().pio_write(port, size, value & ((1 << (8 * size)) - 1))
 
     def _tsc_now(self) -> int:
-        """The virtual TSC: it advances (1 tick/ns) only while run() executes the guest,
-        so a stopped vCPU's state is stable and carries the exact value."""
-        if self._tsc_ns0 is None:
-            return self._tsc_base
-        return (self._tsc_base + (time.monotonic_ns() - self._tsc_ns0) * TSC_HZ_PER_NS) & ((1 << 64) - 1)
-
-    def _on_rdtsc(self, handle: Any, user_data: Any) -> int:
-        tsc = self._tsc_now()
-        self.uc.reg_write(self._x.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
-        self.uc.reg_write(self._x.UC_X86_REG_RDX, tsc >> 32)
-        return 1  # skip the instruction: the hook produced its result
+        """The virtual TSC (read by the native RDTSC hook too): it advances (1 tick/ns)
+        only while run() executes the guest, so a stopped vCPU's state is stable and
+        carries the exact value."""
+        return self._native_x86.tsc()
 
     def _on_syscall(self, uc: Any, user_data: Any) -> None:
-        # Unicorn only calls this hook; hv performs SYSCALL once the engine has stopped
-        # (the instruction ends its translation block, RIP is then after it).
+        # Called by the native hook for a SYSCALL it leaves to hv: performed once the
+        # engine has stopped (the instruction ends its translation block, RIP is then after it).
         self._event = X86Event(EXC_SYSCALL, None, True, 0)
         uc.emu_stop()
 
+    def _hook_failed(self, exc: BaseException) -> None:
+        """A Python hook called from native code raised: stop; run() raises it again."""
+        self._event = X86Event(EXC_UD, None, False, 0, error=exc)
+        self.uc.emu_stop()
+
     def _on_interrupt(self, uc: Any, intno: int, user_data: Any) -> None:
+        # Called by the native hook for an event it leaves to hv (see unicorn_x86_delivery).
         raw = self._raw_context()[1]
         error = int.from_bytes(raw[ENV_ERROR_CODE:ENV_ERROR_CODE + 4], "little")
         is_int = int.from_bytes(raw[ENV_EXCEPTION_IS_INT:ENV_EXCEPTION_IS_INT + 4], "little") != 0
@@ -308,14 +295,15 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         return X86Event(EXC_UD, None, False, pc)
 
     def _handle_event(self, event: X86Event) -> Exit | None:
+        if event.error is not None:
+            raise event.error
         return None if self._deliver_event(event) else Exit(ExitReason.SYSTEM_RESET, "triple fault")
 
     def _start_clock(self) -> None:
-        self._tsc_ns0 = time.monotonic_ns()
+        self._native_x86.start_clock()
 
     def _stop_clock(self) -> None:
-        self._tsc_base = self._tsc_now()
-        self._tsc_ns0 = None
+        self._native_x86.stop_clock()
 
     # -- event delivery ------------------------------------------------------------
     def _syscall(self) -> bool:
@@ -379,6 +367,11 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         return bool(state.rflags & RFLAGS_IF) and not state.interrupt_shadow
 
     def _inject_locked(self, vector: int) -> bool:
+        done = self._native_x86.inject(vector)
+        if done >= 0:
+            if done:
+                self._halted = False
+            return bool(done)
         state = self.get_state()
         if not state.rflags & RFLAGS_IF or state.interrupt_shadow:
             return False
@@ -496,9 +489,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
             uc.ctl_flush_tb()
         self._shadow_memo = state.interrupt_shadow
         self._apic_base = state.apic_base
-        self._tsc_base = state.tsc
-        if self._tsc_ns0 is not None:  # inside run() (event delivery): restart the interval
-            self._tsc_ns0 = time.monotonic_ns()
+        self._native_x86.set_tsc(state.tsc)   # inside run() (event delivery) the interval restarts
         self._halted = state.halted
 
     # -- FPU / SSE ---------------------------------------------------------------------
@@ -549,116 +540,4 @@ class UnicornX86Vcpu(UnicornVcpuBase):
             extra[32 + 16 * i:42 + 16 * i] = bytes(10)
         extra[160:416] = bytes(256)
         self._fx_extra = bytes(extra)
-
-
-class X86Delivery:
-    """Delivers one exception/interrupt through a 64-bit IDT onto ``state`` (in place)."""
-
-    def __init__(self, vcpu: UnicornX86Vcpu, state: X86CpuState) -> None:
-        self.vcpu = vcpu
-        self.state = state
-        self.memory = vcpu.memory
-
-    def _phys(self, linear: int) -> int:
-        try:
-            phys = self.vcpu.native.translate(self.vcpu.uc, linear)
-        except BackendError:
-            phys = None
-        if phys is None:
-            raise DeliveryFault(EXC_PF, 0)
-        return phys
-
-    def read(self, linear: int, size: int) -> bytes:
-        out = bytearray()
-        while size > 0:
-            chunk = min(size, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
-            try:
-                out += self.memory.read(self._phys(linear), chunk)
-            except GuestMemoryError:
-                raise DeliveryFault(EXC_GP, 0) from None
-            linear += chunk
-            size -= chunk
-        return bytes(out)
-
-    def write(self, linear: int, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            chunk = min(len(data) - pos, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
-            try:
-                self.memory.write(self._phys(linear), data[pos:pos + chunk])
-            except GuestMemoryError:
-                raise DeliveryFault(EXC_GP, 0) from None
-            linear += chunk
-            pos += chunk
-
-    def descriptor(self, selector: int, vector: int) -> Segment:
-        index = selector & ~7
-        if selector & 4:
-            raise DeliveryFault(EXC_GP, selector & ~3)
-        if index == 0 or index + 7 > self.state.gdt.limit:
-            raise DeliveryFault(EXC_GP, selector & ~3)
-        lo, hi = struct.unpack("<II", self.read(self.state.gdt.base + index, 8))
-        limit = (lo & 0xFFFF) | (hi & 0xF0000)
-        if hi & (1 << 23):
-            limit = (limit << 12) | 0xFFF
-        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
-        seg = flags_to_seg(selector, base, limit, hi & 0xF0FF00)
-        if not seg.present:
-            raise DeliveryFault(EXC_NP, selector & ~3)
-        return seg
-
-    def deliver(self, vector: int, error: int | None, software: bool, return_rip: int) -> None:
-        st = self.state
-        if not st.efer & EFER_LMA:
-            raise DeliveryFault(EXC_DF if vector == EXC_DF else EXC_GP, 0)
-        ext = 0 if software else 1
-        idt_error = vector * 8 + 2 + ext
-        if vector * 16 + 15 > st.idt.limit:
-            raise DeliveryFault(EXC_GP, idt_error)
-        gate = self.read(st.idt.base + vector * 16, 16)
-        off_lo, selector, ist_byte, attr, off_mid, off_hi = struct.unpack_from("<HHBBHI", gate, 0)
-        gate_type = attr & 0xF
-        gate_dpl = (attr >> 5) & 3
-        cpl = st.ss.dpl
-        if gate_type not in (0xE, 0xF):
-            raise DeliveryFault(EXC_GP, idt_error)
-        if software and gate_dpl < cpl:
-            raise DeliveryFault(EXC_GP, idt_error)
-        if not attr & 0x80:
-            raise DeliveryFault(EXC_NP, idt_error)
-        target = off_lo | (off_mid << 16) | (off_hi << 32)
-        cs = self.descriptor(selector, vector)
-        if not cs.s or not cs.type & 0x8 or not cs.l:
-            raise DeliveryFault(EXC_GP, selector & ~3)
-        new_cpl = cpl if cs.type & 0x4 else cs.dpl
-        if new_cpl > cpl:
-            raise DeliveryFault(EXC_GP, selector & ~3)
-        ist = ist_byte & 7
-        rsp = st.rsp
-        switch = new_cpl < cpl
-        if switch or ist:
-            if st.tr.limit < 0x67:
-                raise DeliveryFault(EXC_TS, st.tr.selector & ~3)
-            field = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
-            rsp = struct.unpack("<Q", self.read(st.tr.base + field, 8))[0]
-        rsp &= ~0xF
-        frame = [st.ss.selector, st.rsp, st.rflags, st.cs.selector, return_rip]
-        if error is not None:
-            frame.append(error & 0xFFFFFFFF)
-        data = b"".join(v.to_bytes(8, "little") for v in reversed(frame))
-        rsp = (rsp - len(data)) & ((1 << 64) - 1)
-        self.write(rsp, data)
-        cs.selector = (selector & ~3) | new_cpl
-        cs.dpl = cs.dpl if cs.type & 0x4 else new_cpl
-        st.cs = cs
-        if switch:
-            st.ss = Segment(selector=new_cpl, base=0, limit=0, type=0, present=0, dpl=new_cpl, db=0, s=0,
-                            l=0, g=0, avl=0, unusable=1)
-        st.rsp = rsp
-        st.rip = target
-        st.rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
-        if gate_type == 0xE:
-            st.rflags &= ~RFLAGS_IF
-        st.interrupt_shadow = 0
-        st.halted = False
 
