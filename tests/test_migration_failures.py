@@ -779,12 +779,29 @@ def test_cancel_after_failure_changes_nothing(vms, sock_dir):
 
 
 # -- 6. convergence under heavy dirtying --------------------------------------------------------
-def _converge(vms, sock_dir) -> None:
-    src = vms("src")
-    dst = vms("dst", *incoming(sock_dir, "dst"))
+CONVERGE_MIB = 2                 # the guest rewrites this buffer again and again
+CONVERGE_CAP = 2 << 20           # bytes/s: one pass over the buffer takes ~1 s on the link
+CONVERGE_DOWNTIME_MS = 20        # 40 KiB at the cap: 10 pages
+CONVERGE_ROUNDS = 3              # max-iterations
+
+
+@requires_kvm
+def test_converges_under_heavy_dirtying(vms, sock_dir):
+    """Default auto-converge parameters (throttle 20%, +10% per round that did not halve).
+
+    The outcome must not depend on how fast this machine lets the guest dirty memory, so
+    the test sets the rates itself: a round takes ~1 s at the 2 MiB/s cap, and the guest
+    needs to rewrite only half of its 2 MiB buffer (1 MiB/s, far below what any guest does
+    even on a loaded host) in that time for the round not to halve the dirty set. Then hv
+    must throttle; and since 10 pages never fit the 20 ms limit, the switch-over is
+    forced after max-iterations rounds: both are hv's decisions, checked exactly.
+    """
+    src = vms("src", memory="64", mib=CONVERGE_MIB)
+    dst = vms("dst", *incoming(sock_dir, "dst"), memory="64", mib=CONVERGE_MIB)
     src.wait_lines(3)
-    # The guest rewrites its 32 MiB buffer every few ms: far faster than 64 MiB/s.
-    assert src.execute("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH * 2}) == {"return": {}}
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": CONVERGE_CAP,
+                                                    "downtime-limit": CONVERGE_DOWNTIME_MS,
+                                                    "max-iterations": CONVERGE_ROUNDS}) == {"return": {}}
     caps = src.execute("query-migrate-capabilities")["return"]
     assert {"capability": "auto-converge", "state": True} in caps  # the default
     assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
@@ -799,27 +816,22 @@ def _converge(vms, sock_dir) -> None:
         if "cpu-throttle-percentage" in state:
             throttles.append(state["cpu-throttle-percentage"])
         time.sleep(0.05)
-    # max-bandwidth holds over any window; 'transferred' grows in 8 MiB chunks counted
-    # when each write completes, hence two chunks of slack.
-    cap = SLOW_BANDWIDTH * 2
+    # max-bandwidth holds over any window (an upper bound on bytes per elapsed time: a
+    # loaded machine only sends less); 'transferred' grows per chunk written, a chunk
+    # holds at most the buffer plus the kernel's pages, hence that much slack twice.
+    slack = 2 * ((CONVERGE_MIB + 1) << 20)
     for i, (asked, _, b1) in enumerate(samples):
         for _, answered, b2 in samples[i + 1:]:  # the longest the counts can be apart
-            assert b2 - b1 <= cap * (answered - asked) + (17 << 20), (answered - asked, b2 - b1)
+            assert b2 - b1 <= CONVERGE_CAP * (answered - asked) + slack, (answered - asked, b2 - b1)
     assert state["status"] == "completed", state
-    assert state["downtime"] <= 1000, state  # the switch-over is chosen on the capped rate
-    assert throttles and max(throttles) > 0, "never throttled"
-    assert throttles == sorted(throttles), throttles
+    assert state["ram"]["dirty-sync-count"] == CONVERGE_ROUNDS + 1, state  # forced switch-over
+    assert throttles, "never throttled"
+    assert set(throttles) <= {20, 30} and throttles == sorted(throttles), throttles
     assert "cpu-throttle-percentage" not in state
     wait_status(dst, "running")
     dst.wait_lines(len(complete_lines(dst.output())) + 3)
     dst.execute("stop")
-    check_output(src.output() + dst.output())
-
-
-@requires_kvm
-def test_converges_under_heavy_dirtying(vms, sock_dir):
-    """Default auto-converge parameters (throttle 20%, +10% per round that did not halve)."""
-    _converge(vms, sock_dir)
+    check_output(src.output() + dst.output(), CONVERGE_MIB)
 
 
 def test_bandwidth_cap_banks_no_credit():
@@ -846,8 +858,9 @@ def test_bandwidth_cap_banks_no_credit():
         started = time.monotonic()
         sender.send(0, 4 * CHUNK_PAGES, stable=True)
         elapsed = time.monotonic() - started
-        assert elapsed >= 0.95 * 4 * chunk / cap, elapsed  # 4 chunks at the cap, no burst
-        assert elapsed < 4 * 4 * chunk / cap, elapsed
+        # 4 chunks at the cap, no burst. Only this lower bound is asserted: a loaded
+        # machine makes the send slower, never faster, so it holds under any load.
+        assert elapsed >= 0.95 * 4 * chunk / cap, elapsed
     finally:
         ours.close()
         drain.join(10)

@@ -228,7 +228,7 @@ def _check_id(name: str, value: Any) -> str:
     stream that names a device any other way is invalid input, refused before comparison
     (and before its text could reach an error line)."""
     if not isinstance(value, str) or not ID_RE.match(value):
-        shown = repr(printable(value)) if isinstance(value, str) else type(value).__name__
+        shown = f"'{printable(value)}'" if isinstance(value, str) else type(value).__name__
         raise StreamError(f"{name}: {shown[:80]} is not a valid device id (a letter, then letters, "
                           "digits, '_', '.', '-'; at most 64)")
     return value
@@ -997,7 +997,7 @@ class StreamReader:
         except UnicodeDecodeError:
             raise StreamError("DEVICE section: name or id is not UTF-8") from None
         if not (name.isprintable() and instance_id.isprintable()):
-            raise StreamError(f"DEVICE section: name or id {printable(name)!r}/{printable(instance_id)!r} "
+            raise StreamError(f"DEVICE section: name or id '{printable(name)}'/'{printable(instance_id)}' "
                               "holds non-printable characters")
         if encoding == DeviceEncoding.JSON:
             state: dict[str, Any] | bytes = self._json(self._remaining, f"DEVICE {name}")
