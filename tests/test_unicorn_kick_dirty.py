@@ -169,7 +169,9 @@ def test_start_dirty_log_while_running_records_later_writes() -> None:
         g.vm.start_dirty_log()           # installs the write hook in the running vCPU
         assert g.vcpu._write_hook is not None and runner.is_alive()
         before = g.memory.read_int(SCRAMBLED_PHYS[6], 8)
-        time.sleep(0.02)
+        deadline = time.monotonic() + 30  # until the guest ran (a loaded host may delay it)
+        while g.memory.read_int(SCRAMBLED_PHYS[6], 8) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
         bitmap = g.vm.take_dirty()
         assert g.memory.read_int(SCRAMBLED_PHYS[6], 8) > before
         assert {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1} == {SCRAMBLED_PHYS[6] >> 12}
