@@ -25,7 +25,7 @@ Limitations (measured on kvm_pvm; hardware KVM does not have the first two)
     * TSC: KVM_SET_MSRS(IA32_TSC) is accepted but the guest keeps reading the host TSC,
       so ``state.tsc`` is not applied (:attr:`KvmVm.tsc_restorable` says which case).
     * CPUID: the feature words of leaves 1, 7 and 0xD are replaced with the host's, so
-      the filter below is advisory there.
+      the CPUID filter (:mod:`hv_backends.kvm_state`) is advisory there.
     * An interrupt queued with :meth:`KvmVcpu.inject_interrupt` is delivered at the next
       guest entry; a state taken before that entry does not contain it (logged).
     * A software interrupt from CPL3 (int3, int n, into, int1): kvm_pvm may exit to
@@ -50,9 +50,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv_backends import kvm_abi as abi
+from hv_backends.kvm_state import CPUID_DROPPED_RANGE, CPUID_MASKS, CPUID_ZEROED, read_state, write_state
 from hv_backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
-from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
+from hv.state import FXSAVE_SIZE, X86CpuState
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ KICK_SIGNAL = signal.SIGUSR1
 KVM_DEVICE = "/dev/kvm"
 TSS_ADDR = 0xFFFBD000           # three pages KVM needs for real-mode emulation on VMX
 IDENTITY_MAP_ADDR = 0xFFFBC000  # one page, just below the TSS
-XSAVE_HEADER_OFFSET = 512
-XSTATE_X87_SSE = 0x3
-# Bytes 416..511 of the FXSAVE image are reserved / available to software: KVM ignores
-# them on SET and fills them with its own bookkeeping on GET. The canonical state holds
-# them as zeros so that images from different backends compare equal.
-FXSAVE_ARCH_END = 416
 
 RFLAGS_IF = 1 << 9
 SOFT_INT_SETTLE_ATTEMPTS = 8
@@ -92,44 +87,6 @@ REQUIRED_CAPS: tuple[tuple[int, str], ...] = (
     (abi.KVM_CAP_XSAVE, "KVM_CAP_XSAVE"),
 )
 
-
-def _bits(*positions: int) -> int:
-    mask = 0
-    for bit in positions:
-        mask |= 1 << bit
-    return mask
-
-
-# CPUID filter. The guest sees what KVM supports here AND what Unicorn 2.1.4's TCG
-# (QEMU 5 "qemu64" plus what it emulates) also runs, so a guest that probed CPUID on one
-# backend keeps working after migrating to the other. Deliberately conservative: x87,
-# MMX, SSE, SSE2, SSE3, CX8/CX16, CMOV, PAE/PSE/PGE/PAT, SYSENTER/SYSCALL, NX, long
-# mode, LAHF. No AVX, no XSAVE/OSXSAVE (so no leaf 0xD state), no leaf 7 extensions, no
-# KVM paravirtual leaves (they need kvmclock and friends which Unicorn cannot carry), no
-# x2APIC / TSC-deadline (hv's interrupt controller is an xAPIC device model).
-# Measured limitation: kvm_pvm replaces the feature words of leaves 1, 7 and 0xD in the
-# table given to KVM_SET_CPUID2 with the host's (KVM_GET_CPUID2 shows them; the guest's
-# CPUID sees them); fields such as the APIC ID and the dropped leaves do follow the table.
-# There the filter is advisory; on hardware KVM the table below is what the guest sees.
-# Leaves listed here are ANDed register by register; leaves in CPUID_ZEROED are kept
-# (so the maximum-leaf values stay truthful) but report nothing.
-CPUID_MASKS: dict[int, tuple[int, int, int, int]] = {  # leaf -> (eax, ebx, ecx, edx) masks
-    0x1: (
-        0xFFFFFFFF,
-        0x00FFFFFF,  # bits 31:24 (initial APIC ID) are replaced by the vCPU index
-        _bits(0, 13),  # SSE3, CX16
-        _bits(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26),
-    ),
-    0x80000001: (
-        0xFFFFFFFF,
-        0,
-        _bits(0),  # LAHF/SAHF in long mode
-        _bits(11, 20, 29) | _bits(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 23, 24),
-    ),
-}
-CPUID_ZEROED: frozenset[int] = frozenset({0x6, 0x7, 0xA, 0xD, 0x12, 0x14, 0x17, 0x18, 0x19, 0x1D, 0x1E,
-                                          0x8000001F, 0x80000021})
-CPUID_DROPPED_RANGE = (0x40000000, 0x400000FF)  # hypervisor (KVM paravirt) leaves
 
 INITIAL_CPUID_ENTRIES = 256  # KVM_GET_SUPPORTED_CPUID is retried with more on E2BIG
 
@@ -159,19 +116,8 @@ def _kick_handler_installed() -> bool:
 install_kick_handler()
 
 
-def _errno_text(err: int) -> str:
-    return os.strerror(err) if err else "unknown error"
-
-
-def _ioctl(fd: int, request: int, arg: Any, what: str) -> int:
-    """ioctl through libc; ``arg`` is a cdata pointer or an int. Raises BackendError."""
-    if isinstance(arg, int):
-        arg = ffi.cast("unsigned long", arg)
-    result = libc.ioctl(fd, request, arg)
-    if result < 0:
-        err = ffi.errno
-        raise BackendError(f"{what}: {_errno_text(err)} (errno {err})")
-    return result
+_errno_text = abi.errno_text
+_ioctl = abi.ioctl_checked
 
 
 def _check_extension(fd: int, cap: int) -> int:
@@ -386,32 +332,6 @@ class KvmVm(Vm):
             if fd >= 0:
                 os.close(fd)
         self._vm_fd = self._kvm_fd = -1
-
-
-def _segment_from_kvm(seg: Any) -> Segment:
-    return Segment(seg.selector, seg.base, seg.limit, seg.type, seg.present, seg.dpl, seg.db, seg.s,
-                   seg.l, seg.g, seg.avl, seg.unusable)
-
-
-def _segment_to_kvm(seg: Segment, out: Any) -> None:
-    out.selector = seg.selector
-    out.base = seg.base
-    out.limit = seg.limit
-    out.type = seg.type
-    out.present = seg.present
-    out.dpl = seg.dpl
-    out.db = seg.db
-    out.s = seg.s
-    out.l = seg.l
-    out.g = seg.g
-    out.avl = seg.avl
-    out.unusable = seg.unusable
-    out.padding = 0
-
-
-_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-              "r12", "r13", "r14", "r15", "rip", "rflags")
-_STATE_MSRS: tuple[int, ...] = (*CANONICAL_MSRS, abi.MSR_IA32_TSC)
 
 
 class KvmVcpu(Vcpu):
@@ -740,71 +660,7 @@ class KvmVcpu(Vcpu):
 
     def get_state(self) -> X86CpuState:
         self._check_stopped("get_state")
-        fd = self._fd
-        regs = ffi.new("struct kvm_regs *")
-        _ioctl(fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
-        sregs = ffi.new("struct kvm_sregs *")
-        _ioctl(fd, abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-        msrs = self._get_msrs(_STATE_MSRS)
-        xsave = ffi.new("struct kvm_xsave *")
-        _ioctl(fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
-        events = ffi.new("struct kvm_vcpu_events *")
-        _ioctl(fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
-        halted = self._halted
-        if self._vm._has_mp_state:
-            mp = ffi.new("struct kvm_mp_state *")
-            _ioctl(fd, abi.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
-            halted = halted or mp.mp_state == abi.KVM_MP_STATE_HALTED
-        if events.interrupt.injected or events.exception.injected or events.nmi.injected:
-            # The canonical state has no field for an event KVM has queued but not yet
-            # delivered (an interrupt injected right before a kicked run): it would be lost
-            # if this state were moved elsewhere.
-            log.warning("vCPU %d: state taken with an undelivered event queued in KVM "
-                        "(interrupt %s, exception %s, NMI %s)", self.index,
-                        events.interrupt.nr if events.interrupt.injected else "-",
-                        events.exception.nr if events.exception.injected else "-",
-                        "yes" if events.nmi.injected else "-")
-        kwargs: dict[str, Any] = {name: getattr(regs, name) for name in _REG_NAMES}
-        for name in X86_SEGMENT_NAMES:
-            kwargs[name] = _segment_from_kvm(getattr(sregs, name))
-        kwargs["gdt"] = DescriptorTable(sregs.gdt.base, sregs.gdt.limit)
-        kwargs["idt"] = DescriptorTable(sregs.idt.base, sregs.idt.limit)
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            kwargs[name] = getattr(sregs, name)
-        tsc = msrs.pop(abi.MSR_IA32_TSC)
-        return X86CpuState(
-            **kwargs,
-            msrs=msrs,
-            fxsave=bytes(ffi.buffer(xsave, FXSAVE_ARCH_END)) + bytes(FXSAVE_SIZE - FXSAVE_ARCH_END),
-            tsc=tsc,
-            interrupt_shadow=events.interrupt.shadow,
-            nmi_masked=bool(events.nmi.masked),
-            halted=halted,
-        )
-
-    def _get_msrs(self, numbers: tuple[int, ...]) -> dict[int, int]:
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(numbers) * ffi.sizeof("struct kvm_msr_entry"))
-        arg = ffi.cast("struct kvm_msrs *", buf)
-        arg.nmsrs = len(numbers)
-        for i, number in enumerate(numbers):
-            arg.entries[i].index = number
-        got = _ioctl(self._fd, abi.KVM_GET_MSRS, arg, "KVM_GET_MSRS")
-        if got != len(numbers):
-            raise BackendError(f"KVM_GET_MSRS: KVM cannot read MSR {numbers[got]:#x}")
-        return {arg.entries[i].index: arg.entries[i].data for i in range(len(numbers))}
-
-    def _set_msrs(self, values: dict[int, int]) -> None:
-        items = list(values.items())
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(items) * ffi.sizeof("struct kvm_msr_entry"))
-        arg = ffi.cast("struct kvm_msrs *", buf)
-        arg.nmsrs = len(items)
-        for i, (number, value) in enumerate(items):
-            arg.entries[i].index = number
-            arg.entries[i].data = value
-        done = _ioctl(self._fd, abi.KVM_SET_MSRS, arg, "KVM_SET_MSRS")
-        if done != len(items):
-            number, value = items[done]
-            raise BackendError(f"KVM_SET_MSRS: KVM rejected MSR {number:#x} = {value:#x}")
+        return read_state(self._fd, self.index, self._halted, self._vm._has_mp_state)
 
     def set_state(self, state: X86CpuState) -> None:  # type: ignore[override]
         if not isinstance(state, X86CpuState):
@@ -812,38 +668,7 @@ class KvmVcpu(Vcpu):
         if len(state.fxsave) != FXSAVE_SIZE:
             raise BackendError(f"fxsave image is {len(state.fxsave)} bytes, expected {FXSAVE_SIZE}")
         self._check_stopped("set_state")
-        fd = self._fd
-        sregs = ffi.new("struct kvm_sregs *")
-        for name in X86_SEGMENT_NAMES:
-            _segment_to_kvm(getattr(state, name), getattr(sregs, name))
-        sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
-        sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            setattr(sregs, name, getattr(state, name))
-        _ioctl(fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
-        regs = ffi.new("struct kvm_regs *")
-        for name in _REG_NAMES:
-            setattr(regs, name, getattr(state, name))
-        _ioctl(fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
-        msrs = dict(state.msrs)
-        # KVM treats a host write of TSC = 0 as "synchronise with the other vCPUs" and
-        # keeps its own value; 1 is honoured (one cycle later than asked, unobservable).
-        msrs[abi.MSR_IA32_TSC] = state.tsc or 1
-        self._set_msrs(msrs)
-        xsave = ffi.new("struct kvm_xsave *")
-        _ioctl(fd, abi.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
-        area = ffi.buffer(xsave)
-        area[0:FXSAVE_SIZE] = state.fxsave
-        header = XSAVE_HEADER_OFFSET
-        xstate_bv = int.from_bytes(area[header:header + 8], "little") | XSTATE_X87_SSE
-        area[header:header + 8] = xstate_bv.to_bytes(8, "little")
-        _ioctl(fd, abi.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE (x87/SSE image rejected: check MXCSR)")
-        events = ffi.new("struct kvm_vcpu_events *")
-        _ioctl(fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
-        events.interrupt.shadow = state.interrupt_shadow
-        events.nmi.masked = 1 if state.nmi_masked else 0
-        events.flags = abi.KVM_VCPUEVENT_VALID_SHADOW
-        _ioctl(fd, abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+        write_state(self._fd, state)
         self._halted = state.halted
 
     def close(self) -> None:

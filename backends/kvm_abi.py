@@ -13,7 +13,12 @@ a compiler and the kernel headers exist, every field offset against the real hea
 """
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import cffi
+
+from hv_backends.base import BackendError
 
 CDEF = r"""
 struct kvm_userspace_memory_region {
@@ -429,3 +434,19 @@ def _flatten_fields(ctype: ffi.CType) -> list[tuple[str, tuple[int, ffi.CType]]]
         else:
             out.append((name, (field.offset, field.type)))
     return out
+
+
+def errno_text(err: int) -> str:
+    return os.strerror(err) if err else "unknown error"
+
+
+def ioctl_checked(fd: int, request: int, arg: Any, what: str) -> int:
+    """ioctl through libc; ``arg`` is a cdata pointer or an int. Raises BackendError
+    naming ``what`` and the errno."""
+    if isinstance(arg, int):
+        arg = ffi.cast("unsigned long", arg)
+    result = libc.ioctl(fd, request, arg)
+    if result < 0:
+        err = ffi.errno
+        raise BackendError(f"{what}: {errno_text(err)} (errno {err})")
+    return result
