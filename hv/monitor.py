@@ -16,6 +16,8 @@ from hv.devconfig import DEVICE_DRIVERS, DevConfigError, parse_device
 from hv.qmp import ArgSpec, CommandTable, QmpError, QmpServer, Reply
 
 log = logging.getLogger(__name__)
+#: States in which stop and system_reset may run (not shut down, not receiving a migration).
+_STOPPABLE = (RunState.PRELAUNCH, RunState.RUNNING, RunState.PAUSED, RunState.POSTMIGRATE, RunState.INTERNAL_ERROR)
 
 
 class MachineMonitor:
@@ -52,7 +54,7 @@ class MachineMonitor:
         return {"running": state is RunState.RUNNING, "singlestep": False, "status": state.value}
 
     def stop(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self._require_not(RunState.SHUTDOWN, RunState.INMIGRATE)
+        self._require("stop", *_STOPPABLE)
         try:
             self.machine.pause()
         except MachineError as exc:
@@ -60,7 +62,7 @@ class MachineMonitor:
         return {}
 
     def cont(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self._require_not(RunState.SHUTDOWN, RunState.INMIGRATE, RunState.POSTMIGRATE)
+        self._require("cont", RunState.PRELAUNCH, RunState.RUNNING, RunState.PAUSED, RunState.INTERNAL_ERROR)
         try:
             self.machine.resume()
         except MachineError as exc:
@@ -68,7 +70,7 @@ class MachineMonitor:
         return {}
 
     def system_reset(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self._require_not(RunState.SHUTDOWN, RunState.INMIGRATE)
+        self._require("system_reset", *_STOPPABLE)
         self.machine.system_reset()
         return {}
 
@@ -84,10 +86,13 @@ class MachineMonitor:
     def query_name(self, _args: dict[str, Any]) -> dict[str, Any]:
         return {"name": self.name} if self.name is not None else {}
 
-    def _require_not(self, *states: RunState) -> None:
-        state = self.machine.state
-        if state in states:
-            raise QmpError("GenericError", f"not possible while the VM is in state '{state.value}'")
+    def _require(self, command: str, *allowed: RunState, message: str = "not possible while the VM is in "
+                                                                            "state '{state}'") -> None:
+        """A GenericError unless the run state is one of ``allowed`` (the machine's check)."""
+        try:
+            self.machine.require_state(command, *allowed, message=message)
+        except MachineError as exc:
+            raise QmpError("GenericError", str(exc)) from None
 
     # -- hot-plug ---------------------------------------------------------------------------
     HOTPLUG_DRIVERS = HOTPLUG_DRIVERS
@@ -161,5 +166,7 @@ class MachineMonitor:
         return Reply({}, after=lambda: self.on_machine_event("DEVICE_DELETED", data))
 
     def _require_no_migration(self, command: str) -> None:
-        if self._migration_status in ("setup", "active") or self.machine.state is RunState.INMIGRATE:
+        if self._migration_status in ("setup", "active"):
             raise QmpError("GenericError", f"{command}: not allowed while migrating")
+        self._require(command, *(state for state in RunState if state is not RunState.INMIGRATE),
+                      message="{command}: not allowed while migrating")

@@ -34,6 +34,7 @@ from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.pl011 import Pl011, Pl011State
 from hv.devices.serial import Serial16550, SerialState
 from hv.machine.interrupts import InterruptController
+from hv.machine.runstate import NOT_POSSIBLE, MachineError, RunState, RunStateTracker
 from hv.machine.legacy import LEGACY_DEVICE_IDS, GuestResetRequest, build_legacy_devices
 from hv.machine.gic_interrupts import GicController, pci_intx_intid
 from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GicState
@@ -70,20 +71,6 @@ PSCI_AFFINITY_ON = 0
 PSCI_AFFINITY_OFF = 1
 MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF     # Aff3..Aff0
 X86_AP_APIC_BASE = 0xFEE00800           # enabled, not the BSP
-
-
-class RunState(str, enum.Enum):
-    PRELAUNCH = "prelaunch"
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"
-    INMIGRATE = "inmigrate"
-    POSTMIGRATE = "postmigrate"
-    INTERNAL_ERROR = "internal-error"
-
-
-class MachineError(RuntimeError):
-    """The machine cannot do what was asked in its current state."""
 
 
 class PersistentDevice(Protocol):
@@ -139,11 +126,9 @@ class Machine:
         self.pio = Bus("port")
         self.mmio = Bus("mmio")
         self.devices: dict[str, DeviceSlot] = {}
-        self._lock = threading.RLock()           # the big lock: devices and run state
-        self._state_changed = threading.Condition(self._lock)
-        self._state = RunState.PRELAUNCH
-        self._shutdown_reason: str | None = None
-        self._closing = False
+        self._run = RunStateTracker()            # run state + the big lock (devices and run state)
+        self._lock = self._run.lock
+        self._state_changed = self._run.changed
         self._parked: set[int] = set()
         self._halted: list[bool] = [False] * config.smp
         # Power state of each vCPU: "on", or (secondaries at reset) "off" on virt /
@@ -190,7 +175,7 @@ class Machine:
         if self.config.machine == "q35":
             irq = self.interrupts = InterruptController(
                 self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
-                lambda: self._state is RunState.RUNNING, lambda: self._closing)
+                lambda: self._run.running, lambda: self._run.closing)
             self._add_device("serial0", "isa-serial", Serial16550(self.console, irq.line(Q35_SERIAL_GSI)),
                              SerialState, self.pio, Q35_SERIAL_PORT, Serial16550.SIZE)
             self._add_device("acpi-pm", "ich9-pm", AcpiPm(self._on_sleep), AcpiPmState,
@@ -214,7 +199,7 @@ class Machine:
             # GICv3 + generic timers (ICC_*/CNT* served through the backend's sysreg handler)
             gic = self.interrupts = GicController(
                 self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
-                lambda: self._state is RunState.RUNNING, lambda: self._closing)
+                lambda: self._run.running, lambda: self._run.closing)
             self._add_device("pl011", "pl011", Pl011(self.console, gic.pl011_line()), Pl011State,
                              self.mmio, VIRT_PL011_BASE, Pl011.SIZE)
             windows = [(VIRT_PL011_BASE, Pl011.SIZE)]
@@ -379,8 +364,10 @@ class Machine:
         return slot
 
     def _check_hotplug_state(self, command: str) -> None:
-        if self._closing or self._state in (RunState.SHUTDOWN, RunState.INMIGRATE, RunState.POSTMIGRATE):
-            raise MachineError(f"{command}: not possible while the VM is in state '{self._state.value}'")
+        state = self._run.require(command, RunState.PRELAUNCH, RunState.RUNNING, RunState.PAUSED,
+                                  RunState.INTERNAL_ERROR)
+        if self._run.closing:
+            raise MachineError(NOT_POSSIBLE.format(command=command, state=state.value))
 
     def _kick_vcpu(self, index: int) -> None:
         self.vcpus[index].kick()
@@ -528,7 +515,16 @@ class Machine:
     # -- lifecycle ----------------------------------------------------------------------
     @property
     def state(self) -> RunState:
-        return self._state
+        return self._run.state
+
+    @property
+    def _state(self) -> RunState:
+        return self._run.state
+
+    def require_state(self, command: str, *allowed: RunState, message: str = NOT_POSSIBLE) -> RunState:
+        """Raise :class:`MachineError` (QMP: GenericError) unless the run state is one of
+        ``allowed``; ``message`` may use ``{command}`` and ``{state}``."""
+        return self._run.require(command, *allowed, message=message)
 
     @property
     def running(self) -> bool:
@@ -539,7 +535,9 @@ class Machine:
         with self._lock:
             if self._state is RunState.RUNNING:
                 raise MachineError(f"cannot mark a running machine {state.value}")
-            self._state = state
+            if self._state is RunState.SHUTDOWN and state is not RunState.POSTMIGRATE:
+                return   # shut down (e.g. a signal) before the label was set: stays down
+            self._run.set(state)
 
     def start(self, paused: bool = False, paused_state: RunState = RunState.PAUSED) -> None:
         """Start the vCPU threads; they run at once unless ``paused``, in which case the
@@ -547,7 +545,10 @@ class Machine:
         with self._lock:
             if self._threads:
                 raise MachineError("machine already started")
-            self._state = paused_state if paused else RunState.RUNNING
+            if self._state is RunState.SHUTDOWN:
+                paused = True   # shut down (e.g. a signal) before it started: stays down
+            else:
+                self._run.set(paused_state if paused else RunState.RUNNING)
             for index, vcpu in enumerate(self.vcpus):
                 thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu),
                                           name=f"vcpu{index}", daemon=True)
@@ -561,8 +562,7 @@ class Machine:
         with self._lock:
             if self._state is not RunState.RUNNING:
                 return False
-            self._state = RunState.PAUSED
-            self._state_changed.notify_all()
+            self._run.set(RunState.PAUSED)
         self._kick_all()
         self._wait_parked()
         self._emit("STOP")
@@ -577,32 +577,20 @@ class Machine:
                 raise MachineError("the guest has shut down")
             if not self._threads:
                 raise MachineError("machine has not been started")
-            self._state = RunState.RUNNING
-            self._state_changed.notify_all()
+            self._run.set(RunState.RUNNING)
         self._emit("RESUME")
         return True
 
     def request_shutdown(self, reason: str) -> None:
         """End the machine (guest power-off, quit, signal); idempotent."""
-        with self._lock:
-            if self._shutdown_reason is not None:
-                return
-            self._shutdown_reason = reason
-            self._state = RunState.SHUTDOWN
-            self._state_changed.notify_all()
+        if not self._run.shut_down(reason):
+            return
         self._kick_all()
         self._emit("SHUTDOWN", {"guest": reason == "guest-shutdown", "reason": reason})
 
     def wait_shutdown(self, timeout: float | None = None) -> str | None:
         """Block until the machine shuts down; the reason, or None on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while self._shutdown_reason is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._state_changed.wait(remaining)
-            return self._shutdown_reason
+        return self._run.wait_shutdown(timeout)
 
     def system_reset(self, reason: str = "host-qmp-system-reset") -> None:
         """Reset devices and vCPUs and reload the kernel, as a reset button would;
@@ -620,10 +608,10 @@ class Machine:
     def close(self) -> None:
         """Stop the vCPU threads and release the backend VM and RAM."""
         with self._lock:
-            self._closing = True
+            self._run.closing = True
             self._throttle_percent = 0
             if self._state is RunState.RUNNING:
-                self._state = RunState.PAUSED
+                self._run.set(RunState.PAUSED)
             self._state_changed.notify_all()
         self._kick_all()
         for thread in self._threads:
@@ -659,7 +647,7 @@ class Machine:
     def _throttle_loop(self) -> None:
         while True:
             with self._lock:
-                if self._closing or not self._throttle_percent:
+                if self._run.closing or not self._throttle_percent:
                     self._throttle_thread = None
                     return
             self._throttle_wake.wait(THROTTLE_SLICE / 2)
@@ -686,7 +674,7 @@ class Machine:
         self._throttle_ran_since[index] = time.monotonic()
 
     def _accepts_device_dma(self) -> bool:
-        return self._state is RunState.RUNNING and not self._closing
+        return self._state is RunState.RUNNING and not self._run.closing
 
     def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the vCPU threads (0 before start)."""
@@ -707,7 +695,7 @@ class Machine:
 
     # -- vCPU threads -------------------------------------------------------------------
     def _may_run(self, index: int) -> bool:
-        return (self._state is RunState.RUNNING and not self._halted[index] and not self._closing
+        return (self._state is RunState.RUNNING and not self._halted[index] and not self._run.closing
                 and self._power[index] == POWER_ON)
 
     def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
@@ -745,7 +733,7 @@ class Machine:
         parked = False
         while True:
             irq.sync_clock()   # guest time runs exactly while the machine runs
-            if self._closing:
+            if self._run.closing:
                 self._parked.add(index)
                 self._state_changed.notify_all()
                 return None
@@ -780,10 +768,10 @@ class Machine:
                 if not self._may_run(index):
                     self._parked.add(index)
                     self._state_changed.notify_all()
-                    while not self._may_run(index) and not self._closing:
+                    while not self._may_run(index) and not self._run.closing:
                         self._state_changed.wait()
                     self._parked.discard(index)
-                if self._closing:
+                if self._run.closing:
                     self._parked.add(index)
                     self._state_changed.notify_all()
                     return
@@ -815,7 +803,7 @@ class Machine:
             log.info("vcpu%d: guest reset (%s)", index, result.detail or "reset request")
             threading.Thread(target=self.system_reset, name="reset", daemon=True).start()
             with self._lock:  # park until the reset thread has reloaded the machine
-                while self._state is RunState.RUNNING and not self._closing:
+                while self._state is RunState.RUNNING and not self._run.closing:
                     self._state_changed.wait(0.05)
         else:
             message = f"vcpu{index}: {result.detail or reason.value}"

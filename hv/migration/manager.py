@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from hv.machine import Machine, RunState
+from hv.machine import Machine, MachineError, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.status import MigrationStatus
 from hv.migration.transport import (MigrationConnectError, MigrationUri, MigrationUriError, SnapshotError, connect,
@@ -73,9 +73,12 @@ class MigrationManager:
             raise _generic("postcopy resume is not supported")
         if self.status.is_active():
             raise _generic("a migration is already in progress")
-        state = self.machine.state
-        if state in (RunState.SHUTDOWN, RunState.INMIGRATE, RunState.INTERNAL_ERROR):
-            raise _generic(f"cannot migrate while the VM is in state '{state.value}'")
+        try:
+            self.machine.require_state("migrate", RunState.PRELAUNCH, RunState.RUNNING, RunState.PAUSED,
+                                       RunState.POSTMIGRATE,
+                                       message="cannot migrate while the VM is in state '{state}'")
+        except MachineError as exc:
+            raise _generic(str(exc)) from None
         try:
             uri = parse_migration_uri(args["uri"])
         except MigrationUriError as exc:
@@ -180,8 +183,11 @@ class MigrationManager:
         def migrate_incoming(args: dict[str, Any]) -> dict[str, Any]:
             if self._incoming_started:
                 raise _generic("The incoming migration has already been started")
-            if self.machine.state is not RunState.INMIGRATE:
-                raise _generic("'-incoming' was not specified on the command line")
+            try:
+                self.machine.require_state("migrate-incoming", RunState.INMIGRATE,
+                                           message="'-incoming' was not specified on the command line")
+            except MachineError as exc:
+                raise _generic(str(exc)) from None
             try:
                 start(parse_migration_uri(args["uri"]))
             except (MigrationUriError, MigrationConnectError, SnapshotError) as exc:
