@@ -15,7 +15,9 @@ Source (``OutgoingMigration``), in its own thread once ``migrate`` has connected
    phase up to the commit, and the destination never runs a guest the source may resume.
 
 On any error before the commit the source resumes the guest (RESUME) and reports
-``failed`` with ``error-desc``; on cancel, ``canceled``. If the connection breaks after the
+``failed`` with ``error-desc``; on cancel, ``canceled``, after appending a CANCEL section
+at the next record boundary so the destination knows. The destination side is
+``hv/migration/incoming.py``. If the connection breaks after the
 commit was sent, whether the destination runs is unknown: the source then stays paused
 (it never risks running the guest twice) and reports ``failed`` saying so.
 """

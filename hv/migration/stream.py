@@ -7,7 +7,9 @@ Layout (all integers little-endian; the full description is ``docs/migration-str
 
 The crc32 covers the 8-byte section header and the payload. Sections, in the only order
 a reader accepts: HEADER, CONFIG, then RAM runs and ROUND_END markers, then CPU and
-DEVICE states, then END. ERROR may appear anywhere after the preamble: the sender gave up.
+DEVICE states, then END. ERROR may appear anywhere after the preamble: the sender gave up;
+so may CANCEL (1.2): the source's operator canceled. Text a peer sends is escaped
+(``hv.textsafe.printable``) before it can reach a message.
 
 The destination applies RAM pages directly into guest RAM as they arrive (scatter reads
 into the guest's own pages, no staging copy). That is safe because every page number is
