@@ -16,6 +16,7 @@ from hv import __version__
 from hv.devconfig import DevConfigError
 from hv.config import INCOMING_DEFER, USAGE, ConfigError, VmConfig, parse_args
 from hv.console import open_console
+from hv.console_input import attach_stdio_input
 from hv.machine import Machine, RunState
 from hv.migration.incoming import incoming_error, load_snapshot, receive_migration
 from hv.migration.manager import MigrationManager
@@ -81,6 +82,7 @@ def run(config: VmConfig) -> int:
         console.close()
         raise LaunchError(str(exc)) from None
     session = Session(config, machine)
+    stop_console_input = attach_stdio_input(config.serial, machine)
     previous = {sig: signal.signal(sig, session.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if config.incoming is not None:
@@ -107,6 +109,7 @@ def run(config: VmConfig) -> int:
         while machine.wait_shutdown(timeout=0.5) is None:
             pass
     finally:
+        stop_console_input()   # first: the terminal is restored before anything else is printed
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         session.close()

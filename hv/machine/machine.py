@@ -581,6 +581,15 @@ class Machine:
         self._emit("RESUME")
         return True
 
+    def console_input(self, data: bytes) -> int:
+        """Host console bytes into the UART (hv/console_input.py); how many it took: 0
+        while an incoming migration has not arrived (restoring it would drop them)."""
+        with self._lock:
+            uart = self.devices.get("serial0") or self.devices.get("pl011")
+            if uart is None or self.state in (RunState.INMIGRATE, RunState.SHUTDOWN):
+                return 0
+            return uart.device.enqueue_input(data)  # type: ignore[attr-defined]
+
     def request_shutdown(self, reason: str) -> None:
         """End the machine (guest power-off, quit, signal); idempotent."""
         if not self._run.shut_down(reason):
