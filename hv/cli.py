@@ -96,7 +96,7 @@ def run(config: VmConfig) -> int:
             session.receive(config.incoming)
         else:
             assert image is not None
-            from hv.loader import LoaderError
+            from hv.boot import LoaderError
 
             try:
                 machine.load_kernel(image, initrd)

@@ -13,6 +13,8 @@ from pathlib import Path
 from hv_backends.base import Arch
 from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfig, parse_device, parse_drive,
                           parse_netdev)
+from hv.boards.q35 import layout as q35_layout
+from hv.boards.virt import layout as virt_layout
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
 
 MIB = 1 << 20
@@ -20,9 +22,9 @@ GIB = 1 << 30
 
 MACHINE_ARCH = {"q35": Arch.X86_64, "virt": Arch.AARCH64}
 # q35 keeps all RAM below its PCI windows (no split above 4 GiB yet): RAM ends where the
-# ECAM starts, 0xB0000000 = 2816 MiB (QEMU's q35 also starts its MMCONFIG there).
-Q35_RAM_LIMIT = 0xB000_0000
-MACHINE_MAX_MEMORY = {"q35": Q35_RAM_LIMIT, "virt": 64 * GIB}
+# ECAM starts (2816 MiB); the limits are the boards' layouts'.
+Q35_RAM_LIMIT = q35_layout.RAM_LIMIT
+MACHINE_MAX_MEMORY = {"q35": Q35_RAM_LIMIT, "virt": virt_layout.RAM_MAX_SIZE}
 MIN_MEMORY = 16 * MIB
 MAX_SMP = 64
 ACCELERATORS = ("kvm", "unicorn")

@@ -333,29 +333,25 @@ def test_resource_descriptors_match_iasl_encodings() -> None:
 
 
 # -- the tables ---------------------------------------------------------------------------
-def test_q35_facts_match_the_machine() -> None:
-    """The constants the tables use are hv's own (they live in several modules today)."""
+def test_q35_facts_match_the_layout() -> None:
+    """The tables describe the q35 layout, the single definition the devices are wired with."""
+    from hv.boards.q35 import layout
     from hv.devices.acpi_pm import SLP_EN, AcpiPm
-    from hv.devices.ioapic import IOAPIC_BASE, IOAPIC_PINS
-    from hv.devices.lapic import LAPIC_BASE
-    from hv.machine import machine
-    from hv.machine.pci_wiring import LAYOUTS
 
     facts = q35_board_facts(2)
-    layout = LAYOUTS["q35"]
-    assert (facts.lapic_base, facts.ioapic_base, facts.ioapic_pins) == (LAPIC_BASE, IOAPIC_BASE, IOAPIC_PINS)
-    assert facts.ecam_base == layout.ecam_base and facts.ecam_last_bus == layout.ecam_buses - 1
-    assert facts.pci_mmio32_windows == ((layout.mmio_base, layout.mmio_size),)
-    assert layout.io_on_pio and facts.pci_io_windows == ((layout.io_base, layout.io_size),)
-    assert facts.pm1a_evt_port == machine.Q35_ACPI_PM_PORT and facts.pm1a_cnt_port == machine.Q35_ACPI_PM_PORT + 4
-    assert facts.serial_ports == ((machine.Q35_SERIAL_PORT, machine.Q35_SERIAL_GSI),)
+    assert (facts.lapic_base, facts.ioapic_base, facts.ioapic_pins) == (layout.LAPIC_BASE, layout.IOAPIC_BASE, 24)
+    assert facts.ecam_base == layout.ECAM_BASE == 0xB000_0000 and facts.ecam_last_bus == layout.ECAM_BUSES - 1
+    assert facts.pci_mmio32_windows == ((layout.PCI_MMIO32_BASE, layout.PCI_MMIO32_SIZE),)
+    assert facts.pci_io_windows == ((layout.PCI_IO_BASE, layout.PCI_IO_SIZE),)
+    assert facts.pm1a_evt_port == layout.ACPI_PM_PORT and facts.pm1a_cnt_port == layout.ACPI_PM_PORT + 4
+    assert facts.serial_ports == ((layout.COM1_PORT, layout.COM1_IRQ),) == ((0x3F8, 4),)
     for slot in range(32):
         for pin in range(1, 5):
-            assert q35_intx_gsi(slot, pin) == machine.Q35_PCI_GSI_BASE + (slot + pin - 1) % 8
+            assert q35_intx_gsi(slot, pin) == layout.pci_intx_gsi(slot, pin) == 16 + (slot + pin - 1) % 8
     # What ACPICA writes to PM1a_CNT for \_S5 powers hv's PM device off.
     requests: list[int] = []
     device = AcpiPm(requests.append)
-    offset = facts.pm1a_cnt_port - machine.Q35_ACPI_PM_PORT
+    offset = facts.pm1a_cnt_port - layout.ACPI_PM_PORT
     assert 0 <= offset and offset + 2 <= AcpiPm.SIZE
     device.write(offset, 2, facts.s5_slp_typ << 10)
     assert requests == []

@@ -1,4 +1,4 @@
-"""hv.boot.arm64_image through hv.loader: arm64 ``Image`` kernels (raw, gzip'd, inside an
+"""hv.boot.arm64_image through hv.boot: arm64 ``Image`` kernels (raw, gzip'd, inside an
 ELF vmlinux) are placed as booting.rst says, with an initrd in /chosen, and every bad
 header field is one LoaderError that leaves guest RAM untouched.
 
@@ -18,7 +18,8 @@ import pytest
 
 from hv import fdt as fdtlib
 from hv.boot import arm64_image
-from hv.loader import VIRT_RAM_BASE, LoaderError, load_kernel, parse_elf
+from hv.boards.virt.layout import RAM_BASE as VIRT_RAM_BASE
+from hv.boot import LoaderError, load_kernel, parse_elf
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
 from tests.helpers import FIXTURES

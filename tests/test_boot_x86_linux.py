@@ -21,7 +21,7 @@ from hv_backends.base import Arch, ExitReason
 from hv.boot import e820 as e820lib
 from hv.boot import x86_linux as xl
 from hv.config import ConfigError, parse_args
-from hv.loader import BootInfo, LoaderError, load_kernel
+from hv.boot import BootInfo, LoaderError, load_kernel
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import EFER_LMA, EFER_LME
 from tests.helpers import FIXTURES, ROOT, X86_BACKENDS, HvProcess, hv_command
@@ -148,10 +148,14 @@ def test_e820_cuts_reserved_ranges_out_of_ram_and_bounds_entries() -> None:
         e820lib.build_e820([(0x200000 + i * 0x2000, 0x1000) for i in range(130)])
 
 
-def test_e820_ecam_matches_the_pci_layout() -> None:
-    from hv.machine.pci_wiring import LAYOUTS
-    layout = LAYOUTS["q35"]
-    assert e820lib.Q35_ECAM == (layout.ecam_base, layout.ecam_buses << 20)
+def test_e820_reserves_the_ecam_and_the_acpi_tables() -> None:
+    """Linux uses MMCONFIG only if E820 reserves it, and must not reuse the ACPI tables'
+    RAM: the default map reserves both, as the q35 layout places them."""
+    from hv.boards.q35 import layout
+    entries = e820lib.build_e820([(0, 512 * MIB)])
+    assert e820lib.E820Entry(layout.ECAM_BASE, layout.ECAM_SIZE, e820lib.E820_RESERVED) in entries
+    assert not e820lib.ram_covers(entries, layout.ACPI_TABLES_BASE, 1)
+    assert e820lib.ram_covers(entries, layout.KERNEL_MIN_GPA, 1) and e820lib.ram_covers(entries, 0, layout.EBDA_START)
 
 
 # -- bzImage --------------------------------------------------------------------------------

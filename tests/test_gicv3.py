@@ -145,7 +145,7 @@ def test_state_round_trip_and_validation() -> None:
 
 def test_virt_device_tree_describes_the_gic_and_timer() -> None:
     from hv import fdt as fdtlib
-    from hv.loader import build_virt_fdt
+    from hv.boards.virt.fdt import build_virt_fdt
     from hv.memory import GuestMemory, RegionSpec
 
     mem = GuestMemory([RegionSpec(0x4000_0000, 16 << 20)])

@@ -1,4 +1,4 @@
-"""hv.loader and hv.fdt: loading the fixture guests, rejecting malformed images with a
+"""hv.boot, hv.boards.virt.fdt and hv.fdt: loading the fixture guests, rejecting malformed images with a
 LoaderError (and nothing else, and without touching guest RAM), and device trees that
 round-trip through hv's reader, dtc, and a real aarch64 guest run under Unicorn."""
 from __future__ import annotations
@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hv import fdt as fdtlib
-from hv.loader import (
-    MB_CMDLINE_GPA, MB_INFO_GPA, MB_MMAP_GPA, MULTIBOOT_BOOT_MAGIC, VIRT_RAM_BASE, BootInfo,
-    LoaderError, build_virt_fdt, load_kernel, parse_elf,
-)
+from hv.boards.q35.layout import MB_CMDLINE_GPA, MB_INFO_GPA, MB_MMAP_GPA
+from hv.boards.virt.fdt import build_virt_fdt
+from hv.boards.virt.layout import RAM_BASE as VIRT_RAM_BASE
+from hv.boot import BootInfo, LoaderError, load_kernel, parse_elf
+from hv.boot.multiboot import MULTIBOOT_BOOT_MAGIC
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
 from tests.helpers import FIXTURES, require_tool

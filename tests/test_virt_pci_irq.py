@@ -20,7 +20,7 @@ from hv.devices.gicv2m import V2M_BASE, V2M_DOORBELL, V2M_IIDR_VALUE, GicV2m
 from hv.devices.gicv3 import REG_IGROUPR, REG_IPRIORITYR, REG_ISENABLER
 from hv.devices.irqline import SharedLine, SharedLineError, SharedLineInput
 from hv.devices.pci import UnconnectedMsi
-from hv.loader import build_virt_fdt
+from hv.boards.virt.fdt import build_virt_fdt
 from hv.machine import Machine
 from hv.machine.gic_interrupts import GicMsiSink, pci_intx_intid
 from hv.machine.machine import MachineSnapshot

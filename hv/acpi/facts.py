@@ -1,44 +1,32 @@
 """The board facts the ACPI tables describe, and hv's q35 values for them.
 
 The tables are a pure function of :class:`BoardFacts`: nothing here reads a machine.
-hv has no single layout module yet, so :func:`q35_board_facts` spells hv's q35 constants
-out and names where each one comes from; ``tests/test_acpi.py`` checks them against those
-modules so the two cannot drift apart silently.
+The q35 defaults come from :mod:`hv.boards.q35.layout`, the one definition of the board's
+addresses, ports and interrupt lines that the devices are wired with too.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hv.boards.q35 import layout as q35
+
 
 class AcpiError(ValueError):
     """The board facts cannot be described by valid ACPI tables (one-line message)."""
 
 
-# hv's q35 layout, by source:
-Q35_LAPIC_BASE = 0xFEE0_0000          # hv/devices/lapic.py LAPIC_BASE
-Q35_IOAPIC_BASE = 0xFEC0_0000         # hv/devices/ioapic.py IOAPIC_BASE
 Q35_IOAPIC_ID = 0                     # hv/devices/ioapic.py IoApicState.apic_id (reset value)
-Q35_IOAPIC_PINS = 24                  # hv/devices/ioapic.py IOAPIC_PINS
-Q35_ECAM_BASE = 0xB000_0000           # hv/machine/pci_wiring.py LAYOUTS["q35"].ecam_base
-Q35_ECAM_BUSES = 256                  # hv/machine/pci_wiring.py LAYOUTS["q35"].ecam_buses
-Q35_PCI_MMIO32 = (0xC000_0000, 0xFEC0_0000 - 0xC000_0000)   # LAYOUTS["q35"].mmio_base/mmio_size
-Q35_PCI_IO = (0xC000, 0x4000)         # LAYOUTS["q35"].io_base/io_size (the ports hv decodes for BARs)
-Q35_PCI_CONFIG_PORT = 0xCF8           # hv/machine/pci_wiring.py: PciConfigPorts at 0xCF8-0xCFF
-Q35_ACPI_PM_PORT = 0x600              # hv/machine/machine.py Q35_ACPI_PM_PORT (hv/devices/acpi_pm.py)
-Q35_S5_SLP_TYP = 0                    # hv/devices/acpi_pm.py: any SLP_TYP powers off; the fixtures write 0x2000
-Q35_SERIAL = (0x3F8, 4)               # hv/machine/machine.py Q35_SERIAL_PORT / Q35_SERIAL_GSI
-Q35_PCI_GSI_BASE = 16                 # hv/machine/machine.py Q35_PCI_GSI_BASE
-SCI_IRQ = 9                           # QEMU q35's SCI; hv's PM device raises none yet
 
 
 def q35_intx_gsi(slot: int, pin: int) -> int:
     """The IOAPIC input that INTx ``pin`` (1 = INTA .. 4 = INTD) of a pcie.0 device in
     ``slot`` drives on hv's q35: GSI 16 + (slot + pin - 1) % 8, the formula of
-    ``Machine._wire_pci_function`` (hv/machine/machine.py)."""
-    if not 0 <= slot <= 31 or not 1 <= pin <= 4:
-        raise AcpiError(f"no INTx pin {pin} in PCI slot {slot}")
-    return Q35_PCI_GSI_BASE + (slot + pin - 1) % 8
+    :func:`hv.boards.q35.layout.pci_intx_gsi`."""
+    try:
+        return q35.pci_intx_gsi(slot, pin)
+    except ValueError as exc:
+        raise AcpiError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -59,26 +47,26 @@ class BoardFacts:
 
     vcpus: int
     intx_gsi: Callable[[int, int], int]            # (slot 0-31, pin 1-4) -> GSI, for pcie.0
-    lapic_base: int = Q35_LAPIC_BASE
-    ioapic_base: int = Q35_IOAPIC_BASE
+    lapic_base: int = q35.LAPIC_BASE
+    ioapic_base: int = q35.IOAPIC_BASE
     ioapic_id: int = Q35_IOAPIC_ID
-    ioapic_pins: int = Q35_IOAPIC_PINS
-    ecam_base: int = Q35_ECAM_BASE                 # address of bus 0's configuration space
+    ioapic_pins: int = q35.IOAPIC_PINS
+    ecam_base: int = q35.ECAM_BASE                 # address of bus 0's configuration space
     ecam_first_bus: int = 0
-    ecam_last_bus: int = Q35_ECAM_BUSES - 1
-    pci_config_port: int | None = Q35_PCI_CONFIG_PORT
-    pci_io_windows: tuple[tuple[int, int], ...] = (Q35_PCI_IO,)
-    pci_mmio32_windows: tuple[tuple[int, int], ...] = (Q35_PCI_MMIO32,)
+    ecam_last_bus: int = q35.ECAM_BUSES - 1
+    pci_config_port: int | None = q35.PCI_CONFIG_PORT
+    pci_io_windows: tuple[tuple[int, int], ...] = ((q35.PCI_IO_BASE, q35.PCI_IO_SIZE),)
+    pci_mmio32_windows: tuple[tuple[int, int], ...] = ((q35.PCI_MMIO32_BASE, q35.PCI_MMIO32_SIZE),)
     pci_mmio64_windows: tuple[tuple[int, int], ...] = ()
-    pm1a_evt_port: int = Q35_ACPI_PM_PORT          # PM1_STS + PM1_EN, 4 bytes
-    pm1a_cnt_port: int = Q35_ACPI_PM_PORT + 4      # PM1_CNT, 2 bytes
+    pm1a_evt_port: int = q35.ACPI_PM_PORT          # PM1_STS + PM1_EN, 4 bytes
+    pm1a_cnt_port: int = q35.ACPI_PM_CNT_PORT     # PM1_CNT, 2 bytes
     pm_tmr_port: int | None = None                 # hv's PM device has no PM timer (yet)
-    s5_slp_typ: int = Q35_S5_SLP_TYP
-    sci_irq: int = SCI_IRQ
+    s5_slp_typ: int = q35.ACPI_S5_SLP_TYP
+    sci_irq: int = q35.SCI_GSI
     reset: ResetRegister | None = None
-    serial_ports: tuple[tuple[int, int], ...] = (Q35_SERIAL,)    # (port, ISA IRQ): COM1, COM2, ...
+    serial_ports: tuple[tuple[int, int], ...] = ((q35.COM1_PORT, q35.COM1_IRQ),)    # (port, ISA IRQ): COM1, COM2, ...
     pit: bool = False             # i8254 at 0x40-0x43, ISA IRQ 0 routed to pit_gsi
-    pit_gsi: int = 2
+    pit_gsi: int = q35.PIT_GSI
     rtc: bool = False             # MC146818 at 0x70-0x71, ISA IRQ 8
     i8042: bool = False           # PS/2 controller at 0x60/0x64, keyboard IRQ 1
     pic_8259: bool = False        # dual 8259 PICs (MADT PCAT_COMPAT)

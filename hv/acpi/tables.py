@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from hv.acpi.dsdt import build_dsdt_body
 from hv.acpi.facts import AcpiError, BoardFacts
+from hv.boards.q35 import layout as q35
 
-DEFAULT_BASE = 0xE0000
-BIOS_AREA_END = 0x100000
+DEFAULT_BASE = q35.ACPI_TABLES_BASE      # where a BIOS scan for "RSD PTR " looks
+BIOS_AREA_END = q35.ACPI_TABLES_END
 HEADER_SIZE = 36
 CREATOR_ID = b"HVPY"
 CREATOR_REVISION = 1

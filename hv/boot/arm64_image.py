@@ -30,6 +30,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from hv.boards.virt.layout import DTB_MAX_SIZE as MAX_DTB_SIZE
+from hv.boards.virt.layout import dtb_address
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IIQQQQQQII")
@@ -40,7 +43,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 MAX_IMAGE_SIZE = 256 * 1024 * 1024  # bound on an unpacked/flattened kernel and image_size
 LEGACY_TEXT_OFFSET = 0x80000        # image_size == 0: booting.rst says assume 0x80000
 ALIGN_2M = 2 * 1024 * 1024
-MAX_DTB_SIZE = 2 * 1024 * 1024
 INITRD_WINDOW = 32 * 1024 ** 3      # initrd and kernel within one 1 GiB aligned 32 GiB window
 FLAG_BE = 1 << 0
 FLAG_PHYS_ANYWHERE = 1 << 3
@@ -168,7 +170,7 @@ def plan_layout(ram: tuple[int, int], header: Arm64ImageHeader, file_size: int,
         raise Arm64ImageError(f"kernel needs {kernel + span - ram_start:#x} bytes of RAM from "
                               f"{ram_start:#x} (text_offset {header.text_offset:#x}, size {span:#x}); "
                               f"guest RAM has {ram_size // (1024 * 1024)} MiB")
-    dtb = _align_up(kernel + span, ALIGN_2M)
+    dtb = dtb_address(kernel + span)
     if dtb + MAX_DTB_SIZE > ram_end:
         raise Arm64ImageError(f"no room for the device tree after the kernel (guest RAM has "
                               f"{ram_size // (1024 * 1024)} MiB)")

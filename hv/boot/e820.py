@@ -4,8 +4,8 @@ Linux learns where its RAM is from this map: the bzImage path hands it in the ze
 (``boot_params.e820_table``, 20-byte entries), the PVH path in ``hvm_start_info``'s memory
 map (24-byte ``hvm_memmap_table_entry``: the same fields plus a reserved word).
 
-What the map says, for RAM as :func:`hv.machine.machine.ram_layout` lays it out (q35: one
-region from 0, all of it below the PCI windows):
+What the map says, for RAM as :func:`hv.boards.q35.layout.ram_regions` lays it out (one
+region from 0, all of it below the PCI windows; the ranges are that layout's):
 
 | range | type | why |
 | --- | --- | --- |
@@ -25,22 +25,14 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from hv.boards.q35 import layout as q35_layout
 E820_RAM = 1
 E820_RESERVED = 2
 E820_ACPI = 3
 E820_NVS = 4
 E820_MAX_ENTRIES = 128          # E820_MAX_ENTRIES_ZEROPAGE: what boot_params holds
 
-EBDA_START = 0x9FC00
-LEGACY_START = 0xA0000
-LEGACY_END = 0x100000
-# The q35 ECAM window; hv.machine.pci_wiring.LAYOUTS["q35"] is the authority (a test
-# checks they agree), kept here so the boot code stays free of the device model.
-Q35_ECAM = (0xB000_0000, 256 << 20)
-LEGACY_RESERVED: tuple[tuple[int, int], ...] = (
-    (EBDA_START, LEGACY_START - EBDA_START),
-    (LEGACY_START, LEGACY_END - LEGACY_START),
-)
+Q35_RESERVED = q35_layout.reserved_ranges()   # EBDA, VGA hole + BIOS area, ECAM
 
 E820_ENTRY = struct.Struct("<QQI")        # boot_params.e820_table[i]
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")  # hvm_memmap_table_entry
@@ -76,7 +68,7 @@ def _subtract(ranges: list[tuple[int, int]], cut_start: int, cut_end: int) -> li
 
 
 def build_e820(ram: Iterable[tuple[int, int]],
-               reserved: Sequence[tuple[int, int]] = (*LEGACY_RESERVED, Q35_ECAM)) -> list[E820Entry]:
+               reserved: Sequence[tuple[int, int]] = Q35_RESERVED) -> list[E820Entry]:
     """The map for RAM regions ``ram`` (``(gpa, size)``) with ``reserved`` ranges marked
     reserved and cut out of RAM; sorted by address."""
     ram_ranges = [(gpa, gpa + size) for gpa, size in sorted(ram) if size > 0]

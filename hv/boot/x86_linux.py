@@ -34,7 +34,7 @@ it copies what it needs before it reuses any of it):
 | 0x20000 | 0x10000 | the NUL-terminated command line |
 
 Everything here is untrusted input: each header field, offset, size and address is
-checked, and a problem raises :class:`hv.loader.LoaderError` with one line before guest
+checked, and a problem raises :class:`hv.boot.LoaderError` with one line before guest
 RAM is written.
 """
 from __future__ import annotations
@@ -45,15 +45,10 @@ from dataclasses import dataclass
 
 from hv.boot import e820 as e820lib
 from hv.boot.e820 import E820Entry
-from hv.loader import (
-    BootInfo,
-    ElfImage,
-    LoaderError,
-    _check_arch,
-    _place_segments,
-    _write_segments,
-    parse_elf,
-)
+from hv.boards.q35.layout import (BOOT_DATA_END, CMDLINE_AREA, CMDLINE_GPA, GDT_GPA, KERNEL_MIN_GPA, MEMMAP_GPA,
+                                  MODLIST_GPA, PD_GPA, PDPT_GPA, PML4_GPA, START_INFO_GPA, ZERO_PAGE_GPA)
+from hv.boot.common import BootInfo, LoaderError
+from hv.boot.elf import ElfImage, check_arch, parse_elf, place_segments, write_segments
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.state import EFER_LMA, EFER_LME, DescriptorTable, Segment, X86CpuState
 
@@ -64,19 +59,8 @@ MIB = 1 << 20
 FOUR_GIB = 4 * GIB
 
 # -- guest-physical addresses of the boot data (see the table above) --------------------
-GDT_GPA = 0x500
-START_INFO_GPA = 0x6000
-MODLIST_GPA = 0x6040
-MEMMAP_GPA = 0x6080
-ZERO_PAGE_GPA = 0x7000
-PML4_GPA = 0x9000
-PDPT_GPA = 0xA000
-PD_GPA = 0xB000                 # four page directories, one per GiB
-PAGE_TABLES_END = PD_GPA + 4 * PAGE_SIZE
-CMDLINE_GPA = 0x20000
-CMDLINE_AREA = 0x10000
-BOOT_DATA_END = CMDLINE_GPA + CMDLINE_AREA
-KERNEL_MIN_GPA = 0x100000
+# (the addresses themselves are hv.boards.q35.layout's)
+PAGE_TABLES_END = PD_GPA + 4 * PAGE_SIZE      # four page directories, one per GiB
 
 # GDT selectors and descriptors.
 SEL_CODE32 = 0x08
@@ -415,7 +399,7 @@ def load_bzimage(memory: GuestMemory, image: bytes, cmdline: str, *, initrd: byt
     if place.initrd is not None:
         ranges.append((place.initrd, len(initrd or b"")))
     return BootInfo("x86_64", entry, long_mode_state(entry, ZERO_PAGE_GPA), tuple(ranges),
-                    (ZERO_PAGE_GPA, PAGE_SIZE))
+                    (ZERO_PAGE_GPA, PAGE_SIZE), format="bzimage")
 
 
 def _write_low_area(memory: GuestMemory, raw_cmdline: bytes) -> None:
@@ -469,7 +453,7 @@ def find_pvh_entry(image: bytes) -> int | None:
 
 def _check_pvh_segments(elf: ElfImage, e820: list[E820Entry], memory: GuestMemory) -> int:
     """Check every segment lies in RAM clear of the boot data; the kernel's end."""
-    _place_segments(memory, elf, (0, BOOT_DATA_END), FOUR_GIB)
+    place_segments(memory, elf, (0, BOOT_DATA_END), FOUR_GIB)
     for index, seg in enumerate(elf.segments):
         if not e820lib.ram_covers(e820, seg.paddr, seg.memsz):
             raise LoaderError(f"kernel segment {index} at {seg.paddr:#x}+{seg.memsz:#x} is not in a RAM "
@@ -481,7 +465,7 @@ def load_pvh(memory: GuestMemory, image: bytes, cmdline: str, *, initrd: bytes |
              rsdp_addr: int | None = None) -> BootInfo:
     """Check and place a PVH ELF vmlinux (and initrd); write only when every check passed."""
     elf = parse_elf(image)
-    _check_arch("x86_64", elf)
+    check_arch("x86_64", elf)
     entry = find_pvh_entry(image)
     if entry is None:
         raise LoaderError("kernel has no PVH entry note (ELF note 'Xen' type 18)")
@@ -500,7 +484,7 @@ def load_pvh(memory: GuestMemory, image: bytes, cmdline: str, *, initrd: bytes |
                                  MODLIST_GPA if initrd_gpa is not None else 0, CMDLINE_GPA, rsdp,
                                  MEMMAP_GPA, len(e820), 0)
 
-    _write_segments(memory, image, elf)
+    write_segments(memory, image, elf)
     _write_low_area(memory, raw_cmdline)
     if initrd is not None and initrd_gpa is not None:
         memory.write(initrd_gpa, initrd)
@@ -513,4 +497,4 @@ def load_pvh(memory: GuestMemory, image: bytes, cmdline: str, *, initrd: bytes |
     if initrd_gpa is not None:
         ranges.append((initrd_gpa, len(initrd or b"")))
     return BootInfo("x86_64", entry, pvh_state(entry, START_INFO_GPA), tuple(ranges),
-                    (START_INFO_GPA, MEMMAP_GPA + len(memmap) - START_INFO_GPA))
+                    (START_INFO_GPA, MEMMAP_GPA + len(memmap) - START_INFO_GPA), format="pvh")

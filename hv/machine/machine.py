@@ -501,10 +501,11 @@ class Machine:
 
     # -- boot -------------------------------------------------------------------------
     def load_kernel(self, image: bytes, initrd: bytes | None = None) -> None:
-        from hv.loader import load_kernel
-
-        boot = load_kernel(self.arch.value, self.memory, image, self.config.append, smp=self.config.smp,
-                           initrd=initrd)
+        if self.config.machine == "q35":
+            from hv.boards.q35.firmware import setup_boot
+        else:
+            from hv.boards.virt.firmware import setup_boot
+        boot = setup_boot(self.memory, self.config, image, initrd)
         self.kernel_image = image
         self.initrd_image = initrd
         self.vcpus[0].set_state(boot.cpu_state)
