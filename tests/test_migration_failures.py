@@ -262,7 +262,11 @@ def migrate_state(vm: Vm) -> dict:
 
 
 def slow_down(src: Vm, *, auto_converge: bool = False, max_iterations: int = 30) -> None:
-    assert src.execute("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH,
+    """Cap the bandwidth, and set downtime-limit 0 so the migration never converges by
+    itself: its phases then last as long as the test needs whatever the guest's dirtying
+    speed (a slow, loaded guest could otherwise converge after one dirty round). Only
+    max-iterations ends the dirty rounds."""
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH, "downtime-limit": 0,
                                                     "max-iterations": max_iterations}) == {"return": {}}
     assert src.execute("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": auto_converge}]) == {"return": {}}
@@ -311,7 +315,8 @@ def migrate_to_fresh_destination(vms, sock_dir: str, src: Vm, name: str) -> Vm:
     when usable: after a Unicorn source that is also a cross-backend move)."""
     dst = vms(name, *incoming(sock_dir, name), accel="kvm" if kvm_unusable_reason() is None else "unicorn")
     assert src.execute("cont") == {"return": {}}
-    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0, "max-iterations": 30}) == {"return": {}}
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0, "max-iterations": 30,
+                                                    "downtime-limit": 300}) == {"return": {}}
     assert src.execute("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}]) == {"return": {}}
     assert src.execute("migrate", uri=dst.incoming_address()) == {"return": {}}
@@ -729,7 +734,7 @@ def test_migrate_while_active_and_cancel_with_nothing(vms, sock_dir):
     assert other.execute("query-status")["return"]["status"] == "inmigrate"  # nobody connected
     assert other.execute("query-migrate")["return"]["status"] == "setup"
     # The first migration is unaffected: uncap it and it completes.
-    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0}) == {"return": {}}
+    assert src.execute("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300}) == {"return": {}}
     assert src.execute("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])["error"]["class"] == "GenericError"
     result = src.wait_migration(timeout=60)
