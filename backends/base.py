@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from hv.errors import HvError
 from hv.memory import GuestMemory
 from hv.state import CpuState
 
@@ -23,7 +24,7 @@ class Arch(str, enum.Enum):
     AARCH64 = "aarch64"
 
 
-class BackendError(RuntimeError):
+class BackendError(HvError, RuntimeError):
     """The backend failed (ioctl error, engine error, unsupported operation)."""
 
 

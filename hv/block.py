@@ -26,6 +26,8 @@ import struct
 from pathlib import Path
 from typing import Callable
 
+from hv.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 DIRECT_ALIGN = 4096
@@ -36,7 +38,7 @@ F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 
 
-class BlockError(OSError):
+class BlockError(DeviceError, OSError):
     """A disk image cannot be opened, locked, read or written."""
 
 

@@ -11,24 +11,23 @@ import traceback
 from types import FrameType
 
 from hv_backends import choose_backend
-from hv_backends.base import BackendError
 from hv import __version__
-from hv.devconfig import DevConfigError
-from hv.config import INCOMING_DEFER, USAGE, ConfigError, VmConfig, parse_args
+from hv.config import INCOMING_DEFER, USAGE, Incoming, VmConfig, parse_args
 from hv.console import open_console
 from hv.console_input import attach_stdio_input
+from hv.errors import HvError
 from hv.machine import Machine, RunState
 from hv.migration.incoming import incoming_error, load_snapshot, receive_migration
 from hv.migration.manager import MigrationManager
 from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
-                                    open_snapshot, parse_migration_uri)
+                                    open_snapshot)
 from hv.monitor import MachineMonitor
 from hv.qmp import CommandTable, QmpServer, QmpServerError
 
 log = logging.getLogger("hv")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(HvError, RuntimeError):
     """hv cannot start the VM as configured; the message says why."""
 
 
@@ -69,18 +68,15 @@ def read_initrd(config: VmConfig) -> bytes | None:
 
 def run(config: VmConfig) -> int:
     """Build the machine, run it until it ends, clean up; the process exit code."""
-    try:
-        backend, why = choose_backend(config.arch, config.accel)
-    except BackendError as exc:
-        raise LaunchError(str(exc)) from None
+    backend, why = choose_backend(config.arch, config.accel)   # BackendError: main's one line
     image = read_kernel(config) if config.kernel is not None else None
     initrd = read_initrd(config)
     console = open_console(config.serial)
     try:
         machine = Machine(config, backend, console)
-    except (BackendError, DevConfigError) as exc:
-        console.close()
-        raise LaunchError(str(exc)) from None
+    except BaseException:
+        console.close()   # then main prints an HvError's one line, or the traceback of a bug
+        raise
     session = Session(config, machine)
     stop_console_input = attach_stdio_input(config.serial, machine)
     previous = {sig: signal.signal(sig, session.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -137,7 +133,7 @@ class Session:
         # -incoming defer: what migrate-incoming opened, for the main thread to receive on
         self._deferred: queue.Queue[tuple[MigrationUri, Listener | None]] = queue.Queue()
         self.migration.register_incoming(self.commands, self._defer_start,
-                                         started=config.incoming not in (None, INCOMING_DEFER))
+                                         started=isinstance(config.incoming, MigrationUri))
         machine.add_listener(self._on_machine_event)
 
     def start_monitor(self) -> None:
@@ -199,20 +195,21 @@ class Session:
                 return None
             return item
 
-    def receive(self, uri_text: str) -> None:
+    def receive(self, incoming: Incoming) -> None:
         """Wait for and receive an incoming migration (or restore a snapshot), then run.
 
         ``defer`` waits for the QMP command migrate-incoming to name the URI first. The
         guest starts only once everything arrived and validated; on failure hv exits
         non-zero with one line (LaunchError), never running a half-received guest.
         """
-        if uri_text == INCOMING_DEFER:
+        if incoming is INCOMING_DEFER:
             item = self._wait_deferred()
             if item is None:
                 return
             uri, listener = item
         else:
-            uri = parse_migration_uri(uri_text)
+            assert isinstance(incoming, MigrationUri)
+            uri = incoming
             try:
                 listener = self._open_incoming(uri)
             except (MigrationConnectError, SnapshotError) as exc:
@@ -262,10 +259,16 @@ class Session:
 
     def _incoming_failed(self, exc: Exception) -> None:
         """Record why an incoming migration failed and end hv with one line (unless quit
-        or a signal interrupted it, which ends hv normally)."""
+        or a signal interrupted it, which ends hv normally). Only a refusal (HvError) or
+        an OS error is a failure of the input; any other exception is a bug in hv and
+        ends hv with its traceback."""
         _release_frames(exc)
         if self.machine.state is RunState.SHUTDOWN:
             return  # quit or a signal interrupted the wait
+        if not isinstance(exc, (HvError, OSError)):
+            if self.migration.status.is_active():
+                self.migration.status.fail(f"internal error: {exc!r}")
+            raise exc
         reason = str(exc) or exc.__class__.__name__
         if isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror
@@ -310,19 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args[1:])
     try:
         parsed = parse_args(args)
-    except ConfigError as exc:
-        print(f"hv: error: {exc}", file=sys.stderr)
-        return 1
-    if parsed.action == "help":
-        print(USAGE, end="")
-        return 0
-    if parsed.action == "version":
-        print(f"hv {__version__}")
-        return 0
-    assert parsed.config is not None
-    setup_logging(parsed.config)
-    try:
+        if parsed.action == "help":
+            print(USAGE, end="")
+            return 0
+        if parsed.action == "version":
+            print(f"hv {__version__}")
+            return 0
+        assert parsed.config is not None
+        setup_logging(parsed.config)
         return run(parsed.config)
-    except LaunchError as exc:
+    except HvError as exc:   # bad input or an unusable host: one line; any other exception is a bug
         print(f"hv: error: {exc}", file=sys.stderr)
         return 1

@@ -5,34 +5,68 @@ reported as a :class:`ConfigError` whose message is one line a user can act on.
 """
 from __future__ import annotations
 
+import enum
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hv_backends.base import Arch
+from hv import values
 from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfig, parse_device, parse_drive,
                           parse_netdev)
 from hv.boards.q35 import layout as q35_layout
 from hv.boards.virt import layout as virt_layout
+from hv.errors import ConfigError
+from hv.migration.transport import MigrationUri, MigrationUriError, parse_migration_uri
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
+
+__all__ = ["ACCELERATORS", "Accel", "ConfigError", "INCOMING_DEFER", "Incoming", "IncomingDefer", "MACHINE_ARCH",
+           "MACHINE_MAX_MEMORY", "MachineType", "OPTIONS", "ParsedArgs", "SerialConfig", "USAGE", "VmConfig",
+           "parse_incoming",
+           "parse_args", "parse_size", "split_kv"]
 
 MIB = 1 << 20
 GIB = 1 << 30
 
-MACHINE_ARCH = {"q35": Arch.X86_64, "virt": Arch.AARCH64}
+
+
+class MachineType(enum.StrEnum):
+    """``-machine`` TYPE. A ``StrEnum``: it compares equal to, formats as and serialises
+    like its name (``"q35"``), as migration streams and messages spell it."""
+
+    Q35 = "q35"
+    VIRT = "virt"
+
+    @property
+    def arch(self) -> Arch:
+        return MACHINE_ARCH[self]
+
+
+class Accel(enum.StrEnum):
+    """``-accel`` NAME: the back-end that runs the vCPUs (``hv_backends.backend_class`` name)."""
+
+    KVM = "kvm"
+    UNICORN = "unicorn"
+
+
+class IncomingDefer(enum.StrEnum):
+    """``-incoming defer``: no URI yet; the QMP command migrate-incoming gives it."""
+
+    DEFER = "defer"
+
+
+INCOMING_DEFER = IncomingDefer.DEFER
+#: What ``-incoming`` asked for: a parsed URI, or ``defer``.
+Incoming = MigrationUri | IncomingDefer
+
+MACHINE_ARCH = {MachineType.Q35: Arch.X86_64, MachineType.VIRT: Arch.AARCH64}
 # q35 keeps all RAM below its PCI windows (no split above 4 GiB yet): RAM ends where the
 # ECAM starts (2816 MiB); the limits are the boards' layouts'.
 Q35_RAM_LIMIT = q35_layout.RAM_LIMIT
-MACHINE_MAX_MEMORY = {"q35": Q35_RAM_LIMIT, "virt": virt_layout.RAM_MAX_SIZE}
+MACHINE_MAX_MEMORY = {MachineType.Q35: Q35_RAM_LIMIT, MachineType.VIRT: virt_layout.RAM_MAX_SIZE}
 MIN_MEMORY = 16 * MIB
 MAX_SMP = 64
-ACCELERATORS = ("kvm", "unicorn")
-INCOMING_DEFER = "defer"  # -incoming defer: the QMP command migrate-incoming gives the URI
-
-
-class ConfigError(ValueError):
-    """The command line is wrong; the message says which option and why."""
+ACCELERATORS = tuple(Accel)
 
 
 @dataclass(frozen=True)
@@ -41,28 +75,55 @@ class SerialConfig:
     path: Path | None = None
 
 
+def parse_incoming(text: str) -> Incoming:
+    """``-incoming`` value -> ``defer`` or a parsed migration URI (parsed once, here)."""
+    if text == INCOMING_DEFER:
+        return INCOMING_DEFER
+    try:
+        return parse_migration_uri(text)
+    except MigrationUriError as exc:
+        raise ConfigError(f"-incoming: {exc}") from None
+
+
 @dataclass(frozen=True)
 class VmConfig:
-    machine: str = "q35"
+    """A validated VM configuration. ``machine``, ``accel`` and ``incoming`` hold typed
+    values; text given for them (``dataclasses.replace(config, incoming="unix:...")``) is
+    parsed on construction, so every holder of a VmConfig sees the types."""
+
+    machine: MachineType = MachineType.Q35
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
     memory_bytes: int = 256 * MIB
     smp: int = 1
     serial: SerialConfig = field(default_factory=SerialConfig)
-    accel: str | None = None
+    accel: Accel | None = None
     name: str | None = None
     logfile: Path | None = None
     start_paused: bool = False
-    incoming: str | None = None
+    incoming: Incoming | None = None
     qmp: tuple[SocketSpec, ...] = ()  # every -qmp, and every -chardev a -mon names
     drives: tuple[DriveConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     netdevs: tuple[NetdevConfig, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "machine", MachineType(self.machine))
+        if self.accel is not None:
+            object.__setattr__(self, "accel", Accel(self.accel))
+        if isinstance(self.incoming, str):
+            object.__setattr__(self, "incoming", parse_incoming(self.incoming))
+
     @property
     def arch(self) -> Arch:
-        return MACHINE_ARCH[self.machine]
+        return self.machine.arch
+
+    @property
+    def incoming_live(self) -> bool:
+        """A live migration arrives on a socket (tcp:/unix:): the images' locks are taken
+        over from the source at the switch-over, so they open unlocked."""
+        return isinstance(self.incoming, MigrationUri) and self.incoming.scheme in ("tcp", "unix")
 
 
 @dataclass(frozen=True)
@@ -121,13 +182,11 @@ subcommands:
 
 
 def parse_size(text: str, option: str) -> int:
-    """`256` (MiB), `256M`, `256MiB`, `1G`, `524288K` -> bytes."""
-    match = re.fullmatch(r"(\d{1,12})\s*([kKmMgGtT]?)(?:i?[bB])?", text.strip())
-    if not match:
-        raise ConfigError(f"{option}: invalid size {text!r} (examples: 256, 256M, 1G)")
-    number = int(match.group(1))
-    unit = match.group(2).upper() or "M"
-    return number << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+    """`256` (MiB), `256M`, `256MiB`, `1G`, `524288K` -> bytes (:func:`hv.values.parse_size`)."""
+    try:
+        return values.parse_size(text)
+    except values.ValueFormatError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def split_kv(text: str, option: str, positional: str | None = None) -> dict[str, str]:
@@ -148,10 +207,10 @@ def split_kv(text: str, option: str, positional: str | None = None) -> dict[str,
     return result
 
 
-def _parse_machine(value: str) -> str:
+def _parse_machine(value: str) -> MachineType:
     props = split_kv(value, "-machine", positional="type")
     machine = props.pop("type", "")
-    if machine not in MACHINE_ARCH:
+    if machine not in tuple(MachineType):
         raise ConfigError(f"-machine: unknown machine type {machine!r} (supported: q35, virt)")
     for key, prop in props.items():
         if key == "mem-share":
@@ -161,7 +220,7 @@ def _parse_machine(value: str) -> str:
             continue  # accepted for command-line compatibility; no effect
         else:
             raise ConfigError(f"-machine: unknown property {key!r}")
-    return machine
+    return MachineType(machine)
 
 
 def _parse_smp(value: str) -> int:
@@ -278,19 +337,14 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         raise ConfigError("-m: RAM size must be a whole number of MiB")
     if memory > MACHINE_MAX_MEMORY[machine]:
         raise ConfigError(f"-m: machine {machine} supports at most {MACHINE_MAX_MEMORY[machine] // MIB} MiB of RAM")
-    accel = single("-accel")
-    if accel is not None:
-        accel = split_kv(accel, "-accel", positional="accel")["accel"]
-        if accel not in ACCELERATORS:
-            raise ConfigError(f"-accel: unknown accelerator {accel!r} (choose kvm or unicorn)")
-    incoming = single("-incoming")
-    if incoming is not None and incoming != INCOMING_DEFER:
-        from hv.migration.transport import MigrationUriError, parse_migration_uri
-
-        try:
-            parse_migration_uri(incoming)
-        except MigrationUriError as exc:
-            raise ConfigError(f"-incoming: {exc}") from None
+    accel: Accel | None = None
+    if (accel_text := single("-accel")) is not None:
+        accel_name = split_kv(accel_text, "-accel", positional="accel")["accel"]
+        if accel_name not in ACCELERATORS:
+            raise ConfigError(f"-accel: unknown accelerator {accel_name!r} (choose kvm or unicorn)")
+        accel = Accel(accel_name)
+    incoming_text = single("-incoming")
+    incoming = parse_incoming(incoming_text) if incoming_text is not None else None
     kernel_text = single("-kernel")
     if kernel_text is None and incoming is None:
         raise ConfigError("-kernel is required (unless -incoming restores a VM)")

@@ -9,6 +9,11 @@
 A root port's ``id`` names its secondary bus: a device says ``bus=<that id>,addr=0[.F]``
 (a PCIe link has one device). Whether a ``bus=`` exists is checked by the wiring.
 
+:data:`DRIVERS` is the one table of device drivers: the properties each accepts, how they
+become a :class:`DeviceConfig`, whether QMP may hot-plug it, and its saved state's type.
+``-device`` (a ``key=value`` string) and QMP ``device_add`` (a JSON object) both go through
+:func:`device_config` with the properties as a dictionary.
+
 Every problem is a :class:`DevConfigError` whose message is one line naming the option
 and what is wrong with it; the launcher prints it and exits 1.
 """
@@ -16,21 +21,25 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hv.devices.pci import PciError, parse_devfn
+from hv import values
+from hv.devices.pcie_root_port import PcieRootPortState
+from hv.devices.virtio_net import VirtioNetState
+from hv.devices.virtio_pci import VirtioPciState
+from hv.errors import ConfigError
 
 SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
 ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
-DEVICE_DRIVERS = ("pcie-root-port", "virtio-blk-pci", "virtio-net-pci")
 ROOT_BUS = "pcie.0"
 PHYSICAL_SLOT_MAX = (1 << 13) - 1   # Slot Capabilities' Physical Slot Number field
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path without the NUL
 IFNAME_MAX = 15      # IFNAMSIZ - 1
 
 
-class DevConfigError(ValueError):
+class DevConfigError(ConfigError):
     """A -drive, -netdev or -device value is malformed, inconsistent or names an unusable file."""
 
 
@@ -106,11 +115,10 @@ def _split(option: str, value: str) -> tuple[str | None, dict[str, str]]:
 
 
 def _on_off(option: str, key: str, value: str) -> bool:
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise DevConfigError(f"{option}: {key}={value}: expected on or off")
+    try:
+        return values.parse_on_off(key, value)
+    except values.ValueFormatError as exc:
+        raise DevConfigError(f"{option}: {exc}") from None
 
 
 def _check_id(option: str, key: str, value: str) -> str:
@@ -193,9 +201,6 @@ def parse_netdev(value: str) -> NetdevConfig:
 
 
 def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
-    from hv.devices.virtio_net import MacError, format_mac, parse_mac
-
-    _reject_unknown(option, driver, pairs, {"netdev", "id", "bus", "addr", "mac", "multifunction"})
     if not pairs.get("netdev"):
         raise DevConfigError(f"{option} {driver}: netdev= is required")
     netdev = _check_id(option, "netdev", pairs["netdev"])
@@ -203,8 +208,8 @@ def _parse_net_device(option: str, driver: str, pairs: dict[str, str]) -> Device
     mac: str | None = None
     if "mac" in pairs:
         try:
-            mac = format_mac(parse_mac(pairs["mac"]))
-        except MacError as exc:
+            mac = values.format_mac(values.parse_mac(pairs["mac"]))
+        except values.ValueFormatError as exc:
             raise DevConfigError(f"{option} {driver}: {exc}") from None
     bus, slot, function = _placement(option, driver, pairs)
     return DeviceConfig(driver, device_id, "", bus, slot, function, None, netdev, mac)
@@ -216,25 +221,13 @@ def _placement(option: str, driver: str, pairs: dict[str, str]) -> tuple[str, in
     function = 0
     if "addr" in pairs:
         try:
-            slot, function = parse_devfn(pairs["addr"])
-        except PciError as exc:
+            slot, function = values.parse_devfn(pairs["addr"])
+        except values.ValueFormatError as exc:
             raise DevConfigError(f"{option} {driver}: {exc}") from None
     return bus, slot, function
 
 
-def parse_device(value: str) -> DeviceConfig:
-    """Parse one ``-device`` value (placement is checked against the bus by the wiring)."""
-    option = "-device"
-    driver, pairs = _split(option, value)
-    if driver is None:
-        raise DevConfigError(f"{option} {value}: the first item must be the device type")
-    if driver not in DEVICE_DRIVERS:
-        raise DevConfigError(f"{option}: unknown device type '{driver}' (supported: {', '.join(DEVICE_DRIVERS)})")
-    if driver == "virtio-net-pci":
-        return _parse_net_device(option, driver, pairs)
-    if driver == "pcie-root-port":
-        return _parse_root_port(option, driver, pairs)
-    _reject_unknown(option, driver, pairs, {"drive", "id", "bus", "addr", "serial", "multifunction"})
+def _parse_blk_device(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
     if not pairs.get("drive"):
         raise DevConfigError(f"{option} {driver}: drive= is required")
     drive = _check_id(option, "drive", pairs["drive"])
@@ -255,7 +248,6 @@ def _number(option: str, driver: str, key: str, text: str, limit: int) -> int:
 
 
 def _parse_root_port(option: str, driver: str, pairs: dict[str, str]) -> DeviceConfig:
-    _reject_unknown(option, driver, pairs, {"id", "port", "chassis", "slot", "addr", "bus", "multifunction"})
     if not pairs.get("id"):
         raise DevConfigError(f"{option} {driver}: id= is required (it names the port's bus)")
     port_id = _check_id(option, "id", pairs["id"])
@@ -268,3 +260,53 @@ def _parse_root_port(option: str, driver: str, pairs: dict[str, str]) -> DeviceC
     multifunction = _on_off(option, "multifunction", pairs.get("multifunction", "off"))
     return DeviceConfig(driver, port_id, "", bus, slot, function, port=port, chassis=chassis,
                         physical_slot=physical, multifunction=multifunction)
+
+
+@dataclass(frozen=True)
+class DeviceDriver:
+    """One device driver of ``-device`` and ``device_add``.
+
+    ``props`` are the properties it accepts (any other is refused, naming it); ``parse``
+    turns them into a :class:`DeviceConfig` (``parse(option, driver, props)``, ``option``
+    prefixing every error); ``hotplug`` says whether QMP may plug and unplug it at run time;
+    ``state_type`` is the dataclass its saved state is restored into. The machine's PCI
+    wiring plugs and unplugs each driver (``hv.machine.pci_wiring``: ``plug_device``,
+    ``plug_net_device``, ``plug_root_port``, ``unplug_device``).
+    """
+
+    name: str
+    props: frozenset[str]
+    parse: Callable[[str, str, dict[str, str]], DeviceConfig]
+    hotplug: bool
+    state_type: type
+
+
+_PLACEMENT = frozenset({"id", "bus", "addr", "multifunction"})
+DRIVERS: dict[str, DeviceDriver] = {driver.name: driver for driver in (
+    DeviceDriver("pcie-root-port", _PLACEMENT | {"port", "chassis", "slot"}, _parse_root_port, False,
+                 PcieRootPortState),
+    DeviceDriver("virtio-blk-pci", _PLACEMENT | {"drive", "serial"}, _parse_blk_device, True, VirtioPciState),
+    DeviceDriver("virtio-net-pci", _PLACEMENT | {"netdev", "mac"}, _parse_net_device, True, VirtioNetState),
+)}
+DEVICE_DRIVERS = tuple(DRIVERS)
+HOTPLUG_DRIVERS = tuple(name for name, driver in DRIVERS.items() if driver.hotplug)
+
+
+def device_config(option: str, driver: str, props: Mapping[str, str]) -> DeviceConfig:
+    """The one path from a driver name and its properties to a :class:`DeviceConfig`, for
+    ``-device`` and QMP ``device_add`` alike; ``option`` names the caller in errors."""
+    spec = DRIVERS.get(driver)
+    if spec is None:
+        raise DevConfigError(f"{option}: unknown device type '{driver}' (supported: {', '.join(DEVICE_DRIVERS)})")
+    pairs = dict(props)
+    _reject_unknown(option, driver, pairs, set(spec.props))
+    return spec.parse(option, driver, pairs)
+
+
+def parse_device(value: str) -> DeviceConfig:
+    """Parse one ``-device`` value (placement is checked against the bus by the wiring)."""
+    option = "-device"
+    driver, pairs = _split(option, value)
+    if driver is None:
+        raise DevConfigError(f"{option} {value}: the first item must be the device type")
+    return device_config(option, driver, pairs)

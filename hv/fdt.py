@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from hv.errors import FirmwareError
+
 FDT_MAGIC = 0xD00DFEED
 FDT_VERSION = 17
 FDT_LAST_COMP_VERSION = 16
@@ -27,7 +29,7 @@ MAX_DEPTH = 32
 MAX_BLOB_SIZE = 16 * 1024 * 1024
 
 
-class FdtError(ValueError):
+class FdtError(FirmwareError):
     """A device tree blob (or node given to the writer) is malformed."""
 
 

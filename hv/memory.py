@@ -16,11 +16,13 @@ import mmap
 import threading
 from dataclasses import dataclass
 
+from hv.errors import HvError
+
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(HvError, ValueError):
     """A guest-physical access falls outside guest RAM."""
 
 

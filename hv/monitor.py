@@ -12,7 +12,7 @@ from typing import Any
 
 from hv.machine import Machine, MachineError, RunState
 from hv.machine.pci_wiring import HOTPLUG_DRIVERS
-from hv.devconfig import DEVICE_DRIVERS, DevConfigError, parse_device
+from hv.devconfig import DEVICE_DRIVERS, DevConfigError, device_config
 from hv.qmp import ArgSpec, CommandTable, QmpError, QmpServer, Reply
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class MachineMonitor:
             raise QmpError("GenericError", f"device_add: driver '{driver}' is {known} "
                                            f"(hot-pluggable: {', '.join(self.HOTPLUG_DRIVERS)})")
         self._require_no_migration("device_add")
-        items = [driver, f"id={args['id']}"]
+        props = {"id": args["id"]}
         for key in self.DEVICE_ADD_PROPS:
             if key not in args:
                 continue
@@ -138,14 +138,14 @@ class MachineMonitor:
                 if not 0 <= value < 32:
                     raise QmpError("GenericError", f"device_add: addr={value}: slot out of range 0-31")
                 value = f"{value:#x}"
-            if not value or "," in value or "=" in value:
+            if not value or "," in value or "=" in value:   # as -device would read it
                 raise QmpError("GenericError", f"device_add: {key}={value!r}: must be non-empty, "
                                                "without ',' or '='")
-            items.append(f"{key}={value}")
+            props[key] = value
         try:
-            device = parse_device(",".join(items))
+            device = device_config("device_add", driver, props)
         except DevConfigError as exc:
-            raise QmpError("GenericError", str(exc).replace("-device", "device_add", 1)) from None
+            raise QmpError("GenericError", str(exc)) from None
         try:
             self.machine.hotplug_device(device)
         except MachineError as exc:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from hv.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 # Largest frame either direction carries: 64 KiB of payload plus an Ethernet header with
@@ -46,7 +48,7 @@ IFNAMSIZ = 16
 FrameSink = Callable[[bytes], None]
 
 
-class NetError(OSError):
+class NetError(DeviceError, OSError):
     """A network backend could not be opened (bad path, peer missing, no permission)."""
 
 

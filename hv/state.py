@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from hv.errors import HvError
+
 X86_GPR_NAMES: tuple[str, ...] = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
@@ -72,7 +74,7 @@ POWER_STATES: dict[str, frozenset[str]] = {
 STATE_VERSION = 2
 
 
-class StateError(ValueError):
+class StateError(HvError, ValueError):
     """A CPU state value is malformed (wrong type, width or missing field)."""
 
 

@@ -22,6 +22,8 @@ import re
 import struct
 from collections.abc import Iterable
 
+from hv.errors import FirmwareError
+
 # -- opcodes (ACPI 6.4, 20.3) ---------------------------------------------------------
 ZERO_OP = 0x00
 ONE_OP = 0x01
@@ -59,7 +61,7 @@ PKG_LENGTH_MAX = (1 << 28) - 1
 _NAME_SEG = re.compile(r"[A-Z_][A-Z0-9_]{0,3}\Z")
 
 
-class AmlError(ValueError):
+class AmlError(FirmwareError):
     """The input cannot be encoded as valid AML."""
 
 

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hv.boards.q35 import layout as q35
+from hv.errors import FirmwareError
 
 
-class AcpiError(ValueError):
+class AcpiError(FirmwareError):
     """The board facts cannot be described by valid ACPI tables (one-line message)."""
 
 

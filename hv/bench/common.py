@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hv.errors import HvError
 from hv.qmp.address import SocketSpec
 from hv.qmp.client import QmpClientError, QmpConnection
 from hv_backends.base import Arch
 from hv_backends.kvm import KvmBackend
 
 
-class BenchError(RuntimeError):
+class BenchError(HvError, RuntimeError):
     """A benchmark run could not be carried out; the message says which and why."""
 
 

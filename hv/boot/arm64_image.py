@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from hv.boards.virt.layout import DTB_MAX_SIZE as MAX_DTB_SIZE
 from hv.boards.virt.layout import dtb_address
+from hv.errors import LoaderError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ FLAG_PHYS_ANYWHERE = 1 << 3
 PAGE_SIZES = {0: "unspecified", 1: "4K", 2: "16K", 3: "64K"}
 
 
-class Arm64ImageError(ValueError):
+class Arm64ImageError(LoaderError):
     """The kernel cannot be booted as an arm64 Image (the message says why)."""
 
 

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hv.boards.q35 import layout as q35_layout
+from hv.errors import LoaderError
+
 E820_RAM = 1
 E820_RESERVED = 2
 E820_ACPI = 3
@@ -38,7 +40,7 @@ E820_ENTRY = struct.Struct("<QQI")        # boot_params.e820_table[i]
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")  # hvm_memmap_table_entry
 
 
-class E820Error(ValueError):
+class E820Error(LoaderError):
     """The memory map cannot be built (too many entries)."""
 
 

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from hv.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 
@@ -15,7 +17,7 @@ class RegisterFile(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-class BusError(ValueError):
+class BusError(DeviceError, ValueError):
     """A device range overlaps another one or is empty."""
 
 

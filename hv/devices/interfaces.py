@@ -4,6 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from hv.errors import DeviceStateError
+
+__all__ = ["DeviceStateError", "InterruptLine", "OutputSink", "UnconnectedLine", "checked_fields", "checked_uint",
+           "checked_uint_list"]
+
 
 class InterruptLine(Protocol):
     """A level-triggered interrupt line a device raises and lowers."""
@@ -29,10 +34,6 @@ class OutputSink(Protocol):
     """Where a console device sends the bytes the guest writes."""
 
     def write(self, data: bytes) -> None: ...
-
-
-class DeviceStateError(ValueError):
-    """A saved device state is malformed or from an incompatible version."""
 
 
 def checked_fields(raw: Any, state_type: type, what: str) -> dict[str, Any]:

@@ -17,11 +17,12 @@ import threading
 from typing import Any
 
 from hv.devices.interfaces import InterruptLine
+from hv.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
 
-class SharedLineError(ValueError):
+class SharedLineError(DeviceError, ValueError):
     """An input of a shared interrupt line was attached twice or used after it left."""
 
 

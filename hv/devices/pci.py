@@ -29,14 +29,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hv import values
 from hv.devices.interfaces import DeviceStateError
+from hv.errors import DeviceError
+from hv.values import format_devfn
 
 log = logging.getLogger(__name__)
 
 CONFIG_SPACE_SIZE = 4096
 SAVED_CONFIG_SIZE = 256          # extended space (0x100-0xFFF) holds nothing here
-SLOTS = 32
-FUNCTIONS = 8
+SLOTS = values.SLOTS
+FUNCTIONS = values.FUNCTIONS
 
 # Standard header offsets.
 VENDOR_ID = 0x00
@@ -77,30 +80,16 @@ BAR_MEM64 = "mem64"
 BAR_IO = "io"
 
 
-class PciError(ValueError):
+class PciError(DeviceError, ValueError):
     """A PCI device cannot be placed or configured as asked."""
 
 
 def parse_devfn(addr: str) -> tuple[int, int]:
-    """``"N"`` or ``"N.F"`` (hex, optional 0x) -> (slot, function)."""
-    parts = addr.split(".")
-    if len(parts) > 2 or not all(parts):
-        raise PciError(f"addr={addr}: expected SLOT or SLOT.FUNCTION")
+    """``"N"`` or ``"N.F"`` (hex, optional 0x) -> (slot, function); see :func:`hv.values.parse_devfn`."""
     try:
-        numbers = [int(p, 16) for p in parts]
-    except ValueError:
-        raise PciError(f"addr={addr}: not a hexadecimal slot[.function]") from None
-    slot = numbers[0]
-    function = numbers[1] if len(numbers) == 2 else 0
-    if not 0 <= slot < SLOTS:
-        raise PciError(f"addr={addr}: slot {slot:#x} out of range 0-0x1f")
-    if not 0 <= function < FUNCTIONS:
-        raise PciError(f"addr={addr}: function {function} out of range 0-7")
-    return slot, function
-
-
-def format_devfn(slot: int, function: int) -> str:
-    return f"{slot:02x}.{function}"
+        return values.parse_devfn(addr)
+    except values.ValueFormatError as exc:
+        raise PciError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from hv.block import BlockBackend, BlockError
 from hv.devices.virtqueue import Chain, Segment, Virtqueue, VirtqueueError
+from hv.errors import DeviceError
 from hv.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ HEADER_SIZE = 16
 _STATUS = {S_OK: b"\0", S_IOERR: b"\1", S_UNSUPP: b"\2"}
 
 
-class _RequestError(Exception):
+class _RequestError(DeviceError):
     """A request the device answers with IOERR."""
 
 

@@ -34,17 +34,19 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 
+from hv import values
 from hv.devices.interfaces import DeviceStateError, InterruptLine
 from hv.devices.pci import MsiSink
 from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
 from hv.devices.virtqueue import Chain, Segment, Virtqueue, VirtqueueError
+from hv.errors import DeviceError
 from hv.memory import GuestMemory
 from hv.net import MAX_FRAME, MIN_FRAME, NetBackend
+from hv.values import format_mac
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +62,19 @@ F_MRG_RXBUF = 15
 F_STATUS = 16
 STATUS_LINK_UP = 1
 
-MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+MAC_RE = values.MAC_RE
 
 
-class MacError(ValueError):
+class MacError(DeviceError, ValueError):
     """A MAC address is not six colon-separated hex bytes, or is a multicast address."""
 
 
 def parse_mac(text: str) -> bytes:
-    """``"52:54:00:12:34:56"`` -> 6 bytes; multicast (group bit set) addresses are refused."""
-    if not MAC_RE.match(text):
-        raise MacError(f"mac={text}: expected six hex bytes like 52:54:00:12:34:56")
-    mac = bytes(int(part, 16) for part in text.split(":"))
-    if mac[0] & 1:
-        raise MacError(f"mac={text}: a multicast address cannot be a NIC's address")
-    return mac
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
+    """``"52:54:00:12:34:56"`` -> 6 bytes; multicast addresses are refused (:func:`hv.values.parse_mac`)."""
+    try:
+        return values.parse_mac(text)
+    except values.ValueFormatError as exc:
+        raise MacError(str(exc)) from None
 
 
 @dataclass

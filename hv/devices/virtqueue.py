@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.interfaces import DeviceStateError
+from hv.errors import DeviceError
 from hv.memory import GuestMemory, GuestMemoryError, MemoryRegion
 
 _DESC = struct.Struct("<QIHH")
@@ -34,7 +35,7 @@ MAX_INDIRECT = 1024
 MAX_CHAIN_BYTES = 1 << 32
 
 
-class VirtqueueError(ValueError):
+class VirtqueueError(DeviceError, ValueError):
     """The driver put something malformed in a virtqueue (the device must be reset)."""
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from hv_backends.base import Arch, Backend, Exit, ExitReason, Vcpu
-from hv.config import VmConfig
+from hv.config import MachineType, VmConfig
 from hv.devices.acpi_pm import AcpiPm, AcpiPmState
 from hv.devices.bus import Bus
 from hv.devices.clock import ClockState
@@ -172,7 +172,7 @@ class Machine:
         self.devices[name] = DeviceSlot(name, kind, device, state_type, bus.kind, f"{base:#x}")
 
     def _build_devices(self) -> list[tuple[int, int]]:
-        if self.config.machine == "q35":
+        if self.config.machine is MachineType.Q35:
             irq = self.interrupts = InterruptController(
                 self.config.smp, self._lock, self._state_changed, self._kick_vcpu,
                 lambda: self._run.running, lambda: self._run.closing)
@@ -216,7 +216,7 @@ class Machine:
             windows += [(GICD_BASE, GICD_SIZE), (GICR_BASE, redist.SIZE), (V2M_BASE, V2M_SIZE)]
         # A live-migration destination opens its images unlocked and takes the locks over
         # from the source at the switch-over.
-        incoming_live = (self.config.incoming or "").startswith(("tcp:", "unix:"))
+        incoming_live = self.config.incoming_live
         self.pci = build_pci(self.config.machine, self.memory, self.pio, self.mmio,
                              self.config.drives, self.config.devices,
                              lock_images=not incoming_live, taken_names=list(self.devices),
@@ -501,7 +501,7 @@ class Machine:
 
     # -- boot -------------------------------------------------------------------------
     def load_kernel(self, image: bytes, initrd: bytes | None = None) -> None:
-        if self.config.machine == "q35":
+        if self.config.machine is MachineType.Q35:
             from hv.boards.q35.firmware import setup_boot
         else:
             from hv.boards.virt.firmware import setup_boot
@@ -899,5 +899,5 @@ class PsciPower:
 
 
 def ram_layout(config: VmConfig) -> list[RegionSpec]:
-    base = Q35_RAM_BASE if config.machine == "q35" else VIRT_RAM_BASE
+    base = Q35_RAM_BASE if config.machine is MachineType.Q35 else VIRT_RAM_BASE
     return [RegionSpec(base, config.memory_bytes)]

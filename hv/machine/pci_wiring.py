@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from hv.block import BlockBackend, BlockError
-from hv.devconfig import ROOT_BUS, DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
+from hv.devconfig import HOTPLUG_DRIVERS, ROOT_BUS, DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
 from hv.devices.bus import Bus
 from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, HostBridge,
                             PciBarWindow, PciBridge, PciConfigPorts, PciEcam, PciError, PciFunction, PciHost,
@@ -247,7 +247,6 @@ def plug_device(setup: PciSetup, memory: GuestMemory, drive: DriveConfig | None,
     return pci_slot
 
 
-HOTPLUG_DRIVERS = ("virtio-blk-pci", "virtio-net-pci")
 
 
 def unplug_device(setup: PciSetup, device_id: str) -> tuple[PciSlot, Callable[[], None]]:

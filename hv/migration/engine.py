@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from hv.errors import MigrationError
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.migration.status import MigrationStatus
@@ -62,12 +63,8 @@ BANDWIDTH_SAMPLE_BYTES = 4 << 20
 EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
 
-class MigrationCanceled(Exception):
+class MigrationCanceled(MigrationError):
     """The migration was canceled (migrate_cancel)."""
-
-
-class MigrationError(Exception):
-    """The migration failed; the message says why."""
 
 
 @dataclass

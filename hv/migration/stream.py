@@ -42,6 +42,7 @@ from typing import Any, Callable, Protocol
 
 from hv import __version__ as HV_VERSION
 from hv.devconfig import ID_RE
+from hv.errors import StreamError
 from hv.migration.pages import page_kinds, populate, zero_pages
 from hv.state import CpuState, StateError, state_from_dict, state_to_dict
 from hv.textsafe import printable, printable_bytes
@@ -118,10 +119,6 @@ class StreamKind(enum.Enum):
 class DeviceEncoding(enum.IntEnum):
     JSON = 0
     BINARY = 1
-
-
-class StreamError(Exception):
-    """The migration stream is malformed, truncated, corrupted or out of order."""
 
 
 class StreamWriteError(StreamError):

@@ -24,6 +24,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
+from hv.errors import MigrationError
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state"
@@ -33,11 +35,11 @@ _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
-class MigrationUriError(ValueError):
+class MigrationUriError(MigrationError, ValueError):
     """A migration URI is malformed or uses an unsupported scheme."""
 
 
-class _OsReasonError(Exception):
+class _OsReasonError(MigrationError):
     def __init__(self, errno_: int, message: str) -> None:
         super().__init__(message)
         self.errno = errno_

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from hv.errors import MonitorError
+
 __all__ = [
     "QmpAddressError",
     "SocketSpec",
@@ -34,7 +36,7 @@ _ON = frozenset({"on", "yes", "true", "y"})
 _OFF = frozenset({"off", "no", "false", "n"})
 
 
-class QmpAddressError(ValueError):
+class QmpAddressError(MonitorError, ValueError):
     """A -qmp, -chardev or -mon value is malformed or asks for something hv cannot do."""
 
 

@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any, Sequence
 
+from hv.errors import ConfigError, MonitorError
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_socket_address
 from hv.qmp.protocol import JsonStreamSplitter, encode_message
 
@@ -31,11 +32,11 @@ EXIT_ERROR_REPLY = 2
 _REQUEST_ID = "hv-qmp"
 
 
-class QmpClientError(Exception):
+class QmpClientError(MonitorError):
     """The monitor could not be reached, or it broke the protocol."""
 
 
-class _UsageError(Exception):
+class _UsageError(ConfigError):
     """The hv-qmp command line is wrong."""
 
 

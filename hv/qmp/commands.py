@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from hv.errors import MonitorError
 from hv.qmp.protocol import version_info
 
 __all__ = [
@@ -44,7 +45,7 @@ _JSON_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-class QmpError(Exception):
+class QmpError(MonitorError):
     """A command failed; the client receives ``{"error": {"class": error_class, "desc": desc}}``."""
 
     def __init__(self, error_class: str, desc: str) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hv
+from hv.errors import MonitorError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -66,7 +67,7 @@ class FramingError:
     desc: str
 
 
-class ProtocolError(Exception):
+class ProtocolError(MonitorError):
     """A received message is not a valid QMP request; answered with a GenericError."""
 
     def __init__(self, desc: str, request_id: Any = None, has_id: bool = False) -> None:

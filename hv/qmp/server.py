@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from hv.errors import MonitorError
 from hv.qmp.address import SocketSpec
 from hv.qmp.commands import CommandTable, QmpError, Reply
 from hv.qmp.protocol import (
@@ -51,7 +52,7 @@ _RECV_BYTES = 65536
 _CLOSE_FLUSH_SECONDS = 0.5
 
 
-class QmpServerError(OSError):
+class QmpServerError(MonitorError, OSError):
     """The QMP server could not listen where it was asked to.
 
     Raised as ``QmpServerError(errno, message)``; ``str()`` is the message alone (the
