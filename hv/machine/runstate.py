@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Mapping
 
+from hv.errors import MachineError
+
 __all__ = ["IllegalTransition", "MachineError", "RunState", "RunStateTracker", "TRANSITIONS"]
 
 
@@ -34,10 +36,6 @@ class RunState(str, enum.Enum):
     INMIGRATE = "inmigrate"
     POSTMIGRATE = "postmigrate"
     INTERNAL_ERROR = "internal-error"
-
-
-class MachineError(RuntimeError):
-    """The machine cannot do what was asked in its current state."""
 
 
 class IllegalTransition(Exception):
