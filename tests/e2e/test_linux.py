@@ -92,6 +92,11 @@ def test_seed_walkthrough_boots_to_the_workload_and_its_shell_answers(lab: Linux
     vm.shell("echo hv-$((6*7))", r"hv-42")
     vm.shell("grep ' / ' /proc/mounts", r"/dev/vda / ext4 rw")
     vm.shell("printf 'ab\\tc|%s|\\n' \"$(echo x | tr x y)\"", r"ab\tc\|y\|")   # tabs, pipes, quotes
+    assert "return" in vm.execute("stop")
+    start = len(vm.output())
+    vm.type("echo paused-$((1+1))\n")        # typed while paused: waits in the UART
+    assert "return" in vm.execute("cont")
+    vm.wait_for(r"paused-2", 60, start)
     assert_healthy(vm.output())
     assert vm.execute("query-status")["return"]["status"] == "running"
 
@@ -198,6 +203,8 @@ def test_migration_soak_breaks_no_guest(lab: LinuxLab, machine: str) -> None:
         current = nxt
         if broken:
             break
+    if not broken:
+        current.shell("echo hv-$((6*7))", r"hv-42")          # the console still takes input
     outputs.append(current.output())
     log.info("%s soak: %d hops, %d broken, downtime ms min %d max %d", machine, hops, len(broken),
              min(downtimes), max(downtimes))
