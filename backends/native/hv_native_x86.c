@@ -449,8 +449,10 @@ int hv_x86_inject(void *uc, struct hv_x86 *x, int vector)
     uint8_t *env = (uint8_t *)x->context + X86_CTX_HEADER;
     if (x_ld32(env + X86_ENV_HFLAGS) & X86_HF_INHIBIT_IRQ)
         return 0;
-    if (!x->native)
+    if (!x->native) {
+        x->irq_python++;
         return -1;
+    }
     uint64_t rip = x_ld64(env + X86_ENV_EIP);
     if (x86_deliver_env(x->vcpu, env, vector, 0, 0, 0, rip, &rflags) != X86_DONE ||
         ((hv_ctx_fn)x->context_restore)(uc, x->context) != 0) {
