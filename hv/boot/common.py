@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hv.errors import LoaderError
 from hv.memory import GuestMemory
 from hv.state import CpuState
 
+__all__ = ["MACHINE_FOR_ARCH", "BootInfo", "LoaderError", "ram_ranges"]
+
 MACHINE_FOR_ARCH = {"x86_64": "q35", "aarch64": "virt"}
-
-
-class LoaderError(ValueError):
-    """The kernel image cannot be loaded into this machine (the message says why)."""
 
 
 @dataclass
