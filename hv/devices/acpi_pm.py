@@ -23,7 +23,8 @@ class AcpiPmState:
     pm1_en: int = 0
     pm1_cnt: int = SCI_EN  # ACPI mode, as firmware leaves it
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

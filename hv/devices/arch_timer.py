@@ -51,7 +51,8 @@ class ArchTimerState:
     virt: list[TimerRegs] = field(default_factory=list)
     phys: list[TimerRegs] = field(default_factory=list)
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,8 @@ class ClockState:
 
     ns: int = 0
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -165,7 +165,8 @@ class GicState:
     router: list[int] = field(default_factory=lambda: [0] * NUM_IRQS)
     cpus: list[GicCpuState] = field(default_factory=list)
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,7 +78,8 @@ class I8042State:
     kbd_set: int = 2
     kbd_leds: int = 0
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -59,7 +59,8 @@ class IoApicState:
     redirection: list[int] = field(default_factory=lambda: [ENTRY_MASKED] * IOAPIC_PINS)
     levels: int = 0                    # bit n: pin n is asserted
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

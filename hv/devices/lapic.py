@@ -175,7 +175,8 @@ class LapicState:
     timer_start: int = 0
     timer_deadline: int | None = None
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)

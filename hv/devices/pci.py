@@ -524,7 +524,8 @@ class PciHostState:
     config_address: int = 0
     bridge_config: str = ""
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return {"config_address": self.config_address, "bridge_config": self.bridge_config}

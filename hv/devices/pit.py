@@ -111,7 +111,8 @@ class PitState:
     channels: list[PitChannelState] = field(default_factory=lambda: [PitChannelState() for _ in range(3)])
     port61: int = 0
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,7 +75,8 @@ class Pl011State:
     rx_fifo: list[int] = field(default_factory=list)
     rx_pending: list[int] = field(default_factory=list)
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)

@@ -264,7 +264,8 @@ class VirtioNetState:
     transport: VirtioPciState = field(default_factory=VirtioPciState)
     mac: str = ""
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return {"transport": self.transport.to_dict(), "mac": self.mac}

@@ -131,7 +131,8 @@ class VirtioPciState:
     isr: int = 0
     queues: list[dict[str, Any]] = field(default_factory=list)
 
-    VERSION = 1
+    VERSION = 1        # hv.devices.persist: the layout written
+    MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

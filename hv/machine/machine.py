@@ -44,6 +44,7 @@ from hv.devices.arch_timer import ArchTimerState
 from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.devconfig import DevConfigError, DeviceConfig
 from hv.devices.interfaces import UnconnectedLine
+from hv.devices.persist import restore_state
 from hv.devices.pci import UnconnectedMsi, parse_devfn
 from hv.devices.pcie_root_port import PcieRootPort
 from hv.machine.pci_wiring import build_pci, plug_device, plug_net_device, unplug_device
@@ -863,9 +864,7 @@ class Machine:
         device_states = {}
         for name, record in snapshot.devices.items():
             slot = self.devices[name]
-            if not isinstance(record, dict) or record.get("version") != slot.state_type.VERSION:
-                raise DeviceStateError(f"device {name}: unsupported state version")
-            device_states[name] = slot.state_type.from_dict(record.get("state"))
+            device_states[name] = restore_state(slot.state_type, record, f"device {name}")
         with self._lock:
             if self._state is RunState.RUNNING:
                 raise MachineError("cannot restore into a running machine")

@@ -1,0 +1,68 @@
+"""The save/restore contract of device states (QEMU's vmstate ``version_id`` /
+``minimum_version_id``).
+
+Every device's state type is a dataclass with
+
+* ``VERSION``: the layout this hv writes (and the number saved beside it);
+* ``MIN_VERSION``: the oldest layout it still reads;
+* ``to_dict()`` / ``from_dict(raw)``: plain values for the current layout, ``from_dict``
+  refusing anything malformed with :class:`~hv.errors.DeviceStateError`;
+* when ``MIN_VERSION < VERSION``, ``upgrade(raw, version)``: an older layout's plain values
+  turned into the current layout's (checked again by ``from_dict``).
+
+:func:`restore_state` is the one place a saved ``{"version", "state"}`` record is read: a
+version outside ``[MIN_VERSION, VERSION]`` is refused with one line naming the device, the
+version and the range this hv reads, before any state is parsed. Raising a version is
+therefore a choice: a destination whose ``VERSION`` is older refuses the new layout, so
+a field that an older hv can do without is better left out while empty (see SerialState).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+from hv.errors import DeviceStateError
+
+__all__ = ["DeviceState", "check_version", "restore_state", "state_record"]
+
+
+class DeviceState(Protocol):
+    """What a device's state type provides (see the module docstring)."""
+
+    VERSION: ClassVar[int]
+    MIN_VERSION: ClassVar[int]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Any: ...
+
+
+def check_version(state_type: type, version: Any, what: str) -> int:
+    """``version`` if ``state_type`` reads it (an int in ``[MIN_VERSION, VERSION]``), else
+    :class:`DeviceStateError`: ``"<what>: unsupported state version V (this hv reads A-B)"``."""
+    low, high = state_type.MIN_VERSION, state_type.VERSION   # type: ignore[attr-defined]
+    if isinstance(version, bool) or not isinstance(version, int) or not low <= version <= high:
+        shown = version if isinstance(version, int) and not isinstance(version, bool) else type(version).__name__
+        supported = f"{low}" if low == high else f"{low}-{high}"
+        raise DeviceStateError(f"{what}: unsupported state version {shown} (this hv reads version {supported})")
+    return version
+
+
+def restore_state(state_type: type, record: Any, what: str) -> Any:
+    """A saved ``{"version": V, "state": {...}}`` record -> a ``state_type`` instance.
+
+    Refuses an unsupported version or a malformed state with :class:`DeviceStateError`
+    naming ``what``; an older supported layout goes through ``state_type.upgrade`` first.
+    """
+    if not isinstance(record, dict):
+        raise DeviceStateError(f"{what}: a saved state is {{version, state}}, not {type(record).__name__}")
+    version = check_version(state_type, record.get("version"), what)
+    raw = record.get("state")
+    if version < state_type.VERSION:   # type: ignore[attr-defined]
+        raw = state_type.upgrade(raw, version)   # type: ignore[attr-defined]
+    return state_type.from_dict(raw)   # type: ignore[attr-defined]
+
+
+def state_record(state: Any) -> dict[str, Any]:
+    """``state`` as the record :func:`restore_state` reads: its type's VERSION and values."""
+    return {"version": type(state).VERSION, "state": state.to_dict()}
