@@ -17,6 +17,7 @@ import logging
 import struct
 from typing import Any
 
+from hv import cpuid as cpuid_policy
 from hv_backends.base import BackendError, Exit, ExitReason
 from hv_backends.unicorn_common import (
     UnicornLayoutError,
@@ -216,6 +217,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._native_x86 = NativeX86(self)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
+        self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x.UC_X86_INS_CPUID)
         self.set_state(X86CpuState())
 
     def _create_engine(self) -> Any:
@@ -245,6 +247,17 @@ class UnicornX86Vcpu(UnicornVcpuBase):
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
         self._current_io().pio_write(port, size, value & ((1 << (8 * size)) - 1))
+
+    def _on_cpuid(self, uc: Any, user_data: Any) -> int:
+        """CPUID: hv's policy leaves (:mod:`hv.cpuid`) are answered here, the same values
+        KVM gets; 0 lets the engine answer the others (its qemu64 model)."""
+        x = self._x
+        regs = cpuid_policy.lookup(uc.reg_read(x.UC_X86_REG_EAX))
+        if regs is None:
+            return 0
+        for reg, value in zip((x.UC_X86_REG_RAX, x.UC_X86_REG_RBX, x.UC_X86_REG_RCX, x.UC_X86_REG_RDX), regs):
+            uc.reg_write(reg, value)   # CPUID zero-extends into the 64-bit registers
+        return 1
 
     def _tsc_now(self) -> int:
         """The virtual TSC (read by the native RDTSC hook too): it advances (1 tick/ns)
