@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv_backends import kvm_abi as abi
-from hv_backends.kvm_state import CPUID_DROPPED_RANGE, CPUID_MASKS, CPUID_ZEROED, read_state, write_state
+from hv_backends.kvm_state import (CPUID_DROPPED_RANGE, CPUID_MASKS, CPUID_ZEROED, apply_cpuid_policy, read_state,
+                                     write_state)
 from hv_backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
 from hv.state import FXSAVE_SIZE, X86CpuState
@@ -255,7 +256,7 @@ class KvmVm(Vm):
             if function == 0x1:
                 ebx = (ebx & 0x00FFFFFF) | ((vcpu_index & 0xFF) << 24)
             out.append((function, index, flags, eax, ebx, ecx, edx))
-        return out
+        return apply_cpuid_policy(out)   # hv's own leaves (hv.cpuid), as on Unicorn
 
     @functools.cached_property
     def tsc_restorable(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from hv import cpuid as cpuid_policy
 from hv_backends import kvm_abi as abi
 from hv_backends.base import BackendError
 from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
@@ -60,6 +61,19 @@ CPUID_MASKS: dict[int, tuple[int, int, int, int]] = {  # leaf -> (eax, ebx, ecx,
 CPUID_ZEROED: frozenset[int] = frozenset({0x6, 0x7, 0xA, 0xD, 0x12, 0x14, 0x17, 0x18, 0x19, 0x1D, 0x1E,
                                           0x8000001F, 0x80000021})
 CPUID_DROPPED_RANGE = (0x40000000, 0x400000FF)  # hypervisor (KVM paravirt) leaves
+
+CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
+
+
+def apply_cpuid_policy(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """The filtered table with hv's own leaves (:mod:`hv.cpuid`: vendor, maximum basic
+    leaf, TSC/crystal frequency) put in place of the host's, added when the host lacks
+    them, so a KVM guest reads the same values as a Unicorn guest. Policy leaves are not
+    indexed: every subleaf the host listed for them is replaced by one entry."""
+    out = [e for e in entries if cpuid_policy.lookup(e[0]) is None]
+    for leaf, regs in sorted(cpuid_policy.POLICY.items()):
+        out.append((leaf, 0, 0, *regs))
+    return sorted(out, key=lambda e: (e[0], e[1]))
 
 
 def _segment_from_kvm(seg: Any) -> Segment:
