@@ -1,0 +1,101 @@
+"""Where a migration stream goes and comes from: a connected socket or a snapshot file,
+with gathered writes (``sendmsg``/``writev``) and scattered reads (``recvmsg_into``/``readv``)."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Callable, Protocol
+
+from hv.migration.stream_format import StreamWriteError, _IOV_BATCH
+
+# --------------------------------------------------------------------------------------
+# Sinks and sources
+# --------------------------------------------------------------------------------------
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview) -> Any: ...
+
+
+class Source(Protocol):
+    def readinto(self, buf: memoryview) -> int: ...
+
+
+class SocketChannel:
+    """Both ends of a connected socket: ``write``/``writev`` out, ``readinto`` in."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sock.sendall(data)
+
+    def writev(self, buffers: list[bytes | memoryview]) -> None:
+        """Send every buffer, in order, with as few ``sendmsg`` calls as the kernel allows."""
+        _gather_all(buffers, self.sock.sendmsg)
+
+    def readinto(self, buf: memoryview) -> int:
+        return self.sock.recv_into(buf)
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        """Scatter-read into ``buffers`` in one ``recvmsg_into`` call (at most IOV_MAX)."""
+        return self.sock.recvmsg_into(buffers)[0]
+
+
+def _gather_all(buffers: list[bytes | memoryview], send: Callable[[list[memoryview]], int]) -> None:
+    """Write every buffer, in order, through ``send`` (sendmsg / writev: takes at most
+    ``_IOV_BATCH`` buffers, returns the bytes it took), resuming after short writes."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        batch = pending[:_IOV_BATCH]
+        done = send(batch)
+        # Drop fully written buffers, trim a partially written one.
+        i = 0
+        while i < len(batch) and done >= len(batch[i]):
+            done -= len(batch[i])
+            i += 1
+        del pending[:i]
+        if done:
+            pending[0] = pending[0][done:]
+
+
+class FileChannel:
+    """A binary file object as a sink (``write``) or a source (``readinto``)."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self.file = fileobj
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = self.file.write(view)
+            if n is None:  # non-blocking raw file with nothing written: not supported
+                raise StreamWriteError("file sink would block")
+            view = view[n:]
+
+    def writev(self, buffers: list[bytes | memoryview]) -> None:
+        """Gather-write (``os.writev`` on an unbuffered file, else one buffer at a time)."""
+        if not isinstance(self.file, io.FileIO):
+            for buf in buffers:
+                self.write(buf)
+            return
+        fd = self.file.fileno()
+        _gather_all(buffers, lambda batch: os.writev(fd, batch))
+
+    def readinto(self, buf: memoryview) -> int:
+        n = self.file.readinto(buf)
+        return n or 0
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        """Scatter-read (``os.readv`` on an unbuffered file, else one buffer at a time)."""
+        if isinstance(self.file, io.FileIO):
+            return os.readv(self.file.fileno(), buffers)
+        return self.readinto(buffers[0])
+
+
+def _write_all(sink: Any, buffers: list[bytes | memoryview]) -> None:
+    writev = getattr(sink, "writev", None)
+    if writev is not None:
+        writev(buffers)
+    else:
+        for buf in buffers:
+            if len(buf):
+                sink.write(buf)

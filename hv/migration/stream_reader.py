@@ -1,0 +1,459 @@
+"""The reading half of the migration stream: :class:`StreamReader` validates every section
+of untrusted input in the only order accepted, applying RAM pages straight into guest RAM
+once their page numbers are checked (see :mod:`hv.migration.stream`)."""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from typing import Any, Protocol
+
+from hv.errors import StreamError
+from hv.migration.pages import populate, zero_pages
+from hv.migration.stream_channels import Source
+from hv.migration.stream_format import (CPU_INDEX, CRC, ConfigMismatchError, ConfigSection, CpuSection, DEVICE_HEAD,
+                                        DeviceEncoding, DeviceSection, EndSection, FLAG_SKIPPABLE, FORMAT_MAJOR,
+                                        HeaderSection, KNOWN_FLAGS, MAGIC, MAX_JSON_BYTES, MAX_MESSAGE_BYTES,
+                                        MAX_NAME_BYTES, MAX_RUN_PAGES, MAX_SECTION_BYTES, PAGE_NORMAL, PAGE_SIZE,
+                                        POPULATE_MIN_PAGES, PREAMBLE, PeerCanceled, PeerError, RAM_RUN, ROUND,
+                                        RamSection, RoundEndSection, SECTION_HEADER, Section, SectionType, StreamKind,
+                                        _IOV_BATCH, _NORMAL_BYTE, _ZERO_BYTE, crc32)
+from hv.migration.stream_records import Fingerprint, _check_str, _check_uint, _size_text, compare_fingerprints
+from hv.state import StateError, state_from_dict
+from hv.textsafe import printable, printable_bytes
+
+log = logging.getLogger("hv.migration.stream")
+
+
+class RamTarget(Protocol):
+    """Where RAM pages land; :class:`hv.memory.GuestMemory` is one."""
+
+    def page_view(self, page: int, count: int = 1) -> memoryview: ...
+
+
+class _Phase(enum.IntEnum):
+    PREAMBLE = 0
+    HEADER = 1
+    CONFIG = 2
+    RAM = 3
+    STATE = 4
+    ENDED = 5
+
+
+class StreamReader:
+    """Reads and validates one stream, applying RAM pages to ``ram`` as they arrive.
+
+    ``page_count`` is the destination's own RAM size in pages; a page number at or beyond
+    it is rejected before anything is read into RAM. ``local`` (the destination's own
+    fingerprint), when given, is compared with the CONFIG section and a mismatch raises
+    :class:`ConfigMismatchError` before any RAM is touched.
+    """
+
+    def __init__(self, source: Source, *, page_count: int, ram: RamTarget | None = None,
+                 kind: StreamKind = StreamKind.MIGRATION, local: Fingerprint | None = None,
+                 arch: str | None = None) -> None:
+        self.source = source
+        self.page_count = page_count
+        self.ram = ram
+        self.kind = kind
+        self.local = local
+        self.arch = arch or (local.arch if local else None)
+        self.bytes_read = 0
+        self.header: HeaderSection | None = None
+        self.config: Fingerprint | None = None
+        self.rounds = 0
+        self.cpus: set[int] = set()
+        self.devices: set[tuple[str, str]] = set()
+        self._phase = _Phase.PREAMBLE
+        self._round_open = False  # RAM arrived since the last ROUND_END
+        self._covered = bytearray(page_count) if kind is not StreamKind.STATE else bytearray()
+        self._crc = 0
+        self._remaining = 0
+        self._scratch = bytearray(PAGE_SIZE)
+
+    # -- raw reads -------------------------------------------------------------------
+    def _read_into(self, view: memoryview, what: str) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self.source.readinto(view[got:])
+            except OSError as exc:
+                raise StreamError(f"stream read failed while reading {what}: {exc.strerror or exc}") from exc
+            if not n:
+                raise StreamError(f"stream truncated: end of input after {self.bytes_read + got} bytes "
+                                  f"while reading {what}")
+            got += n
+        self.bytes_read += got
+
+    def _read(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self._read_into(memoryview(buf), what)
+        return bytes(buf)
+
+    def _payload(self, n: int, what: str) -> bytes:
+        """Read ``n`` payload bytes of the current section, accumulating the crc."""
+        if n > self._remaining:
+            raise StreamError(f"{what}: needs {n} bytes but only {self._remaining} remain in the section")
+        data = self._read(n, what)
+        self._remaining -= n
+        self._crc = crc32(data, self._crc)
+        return data
+
+    def _payload_into(self, view: memoryview, what: str) -> None:
+        self._read_into(view, what)
+        self._remaining -= len(view)
+        self._crc = crc32(view, self._crc)
+
+    def _scatter(self, targets: list[memoryview], what: str) -> None:
+        """Fill every target exactly, in order, with as few reads as the source allows."""
+        readv = getattr(self.source, "readv", None)
+        if readv is None:
+            for view in targets:
+                self._payload_into(view, what)
+            return
+        pending = list(targets)
+        total = sum(len(v) for v in targets)
+        if total > self._remaining:
+            raise StreamError(f"{what}: needs {total} bytes but only {self._remaining} remain in the section")
+        got_total = 0
+        crc = self._crc
+        while pending:
+            try:
+                n = readv(pending[:_IOV_BATCH])
+            except OSError as exc:
+                raise StreamError(f"stream read failed while reading {what}: {exc.strerror or exc}") from exc
+            if not n:
+                raise StreamError(f"stream truncated: end of input after {self.bytes_read + got_total} bytes "
+                                  f"while reading {what}")
+            got_total += n
+            # Checksum what just arrived while it is still in the cache.
+            i = 0
+            while n:
+                buf = pending[i]
+                if n >= len(buf):
+                    crc = crc32(buf, crc)
+                    n -= len(buf)
+                    i += 1
+                else:
+                    crc = crc32(buf[:n], crc)
+                    pending[i] = buf[n:]
+                    n = 0
+            del pending[:i]
+        self.bytes_read += got_total
+        self._remaining -= total
+        self._crc = crc
+
+    def _finish_section(self, name: str) -> None:
+        if self._remaining:
+            raise StreamError(f"{name} section: {self._remaining} trailing bytes")
+        (crc,) = CRC.unpack(self._read(CRC.size, f"{name} checksum"))
+        if crc != self._crc:
+            raise StreamError(f"{name} section: checksum mismatch (stored {crc:#010x}, "
+                              f"computed {self._crc:#010x}); the stream is corrupted")
+
+    # -- preamble and sections --------------------------------------------------------
+    def read_preamble(self) -> tuple[int, int]:
+        magic, major, minor, flags = PREAMBLE.unpack(self._read(PREAMBLE.size, "preamble"))
+        if magic != MAGIC:
+            raise StreamError(f"not an hv migration stream (magic {magic!r}, expected {MAGIC!r})")
+        if major != FORMAT_MAJOR:
+            raise StreamError(f"unsupported stream format version {major}.{minor} "
+                              f"(this hv reads {FORMAT_MAJOR}.x)")
+        if flags:
+            raise StreamError(f"unknown preamble flags {flags:#x}")
+        self._version = (major, minor)
+        self._phase = _Phase.HEADER
+        return major, minor
+
+    def read_section(self) -> Section:
+        """Read, validate and return the next section (RAM is applied, not returned)."""
+        if self._phase is _Phase.PREAMBLE:
+            self.read_preamble()
+        if self._phase is _Phase.ENDED:
+            raise StreamError("read past END")
+        while True:
+            head = self._read(SECTION_HEADER.size, "section header")
+            kind, flags, reserved, length = SECTION_HEADER.unpack(head)
+            if flags & ~KNOWN_FLAGS or reserved:
+                raise StreamError(f"section type {kind}: unknown flags {flags:#x} or reserved field {reserved:#x}")
+            if length > MAX_SECTION_BYTES:
+                raise StreamError(f"section type {kind}: length {length} exceeds the {MAX_SECTION_BYTES} byte cap")
+            self._crc = crc32(head)
+            self._remaining = length
+            try:
+                stype = SectionType(kind)
+            except ValueError:
+                stype = None
+            if stype is None or stype is SectionType.OK:
+                if not flags & FLAG_SKIPPABLE:
+                    raise StreamError(f"unknown section type {kind} (not marked skippable)")
+                self._skip(length, kind)
+                continue
+            return self._dispatch(stype, length)
+
+    def _skip(self, length: int, kind: int) -> None:
+        view = memoryview(self._scratch)
+        while self._remaining:
+            self._payload_into(view[:min(len(view), self._remaining)], f"unknown type {kind} section")
+        self._finish_section(f"unknown type {kind}")
+        log.debug("skipped unknown skippable section type %d (%d bytes)", kind, length)
+
+    def _order(self, stype: SectionType) -> None:
+        phase = self._phase
+        name = stype.name
+        if stype in (SectionType.ERROR, SectionType.CANCEL):  # the sender may give up at any point
+            return
+        if stype is SectionType.HEADER:
+            if phase is not _Phase.HEADER:
+                raise StreamError("HEADER section out of order: it must come first, once")
+            return
+        if phase is _Phase.HEADER:
+            raise StreamError(f"{name} section before HEADER: the header must come first")
+        if stype is SectionType.CONFIG:
+            if phase is not _Phase.CONFIG:
+                raise StreamError("CONFIG section out of order: it must follow HEADER, once")
+            return
+        if phase is _Phase.CONFIG:
+            raise StreamError(f"{name} section before CONFIG")
+        if stype in (SectionType.RAM, SectionType.ROUND_END):
+            if self.kind is StreamKind.STATE:
+                raise StreamError(f"{name} section in a state-only stream")
+            if phase is _Phase.STATE:
+                raise StreamError(f"{name} section after CPU/DEVICE state: RAM must be complete first")
+        if stype in (SectionType.CPU, SectionType.DEVICE, SectionType.END):
+            if stype is not SectionType.END and self.kind is StreamKind.MEMORY:
+                raise StreamError(f"{name} section in a memory-only stream")
+            if self._round_open:
+                raise StreamError(f"{name} section while RAM pass {self.rounds + 1} is still open (missing ROUND_END)")
+
+    def _dispatch(self, stype: SectionType, length: int) -> Section:
+        self._order(stype)
+        if stype is SectionType.ERROR:
+            if length > MAX_MESSAGE_BYTES:
+                raise StreamError(f"ERROR section: length {length} exceeds {MAX_MESSAGE_BYTES}")
+            msg = printable_bytes(self._payload(length, "ERROR message"))
+            self._finish_section("ERROR")
+            raise PeerError(f"the other end reported an error: {msg}")
+        if stype is SectionType.CANCEL:
+            if length:
+                raise StreamError(f"CANCEL section: length {length}, expected 0")
+            self._finish_section("CANCEL")
+            raise PeerCanceled("the source canceled the migration")
+        if stype is SectionType.RAM:
+            return self._read_ram(length)
+        if stype is SectionType.HEADER:
+            return self._read_header(length)
+        if stype is SectionType.CONFIG:
+            return self._read_config(length)
+        if stype is SectionType.ROUND_END:
+            if length != ROUND.size:
+                raise StreamError(f"ROUND_END section: length {length}, expected {ROUND.size}")
+            (number,) = ROUND.unpack(self._payload(ROUND.size, "ROUND_END"))
+            self._finish_section("ROUND_END")
+            if number != self.rounds + 1:
+                raise StreamError(f"ROUND_END pass {number} out of sequence (expected {self.rounds + 1})")
+            self.rounds = number
+            self._round_open = False
+            self._phase = _Phase.RAM
+            return RoundEndSection(number)
+        if stype is SectionType.CPU:
+            return self._read_cpu(length)
+        if stype is SectionType.DEVICE:
+            return self._read_device(length)
+        assert stype is SectionType.END
+        if length:
+            raise StreamError(f"END section: length {length}, expected 0")
+        self._finish_section("END")
+        self._check_complete()
+        self._phase = _Phase.ENDED
+        return EndSection()
+
+    def _json(self, length: int, what: str) -> Any:
+        if length > MAX_JSON_BYTES:
+            raise StreamError(f"{what}: length {length} exceeds the {MAX_JSON_BYTES} byte cap")
+        data = self._payload(length, what)
+        self._finish_section(what)  # checksum before parsing
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise StreamError(f"{what}: malformed JSON ({exc})") from None
+
+    def _read_header(self, length: int) -> HeaderSection:
+        raw = self._json(length, "HEADER")
+        if not isinstance(raw, dict):
+            raise StreamError("HEADER: expected a JSON object")
+        required = {"arch", "machine", "hv_version", "page_size", "stream_id"}
+        if missing := required - set(raw):
+            raise StreamError(f"HEADER: missing fields {sorted(missing)}")
+        header = HeaderSection(
+            arch=_check_str("HEADER.arch", raw["arch"]),
+            machine=_check_str("HEADER.machine", raw["machine"]),
+            hv_version=_check_str("HEADER.hv_version", raw["hv_version"]),
+            page_size=_check_uint("HEADER.page_size", raw["page_size"], 0, 1 << 30),
+            stream_id=_check_str("HEADER.stream_id", raw["stream_id"], limit=128),
+            format_major=self._version[0], format_minor=self._version[1],
+        )
+        if header.page_size != PAGE_SIZE:
+            raise StreamError(f"HEADER: page size {header.page_size}, this hv uses {PAGE_SIZE}")
+        if self.arch is not None and header.arch != self.arch:
+            raise ConfigMismatchError([f"architecture mismatch: source {printable(header.arch)}, "
+                                       f"destination {self.arch}"])
+        self.header = header
+        self._phase = _Phase.CONFIG
+        return header
+
+    def _read_config(self, length: int) -> ConfigSection:
+        fp = Fingerprint.from_dict(self._json(length, "CONFIG"))
+        assert self.header is not None
+        if fp.arch != self.header.arch or fp.machine != self.header.machine:
+            raise StreamError("CONFIG: architecture/machine differ from HEADER")
+        if self.local is not None:
+            mismatches = compare_fingerprints(fp, self.local)
+            if mismatches:
+                raise ConfigMismatchError(mismatches)
+        if fp.memory // PAGE_SIZE != self.page_count:
+            raise ConfigMismatchError([f"memory size mismatch: source {_size_text(fp.memory)}, "
+                                       f"destination {_size_text(self.page_count * PAGE_SIZE)}"])
+        self.config = fp
+        self._phase = _Phase.RAM
+        return ConfigSection(fp)
+
+    def _read_ram(self, length: int) -> RamSection:
+        if length < RAM_RUN.size:
+            raise StreamError(f"RAM section: length {length} is shorter than its {RAM_RUN.size} byte run header")
+        start, count, reserved = RAM_RUN.unpack(self._payload(RAM_RUN.size, "RAM run header"))
+        if reserved:
+            raise StreamError(f"RAM section: reserved field {reserved:#x} is not zero")
+        if not 1 <= count <= MAX_RUN_PAGES:
+            raise StreamError(f"RAM section: page count {count} outside [1, {MAX_RUN_PAGES}]")
+        if start >= self.page_count or count > self.page_count - start:
+            raise StreamError(f"RAM section: pages {start}..{start + count - 1} lie outside guest RAM "
+                              f"({self.page_count} pages)")
+        if count > self._remaining:
+            raise StreamError(f"RAM section: page count {count} does not fit in length {length}")
+        kinds = self._payload(count, "RAM page kind map")
+        normal = kinds.count(_NORMAL_BYTE)
+        if normal + kinds.count(_ZERO_BYTE) != count:
+            raise StreamError("RAM section: page kind map holds values other than ZERO (0) and NORMAL (1)")
+        if self._remaining != normal * PAGE_SIZE:
+            raise StreamError(f"RAM section: length {length} does not match {normal} normal pages")
+        ram = self.ram
+        # Walk alternating runs of zero and normal pages; normal runs are read straight
+        # into guest RAM with scatter reads, zero runs only written where not zero already.
+        targets: list[memoryview] = []
+        i = 0
+        while i < count:
+            if kinds[i] == PAGE_NORMAL:
+                j = kinds.find(_ZERO_BYTE, i)
+                j = count if j < 0 else j
+                if ram is not None:
+                    view = self._target(start + i, j - i)
+                    if j - i >= POPULATE_MIN_PAGES:
+                        populate(view)
+                    targets.append(view)
+                else:
+                    self._scatter(targets, "RAM page data")
+                    targets = []
+                    for _ in range(i, j):  # nowhere to put them: read and check only
+                        self._payload_into(memoryview(self._scratch), "RAM page data")
+            else:
+                j = kinds.find(_NORMAL_BYTE, i)
+                j = count if j < 0 else j
+                if ram is not None:
+                    zero_pages(self._target(start + i, j - i))
+            i = j
+        self._scatter(targets, "RAM page data")
+        self._finish_section("RAM")
+        self._covered[start:start + count] = b"\x01" * count
+        self._round_open = True
+        return RamSection(start, count, count - normal, normal, length + SECTION_HEADER.size + CRC.size)
+
+    def _target(self, page: int, count: int) -> memoryview:
+        assert self.ram is not None
+        try:
+            view = self.ram.page_view(page, count)
+        except ValueError as exc:  # GuestMemoryError: spans regions
+            raise StreamError(f"RAM section: pages {page}..{page + count - 1}: {exc}") from None
+        if len(view) != count * PAGE_SIZE:
+            raise StreamError(f"RAM section: target for pages {page}+{count} has the wrong size")
+        return view
+
+    def _read_cpu(self, length: int) -> CpuSection:
+        if length < CPU_INDEX.size:
+            raise StreamError(f"CPU section: length {length} too short")
+        if length > MAX_JSON_BYTES:
+            raise StreamError(f"CPU section: length {length} exceeds the {MAX_JSON_BYTES} byte cap")
+        (index,) = CPU_INDEX.unpack(self._payload(CPU_INDEX.size, "CPU index"))
+        raw = self._json(self._remaining, "CPU")
+        assert self.config is not None
+        if index >= self.config.vcpus:
+            raise StreamError(f"CPU section: vCPU index {index} out of range ({self.config.vcpus} vCPUs)")
+        if index in self.cpus:
+            raise StreamError(f"CPU section: duplicate state for vCPU {index}")
+        try:
+            state = state_from_dict(raw)
+        except StateError as exc:
+            raise StreamError(f"CPU section for vCPU {index}: {printable(str(exc))}") from None
+        if state.ARCH != self.config.arch:
+            raise StreamError(f"CPU section for vCPU {index}: {state.ARCH} state in a {self.config.arch} stream")
+        self.cpus.add(index)
+        self._phase = _Phase.STATE
+        return CpuSection(index, state)
+
+    def _read_device(self, length: int) -> DeviceSection:
+        if length < DEVICE_HEAD.size:
+            raise StreamError(f"DEVICE section: length {length} too short")
+        name_len, id_len, version, encoding = DEVICE_HEAD.unpack(self._payload(DEVICE_HEAD.size, "DEVICE header"))
+        if name_len == 0 or name_len > MAX_NAME_BYTES or id_len > MAX_NAME_BYTES:
+            raise StreamError(f"DEVICE section: name/id lengths {name_len}/{id_len} outside [1, {MAX_NAME_BYTES}]")
+        try:
+            name = self._payload(name_len, "DEVICE name").decode()
+            instance_id = self._payload(id_len, "DEVICE id").decode()
+        except UnicodeDecodeError:
+            raise StreamError("DEVICE section: name or id is not UTF-8") from None
+        if not (name.isprintable() and instance_id.isprintable()):
+            raise StreamError(f"DEVICE section: name or id '{printable(name)}'/'{printable(instance_id)}' "
+                              "holds non-printable characters")
+        if encoding == DeviceEncoding.JSON:
+            state: dict[str, Any] | bytes = self._json(self._remaining, f"DEVICE {name}")
+            if not isinstance(state, dict):
+                raise StreamError(f"DEVICE {name}: JSON state must be an object")
+        elif encoding == DeviceEncoding.BINARY:
+            state = self._payload(self._remaining, f"DEVICE {name} state")
+            self._finish_section(f"DEVICE {name}")
+        else:
+            raise StreamError(f"DEVICE section: unknown encoding {encoding}")
+        key = (name, instance_id)
+        if key in self.devices:
+            raise StreamError(f"DEVICE section: duplicate state for {name} {instance_id!r}")
+        self.devices.add(key)
+        self._phase = _Phase.STATE
+        return DeviceSection(name, instance_id, version, state)
+
+    def _check_complete(self) -> None:
+        if self._phase < _Phase.RAM:
+            raise StreamError("END before CONFIG")
+        assert self.config is not None
+        if self.kind is not StreamKind.STATE:
+            missing = self._covered.count(0)
+            if missing:
+                first = self._covered.find(0)
+                raise StreamError(f"END before all RAM arrived: {missing} pages never sent (first: page {first})")
+        if self.kind is not StreamKind.MEMORY:
+            if len(self.cpus) != self.config.vcpus:
+                missing_cpus = sorted(set(range(self.config.vcpus)) - self.cpus)
+                raise StreamError(f"END before the state of vCPUs {missing_cpus}")
+
+    def read_all(self) -> list[Section]:
+        """Read through END; returns every non-RAM section (RAM is applied)."""
+        out: list[Section] = []
+        while True:
+            section = self.read_section()
+            if not isinstance(section, RamSection):
+                out.append(section)
+            if isinstance(section, EndSection):
+                return out
+
+    @property
+    def ended(self) -> bool:
+        return self._phase is _Phase.ENDED

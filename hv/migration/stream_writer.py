@@ -1,0 +1,188 @@
+"""The writing half of the migration stream: :class:`StreamWriter` frames, checksums and
+sends each section (see :mod:`hv.migration.stream` for the format)."""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from hv import __version__ as HV_VERSION
+from hv.errors import StreamError
+from hv.migration.pages import page_kinds
+from hv.migration.stream_channels import Sink, _write_all
+from hv.migration.stream_format import (CPU_INDEX, CRC, DEFAULT_RUN_PAGES, DEVICE_HEAD, DeviceEncoding,
+                                        FLAG_SKIPPABLE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_MESSAGE_BYTES,
+                                        MAX_RUN_PAGES, MAX_SECTION_BYTES, PAGE_NORMAL, PAGE_SIZE, PREAMBLE, RAM_RUN,
+                                        ROUND, SECTION_HEADER, SectionType, StreamWriteError, _NORMAL_BYTE,
+                                        _ZERO_BYTE, crc32)
+from hv.migration.stream_records import Fingerprint
+from hv.state import CpuState, state_to_dict
+
+# --------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------
+@dataclass
+class RamStats:
+    """What a RAM write put on the wire."""
+
+    zero: int = 0
+    normal: int = 0
+    bytes: int = 0
+
+    def add(self, other: "RamStats") -> None:
+        self.zero += other.zero
+        self.normal += other.normal
+        self.bytes += other.bytes
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+class StreamWriter:
+    """Writes one stream to a sink (a socket channel or a file)."""
+
+    def __init__(self, sink: Sink, *, run_pages: int = DEFAULT_RUN_PAGES) -> None:
+        if not 1 <= run_pages <= MAX_RUN_PAGES:
+            raise ValueError(f"run_pages must be in [1, {MAX_RUN_PAGES}]")
+        self.sink = sink
+        self.run_pages = run_pages
+        self.bytes_written = 0
+        self.at_boundary = True  # False while (or after an error) writing a record
+        self._preamble_sent = False
+        self._copy: memoryview | None = None  # reused staging buffer for live pages
+
+    def _send(self, buffers: list[bytes | memoryview]) -> None:
+        """One whole record (the preamble or a section). ``at_boundary`` stays False if it
+        fails, so nothing more (not even CANCEL) is appended to a cut record."""
+        self.at_boundary = False
+        try:
+            _write_all(self.sink, buffers)
+        except OSError as exc:
+            raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
+        self.bytes_written += sum(len(b) for b in buffers)
+        self.at_boundary = True
+
+    def write_preamble(self, major: int = FORMAT_MAJOR, minor: int = FORMAT_MINOR) -> None:
+        self._send([PREAMBLE.pack(MAGIC, major, minor, 0)])
+        self._preamble_sent = True
+
+    def write_section(self, kind: int, payload: bytes | memoryview = b"", flags: int = 0) -> None:
+        """Low level: one framed section (used for every kind, and for tests)."""
+        if len(payload) > MAX_SECTION_BYTES:
+            raise StreamError(f"section of {len(payload)} bytes exceeds the {MAX_SECTION_BYTES} byte cap")
+        head = SECTION_HEADER.pack(kind, flags, 0, len(payload))
+        crc = crc32(payload, crc32(head))
+        self._send([head, payload, CRC.pack(crc)])
+
+    def write_header(self, arch: str, machine: str, *, stream_id: str | None = None,
+                     hv_version: str = HV_VERSION) -> str:
+        """Preamble + HEADER. Returns the stream id (ties DIR/state to DIR/memory)."""
+        if not self._preamble_sent:
+            self.write_preamble()
+        sid = stream_id or uuid.uuid4().hex
+        self.write_section(SectionType.HEADER, _json_bytes(
+            {"arch": arch, "machine": machine, "hv_version": hv_version, "page_size": PAGE_SIZE,
+             "stream_id": sid}))
+        return sid
+
+    def write_config(self, fingerprint: Fingerprint) -> None:
+        self.write_section(SectionType.CONFIG, _json_bytes(fingerprint.to_dict()))
+
+    def write_ram(self, start_page: int, view: memoryview | bytes | bytearray, *,
+                  stable: bool = False) -> RamStats:
+        """Send pages ``start_page ..`` from ``view`` (whole pages), zero pages as markers.
+
+        ``stable=False`` (the guest may be running): each run's normal pages are copied
+        once into a private buffer, and the checksum and the socket both read that copy,
+        so a page the guest rewrites mid-send cannot break the section's checksum (the
+        dirty log re-sends it next round). ``stable=True`` (guest paused, or a snapshot):
+        normal pages go out as slices of ``view`` itself, no copy, via ``writev``.
+        """
+        mv = memoryview(view).cast("B")
+        if len(mv) % PAGE_SIZE:
+            raise ValueError("RAM view is not a whole number of pages")
+        total = len(mv) // PAGE_SIZE
+        stats = RamStats()
+        done = 0
+        while done < total:
+            count = min(self.run_pages, total - done)
+            stats.add(self._write_run(start_page + done, mv[done * PAGE_SIZE:(done + count) * PAGE_SIZE],
+                                      count, stable))
+            done += count
+        return stats
+
+    def _write_run(self, start: int, mv: memoryview, count: int, stable: bool) -> RamStats:
+        kinds, normal = page_kinds(mv, count)
+        segments: list[memoryview] = []  # coalesced runs of normal pages
+        i = 0
+        while i < count:
+            if kinds[i] == PAGE_NORMAL:
+                j = kinds.find(_ZERO_BYTE, i)
+                j = count if j < 0 else j
+                segments.append(mv[i * PAGE_SIZE:j * PAGE_SIZE])
+            else:
+                j = kinds.find(_NORMAL_BYTE, i)
+                j = count if j < 0 else j
+            i = j
+        meta = RAM_RUN.pack(start, count, 0) + kinds
+        length = len(meta) + normal * PAGE_SIZE
+        head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, length)
+        crc = crc32(meta, crc32(head))
+        if not stable and segments:
+            if self._copy is None:
+                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
+            pos = 0
+            for seg in segments:  # copy, then checksum the copy while it is cached
+                end = pos + len(seg)
+                self._copy[pos:end] = seg
+                crc = crc32(self._copy[pos:end], crc)
+                pos = end
+            segments = [self._copy[:pos]]
+        else:
+            for seg in segments:
+                crc = crc32(seg, crc)
+        self._send([head + meta, *segments, CRC.pack(crc)])
+        return RamStats(zero=count - normal, normal=normal, bytes=length + SECTION_HEADER.size + CRC.size)
+
+    def write_zero_pages(self, start_page: int, count: int) -> RamStats:
+        """Mark pages as zero without reading them (pages the guest never touched)."""
+        stats = RamStats()
+        done = 0
+        while done < count:
+            n = min(MAX_RUN_PAGES, count - done)
+            payload = RAM_RUN.pack(start_page + done, n, 0) + bytes(n)
+            self.write_section(SectionType.RAM, payload)
+            stats.add(RamStats(zero=n, bytes=len(payload) + SECTION_HEADER.size + CRC.size))
+            done += n
+        return stats
+
+    def write_round_end(self, pass_number: int) -> None:
+        self.write_section(SectionType.ROUND_END, ROUND.pack(pass_number))
+
+    def write_cpu(self, index: int, state: CpuState) -> None:
+        self.write_section(SectionType.CPU, CPU_INDEX.pack(index) + _json_bytes(state_to_dict(state)))
+
+    def write_device(self, name: str, instance_id: str, version: int,
+                     state: dict[str, Any] | bytes) -> None:
+        name_b, id_b = name.encode(), instance_id.encode()
+        if isinstance(state, (bytes, bytearray, memoryview)):
+            encoding, blob = DeviceEncoding.BINARY, bytes(state)
+        else:
+            encoding, blob = DeviceEncoding.JSON, _json_bytes(state)
+        self.write_section(SectionType.DEVICE,
+                           DEVICE_HEAD.pack(len(name_b), len(id_b), version, encoding) + name_b + id_b + blob)
+
+    def write_error(self, message: str) -> None:
+        self.write_section(SectionType.ERROR, message.encode()[:MAX_MESSAGE_BYTES])
+
+    def write_end(self) -> None:
+        self.write_section(SectionType.END)
+
+    def write_cancel(self) -> None:
+        """The source gives up on its operator's request (format 1.2). Flagged SKIPPABLE so
+        an older reader skips it and then sees the stream end, as it did before 1.2."""
+        if not self._preamble_sent:
+            self.write_preamble()
+        self.write_section(SectionType.CANCEL, b"", flags=FLAG_SKIPPABLE)
