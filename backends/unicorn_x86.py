@@ -17,7 +17,6 @@ import logging
 import struct
 from typing import Any
 
-from hv import cpuid as cpuid_policy
 from hv_backends.base import BackendError, Exit, ExitReason
 from hv_backends.unicorn_common import (
     UnicornLayoutError,
@@ -40,6 +39,7 @@ from hv_backends.unicorn_x86_delivery import (
     flags_to_seg,
 )
 
+from hv import cpuid as cpuid_policy
 from hv.state import (
     EFER_LMA,
     EFER_SCE,

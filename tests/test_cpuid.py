@@ -6,16 +6,22 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from hv import cpuid
-from hv.devices.lapic import APIC_BUS_NS
-from hv_backends.base import Arch, ExitReason
+from hv_backends.base import Arch, ExitReason, Vm
 from hv_backends.kvm_state import apply_cpuid_policy
 from hv_backends.unicorn import UnicornBackend
 from hv_backends.unicorn_x86 import TSC_HZ_PER_NS
+
+from hv import cpuid
+from hv.devices.lapic import APIC_BUS_NS
 from hv.memory import GuestMemory, RegionSpec
 from tests.helpers import X86_BACKENDS, requires_kvm
-from tests.test_kvm_backend import CODE, RAM_SIZE, RecordingIo, long_mode_state, write_page_tables
+from tests.test_kvm_backend import (
+    CODE,
+    RAM_SIZE,
+    RecordingIo,
+    long_mode_state,
+    write_page_tables,
+)
 
 PORTS = (0x10, 0x11, 0x12, 0x13)
 
@@ -28,9 +34,9 @@ def snippet(leaf: int) -> bytes:
             + b"\xF4")
 
 
-def open_vm(backend: str, memory: GuestMemory):
+def open_vm(backend: str, memory: GuestMemory) -> Vm:
     if backend == "kvm":
-        from hv_backends.kvm import KvmBackend  # noqa: PLC0415
+        from hv_backends.kvm import KvmBackend
         return KvmBackend().open_vm(Arch.X86_64, memory, [])
     return UnicornBackend().open_vm(Arch.X86_64, memory, [])
 
@@ -84,7 +90,7 @@ def test_kvm_table_carries_policy() -> None:
 @requires_kvm
 def test_kvm_vm_table_carries_policy() -> None:
     """A real KVM VM's filtered table (built from KVM_GET_SUPPORTED_CPUID) has the policy."""
-    from hv_backends.kvm import KvmBackend  # noqa: PLC0415
+    from hv_backends.kvm import KvmBackend
     memory = GuestMemory([RegionSpec(0, RAM_SIZE)])
     vm = KvmBackend().open_vm(Arch.X86_64, memory, [])
     try:
