@@ -15,7 +15,8 @@ from hv.devices.interfaces import DeviceStateError, UnconnectedLine
 from hv.devices.pl011 import (CR, DR, FR, FR_RXFE, FR_RXFF, FR_TXFE, ICR, IFLS, IMSC, INT_RT, INT_RX, INT_TX,
                               LCR_H, LCR_H_FEN, MIS, RIS, RX_PENDING_MAX, Pl011, Pl011State)
 from hv.machine.gic_interrupts import PL011_INTID
-from hv.machine.machine import VIRT_PL011_BASE, Machine
+from hv.boards.virt.layout import PL011_BASE as VIRT_PL011_BASE
+from hv.machine.machine import Machine
 from hv_backends import backend_class
 from tests.helpers import FIXTURES
 

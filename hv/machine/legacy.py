@@ -21,19 +21,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from hv.boards.q35.layout import (I8042_COMMAND_PORT, I8042_DATA_PORT, KBD_GSI, PIT_GSI, PIT_PORT, PORT61, RTC_GSI,
+                                  RTC_PORT)
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.pit import Pit, PitState
 from hv.devices.rtc import Rtc, RtcState
 from hv.machine.interrupts import InterruptController
 
-PIT_PORT = 0x40
-PORT61 = 0x61
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
-RTC_PORT = 0x70
-PIT_GSI = 2        # ISA IRQ 0, through the MADT's interrupt source override
-KBD_GSI = 1
-RTC_GSI = 8
 LEGACY_DEVICE_IDS = ("pit", "rtc", "i8042")
 
 log = logging.getLogger(__name__)
