@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from hv.block import BlockBackend, BlockError
+from hv.boards.q35 import layout as q35_layout
+from hv.boards.virt import layout as virt_layout
 from hv.devconfig import HOTPLUG_DRIVERS, ROOT_BUS, DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
 from hv.devices.bus import Bus
 from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, HostBridge,
@@ -61,10 +63,12 @@ class PciLayout:
 
 
 LAYOUTS = {
-    "q35": PciLayout(0xB000_0000, 256, 0xC000_0000, 0xFEC0_0000 - 0xC000_0000, 0xC000, 0x4000, True, True,
-                     (0x8086, 0x29C0)),
-    "virt": PciLayout(0x3F00_0000, 16, 0x1000_0000, 0x3EFF_0000 - 0x1000_0000, 0x3EFF_0000, 0x1_0000, False,
-                      False, (0x1B36, 0x0008)),
+    "q35": PciLayout(q35_layout.ECAM_BASE, q35_layout.ECAM_BUSES, q35_layout.PCI_MMIO32_BASE,
+                     q35_layout.PCI_MMIO32_SIZE, q35_layout.PCI_IO_BASE, q35_layout.PCI_IO_SIZE, True, True,
+                     q35_layout.PCI_HOST_BRIDGE_IDS),
+    "virt": PciLayout(virt_layout.ECAM_BASE, virt_layout.ECAM_BUSES, virt_layout.PCI_MMIO32_BASE,
+                      virt_layout.PCI_MMIO32_SIZE, virt_layout.PCI_IO_WINDOW, virt_layout.PCI_IO_SIZE, False,
+                      False, virt_layout.PCI_HOST_BRIDGE_IDS),
 }
 
 
