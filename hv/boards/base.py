@@ -10,10 +10,12 @@ it has.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from hv_backends.base import Arch, Vcpu
+
 from hv.boot import BootInfo
 from hv.config import VmConfig
 from hv.devices.bus import Bus

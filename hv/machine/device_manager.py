@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hv.config import VmConfig
 from hv.devconfig import DevConfigError, DeviceConfig
@@ -23,7 +24,13 @@ from hv.devices.pcie_root_port import PcieRootPort
 from hv.devices.persist import restore_state
 from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.machine.legacy import LEGACY_DEVICE_IDS
-from hv.machine.pci_wiring import PciSetup, build_pci, plug_device, plug_net_device, unplug_device
+from hv.machine.pci_wiring import (
+    PciSetup,
+    build_pci,
+    plug_device,
+    plug_net_device,
+    unplug_device,
+)
 from hv.machine.runstate import NOT_POSSIBLE, MachineError, RunState, RunStateTracker
 from hv.memory import GuestMemory
 

@@ -20,10 +20,12 @@ see concurrent accesses. QMP, migration, the launcher and tests use only this cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hv_backends.base import Arch, Backend, Vcpu
+
 from hv.boards.base import Board, BoardContext
 from hv.boards.q35.board import Q35Board
 from hv.boards.virt.board import VirtBoard
@@ -33,17 +35,28 @@ from hv.devices.bus import Bus
 from hv.devices.interfaces import DeviceStateError, OutputSink
 from hv.devices.irqline import SharedLine
 from hv.machine.device_manager import DeviceManager, DeviceSlot, PersistentDevice
-from hv.machine.pci_wiring import PciSetup
 from hv.machine.gic_interrupts import GicController
 from hv.machine.interrupts import InterruptController
+from hv.machine.pci_wiring import PciSetup
 from hv.machine.power import GuestPowerRequests, PsciPower, VcpuPower
 from hv.machine.runstate import NOT_POSSIBLE, MachineError, RunState, RunStateTracker
 from hv.machine.vcpu_runner import PAUSE_TIMEOUT, THROTTLE_SLICE, VcpuRunner
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
 
-__all__ = ["DeviceSlot", "Machine", "MachineError", "MachineSnapshot", "PAUSE_TIMEOUT", "PersistentDevice",
-           "PsciPower", "RunState", "THROTTLE_SLICE", "board_for", "ram_layout"]
+__all__ = [
+    "PAUSE_TIMEOUT",
+    "THROTTLE_SLICE",
+    "DeviceSlot",
+    "Machine",
+    "MachineError",
+    "MachineSnapshot",
+    "PersistentDevice",
+    "PsciPower",
+    "RunState",
+    "board_for",
+    "ram_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +81,7 @@ class MachineSnapshot:
                 "devices": self.devices}
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "MachineSnapshot":
+    def from_dict(cls, raw: Any) -> MachineSnapshot:
         if not isinstance(raw, dict) or set(raw) != {"fingerprint", "cpus", "devices"}:
             raise DeviceStateError("machine snapshot: wrong fields")
         if not isinstance(raw["cpus"], list) or not isinstance(raw["devices"], dict):

@@ -28,20 +28,50 @@ addresses (Unicorn) must route to the machine's MMIO bus.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from hv.block import BlockBackend, BlockError
 from hv.boards.q35 import layout as q35_layout
 from hv.boards.virt import layout as virt_layout
-from hv.devconfig import HOTPLUG_DRIVERS, ROOT_BUS, DevConfigError, DeviceConfig, DriveConfig, NetdevConfig
+from hv.devconfig import (
+    HOTPLUG_DRIVERS,
+    ROOT_BUS,
+    DevConfigError,
+    DeviceConfig,
+    DriveConfig,
+    NetdevConfig,
+)
 from hv.devices.bus import Bus
-from hv.devices.pci import (BAR_IO, BAR_MEM64, COMMAND, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, HostBridge,
-                            PciBarWindow, PciBridge, PciConfigPorts, PciEcam, PciError, PciFunction, PciHost,
-                            PciHostState, format_devfn, parse_devfn)
+from hv.devices.pci import (
+    BAR_IO,
+    BAR_MEM64,
+    COMMAND,
+    COMMAND_IO,
+    COMMAND_MASTER,
+    COMMAND_MEMORY,
+    HostBridge,
+    PciBarWindow,
+    PciBridge,
+    PciConfigPorts,
+    PciEcam,
+    PciError,
+    PciFunction,
+    PciHost,
+    PciHostState,
+    format_devfn,
+    parse_devfn,
+)
 from hv.devices.pcie_root_port import PcieRootPort, PcieRootPortState
 from hv.devices.virtio_blk import VirtioBlk
-from hv.devices.virtio_net import VirtioNet, VirtioNetPciDevice, VirtioNetState, format_mac, parse_mac
+from hv.devices.virtio_net import (
+    VirtioNet,
+    VirtioNetPciDevice,
+    VirtioNetState,
+    format_mac,
+    parse_mac,
+)
 from hv.devices.virtio_pci import VirtioPciDevice, VirtioPciState
 from hv.memory import GuestMemory
 from hv.net import NetBackend, NetError, open_netdev

@@ -14,15 +14,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hv_backends.base import Arch, Vcpu
+
 from hv.boards.q35.layout import AP_APIC_BASE_MSR, BSP_APIC_BASE_MSR
 from hv.devices.interfaces import DeviceStateError
 from hv.machine.runstate import RunStateTracker
 from hv.memory import GuestMemory
-from hv.state import (POWER_OFF, POWER_ON, POWER_STATES, POWER_WAIT_SIPI, PSTATE_EL1H_DAIF, Arm64CpuState, CpuState,
-                      Segment, X86CpuState)
+from hv.state import (
+    POWER_OFF,
+    POWER_ON,
+    POWER_STATES,
+    POWER_WAIT_SIPI,
+    PSTATE_EL1H_DAIF,
+    Arm64CpuState,
+    CpuState,
+    Segment,
+    X86CpuState,
+)
 
 log = logging.getLogger(__name__)
 

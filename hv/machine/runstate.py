@@ -21,11 +21,11 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from hv.errors import MachineError
 
-__all__ = ["IllegalTransition", "MachineError", "RunState", "RunStateTracker", "TRANSITIONS"]
+__all__ = ["TRANSITIONS", "IllegalTransition", "MachineError", "RunState", "RunStateTracker"]
 
 
 class RunState(str, enum.Enum):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hv_backends.base import Exit, ExitReason, IoHandler, Vcpu
+
 from hv.machine.gic_interrupts import GicController
 from hv.machine.interrupts import InterruptController
 from hv.machine.power import GuestPowerRequests, VcpuPower
@@ -94,7 +95,7 @@ class VcpuRunner:
             while len(self.parked) < len(self.threads):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MachineError("vCPUs did not stop within %.0f s" % PAUSE_TIMEOUT)
+                    raise MachineError(f"vCPUs did not stop within {PAUSE_TIMEOUT:.0f} s")
                 self.run.changed.wait(remaining)
 
     # -- throttling (migration auto-converge) ---------------------------------------------

@@ -12,9 +12,10 @@ Addresses come from :mod:`hv.boards.q35.layout`; boot from :mod:`hv.boards.q35.f
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hv_backends.base import Arch, Vcpu
+
 from hv.boards.base import BoardContext, BoardWiring
 from hv.boards.q35 import layout
 from hv.boards.q35.firmware import setup_boot as firmware_setup_boot

@@ -12,9 +12,10 @@ Boot (the device tree and the kernel) is :mod:`hv.boards.virt.firmware`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hv_backends.base import Arch, Vcpu
+
 from hv.boards.base import BoardContext, BoardWiring
 from hv.boards.virt import layout
 from hv.boards.virt.firmware import setup_boot as firmware_setup_boot
