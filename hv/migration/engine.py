@@ -53,7 +53,8 @@ from hv.textsafe import printable
 log = logging.getLogger(__name__)
 
 CHUNK_PAGES = 2048           # pages per write_ram call in the full pass (8 MiB)
-REPLY_TIMEOUT = 60.0         # seconds the source waits for each destination answer
+REPLY_TIMEOUT = 60.0         # seconds the destination waits for the source's commit
+STALL_TIMEOUT = 30           # default x-stall-timeout: seconds without progress before failing
 # After migrate_cancel the source finishes the record it is writing and appends CANCEL. A
 # destination that takes in nothing for this long (frozen, or gone) gets the connection
 # shut down instead, mid-record; it then reports a truncated stream.
@@ -78,12 +79,15 @@ class MigrationParameters:
     cpu_throttle_initial: int = 20
     cpu_throttle_increment: int = 10
     max_cpu_throttle: int = 99
+    # Seconds the destination may take in nothing (a blocked write) or leave an answer
+    # ('ready', 'running') unsent before the migration fails: no silent stall.
+    stall_timeout: int = STALL_TIMEOUT
 
     def to_qmp(self) -> dict[str, Any]:
         return {"downtime-limit": self.downtime_limit, "max-bandwidth": self.max_bandwidth,
                 "max-iterations": self.max_iterations, "cpu-throttle-initial": self.cpu_throttle_initial,
                 "cpu-throttle-increment": self.cpu_throttle_increment,
-                "max-cpu-throttle": self.max_cpu_throttle}
+                "max-cpu-throttle": self.max_cpu_throttle, "x-stall-timeout": self.stall_timeout}
 
 
 # -- dirty bitmaps ---------------------------------------------------------------------------
@@ -196,13 +200,25 @@ class _Sender:
         return pages
 
 
-def _switch_over_reply(channel: SocketChannel, what: str) -> Reply:
-    """One back-channel answer; a broken or closed connection says which answer is missing."""
+def timed_out(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception it was raised from is a socket timeout (the
+    x-stall-timeout set on the migration socket ran out)."""
+    while exc is not None:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _switch_over_reply(channel: SocketChannel, what: str, timeout: float) -> Reply:
+    """One back-channel answer; a broken, closed or silent connection says which answer is missing."""
     try:
         return read_reply(channel)
-    except StreamError as exc:
-        raise MigrationError(f"{what}: {exc}") from exc
-    except OSError as exc:
+    except (StreamError, OSError) as exc:
+        if timed_out(exc):
+            raise MigrationError(f"{what} within {timeout:g} s (x-stall-timeout)") from exc
+        if isinstance(exc, StreamError):
+            raise MigrationError(f"{what}: {exc}") from exc
         raise MigrationError(f"{what}: {exc.strerror or exc}") from exc
 
 
@@ -328,6 +344,9 @@ class OutgoingMigration:
             return "canceled"
         if isinstance(exc, PeerError):
             return f"destination refused: {exc}"
+        if isinstance(exc, (OSError, StreamError)) and timed_out(exc):
+            return (f"the destination stopped reading: nothing sent for {self._stall_timeout:g} s "
+                    "(x-stall-timeout)")
         if isinstance(exc, (StreamError, MigrationError, MachineError)):
             return str(exc)
         if isinstance(exc, OSError):
@@ -343,6 +362,10 @@ class OutgoingMigration:
         machine, memory, vm, params = self.machine, self.machine.memory, self.machine.vm, self.params
         channel = SocketChannel(self.sock)
         writer = self._writer = StreamWriter(channel)
+        # Every send (sendmsg) and every read of an answer now fails after this many
+        # seconds without progress, instead of blocking for good on a frozen peer.
+        self._stall_timeout = params.stall_timeout
+        self.sock.settimeout(self._stall_timeout)
         sender = _Sender(writer, memory, self.status, params, self.canceled, self.sock, channel)
         writer.write_header(machine.arch.value, machine.config.machine)
         writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
@@ -372,6 +395,8 @@ class OutgoingMigration:
             self.status.set_expected_downtime(expected_ms)
             if expected_ms <= params.downtime_limit or pass_number > params.max_iterations:
                 break
+            if previous_dirty is not None:
+                self._report_convergence(pass_number, dirty_pages, previous_dirty, bandwidth)
             if params.auto_converge and previous_dirty is not None and dirty_pages * 2 > previous_dirty:
                 self._throttle_up()
             previous_dirty = dirty_pages
@@ -404,9 +429,8 @@ class OutgoingMigration:
         writer.write_end()
 
         # Two-phase switch-over.
-        self.sock.settimeout(REPLY_TIMEOUT)
         self._await_answer()
-        reply = _switch_over_reply(channel, "the destination did not confirm it is ready")
+        reply = _switch_over_reply(channel, "the destination did not confirm it is ready", self._stall_timeout)
         if not reply.ok:
             raise MigrationError(f"destination refused: {reply.text}")
         if reply.text != "ready":
@@ -422,20 +446,42 @@ class OutgoingMigration:
             self._committed = False
             machine.pci.acquire_locks()
             raise MigrationError(f"the destination went away before the commit: {exc}") from exc
-        reply = _switch_over_reply(channel, "the destination did not confirm it runs the guest")
+        reply = _switch_over_reply(channel, "the destination did not confirm it runs the guest",
+                                   self._stall_timeout)
         if not reply.ok or reply.text != "running":
             raise MigrationError(f"destination failed to start the guest: {reply.text}")
         self._downtime_ms = int((time.monotonic() - paused_at) * 1000)
 
     def _await_answer(self) -> None:
-        """Wait (up to REPLY_TIMEOUT) until the destination's answer starts to arrive,
+        """Wait (up to x-stall-timeout) until the destination's answer starts to arrive,
         honouring migrate_cancel meanwhile: a cancel here still sends CANCEL."""
-        deadline = time.monotonic() + REPLY_TIMEOUT
+        deadline = time.monotonic() + self._stall_timeout
         while not select.select([self.sock], [], [], 0.05)[0]:
             if self.canceled.is_set():
                 raise MigrationCanceled("canceled")
             if time.monotonic() >= deadline:
-                raise MigrationError(f"the destination did not confirm it is ready within {REPLY_TIMEOUT:g} s")
+                raise MigrationError("the destination did not answer 'ready' within "
+                                     f"{self._stall_timeout:g} s (x-stall-timeout)")
+
+    def _report_convergence(self, pass_number: int, dirty_pages: int, previous_dirty: int,
+                            bandwidth: float) -> None:
+        """A dirty round that ends with at least as many dirty pages as it started with
+        did not converge: the guest dirties memory as fast as the link sends it. The change
+        (and only the change) is announced as MIGRATION_NOT_CONVERGING / _CONVERGING, so an
+        operator sees it without reading the log; query-migrate shows ``converging``."""
+        converging = dirty_pages < previous_dirty
+        if not self.status.set_converging(converging):
+            return
+        if converging:
+            log.info("migration converging again at pass %d", pass_number)
+            self.emit("MIGRATION_CONVERGING", {"pass": pass_number})
+            return
+        dirty_rate = self.status.ram.dirty_pages_rate * PAGE_SIZE
+        log.warning("migration not converging at pass %d: %d pages still dirty, guest dirties %.1f MB/s, "
+                    "link sends %.1f MB/s", pass_number, dirty_pages, dirty_rate / 1e6, bandwidth / 1e6)
+        self.emit("MIGRATION_NOT_CONVERGING", {
+            "pass": pass_number, "dirty-pages": dirty_pages, "dirty-bytes-rate": int(dirty_rate),
+            "bandwidth": int(bandwidth), "cpu-throttle-percentage": self.machine.throttle_percent})
 
     def _throttle_up(self) -> None:
         current = self.machine.throttle_percent
@@ -447,6 +493,7 @@ class OutgoingMigration:
             self.status.set_throttle(new)
 
     _downtime_ms = 0
+    _stall_timeout: float = STALL_TIMEOUT
 
 
 # -- snapshots ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 One :class:`MigrationManager` per hv process, on the source and on the destination (whose
 incoming migration updates the same status, so its ``query-migrate`` answers while it
 receives). Status changes are sent as ``MIGRATION`` events, dirty rounds as
-``MIGRATION_PASS``.
+``MIGRATION_PASS``, a change of convergence as ``MIGRATION_NOT_CONVERGING`` /
+``MIGRATION_CONVERGING``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ PARAMETERS: dict[str, tuple[str, int, int]] = {
     "cpu-throttle-initial": ("cpu_throttle_initial", 1, 99),
     "cpu-throttle-increment": ("cpu_throttle_increment", 1, 99),
     "max-cpu-throttle": ("max_cpu_throttle", 1, 99),
+    "x-stall-timeout": ("stall_timeout", 1, 3600),  # seconds; hv's own (see docs/qmp.md)
 }
 CAPABILITIES = {"auto-converge": "auto_converge"}
 # Capabilities hv always has: 'events' (MIGRATION / MIGRATION_PASS are always sent).
@@ -59,7 +61,8 @@ class MigrationManager:
         commands.register("query-migrate", self.query_migrate, doc="Migration status and statistics.")
         commands.register("migrate-set-parameters", self.set_parameters,
                           {name: ArgSpec("int", required=False) for name in PARAMETERS},
-                          doc="Set downtime-limit (ms), max-bandwidth (bytes/s), max-iterations, throttling.")
+                          doc="Set downtime-limit (ms), max-bandwidth (bytes/s), max-iterations, throttling, "
+                              "x-stall-timeout (s).")
         commands.register("query-migrate-parameters", self.query_parameters, doc="Current migration parameters.")
         commands.register("migrate-set-capabilities", self.set_capabilities,
                           {"capabilities": ArgSpec("array")}, doc="Turn auto-converge on or off.")

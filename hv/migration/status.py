@@ -89,6 +89,7 @@ class MigrationStatus:
         self._throttle: int | None = None
         self._error: str | None = None
         self._mbps_last: float = 0.0
+        self._converging: bool | None = None  # unknown until two dirty rounds compare
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -231,6 +232,14 @@ class MigrationStatus:
                 raise ValueError(f"cpu throttle {percent}% outside 0-99")
             self._throttle = percent or None
 
+    def set_converging(self, converging: bool) -> bool:
+        """Record whether the dirty rounds shrink the dirty set; True if this changed it
+        (the caller then announces the change, once)."""
+        with self._lock:
+            changed = self._converging is not converging
+            self._converging = converging
+            return changed
+
     def bandwidth(self) -> float:
         """Bytes per second since the transfer became active (0 before)."""
         with self._lock:
@@ -280,6 +289,8 @@ class MigrationStatus:
                 out["error-desc"] = self._error
             if self._throttle is not None and state is State.ACTIVE:
                 out["cpu-throttle-percentage"] = self._throttle
+            if self._converging is not None and state is State.ACTIVE:
+                out["converging"] = self._converging  # hv's own field (QEMU has none)
             return out
 
 
