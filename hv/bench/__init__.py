@@ -4,7 +4,9 @@
 processes and, where installed, QEMU processes; ``hv bench blk`` (:mod:`hv.bench.blk`)
 measures virtio-blk against ``dd`` on the same image. ``hv bench stream``
 (:mod:`hv.bench.stream`) measures the migration stream alone against a raw socket loop, and
-``hv bench profile`` (:mod:`hv.bench.profile`) shows where a migration's time goes. What they share (the QMP client,
+``hv bench profile`` (:mod:`hv.bench.profile`) shows where a migration's time goes, and
+``hv bench linux`` (:mod:`hv.bench.linux`) boots and migrates a real Linux guest on hv
+and on QEMU. What they share (the QMP client,
 guest processes, the KVM probe) is :mod:`hv.bench.common`. Benchmarks measure and print;
 nothing here is asserted by the test suite.
 """
@@ -14,21 +16,24 @@ import logging
 import sys
 
 from hv.bench.blk import USAGE_BLK, run_blk
+from hv.bench.linux import USAGE_LINUX
 from hv.bench.migrate import USAGE_MIGRATE, run_migrate
 
 USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n"
          "       hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]\n"
-         "       hv bench profile micro | source ACCEL [--spy-destination] [--data-mib 64] [--timeline]")
+         "       hv bench profile micro | source ACCEL [--spy-destination] [--data-mib 64] [--timeline]\n"
+         f"       {USAGE_LINUX}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU) or ``blk``
-    (virtio-blk throughput against dd)."""
+    """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU), ``blk``
+    (virtio-blk throughput against dd), ``stream``, ``profile`` or ``linux`` (a Linux guest's
+    boot and migration against QEMU)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
-    if args[:1] not in (["migrate"], ["blk"], ["stream"], ["profile"]):
+    if args[:1] not in (["migrate"], ["blk"], ["stream"], ["profile"], ["linux"]):
         print(USAGE, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
@@ -40,4 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "profile":
         from hv.bench.profile import main as profile_main
         return profile_main(args[1:])
+    if args[0] == "linux":
+        from hv.bench.linux import run_linux
+        return run_linux(args[1:])
     return run_migrate(args[1:])

@@ -1,7 +1,9 @@
-"""What both benchmarks share: sizes, the KVM probe, a QMP client and a guest process."""
+"""What the benchmarks share: sizes, the KVM probe, a QMP client (with event timestamps), a
+guest process and where a migration destination listens."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -68,8 +70,71 @@ class Qmp:
             raise BenchError(f"{command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The events called ``name`` received so far (a command's reply brings them in:
+        call e.g. ``query-status`` to collect what arrived since)."""
+        return [event for event in self._connection.events if event.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
+        """The first ``name`` event, polling with ``query-status`` for at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events(name)
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise BenchError(f"no {name} event within {timeout:.0f} s")
+            self.execute("query-status")
+            time.sleep(0.02)
+
     def close(self) -> None:
         self._connection.close()
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """A QMP event's ``timestamp`` (seconds + microseconds, wall clock) in seconds; both hv
+    and QEMU stamp events from the host's wall clock, so stamps of two processes on one
+    host can be subtracted."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("seconds"), int) \
+            or not isinstance(stamp.get("microseconds"), int):
+        raise BenchError(f"event {str(event.get('event'))[:40]!r} has no usable timestamp")
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
+
+
+def incoming_uri(transport: str, workdir: Path) -> str:
+    """The ``-incoming`` URI of a destination: an ephemeral TCP port (each engine says which
+    it bound) or a UNIX socket in ``workdir``."""
+    if transport == "tcp":
+        return "tcp:127.0.0.1:0"
+    return f"unix:{workdir / 'mig.sock'}"
+
+
+def destination_uri(engine: str, transport: str, dst: VmProcess, listen_uri: str,
+                    timeout: float = 30.0) -> str:
+    """Where the source must connect: the UNIX socket once it exists; for TCP the port hv
+    logs on stderr, or QEMU reports in the destination's ``query-migrate``."""
+    deadline = time.monotonic() + timeout
+    if transport == "unix":
+        path = listen_uri[len("unix:"):]
+        while not os.path.exists(path):
+            dst.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{dst.name} never listened on {path}")
+            time.sleep(0.02)
+        return listen_uri
+    if engine == "hv":
+        return dst.wait_stderr(r"waiting for an incoming migration on (\S+)", timeout).group(1)
+    if dst.qmp is None:
+        raise BenchError(f"{dst.name}: no QMP connection to ask for its port")
+    while True:
+        for address in dst.qmp.execute("query-migrate").get("socket-address", []):
+            if address.get("type") in ("inet", "tcp") and address.get("port"):
+                return f"tcp:{address['host']}:{address['port']}"
+        dst.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError("QEMU destination never reported its listening port")
+        time.sleep(0.02)
 
 
 class VmProcess:
@@ -80,6 +145,7 @@ class VmProcess:
         self.serial = serial
         self.stderr_path = workdir / f"{name}.stderr"
         self.qmp: Qmp | None = None
+        self.started = time.monotonic()   # when the process was started (boot times count from here)
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=stderr)
