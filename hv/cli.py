@@ -19,6 +19,7 @@ from hv.errors import HvError
 from hv.machine import Machine, RunState
 from hv.migration.incoming import incoming_error, load_snapshot, receive_migration
 from hv.migration.manager import MigrationManager
+from hv.migration.tls import TlsConfigError, TlsHandshakeError, wrap_server
 from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
                                     open_snapshot)
 from hv.monitor import MachineMonitor
@@ -126,7 +127,7 @@ class Session:
         self.machine = machine
         self.commands = CommandTable()
         self.monitor = MachineMonitor(machine, self.commands, config.name)
-        self.migration = MigrationManager(machine, self.commands, self.monitor.on_machine_event)
+        self.migration = MigrationManager(machine, self.commands, self.monitor.on_machine_event, config.objects)
         self.server: QmpServer | None = None
         self.stop_signal: list[int] = []
         self._incoming_sock: socket.socket | None = None
@@ -241,7 +242,7 @@ class Session:
                 if machine.state is RunState.SHUTDOWN:
                     return
                 try:
-                    conn = listener.accept(timeout=0.2)
+                    conn = self._accept_source(listener)
                 except TimeoutError:
                     continue
             listener.close()
@@ -256,6 +257,24 @@ class Session:
             log.info("incoming migration completed; guest running")
         except Exception as exc:
             self._incoming_failed(exc)
+
+    def _accept_source(self, listener: Listener) -> socket.socket | None:
+        """One source connection, TLS-wrapped when tls-creds is set. As QEMU does, a source
+        that fails the TLS handshake (plain, or a certificate the CA did not sign) is
+        reported in one line and dropped, and hv keeps listening for a proper one; the
+        guest state is untouched and query-migrate stays 'setup'."""
+        conn = listener.accept(timeout=0.2)
+        creds_id = self.migration.tls_creds
+        if not creds_id:
+            return conn
+        self._incoming_sock = conn
+        try:
+            return wrap_server(conn, self.migration.tls.get(creds_id))
+        except (TlsHandshakeError, TlsConfigError) as exc:
+            log.error("incoming migration: %s; still waiting for a source", exc)
+            return None
+        finally:
+            self._incoming_sock = None
 
     def _incoming_failed(self, exc: Exception) -> None:
         """Record why an incoming migration failed and end hv with one line (unless quit
@@ -311,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from hv.bench import main as bench_main
 
         return bench_main(args[1:])
+    if args[:1] == ["migrate"]:
+        from hv.migrate_cli import main as migrate_main
+
+        return migrate_main(args[1:])
     try:
         parsed = parse_args(args)
         if parsed.action == "help":

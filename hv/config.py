@@ -17,6 +17,7 @@ from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfi
 from hv.boards.q35 import layout as q35_layout
 from hv.boards.virt import layout as virt_layout
 from hv.errors import ConfigError
+from hv.migration.tls import TlsConfigError, TlsCreds, make_creds
 from hv.migration.transport import MigrationUri, MigrationUriError, parse_migration_uri
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
 
@@ -107,6 +108,7 @@ class VmConfig:
     drives: tuple[DriveConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     netdevs: tuple[NetdevConfig, ...] = ()
+    objects: tuple[TlsCreds, ...] = ()  # -object tls-creds-x509,...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "machine", MachineType(self.machine))
@@ -139,7 +141,7 @@ OPTIONS: dict[str, bool] = {
     "-machine": True, "-M": True, "-kernel": True, "-initrd": True, "-append": True, "-m": True, "-smp": True,
     "-serial": True, "-accel": True, "-name": True, "-D": True, "-S": False, "-incoming": True,
     "-qmp": True, "-chardev": True, "-mon": True, "-drive": True, "-device": True,
-    "-netdev": True, "-h": False, "-help": False, "-version": False, "-V": False, "-daemonize": False,
+    "-netdev": True, "-object": True, "-h": False, "-help": False, "-version": False, "-V": False, "-daemonize": False,
 }
 HELP_FLAGS = frozenset({"-h", "-help"})
 VERSION_FLAGS = frozenset({"-version", "-V"})
@@ -166,6 +168,7 @@ StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m,
   -device virtio-net-pci,netdev=ID,id=ID[,mac=MAC][,bus=..][,addr=N]   a NIC
   -incoming tcp:HOST:PORT | unix:PATH | file:DIR   wait for a migration / restore a snapshot
   -incoming defer                wait for the QMP command migrate-incoming to say where
+  -object tls-creds-x509,id=ID,endpoint=server|client,dir=DIR[,verify-peer=on|off]   TLS for migration
   -name NAME                     VM name (query-name)
   -D FILE                        write hv's log to FILE
   -S                             start paused (resume with the QMP command cont)
@@ -205,6 +208,24 @@ def split_kv(text: str, option: str, positional: str | None = None) -> dict[str,
             raise ConfigError(f"{option}: {key!r} given twice")
         result[key] = value
     return result
+
+
+def _parse_objects(texts: list[str]) -> tuple[TlsCreds, ...]:
+    """Every ``-object TYPE,id=ID,...``; only tls-creds-x509 exists, ids are unique."""
+    objects: list[TlsCreds] = []
+    for text in texts:
+        props: dict[str, str | bool] = dict(split_kv(text, "-object", positional="qom-type"))
+        qom_type = props.pop("qom-type")
+        if qom_type != "tls-creds-x509":
+            raise ConfigError(f"-object: unknown object type {qom_type!r} (hv supports tls-creds-x509)")
+        try:
+            creds = make_creds(props)
+        except TlsConfigError as exc:
+            raise ConfigError(f"-object: {exc}") from None
+        if any(o.id == creds.id for o in objects):
+            raise ConfigError(f"-object: duplicate object id {creds.id!r}")
+        objects.append(creds)
+    return tuple(objects)
 
 
 def _parse_machine(value: str) -> MachineType:
@@ -360,6 +381,7 @@ def parse_args(argv: list[str]) -> ParsedArgs:
     serial = _parse_serial(single("-serial") or "none")
     smp_text = single("-smp")
     qmp = _parse_monitors(values)
+    objects = _parse_objects(values.get("-object", []))
     config = VmConfig(
         machine=machine,
         kernel=kernel,
@@ -377,5 +399,6 @@ def parse_args(argv: list[str]) -> ParsedArgs:
         drives=drives,
         devices=devices,
         netdevs=netdevs,
+        objects=objects,
     )
     return ParsedArgs("run", config)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from hv.machine import Machine, MachineSnapshot, RunState
 from hv.migration.engine import REPLY_TIMEOUT, MigrationError
 from hv.migration.status import MigrationStatus
+from hv.migration.tls import has_pending
 from hv.migration.stream import (
     ConfigSection,
     CpuSection,
@@ -137,6 +138,8 @@ class _WatchedChannel(SocketChannel):
         self._stopped = stopped
 
     def _wait_readable(self) -> None:
+        if has_pending(self.sock):  # TLS: decrypted bytes wait inside the SSL object
+            return
         while not select.select([self.sock], [], [], STOP_POLL)[0]:
             if self._stopped():
                 raise ConnectionAbortedError("hv is shutting down")

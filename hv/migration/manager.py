@@ -15,9 +15,11 @@ from typing import Any, Callable
 from hv.machine import Machine, MachineError, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.status import MigrationStatus
+from hv.migration.tls import TlsConfigError, TlsCreds, TlsHandshakeError, TlsObjects, make_creds, wrap_client
 from hv.migration.transport import (MigrationConnectError, MigrationUri, MigrationUriError, SnapshotError, connect,
                                     parse_migration_uri)
 from hv.qmp import ArgSpec, CommandTable, QmpError
+from hv.textsafe import printable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ CAPABILITIES = {"auto-converge": "auto_converge"}
 # Capabilities hv always has: 'events' (MIGRATION / MIGRATION_PASS are always sent).
 # Setting one to true is a no-op; false is refused, since hv cannot turn it off.
 ALWAYS_ON_CAPABILITIES = ("events",)
+# string parameters (QEMU's TLS ones): name -> attribute of MigrationManager
+TLS_PARAMETERS = {"tls-creds": "tls_creds", "tls-hostname": "tls_hostname"}
 
 
 def _generic(desc: str) -> QmpError:
@@ -44,8 +48,11 @@ def _generic(desc: str) -> QmpError:
 
 class MigrationManager:
     def __init__(self, machine: Machine, commands: CommandTable,
-                 emit: Callable[[str, dict[str, Any] | None], None]) -> None:
+                 emit: Callable[[str, dict[str, Any] | None], None], tls_objects: tuple[TlsCreds, ...] = ()) -> None:
         self.machine = machine
+        self.tls = TlsObjects(tls_objects)
+        self.tls_creds = ""      # migrate-set-parameters tls-creds: '' is plain TCP/UNIX
+        self.tls_hostname = ""   # host name the destination's certificate must carry ('' : the URI's)
         self.emit = emit
         self.status = MigrationStatus()
         self.status.add_listener(lambda state: emit("MIGRATION", {"status": state}))
@@ -60,13 +67,21 @@ class MigrationManager:
         commands.register("migrate_cancel", self.migrate_cancel, doc="Cancel the migration in progress.")
         commands.register("query-migrate", self.query_migrate, doc="Migration status and statistics.")
         commands.register("migrate-set-parameters", self.set_parameters,
-                          {name: ArgSpec("int", required=False) for name in PARAMETERS},
+                          {**{name: ArgSpec("int", required=False) for name in PARAMETERS},
+                           **{name: ArgSpec(("string", "null"), required=False) for name in TLS_PARAMETERS}},
                           doc="Set downtime-limit (ms), max-bandwidth (bytes/s), max-iterations, throttling, "
                               "x-stall-timeout (s).")
         commands.register("query-migrate-parameters", self.query_parameters, doc="Current migration parameters.")
         commands.register("migrate-set-capabilities", self.set_capabilities,
                           {"capabilities": ArgSpec("array")}, doc="Turn auto-converge on or off.")
         commands.register("query-migrate-capabilities", self.query_capabilities, doc="Migration capabilities.")
+        commands.register("object-add", self.object_add,
+                          {"qom-type": ArgSpec("string"), "id": ArgSpec("string"),
+                           "endpoint": ArgSpec("string", required=False), "dir": ArgSpec("string", required=False),
+                           "verify-peer": ArgSpec("bool", required=False)},
+                          doc="Add a tls-creds-x509 object (TLS credentials for migration).")
+        commands.register("object-del", self.object_del, {"id": ArgSpec("string")},
+                          doc="Remove a tls-creds-x509 object.")
 
     # -- migrate -------------------------------------------------------------------------------
     def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +110,9 @@ class MigrationManager:
             return {}
         try:
             sock = connect(uri, CONNECT_TIMEOUT)
-        except MigrationConnectError as exc:
+            if self.tls_creds:
+                sock = wrap_client(sock, self.tls.get(self.tls_creds), self.tls_hostname or uri.host)
+        except (MigrationConnectError, TlsConfigError, TlsHandshakeError) as exc:
             self.status.fail(str(exc))
             raise _generic(str(exc)) from None
         self.outgoing = OutgoingMigration(self.machine, self.status, self.params, sock, self.emit)
@@ -130,17 +147,45 @@ class MigrationManager:
     # -- parameters ----------------------------------------------------------------------------
     def set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
         updates = {}
+        tls_updates = {TLS_PARAMETERS[name]: value or "" for name, value in args.items() if name in TLS_PARAMETERS}
+        if tls_updates and self.status.is_active():
+            raise _generic("tls-creds/tls-hostname cannot change while a migration is in progress")
         for name, value in args.items():
+            if name in TLS_PARAMETERS:
+                continue
             attribute, low, high = PARAMETERS[name]
             if not low <= value <= high:
                 raise _generic(f"Parameter '{name}' expects a value between {low} and {high}")
             updates[attribute] = value
         for attribute, value in updates.items():
             setattr(self.params, attribute, value)
+        for attribute, value in tls_updates.items():
+            setattr(self, attribute, value)
         return {}
 
     def query_parameters(self, _args: dict[str, Any]) -> dict[str, Any]:
-        return self.params.to_qmp()
+        return {**self.params.to_qmp(), "tls-creds": self.tls_creds, "tls-hostname": self.tls_hostname}
+
+    # -- object-add / object-del (tls-creds-x509 only) -----------------------------------------
+    def object_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        props = dict(args)
+        qom_type = props.pop("qom-type")
+        if qom_type != "tls-creds-x509":
+            raise _generic(f"object-add: unsupported qom-type {printable(qom_type)!r} (hv supports tls-creds-x509)")
+        try:
+            self.tls.add(make_creds(props))
+        except TlsConfigError as exc:
+            raise _generic(str(exc)) from None
+        return {}
+
+    def object_del(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args["id"] == self.tls_creds and self.status.is_active():
+            raise _generic(f"object '{printable(args['id'])}' is in use by the migration in progress")
+        try:
+            self.tls.remove(args["id"])
+        except TlsConfigError as exc:
+            raise _generic(str(exc)) from None
+        return {}
 
     def set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.status.is_active():

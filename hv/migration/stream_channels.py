@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import ssl
 from typing import Any, Callable, Protocol
 
 from hv.migration.stream_format import StreamWriteError, _IOV_BATCH
@@ -20,24 +21,63 @@ class Source(Protocol):
 
 
 class SocketChannel:
-    """Both ends of a connected socket: ``write``/``writev`` out, ``readinto`` in."""
+    """Both ends of a connected socket: ``write``/``writev`` out, ``readinto`` in.
+
+    A TLS socket (``ssl.SSLSocket``) has no ``sendmsg``/``recvmsg_into``: gathered
+    writes are coalesced into ``_TLS_CHUNK``-byte blocks, each one ``sendall`` (one copy,
+    which encryption makes anyway; one SSL_write per block instead of one per page), and
+    scattered reads fill one buffer at a time.
+    """
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     def write(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
 
     def writev(self, buffers: list[bytes | memoryview]) -> None:
         """Send every buffer, in order, with as few ``sendmsg`` calls as the kernel allows."""
+        if self._tls:
+            _coalesced_sendall(buffers, self.sock.sendall)
+            return
         _gather_all(buffers, self.sock.sendmsg)
 
     def readinto(self, buf: memoryview) -> int:
         return self.sock.recv_into(buf)
 
     def readv(self, buffers: list[memoryview]) -> int:
-        """Scatter-read into ``buffers`` in one ``recvmsg_into`` call (at most IOV_MAX)."""
+        """Scatter-read into ``buffers`` in one ``recvmsg_into`` call (at most IOV_MAX);
+        on TLS, into the first buffer only (the reader resumes after a short read)."""
+        if self._tls:
+            return self.sock.recv_into(buffers[0])
         return self.sock.recvmsg_into(buffers)[0]
+
+
+_TLS_CHUNK = 256 << 10
+
+
+def _coalesced_sendall(buffers: list[bytes | memoryview], sendall: Callable[[bytes | memoryview], Any]) -> None:
+    """Send ``buffers`` in order as blocks of about ``_TLS_CHUNK`` bytes (a buffer that is
+    itself that large goes out as it is, without a copy)."""
+    pending: list[bytes | memoryview] = []
+    size = 0
+    for buf in buffers:
+        if not len(buf):
+            continue
+        if len(buf) >= _TLS_CHUNK:
+            if pending:
+                sendall(b"".join(pending))
+                pending, size = [], 0
+            sendall(buf)
+            continue
+        pending.append(buf)
+        size += len(buf)
+        if size >= _TLS_CHUNK:
+            sendall(b"".join(pending))
+            pending, size = [], 0
+    if pending:
+        sendall(b"".join(pending))
 
 
 def _gather_all(buffers: list[bytes | memoryview], send: Callable[[list[memoryview]], int]) -> None:
