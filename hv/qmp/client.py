@@ -8,13 +8,19 @@ quote it as a JSON string to force a string (``name='"42"'``).
 The reply (``{"return": ...}`` or ``{"error": ...}``) is printed on stdout as JSON. Exit
 status: 0 on success, 2 on an error reply, 1 when the monitor cannot be reached or the
 command line is wrong (one line on stderr says why).
+
+``hv-qmp SOCKET --events`` (after COMMAND, if one is given) follows the monitor's events
+and prints each as one JSON line as it arrives, until Ctrl-C or the monitor hangs up
+(both exit 0).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import select
 import socket
+import time
 import sys
 from typing import Any, Sequence
 
@@ -99,23 +105,49 @@ class QmpConnection:
 
     def _receive(self) -> dict[str, Any]:
         while not self._pending:
+            self._fill()
+        return self._pending.pop(0)
+
+    def _fill(self) -> None:
+        """Read once from the socket and queue every whole message that arrived."""
+        try:
+            data = self._sock.recv(65536)
+        except OSError as exc:
+            raise QmpClientError(f"monitor connection failed: {exc.strerror or exc}") from None
+        if not data:
+            raise QmpClientError("the monitor closed the connection")
+        for item in self._splitter.feed(data):
+            if not isinstance(item, bytes):
+                raise QmpClientError(f"unreadable reply from the monitor: {item.desc}")
             try:
-                data = self._sock.recv(65536)
+                message = json.loads(item)
+            except ValueError as exc:
+                raise QmpClientError(f"unreadable reply from the monitor: {exc}") from None
+            if not isinstance(message, dict):
+                raise QmpClientError(f"unexpected message from the monitor: {message!r}")
+            self._pending.append(message)
+
+    def next_event(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next event (one seen during :meth:`execute` first), waiting up to
+        ``timeout`` seconds (None: for ever); None if none arrived in time. A closed
+        monitor raises :class:`QmpClientError`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.events:
+                return self.events.pop(0)
+            while self._pending:
+                message = self._pending.pop(0)
+                if "event" in message:
+                    return message  # a reply with no command waiting for it is dropped
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            try:
+                ready, _, _ = select.select([self._sock], [], [], wait)
             except OSError as exc:
                 raise QmpClientError(f"monitor connection failed: {exc.strerror or exc}") from None
-            if not data:
-                raise QmpClientError("the monitor closed the connection")
-            for item in self._splitter.feed(data):
-                if not isinstance(item, bytes):
-                    raise QmpClientError(f"unreadable reply from the monitor: {item.desc}")
-                try:
-                    message = json.loads(item)
-                except ValueError as exc:
-                    raise QmpClientError(f"unreadable reply from the monitor: {exc}") from None
-                if not isinstance(message, dict):
-                    raise QmpClientError(f"unexpected message from the monitor: {message!r}")
-                self._pending.append(message)
-        return self._pending.pop(0)
+            if ready:
+                self._fill()
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one command and return its reply message (events seen meanwhile are kept)."""
@@ -144,37 +176,69 @@ def main(argv: Sequence[str] | None = None, prog: str = "hv-qmp") -> int:
         description="Run one QMP command against an hv (or QEMU/StratoVirt) monitor and print the reply.",
     )
     parser.add_argument("socket", help="unix socket path, unix:PATH, or tcp:HOST:PORT")
-    parser.add_argument("command", help="QMP command name, e.g. query-status")
+    parser.add_argument("command", nargs="?", help="QMP command name, e.g. query-status")
     parser.add_argument("arguments", nargs="*", metavar="key=value",
                         help="command argument; value parsed as JSON when it parses, else a string")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     parser.add_argument("--pretty", action="store_true", help="indent the printed reply")
+    parser.add_argument("--events", "--watch", action="store_true",
+                        help="then follow events, one JSON line each, until Ctrl-C or the monitor hangs up")
     try:
         options = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help exits 0, usage errors exit 2
         return EXIT_OK if exc.code in (0, None) else EXIT_FAILURE
     try:
+        if options.command is None and not options.events:
+            raise _UsageError("a COMMAND (or --events) is required")
         target = parse_target(options.socket)
         arguments = parse_arguments(options.arguments)
     except (QmpAddressError, _UsageError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if options.timeout <= 0:
-        print("hv-qmp: --timeout must be positive", file=sys.stderr)
+        print(f"{prog}: --timeout must be positive", file=sys.stderr)
         return EXIT_FAILURE
     try:
         with QmpConnection(target, timeout=options.timeout) as connection:
             connection.execute("qmp_capabilities")
+            if options.command is None:
+                return _follow_events(connection, options.socket, prog, options.pretty)
             reply = connection.execute(options.command, arguments)
+            status = _print_reply(reply, options.command, prog, options.pretty)
+            if options.events and status == EXIT_OK:
+                return _follow_events(connection, options.socket, prog, options.pretty)
+            return status
     except QmpClientError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(reply, indent=2 if options.pretty else None))
+
+
+def _print_reply(reply: dict[str, Any], command: str, prog: str, pretty: bool) -> int:
+    print(json.dumps(reply, indent=2 if pretty else None), flush=True)
     if "error" in reply:
         error = reply["error"]
-        print(f"{prog}: {options.command} failed: {error.get('class')}: {error.get('desc')}", file=sys.stderr)
+        print(f"{prog}: {command} failed: {error.get('class')}: {error.get('desc')}", file=sys.stderr)
         return EXIT_ERROR_REPLY
     return EXIT_OK
+
+
+def _follow_events(connection: QmpConnection, where: str, prog: str, pretty: bool) -> int:
+    """Print every event as it arrives (JSON, one line each unless ``pretty``) until the
+    monitor hangs up or Ctrl-C; both are the normal end and exit 0. The line on stderr
+    says the subscription is live (events before it were not seen)."""
+    print(f"{prog}: following events on {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            event = connection.next_event(None)
+            if event is not None:
+                print(json.dumps(event, indent=2 if pretty else None), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except QmpClientError as exc:
+        if str(exc) == "the monitor closed the connection":
+            print(f"{prog}: the monitor closed the connection", file=sys.stderr)
+            return EXIT_OK
+        raise
 
 
 if __name__ == "__main__":
