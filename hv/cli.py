@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         from hv.migrate_cli import main as migrate_main
 
         return migrate_main(args[1:])
+    if args[:1] == ["migrate"]:
+        from hv.migrate_cli import main as migrate_main
+
+        return migrate_main(args[1:])
     try:
         parsed = parse_args(args)
         if parsed.action == "help":

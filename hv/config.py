@@ -148,7 +148,8 @@ VERSION_FLAGS = frozenset({"-version", "-V"})
 
 USAGE = """\
 usage: hv -machine q35|virt -kernel FILE [options]
-       hv qmp SOCKET COMMAND [key=value ...]
+       hv qmp SOCKET COMMAND [key=value ...] | hv qmp SOCKET --events
+       hv migrate --qmp SOCKET URI [--max-bandwidth B] [--downtime-limit MS] [--interval S]
        hv bench migrate [options] | hv bench blk [options]
 
 StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m, --machine):
@@ -179,6 +180,8 @@ hv options:
 
 subcommands:
   hv qmp SOCKET COMMAND [key=value ...]   send one QMP command (SOCKET: path or tcp:HOST:PORT)
+  hv qmp SOCKET --events                  follow the monitor's events, one JSON line each
+  hv migrate --qmp SOCKET URI [--help]    start a live migration and show its progress to the end
   hv bench migrate [--help]               live-migration benchmark (hv vs QEMU where installed)
   hv bench blk [--help]                   virtio-blk throughput benchmark (hv vs dd)
 """
