@@ -465,11 +465,12 @@ class OutgoingMigration:
 
     def _report_convergence(self, pass_number: int, dirty_pages: int, previous_dirty: int,
                             bandwidth: float) -> None:
-        """A dirty round that ends with at least as many dirty pages as it started with
-        did not converge: the guest dirties memory as fast as the link sends it. The change
+        """A dirty round that leaves 90% or more of the pages it started with dirty did
+        not converge: the guest dirties memory about as fast as the link sends it (the
+        10% margin keeps a few stack pages of noise from flipping the verdict). The change
         (and only the change) is announced as MIGRATION_NOT_CONVERGING / _CONVERGING, so an
         operator sees it without reading the log; query-migrate shows ``converging``."""
-        converging = dirty_pages < previous_dirty
+        converging = dirty_pages * 10 < previous_dirty * 9
         if not self.status.set_converging(converging):
             return
         if converging:
