@@ -22,7 +22,9 @@ from hv.migration.manager import MigrationManager
 from hv.migration.tls import TlsConfigError, TlsHandshakeError, wrap_server
 from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
                                     open_snapshot)
+from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.monitor import MachineMonitor
+from hv.net import NetBackend, announce_self
 from hv.qmp import CommandTable, QmpServer, QmpServerError
 
 log = logging.getLogger("hv")
@@ -255,6 +257,7 @@ class Session:
                 self._incoming_sock = None
                 conn.close()
             log.info("incoming migration completed; guest running")
+            announce_self(_nics(machine))   # the network learns where the guest is now
         except Exception as exc:
             self._incoming_failed(exc)
 
@@ -304,6 +307,12 @@ class Session:
                 listener.close()
 
 
+def _nics(machine: Machine) -> list[tuple[NetBackend, bytes]]:
+    """Every plugged virtio-net's backend and MAC (for the post-migration announce)."""
+    return [(slot.device.net.backend, slot.device.net.mac) for slot in list(machine.pci.slots)
+            if isinstance(slot.device, VirtioNetPciDevice) and not slot.device.detached]
+
+
 def _release_frames(exc: BaseException) -> None:
     """Drop the locals of every frame in ``exc``'s traceback chain.
 
@@ -330,10 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         from hv.bench import main as bench_main
 
         return bench_main(args[1:])
-    if args[:1] == ["migrate"]:
-        from hv.migrate_cli import main as migrate_main
-
-        return migrate_main(args[1:])
     if args[:1] == ["migrate"]:
         from hv.migrate_cli import main as migrate_main
 

@@ -27,6 +27,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -421,3 +422,50 @@ def open_netdev(kind: str, name: str, *, path: Path | None = None, role: str = "
     if kind == "tap":
         return TapNetBackend(name, ifname=ifname, attach=attach)
     raise NetError(errno.EINVAL, f"unknown netdev type {kind!r}")
+
+
+# -- self-announce after a migration (QEMU's qemu_announce_self) ----------------------------------
+ETH_P_RARP = 0x8035
+ANNOUNCE_INITIAL = 0.050   # QEMU's announce-initial (ms -> s)
+ANNOUNCE_MAX = 0.550       # announce-max
+ANNOUNCE_ROUNDS = 5        # announce-rounds
+ANNOUNCE_STEP = 0.100      # announce-step
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """QEMU's self-announce frame: Ethernet broadcast from ``mac``, ethertype RARP, a
+    'request reverse' (opcode 3) for ``mac``, IPs zero, padded to the 60-byte minimum.
+    Switches learn where the MAC now lives; nothing answers it."""
+    if len(mac) != 6:
+        raise ValueError("a MAC address is 6 bytes")
+    arp = (b"\x00\x01"            # hardware type: Ethernet
+           + b"\x08\x00"          # protocol type: IPv4
+           + b"\x06\x04"          # hardware / protocol address lengths
+           + b"\x00\x03"          # opcode: reverse request
+           + mac + bytes(4) + mac + bytes(4))
+    frame = b"\xff" * 6 + mac + ETH_P_RARP.to_bytes(2, "big") + arp
+    return frame.ljust(60, b"\x00")
+
+
+def announce_self(nics: list[tuple[NetBackend, bytes]], rounds: int = ANNOUNCE_ROUNDS,
+                  initial: float = ANNOUNCE_INITIAL, step: float = ANNOUNCE_STEP,
+                  maximum: float = ANNOUNCE_MAX) -> threading.Thread | None:
+    """After a migration's switch-over, tell the network where the guest's MACs are now:
+    ``rounds`` RARP frames per NIC from a background thread, the first at once, then
+    after ``initial``, ``initial + step``, ... (capped at ``maximum``), as QEMU does with
+    its announce-* parameters. Returns the thread (None without NICs)."""
+    if not nics or rounds <= 0:
+        return None
+    frames = [(backend, rarp_frame(mac)) for backend, mac in nics]
+
+    def run() -> None:
+        for round_index in range(rounds):
+            for backend, frame in frames:
+                backend.send(frame)
+            if round_index + 1 < rounds:
+                time.sleep(min(initial + step * round_index, maximum))
+        log.info("announced %d NIC(s) with %d RARP rounds", len(frames), rounds)
+
+    thread = threading.Thread(target=run, name="announce-self", daemon=True)
+    thread.start()
+    return thread
