@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from hv.boards.q35.layout import BSP_APIC_BASE_MSR
 from hv.errors import HvError
 
 X86_GPR_NAMES: tuple[str, ...] = (
@@ -154,7 +155,7 @@ class X86CpuState:
     cr4: int = 0
     cr8: int = 0
     efer: int = 0
-    apic_base: int = 0xFEE00900
+    apic_base: int = BSP_APIC_BASE_MSR     # reset value of a BSP: xAPIC at the q35 LAPIC_BASE, enabled
 
     # MSR number -> value; always holds every number in CANONICAL_MSRS.
     msrs: dict[int, int] = field(

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from hv import fdt as fdtlib
-from hv.devices.gicv2m import V2M_BASE, V2M_SIZE
-from hv.devices.gicv3 import GICD_BASE, GICD_SIZE, GICR_BASE, GICR_STRIDE
+from hv.boards.virt.layout import GICD_BASE, GICD_SIZE, GICR_BASE, GICR_STRIDE, V2M_BASE, V2M_SIZE
 from hv.boards.virt.fdt import build_virt_fdt
 from hv.machine.gic_interrupts import PL011_INTID, pci_intx_intid
 from hv.boards.virt.layout import PL011_BASE as VIRT_PL011_BASE

@@ -18,9 +18,10 @@ from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devconfig import DevConfigError, parse_device, parse_drive
 from hv.devices.bus import Bus
-from hv.devices.gicv2m import V2M_DOORBELL
+from hv.boards.q35.layout import LAPIC_BASE
+from hv.boards.virt.layout import V2M_BASE
+from hv.devices.gicv2m import V2M_MSI_SETSPI_NS
 from hv.devices.interfaces import DeviceStateError
-from hv.devices.lapic import LAPIC_BASE
 from hv.devices.pcie_root_port import PcieRootPort, PcieRootPortState
 from hv.machine import Machine, MachineError
 from hv.machine.pci_wiring import LAYOUTS, build_pci, preassign_bars, unplug_device
@@ -94,7 +95,7 @@ def enable_msi(cfg: Config, machine: Machine) -> None:
         machine.mmio_write(LAPIC_BASE + 0xF0, 4, 0x1FF)          # SVR: software-enable LAPIC 0
         address, data = 0xFEE0_0000, VECTOR
     else:
-        address, data = V2M_DOORBELL, MSI_INTID
+        address, data = V2M_BASE + V2M_MSI_SETSPI_NS, MSI_INTID   # the GICv2m doorbell
     cfg.write(0, PORT_DEV, MSI + 4, 4, address)
     cfg.write(0, PORT_DEV, MSI + 8, 4, 0)
     cfg.write(0, PORT_DEV, MSI + 12, 2, data)

@@ -10,7 +10,8 @@ import pytest
 
 from hv.config import parse_args
 from hv.console import BufferSink
-from hv.devices.gicv3 import GICD_BASE, GICR_BASE, REG_IROUTER, REG_ISENABLER, REG_ISPENDR
+from hv.boards.virt.layout import GICD_BASE, GICR_BASE
+from hv.devices.gicv3 import REG_IROUTER, REG_ISENABLER, REG_ISPENDR
 from hv.devices.interfaces import DeviceStateError, UnconnectedLine
 from hv.devices.pl011 import (CR, DR, FR, FR_RXFE, FR_RXFF, FR_TXFE, ICR, IFLS, IMSC, INT_RT, INT_RX, INT_TX,
                               LCR_H, LCR_H_FEN, MIS, RIS, RX_PENDING_MAX, Pl011, Pl011State)

@@ -17,7 +17,7 @@ from hv_backends.base import ExitReason
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devices.interfaces import DeviceStateError
-from hv.devices.lapic import LAPIC_BASE
+from hv.boards.q35.layout import LAPIC_BASE
 from hv.machine import Machine
 from hv.machine.machine import MachineSnapshot
 from hv.machine.move import move_machine

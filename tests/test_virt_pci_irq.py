@@ -16,7 +16,8 @@ from hv import fdt as fdtlib
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devconfig import parse_device
-from hv.devices.gicv2m import V2M_BASE, V2M_DOORBELL, V2M_IIDR_VALUE, GicV2m
+from hv.boards.virt.layout import V2M_BASE
+from hv.devices.gicv2m import V2M_IIDR_VALUE, V2M_MSI_SETSPI_NS, GicV2m
 from hv.devices.gicv3 import REG_IGROUPR, REG_IPRIORITYR, REG_ISENABLER
 from hv.devices.irqline import SharedLine, SharedLineError, SharedLineInput
 from hv.devices.pci import UnconnectedMsi
@@ -37,13 +38,15 @@ RESULT = RAM + 0x30_0008
 MSI_INTID = 81                      # v2m SPI 1 (what a fixture guest programs for MSI-X vector 1)
 PSCI_SYSTEM_OFF = 0x8400_0008
 SPURIOUS = 1023
+V2M_DOORBELL = V2M_BASE + V2M_MSI_SETSPI_NS   # the MSI address guests program on virt
 
 
 # -- the GICv2m register file -----------------------------------------------------------------
 
 def test_v2m_registers_match_qemu_and_setspi_raises_only_its_spis() -> None:
     raised: list[int] = []
-    v2m = GicV2m(raised.append)
+    v2m = GicV2m(raised.append, V2M_BASE)
+    assert v2m.doorbell == V2M_DOORBELL == 0x0802_0040              # the address MSI-X entries hold
     assert v2m.read(0x008, 4) == 80 << 16 | 64                # MSI_TYPER: INTIDs 80..143
     assert v2m.read(0xFCC, 4) == V2M_IIDR_VALUE == 0x0510_0000  # MSI_IIDR: product 'Q'
     assert all(v2m.read(off, 4) == 0 for off in range(0xFD0, 0x1000, 4))   # PIDR/CIDR
@@ -59,7 +62,10 @@ def test_v2m_registers_match_qemu_and_setspi_raises_only_its_spis() -> None:
     v2m.write(0x008, 4, 0)                                     # TYPER is read-only
     assert raised == [80, 143] and v2m.dropped == 5 and v2m.read(0x008, 4) == 80 << 16 | 64
     with pytest.raises(ValueError):
-        GicV2m(raised.append, spi_base=16)
+        GicV2m(raised.append, V2M_BASE, spi_base=16)
+    for bad_base in (V2M_BASE + 0x40, -0x1000, 1 << 64):     # not a 4 KiB-aligned 64-bit address
+        with pytest.raises(ValueError):
+            GicV2m(raised.append, bad_base)
 
 
 # -- shared INTx lines --------------------------------------------------------------------------

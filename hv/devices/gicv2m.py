@@ -27,7 +27,6 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-V2M_BASE = 0x0802_0000
 V2M_SIZE = 0x1000
 V2M_SPI_BASE = 80            # first INTID (SPI 48), as QEMU virt's VIRT_GIC_V2M base-spi 48 + 32
 V2M_SPI_COUNT = 64
@@ -37,19 +36,28 @@ V2M_MSI_IIDR = 0xFCC
 V2M_IDR_FIRST = 0xFD0
 V2M_IDR_LAST = 0xFFC
 V2M_IIDR_VALUE = 0x51 << 20   # product id 'Q', implementer and revision zero (QEMU's)
-V2M_DOORBELL = V2M_BASE + V2M_MSI_SETSPI_NS   # the MSI address a guest programs
 
 
 class GicV2m:
-    """One non-secure MSI frame. ``raise_spi(intid)`` makes SPI ``intid`` pending (edge);
-    the caller serialises accesses (the machine's big lock)."""
+    """One non-secure MSI frame mapped at guest-physical ``base``. ``raise_spi(intid)``
+    makes SPI ``intid`` pending (edge); the caller serialises accesses (the machine's big
+    lock).
+
+    Unlike most register files the frame must know where it is mapped: the address of its
+    MSI_SETSPI_NS register is the MSI doorbell a guest writes into MSI/MSI-X entries, and
+    the machine's MSI sink compares a device's message address with :attr:`doorbell`.
+    The board passes ``base`` (``hv.boards.virt.layout.V2M_BASE``)."""
 
     SIZE = V2M_SIZE
 
-    def __init__(self, raise_spi: Callable[[int], None], spi_base: int = V2M_SPI_BASE,
+    def __init__(self, raise_spi: Callable[[int], None], base: int, spi_base: int = V2M_SPI_BASE,
                  count: int = V2M_SPI_COUNT) -> None:
+        if not 0 <= base < 1 << 64 or base % V2M_SIZE:
+            raise ValueError(f"gicv2m: frame base {base:#x} is not a 4 KiB-aligned 64-bit address")
         if not 32 <= spi_base or not 1 <= count <= 1020 - spi_base or count > 0x3FF:
             raise ValueError(f"gicv2m: INTIDs {spi_base}+{count} are not SPIs")
+        self.base = base
+        self.doorbell = base + V2M_MSI_SETSPI_NS   # the MSI address a guest programs
         self.spi_base = spi_base
         self.count = count
         self._raise_spi = raise_spi

@@ -47,9 +47,9 @@ from hv.devices.interfaces import DeviceStateError
 
 log = logging.getLogger(__name__)
 
-GICD_BASE = 0x0800_0000
+# Frame sizes only: where the distributor and redistributors are mapped is the board's
+# (hv.boards.virt.layout GICD_BASE/GICR_BASE); the register files see offsets.
 GICD_SIZE = 0x1_0000
-GICR_BASE = 0x080A_0000
 GICR_STRIDE = 0x2_0000           # RD_base + SGI_base
 NUM_IRQS = 288                   # SGIs, PPIs and 256 SPIs (ITLinesNumber = 8), as QEMU virt
 LEGACY_NUM_IRQS = 96             # states saved before the GICv2m frame (INTIDs 80-143) had 64 SPIs

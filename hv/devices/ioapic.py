@@ -27,8 +27,7 @@ from hv.devices.interfaces import checked_fields, checked_uint, checked_uint_lis
 
 log = logging.getLogger(__name__)
 
-IOAPIC_BASE = 0xFEC0_0000
-IOAPIC_SIZE = 0x1000
+IOAPIC_SIZE = 0x1000         # the window it decodes; where it is mapped is the board's (hv.boards.q35.layout)
 IOAPIC_PINS = 24
 IOREGSEL = 0x00
 IOWIN = 0x10

@@ -51,8 +51,7 @@ from hv.devices.interfaces import DeviceStateError, checked_fields, checked_uint
 
 log = logging.getLogger(__name__)
 
-LAPIC_BASE = 0xFEE0_0000
-LAPIC_SIZE = 0x1000
+LAPIC_SIZE = 0x1000          # one page of registers; where it is mapped is the board's (hv.boards.q35.layout)
 APIC_BUS_NS = 1              # one APIC bus cycle, in guest ns (1 GHz)
 
 REG_ID = 0x020

@@ -37,9 +37,10 @@ import time
 from typing import Any, Callable
 
 from hv_backends.base import Exit, Vcpu
+from hv.boards.virt import layout as virt_layout
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
-from hv.devices.gicv2m import V2M_DOORBELL, GicV2m
+from hv.devices.gicv2m import GicV2m
 from hv.devices.gicv3 import NUM_IRQS, PRIVATE, GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
 from hv.machine.interrupts import ControllerCore
 
@@ -69,7 +70,7 @@ class GicController(ControllerCore):
                  is_closing: Callable[[], bool], clock: GuestClock | None = None) -> None:
         super().__init__(vcpus, lock, changed, kick, is_running, is_closing, clock)
         self.gic = GicV3(vcpus, self._irq_changed)
-        self.v2m = GicV2m(self.gic.pulse_spi)
+        self.v2m = GicV2m(self.gic.pulse_spi, virt_layout.V2M_BASE)
         self.timers = ArchTimers(vcpus, self.clock, self.gic.set_level)
         self.injected = [0] * vcpus
         self.retries = 0
@@ -217,7 +218,7 @@ class GicMsiSink:
 
     def send(self, address: int, data: int) -> None:
         with self.controller._lock:
-            if address == V2M_DOORBELL and self.controller.v2m.set_spi(data):
+            if address == self.controller.v2m.doorbell and self.controller.v2m.set_spi(data):
                 self.sent += 1
                 return
             self.dropped += 1

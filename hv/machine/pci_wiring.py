@@ -88,17 +88,17 @@ class PciLayout:
     io_base: int          # CPU address of PCI I/O 0 (mmio) or first port (pio)
     io_size: int
     io_on_pio: bool
-    config_ports: bool
+    config_port: int | None   # first of the 0xCF8-0xCFF configuration ports, None: ECAM only
     bridge_ids: tuple[int, int]
 
 
 LAYOUTS = {
     "q35": PciLayout(q35_layout.ECAM_BASE, q35_layout.ECAM_BUSES, q35_layout.PCI_MMIO32_BASE,
-                     q35_layout.PCI_MMIO32_SIZE, q35_layout.PCI_IO_BASE, q35_layout.PCI_IO_SIZE, True, True,
-                     q35_layout.PCI_HOST_BRIDGE_IDS),
+                     q35_layout.PCI_MMIO32_SIZE, q35_layout.PCI_IO_BASE, q35_layout.PCI_IO_SIZE, True,
+                     q35_layout.PCI_CONFIG_PORT, q35_layout.PCI_HOST_BRIDGE_IDS),
     "virt": PciLayout(virt_layout.ECAM_BASE, virt_layout.ECAM_BUSES, virt_layout.PCI_MMIO32_BASE,
                       virt_layout.PCI_MMIO32_SIZE, virt_layout.PCI_IO_WINDOW, virt_layout.PCI_IO_SIZE, False,
-                      False, virt_layout.PCI_HOST_BRIDGE_IDS),
+                      None, virt_layout.PCI_HOST_BRIDGE_IDS),
 }
 
 
@@ -207,8 +207,8 @@ def build_pci(machine_type: str, memory: GuestMemory, pio: Bus, mmio: Bus,
         pio.add(layout.io_base, layout.io_size, PciBarWindow(host, "io", layout.io_base, layout.io_size), "pcie-io")
     else:
         mmio.add(layout.io_base, layout.io_size, PciBarWindow(host, "io", 0, layout.io_size), "pcie-io")
-    if layout.config_ports:
-        pio.add(0xCF8, PciConfigPorts.SIZE, PciConfigPorts(host), "pci-conf")
+    if layout.config_port is not None:
+        pio.add(layout.config_port, PciConfigPorts.SIZE, PciConfigPorts(host), "pci-conf")
     slots = [PciSlot("pcie.0", "pcie-host", host, PciHostState, "mmio", f"{layout.ecam_base:#x}")]
     setup = PciSetup(host, layout, windows, slots, {})
     names = {"pcie.0", *taken_names}
