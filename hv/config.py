@@ -61,10 +61,9 @@ INCOMING_DEFER = IncomingDefer.DEFER
 Incoming = MigrationUri | IncomingDefer
 
 MACHINE_ARCH = {MachineType.Q35: Arch.X86_64, MachineType.VIRT: Arch.AARCH64}
-# q35 keeps all RAM below its PCI windows (no split above 4 GiB yet): RAM ends where the
-# ECAM starts (2816 MiB); the limits are the boards' layouts'.
-Q35_RAM_LIMIT = q35_layout.RAM_LIMIT
-MACHINE_MAX_MEMORY = {MachineType.Q35: Q35_RAM_LIMIT, MachineType.VIRT: virt_layout.RAM_MAX_SIZE}
+# The limits are the boards' layouts': 64 GiB on both (q35 puts RAM beyond 2816 MiB as
+# 2 GiB low + the rest from 4 GiB, see hv.boards.q35.layout.ram_regions).
+MACHINE_MAX_MEMORY = {MachineType.Q35: q35_layout.RAM_MAX_SIZE, MachineType.VIRT: virt_layout.RAM_MAX_SIZE}
 MIN_MEMORY = 16 * MIB
 MAX_SMP = 64
 ACCELERATORS = tuple(Accel)
@@ -157,7 +156,7 @@ StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m,
   -kernel FILE                   guest kernel (multiboot ELF for q35, ELF for virt)
   -initrd FILE                   initial RAM disk for a Linux kernel
   -append STRING                 kernel command line
-  -m SIZE                        guest RAM: 256, 256M, 1G (default 256M; q35: at most 2816M)
+  -m SIZE                        guest RAM: 256, 256M, 1G (default 256M; at most 64G)
   -smp N | cpus=N                number of vCPUs (default 1)
   -serial stdio|file,path=FILE|none   console (default none)
   -qmp unix:PATH,server,nowait | tcp:HOST:PORT,server,nowait   QMP monitor

@@ -46,9 +46,10 @@ BAD = [
     (["-machine", "q35", "-kernel", "/"], "not a regular file"),
     (["-machine", "q35", "-kernel", KERNEL, "-m", "lots"], "invalid size"),
     (["-machine", "q35", "-kernel", KERNEL, "-m", "4"], "at least 16 MiB"),
-    (["-machine", "q35", "-kernel", KERNEL, "-m", "8G"], "at most 2816 MiB"),
-    (["-machine", "q35", "-kernel", KERNEL, "-m", "3072"], "at most 2816 MiB"),
-    (["-machine", "q35", "-kernel", KERNEL, "-m", "2817"], "at most 2816 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "65537"], "at most 65536 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "65G"], "at most 65536 MiB"),
+    (["-machine", "q35", "-kernel", KERNEL, "-m", "1T"], "at most 65536 MiB"),
+    (["-machine", "virt", "-kernel", KERNEL, "-m", "65537"], "at most 65536 MiB"),
     (["-machine", "q35", "-kernel", KERNEL, "--bogus"], "unknown option '--bogus'"),
     (["-machine", "q35", "-kernel", KERNEL, "-incoming", "deferred"], "-incoming"),
     (["-machine", "q35", "-kernel", KERNEL, "-smp", "0"], "between 1 and"),
@@ -166,21 +167,34 @@ def test_incoming_defer_needs_no_kernel():
     assert config.incoming == "defer" and config.kernel is None
 
 
-def test_q35_memory_limit_is_below_the_ecam():
-    """RAM ends where q35's ECAM starts (0xB0000000): 2816 MiB is the most, as README says."""
-    assert parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", "2816"]).config.memory_bytes == 0xB000_0000
-    assert parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", "2816M"]).config.memory_bytes == 0xB000_0000
+def test_q35_memory_limit_is_64_gib():
+    """q35 RAM up to 64 GiB (2 GiB low + the rest above 4 GiB), as README says; the old
+    2816 MiB edge (RAM just below the ECAM) and one MiB more both parse."""
+    for text, size in (("2816", 0xB000_0000), ("2817", 2817 << 20), ("8G", 8 << 30), ("65536", 64 << 30),
+                       ("64G", 64 << 30)):
+        assert parse_args(["-machine", "q35", "-kernel", KERNEL, "-m", text]).config.memory_bytes == size
     readme = (ROOT / "README.md").read_text()
-    assert "q35: up to 2816 MiB" in readme and "3 GiB" not in readme
+    assert "up to 64 GiB" in readme and "2816 MiB" in readme and "not supported yet" not in readme
 
 
-def test_q35_largest_memory_boots(tmp_path: Path):
+def test_q35_largest_single_region_memory_boots(tmp_path: Path):
+    """2816 MiB is still one region below the ECAM: mem_upper is all of it but 1 MiB."""
     serial = tmp_path / "serial"
     out = run_hv("-machine", "q35", "-accel", "unicorn", "-m", "2816", "-kernel",
                  str(FIXTURES / "x86_64" / "hello.elf"), "-serial", f"file,path={serial}")
     assert out.returncode == 0, out.stderr
     assert "hello from hv guest (x86_64)" in serial.read_text()
     assert "mem_upper 2882560 KiB" in out.stderr  # 2816 MiB - 1 MiB of low memory
+
+
+def test_q35_split_memory_boots(tmp_path: Path):
+    """One MiB more splits RAM: 2 GiB stay low (mem_upper 2 GiB - 1 MiB), the rest is above 4 GiB."""
+    serial = tmp_path / "serial"
+    out = run_hv("-machine", "q35", "-accel", "unicorn", "-m", "2817", "-kernel",
+                 str(FIXTURES / "x86_64" / "hello.elf"), "-serial", f"file,path={serial}")
+    assert out.returncode == 0, out.stderr
+    assert "hello from hv guest (x86_64)" in serial.read_text()
+    assert "mem_upper 2096128 KiB" in out.stderr
 
 
 def test_virt_power_off_is_logged():

@@ -5,15 +5,19 @@ Linux learns where its RAM is from this map: the bzImage path hands it in the ze
 map (24-byte ``hvm_memmap_table_entry``: the same fields plus a reserved word).
 
 What the map says, for RAM as :func:`hv.boards.q35.layout.ram_regions` lays it out (one
-region from 0, all of it below the PCI windows; the ranges are that layout's):
+region from 0 up to 2816 MiB of RAM; with more, 2 GiB from 0 and the rest from 4 GiB;
+the ranges are that layout's):
 
 | range | type | why |
 | --- | --- | --- |
 | 0 - 0x9FC00 | RAM | conventional memory |
 | 0x9FC00 - 0xA0000 | reserved | where a BIOS keeps its EBDA |
 | 0xA0000 - 0x100000 | reserved | VGA hole and BIOS area; hv's ACPI tables live in 0xE0000-0xFFFFF |
-| 0x100000 - RAM top | RAM | |
+| 0x100000 - low RAM top | RAM | the RAM size, or 0x80000000 (2 GiB) for more than 2816 MiB |
 | 0xB0000000 - 0xC0000000 | reserved | the PCIe ECAM (Linux accepts MMCONFIG only if E820 reserves it) |
+| 0x100000000 - high RAM top | RAM | only for more than 2816 MiB: RAM size - 2 GiB |
+
+The gap from the low RAM top to 4 GiB (but the ECAM) is the PCI hole: not RAM, not listed.
 
 The PCI MMIO window, the IOAPIC and the local APIC are not listed: "not RAM" is what
 Linux needs to know about them. RAM that a reserved range covers is cut out of the RAM

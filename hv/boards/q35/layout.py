@@ -5,20 +5,31 @@ Addresses follow QEMU's q35 where hv has the same device. Picture (not to scale)
     0x0000_0000  RAM (low)      boot data 0x500-0x2FFFF, kernel from 0x100000
     0x0009_FC00  reserved       EBDA
     0x000A_0000  reserved       VGA hole + BIOS area; ACPI tables at 0xE0000-0xFFFFF
-    0x0010_0000  RAM            up to the RAM size, at most to ECAM_BASE
+    0x0010_0000  RAM            to the RAM size (<= 2816 MiB) or to 2 GiB (more RAM)
     0xB000_0000  PCIe ECAM      256 MiB, buses 0-255 (reserved in the E820 map)
     0xC000_0000  PCI MMIO32     BAR window, up to the IOAPIC
     0xFEC0_0000  IOAPIC
     0xFEE0_0000  local APICs (one per vCPU, same address) and the MSI doorbell
+    0x1_0000_0000  RAM (high)   the rest of RAM beyond 2 GiB, when RAM > 2816 MiB
+
+RAM split (see :func:`ram_regions`): up to 2816 MiB all RAM is one region from 0, ending
+at most at the ECAM. With more, like QEMU's q35 (``lowmem = 0x80000000`` when RAM does
+not fit below 0xB0000000), the first 2 GiB stay low and the rest starts at 4 GiB; the
+hole 2 GiB-4 GiB holds the ECAM and the PCI/APIC windows. (QEMU already splits at
+exactly 2816 MiB; hv keeps that size in one region, as before.) hv has no 64-bit PCI
+MMIO window: every BAR, 64-bit ones too, is placed in the 32-bit window, so nothing
+above 4 GiB but RAM is decoded; a future 64-bit window must start at or above
+:func:`ram_end`.
 
 Only pure values and functions live here: no device model is imported.
 """
 from __future__ import annotations
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 # --- RAM -----------------------------------------------------------------------------
-RAM_BASE = 0x0                      # one RAM region from guest-physical 0
+RAM_BASE = 0x0                      # low RAM region from guest-physical 0
 EBDA_START = 0x9_FC00               # end of conventional memory: a BIOS's EBDA starts here
 LEGACY_START = 0xA_0000             # VGA hole and BIOS area start (not RAM for the guest)
 LEGACY_END = 0x10_0000              # 1 MiB: where RAM resumes ("high memory")
@@ -29,7 +40,10 @@ ACPI_TABLES_END = 0x10_0000         # ... exclusive end (the BIOS area)
 ECAM_BASE = 0xB000_0000             # PCIe enhanced configuration space
 ECAM_BUSES = 256                    # buses 0-255, 1 MiB each
 ECAM_SIZE = ECAM_BUSES * MIB        # 256 MiB
-RAM_LIMIT = ECAM_BASE               # all RAM sits below the ECAM: at most 2816 MiB
+LOW_RAM_LIMIT = ECAM_BASE           # RAM up to 2816 MiB is one region below the ECAM ...
+LOW_RAM_SPLIT = 0x8000_0000         # ... more: 2 GiB low (QEMU q35's lowmem) ...
+HIGH_RAM_BASE = 0x1_0000_0000       # ... and the rest from 4 GiB
+RAM_MAX_SIZE = 64 * GIB             # hv's limit for -m on q35 (as on virt): high RAM ends at 66 GiB
 PCI_MMIO32_BASE = 0xC000_0000       # 32-bit BAR window start
 IOAPIC_BASE = 0xFEC0_0000           # I/O APIC registers (IOREGSEL/IOWIN/EOI)
 IOAPIC_SIZE = 0x1000                # the MMIO window the IOAPIC decodes
@@ -82,11 +96,20 @@ def pci_intx_gsi(slot: int, pin: int) -> int:
 
 
 def ram_regions(ram_size: int) -> list[tuple[int, int]]:
-    """``(gpa, size)`` of the RAM for a guest of ``ram_size`` bytes: one region from 0,
-    all below the ECAM (no split above 4 GiB yet)."""
-    if not 0 < ram_size <= RAM_LIMIT - RAM_BASE:
-        raise ValueError(f"q35 RAM size {ram_size:#x} out of range (1 byte .. {RAM_LIMIT >> 20} MiB)")
-    return [(RAM_BASE, ram_size)]
+    """``(gpa, size)`` of the RAM for a guest of ``ram_size`` bytes, lowest first: one
+    region from 0 when it fits below the ECAM (at most 2816 MiB), else 2 GiB from 0 and
+    the rest from 4 GiB (RAM never overlaps the hole's ECAM, PCI and APIC windows)."""
+    if not 0 < ram_size <= RAM_MAX_SIZE:
+        raise ValueError(f"q35 RAM size {ram_size:#x} out of range (1 byte .. {RAM_MAX_SIZE >> 30} GiB)")
+    if ram_size <= LOW_RAM_LIMIT - RAM_BASE:
+        return [(RAM_BASE, ram_size)]
+    return [(RAM_BASE, LOW_RAM_SPLIT), (HIGH_RAM_BASE, ram_size - LOW_RAM_SPLIT)]
+
+
+def ram_end(ram_size: int) -> int:
+    """The first guest-physical address above all RAM of a ``ram_size`` byte guest."""
+    gpa, size = ram_regions(ram_size)[-1]
+    return gpa + size
 
 
 def reserved_ranges() -> tuple[tuple[int, int], ...]:
