@@ -62,15 +62,20 @@ def test_layout_functions_are_the_wiring_rules() -> None:
             q35.pci_intx_gsi(*bad)
         with pytest.raises(ValueError):
             virt.pci_intx_intid(*bad)
-    assert q35.ram_regions(512 << 20) == [(0, 512 << 20)] and q35.RAM_LIMIT == 2816 << 20
-    with pytest.raises(ValueError):
-        q35.ram_regions(q35.RAM_LIMIT + 1)
+    assert q35.ram_regions(512 << 20) == [(0, 512 << 20)] and q35.LOW_RAM_LIMIT == 2816 << 20
+    assert q35.ram_regions(2816 << 20) == [(0, 2816 << 20)]
+    assert q35.ram_regions(2817 << 20) == [(0, 2 << 30), (1 << 32, 769 << 20)]
+    assert q35.ram_regions(q35.RAM_MAX_SIZE) == [(0, 2 << 30), (1 << 32, 62 << 30)]
+    for bad in (0, q35.RAM_MAX_SIZE + 1):
+        with pytest.raises(ValueError):
+            q35.ram_regions(bad)
     assert virt.ram_regions(1 << 30) == [(0x4000_0000, 1 << 30)]
     assert virt.dtb_address(0x4020_0001) == 0x4040_0000 and virt.dtb_address(0x4040_0000) == 0x4040_0000
     assert virt.GICR_BASE + virt.gicr_size(virt.MAX_VCPUS) <= virt.PL011_BASE < virt.GICR_BASE + virt.gicr_size(
         virt.MAX_VCPUS) + virt.GICR_STRIDE
     # Windows of one board do not overlap each other or RAM.
-    for windows in ([(q35.RAM_BASE, q35.RAM_LIMIT), (q35.ECAM_BASE, q35.ECAM_SIZE),
+    for windows in ([(q35.RAM_BASE, q35.LOW_RAM_LIMIT), (q35.ECAM_BASE, q35.ECAM_SIZE),
+                     (q35.HIGH_RAM_BASE, q35.RAM_MAX_SIZE - q35.LOW_RAM_SPLIT),
                      (q35.PCI_MMIO32_BASE, q35.PCI_MMIO32_SIZE), (q35.IOAPIC_BASE, q35.IOAPIC_SIZE),
                      (q35.LAPIC_BASE, q35.LAPIC_SIZE)],
                     [(virt.GICD_BASE, virt.GICD_SIZE), (virt.V2M_BASE, virt.V2M_SIZE),
