@@ -53,6 +53,7 @@ from hv_backends import kvm_abi as abi
 from hv_backends.kvm_state import (CPUID_DROPPED_RANGE, CPUID_MASKS, CPUID_ZEROED, apply_cpuid_policy, read_state,
                                      write_state)
 from hv_backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
+from hv_backends.kvm_dirty import KvmDirtyLog, LogSlot
 from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
 from hv.state import FXSAVE_SIZE, X86CpuState
 
@@ -186,7 +187,6 @@ class KvmVm(Vm):
         self.arch = arch
         self.memory = memory
         self.vcpus: list[KvmVcpu] = []
-        self._dirty_logging = False
         for region in memory.regions:
             if region.gpa < TSS_ADDR + 3 * 4096 and IDENTITY_MAP_ADDR < region.end:
                 raise BackendError(f"RAM region {region.gpa:#x}+{region.size:#x} overlaps the pages KVM "
@@ -203,6 +203,9 @@ class KvmVm(Vm):
             if len(memory.regions) > max_slots:
                 raise BackendError(f"{len(memory.regions)} RAM regions, KVM allows {max_slots} slots")
             self._slots = [_Slot(r, r.offset >> PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in memory.regions]
+            self._dirty_log = KvmDirtyLog(self._vm_fd, self._kvm_fd,
+                                          [LogSlot(s.region.slot, s.first_page, s.pages) for s in self._slots],
+                                          memory.page_count, self._set_regions)
             self._set_regions(0)
             _ioctl(self._vm_fd, abi.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
             addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
@@ -295,32 +298,15 @@ class KvmVm(Vm):
         return vcpu
 
     def start_dirty_log(self) -> None:
-        if self._dirty_logging:
-            self.take_dirty()  # discard what was recorded so far
-            return
-        self._set_regions(abi.KVM_MEM_LOG_DIRTY_PAGES)
-        self._dirty_logging = True
+        self._dirty_log.start()
 
     def take_dirty(self) -> bytearray:
-        if not self._dirty_logging:
-            raise BackendError("take_dirty: dirty logging is not started")
-        total = 0
-        log_arg = ffi.new("struct kvm_dirty_log *")
-        for slot in self._slots:
-            words = (slot.pages + 63) // 64
-            bitmap = ffi.new("uint64_t[]", words)
-            log_arg.slot = slot.region.slot
-            log_arg.dirty_bitmap = bitmap
-            _ioctl(self._vm_fd, abi.KVM_GET_DIRTY_LOG, log_arg, f"KVM_GET_DIRTY_LOG slot {slot.region.slot}")
-            bits = int.from_bytes(ffi.buffer(bitmap), "little") & ((1 << slot.pages) - 1)
-            if bits:
-                total |= bits << slot.first_page
-        return bytearray(total.to_bytes((self.memory.page_count + 7) // 8, "little"))
+        """See :class:`hv_backends.kvm_dirty.KvmDirtyLog` (manual protection when the
+        kernel has it: read, then clear and re-protect only the dirty words)."""
+        return self._dirty_log.take()
 
     def stop_dirty_log(self) -> None:
-        if self._dirty_logging:
-            self._set_regions(0)
-            self._dirty_logging = False
+        self._dirty_log.stop()
 
     def close(self) -> None:
         for vcpu in self.vcpus:
