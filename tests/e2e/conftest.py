@@ -31,7 +31,7 @@ SEED_APPEND = {"q35": "console=ttyS0 reboot=k panic=1 root=/dev/vda",
                "virt": "console=ttyAMA0 reboot=k panic=1 root=/dev/vda"}
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
 PASS_RE = re.compile(r"wl: pass (\d+) (ok|BAD)")
-BROKEN_RE = re.compile(r"wl: pass \d+ BAD|Kernel panic|Oops|BUG:|Unable to handle kernel|"
+BROKEN_RE = re.compile(r"wl: pass \d+ BAD|Kernel panic|Oops|BUG:|segfault|Unable to handle kernel|"
                        r"Internal error|rcu_sched self-detected stall|soft lockup|hv-init: workload exited")
 
 
