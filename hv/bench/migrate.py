@@ -24,7 +24,9 @@ both engines the same way; for a mostly-zero guest it is bounded by scanning, no
 link (``--dirty-mib 768`` makes a data-heavy guest to measure the wire rate).
 
 Not a test: it measures; the goals (downtime <= 300 ms and <= QEMU's, total time <=
-QEMU's, throughput >= 80% of loopback) are printed as a verdict per row, never asserted.
+QEMU's) are printed as a verdict per row, never asserted. ``% raw`` is information, not a
+goal: an idle guest's rate is bounded by scanning mostly-zero RAM, not by the link, so a
+verdict on it could never be met (issue 13 item 4).
 """
 from __future__ import annotations
 
@@ -315,7 +317,6 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
         if c.engine == "hv":
             goals.append("down" if down > DOWNTIME_LIMIT_MS or (down_ratio or 0) > 1 else "")
             goals.append("total" if (total_ratio or 0) > 1 else "")
-            goals.append("rate" if fraction is not None and fraction < 0.8 else "")
         verdict = "ok" if c.engine == "hv" and not any(goals) else ",".join(g for g in goals if g) + (" missed" if any(goals) else "")
         partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
         lines.append(base + (f"{total:.0f}", f"{down:.0f}", f"{row.median('transferred') / MIB:.1f}",
@@ -333,7 +334,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
     out.append(f"raw loopback (1 MiB sendall/recv_into, median): {raw_text}")
     out.append("medians; MiB/s = transferred / total time; total/Q, down/Q = hv / QEMU; goals: downtime "
-               f"<= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU, rate >= 80% of raw")
+               f"<= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU (% raw is not a goal)")
     return "\n".join(out)
 
 
