@@ -38,16 +38,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hv.bench.common import (BenchError, VmProcess, destination_uri, event_time, incoming_uri,
-                             size_text)
+from hv.bench.common import (
+    BenchError,
+    VmProcess,
+    destination_uri,
+    event_time,
+    incoming_uri,
+    size_text,
+)
 
 log = logging.getLogger("hv.bench")
 
 USAGE_LINUX = ("hv bench linux [--arches x86_64,aarch64] [--repeat 3] [--passes 1] [--transports unix,tcp] "
                "[--parts boot,migrate] [--no-qemu] [--json FILE]")
 MILESTONES = ("Linux version", "Run /init", "wl: start", "wl: pass 1 ok")
-BROKEN_RE = re.compile(r"wl: pass \d+ BAD|Oops|[Kk]ernel panic|segfault|Unable to handle kernel|"
-                       r"Internal error|hv-init: workload exited")
+# A guest is broken when a pass finds its data changed or the kernel reports a fault
+# ("[#1]" marks every oops/BUG/GPF report on both arches).
+BROKEN_RE = re.compile(r"wl: pass \d+ BAD|Oops|[Kk]ernel panic|segfault|Unable to handle kernel|kernel BUG|"
+                       r"BUG:|\] \[#\d+\]|general protection fault|list_\w+ corruption|Internal error|"
+                       r"hv-init: workload exited")
+SURVIVE = 120.0   # seconds the destination has to print its next pass
 PASS_RE = re.compile(r"wl: pass (\d+) ok")
 POLL = 0.02   # seconds between looks at a serial file
 
@@ -224,7 +234,7 @@ def migrate_once(engine: str, spec: ArchSpec, transport: str, settings: Settings
             info = wait_completed(source, settings.timeout)
             stop = event_time(source.wait_event("STOP", 30))
             resume = event_time(destination.wait_event("RESUME", 30))
-            survived, detail = guest_survived(src, dst, settings.timeout)
+            survived, detail = guest_survived(src, dst, min(settings.timeout, SURVIVE))
             return MigrationSample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                                    reported_downtime_ms=float(info.get("downtime", 0)), survived=survived,
                                    detail=detail)
@@ -335,14 +345,14 @@ def format_migration(rows: list[MigrationRow]) -> list[str]:
 
 def report(boots: list[BootRow], migrations: list[MigrationRow], settings: Settings,
            missing: list[str]) -> str:
-    out = [f"Linux guest: {size_text(settings.mem_mib)} RAM, wl_passes={settings.passes} for boot; "
-           "medians of the runs"]
+    out = [(f"Linux guest: {size_text(settings.mem_mib)} RAM, wl_passes={settings.passes} for boot; "
+            "medians of the runs")]
     out += missing
     if boots:
         out += ["", "boot: seconds from process start to 'Run /init' and 'wl: pass 1 ok'", *format_boot(boots)]
     if migrations:
-        out += ["", "migration after the first pass (down ms: source STOP event -> destination RESUME event; "
-                "own down ms: what the source's query-migrate says)", *format_migration(migrations)]
+        out += ["", ("migration after the first pass (down ms: source STOP event -> destination RESUME event; "
+                     "own down ms: what the source's query-migrate says)"), *format_migration(migrations)]
     errors = [(r.arch, r.engine, e) for r in [*boots, *migrations] for e in r.errors]
     if errors:
         out += ["", "failed runs:"] + [f"  {arch} {engine}: {error}" for arch, engine, error in errors]
