@@ -22,14 +22,15 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
-from hv.qmp.client import QmpClientError, QmpConnection, parse_target
 from hv.qmp.address import QmpAddressError
+from hv.qmp.client import QmpClientError, QmpConnection, parse_target
 from hv.textsafe import printable
 
-__all__ = ["main", "Progress", "format_progress"]
+__all__ = ["Progress", "format_progress", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def parse_size(text: str) -> int:
 
 
 # -- what a person sees -------------------------------------------------------------------------
-def _mib(value: int | float) -> str:
+def _mib(value: float) -> str:
     return f"{value / (1 << 20):.1f} MiB"
 
 

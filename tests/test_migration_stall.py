@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 

@@ -30,8 +30,9 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from hv.errors import MigrationError
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState

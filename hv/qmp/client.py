@@ -20,9 +20,10 @@ import json
 import logging
 import select
 import socket
-import time
 import sys
-from typing import Any, Sequence
+import time
+from collections.abc import Sequence
+from typing import Any
 
 from hv.errors import ConfigError, MonitorError
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_socket_address
