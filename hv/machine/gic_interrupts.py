@@ -37,11 +37,19 @@ import time
 from typing import Any, Callable
 
 from hv_backends.base import Exit, Vcpu
+
 from hv.boards.virt import layout as virt_layout
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
 from hv.devices.clock import GuestClock
 from hv.devices.gicv2m import GicV2m
-from hv.devices.gicv3 import NUM_IRQS, PRIVATE, GicDistributorWindow, GicRedistributorWindow, GicState, GicV3
+from hv.devices.gicv3 import (
+    NUM_IRQS,
+    PRIVATE,
+    GicDistributorWindow,
+    GicRedistributorWindow,
+    GicState,
+    GicV3,
+)
 from hv.machine.interrupts import ControllerCore
 
 log = logging.getLogger(__name__)
