@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from hv.errors import ConfigError
 from hv.qmp.address import QmpAddressError
 from hv.qmp.client import QmpClientError, QmpConnection, parse_target
 from hv.textsafe import printable
@@ -43,7 +44,7 @@ CANCEL_WAIT = 60.0  # seconds to wait for 'canceled' after migrate_cancel
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-class _UsageError(ValueError):
+class _UsageError(ConfigError):
     """The command line is wrong."""
 
 
