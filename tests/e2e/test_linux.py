@@ -14,9 +14,11 @@ What a failure means: a missing ``wl: pass`` is a guest that stopped making prog
 under it (across a migration: state lost or duplicated); a shell that does not answer is
 broken console input.
 
-The long ones are marked ``slow`` and bounded unless HV_SLOW=1 (CI runs the bounded
-version). Measured on the shared 2-core development host (virt, Unicorn): each test
-13-23 s, all of them 81 s with ``-n 2``; the 100-hop soak (HV_SLOW=1) 290 s.
+One boot serves several checks where that weakens none of them: ``-smp 2`` is checked on
+the guest that pings across a migration, and the soak's bounded run (a tcp, a unix and a
+file hop) is the default suite's live-migration and snapshot/restore test. The soak is
+marked ``slow`` and runs 100 hops with HV_SLOW=1. test_linux_tcp.py streams TCP between
+two guests across a migration.
 """
 from __future__ import annotations
 
