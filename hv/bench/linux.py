@@ -92,6 +92,7 @@ class Settings:
     qemu: dict[str, str]                 # arch -> QEMU binary (absent: hv only)
     hv: tuple[str, ...] = (sys.executable, "-m", "hv")
     log_dir: Path | None = None
+    qemu_x86_cpu: str = "max"
 
 
 # -- command lines -------------------------------------------------------------------------------------
@@ -112,7 +113,10 @@ def vm_argv(engine: str, spec: ArchSpec, settings: Settings, serial: Path, passe
         if qmp:
             argv += ["-qmp", f"unix:{qmp},server,nowait"]
     else:
-        argv = [settings.qemu[spec.arch], *spec.qemu_machine, "-accel", "tcg", "-m", f"{settings.mem_mib}M",
+        machine = spec.qemu_machine
+        if spec.arch == "x86_64":
+            machine = (*machine[:-1], settings.qemu_x86_cpu)
+        argv = [settings.qemu[spec.arch], *machine, "-accel", "tcg", "-m", f"{settings.mem_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none", *common, "-serial", f"file:{serial}"]
         if qmp:
             argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
@@ -386,6 +390,8 @@ def linux_parser() -> argparse.ArgumentParser:
                    help="image cache (default ${HV_IMAGE_CACHE:-~/.cache/hv/images})")
     p.add_argument("--hv", default=None, help="command that runs hv (default: this Python -m hv), e.g. "
                    "'env HV_UNICORN_X86_NATIVE=0 python -m hv' for the Python x86 event delivery")
+    p.add_argument("--qemu-x86-cpu", default="max", metavar="MODEL",
+                   help="QEMU's -cpu on x86_64 (default max; e.g. qemu64 to compare)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep every run's console here")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
     return p
@@ -395,6 +401,8 @@ def _check(args: argparse.Namespace) -> str | None:
     """What is wrong with the options or the images, or None."""
     if args.repeat < 1 or args.passes < 1 or not 64 <= args.mem <= 16384 or args.timeout <= 0:
         return "--repeat and --passes must be positive, --mem 64..16384, --timeout positive"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]{0,63}", args.qemu_x86_cpu):
+        return f"--qemu-x86-cpu: not a CPU model: {args.qemu_x86_cpu[:64]!r}"
     for arch in args.arches:
         for name in (ARCHES[arch].kernel, "initramfs.cpio.gz"):
             if not (args.images / arch / name).is_file():
@@ -459,7 +467,7 @@ def run_linux(argv: list[str]) -> int:
     settings = Settings(images=args.images.resolve(), mem_mib=args.mem, passes=args.passes, append=args.append,
                         timeout=args.timeout, qemu=qemu,
                         hv=tuple(shlex.split(args.hv)) if args.hv else (sys.executable, "-m", "hv"),
-                        log_dir=args.log_dir)
+                        log_dir=args.log_dir, qemu_x86_cpu=args.qemu_x86_cpu)
     for line in missing:
         log.warning("%s", line)
     started = time.monotonic()
