@@ -27,10 +27,11 @@ from hv.boot import x86_linux as xl
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine, ram_layout
-from hv.memory import GuestMemory, RegionSpec
-from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
+from hv.memory import PAGE_SIZE, GuestMemory
+from hv.migration.engine import CHUNK_PAGES, MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.incoming import load_snapshot, receive_migration
 from hv.migration.status import MigrationStatus
+from hv.migration.stream_format import ConfigMismatchError
 from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, requires_kvm
 from tests.test_boot_x86_linux import make_bzimage, make_pvh
 
@@ -67,6 +68,9 @@ def test_machine_layout_splits_only_beyond_2816_mib() -> None:
     for size in ("3G", "6G", "64G"):                      # never inside the hole's windows
         for gpa, length in layout(size):
             assert gpa + length <= q35.ECAM_BASE or gpa >= q35.HIGH_RAM_BASE
+    # The RAM passes of migrations and snapshots send CHUNK_PAGES runs from page 0, which
+    # must not straddle the region boundary: the split is a multiple of a run.
+    assert q35.LOW_RAM_SPLIT % (CHUNK_PAGES * PAGE_SIZE) == 0
 
 
 def test_e820_shows_the_pci_hole(mem6g: GuestMemory) -> None:
@@ -106,8 +110,8 @@ def test_multiboot_map_lists_both_regions(mem6g: GuestMemory) -> None:
 
 # -- the dirty fixture with 6 GiB, moved with a pattern above 4 GiB -----------------------------
 
-def build(accel: str, append: str) -> tuple[Machine, BufferSink]:
-    config = parse_args(["-machine", "q35", "-m", "6G", "-kernel", str(DIRTY), "-append", append]).config
+def build(accel: str, append: str, memory: str = "6G") -> tuple[Machine, BufferSink]:
+    config = parse_args(["-machine", "q35", "-m", memory, "-kernel", str(DIRTY), "-append", append]).config
     console = BufferSink()
     machine = Machine(config, backend_class(accel)(), console)
     return machine, console
@@ -182,6 +186,13 @@ def test_file_snapshot_round_trips_ram_above_4_gib(tmp_path: Path, first: str, s
         save_snapshot(source, str(tmp_path), status_for(source))
     finally:
         source.close()
+    smaller, _ = build(second, "mib=8 iterations=0", memory="2816")   # the largest one-region q35
+    try:
+        with pytest.raises(ConfigMismatchError, match="memory size mismatch: source 6144 MiB, destination 2816 MiB"):
+            load_snapshot(smaller, str(tmp_path), status_for(smaller))
+        assert not any(smaller.memory.take_vmm_dirty())                 # refused: RAM untouched
+    finally:
+        smaller.close()
     target, target_console = build(second, "mib=8 iterations=0")
     try:
         load_snapshot(target, str(tmp_path), status_for(target))
