@@ -252,7 +252,7 @@ class Session:
             try:
                 if machine.state is RunState.SHUTDOWN:
                     return
-                receive_migration(machine, conn, status)
+                receive_migration(machine, conn, status, self.migration.params.stall_timeout)
             finally:
                 self._incoming_sock = None
                 conn.close()

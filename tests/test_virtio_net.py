@@ -245,7 +245,7 @@ def test_identity_features_config_and_fingerprint(net):
         1 << F_MAC | 1 << F_STATUS | 1 << F_MRG_RXBUF | F_VERSION_1
     assert bytes(net.r(0x2000 + i, 1) for i in range(6)) == bytes.fromhex("525400123456")
     assert net.r(0x2006, 2) == 1      # VIRTIO_NET_S_LINK_UP
-    assert net.r(0x12, 2) == 2        # rx + tx, no control queue
+    assert net.r(0x12, 2) == 3        # rx + tx + control queue
     [entry] = [d for d in net.setup.fingerprint_devices() if d["type"] == "virtio-net-pci"]
     assert entry == {"type": "virtio-net-pci", "id": "nic0", "bus": "pcie.0", "addr": "02.0",
                      "attrs": {"netdev": "n0", "mac": "52:54:00:12:34:56"}}
@@ -430,7 +430,7 @@ def test_save_restore_continues_both_queues(net, tmp_path):
     net.send(frame_of(64, 1))
     assert net.used(0) == [(0, 72)]
     saved = net.device.save()
-    assert saved.mac == "52:54:00:12:34:56" and VirtioNetState.VERSION == 1
+    assert saved.mac == "52:54:00:12:34:56" and VirtioNetState.VERSION == 2
     raw = saved.to_dict()
     # a second machine: same RAM contents, its own connection to the peer
     memory2 = GuestMemory([RegionSpec(0, 16 << 20)])

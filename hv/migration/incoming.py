@@ -10,7 +10,11 @@ answered to the source as ERROR where that helps it, and the guest never runs.
 
 Reads never block for good: they wait at most ``STOP_POLL`` seconds at a time and give
 up once the machine shuts down (QMP ``quit``, SIGTERM), so a stalled source cannot keep hv
-alive. ``load_snapshot`` restores ``file:DIR``, whose files ``open_snapshot`` accepts only
+alive; and a source that sends nothing for ``stall_timeout`` seconds (x-stall-timeout as
+set by ``migrate-set-parameters`` when the source connects, default 30 s) fails the
+migration with "the source stalled", the guest never running. After the switch-over
+every virtio-net whose driver negotiated GUEST_ANNOUNCE is asked to announce the guest
+(gratuitous ARPs from the guest itself). ``load_snapshot`` restores ``file:DIR``, whose files ``open_snapshot`` accepts only
 as regular files (a FIFO there would block the open for good).
 """
 from __future__ import annotations
@@ -22,8 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from hv.devices.virtio_net import announce_guests
 from hv.machine import Machine, MachineSnapshot, RunState
-from hv.migration.engine import REPLY_TIMEOUT, MigrationError
+from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
 from hv.migration.status import MigrationStatus
 from hv.migration.tls import has_pending
 from hv.migration.stream import (
@@ -128,21 +133,32 @@ def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
     return check
 
 
+class SourceStalled(MigrationError):
+    """Destination: the source sent nothing for x-stall-timeout seconds."""
+
+
 class _WatchedChannel(SocketChannel):
     """The destination's end of the connection: reads wait at most ``STOP_POLL`` at a
     time and give up once ``stopped()`` (quit or SIGTERM made the machine shut down), so
-    a source that stalls mid-stream can never keep hv from exiting."""
+    a source that stalls mid-stream can never keep hv from exiting; a read that waits
+    ``stall_timeout`` seconds without a byte fails with :class:`SourceStalled`."""
 
-    def __init__(self, sock: socket.socket, stopped: Callable[[], bool]) -> None:
+    def __init__(self, sock: socket.socket, stopped: Callable[[], bool],
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         super().__init__(sock)
         self._stopped = stopped
+        self.stall_timeout = stall_timeout
 
     def _wait_readable(self) -> None:
         if has_pending(self.sock):  # TLS: decrypted bytes wait inside the SSL object
             return
+        deadline = time.monotonic() + self.stall_timeout
         while not select.select([self.sock], [], [], STOP_POLL)[0]:
             if self._stopped():
                 raise ConnectionAbortedError("hv is shutting down")
+            if time.monotonic() >= deadline:
+                raise SourceStalled(f"the source stalled: nothing received for {self.stall_timeout:g} s "
+                                    "(x-stall-timeout)")
 
     def readinto(self, buf: memoryview) -> int:
         self._wait_readable()
@@ -171,16 +187,19 @@ class _IncomingClock:
         return int((time.monotonic() - self._round_ends[0]) * 1000)
 
 
-def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus) -> None:
+def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus,
+                      stall_timeout: float = STALL_TIMEOUT) -> None:
     """Receive a live migration into the (not yet started) ``machine`` and start it.
 
     Raises MigrationError/StreamError/OSError when anything is wrong; the guest is then
     never started. A configuration mismatch is answered to the source as ERROR first; a
     CANCEL from the source ends it as IncomingCanceled with the status ``canceled``.
-    query-migrate's clock starts now (``setup`` until CONFIG is accepted).
+    query-migrate's clock starts now (``setup`` until CONFIG is accepted). Any read,
+    the switch-over's commit included, that waits ``stall_timeout`` seconds for a byte
+    fails with SourceStalled.
     """
     status.connected()
-    channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN)
+    channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN, stall_timeout)
     check_config = config_checker(machine)
     collected = IncomingState(machine)
     clock = _IncomingClock()
@@ -206,7 +225,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     sock.settimeout(REPLY_TIMEOUT)
     try:
         reply = read_reply(channel)
-    except (OSError, StreamError) as exc:  # the source died or gave up before deciding
+    except (OSError, StreamError, SourceStalled) as exc:  # the source died, gave up or stalled
         raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
     if reply.canceled:
         status.cancel()
@@ -214,9 +233,19 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     if not reply.ok or reply.text != "commit":
         raise MigrationError(f"source did not commit the switch-over: {reply.text}")
     take_image_locks(machine)
+    _announce_guests(machine)
     machine.start()
     status.complete(clock.downtime_ms())
     _try_send(channel, True, "running")
+
+
+def _announce_guests(machine: Machine) -> None:
+    """Ask each virtio-net's driver to announce the guest (VIRTIO_NET_S_ANNOUNCE and a
+    config interrupt, pending until the vCPUs first run), as QEMU does after a migration."""
+    with machine.device_manager.run.lock:
+        count = announce_guests(slot.device for slot in list(machine.pci.slots))
+    if count:
+        log.info("asked %d virtio-net driver(s) to announce the guest", count)
 
 
 def take_image_locks(machine: Machine, timeout: float = 5.0) -> None:
