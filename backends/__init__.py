@@ -28,6 +28,7 @@ class UnicornLibrary:
     patched: bool
     path: str | None      # the directory given to the binding; None: the wheel's own
     reason: str
+    deliberate: bool = False   # the user asked for this library (no warning then)
 
     def describe(self) -> str:
         if self.patched:
@@ -67,16 +68,16 @@ def _select_unicorn_library() -> UnicornLibrary:
     if os.environ.get("HV_UNICORN_STOCK") == "1":
         if user and Path(user).resolve() == PATCHED_UNICORN_DIR:   # inherited from a parent hv
             del os.environ["LIBUNICORN_PATH"]
-        return UnicornLibrary(False, None, "HV_UNICORN_STOCK=1")
+        return UnicornLibrary(False, None, "HV_UNICORN_STOCK=1", deliberate=True)
     if user and Path(user).resolve() != PATCHED_UNICORN_DIR:
-        return UnicornLibrary(False, user, f"LIBUNICORN_PATH={user} chosen by the user")
+        return UnicornLibrary(False, user, f"LIBUNICORN_PATH={user} chosen by the user", deliberate=True)
     status_file = PATCHED_UNICORN_DIR / "build-status.json"
     if not (PATCHED_UNICORN_DIR / "libunicorn.so.2").is_file():
         try:
             reason = str(json.loads(status_file.read_text()).get("reason", "no reason recorded"))
         except (OSError, ValueError, AttributeError):
             reason = "hv's patched library was not built (reinstall hv: pip install -e .)"
-        return UnicornLibrary(False, None, reason[:300])
+        return UnicornLibrary(False, None, reason[:300], deliberate="HV_UNICORN_BUILD=0" in reason)
     problem = _check_patched(PATCHED_UNICORN_DIR)
     if problem is not None:
         return UnicornLibrary(False, None, problem)

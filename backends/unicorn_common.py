@@ -50,11 +50,41 @@ def _native() -> Any:
     return _hv_native
 
 
+_library_logged = False
+
+
 def uclib() -> ctypes.CDLL:
-    """The ctypes handle of the libunicorn the Python binding loaded."""
+    """The ctypes handle of the libunicorn the Python binding loaded (the first call logs
+    which one: hv's patched build or the wheel's, see hv_backends.UNICORN_LIBRARY)."""
     from unicorn.unicorn_py3 import unicorn as binding  # noqa: PLC0415
 
+    global _library_logged
+    if not _library_logged:
+        _library_logged = True
+        import hv_backends  # noqa: PLC0415
+
+        quiet = library_is_patched(binding.uclib) or hv_backends.UNICORN_LIBRARY.deliberate
+        log.log(logging.INFO if quiet else logging.WARNING, "libunicorn: %s", library_description())
     return binding.uclib
+
+
+def library_is_patched(lib: ctypes.CDLL | None = None) -> bool:
+    """True if the loaded libunicorn is hv's patched build (it exports the marker)."""
+    if lib is None:
+        from unicorn.unicorn_py3 import unicorn as binding  # noqa: PLC0415
+
+        lib = binding.uclib
+    return hasattr(lib, "hv_unicorn_patch_level")
+
+
+def library_description() -> str:
+    """One line for logs and ``hv -version``: the library really loaded, and why."""
+    import hv_backends  # noqa: PLC0415
+
+    choice = hv_backends.UNICORN_LIBRARY
+    if library_is_patched():
+        return f"hv's patched libunicorn 2.1.4 (store fast path), {choice.path or 'LIBUNICORN_PATH'}"
+    return f"the unicorn wheel's libunicorn, guest stores on the slow path ({choice.reason})"
 
 
 def _fn_addr(name: str) -> int:
