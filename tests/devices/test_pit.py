@@ -8,34 +8,21 @@ import pytest
 
 from hv.devices.interfaces import DeviceStateError
 from hv.devices.pit import NS_PER_S, PIT_HZ, Pit, PitState
+from tests.devices.conftest import RecordingLine, StepClock
 
 CH0, CH2, CTRL = 0, 2, 3
 
 
-class StepClock:
-    """Guest nanoseconds that move only when the test says."""
-
-    def __init__(self, ns: int = 0) -> None:
-        self.ns = ns
-
-    def now(self) -> int:
-        return self.ns
+class PitClock(StepClock):
+    """Guest nanoseconds that move only when the test says, in PIT input clocks too."""
 
     def advance_ticks(self, ticks: int) -> None:
         """Move to just past ``ticks`` more input clocks (from a tick boundary)."""
         self.ns += -(-ticks * NS_PER_S // PIT_HZ)
 
 
-class RecordingLine:
-    def __init__(self) -> None:
-        self.levels: list[bool] = []
-
-    def set_level(self, level: bool) -> None:
-        self.levels.append(level)
-
-
-def make() -> tuple[Pit, StepClock, RecordingLine, list[int]]:
-    clock, line, changes = StepClock(1_000_000), RecordingLine(), []
+def make() -> tuple[Pit, PitClock, RecordingLine, list[int]]:
+    clock, line, changes = PitClock(1_000_000), RecordingLine(), []
     pit = Pit(clock, line, lambda: changes.append(1))
     return pit, clock, line, changes
 

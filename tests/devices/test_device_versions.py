@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -18,9 +17,10 @@ from hv.devices.persist import check_version, restore_state, state_record
 from hv.errors import DeviceStateError
 from hv.machine import Machine
 from hv_backends import backend_class
+from tests.helpers import ROOT
 
 
-DEVICES = Path(__file__).resolve().parent.parent / "hv" / "devices"
+DEVICES = ROOT / "hv" / "devices"
 
 #: (state type name, older version) -> a state of that older layout, as an older hv saved it.
 #: Every version in [MIN_VERSION, VERSION) of every state type needs one (see

@@ -7,20 +7,9 @@ import pytest
 
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.interfaces import DeviceStateError
+from tests.devices.conftest import RecordingLine
 
 DATA, CMD = 0, 4
-
-
-class RecordingLine:
-    def __init__(self) -> None:
-        self.levels: list[bool] = []
-
-    def set_level(self, level: bool) -> None:
-        self.levels.append(level)
-
-    @property
-    def rising_edges(self) -> int:
-        return sum(1 for a, b in zip([False] + self.levels, self.levels) if b and not a)
 
 
 class Board:

@@ -10,32 +10,11 @@ from hv.devices.interfaces import DeviceStateError
 from hv.devices.rtc import (NS_PER_S, REG_A, REG_B, REG_C, REG_CENTURY, REG_D, REG_HOURS, REG_MDAY, REG_MINUTES,
                             REG_MONTH, REG_SECONDS, REG_WDAY, REG_YEAR, Rtc, RtcState, civil_from_days,
                             days_from_civil)
+from tests.devices.conftest import RecordingLine, StepClock
 
 MS = 1_000_000
 # 2026-03-14 15:09:26.5 UTC, a Saturday
 HOST_NOW = calendar.timegm((2026, 3, 14, 15, 9, 26)) * NS_PER_S + 500 * MS
-
-
-class StepClock:
-    """Nanoseconds that move only when the test says (the guest clock, or host UTC)."""
-
-    def __init__(self, ns: int = 0) -> None:
-        self.ns = ns
-
-    def now(self) -> int:
-        return self.ns
-
-
-class RecordingLine:
-    def __init__(self) -> None:
-        self.levels: list[bool] = []
-
-    def set_level(self, level: bool) -> None:
-        self.levels.append(level)
-
-    @property
-    def level(self) -> bool:
-        return bool(self.levels) and self.levels[-1]
 
 
 def make(guest_ns: int = 7 * NS_PER_S, host_ns: int = HOST_NOW) -> tuple[Rtc, StepClock, StepClock, RecordingLine]:
