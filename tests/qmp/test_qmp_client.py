@@ -14,7 +14,7 @@ import pytest
 
 from hv.qmp import version_info
 from hv.qmp.client import main, parse_arguments
-from tests.test_qmp_server import Harness, harness, sockdir, wait_for  # noqa: F401  (fixtures)
+from tests.qmp.conftest import Harness, wait_for
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
