@@ -17,7 +17,7 @@ from hv.console import open_console
 from hv.console_input import attach_stdio_input
 from hv.errors import HvError
 from hv.machine import Machine, RunState
-from hv.migration.incoming import incoming_error, load_snapshot, receive_migration
+from hv.migration.incoming import incoming_error, load_snapshot, receive_migration, start_prefault
 from hv.migration.manager import MigrationManager
 from hv.migration.tls import TlsConfigError, TlsHandshakeError, wrap_server
 from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
@@ -205,6 +205,7 @@ class Session:
         guest starts only once everything arrived and validated; on failure hv exits
         non-zero with one line (LaunchError), never running a half-received guest.
         """
+        start_prefault(self.machine)  # in the background, while waiting for the source
         if incoming is INCOMING_DEFER:
             item = self._wait_deferred()
             if item is None:

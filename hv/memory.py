@@ -34,6 +34,21 @@ class RegionSpec:
     size: int
 
 
+def _advise_huge_pages(mapping: mmap.mmap) -> None:
+    """Ask for transparent huge pages on a RAM mapping, as QEMU does for guest RAM: 512x
+    fewer page faults when RAM is first written (a migration destination fills all of
+    it), and KVM maps the guest with 2 MiB EPT entries (one fault per 2 MiB after a
+    switch-over instead of one per 4 KiB). A kernel with THP off or absent refuses it,
+    and the mapping keeps 4 KiB pages."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        mapping.madvise(advice)
+    except OSError:
+        pass
+
+
 class MemoryRegion:
     """One contiguous RAM region backed by an anonymous private mapping."""
 
@@ -46,6 +61,7 @@ class MemoryRegion:
         self.offset = offset  # in RAM offset space
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         self.mmap = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        _advise_huge_pages(self.mmap)
         self._anchor = (ctypes.c_char * size).from_buffer(self.mmap)
         self.host_addr: int = ctypes.addressof(self._anchor)
         self.view = memoryview(self.mmap)

@@ -4,9 +4,12 @@ Sends N MiB of guest RAM (a mix of zero and non-zero pages) through StreamWriter
 StreamReader over loopback TCP and over a UNIX socketpair, with the reader in a separate
 process applying pages into its own GuestMemory, and compares with a raw loop of 1 MiB
 ``sendall`` / ``recv_into`` on the same kind of transport. Prints a table; the goal is a
-stream wire rate of at least 80% of the raw rate. "raw fresh" is the same raw loop
-receiving into fresh guest-sized memory (page faults included), which every destination
-pays and a reused 1 MiB buffer hides.
+stream wire rate of at least 80% of the raw rate. "raw-fresh" is the same raw loop
+receiving into fresh guest-sized memory (page faults included), which a reused 1 MiB
+buffer hides. "stream" receives into RAM that was pre-faulted in the background before
+the source connected, as an hv destination's RAM is (it waits for its source);
+"stream-cold" starts that pre-fault only when the source connects (the worst case).
+Every receiver is set up (and answers one byte) before the clock starts.
 
     hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]
 """
@@ -26,6 +29,7 @@ from hv.memory import GuestMemory, RegionSpec
 from hv.migration.stream import (
     DEFAULT_RUN_PAGES, PAGE_SIZE, Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter, read_reply, send_reply,
 )
+from hv.migration.pages import prefault_memory
 from hv.migration.transport import connect, listen
 from hv.state import X86CpuState
 
@@ -58,8 +62,14 @@ def raw_receiver(conn: socket.socket, total: int, fresh: bool) -> None:
     conn.sendall(b"k")  # the process exits next, unmapping mem
 
 
-def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint) -> None:
+def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint, wait_prefault: bool) -> None:
+    """Receive into a GuestMemory pre-faulted in the background as an hv destination's is
+    (``start_prefault``); ``wait_prefault``: as a destination that waited for its source."""
     mem = GuestMemory([RegionSpec(0, size)])
+    prefault = prefault_memory(mem)
+    if wait_prefault:
+        prefault.wait(120)
+    conn.sendall(b"r")  # set up: the sender's clock starts now
     chan = SocketChannel(conn)
     reader = StreamReader(chan, page_count=mem.page_count, ram=mem, kind=StreamKind.MIGRATION, local=fp)
     reader.read_section()
@@ -67,16 +77,17 @@ def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint) -> None:
     send_reply(chan, True, "config")
     reader.read_all()
     send_reply(chan, True, "running")
+    prefault.stop()
 
 
 def _serve(kind: str, make_listener_or_sock, size: int, fp: Fingerprint, wire: int) -> None:
     conn = make_listener_or_sock()
     if kind in ("raw", "raw-fresh"):
+        conn.sendall(b"r")
         raw_receiver(conn, wire, kind == "raw-fresh")
     else:
-        stream_receiver(conn, size, fp)
+        stream_receiver(conn, size, fp, kind != "stream-cold")
     conn.close()
-
 
 
 def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
@@ -95,6 +106,8 @@ def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire:
         proc.start()
         other.close()
     try:
+        if sock.recv(1) != b"r":
+            raise RuntimeError(f"{kind} receiver did not start")
         start = time.perf_counter()
         if kind.startswith("raw"):
             view = mem.regions[0].view
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     wire = Counter.n
     log.info("%d MiB guest RAM, %d%% zero pages: %d zero, %d normal pages, %.1f MiB on the wire",
              args.mib, args.zero_percent, stats.zero, stats.normal, wire / (1 << 20))
-    kinds = ("raw", "raw-fresh", "stream", "stream-zero-copy")
+    kinds = ("raw", "raw-fresh", "stream", "stream-zero-copy", "stream-cold")
     print(f"median of {args.runs} runs; MB/s of bytes on the wire ({wire / (1 << 20):.1f} MiB); "
           f"'RAM MB/s' counts guest RAM moved ({args.mib} MiB)")
     print(f"{'transport':<10}{'path':<18}{'MB/s':>8}{'RAM MB/s':>10}{'vs raw':>8}{'vs raw fresh':>14}")

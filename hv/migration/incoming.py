@@ -29,6 +29,7 @@ from typing import Any, Callable
 from hv.devices.virtio_net import announce_guests
 from hv.machine import Machine, MachineSnapshot, RunState
 from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
+from hv.migration.pages import Prefaulter, prefault_memory
 from hv.migration.status import MigrationStatus
 from hv.migration.tls import has_pending
 from hv.migration.stream import (
@@ -57,6 +58,13 @@ from hv.textsafe import printable
 log = logging.getLogger(__name__)
 
 STOP_POLL = 0.25  # seconds: how often a blocked read checks for quit/SIGTERM
+
+
+def start_prefault(machine: Machine) -> Prefaulter:
+    """The destination was just created: pre-fault all of its guest RAM in the background
+    while it waits for its source, so the stream copies into RAM that is already mapped
+    (see :class:`hv.migration.pages.Prefaulter`; it never blocks exit)."""
+    return prefault_memory(machine.memory)
 
 
 class IncomingCanceled(MigrationError):
