@@ -27,10 +27,17 @@ Not a test: it measures; the goals (downtime <= 300 ms and <= QEMU's, total time
 QEMU's) are printed as a verdict per row, never asserted. ``% raw`` is information, not a
 goal: an idle guest's rate is bounded by scanning mostly-zero RAM, not by the link, so a
 verdict on it could never be met (issue 13 item 4).
+
+``--tls`` adds, for every hv combination, the same migration over TLS (``link`` reads
+``tcp+tls``/``unix+tls``), right below its plain row, with throwaway certificates made
+by the ``openssl`` CLI for this run (:mod:`hv.migration.tls_certs`): ``-object
+tls-creds-x509`` on both ends and ``tls-creds`` set on both before the migration. The
+TLS rate is printed beside the plain one (``tls/plain`` line); nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hv.bench.common import BenchError, VmProcess, kvm_usable, parse_size, size_text
+from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
@@ -58,9 +66,11 @@ DEFAULT_KERNEL = fixture_guest("x86_64", "dirty")
 MIB = 1 << 20
 CHUNK = MIB                       # raw loopback loop: 1 MiB sendall / recv_into
 DOWNTIME_LIMIT_MS = 300
+TLS_ID = "tls0"
+TLS_HOSTNAME = "localhost"        # in the throwaway server certificate's subjectAltName
 QEMU_UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU has no "0 = unlimited"
 USAGE_MIGRATE = "hv bench migrate [--sizes 256M,1G] [--modes idle,dirty] [--transports tcp,unix] " \
-                "[--accels kvm,unicorn] [--repeat 3] [--no-qemu]"
+                "[--accels kvm,unicorn] [--repeat 3] [--no-qemu] [--tls]"
 
 
 # -- one migration -----------------------------------------------------------------------------------
@@ -71,9 +81,14 @@ class Case:
     size_mib: int
     mode: str         # idle / dirty
     transport: str    # tcp / unix
+    tls: bool = False  # hv only: the same migration over TLS
+
+    @property
+    def link(self) -> str:
+        return f"{self.transport}+tls" if self.tls else self.transport
 
     def label(self) -> str:
-        return f"{self.engine} {self.accel} {size_text(self.size_mib)} {self.mode} {self.transport}"
+        return f"{self.engine} {self.accel} {size_text(self.size_mib)} {self.mode} {self.link}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,7 @@ class Settings:
     timeout: float
     qemu: str | None
     hv: tuple[str, ...] = (sys.executable, "-m", "hv")
+    tls_dirs: tuple[Path, Path] | None = None   # (server, client) certificate directories
 
 
 def _guest_append(case: Case, settings: Settings) -> str:
@@ -125,6 +141,12 @@ def _hv_argv(case: Case, settings: Settings, qmp: str, serial: Path, incoming: s
     argv = [*settings.hv, "-machine", "q35", "-accel", case.accel, "-m", str(case.size_mib),
             "-kernel", str(settings.kernel), "-append", _guest_append(case, settings),
             "-serial", f"file,path={serial}", "-qmp", f"unix:{qmp},server,nowait"]
+    if case.tls:
+        assert settings.tls_dirs is not None
+        server, client = settings.tls_dirs
+        endpoint, directory = ("server", server) if incoming else ("client", client)
+        argv += ["-object", f"tls-creds-x509,id={TLS_ID},endpoint={endpoint},dir={directory}"]
+        incoming = "defer" if incoming else None   # tls-creds first, then migrate-incoming
     return argv + ["-incoming", incoming] if incoming else argv
 
 
@@ -197,7 +219,11 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                                              listen_uri), workdir, workdir / "dst.serial")
             started.append(dst)
             source = src.connect_qmp(str(workdir / "src.qmp"))
-            dst.connect_qmp(str(workdir / "dst.qmp"))
+            destination = dst.connect_qmp(str(workdir / "dst.qmp"))
+            if case.tls:   # libvirt's order: -incoming defer, tls-creds, migrate-incoming
+                destination.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
+                destination.execute("migrate-incoming", uri=listen_uri)
+                source.execute("migrate-set-parameters", **{"tls-creds": TLS_ID, "tls-hostname": TLS_HOSTNAME})
             src.wait_output("pass 1 ", settings.timeout)
             uri = _destination_uri(case, dst, listen_uri)
             if case.engine == "qemu":
@@ -285,6 +311,8 @@ def build_cases(args: argparse.Namespace, qemu_accel: str | None) -> list[Case]:
             for transport in args.transports:
                 for accel in args.accels:
                     cases.append(Case("hv", accel, size, mode, transport))
+                    if args.tls:
+                        cases.append(Case("hv", accel, size, mode, transport, tls=True))
                 if qemu_accel is not None:
                     cases.append(Case("qemu", qemu_accel, size, mode, transport))
     return cases
@@ -303,7 +331,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     lines = [header]
     for row in rows:
         c = row.case
-        base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.transport)
+        base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.link)
         if not row.samples:
             lines.append(base + ("failed: " + (row.errors[-1] if row.errors else "?"),))
             continue
@@ -331,11 +359,25 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
                  for i, cell in enumerate(line)]
         out.append("  ".join(cells).rstrip())
     out.insert(1, "-" * len(out[0]))
+    out.extend(tls_lines(rows))
     raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
     out.append(f"raw loopback (1 MiB sendall/recv_into, median): {raw_text}")
     out.append("medians; MiB/s = transferred / total time; total/Q, down/Q = hv / QEMU; goals: downtime "
                f"<= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU (% raw is not a goal)")
     return "\n".join(out)
+
+
+def tls_lines(rows: list[Row]) -> list[str]:
+    """One line per TLS row whose plain twin has samples: both rates and their ratio."""
+    plain = {dataclasses.replace(r.case, tls=False): r for r in rows if not r.case.tls and r.samples}
+    lines = []
+    for row in rows:
+        twin = plain.get(dataclasses.replace(row.case, tls=False)) if row.case.tls and row.samples else None
+        if twin is not None:
+            tls_rate, plain_rate = row.median("throughput"), twin.median("throughput")
+            lines.append(f"tls/plain {twin.case.label()}: {tls_rate / MIB:.0f} vs {plain_rate / MIB:.0f} MiB/s "
+                         f"({tls_rate / plain_rate:.2f})")
+    return lines
 
 
 def _list(kind: str, allowed: tuple[str, ...]):
@@ -369,6 +411,8 @@ def migrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--hv", default=None, help="command that runs hv (default: this Python -m hv), "
                    "e.g. to measure a patched hv")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
+    p.add_argument("--tls", action="store_true",
+                   help="also migrate each hv combination over TLS (throwaway certificates, openssl CLI)")
     return p
 
 
@@ -395,6 +439,24 @@ def run_migrate(argv: list[str]) -> int:
         print("hv bench migrate: nothing to run", file=sys.stderr)
         return 2
     started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hvtls") as certs:
+        if args.tls and have_openssl():
+            settings = dataclasses.replace(settings, tls_dirs=server_and_client(Path(certs)))
+        elif args.tls:
+            log.warning("--tls: %s; the TLS rows are skipped", OPENSSL_MISSING)
+            cases = [c for c in cases if not c.tls]
+        rows, raw = _measure(args, settings, cases)
+    print(format_table(rows, raw))
+    print(f"({len(cases)} combinations x {args.repeat} runs in {time.monotonic() - started:.0f} s)")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"raw": raw, "rows": [
+            {"case": row.case.__dict__, "samples": [s.__dict__ for s in row.samples], "errors": row.errors}
+            for row in rows]}, indent=1))
+    return 0 if all(row.samples for row in rows) else 1
+
+
+def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:
+    """The raw loopback rates, then every case ``--repeat`` times, interleaved."""
     raw = {t: statistics.median(loopback_rate(t, args.loopback_mib) for _ in range(3)) for t in args.transports}
     for transport, rate in raw.items():
         log.info("raw %s loopback: %.0f MiB/s", transport, rate / MIB)
@@ -410,10 +472,4 @@ def run_migrate(argv: list[str]) -> int:
             row.samples.append(sample)
             log.info("%s run %d: total %d ms, downtime %d ms, %.1f MiB, %d passes", row.case.label(),
                      repetition + 1, sample.total_ms, sample.downtime_ms, sample.transferred / MIB, sample.passes)
-    print(format_table(rows, raw))
-    print(f"({len(cases)} combinations x {args.repeat} runs in {time.monotonic() - started:.0f} s)")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"raw": raw, "rows": [
-            {"case": row.case.__dict__, "samples": [s.__dict__ for s in row.samples], "errors": row.errors}
-            for row in rows]}, indent=1))
-    return 0 if all(row.samples for row in rows) else 1
+    return rows, raw
