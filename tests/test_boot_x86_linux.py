@@ -512,7 +512,7 @@ def test_debian_kernel_prints_its_banner_on_unicorn(debian_x86, image: str, tmp_
 def test_unicorn_second_page_fault_is_not_promoted_to_double_fault() -> None:
     """Unicorn keeps QEMU's 'exception in flight' after handing a #PF to hv; unless hv
     clears it, the next #PF becomes #DF (Linux died at its second page fault)."""
-    from tests.test_unicorn_x86 import KCODE, X86Guest
+    from tests.backends.unicorn_x86_guest import KCODE, X86Guest
 
     guest = X86Guest(mmio=False)
     try:

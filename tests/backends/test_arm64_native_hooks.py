@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from hv_backends.base import ExitReason
-from tests.test_unicorn_arm64 import (CODE, RAM, STACK_TOP, USER, USER_ALIAS, USER_STACK_TOP, VECTORS,
+from tests.backends.unicorn_arm64_guest import (CODE, RAM, STACK_TOP, USER, USER_ALIAS, USER_STACK_TOP, VECTORS,
                                       Arm64Guest)
 
 LOG = RAM + 0x60000          # u64 count, then 64-byte records from LOG + 64

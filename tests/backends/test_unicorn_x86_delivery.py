@@ -16,7 +16,7 @@ import pytest
 
 from hv_backends.base import ExitReason
 from hv.state import X86CpuState
-from tests.test_unicorn_x86 import IDT, KCODE, KSTACK_TOP, TSS, UCODE, USTACK_TOP, X86Guest, gate
+from tests.backends.unicorn_x86_guest import IDT, KCODE, KSTACK_TOP, TSS, UCODE, USTACK_TOP, X86Guest, gate
 
 IST1_TOP = 0xB000
 HANDLER = KCODE + 0x800          # a handler that only halts

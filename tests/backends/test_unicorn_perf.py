@@ -1,6 +1,6 @@
 """Throughput of the Unicorn backend's native hooks on a store-heavy loop (slow: measures).
 
-Run with ``HV_SLOW=1 python -m pytest -q -s tests/test_unicorn_perf.py``; prints MIPS of
+Run with ``HV_SLOW=1 python -m pytest -q -s tests/backends/test_unicorn_perf.py``; prints MIPS of
 bare Unicorn (no hooks) and of the backend with dirty logging off and on.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from hv_backends.base import ExitReason
-from tests.test_unicorn_x86 import KCODE, X86Guest, assemble_x86
+from tests.backends.unicorn_x86_guest import KCODE, X86Guest, assemble_x86
 
 log = logging.getLogger(__name__)
 ITERATIONS = 2_000_000

@@ -15,13 +15,7 @@ from hv import cpuid
 from hv.devices.lapic import APIC_BUS_NS
 from hv.memory import GuestMemory, RegionSpec
 from tests.helpers import X86_BACKENDS, requires_kvm
-from tests.test_kvm_backend import (
-    CODE,
-    RAM_SIZE,
-    RecordingIo,
-    long_mode_state,
-    write_page_tables,
-)
+from tests.backends.kvm_x86_guest import CODE, RAM_SIZE, RecordingIo, long_mode_state, write_page_tables
 
 PORTS = (0x10, 0x11, 0x12, 0x13)
 

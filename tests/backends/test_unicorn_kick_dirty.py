@@ -6,13 +6,7 @@ import threading
 import time
 
 from hv_backends.base import ExitReason
-from tests.test_unicorn_x86 import (
-    KCODE,
-    MMIO_BASE,
-    SCRAMBLED_PHYS,
-    SCRAMBLED_VIRT,
-    X86Guest,
-)
+from tests.backends.unicorn_x86_guest import KCODE, MMIO_BASE, SCRAMBLED_PHYS, SCRAMBLED_VIRT, X86Guest
 
 COUNTER = 0x8000
 
