@@ -52,7 +52,8 @@ def test_bench_linux_boots_and_migrates_on_hv(tmp_path: Path) -> None:
 
 def test_missing_images_name_the_build_command(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hv", "bench", "linux", "--arches", "aarch64",
-                           "--images", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+                           "--images", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "build_images.py --arch aarch64" in proc.stderr and "Traceback" not in proc.stderr
 
