@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hv_backends.base import Arch
-from hv_backends.kvm import KvmBackend
-
 from hv.errors import HvError
 from hv.qmp.address import SocketSpec
 from hv.qmp.client import QmpClientError, QmpConnection
+from hv_backends.base import Arch
+from hv_backends.kvm import KvmBackend
 
 
 class BenchError(HvError, RuntimeError):
