@@ -24,7 +24,7 @@ from hv.machine.interrupts import InterruptController
 from hv.machine.legacy import LEGACY_DEVICE_IDS, build_legacy_devices
 from hv.migration.stream import DeviceSection, FileChannel, StreamKind, StreamReader
 from tests.helpers import Vm, requires_kvm
-from tests.test_loader import make_elf, multiboot_header
+from tests.boot.kernels import make_elf, multiboot_header
 
 SERIAL_B = bytes.fromhex("66baf803") + b"\xb0B\xee" + b"\xb0\x0a\xee"      # mov dx,0x3f8; "B\n"
 SERIAL_R = bytes.fromhex("66baf803") + b"\xb0R\xee" + b"\xb0\x0a\xee"

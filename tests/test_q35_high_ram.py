@@ -33,7 +33,7 @@ from hv.migration.incoming import load_snapshot, receive_migration
 from hv.migration.status import MigrationStatus
 from hv.migration.stream_format import ConfigMismatchError
 from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, requires_kvm
-from tests.test_boot_x86_linux import make_bzimage, make_pvh
+from tests.boot.kernels import make_bzimage, make_pvh
 
 MIB = 1 << 20
 GIB = 1 << 30

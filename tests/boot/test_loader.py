@@ -21,20 +21,13 @@ from hv.boot.multiboot import MULTIBOOT_BOOT_MAGIC
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
 from tests.helpers import FIXTURES, require_tool
+from tests.boot.kernels import make_elf, multiboot_header
+from tests.boot.conftest import MIB, arm_memory, assert_untouched, run_arm_under_unicorn, x86_memory
 
-MIB = 1024 * 1024
 X86_HELLO = (FIXTURES / "x86_64" / "hello.elf").read_bytes()
 X86_DIRTY = (FIXTURES / "x86_64" / "dirty.elf").read_bytes()
 ARM_HELLO = (FIXTURES / "aarch64" / "hello.elf").read_bytes()
 ARM_DIRTY = (FIXTURES / "aarch64" / "dirty.elf").read_bytes()
-
-
-def x86_memory(size: int = 64 * MIB) -> GuestMemory:
-    return GuestMemory([RegionSpec(0, size)])
-
-
-def arm_memory(size: int = 64 * MIB) -> GuestMemory:
-    return GuestMemory([RegionSpec(VIRT_RAM_BASE, size)])
 
 
 @pytest.fixture
@@ -51,32 +44,6 @@ def arm_mem() -> Iterator[GuestMemory]:
     mem.close()
 
 
-def multiboot_header(flags: int = 0x3) -> bytes:
-    return struct.pack("<III", 0x1BADB002, flags, (-(0x1BADB002 + flags)) & 0xFFFFFFFF)
-
-
-def make_elf(*, is64: bool, machine: int, entry: int, segments: list[tuple[int, bytes, int]],
-             etype: int = 2, prefix: bytes = b"") -> bytes:
-    """A minimal ELF: header, program headers, then ``prefix`` and each segment's bytes."""
-    ehsize, phentsize = (64, 56) if is64 else (52, 32)
-    phoff = ehsize
-    data_off = phoff + phentsize * len(segments)
-    body = bytearray(prefix)
-    phdrs = bytearray()
-    for paddr, data, memsz in segments:
-        offset = data_off + len(body)
-        body += data
-        if is64:
-            phdrs += struct.pack("<IIQQQQQQ", 1, 7, offset, paddr, paddr, len(data), memsz, 0x1000)
-        else:
-            phdrs += struct.pack("<IIIIIIII", 1, offset, paddr, paddr, len(data), memsz, 7, 0x1000)
-    ident = b"\x7fELF" + bytes([2 if is64 else 1, 1, 1]) + bytes(9)
-    fmt = "<HHIQQQIHHHHHH" if is64 else "<HHIIIIIHHHHHH"
-    header = ident + struct.pack(fmt, etype, machine, 1, entry, phoff, 0, 0, ehsize, phentsize,
-                                 len(segments), 0, 0, 0)
-    return header + bytes(phdrs) + bytes(body)
-
-
 def x86_elf(segments: list[tuple[int, bytes, int]] | None = None, entry: int = 0x100000,
             is64: bool = False, mb_flags: int = 0x3, with_header: bool = True) -> bytes:
     code = (multiboot_header(mb_flags) if with_header else b"") + b"\xf4" * 16
@@ -87,10 +54,6 @@ def x86_elf(segments: list[tuple[int, bytes, int]] | None = None, entry: int = 0
 def arm_elf(segments: list[tuple[int, bytes, int]] | None = None, entry: int = 0x40200000) -> bytes:
     segments = segments if segments is not None else [(0x40200000, b"\x1f\x20\x03\xd5" * 4, 0x1000)]
     return make_elf(is64=True, machine=183, entry=entry, segments=segments)
-
-
-def assert_untouched(mem: GuestMemory) -> None:
-    assert not any(mem.take_vmm_dirty()), "a rejected image must not write guest RAM"
 
 
 # -- x86_64 / multiboot --------------------------------------------------------------------
@@ -379,45 +342,6 @@ def test_fuzz_fdt_reader(edits: list[tuple[int, int]], cut: int | None) -> None:
 
 
 # -- loader + FDT + guest together: the aarch64 fixtures under Unicorn ----------------------
-
-
-def run_arm_under_unicorn(image: bytes, cmdline: str, max_instructions: int = 50_000_000) -> str:
-    """Load with hv's loader, run in Unicorn with a PL011 and PSCI SYSTEM_OFF, return output."""
-    unicorn = pytest.importorskip("unicorn")
-    from unicorn import arm64_const as a64
-
-    mem = arm_memory(32 * MIB)
-    out = bytearray()
-    powered_off = []
-    try:
-        boot = load_kernel("aarch64", mem, image, cmdline)
-        uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
-        region = mem.regions[0]
-        uc.mem_map_ptr(region.gpa, region.size, unicorn.UC_PROT_ALL, region.host_addr)
-
-        def pl011_read(_uc: object, offset: int, _size: int, _data: object) -> int:
-            return 0x90 if offset == 0x18 else 0  # FR: TX FIFO empty, never full
-
-        def pl011_write(_uc: object, offset: int, _size: int, value: int, _data: object) -> None:
-            if offset == 0:
-                out.append(value & 0xFF)
-
-        uc.mmio_map(0x09000000, 0x1000, pl011_read, None, pl011_write, None)
-
-        def on_intr(uc_: "unicorn.Uc", intno: int, _data: object) -> None:
-            if uc_.reg_read(a64.UC_ARM64_REG_X0) == 0x84000008:
-                powered_off.append(intno)
-            uc_.emu_stop()
-
-        uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
-        uc.reg_write(a64.UC_ARM64_REG_PSTATE, boot.cpu_state.pstate)
-        uc.reg_write(a64.UC_ARM64_REG_X0, boot.cpu_state.x[0])
-        uc.emu_start(boot.cpu_state.pc, 0, count=max_instructions)
-        del uc
-    finally:
-        mem.close()
-    assert powered_off, f"guest did not power off; output so far: {bytes(out)!r}"
-    return out.decode()
 
 
 def test_arm_hello_runs_with_loader_fdt() -> None:

@@ -18,7 +18,7 @@ import pytest
 from hv.boards.q35 import layout as q35
 from hv.boards.virt import layout as virt
 
-HV = Path(__file__).resolve().parent.parent / "hv"
+HV = Path(__file__).resolve().parents[2] / "hv"
 LAYOUTS = {HV / "boards" / "q35" / "layout.py", HV / "boards" / "virt" / "layout.py"}
 # Values specific enough that a literal equal to one is a second definition of an address.
 ADDRESSES = {

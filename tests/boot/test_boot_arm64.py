@@ -23,7 +23,8 @@ from hv.boot import LoaderError, load_kernel, parse_elf
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
 from tests.helpers import FIXTURES
-from tests.test_loader import arm_memory, assert_untouched, make_elf, run_arm_under_unicorn
+from tests.boot.conftest import arm_memory, assert_untouched, run_arm_under_unicorn
+from tests.boot.kernels import make_elf
 
 MIB = 1024 * 1024
 ARM_HELLO = (FIXTURES / "aarch64" / "hello.elf").read_bytes()

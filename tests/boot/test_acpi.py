@@ -17,15 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv.acpi import (
-    AcpiError,
-    BoardFacts,
-    ResetRegister,
-    aml,
-    build_q35_acpi,
-    q35_board_facts,
-    q35_intx_gsi,
-)
+from hv.acpi import AcpiError, BoardFacts, ResetRegister, aml, build_q35_acpi, q35_board_facts, q35_intx_gsi
 from hv.acpi.aml import AmlError
 from tests.helpers import require_tool
 
