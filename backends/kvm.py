@@ -40,6 +40,7 @@ Limitations (measured on kvm_pvm; hardware KVM does not have the first two)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -49,13 +50,19 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
+from hv.state import FXSAVE_SIZE, CpuState, X86CpuState
 from hv_backends import kvm_abi as abi
-from hv_backends.kvm_state import (CPUID_DROPPED_RANGE, CPUID_MASKS, CPUID_ZEROED, apply_cpuid_policy, read_state,
-                                     write_state)
 from hv_backends.base import Arch, Backend, BackendError, BackendUnavailable, Exit, ExitReason, IoHandler, Vcpu, Vm
 from hv_backends.kvm_dirty import KvmDirtyLog, LogSlot
-from hv.memory import PAGE_SHIFT, GuestMemory, MemoryRegion
-from hv.state import FXSAVE_SIZE, X86CpuState
+from hv_backends.kvm_state import (
+    CPUID_DROPPED_RANGE,
+    CPUID_MASKS,
+    CPUID_ZEROED,
+    apply_cpuid_policy,
+    read_state,
+    write_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +173,7 @@ class KvmBackend(Backend):
                 return f"{KVM_DEVICE}: missing capability {cap_name}"
         return None
 
-    def open_vm(self, arch: Arch, memory: GuestMemory, mmio_windows: list[tuple[int, int]]) -> "KvmVm":
+    def open_vm(self, arch: Arch, memory: GuestMemory, mmio_windows: list[tuple[int, int]]) -> KvmVm:
         problem = self.probe(arch)
         if problem is not None:
             raise BackendUnavailable(problem)
@@ -188,7 +195,7 @@ class KvmVm(Vm):
         self.memory = memory
         self.vcpus: list[KvmVcpu] = []
         for region in memory.regions:
-            if region.gpa < TSS_ADDR + 3 * 4096 and IDENTITY_MAP_ADDR < region.end:
+            if region.gpa < TSS_ADDR + 3 * 4096 and region.end > IDENTITY_MAP_ADDR:
                 raise BackendError(f"RAM region {region.gpa:#x}+{region.size:#x} overlaps the pages KVM "
                                    f"reserves at {IDENTITY_MAP_ADDR:#x}..{TSS_ADDR + 3 * 4096:#x}")
         try:
@@ -288,7 +295,7 @@ class KvmVm(Vm):
             os.close(scratch_vm)
 
     # -- Vm interface ------------------------------------------------------------------
-    def create_vcpu(self, index: int) -> "KvmVcpu":
+    def create_vcpu(self, index: int) -> KvmVcpu:
         if not 0 <= index < 256:
             raise BackendError(f"vCPU index {index} out of range 0..255")
         if any(v.index == index for v in self.vcpus):
@@ -577,10 +584,8 @@ class KvmVcpu(Vcpu):
                             "main thread): the kick waits for the guest's next exit",
                             self.index, signal.Signals(KICK_SIGNAL).name)
                 return
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def interrupt(self, vector: int) -> None:
         """Queue external interrupt ``vector`` for delivery at the next guest entry.
@@ -649,7 +654,7 @@ class KvmVcpu(Vcpu):
         self._check_stopped("get_state")
         return read_state(self._fd, self.index, self._halted, self._vm._has_mp_state)
 
-    def set_state(self, state: X86CpuState) -> None:  # type: ignore[override]
+    def set_state(self, state: CpuState) -> None:
         if not isinstance(state, X86CpuState):
             raise BackendError(f"KVM x86_64 vCPU cannot load a {type(state).__name__}")
         if len(state.fxsave) != FXSAVE_SIZE:

@@ -244,6 +244,7 @@ int munmap(void *addr, size_t length);
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
+CType = Any   # the type of ffi.typeof(...) objects (cffi ships no type information)
 libc = ffi.dlopen(None)
 
 # ---------------------------------------------------------------------------------------
@@ -425,9 +426,9 @@ def offsetof(struct: str, path: str) -> int:
     return total
 
 
-def _flatten_fields(ctype: ffi.CType) -> list[tuple[str, tuple[int, ffi.CType]]]:
+def _flatten_fields(ctype: CType) -> list[tuple[str, tuple[int, CType]]]:
     """Fields of a struct/union, with anonymous unions/structs flattened into it."""
-    out: list[tuple[str, tuple[int, ffi.CType]]] = []
+    out: list[tuple[str, tuple[int, CType]]] = []
     for name, field in ctype.fields:
         if name is None or name == "":
             out.extend((n, (field.offset + o, t)) for n, (o, t) in _flatten_fields(field.type))

@@ -28,8 +28,8 @@ whichever way the protection is re-armed (see the report in issue 13).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hv_backends import kvm_abi as abi
 from hv_backends.base import BackendError

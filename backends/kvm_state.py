@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from hv import cpuid as cpuid_policy
+from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, X86_SEGMENT_NAMES, DescriptorTable, Segment, X86CpuState
 from hv_backends import kvm_abi as abi
 from hv_backends.base import BackendError
-
-from hv import cpuid as cpuid_policy
-from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, DescriptorTable, Segment, X86CpuState, X86_SEGMENT_NAMES
 
 log = logging.getLogger("hv_backends.kvm")
 

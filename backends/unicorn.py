@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import logging
 
-from hv_backends.base import Arch, Backend, BackendError, Vcpu, Vm
-from hv_backends.unicorn_common import (UNICORN_VERSION, NativeVm, UnicornLayoutError, UnicornVcpuBase,
-                                        _import_unicorn, _native)
 from hv.memory import PAGE_SIZE, GuestMemory
+from hv_backends.base import Arch, Backend, BackendError, Vcpu, Vm
+from hv_backends.unicorn_common import (
+    UNICORN_VERSION,
+    NativeVm,
+    UnicornLayoutError,
+    UnicornVcpuBase,
+    _import_unicorn,
+    _native,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ registers a machine's :class:`SysregHandler` serves (ROUTED_SYSREGS) reach Pytho
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -23,11 +24,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hv_backends.base import BackendError, Exit, ExitReason, PowerHandler, SysregHandler
-from hv_backends.unicorn_common import (UnicornLayoutError, UnicornVcpuBase, _fn_addr, _import_unicorn, _native,
-                                        add_native_hook, uclib)
 from hv.memory import GuestMemoryError
-from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState
+from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState, CpuState
+from hv_backends.base import BackendError, Exit, ExitReason, PowerHandler, SysregHandler
+from hv_backends.unicorn_common import (
+    UnicornLayoutError,
+    UnicornVcpuBase,
+    _fn_addr,
+    _import_unicorn,
+    _native,
+    add_native_hook,
+    uclib,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +176,8 @@ def verify_layout() -> None:
         engine.emu_stop()
 
     uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
-    try:
+    with contextlib.suppress(unicorn.UcError):
         uc.emu_start(0x1230, 0, count=1)
-    except unicorn.UcError:
-        pass
     if not seen or seen[0][0] != EXCP_PREFETCH_ABORT or seen[0][1] >> 26 != 0x21 or seen[0][2] != 0x1230:
         raise UnicornLayoutError(f"unicorn saved-context layout differs from 2.1.4: abort record {seen!r}")
     native = _native()
@@ -255,7 +261,8 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._a64_addr = int(ffi.cast("uintptr_t", a64))
         self._fill_sysreg_classes()
         add_native_hook(self.uc, unicorn.UC_HOOK_INTR, "hv_a64_intr_hook", self._a64_addr)
-        for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"), (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook")):
+        for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"),
+                           (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook")):
             fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.native.lib, name)))
             handle = ctypes.c_size_t()
             status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
@@ -352,7 +359,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         if handler is not None:
             name = ROUTED_SYSREGS.get((cp.crn, cp.crm, cp.op0, cp.op1, cp.op2))
             value = None if name is None else handler.read(name)
-            if value is not None:
+            if name is not None and value is not None:
                 if reg != self._a.UC_ARM64_REG_XZR:
                     uc.reg_write(reg, value)
                 return self._skip_insn(uc, name)
@@ -478,7 +485,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         ELR_EL1 = ``return_pc``, SPSR_EL1 = PSTATE, ESR_EL1 (and FAR_EL1) for synchronous
         exceptions, PSTATE = EL1h with DAIF masked, PC = VBAR_EL1 + offset + 0x80 * kind
         (offset 0x000 from EL1t, 0x200 from EL1h, 0x400 from EL0)."""
-        rc = self.native.lib.hv_a64_enter(self.native.ffi.cast("void *", self.uc._uch.value), self.a64,
+        uch = self.uc._uch
+        assert uch is not None   # None only after a failed uc_open, which raised
+        rc = self.native.lib.hv_a64_enter(self.native.ffi.cast("void *", uch.value), self.a64,
                                           esr & ((1 << 64) - 1), return_pc & ((1 << 64) - 1),
                                           far is not None, (far or 0) & ((1 << 64) - 1), kind)
         if rc != 0:
@@ -538,11 +547,11 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         st.halted = self._halted
         return st
 
-    def set_state(self, state: Arm64CpuState) -> None:
+    def set_state(self, state: CpuState) -> None:
         with self._engine_lock:
             self._set_state(state)
 
-    def _set_state(self, state: Arm64CpuState) -> None:
+    def _set_state(self, state: CpuState) -> None:
         if not isinstance(state, Arm64CpuState):
             raise BackendError(f"an aarch64 vCPU cannot load a {type(state).__name__}")
         el = (state.pstate >> 2) & 3
@@ -552,7 +561,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         uc = self.uc
         self._set_cp(SCR_EL3, SCR_EL3_VALUE)
         self._set_cp(HCR_EL2, HCR_EL2_VALUE)
-        for reg, value in zip(self._x_ids, state.x):
+        for reg, value in zip(self._x_ids, state.x, strict=True):
             uc.reg_write(reg, value)
         for name, value in state.sysregs.items():
             if name in CARRIED_SYSREGS:

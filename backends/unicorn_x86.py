@@ -17,6 +17,16 @@ import logging
 import struct
 from typing import Any
 
+from hv import cpuid as cpuid_policy
+from hv.state import (
+    EFER_LMA,
+    EFER_SCE,
+    FXSAVE_SIZE,
+    CpuState,
+    DescriptorTable,
+    Segment,
+    X86CpuState,
+)
 from hv_backends.base import BackendError, Exit, ExitReason
 from hv_backends.unicorn_common import (
     UnicornLayoutError,
@@ -37,16 +47,6 @@ from hv_backends.unicorn_x86_delivery import (
     X86Event,
     check_native_constants,
     flags_to_seg,
-)
-
-from hv import cpuid as cpuid_policy
-from hv.state import (
-    EFER_LMA,
-    EFER_SCE,
-    FXSAVE_SIZE,
-    DescriptorTable,
-    Segment,
-    X86CpuState,
 )
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ def compute_hflags(old: int, st: X86CpuState) -> int:
             h |= HF_SS32
     if h & HF_CS64:
         pass
-    elif not (st.cr0 & CR0_PE) or (st.rflags & RFLAGS_VM) or not (h & HF_CS32):
-        h |= HF_ADDSEG
-    elif st.ds.base | st.es.base | st.ss.base:
+    elif not (st.cr0 & CR0_PE) or (st.rflags & RFLAGS_VM) or not (h & HF_CS32) or st.ds.base | st.es.base | st.ss.base:
         h |= HF_ADDSEG
     return h
 
@@ -255,7 +253,8 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         regs = cpuid_policy.lookup(uc.reg_read(x.UC_X86_REG_EAX))
         if regs is None:
             return 0
-        for reg, value in zip((x.UC_X86_REG_RAX, x.UC_X86_REG_RBX, x.UC_X86_REG_RCX, x.UC_X86_REG_RDX), regs):
+        gprs = (x.UC_X86_REG_RAX, x.UC_X86_REG_RBX, x.UC_X86_REG_RCX, x.UC_X86_REG_RDX)
+        for reg, value in zip(gprs, regs, strict=True):
             uc.reg_write(reg, value)   # CPUID zero-extends into the 64-bit registers
         return 1
 
@@ -295,6 +294,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
 
     def _restore_raw(self, ctx: Any, env: bytearray) -> None:
         base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        assert base is not None   # context_save's buffer (it raises when it cannot allocate one)
         ctypes.memmove(base + CTX_HEADER, bytes(env), len(env))
         self.uc.context_restore(ctx)
 
@@ -410,7 +410,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         st = X86CpuState()
         regs = struct.unpack_from("<16Q", env, ENV_REGS)
         for name, value in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-                                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"), regs):
+                                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"), regs, strict=True):
             setattr(st, name, value)
         st.rip = struct.unpack_from("<Q", env, ENV_EIP)[0]
         st.rflags = uc.reg_read(x.UC_X86_REG_RFLAGS)
@@ -455,11 +455,11 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         return (0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102,
                 0xC0000103)
 
-    def set_state(self, state: X86CpuState, flush_code: bool = True) -> None:
+    def set_state(self, state: CpuState, flush_code: bool = True) -> None:
         with self._engine_lock:
             self._set_state(state, flush_code)
 
-    def _set_state(self, state: X86CpuState, flush_code: bool) -> None:
+    def _set_state(self, state: CpuState, flush_code: bool) -> None:
         if not isinstance(state, X86CpuState):
             raise BackendError(f"an x86_64 vCPU cannot load a {type(state).__name__}")
         x = self._x

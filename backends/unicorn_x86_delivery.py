@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hv.memory import PAGE_SIZE, GuestMemoryError
+from hv.state import EFER_LMA, Segment, X86CpuState
 from hv_backends.base import BackendError
 from hv_backends.unicorn_common import (
     UnicornLayoutError,
@@ -33,9 +35,6 @@ from hv_backends.unicorn_common import (
     add_native_hook,
     uclib,
 )
-
-from hv.memory import PAGE_SIZE, GuestMemoryError
-from hv.state import EFER_LMA, Segment, X86CpuState
 
 if TYPE_CHECKING:
     from hv_backends.unicorn_x86 import UnicornX86Vcpu
@@ -267,7 +266,9 @@ class NativeX86:
         rec.py = self._handle
         rec.native = 0 if os.environ.get(NATIVE_ENV, "1") == "0" else 1
         self.rec = rec
-        self._uch = ffi.cast("void *", vcpu.uc._uch.value)
+        uch = vcpu.uc._uch
+        assert uch is not None   # None only after a failed uc_open, which raised
+        self._uch = ffi.cast("void *", uch.value)
         addr = int(ffi.cast("uintptr_t", rec))
         add_native_hook(vcpu.uc, unicorn.UC_HOOK_INTR, "hv_x86_intr_hook", addr)
         for insn, name in ((x86_const.UC_X86_INS_SYSCALL, "hv_x86_syscall_hook"),
