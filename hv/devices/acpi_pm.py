@@ -8,8 +8,9 @@ for the value ``0x2000`` that guests (and the fixtures) write to port 0x604.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.interfaces import checked_fields, checked_uint
 
@@ -30,7 +31,7 @@ class AcpiPmState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "AcpiPmState":
+    def from_dict(cls, raw: Any) -> AcpiPmState:
         raw = checked_fields(raw, cls, "acpi-pm")
         return cls(**{name: checked_uint(value, 0x1_0000, f"acpi-pm state: bad {name}")
                       for name, value in raw.items()})

@@ -15,8 +15,9 @@ are exact across pauses and migration.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.clock import MAX_NS, GuestClock
 from hv.devices.interfaces import DeviceStateError
@@ -58,7 +59,7 @@ class ArchTimerState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "ArchTimerState":
+    def from_dict(cls, raw: Any) -> ArchTimerState:
         if not isinstance(raw, dict) or set(raw) != {"virt", "phys"}:
             raise DeviceStateError("arch timer state: wrong fields")
         out = cls()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.interfaces import checked_fields, checked_uint
 
@@ -36,7 +37,7 @@ class ClockState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "ClockState":
+    def from_dict(cls, raw: Any) -> ClockState:
         raw = checked_fields(raw, cls, "clock")
         return cls(checked_uint(raw["ns"], MAX_NS + 1, "clock state: ns out of range"))
 

@@ -23,7 +23,7 @@ stricter, so a stray upper bit cannot alias another SPI.)
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class GicV2m:
                  count: int = V2M_SPI_COUNT) -> None:
         if not 0 <= base < 1 << 64 or base % V2M_SIZE:
             raise ValueError(f"gicv2m: frame base {base:#x} is not a 4 KiB-aligned 64-bit address")
-        if not 32 <= spi_base or not 1 <= count <= 1020 - spi_base or count > 0x3FF:
+        if spi_base < 32 or not 1 <= count <= 1020 - spi_base or count > 0x3FF:
             raise ValueError(f"gicv2m: INTIDs {spi_base}+{count} are not SPIs")
         self.base = base
         self.doorbell = base + V2M_MSI_SETSPI_NS   # the MSI address a guest programs

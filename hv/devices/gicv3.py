@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.interfaces import DeviceStateError
 
@@ -128,7 +129,7 @@ class GicCpuState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "GicCpuState":
+    def from_dict(cls, raw: Any) -> GicCpuState:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(raw, dict) or set(raw) != names:
             raise DeviceStateError("gicv3 cpu state: wrong fields")
@@ -172,7 +173,7 @@ class GicState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "GicState":
+    def from_dict(cls, raw: Any) -> GicState:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(raw, dict) or set(raw) != names:
             raise DeviceStateError("gicv3 state: wrong fields")

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
 
@@ -85,7 +86,7 @@ class I8042State:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "I8042State":
+    def from_dict(cls, raw: Any) -> I8042State:
         raw = checked_fields(raw, cls, "i8042")
         for name in ("last_was_command", "timeout", "kbd_scanning"):
             if not isinstance(raw[name], bool):
@@ -258,7 +259,7 @@ class I8042:
         else:
             self._kbd_send(KBD_RESEND)
 
-    def port(self, offset: int) -> "I8042Port":
+    def port(self, offset: int) -> I8042Port:
         """A one-byte window on the bus at 0x60 + ``offset`` (0: data, 4: status/command)."""
         return I8042Port(self, offset)
 

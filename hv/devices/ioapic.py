@@ -65,7 +65,7 @@ class IoApicState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "IoApicState":
+    def from_dict(cls, raw: Any) -> IoApicState:
         raw = checked_fields(raw, cls, "ioapic")
         for name, limit in (("ioregsel", 256), ("apic_id", 16), ("levels", 1 << IOAPIC_PINS)):
             checked_uint(raw[name], limit, f"ioapic state: bad {name}")
@@ -101,7 +101,7 @@ class IoApic:
         elif level and not was and not entry & ENTRY_MASKED:
             self._send(pin)
 
-    def line(self, pin: int) -> "IoApicLine":
+    def line(self, pin: int) -> IoApicLine:
         """An :class:`hv.devices.interfaces.InterruptLine` driving ``pin``."""
         if not 0 <= pin < IOAPIC_PINS:
             raise ValueError(f"IOAPIC pin {pin} out of range 0..{IOAPIC_PINS - 1}")

@@ -51,7 +51,7 @@ class SharedLine:
         with self._lock:
             return list(self._levels)
 
-    def attach(self, key: Any) -> "SharedLineInput":
+    def attach(self, key: Any) -> SharedLineInput:
         """A new input called ``key`` (e.g. a devfn), low until its device raises it."""
         with self._lock:
             if key in self._levels:

@@ -184,7 +184,7 @@ class LapicState:
         return raw
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "LapicState":
+    def from_dict(cls, raw: Any) -> LapicState:
         raw = checked_fields(raw, cls, "lapic")
         values: dict[str, Any] = {}
         if raw["apic_id"] is not None:
@@ -351,10 +351,7 @@ class Lapic:
         if not period or self.timer_mode not in (TIMER_ONE_SHOT, TIMER_PERIODIC):
             return 0
         elapsed = max(0, now - self.s.timer_start)
-        if self.timer_mode == TIMER_PERIODIC:
-            remaining = period - elapsed % period
-        else:
-            remaining = max(0, period - elapsed)
+        remaining = period - elapsed % period if self.timer_mode == TIMER_PERIODIC else max(0, period - elapsed)
         return min(self.s.timer_initial, remaining // (self.divide * APIC_BUS_NS))
 
     # -- registers ---------------------------------------------------------------------

@@ -248,7 +248,8 @@ class PciBridge(PciFunction):
         if space == "io":
             ranges = [((self.config[IO_BASE] & 0xF0) << 8, (self.config[IO_LIMIT] & 0xF0) << 8 | 0xFFF)]
         else:
-            ranges = [((self._get(MEMORY_BASE, 2) & 0xFFF0) << 16, (self._get(MEMORY_LIMIT, 2) & 0xFFF0) << 16 | 0xFFFFF),
+            ranges = [((self._get(MEMORY_BASE, 2) & 0xFFF0) << 16,
+                       (self._get(MEMORY_LIMIT, 2) & 0xFFF0) << 16 | 0xFFFFF),
                       ((self._get(PREF_MEMORY_BASE, 2) & 0xFFF0) << 16 | self._get(PREF_BASE_UPPER32, 4) << 32,
                        (self._get(PREF_MEMORY_LIMIT, 2) & 0xFFF0) << 16 | 0xFFFFF
                        | self._get(PREF_LIMIT_UPPER32, 4) << 32)]
@@ -452,7 +453,7 @@ class PciConfigPorts:
     def read(self, offset: int, size: int) -> int:
         if offset == 0 and size == 4:
             return self.host.config_address
-        if 4 <= offset and offset + size <= 8:
+        if offset >= 4 and offset + size <= 8:
             target = self._target(offset - 4)
             if target is not None:
                 return self.host.config_read(target[0], target[1], target[2], size)
@@ -461,7 +462,7 @@ class PciConfigPorts:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
             self.host.config_address = value & 0x80FF_FFFC
-        elif 4 <= offset and offset + size <= 8:
+        elif offset >= 4 and offset + size <= 8:
             target = self._target(offset - 4)
             if target is not None:
                 self.host.config_write(target[0], target[1], target[2], size, value)

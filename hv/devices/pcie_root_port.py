@@ -47,10 +47,22 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from hv.devices.interfaces import (DeviceStateError, InterruptLine, UnconnectedLine, checked_fields)
-from hv.devices.pci import (CAP_ID_MSI, CAP_ID_PCIE, COMMAND, COMMAND_INTX_DISABLE, SAVED_CONFIG_SIZE, STATUS,
-                            STATUS_INTERRUPT, MsiSink, PciBridge, PciError, PciFunction, UnconnectedMsi,
-                            parse_hex_bytes)
+from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields
+from hv.devices.pci import (
+    CAP_ID_MSI,
+    CAP_ID_PCIE,
+    COMMAND,
+    COMMAND_INTX_DISABLE,
+    SAVED_CONFIG_SIZE,
+    STATUS,
+    STATUS_INTERRUPT,
+    MsiSink,
+    PciBridge,
+    PciError,
+    PciFunction,
+    UnconnectedMsi,
+    parse_hex_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +143,7 @@ class PcieRootPortState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "PcieRootPortState":
+    def from_dict(cls, raw: Any) -> PcieRootPortState:
         raw = checked_fields(raw, cls, "pcie-root-port")
         config = raw["config"]
         if not isinstance(config, str):
@@ -295,7 +307,10 @@ class PcieRootPort(PciBridge):
 
     def config_written(self, offset: int, size: int) -> None:
         end = offset + size
-        touches = (lambda start, length: offset < start + length and start < end)
+
+        def touches(start: int, length: int) -> bool:
+            return offset < start + length and start < end
+
         if (touches(COMMAND, 2) or touches(self.exp + EXP_SLTCTL, 4)
                 or touches(self.msi + MSI_CONTROL, 2)):
             self.update_interrupt()

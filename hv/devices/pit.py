@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hv.devices.clock import MAX_NS
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
@@ -85,7 +86,7 @@ class PitChannelState:
     status_latch: int | None = None
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str) -> "PitChannelState":
+    def from_dict(cls, raw: Any, where: str) -> PitChannelState:
         raw = checked_fields(raw, cls, where)
         bools = ("bcd", "loaded", "running", "read_high", "write_high")
         if any(not isinstance(raw[name], bool) for name in bools):
@@ -101,7 +102,8 @@ class PitChannelState:
                    reload=checked_uint(raw["reload"], 0x1_0000, f"{where} state: bad reload"),
                    load_ns=checked_uint(raw["load_ns"], MAX_NS + 1, f"{where} state: bad load_ns"),
                    write_low=checked_uint(raw["write_low"], 256, f"{where} state: bad write_low"),
-                   latch=list(latch), **{name: raw[name] for name in bools}, **optional)
+                   latch=list(latch), **{name: raw[name] for name in bools}, paused_ns=optional["paused_ns"],
+                   next_edge=optional["next_edge"], status_latch=optional["status_latch"])
 
 
 @dataclass
@@ -118,7 +120,7 @@ class PitState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "PitState":
+    def from_dict(cls, raw: Any) -> PitState:
         raw = checked_fields(raw, cls, "pit")
         channels = raw["channels"]
         if not isinstance(channels, list) or len(channels) != 3:
@@ -338,7 +340,7 @@ class Pit:
         if not self._gate(index):
             ch.paused_ns = now
 
-    def port61(self) -> "Port61":
+    def port61(self) -> Port61:
         """Port 0x61 (NMI status and control) as a one-byte register file."""
         return Port61(self)
 

@@ -34,8 +34,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hv.devices.interfaces import (DeviceStateError, InterruptLine, OutputSink, UnconnectedLine,
-                                   checked_uint, checked_uint_list)
+from hv.devices.interfaces import (
+    DeviceStateError,
+    InterruptLine,
+    OutputSink,
+    UnconnectedLine,
+    checked_uint,
+    checked_uint_list,
+)
 
 FIFO_DEPTH = 16                 # the PL011's RX FIFO
 LEGACY_RX_FIFO_SIZE = 32        # a state saved by an older hv may hold this many
@@ -85,7 +91,7 @@ class Pl011State:
         return raw
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "Pl011State":
+    def from_dict(cls, raw: Any) -> Pl011State:
         if not isinstance(raw, dict) or not set(_BASE_FIELDS) <= set(raw) <= set(_BASE_FIELDS) | set(_LATER_FIELDS):
             raise DeviceStateError("pl011 state: wrong fields")
         fifo = checked_uint_list(raw["rx_fifo"], 0x100, "pl011 state: bad rx_fifo", max_length=LEGACY_RX_FIFO_SIZE)

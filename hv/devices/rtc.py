@@ -41,11 +41,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hv.devices.clock import MAX_NS
-from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint, checked_uint_list
+from hv.devices.interfaces import (
+    DeviceStateError,
+    InterruptLine,
+    UnconnectedLine,
+    checked_fields,
+    checked_uint,
+    checked_uint_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +124,7 @@ class RtcState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "RtcState":
+    def from_dict(cls, raw: Any) -> RtcState:
         raw = checked_fields(raw, cls, "rtc")
         wall = raw["wall_ns"]
         if wall is not None and (isinstance(wall, bool) or not isinstance(wall, int) or abs(wall) >= WALL_LIMIT):

@@ -16,7 +16,7 @@ answered with IOERR, an unknown type with UNSUPP.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 from hv.block import BlockBackend, BlockError
 from hv.devices.virtqueue import Chain, Segment, Virtqueue, VirtqueueError

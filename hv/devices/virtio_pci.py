@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
-from hv.devices.pci import (BAR_MEM64, SAVED_CONFIG_SIZE, BarSpec, MsiSink, MsixTable,
-                            PciFunction, parse_hex_bytes)
+from hv.devices.pci import BAR_MEM64, SAVED_CONFIG_SIZE, BarSpec, MsiSink, MsixTable, PciFunction, parse_hex_bytes
 from hv.devices.virtqueue import Virtqueue, VirtqueueError, VirtqueueState
 from hv.memory import GuestMemory
 
@@ -138,7 +137,7 @@ class VirtioPciState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "VirtioPciState":
+    def from_dict(cls, raw: Any) -> VirtioPciState:
         raw = checked_fields(raw, cls, "virtio-pci")
         limits = {"msix_pba": 1 << 64, "device_feature_select": 1 << 32, "driver_feature_select": 1 << 32,
                   "driver_features": 1 << 64, "status": 256, "config_generation": 256,
@@ -435,7 +434,7 @@ class VirtioPciDevice(PciFunction):
         self.load_config(config)
         self.msix.load(table_bytes.hex(), state.msix_pba)
         self.s = dataclasses.replace(state, queues=[])
-        for q, qs in zip(self.queues, queues):
+        for q, qs in zip(self.queues, queues, strict=True):
             q.state = qs
             q.indirect = bool(state.driver_features >> F_RING_INDIRECT_DESC & 1)
             q.event_idx = bool(state.driver_features >> F_RING_EVENT_IDX & 1)
