@@ -53,7 +53,7 @@ class DeviceSlot:
     name: str
     kind: str
     device: PersistentDevice
-    state_type: type
+    state_type: type[Any]   # a state dataclass with VERSION (hv.devices.persist.DeviceState)
     bus: str   # "port" | "mmio" | "pcie.0"
     addr: str  # "0x3f8", "03.0"
     attrs: dict[str, str] = dataclasses.field(default_factory=dict)  # must match across a migration
@@ -217,7 +217,7 @@ class DeviceManager:
             if slot is None or slot.bus not in self.pci.buses:
                 raise MachineError(f"Device '{device_id}' not found" if slot is None else
                                    f"device_del: {device_id} ({slot.kind}) is not a hot-pluggable device")
-            function = slot.device
+            function: Any = slot.device   # duck-typed: a PCI function may carry intx and msix (checked below)
             try:
                 _, release = unplug_device(self.pci, device_id)
             except DevConfigError as exc:

@@ -34,9 +34,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
-
-from hv_backends.base import Exit, Vcpu
+from collections.abc import Callable
+from typing import Any
 
 from hv.boards.virt import layout as virt_layout
 from hv.devices.arch_timer import ArchTimers, ArchTimerState, TimerRegs
@@ -51,6 +50,7 @@ from hv.devices.gicv3 import (
     GicV3,
 )
 from hv.machine.interrupts import ControllerCore
+from hv_backends.base import Exit, Vcpu
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +97,25 @@ class GicController(ControllerCore):
         """The GICv2m MSI frame for the MMIO bus (accesses arrive under the big lock)."""
         return self.v2m
 
-    def msi(self) -> "GicMsiSink":
+    def msi(self) -> GicMsiSink:
         """An MSI sink for a PCI function (thread-safe)."""
         return GicMsiSink(self)
 
-    def spi_line(self, intid: int) -> "SpiLine":
+    def spi_line(self, intid: int) -> SpiLine:
         """An interrupt line driving SPI ``intid``'s input (thread-safe)."""
         return SpiLine(self, intid)
 
-    def pl011_line(self) -> "SpiLine":
+    def pl011_line(self) -> SpiLine:
         """The PL011's interrupt output: level-triggered SPI INTID 33."""
         return SpiLine(self, PL011_INTID)
 
-    def gic_device(self) -> "GicDevice":
+    def gic_device(self) -> GicDevice:
         return GicDevice(self)
 
-    def timer_device(self) -> "TimerDevice":
+    def timer_device(self) -> TimerDevice:
         return TimerDevice(self)
 
-    def sysreg_handler(self, index: int) -> "SysregHandler":
+    def sysreg_handler(self, index: int) -> SysregHandler:
         return SysregHandler(self, index)
 
     # -- GIC host ----------------------------------------------------------------------

@@ -44,14 +44,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from hv_backends.base import Exit, ExitReason, Vcpu
 from hv.devices.clock import ClockState, GuestClock
 from hv.devices.ioapic import IoApic
-from hv.devices.lapic import (ICR_DELIVERY_MODE_SHIFT, ICR_DEST_LOGICAL, ICR_SHORTHAND_SHIFT, ICR_TRIGGER_LEVEL,
-                              LAPIC_SIZE, LVT_TIMER_INDEX, Lapic)
+from hv.devices.lapic import (
+    ICR_DELIVERY_MODE_SHIFT,
+    ICR_DEST_LOGICAL,
+    ICR_SHORTHAND_SHIFT,
+    ICR_TRIGGER_LEVEL,
+    LAPIC_SIZE,
+    LVT_TIMER_INDEX,
+    Lapic,
+)
+from hv_backends.base import Exit, ExitReason, Vcpu
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +114,7 @@ class ControllerCore:
         self._retry_at: list[int | None] = [None] * vcpus      # host ns of the next attempt
         self._timer_thread: threading.Thread | None = None
 
-    def clock_device(self) -> "ClockDevice":
+    def clock_device(self) -> ClockDevice:
         """The clock for ``Machine.devices`` (save/restore)."""
         return ClockDevice(self)
 
@@ -183,7 +191,7 @@ class InterruptController(ControllerCore):
         """Declare the calling thread to be vCPU ``index``'s (for local APIC accesses)."""
         self._local.index = index
 
-    def add_timer_source(self, source: "TimerSource") -> None:
+    def add_timer_source(self, source: TimerSource) -> None:
         """Let the timer thread fire ``source`` at its :attr:`TimerSource.timer_deadline`
         (the device calls :meth:`timer_changed` when that moves)."""
         self.timer_sources.append(source)
@@ -201,14 +209,14 @@ class InterruptController(ControllerCore):
         self._unconfirmed[index] = None
         return self.lapics[index]
 
-    def lapic_window(self) -> "LapicWindow":
+    def lapic_window(self) -> LapicWindow:
         return LapicWindow(self)
 
-    def line(self, gsi: int) -> "GsiLine":
+    def line(self, gsi: int) -> GsiLine:
         """An interrupt line driving IOAPIC pin ``gsi`` (thread-safe)."""
         return GsiLine(self, gsi)
 
-    def msi(self) -> "MsiRouter":
+    def msi(self) -> MsiRouter:
         """The MSI sink for PCI functions (thread-safe)."""
         return MsiRouter(self)
 

@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from hv.boards.q35.layout import (I8042_COMMAND_PORT, I8042_DATA_PORT, KBD_GSI, PIT_GSI, PIT_PORT, PORT61, RTC_GSI,
-                                  RTC_PORT)
+from hv.boards.q35.layout import (
+    I8042_COMMAND_PORT,
+    I8042_DATA_PORT,
+    KBD_GSI,
+    PIT_GSI,
+    PIT_PORT,
+    PORT61,
+    RTC_GSI,
+    RTC_PORT,
+)
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.pit import Pit, PitState
 from hv.devices.rtc import Rtc, RtcState

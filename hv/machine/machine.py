@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hv_backends.base import Arch, Backend, Vcpu
-
 from hv.boards.base import Board, BoardContext
 from hv.boards.q35.board import Q35Board
 from hv.boards.virt.board import VirtBoard
@@ -43,6 +41,7 @@ from hv.machine.runstate import NOT_POSSIBLE, MachineError, RunState, RunStateTr
 from hv.machine.vcpu_runner import PAUSE_TIMEOUT, THROTTLE_SLICE, VcpuRunner
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
+from hv_backends.base import Arch, Backend, Vcpu
 
 __all__ = [
     "PAUSE_TIMEOUT",

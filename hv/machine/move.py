@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from hv_backends.base import Backend
 from hv.machine.machine import Machine, MachineSnapshot
 from hv.memory import GuestMemory
+from hv_backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def copy_ram(source: GuestMemory, target: GuestMemory) -> None:
     """Copy every RAM region page-for-page (layouts must match)."""
     if [(r.gpa, r.size) for r in source.regions] != [(r.gpa, r.size) for r in target.regions]:
         raise ValueError("RAM layouts differ")
-    for src, dst in zip(source.regions, target.regions):
+    for src, dst in zip(source.regions, target.regions, strict=True):
         dst.view[:] = src.view
 
 

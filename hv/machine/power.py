@@ -16,8 +16,6 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from hv_backends.base import Arch, Vcpu
-
 from hv.boards.q35.layout import AP_APIC_BASE_MSR, BSP_APIC_BASE_MSR
 from hv.devices.interfaces import DeviceStateError
 from hv.machine.runstate import RunStateTracker
@@ -33,6 +31,7 @@ from hv.state import (
     Segment,
     X86CpuState,
 )
+from hv_backends.base import Arch, Vcpu
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +194,14 @@ class VcpuPower:
         if len(cpus) != len(self.vcpus):
             raise DeviceStateError(f"snapshot has {len(cpus)} vCPUs, machine has {len(self.vcpus)}")
         for state in cpus:
-            if state.ARCH != self.arch.value:
+            if self.arch.value != state.ARCH:
                 raise DeviceStateError(f"snapshot CPU state is {state.ARCH}, machine is {self.arch.value}")
             if state.power is not None and state.power not in POWER_STATES[self.arch.value]:
                 raise DeviceStateError(f"snapshot CPU power state {state.power!r} is not valid on {self.arch.value}")
 
     def load(self, cpus: Sequence[CpuState]) -> None:
         """Big lock held, vCPUs parked: load states :meth:`check` accepted."""
-        for index, (vcpu, cpu) in enumerate(zip(self.vcpus, cpus)):
+        for index, (vcpu, cpu) in enumerate(zip(self.vcpus, cpus, strict=True)):
             vcpu.set_state(dataclasses.replace(cpu))
             self.halted[index] = cpu.halted
             self.pending_start[index] = None

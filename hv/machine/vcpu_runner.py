@@ -16,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from hv_backends.base import Exit, ExitReason, IoHandler, Vcpu
-
 from hv.machine.gic_interrupts import GicController
 from hv.machine.interrupts import InterruptController
 from hv.machine.power import GuestPowerRequests, VcpuPower
 from hv.machine.runstate import MachineError, RunState, RunStateTracker
+from hv_backends.base import Exit, ExitReason, IoHandler, Vcpu
 
 log = logging.getLogger(__name__)
 
