@@ -142,7 +142,7 @@ class JsonStreamSplitter:
             if self._buf:
                 # Fast paths: runs of bytes that cannot end or restructure the message.
                 if self._junk:
-                    pattern = _JUNK_SPECIAL
+                    pattern: re.Pattern[bytes] | None = _JUNK_SPECIAL
                 elif self._in_string:
                     pattern = None if self._escape else _STRING_SPECIAL
                 else:

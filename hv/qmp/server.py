@@ -16,6 +16,7 @@ Model
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -24,8 +25,9 @@ import selectors
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hv.errors import MonitorError
 from hv.qmp.address import SocketSpec
@@ -258,7 +260,7 @@ class QmpServer:
         seen: set[tuple[int, str]] = set()
         unique = []
         for info in infos:
-            key = (info[0], info[4][0])
+            key = (info[0], str(info[4][0]))   # an IP address text (typeshed also allows int for other families)
             if key not in seen:
                 seen.add(key)
                 unique.append(info)
@@ -281,7 +283,7 @@ class QmpServer:
                     log.warning("QMP: not also listening on %s: %s", sockaddr[0], exc.strerror)
                 continue
             port = sock.getsockname()[1]
-            listeners.append(_Listener(sock, SocketSpec("tcp", host=sockaddr[0], port=port)))
+            listeners.append(_Listener(sock, SocketSpec("tcp", host=str(sockaddr[0]), port=port)))
         if not listeners:
             detail = last_error.strerror if last_error is not None else "no usable address"
             code = last_error.errno if last_error is not None else errno.EINVAL
@@ -308,10 +310,8 @@ class QmpServer:
         sock = self._wake_w
         if sock is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # BlockingIOError: already awake; other OSError: closed
             sock.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed
 
     def _run(self) -> None:
         assert self._selector is not None
@@ -519,14 +519,10 @@ class QmpServer:
             pending = [callback for _pos, callback in client.afters]
             client.afters.clear()
         if unregister and self._selector is not None and not self._closed:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(client.sock)
-            except (KeyError, ValueError):
-                pass
-        try:
+        with contextlib.suppress(OSError):
             client.sock.close()
-        except OSError:
-            pass
         log.debug("QMP client %s disconnected", client.name)
         for callback in pending:
             self._run_after(callback)
