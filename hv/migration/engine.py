@@ -23,6 +23,7 @@ commit was sent, whether the destination runs is unknown: the source then stays 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -268,10 +269,8 @@ class OutgoingMigration:
     def _cut(self) -> None:
         if not self._committed and not self._released:
             log.info("migration cancel: the destination takes in nothing; closing the connection")
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _send_cancel(self) -> None:
         """Tell the destination the migration is canceled (CANCEL, format 1.2) if the

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hv.machine import Machine, MachineError, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.status import MigrationStatus
 from hv.migration.tls import TlsConfigError, TlsCreds, TlsHandshakeError, TlsObjects, make_creds, wrap_client
-from hv.migration.transport import (MigrationConnectError, MigrationUri, MigrationUriError, SnapshotError, connect,
-                                    parse_migration_uri)
+from hv.migration.transport import (
+    MigrationConnectError,
+    MigrationUri,
+    MigrationUriError,
+    SnapshotError,
+    connect,
+    parse_migration_uri,
+)
 from hv.qmp import ArgSpec, CommandTable, QmpError
 from hv.textsafe import printable
 

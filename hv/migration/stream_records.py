@@ -11,6 +11,7 @@ from hv.errors import StreamError
 from hv.migration.stream_format import MAX_DEVICES, MAX_VCPUS, PAGE_SIZE
 from hv.textsafe import printable
 
+
 # --------------------------------------------------------------------------------------
 # Configuration fingerprint
 # --------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ class Fingerprint:
                 "memory": self.memory, "devices": [d.to_dict() for d in self.devices]}
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "Fingerprint":
+    def from_dict(cls, raw: Any) -> Fingerprint:
         """Validate an untrusted fingerprint object (from a stream) field by field."""
         if not isinstance(raw, dict):
             raise StreamError("config: expected a JSON object")
@@ -88,7 +89,8 @@ class Fingerprint:
 
 def _check_str(name: str, value: Any, *, allow_empty: bool = False, limit: int = 4096) -> str:
     if not isinstance(value, str) or len(value) > limit or (not value and not allow_empty):
-        raise StreamError(f"{name}: expected a {'' if allow_empty else 'non-empty '}string of at most {limit} characters")
+        kind = "string" if allow_empty else "non-empty string"
+        raise StreamError(f"{name}: expected a {kind} of at most {limit} characters")
     return value
 
 

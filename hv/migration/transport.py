@@ -13,6 +13,7 @@ opens only regular files (not a FIFO, device or symlink), without blocking on th
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 SNAPSHOT_MODE = 0o600
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
@@ -137,7 +139,7 @@ def _as_uri(uri: MigrationUri | str) -> MigrationUri:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return exc.strerror or str(exc)
-    if isinstance(exc, TimeoutError) or isinstance(exc, socket.timeout):
+    if isinstance(exc, (TimeoutError, socket.timeout)):
         return "Connection timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -239,7 +241,7 @@ class Listener:
                 pass
             self._unix_path = None
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -319,7 +321,8 @@ class SnapshotWriter:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
-            raise SnapshotError(exc.errno or 0, f"cannot create snapshot directory {directory}: {_reason(exc)}") from exc
+            raise SnapshotError(exc.errno or 0,
+                                f"cannot create snapshot directory {directory}: {_reason(exc)}") from exc
         tag = f".tmp-{os.getpid()}-{id(self):x}"
         self._tmp = {name: os.path.join(directory, name + tag) for name in (STATE_FILE, MEMORY_FILE)}
         self.files: dict[str, BinaryIO] = {}
@@ -357,17 +360,13 @@ class SnapshotWriter:
 
     def abort(self) -> None:
         for f in self.files.values():
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         for path in self._tmp.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
 
-    def __enter__(self) -> "SnapshotWriter":
+    def __enter__(self) -> SnapshotWriter:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
