@@ -23,8 +23,8 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hv.errors import DeviceError
 
@@ -59,7 +59,7 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     function = libc.fallocate
     function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 class BlockBackend:

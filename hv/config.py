@@ -10,16 +10,23 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hv_backends.base import Arch
 from hv import values
-from hv.devconfig import (DevConfigError, DeviceConfig, DriveConfig, NetdevConfig, parse_device, parse_drive,
-                          parse_netdev)
 from hv.boards.q35 import layout as q35_layout
 from hv.boards.virt import layout as virt_layout
+from hv.devconfig import (
+    DevConfigError,
+    DeviceConfig,
+    DriveConfig,
+    NetdevConfig,
+    parse_device,
+    parse_drive,
+    parse_netdev,
+)
 from hv.errors import ConfigError
 from hv.migration.tls import TlsConfigError, TlsCreds, make_creds
 from hv.migration.transport import MigrationUri, MigrationUriError, parse_migration_uri
 from hv.qmp.address import QmpAddressError, SocketSpec, parse_chardev_option, parse_mon_option, parse_qmp_option
+from hv_backends.base import Arch
 
 __all__ = ["ACCELERATORS", "Accel", "ConfigError", "INCOMING_DEFER", "Incoming", "IncomingDefer", "MACHINE_ARCH",
            "MACHINE_MAX_MEMORY", "MachineType", "OPTIONS", "ParsedArgs", "SerialConfig", "USAGE", "VmConfig",
@@ -238,7 +245,8 @@ def _parse_machine(value: str) -> MachineType:
     for key, prop in props.items():
         if key == "mem-share":
             if prop not in ("off", "false"):
-                raise ConfigError("-machine: mem-share=on (shared guest memory) is not supported: it cannot be migrated")
+                raise ConfigError("-machine: mem-share=on (shared guest memory) is not supported: "
+                                  "it cannot be migrated")
         elif key in ("dump-guest-core", "gic-version", "accel", "usb"):
             continue  # accepted for command-line compatibility; no effect
         else:

@@ -22,6 +22,7 @@ key is interpreted, and end of file just stops the reader.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import select
@@ -101,10 +102,8 @@ class TerminalMode:
         if not self.saved:
             return
         saved, self.saved = self.saved, []
-        try:
+        with contextlib.suppress(OSError, termios.error):
             termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
-        except (OSError, termios.error):
-            pass
         atexit.unregister(self.restore)
 
 
@@ -132,19 +131,15 @@ class ConsoleInput:
     def close(self) -> None:
         """Stop the reader and restore the terminal. Bytes the guest never took are dropped."""
         self._stop.set()
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
         if self.terminal is not None:
             self.terminal.restore()
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def _run(self) -> None:
         try:

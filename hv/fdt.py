@@ -40,16 +40,16 @@ class FdtNode:
 
     name: str
     props: dict[str, bytes] = field(default_factory=dict)
-    children: list["FdtNode"] = field(default_factory=list)
+    children: list[FdtNode] = field(default_factory=list)
 
-    def child(self, name: str) -> "FdtNode":
+    def child(self, name: str) -> FdtNode:
         """The child called ``name`` (raises :class:`FdtError` if absent)."""
         for node in self.children:
             if node.name == name:
                 return node
         raise FdtError(f"node {self.name or '/'} has no child {name!r}")
 
-    def add(self, name: str, **props: bytes) -> "FdtNode":
+    def add(self, name: str, **props: bytes) -> FdtNode:
         node = FdtNode(name, dict(props))
         self.children.append(node)
         return node

@@ -92,7 +92,8 @@ class Progress:
     def from_qmp(cls, info: dict[str, Any]) -> Progress:
         """Read a ``query-migrate`` return value; missing or odd fields count as zero
         (the monitor may be an older hv, or QEMU)."""
-        ram = info.get("ram") if isinstance(info.get("ram"), dict) else {}
+        raw_ram = info.get("ram")
+        ram: dict[str, Any] = raw_ram if isinstance(raw_ram, dict) else {}
 
         def num(source: dict[str, Any], key: str) -> float:
             value = source.get(key, 0)

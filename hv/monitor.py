@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from hv.devconfig import DEVICE_DRIVERS, DevConfigError, device_config
 from hv.machine import Machine, MachineError, RunState
 from hv.machine.pci_wiring import HOTPLUG_DRIVERS
-from hv.devconfig import DEVICE_DRIVERS, DevConfigError, device_config
 from hv.qmp import ArgSpec, CommandTable, QmpError, QmpServer, Reply
 
 log = logging.getLogger(__name__)

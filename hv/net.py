@@ -18,6 +18,7 @@ a NIC drops frames on a link that is down or congested. Received frames longer t
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -28,9 +29,9 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from hv.errors import DeviceError
 
@@ -117,20 +118,16 @@ class NetBackend:
         """Make the reader thread look at the (new) file descriptor."""
         if self._closed:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Stop the reader thread and release the socket/device; idempotent."""
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         self._release()
@@ -146,10 +143,8 @@ class NetBackend:
             fd = self._fd()
             if fd != current:
                 if current is not None:
-                    try:
+                    with contextlib.suppress(KeyError):
                         poller.unregister(current)
-                    except KeyError:
-                        pass
                 if fd is not None:
                     poller.register(fd, select.POLLIN)
                 current = fd
@@ -159,10 +154,8 @@ class NetBackend:
                 continue
             for ready, mask in events:
                 if ready == self._wake_r:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.read(self._wake_r, 64)
-                    except OSError:
-                        pass
                     continue
                 if self._closed:
                     continue

@@ -97,11 +97,11 @@ class Segment:
     unusable: int = 0
 
     @classmethod
-    def flat32_code(cls, selector: int) -> "Segment":
+    def flat32_code(cls, selector: int) -> Segment:
         return cls(selector, 0, 0xFFFFFFFF, 0xB, 1, 0, 1, 1, 0, 1)
 
     @classmethod
-    def flat32_data(cls, selector: int) -> "Segment":
+    def flat32_data(cls, selector: int) -> Segment:
         return cls(selector, 0, 0xFFFFFFFF, 0x3, 1, 0, 1, 1, 0, 1)
 
 
@@ -262,7 +262,7 @@ def state_from_dict(raw: Any) -> CpuState:
         raise StateError("cpu state: expected an object")
     arch = raw.get("arch")
     cls = _STATE_TYPES.get(arch) if isinstance(arch, str) else None
-    if cls is None:
+    if cls is None or not isinstance(arch, str):   # (a known arch is a str; this tells the type checker)
         raise StateError(f"cpu state: unknown architecture {arch!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(raw) - names - {"arch"}

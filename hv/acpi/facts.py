@@ -81,7 +81,8 @@ class BoardFacts:
         """Every value must fit the field the tables put it in; one clear line if not."""
         if not 1 <= self.vcpus <= 255:
             raise AcpiError(f"vcpus {self.vcpus}: xAPIC MADT entries describe 1-255 CPUs (APIC IDs 0-254)")
-        for label, value, limit in (("lapic_base", self.lapic_base, 1 << 32), ("ioapic_base", self.ioapic_base, 1 << 32),
+        for label, value, limit in (("lapic_base", self.lapic_base, 1 << 32),
+                                    ("ioapic_base", self.ioapic_base, 1 << 32),
                                     ("ioapic_id", self.ioapic_id, 256), ("pm1a_evt_port", self.pm1a_evt_port, 0xFFFD),
                                     ("pm1a_cnt_port", self.pm1a_cnt_port, 0xFFFF), ("s5_slp_typ", self.s5_slp_typ, 8),
                                     ("sci_irq", self.sci_irq, 16), ("pit_gsi", self.pit_gsi, self.ioapic_pins)):

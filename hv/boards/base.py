@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hv_backends.base import Arch, Vcpu
-
 from hv.boot import BootInfo
 from hv.config import VmConfig
 from hv.devices.bus import Bus
@@ -26,6 +24,7 @@ from hv.machine.interrupts import InterruptController
 from hv.machine.power import GuestPowerRequests, VcpuPower
 from hv.machine.runstate import RunStateTracker
 from hv.memory import GuestMemory, RegionSpec
+from hv_backends.base import Arch, Vcpu
 
 Interrupts = InterruptController | GicController
 

@@ -9,13 +9,13 @@ board. The vCPU starts at EL1h with DAIF masked, MMU off, x0 = device tree, x1-x
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from hv.boot import arm64_image
 from hv.boot.common import BootInfo, LoaderError, ram_ranges
 from hv.boot.elf import ET_EXEC, ElfImage, check_arch, entry_paddr, parse_elf, place_segments, write_segments
 from hv.memory import PAGE_SIZE, GuestMemory
-from hv.state import Arm64CpuState, PSTATE_EL1H_DAIF
+from hv.state import PSTATE_EL1H_DAIF, Arm64CpuState
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,23 @@ import logging
 import struct
 from dataclasses import dataclass
 
+from hv.boards.q35.layout import (
+    BOOT_DATA_END,
+    CMDLINE_AREA,
+    CMDLINE_GPA,
+    GDT_GPA,
+    KERNEL_MIN_GPA,
+    MEMMAP_GPA,
+    MODLIST_GPA,
+    PD_GPA,
+    PDPT_GPA,
+    PML4_GPA,
+    START_INFO_GPA,
+    ZERO_PAGE_GPA,
+)
 from hv.boot import e820 as e820lib
-from hv.boot.e820 import E820Entry
-from hv.boards.q35.layout import (BOOT_DATA_END, CMDLINE_AREA, CMDLINE_GPA, GDT_GPA, KERNEL_MIN_GPA, MEMMAP_GPA,
-                                  MODLIST_GPA, PD_GPA, PDPT_GPA, PML4_GPA, START_INFO_GPA, ZERO_PAGE_GPA)
 from hv.boot.common import BootInfo, LoaderError
+from hv.boot.e820 import E820Entry
 from hv.boot.elf import ElfImage, check_arch, parse_elf, place_segments, write_segments
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.state import EFER_LMA, EFER_LME, DescriptorTable, Segment, X86CpuState

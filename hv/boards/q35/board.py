@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hv_backends.base import Arch, Vcpu
-
 from hv.boards.base import BoardContext, BoardWiring
 from hv.boards.q35 import layout
 from hv.boards.q35.firmware import setup_boot as firmware_setup_boot
@@ -31,6 +29,7 @@ from hv.machine.interrupts import InterruptController
 from hv.machine.legacy import GuestResetRequest, build_legacy_devices
 from hv.machine.power import VcpuPower
 from hv.memory import GuestMemory, RegionSpec
+from hv_backends.base import Arch, Vcpu
 
 
 class Q35Board:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hv_backends.base import Arch, Vcpu
-
 from hv.boards.base import BoardContext, BoardWiring
 from hv.boards.virt import layout
 from hv.boards.virt.firmware import setup_boot as firmware_setup_boot
@@ -29,6 +27,7 @@ from hv.machine.device_manager import DeviceSlot, PciIrqRouting
 from hv.machine.gic_interrupts import GicController
 from hv.machine.power import PsciPower, VcpuPower
 from hv.memory import GuestMemory, RegionSpec
+from hv_backends.base import Arch, Vcpu
 
 
 class VirtBoard:
