@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI checks the README's promise that a fresh machine passes its two commands:
-#  1. install as the README says, in a fresh venv;
+#  1. install as the README says, in a fresh venv, and run the lint/type gate (ruff, mypy);
 #  2. run the README's test command with every optional tool (QEMU, dtc, ncat, aarch64
 #     binutils, acpica) hidden from PATH, so nothing in the default suite can need them;
 #  3. run the `optional_tool` tests again with the real PATH, where any such tool exists;
@@ -45,6 +45,10 @@ python3 -m venv "$WORK/venv"
 . "$WORK/venv/bin/activate"
 python -m pip install --quiet --upgrade pip
 pip install -e '.[test]'
+
+step "lint and type gate (ruff, mypy; rules in pyproject.toml)"
+ruff check hv backends fixtures
+mypy   # the packages to check are in [tool.mypy]
 
 step "README: test, optional tools hidden"
 HIDDEN_PATH=$(masked_path "$WORK/venv/bin")
