@@ -25,11 +25,10 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 import zlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -44,59 +43,31 @@ from hv.migration.stream import (
     CRC,
     RAM_RUN,
     SECTION_HEADER,
-    EndSection,
-    Fingerprint,
     Reply,
     SectionType,
     SocketChannel,
-    StreamKind,
-    StreamReader,
     StreamWriter,
     read_reply,
     send_reply,
 )
-from tests.helpers import FIXTURES, Vm, complete_lines, kvm_unusable_reason, requires_kvm
+from tests.helpers import Vm, complete_lines, kvm_unusable_reason, requires_kvm
+from tests.migration.conftest import (KERNEL, FakeDestination, FakeSource,
+                                      assert_destination_gave_up, incoming)
 
-KERNEL = str(FIXTURES / "x86_64" / "dirty.elf")
 MIB = 32                    # dirty buffer of the slow-phase source
 MEMORY = "512"
 SLOW_BANDWIDTH = 32 << 20   # bytes/s: about one second per pass over the link
 PHASES = ["full-pass", "dirty-round", "final-transfer"]
 TERMINAL = ("completed", "failed", "canceled")
-ERROR_PREFIX = "hv: error: incoming migration failed: "
-CANCELED_LINE = "hv: error: incoming migration canceled by the source"
 
 # The slow-phase sources run on KVM (fast guest, cheap reference); tests that need it are
 # marked, the fake-source and in-process ones run everywhere.
 
 
-# -- fixtures ----------------------------------------------------------------------------
 @pytest.fixture
-def sock_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="hvf") as path:  # short: AF_UNIX paths are bounded
-        yield path
-
-
-@pytest.fixture
-def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
-    started: list[Vm] = []
-
-    def make(name: str, *extra: str, accel: str = "kvm", memory: str = MEMORY, mib: int = MIB) -> Vm:
-        vm = Vm(hv, sock_dir, name, "-machine", "q35", "-accel", accel, "-m", memory,
-                "-kernel", KERNEL, "-append", f"mib={mib}", *extra)
-        started.append(vm)
-        return vm
-
-    yield make
-    for vm in started:
-        vm.close()
-
-
-def incoming(sock_dir: str, name: str, transport: str = "unix") -> tuple[str, str]:
-    """('-incoming', URI) arguments for a destination named ``name``."""
-    if transport == "tcp":
-        return "-incoming", "tcp:127.0.0.1:0"
-    return "-incoming", f"unix:{os.path.join(sock_dir, name + '.mig')}"
+def vms(vms: Callable[..., Vm]) -> Callable[..., Vm]:
+    """The group's ``vms`` with this file's defaults: a KVM source dirtying 32 MiB of 512."""
+    return functools.partial(vms, accel="kvm", memory=MEMORY, mib=MIB)
 
 
 # (phase, transport, source accelerator): every phase over unix on KVM, plus tcp and a
@@ -182,27 +153,6 @@ def assert_source_intact(src: Vm, expected: str, mib: int = MIB) -> tuple[dict, 
     assert src.execute("query-migrate")["return"] == result  # nothing changed since
     check_output(src.output(), mib)
     return result, events
-
-
-def assert_destination_gave_up(dst: Vm, fragment: str = "", *, canceled: bool = False) -> str:
-    """Exited non-zero with one error line, never ran the guest, left no socket file.
-    ``canceled``: the line says the source canceled (it sent CANCEL)."""
-    code = dst.process.wait(30)
-    assert code not in (0, None), code
-    stderr = dst.stderr()
-    assert "Traceback" not in stderr, stderr
-    last = stderr.strip().splitlines()[-1]
-    if canceled:
-        assert last == CANCELED_LINE, stderr
-    else:
-        assert last.startswith(ERROR_PREFIX) and len(last) > len(ERROR_PREFIX), stderr
-    assert fragment in last, (fragment, last)
-    assert dst.output() == "", "the destination ran the guest"
-    assert not os.path.exists(dst.qmp_path), "QMP socket file left behind"
-    for arg in dst.process.proc.args:
-        if isinstance(arg, str) and arg.startswith("unix:") and arg.endswith(".mig"):
-            assert not os.path.exists(arg[5:]), "migration socket file left behind"
-    return last
 
 
 def socket_fds(vm: Vm) -> set[str]:
@@ -430,76 +380,6 @@ def test_cancel_unblocks_a_hung_destination(vms, sock_dir):
 
 
 # -- 4. fake sources: corrupted, truncated, hostile and unfinished streams ----------------------
-SMALL = ("-m", "64")
-
-
-@functools.cache
-def _small_config():
-    return parse_args(["-machine", "q35", "-m", "64", "-kernel", KERNEL, "-append", "mib=4"]).config
-
-
-class FakeSource:
-    """A test-written source: a real socket to a real ``hv -incoming``, StreamWriter framing,
-    and the state of an in-process (never started) machine with the dirty guest loaded."""
-
-    def __init__(self, dst: Vm) -> None:
-        uri = dst.incoming_address()
-        assert uri.startswith("unix:")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        self.sock.connect(uri[5:])
-        self.channel = SocketChannel(self.sock)
-        self.writer = StreamWriter(self.channel)
-        config = _small_config()
-        self.machine = Machine(config, backend_class("unicorn")(), BufferSink())
-        self.machine.load_kernel(config.kernel.read_bytes())
-
-    @property
-    def page_count(self) -> int:
-        return self.machine.memory.page_count
-
-    def prefix(self, pages: int = 64) -> None:
-        """HEADER, CONFIG and the first ``pages`` pages of RAM: all valid."""
-        self.writer.write_header("x86_64", "q35")
-        self.writer.write_config(Fingerprint.from_dict(self.machine.fingerprint()))
-        self.writer.write_ram(0, self.machine.memory.page_view(0, pages))
-
-    def complete(self) -> None:
-        """Everything a destination needs, up to END."""
-        self.prefix()
-        rest = self.page_count - 64
-        self.writer.write_ram(64, self.machine.memory.page_view(64, rest), stable=True)
-        self.writer.write_round_end(1)
-        write_machine_state(self.writer, self.machine.save())
-        self.writer.write_end()
-
-    def raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> Reply:
-        return read_reply(self.channel)
-
-    def finish_sending(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.machine.close()
-
-
-@pytest.fixture
-def fake_source() -> Iterator[Callable[[Vm], FakeSource]]:
-    made: list[FakeSource] = []
-
-    def make(dst: Vm) -> FakeSource:
-        made.append(FakeSource(dst))
-        return made[-1]
-
-    yield make
-    for fake in made:
-        fake.close()
-
-
 def _bad_checksum(fake: FakeSource) -> None:
     payload = RAM_RUN.pack(64, 1, 0) + b"\x01" + b"\xa5" * 4096
     head = SECTION_HEADER.pack(SectionType.RAM, 0, 0, len(payload))
@@ -592,40 +472,6 @@ def test_source_gone_after_ready(vms, sock_dir, fake_source, ending):
         return
     fake.close()
     assert_destination_gave_up(dst, "commit")
-
-
-class FakeDestination:
-    """A test-written destination: a real listening socket, StreamReader validation of the
-    whole stream (RAM read and checked, not applied), then a scripted switch-over."""
-
-    def __init__(self, sock_dir: str, page_count: int) -> None:
-        self.path = os.path.join(sock_dir, "fake.mig")
-        self.page_count = page_count
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.listener.settimeout(30)
-        self.conn: socket.socket | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix:{self.path}"
-
-    def receive(self) -> SocketChannel:
-        """Accept the source and read its stream up to END; the back channel."""
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(30)
-        channel = SocketChannel(self.conn)
-        reader = StreamReader(channel, page_count=self.page_count, kind=StreamKind.MIGRATION)
-        while not isinstance(reader.read_section(), EndSection):
-            pass
-        return channel
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
-        os.unlink(self.path)
 
 
 @requires_kvm

@@ -8,7 +8,7 @@
 * read the guest's memory from a snapshot: ``state``/``memory`` are created 0600.
 
 Real hv processes, real sockets and files; the hostile peers are written here with the
-stream's own writer (tests.test_migration_failures.FakeSource / FakeDestination).
+stream's own writer (tests.migration.conftest's FakeSource / FakeDestination).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import pytest
 from hv.migration.stream import (
     DeviceFingerprint,
     Fingerprint,
-    Reply,
     SectionType,
     StreamError,
     compare_fingerprints,
@@ -32,15 +31,8 @@ from hv.migration.stream import (
 )
 from hv.migration.transport import SnapshotError, SnapshotWriter, open_snapshot
 from tests.helpers import complete_lines
-from tests.test_migration_failures import (  # noqa: F401 - fixtures used by name
-    ERROR_PREFIX,
-    FakeDestination,
-    assert_destination_gave_up,
-    fake_source,
-    incoming,
-    sock_dir,
-    vms,
-)
+from tests.migration.conftest import (ERROR_PREFIX, STALLS, FakeDestination, assert_destination_gave_up, incoming,
+                                      stall_source)
 
 FORGED = "x\nhv: forged line\x1b[2J"
 
@@ -177,25 +169,6 @@ def test_open_snapshot_refuses_a_fifo_without_blocking(tmp_path):
     assert "a FIFO, not a regular file" in str(outcome[0])
 
 
-STALLS = ["connected", "mid-section", "waiting-for-commit"]
-
-
-def _stall(fake, where: str) -> None:
-    if where == "mid-section":
-        fake.prefix()
-        fake.raw(fake_source_partial_ram())
-    elif where == "waiting-for-commit":
-        fake.complete()
-        assert fake.reply() == Reply(True, "ready")
-
-
-def fake_source_partial_ram() -> bytes:
-    """The first half of a valid RAM section header + run: the stream stops inside it."""
-    from hv.migration.stream import RAM_RUN, SECTION_HEADER
-    payload = RAM_RUN.pack(64, 4, 0) + b"\x01" * 4 + b"\x5a" * 4096
-    return SECTION_HEADER.pack(SectionType.RAM, 0, 0, len(payload) + 3 * 4096) + payload
-
-
 @pytest.mark.parametrize("where", STALLS)
 @pytest.mark.parametrize("how", ["sigterm", "quit"])
 def test_stalled_source_never_keeps_hv_alive(vms, sock_dir, fake_source, where, how):
@@ -203,7 +176,7 @@ def test_stalled_source_never_keeps_hv_alive(vms, sock_dir, fake_source, where, 
     and SIGTERM still end hv, which never runs the guest."""
     dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)
     fake = fake_source(dst)
-    _stall(fake, where)
+    stall_source(fake, where)
     deadline = time.monotonic() + 30  # the destination has read what there is
     while dst.execute("query-migrate")["return"]["status"] == "setup" and where != "connected":
         assert time.monotonic() < deadline

@@ -11,37 +11,10 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import termios
 import time
-from collections.abc import Callable, Iterator
 
-import pytest
-
-from tests.helpers import FIXTURES, Vm, hv_command
-
-KERNEL = str(FIXTURES / "x86_64" / "dirty.elf")
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="hvm") as path:  # short: AF_UNIX paths are bounded
-        yield path
-
-
-@pytest.fixture
-def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
-    started: list[Vm] = []
-
-    def make(name: str, *extra: str, mib: int = 1) -> Vm:
-        vm = Vm(hv, sock_dir, name, "-machine", "q35", "-accel", "unicorn", "-m", "64",
-                "-kernel", KERNEL, "-append", f"mib={mib}", *extra)
-        started.append(vm)
-        return vm
-
-    yield make
-    for vm in started:
-        vm.close()
+from tests.helpers import Vm, hv_command
 
 
 def pair(vms, sock_dir: str) -> tuple[Vm, Vm, str]:

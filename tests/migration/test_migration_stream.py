@@ -29,8 +29,9 @@ from hv.migration.stream import (
 )
 from hv.migration.transport import connect, listen
 from hv.state import Arm64CpuState, X86CpuState, state_to_dict
+from tests.helpers import ROOT
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = ROOT / "tests" / "data"
 RAM_PAGES = 32  # two regions of 16 pages; a sentinel region beyond them
 SENTINEL = b"\xee" * PAGE_SIZE
 LAYOUT = [RegionSpec(0, 16 * PAGE_SIZE), RegionSpec(0x100000, 16 * PAGE_SIZE),

@@ -5,7 +5,7 @@ destination fail after x-stall-timeout seconds — taken from ``migrate-set-para
 when the source connects, 30 s by default — with one error line saying the source
 stalled; hv exits non-zero and never runs the guest, and the source (if it still
 listens) is told why. Real hv processes, a real socket, the stream's own writer
-(tests.test_migration_failures.FakeSource).
+(tests.migration.conftest.FakeSource).
 """
 from __future__ import annotations
 
@@ -16,14 +16,7 @@ import pytest
 
 from hv.migration.engine import STALL_TIMEOUT
 from hv.migration.stream import Fingerprint, Reply, StreamError
-from tests.test_migration_failures import (  # noqa: F401 - fixtures used by name
-    assert_destination_gave_up,
-    fake_source,
-    incoming,
-    sock_dir,
-    vms,
-)
-from tests.test_migration_untrusted import STALLS, _stall
+from tests.migration.conftest import STALLS, assert_destination_gave_up, incoming, stall_source
 
 STALLED = "the source stalled: nothing received for 1 s (x-stall-timeout)"
 
@@ -33,11 +26,11 @@ def _stalled_where(fake, where: str) -> None:
     if where == "header":
         fake.writer.write_header("x86_64", "q35")
     else:
-        _stall(fake, where)
+        stall_source(fake, where)
 
 
 @pytest.mark.parametrize("where", ["header", *STALLS])
-def test_stalled_source_fails_the_destination(vms, sock_dir, fake_source, where):  # noqa: F811
+def test_stalled_source_fails_the_destination(vms, sock_dir, fake_source, where):
     dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)
     address = dst.incoming_address()
     assert dst.execute("migrate-set-parameters", **{"x-stall-timeout": 1}) == {"return": {}}
@@ -57,7 +50,7 @@ def test_stalled_source_fails_the_destination(vms, sock_dir, fake_source, where)
         assert reply == Reply(False, STALLED), reply
 
 
-def test_deferred_destination_takes_the_timeout_before_migrate_incoming(vms, sock_dir, fake_source):  # noqa: F811
+def test_deferred_destination_takes_the_timeout_before_migrate_incoming(vms, sock_dir, fake_source):
     """libvirt's way: -incoming defer, migrate-set-parameters, then migrate-incoming."""
     dst = vms("dst", "-incoming", "defer", accel="unicorn", memory="64", mib=4)
     assert dst.execute("query-migrate-parameters")["return"]["x-stall-timeout"] == STALL_TIMEOUT
@@ -69,7 +62,7 @@ def test_deferred_destination_takes_the_timeout_before_migrate_incoming(vms, soc
     assert_destination_gave_up(dst, STALLED)
 
 
-def test_a_slow_but_steady_source_is_not_a_stall(vms, sock_dir, fake_source):  # noqa: F811
+def test_a_slow_but_steady_source_is_not_a_stall(vms, sock_dir, fake_source):
     """The timeout is per wait, not for the whole stream: gaps of a third of it, adding up
     to more than it, leave the destination receiving (active), not failed."""
     dst = vms("dst", *incoming(sock_dir, "dst"), accel="unicorn", memory="64", mib=4)

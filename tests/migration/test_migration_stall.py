@@ -11,37 +11,13 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.helpers import FIXTURES, Vm, hv_command
-from tests.test_migration_failures import FakeDestination
+from tests.helpers import Vm, hv_command
+from tests.migration.conftest import FakeDestination
 
-KERNEL = str(FIXTURES / "x86_64" / "dirty.elf")
 PAGES = (64 << 20) // 4096
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="hvs") as path:  # short: AF_UNIX paths are bounded
-        yield path
-
-
-@pytest.fixture
-def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
-    started: list[Vm] = []
-
-    def make(name: str, *extra: str) -> Vm:
-        vm = Vm(hv, sock_dir, name, "-machine", "q35", "-accel", "unicorn", "-m", "64",
-                "-kernel", KERNEL, "-append", "mib=1", *extra)
-        started.append(vm)
-        return vm
-
-    yield make
-    for vm in started:
-        vm.close()
 
 
 def assert_runs_on(src: Vm) -> None:
