@@ -8,8 +8,15 @@ import time
 import pytest
 
 from hv.memory import GuestMemory, RegionSpec
-from hv.migration.pages import (PAGE_SIZE, PREFAULT_CHUNK, Prefaulter, mem_available, never_populated, prefault_memory,
-                               zero_pages)
+from hv.migration.pages import (
+    PAGE_SIZE,
+    PREFAULT_CHUNK,
+    Prefaulter,
+    mem_available,
+    never_populated,
+    prefault_memory,
+    zero_pages,
+)
 
 MIB = 1 << 20
 
@@ -122,3 +129,60 @@ def test_guest_ram_is_advised_for_huge_pages() -> None:
         assert "hg" in _vm_flags(mem.regions[0].host_addr)
     finally:
         mem.close()
+
+
+def test_stream_into_prefaulted_ram_matches_the_source() -> None:
+    """A whole stream over a real UNIX socket into RAM that is pre-faulted in the background
+    and holds stale bytes (as a loader leaves them): every page ends equal to the source's,
+    zero pages included, with the reader relying on the pre-fault instead of its own."""
+    import socket
+    import threading
+
+    from hv.migration.pages import is_prefaulted
+    from hv.migration.stream import Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter
+    from hv.migration.stream_channels import STREAM_SOCKET_BUFFER
+    from hv.state import X86CpuState
+
+    size = 24 * MIB
+    src = GuestMemory([RegionSpec(0, size)])
+    dst = GuestMemory([RegionSpec(0, size)])
+    try:
+        view = src.regions[0].view
+        view[:] = os.urandom(MIB) * 24
+        for page in range(0, src.page_count, 7):  # zero runs of every length 1..6 and more
+            view[page * PAGE_SIZE:(page + page % 5 + 1) * PAGE_SIZE] = bytes((page % 5 + 1) * PAGE_SIZE)
+        dst.regions[0].view[:] = b"\xa5" * size  # stale: every zero page must be rewritten
+        prefaulter = prefault_memory(dst)
+        fp = Fingerprint("x86_64", "q35", 1, size)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with a, b:
+            sender = SocketChannel(a)
+            assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= min(STREAM_SOCKET_BUFFER, 212992)
+            reader = StreamReader(SocketChannel(b), page_count=dst.page_count, ram=dst,
+                                  kind=StreamKind.MIGRATION, local=fp)
+            assert reader._populate_runs is not is_prefaulted(dst)
+            failure: list[BaseException] = []
+
+            def receive() -> None:
+                try:
+                    reader.read_all()
+                except BaseException as exc:  # reported below
+                    failure.append(exc)
+
+            thread = threading.Thread(target=receive)
+            thread.start()
+            writer = StreamWriter(sender)
+            writer.write_header("x86_64", "q35")
+            writer.write_config(fp)
+            writer.write_ram(0, view)
+            writer.write_round_end(1)
+            writer.write_cpu(0, X86CpuState())
+            writer.write_end()
+            thread.join(60)
+        assert not failure, failure
+        assert reader.ended
+        prefaulter.stop(30)
+        assert dst.regions[0].view == view
+    finally:
+        src.close()
+        dst.close()

@@ -23,13 +23,20 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from hv.memory import GuestMemory, RegionSpec
-from hv.migration.stream import (
-    DEFAULT_RUN_PAGES, PAGE_SIZE, Fingerprint, SocketChannel, StreamKind, StreamReader, StreamWriter, read_reply, send_reply,
-)
 from hv.migration.pages import prefault_memory
+from hv.migration.stream import (
+    PAGE_SIZE,
+    Fingerprint,
+    SocketChannel,
+    StreamKind,
+    StreamReader,
+    StreamWriter,
+    read_reply,
+    send_reply,
+)
+from hv.migration.stream_writer import WRITER_RUN_PAGES
 from hv.migration.transport import connect, listen
 from hv.state import X86CpuState
 
@@ -91,7 +98,7 @@ def _serve(kind: str, make_listener_or_sock, size: int, fp: Fingerprint, wire: i
 
 
 def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
-             run_pages: int = DEFAULT_RUN_PAGES) -> float:
+             run_pages: int = WRITER_RUN_PAGES) -> float:
     """Seconds to move everything, from the first byte to the receiver's reply."""
     ctx = mp.get_context("fork")
     if transport == "tcp":
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--zero-percent", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--run-pages", type=int, default=DEFAULT_RUN_PAGES, help="pages per RAM section")
+    parser.add_argument("--run-pages", type=int, default=WRITER_RUN_PAGES, help="pages per RAM section")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.mib << 20

@@ -24,8 +24,10 @@ import logging
 import os
 import threading
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,21 @@ def _address(view: memoryview) -> int | None:
     return address
 
 
+_pagemap_lock = threading.Lock()
+_pagemap: dict[str, int] = {}  # "pid", "fd": one descriptor per process, shared by threads (pread)
+
+
+def _pagemap_fd() -> int:
+    """This process's /proc/self/pagemap, opened once per process (a forked child must not
+    read its parent's through an inherited descriptor)."""
+    pid = os.getpid()
+    with _pagemap_lock:
+        if _pagemap.get("pid") != pid:
+            _pagemap["fd"] = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            _pagemap["pid"] = pid
+        return _pagemap["fd"]
+
+
 def never_populated(view: memoryview) -> bytes | None:
     """One byte per page of ``view``: 1 where the page was never populated (so it reads
     as zero), or None when the kernel cannot tell (no pagemap, not a plain buffer)."""
@@ -69,8 +86,7 @@ def never_populated(view: memoryview) -> bytes | None:
         return None
     pages = len(view) // PAGE_SIZE
     try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            raw = os.pread(pagemap.fileno(), pages * 8, address // PAGE_SIZE * 8)
+        raw = os.pread(_pagemap_fd(), pages * 8, address // PAGE_SIZE * 8)
     except OSError:
         return None
     if len(raw) != pages * 8:
@@ -163,7 +179,7 @@ class Prefaulter:
     def total(self) -> int:
         return sum(len(view) for _, view in self.views)
 
-    def start(self) -> "Prefaulter":
+    def start(self) -> Prefaulter:
         available = mem_available()
         if available is not None and self.total > available * PREFAULT_HEADROOM:
             self.outcome = f"skipped: {self.total >> 20} MiB RAM, {available >> 20} MiB available"
@@ -180,7 +196,9 @@ class Prefaulter:
         # Addresses and sizes up front: a view is released when its region closes.
         spans = [(mapping, _address(view), len(view)) for mapping, view in self.views if not mapping.closed]
         for mapping, address, length in spans:
-            for offset in range(0, length if address is not None else 0, PREFAULT_CHUNK):
+            if address is None:
+                continue
+            for offset in range(0, length, PREFAULT_CHUNK):
                 if self._stop.is_set() or mapping.closed:
                     self.outcome = "stopped"
                     return
@@ -208,6 +226,19 @@ class Prefaulter:
         return True
 
 
+_prefaulted: weakref.WeakKeyDictionary[Any, Prefaulter] = weakref.WeakKeyDictionary()
+
+
 def prefault_memory(memory: Any) -> Prefaulter:
     """Start pre-faulting every region of a :class:`hv.memory.GuestMemory` in the background."""
-    return Prefaulter([(region.mmap, region.view) for region in memory.regions]).start()
+    prefaulter = Prefaulter([(region.mmap, region.view) for region in memory.regions]).start()
+    if prefaulter._thread is not None:
+        _prefaulted[memory] = prefaulter
+    return prefaulter
+
+
+def is_prefaulted(memory: Any) -> bool:
+    """True when a :class:`Prefaulter` runs (or ran to the end) over ``memory``: per-run
+    pre-faulting by the stream reader would only repeat its work."""
+    prefaulter = _prefaulted.get(memory) if memory is not None else None
+    return prefaulter is not None and prefaulter.outcome in ("running", "done")

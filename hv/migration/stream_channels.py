@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import ssl
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from hv.migration.stream_format import StreamWriteError, _IOV_BATCH
+from hv.migration.stream_format import _IOV_BATCH, StreamWriteError
+
 
 # --------------------------------------------------------------------------------------
 # Sinks and sources
@@ -32,6 +35,7 @@ class SocketChannel:
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
+        _size_buffers(sock)
 
     def write(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
@@ -55,6 +59,24 @@ class SocketChannel:
 
 
 _TLS_CHUNK = 256 << 10
+# Socket buffers for a UNIX-socket stream (the kernel caps them at net.core.wmem_max /
+# rmem_max). With the default ~208 KiB the source is woken ~5 times per MiB to refill
+# it; 1 MiB lets it send a whole RAM section (WRITER_RUN_PAGES) per wake-up: source CPU
+# 0.40 -> 0.35 s per GiB on the wire (median of 4 interleaved runs; the rate moved within
+# the noise of a loaded host, 4 MiB measured no better). TCP keeps the kernel's
+# autotuning (a fixed SO_RCVBUF would switch it off, and it grows further by itself).
+STREAM_SOCKET_BUFFER = 1 << 20
+
+
+def _size_buffers(sock: Any) -> None:
+    if getattr(sock, "family", None) != socket.AF_UNIX:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, option) < STREAM_SOCKET_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, option, STREAM_SOCKET_BUFFER)
+        except OSError:  # not a real socket, or the kernel refuses: keep its default
+            pass
 
 
 def _coalesced_sendall(buffers: list[bytes | memoryview], sendall: Callable[[bytes | memoryview], Any]) -> None:

@@ -9,15 +9,47 @@ import logging
 from typing import Any, Protocol
 
 from hv.errors import StreamError
-from hv.migration.pages import populate, zero_pages
+from hv.migration.pages import is_prefaulted, populate, zero_pages
 from hv.migration.stream_channels import Source
-from hv.migration.stream_format import (CPU_INDEX, CRC, ConfigMismatchError, ConfigSection, CpuSection, DEVICE_HEAD,
-                                        DeviceEncoding, DeviceSection, EndSection, FLAG_SKIPPABLE, FORMAT_MAJOR,
-                                        HeaderSection, KNOWN_FLAGS, MAGIC, MAX_JSON_BYTES, MAX_MESSAGE_BYTES,
-                                        MAX_NAME_BYTES, MAX_RUN_PAGES, MAX_SECTION_BYTES, PAGE_NORMAL, PAGE_SIZE,
-                                        POPULATE_MIN_PAGES, PREAMBLE, PeerCanceled, PeerError, RAM_RUN, ROUND,
-                                        RamSection, RoundEndSection, SECTION_HEADER, Section, SectionType, StreamKind,
-                                        _IOV_BATCH, _NORMAL_BYTE, _ZERO_BYTE, crc32)
+from hv.migration.stream_format import (
+    _IOV_BATCH,
+    _NORMAL_BYTE,
+    _ZERO_BYTE,
+    CPU_INDEX,
+    CRC,
+    DEVICE_HEAD,
+    FLAG_SKIPPABLE,
+    FORMAT_MAJOR,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_JSON_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_RUN_PAGES,
+    MAX_SECTION_BYTES,
+    PAGE_NORMAL,
+    PAGE_SIZE,
+    POPULATE_MIN_PAGES,
+    PREAMBLE,
+    RAM_RUN,
+    ROUND,
+    SECTION_HEADER,
+    ConfigMismatchError,
+    ConfigSection,
+    CpuSection,
+    DeviceEncoding,
+    DeviceSection,
+    EndSection,
+    HeaderSection,
+    PeerCanceled,
+    PeerError,
+    RamSection,
+    RoundEndSection,
+    Section,
+    SectionType,
+    StreamKind,
+    crc32,
+)
 from hv.migration.stream_records import Fingerprint, _check_str, _check_uint, _size_text, compare_fingerprints
 from hv.state import StateError, state_from_dict
 from hv.textsafe import printable, printable_bytes
@@ -70,6 +102,9 @@ class StreamReader:
         self._crc = 0
         self._remaining = 0
         self._scratch = bytearray(PAGE_SIZE)
+        # RAM a background Prefaulter covers needs no madvise per run (it is the
+        # destination's usual case; see hv.migration.pages).
+        self._populate_runs = ram is not None and not is_prefaulted(ram)
 
     # -- raw reads -------------------------------------------------------------------
     def _read_into(self, view: memoryview, what: str) -> None:
@@ -348,7 +383,7 @@ class StreamReader:
                 j = count if j < 0 else j
                 if ram is not None:
                     view = self._target(start + i, j - i)
-                    if j - i >= POPULATE_MIN_PAGES:
+                    if self._populate_runs and j - i >= POPULATE_MIN_PAGES:
                         populate(view)
                     targets.append(view)
                 else:
@@ -394,7 +429,7 @@ class StreamReader:
             state = state_from_dict(raw)
         except StateError as exc:
             raise StreamError(f"CPU section for vCPU {index}: {printable(str(exc))}") from None
-        if state.ARCH != self.config.arch:
+        if self.config.arch != state.ARCH:
             raise StreamError(f"CPU section for vCPU {index}: {state.ARCH} state in a {self.config.arch} stream")
         self.cpus.add(index)
         self._phase = _Phase.STATE
@@ -439,10 +474,9 @@ class StreamReader:
             if missing:
                 first = self._covered.find(0)
                 raise StreamError(f"END before all RAM arrived: {missing} pages never sent (first: page {first})")
-        if self.kind is not StreamKind.MEMORY:
-            if len(self.cpus) != self.config.vcpus:
-                missing_cpus = sorted(set(range(self.config.vcpus)) - self.cpus)
-                raise StreamError(f"END before the state of vCPUs {missing_cpus}")
+        if self.kind is not StreamKind.MEMORY and len(self.cpus) != self.config.vcpus:
+            missing_cpus = sorted(set(range(self.config.vcpus)) - self.cpus)
+            raise StreamError(f"END before the state of vCPUs {missing_cpus}")
 
     def read_all(self) -> list[Section]:
         """Read through END; returns every non-RAM section (RAM is applied)."""
