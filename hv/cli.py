@@ -1,6 +1,7 @@
 """The ``hv`` launcher: StratoVirt's command line, one clear line on any error."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
@@ -10,22 +11,21 @@ import threading
 import traceback
 from types import FrameType
 
-from hv_backends import choose_backend
 from hv import __version__
 from hv.config import INCOMING_DEFER, USAGE, Incoming, VmConfig, parse_args
 from hv.console import open_console
 from hv.console_input import attach_stdio_input
+from hv.devices.virtio_net import VirtioNetPciDevice
 from hv.errors import HvError
 from hv.machine import Machine, RunState
 from hv.migration.incoming import incoming_error, load_snapshot, receive_migration, start_prefault
 from hv.migration.manager import MigrationManager
 from hv.migration.tls import TlsConfigError, TlsHandshakeError, wrap_server
-from hv.migration.transport import (Listener, MigrationConnectError, MigrationUri, SnapshotError, listen,
-                                    open_snapshot)
-from hv.devices.virtio_net import VirtioNetPciDevice
+from hv.migration.transport import Listener, MigrationConnectError, MigrationUri, SnapshotError, listen, open_snapshot
 from hv.monitor import MachineMonitor
 from hv.net import NetBackend, announce_self
 from hv.qmp import CommandTable, QmpServer, QmpServerError
+from hv_backends import choose_backend
 
 log = logging.getLogger("hv")
 
@@ -162,10 +162,8 @@ class Session:
     def _abort_incoming(self) -> None:
         sock = self._incoming_sock
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _open_incoming(self, uri: MigrationUri) -> Listener | None:
         """Listen on a tcp:/unix: URI (logging the bound address: the real port for port 0),

@@ -11,7 +11,9 @@ bit per page, little-endian (bit ``n % 8`` of byte ``n // 8``), like KVM's.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
 import mmap
 import threading
 from dataclasses import dataclass
@@ -43,10 +45,8 @@ def _advise_huge_pages(mapping: mmap.mmap) -> None:
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         mapping.madvise(advice)
-    except OSError:
-        pass
 
 
 class MemoryRegion:
@@ -86,7 +86,7 @@ class GuestMemory:
         if not layout:
             raise GuestMemoryError("guest memory needs at least one region")
         ordered = sorted(layout, key=lambda r: r.gpa)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in itertools.pairwise(ordered):
             if a.gpa + a.size > b.gpa:
                 raise GuestMemoryError(f"regions {a.gpa:#x} and {b.gpa:#x} overlap")
         self.regions: list[MemoryRegion] = []
