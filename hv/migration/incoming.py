@@ -14,8 +14,8 @@ alive; and a source that sends nothing for ``stall_timeout`` seconds (x-stall-ti
 set by ``migrate-set-parameters`` when the source connects, default 30 s) fails the
 migration with "the source stalled", the guest never running. After the switch-over
 every virtio-net whose driver negotiated GUEST_ANNOUNCE is asked to announce the guest
-(gratuitous ARPs from the guest itself). ``load_snapshot`` restores ``file:DIR``, whose files ``open_snapshot`` accepts only
-as regular files (a FIFO there would block the open for good).
+(gratuitous ARPs from the guest itself). ``load_snapshot`` restores ``file:DIR``, whose files
+``open_snapshot`` accepts only as regular files (a FIFO there would block the open for good).
 """
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hv.devices.virtio_net import announce_guests
 from hv.machine import Machine, MachineSnapshot, RunState
 from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
 from hv.migration.pages import Prefaulter, prefault_memory
 from hv.migration.status import MigrationStatus
-from hv.migration.tls import has_pending
 from hv.migration.stream import (
     ConfigSection,
     CpuSection,
@@ -52,6 +52,7 @@ from hv.migration.stream import (
     read_reply,
     send_reply,
 )
+from hv.migration.tls import has_pending
 from hv.migration.transport import open_snapshot
 from hv.textsafe import printable
 
@@ -105,7 +106,8 @@ def _read_stream(reader: StreamReader, collected: IncomingState, status: Migrati
         section = reader.read_section()
         if isinstance(section, HeaderSection):
             if section.arch != machine.arch.value or section.machine != machine.config.machine:
-                raise MigrationError(f"stream is for a {printable(section.machine)} ({printable(section.arch)}) machine, "
+                raise MigrationError(f"stream is for a {printable(section.machine)} "
+                                     f"({printable(section.arch)}) machine, "
                                      f"this is {machine.config.machine} ({machine.arch.value})")
         elif isinstance(section, ConfigSection):
             collected.source_fingerprint = section.fingerprint

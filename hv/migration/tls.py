@@ -29,7 +29,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from hv.errors import MigrationError
 from hv.textsafe import printable
@@ -94,7 +94,7 @@ def make_creds(props: dict[str, Any]) -> TlsCreds:
     if not isinstance(directory, str) or not directory or "\x00" in directory:
         raise TlsConfigError(f"{TYPE} {ident}: 'dir' (the certificate directory) is required")
     verify = _bool(props.get("verify-peer", True), f"{TYPE} {ident}: verify-peer")
-    return TlsCreds(ident, endpoint, directory, verify)  # type: ignore[arg-type]
+    return TlsCreds(ident, endpoint, directory, verify)
 
 
 class TlsObjects:
@@ -209,7 +209,9 @@ def wrap_server(sock: socket.socket, creds: TlsCreds) -> ssl.SSLSocket:
 
 def _peer_subject(tls: ssl.SSLSocket) -> str:
     cert = tls.getpeercert() or {}
-    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    # getpeercert()'s subject is a tuple of RDNs, each a tuple of (key, value) pairs
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
     return printable(f"certificate CN={names[0]}") if names else "no client certificate"
 
 

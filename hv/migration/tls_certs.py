@@ -42,7 +42,8 @@ def issue(ca: Path, out: Path, role: str, common_name: str, san: str = "") -> No
          "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}", cwd=out)
     usage = "serverAuth" if role == "server" else "clientAuth"
     ext = out / f"{role}.ext"
-    ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
+    ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
+                   + (f"subjectAltName={san}\n" if san else ""))
     _run("x509", "-req", "-in", str(csr), "-CA", str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca.key"),
          "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext), cwd=out)
     if not (out / "ca-cert.pem").exists():
