@@ -21,9 +21,9 @@ under the big lock: whenever the driver notifies either queue (it posted receive
 or it transmitted), so a polling driver kicks the receive queue while it waits.
 :meth:`VirtioNetPciDevice.enable_async_rx` (machine lock, is-running test) makes the backend
 thread deliver each frame at once and raise the rx interrupt, for interrupt-driven guests;
-:meth:`VirtioNetPciDevice.poll_rx` is the same for any caller holding the lock. A frame waits in the backlog while the ring has too little
-buffer space; without MRG_RXBUF a frame that does not fit the next chain at all is
-dropped (counted) and the chain stays available.
+:meth:`VirtioNetPciDevice.poll_rx` is the same for any caller holding the lock. A frame
+waits in the backlog while the ring has too little buffer space; without MRG_RXBUF a frame
+that does not fit the next chain at all is dropped (counted) and the chain stays available.
 
 Control queue (section 5.1.6.5): each command is ``{u8 class, u8 command}``, its data,
 then one device-writable ``u8 ack``. Only ``VIRTIO_NET_CTRL_ANNOUNCE`` /
@@ -50,10 +50,12 @@ pause, or it never reaches the guest.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any
 
 from hv import values
 from hv.devices.interfaces import DeviceStateError, InterruptLine
@@ -369,7 +371,7 @@ class VirtioNetState:
         return {**raw, "transport": transport, "announce": False}
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "VirtioNetState":
+    def from_dict(cls, raw: Any) -> VirtioNetState:
         if not isinstance(raw, dict) or set(raw) != {"transport", "mac", "announce"}:
             raise DeviceStateError("virtio-net state: wrong fields")
         mac = raw["mac"]
@@ -409,7 +411,7 @@ class VirtioNetPciDevice(VirtioPciDevice):
         if self.net.backlog and not self.detached:
             super().notify(RX_QUEUE)
 
-    def enable_async_rx(self, lock: ContextManager[Any], running: Callable[[], bool]) -> None:
+    def enable_async_rx(self, lock: contextlib.AbstractContextManager[Any], running: Callable[[], bool]) -> None:
         """Deliver each arriving frame at once from the backend thread: take ``lock`` (the
         machine's big lock) and, if ``running()``, :meth:`poll_rx` (which raises the rx
         interrupt). For guests that wait for an interrupt instead of kicking. A paused

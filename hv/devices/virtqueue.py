@@ -84,7 +84,7 @@ class VirtqueueState:
         return {name: getattr(self, name) for name in _QUEUE_FIELDS}
 
     @classmethod
-    def from_dict(cls, raw: Any, max_size: int) -> "VirtqueueState":
+    def from_dict(cls, raw: Any, max_size: int) -> VirtqueueState:
         if not isinstance(raw, dict) or set(raw) != set(_QUEUE_FIELDS):
             raise DeviceStateError("virtqueue state: wrong fields")
         values: dict[str, Any] = {}
@@ -175,7 +175,7 @@ class Virtqueue:
         region = self._region(gpa, DESC_SIZE)
         if region is None:
             raise VirtqueueError(f"descriptor at {gpa:#x} is outside guest RAM")
-        return _DESC.unpack_from(region.view, gpa - region.gpa)  # type: ignore[return-value]
+        return _DESC.unpack_from(region.view, gpa - region.gpa)
 
     # -- the driver -> device direction ---------------------------------------------------
     def avail_idx(self) -> int:
