@@ -20,11 +20,13 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from hv_backends.base import Arch, BackendError, Exit, ExitReason, IoHandler, Vcpu
 from hv.memory import PAGE_SIZE, GuestMemory
+from hv_backends.base import Arch, BackendError, Exit, ExitReason, IoHandler, Vcpu
 
 if TYPE_CHECKING:
-    import unicorn
+    # unicorn/unicorn.py star-imports unicorn_py2 or unicorn_py3 by sys.version_info.major, a
+    # test mypy cannot evaluate, so unicorn.Uc would be typed as the Python 2 class.
+    from unicorn.unicorn_py3 import Uc
 
     from hv_backends.unicorn import UnicornVm
 
@@ -45,9 +47,9 @@ def _import_unicorn() -> Any:
 
 
 def _native() -> Any:
-    from hv_backends import _hv_native  # noqa: PLC0415 - built at install time
+    import hv_backends._hv_native as native  # noqa: PLC0415 - built at install time
 
-    return _hv_native
+    return native
 
 
 _library_logged = False
@@ -94,7 +96,7 @@ def _fn_addr(name: str) -> int:
     return addr
 
 
-def add_native_hook(uc: "unicorn.Uc", htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
+def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
     """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
     native = _native()
     fptr = int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
@@ -149,21 +151,23 @@ class NativeVcpu:
         self.struct.reg_read = self.ffi.cast("void *", _fn_addr("uc_reg_read"))
         self.addr = int(self.ffi.cast("uintptr_t", self.struct))
 
-    def install(self, uc: "unicorn.Uc") -> None:
+    def install(self, uc: Uc) -> None:
         """The block hook is always present; the write hook only while dirty logging
         (a memory-write hook sends every store through Unicorn's slow path)."""
         add_native_hook(uc, _import_unicorn().UC_HOOK_BLOCK, "hv_block_hook", self.addr)
 
-    def add_write_hook(self, uc: "unicorn.Uc") -> int:
+    def add_write_hook(self, uc: Uc) -> int:
         return add_native_hook(uc, _import_unicorn().UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
 
-    def translate(self, uc: "unicorn.Uc", vaddr: int) -> int | None:
+    def translate(self, uc: Uc, vaddr: int) -> int | None:
         """Guest-physical address of ``vaddr`` under the current paging mode.
 
         None when the page is not mapped; raises BackendError when the tables cannot
         be walked (outside RAM, unsupported format)."""
         out = self.ffi.new("uint64_t *")
-        rc = self.lib.hv_translate(self.ffi.cast("void *", uc._uch.value), self.struct, vaddr, out)
+        uch = uc._uch
+        assert uch is not None   # None only after a failed uc_open, which raised
+        rc = self.lib.hv_translate(self.ffi.cast("void *", uch.value), self.struct, vaddr, out)
         if rc < 0:
             raise BackendError(f"cannot walk the guest page tables for {vaddr:#x}")
         if rc > 0:
@@ -179,7 +183,10 @@ class UnicornVcpuBase(Vcpu):
     deferred_injection = False      # injection writes the exception entry into the CPU state
     exact_interrupt_window = False  # the window is checked at translation-block boundaries
 
-    def __init__(self, vm: "UnicornVm", index: int) -> None:
+    _halted: bool   # run(): HLT / WFI ended the last emu_start
+    _event: Any     # the architecture's pending event (X86Event, Arm64Event), None when there is none
+
+    def __init__(self, vm: UnicornVm, index: int) -> None:
         self.index = index
         self.vm = vm
         self.memory = vm.memory
@@ -202,7 +209,7 @@ class UnicornVcpuBase(Vcpu):
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
 
-    def _create_engine(self) -> "unicorn.Uc":
+    def _create_engine(self) -> Uc:
         raise NotImplementedError
 
     # -- device access -------------------------------------------------------------

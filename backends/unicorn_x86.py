@@ -289,7 +289,9 @@ class UnicornX86Vcpu(UnicornVcpuBase):
     # -- raw context -----------------------------------------------------------------
     def _raw_context(self) -> tuple[Any, bytearray]:
         ctx = self.uc.context_save()
-        buf = (ctypes.c_char * ctx.size).from_address(ctypes.cast(ctx.context, ctypes.c_void_p).value)
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        assert base is not None   # context_save's buffer (it raises when it cannot allocate one)
+        buf = (ctypes.c_char * ctx.size).from_address(base)
         return ctx, bytearray(bytes(buf)[CTX_HEADER:])
 
     def _restore_raw(self, ctx: Any, env: bytearray) -> None:
