@@ -159,7 +159,7 @@ def run_blk(argv: list[str]) -> int:
                          else "/dev/kvm is not usable")
                 continue
             runs.append((arch, accel))
-    rows = []
+    rows: list[tuple[str, int, float, float, float | None, float | None]] = []
     with tempfile.TemporaryDirectory(prefix="hv-bench-blk-") as tmp:
         for bsize in sizes:
             image = Path(tmp) / f"disk-{bsize}.img"

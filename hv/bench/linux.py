@@ -357,7 +357,8 @@ def report(boots: list[BootRow], migrations: list[MigrationRow], settings: Setti
     if migrations:
         out += ["", ("migration after the first pass (down ms: source STOP event -> destination RESUME event; "
                      "own down ms: what the source's query-migrate says)"), *format_migration(migrations)]
-    errors = [(r.arch, r.engine, e) for r in [*boots, *migrations] for e in r.errors]
+    runs: list[BootRow | MigrationRow] = [*boots, *migrations]
+    errors = [(r.arch, r.engine, e) for r in runs for e in r.errors]
     if errors:
         out += ["", "failed runs:"] + [f"  {arch} {engine}: {error}" for arch, engine, error in errors]
     return "\n".join(out)

@@ -44,17 +44,16 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from hv.bench.common import BenchError, VmProcess, kvm_usable, parse_size, size_text
 from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
@@ -328,7 +327,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
             if r.case.engine == "qemu" and r.samples}
     header = ("engine", "accel", "size", "mode", "link", "total ms", "down ms", "sent MiB", "passes",
               "MiB/s", "% raw", "total/Q", "down/Q", "goals")
-    lines = [header]
+    lines: list[tuple[str, ...]] = [header]
     for row in rows:
         c = row.case
         base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.link)
@@ -345,7 +344,8 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
         if c.engine == "hv":
             goals.append("down" if down > DOWNTIME_LIMIT_MS or (down_ratio or 0) > 1 else "")
             goals.append("total" if (total_ratio or 0) > 1 else "")
-        verdict = "ok" if c.engine == "hv" and not any(goals) else ",".join(g for g in goals if g) + (" missed" if any(goals) else "")
+        missed = ",".join(g for g in goals if g) + (" missed" if any(goals) else "")
+        verdict = "ok" if c.engine == "hv" and not any(goals) else missed
         partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
         lines.append(base + (f"{total:.0f}", f"{down:.0f}", f"{row.median('transferred') / MIB:.1f}",
                              f"{row.median('passes'):.0f}", f"{rate / MIB:.0f}",

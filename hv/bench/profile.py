@@ -26,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.pages import never_populated, page_kinds, zero_pages
@@ -86,8 +86,11 @@ def micro(total_mib: int = 1024, data_mib: int = 64) -> None:
     m.close()
     print(f"destination, zero runs of {total_mib} MiB of RAM:")
     d = GuestMemory([RegionSpec(0, total_mib * MIB)])
-    zero_all = lambda: [zero_pages(d.page_view(s, DEFAULT_RUN_PAGES))  # noqa: E731
-                        for s in range(0, d.page_count, DEFAULT_RUN_PAGES)]
+
+    def zero_all() -> None:
+        for s in range(0, d.page_count, DEFAULT_RUN_PAGES):
+            zero_pages(d.page_view(s, DEFAULT_RUN_PAGES))
+
     timed("zero_pages per 8 MiB run, fresh RAM", zero_all, results)
     d.regions[0].view[:] = b"\x01" * d.size
     timed("zero_pages per 8 MiB run, all populated", zero_all, results)
@@ -129,12 +132,12 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
                    data_mib: int = 64, timeline: bool = False) -> None:
     """cProfile the source side of a real migration of the idle guest (in this process);
     with ``spy_destination``, sample the destination process with py-spy meanwhile."""
-    from hv_backends import backend_class
     from hv.config import parse_args
     from hv.console import BufferSink
     from hv.machine import Machine
     from hv.migration.engine import MigrationParameters, OutgoingMigration
     from hv.migration.status import MigrationStatus
+    from hv_backends import backend_class
 
     kernel = fixture_guest("x86_64", "dirty")
     argv = ["-machine", "q35", "-accel", accel, "-m", str(total_mib), "-kernel", str(kernel),
@@ -145,6 +148,7 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
         dst = subprocess.Popen([*launcher, *argv, "-serial", f"file,path={tmp}/dst.serial",
                                 "-incoming", f"unix:{path}"], stderr=subprocess.DEVNULL)
         config = parse_args(argv).config
+        assert config is not None   # argv describes a VM (None is for -help / -version)
         console = BufferSink()
         machine = Machine(config, backend_class(accel)(), console)
         try:
@@ -187,7 +191,8 @@ def profile_source(accel: str, total_mib: int = 1024, top: int = 30, spy_destina
             profiler.disable()
             elapsed = time.perf_counter() - started
             info = status.to_qmp()
-            print(f"{accel} source, {total_mib} MiB idle ({data_mib} MiB data): {info['status']} in {elapsed * 1000:.0f} ms "
+            print(f"{accel} source, {total_mib} MiB idle ({data_mib} MiB data): "
+                  f"{info['status']} in {elapsed * 1000:.0f} ms "
                   f"(status total {info.get('total-time')} ms, downtime {info.get('downtime')} ms), "
                   f"{info['ram']['transferred'] / MIB:.1f} MiB sent")
             if events:
