@@ -63,18 +63,21 @@ GUESTS = [
 MASK = (1 << 64) - 1
 
 
+def value(p: int, i: int) -> int:
+    """The word the fixture guests (dirty, smp, blk) write at index ``i`` in pass ``p``:
+    fixtures/common's splitmix-style mix, computed independently in Python."""
+    x = (i * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03) & MASK
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & MASK
+    x ^= x >> 29
+    return x
+
+
 @functools.cache
 def dirty_reference(mib: int, iterations: int) -> tuple[str, ...]:
     """What fixtures/common/dirty.c prints, computed independently in Python."""
     words = mib * 1024 * 1024 // 8
     lines = [f"dirty: mib={mib} iterations={iterations}"]
-
-    def value(p: int, i: int) -> int:
-        x = (i * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03) & MASK
-        x ^= x >> 31
-        x = (x * 0xBF58476D1CE4E5B9) & MASK
-        x ^= x >> 29
-        return x
 
     total = 0
     for p in range(1, iterations + 1):

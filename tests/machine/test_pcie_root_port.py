@@ -28,7 +28,7 @@ from hv.machine.pci_wiring import LAYOUTS, build_pci, preassign_bars, unplug_dev
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.stream import compare_fingerprints
 from tests.helpers import FIXTURES, Vm, requires_kvm
-from tests.test_virtio_blk import blk_reference, make_image
+from tests.machine.conftest import blk_reference, make_image
 
 VIRTIO_BLK_ID = 0x1042_1AF4
 ROOT_PORT_ID = 0x000C_1B36

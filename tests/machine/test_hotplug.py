@@ -23,8 +23,8 @@ from hv.machine import Machine, MachineError
 from hv.machine.pci_wiring import build_pci, plug_device, unplug_device
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.stream import compare_fingerprints
-from tests.helpers import FIXTURES, Vm, requires_kvm
-from tests.test_virtio_blk import blk_reference, make_image, value
+from tests.helpers import FIXTURES, Vm, requires_kvm, value
+from tests.machine.conftest import blk_reference, make_image
 
 VIRTIO_BLK_ID = 0x1042_1AF4
 ALL_ONES = 0xFFFF_FFFF

@@ -24,7 +24,7 @@ from hv.machine.move import move_machine
 from hv.migration.stream import CpuSection, FileChannel, StreamKind, StreamReader
 from hv.state import (POWER_OFF, POWER_ON, POWER_WAIT_SIPI, Arm64CpuState, StateError, X86CpuState,
                       state_from_dict, state_to_dict)
-from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm, tool_marks
+from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm, tool_marks, value
 
 MASK = (1 << 64) - 1
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -52,13 +52,6 @@ def smp_reference(cpus: int, mib: int, iterations: int) -> tuple[str, ...]:
 @functools.cache
 def _smp_reference(cpus: int, mib: int, iterations: int) -> tuple[str, ...]:
     words = mib * 1024 * 1024 // 8
-
-    def value(p: int, i: int) -> int:
-        x = (i * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03) & MASK
-        x ^= x >> 31
-        x = (x * 0xBF58476D1CE4E5B9) & MASK
-        x ^= x >> 29
-        return x
 
     bounds = []
     for cpu in range(cpus):

@@ -29,7 +29,7 @@ from hv.machine.move import copy_ram
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF, Arm64CpuState
 from tests.helpers import FIXTURES, assemble_a64, require_tool
-from tests.test_virtio_blk import T_FLUSH, Driver, make_image
+from tests.machine.conftest import T_FLUSH, Driver, make_image
 
 RAM = 0x4000_0000
 CODE = RAM + 0x20_0000
