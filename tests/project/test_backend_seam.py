@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
 
 from hv_backends.base import BackendError, Vcpu
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ROOT / "hv"
 SUBJECT = re.compile(r"(^|_)(vcpus?|vms?|backends?)$", re.IGNORECASE)
 PROBES = {"hasattr", "getattr", "setattr", "delattr"}

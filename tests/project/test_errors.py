@@ -10,14 +10,13 @@ import importlib
 import inspect
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from hv import errors
 from hv.errors import HvError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"hv": ROOT / "hv", "hv_backends": ROOT / "backends"}
 
 #: Exception classes that are deliberately not HvErrors, and why.
