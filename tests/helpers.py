@@ -388,13 +388,13 @@ def skip_unless_tool(*tools: str) -> None:
 # -- aarch64 test snippets: assembled once with GNU as, committed ------------------------------
 # The default suite must not need a cross toolchain, so the bytes of every aarch64 snippet the
 # tests run are committed beside their source text in A64_SNIPPETS;
-# tests/test_unicorn_arm64.py::test_committed_a64_snippets_match_gnu_as reassembles them
+# tests/backends/test_unicorn_arm64.py::test_committed_a64_snippets_match_gnu_as reassembles them
 # where aarch64-linux-gnu-as exists. A new or edited snippet is recorded by running its tests
 # once with HV_A64_RECORD=1 and binutils-aarch64-linux-gnu installed.
 
 A64_SNIPPETS = ROOT / "tests" / "data" / "a64_snippets.json"
-A64_RECORD_COMMAND = ("HV_A64_RECORD=1 python -m pytest -p no:xdist tests/test_unicorn_arm64.py "
-                      "tests/test_virt_pci_irq.py (with binutils-aarch64-linux-gnu installed)")
+A64_RECORD_COMMAND = ("HV_A64_RECORD=1 python -m pytest -p no:xdist tests/backends/test_unicorn_arm64.py "
+                      "tests/machine/test_virt_pci_irq.py (with binutils-aarch64-linux-gnu installed)")
 
 
 def gnu_assemble_a64(source: str, base: int) -> bytes:
