@@ -205,3 +205,57 @@ def lab(tmp_path: Path) -> Iterator[LinuxLab]:
     finally:
         lab.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+# -- what the e2e test modules share: boot to the workload, check its passes, migrate --------------
+BOOT = 300.0          # seconds: kernel + initramfs + rootfs to the "ready" line
+PASS = 180.0          # seconds for workload passes
+# q35 (x86_64) Linux takes its TSC, APIC-timer and delay-loop calibration from hv's CPUID
+# leaves 0x15/0x16 (hv/cpuid.py), so it needs no PIT/HPET/PM-timer reference to boot.
+MACHINES = ["virt", "q35"]
+READY_RE = r"hv-init: ready: \S+ \S+ root=/dev/vda "
+NET_ARGS = ("-device", "virtio-net-pci,netdev=n0,id=net0,mac=52:54:00:12:34:56,addr=2")
+
+
+def pass_numbers(text: str) -> list[int]:
+    """The workload's pass numbers in order; fails on any BAD pass."""
+    passes = [(int(n), verdict) for n, verdict in PASS_RE.findall(text)]
+    bad = [n for n, verdict in passes if verdict != "ok"]
+    assert not bad, f"workload passes {bad} BAD: {text[-2000:]}"
+    return [n for n, _ in passes]
+
+
+def assert_healthy(text: str) -> list[int]:
+    """No broken-guest text, and passes 1, 2, 3, ... with no gap or repeat."""
+    broken = BROKEN_RE.search(text)
+    assert broken is None, f"guest broke: {broken.group(0)!r} in {text[-3000:]!r}"
+    numbers = pass_numbers(text)
+    assert numbers == list(range(1, len(numbers) + 1)), f"pass numbers not consecutive: {numbers}"
+    return numbers
+
+
+def last_pass(vm: LinuxVm) -> int:
+    numbers = pass_numbers(vm.output())
+    return numbers[-1] if numbers else 0
+
+
+def boot(lab: LinuxLab, machine: str, name: str = "vm", *, append: str = "",
+         extra: tuple[str, ...] = (), passes: int = 1) -> LinuxVm:
+    """Start the walkthrough's line and wait for the rootfs and ``passes`` workload passes."""
+    vm = lab.start(name, lab.command(machine, name, append=append, extra=extra))
+    vm.wait_for(READY_RE, BOOT)
+    if passes:
+        vm.wait_for(rf"wl: pass {passes} ok", PASS)
+    return vm
+
+
+def migrate(src: LinuxVm, uri: str) -> dict:
+    reply = src.execute("migrate", uri=uri)
+    assert "return" in reply, reply
+    result = src.wait_migration()
+    assert result["status"] == "completed", result
+    return result
+
+
+def incoming(lab: LinuxLab, transport: str, name: str) -> str:
+    return "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{lab.sock_dir}/{name}.mig"

@@ -23,8 +23,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import SLOW, LinuxLab, LinuxVm
-from tests.e2e.test_linux import READY_RE, assert_healthy, incoming, migrate
+from tests.e2e.conftest import READY_RE, SLOW, LinuxLab, LinuxVm, assert_healthy, incoming, migrate
 
 log = logging.getLogger(__name__)
 
