@@ -25,7 +25,7 @@ import pytest
 
 import hv_backends  # noqa: F401 - selects the libunicorn before unicorn is imported
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (tests/backends/ is two levels down)
 CODE_PA, PROLOGUE_PA, ALIAS_VA = 0x3000, 0x5000, 0x100000
 
 
