@@ -10,13 +10,13 @@ issued for tls-hostname) fails with a clear error-desc and its guest keeps runni
 """
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import FIXTURES, Vm, check_dirty_output, complete_lines
+from tests.helpers import Vm, check_dirty_output, complete_lines
 from tests.tls_certs import OPENSSL_MISSING, have_openssl, issue, make_ca, server_and_client
 
 pytestmark = pytest.mark.skipif(not have_openssl(), reason=OPENSSL_MISSING)
@@ -25,24 +25,9 @@ REFUSED = "incoming migration: TLS handshake with the source failed"
 
 
 @pytest.fixture
-def sock_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="hvt") as path:
-        yield path
-
-
-@pytest.fixture
-def vms(hv, sock_dir) -> Iterator[Callable[..., Vm]]:
-    started: list[Vm] = []
-
-    def make(name: str, *extra: str) -> Vm:
-        vm = Vm(hv, sock_dir, name, "-machine", "q35", "-accel", "unicorn", "-m", "64",
-                "-kernel", str(FIXTURES / "x86_64" / "dirty.elf"), "-append", f"mib={MIB}", *extra)
-        started.append(vm)
-        return vm
-
-    yield make
-    for vm in started:
-        vm.close()
+def vms(vms: Callable[..., Vm]) -> Callable[..., Vm]:
+    """The group's ``vms`` with this file's guest: the dirty guest over MIB MiB."""
+    return functools.partial(vms, mib=MIB)
 
 
 @pytest.fixture
