@@ -66,7 +66,7 @@ def uclib() -> ctypes.CDLL:
         import hv_backends  # noqa: PLC0415
 
         quiet = library_is_patched(binding.uclib) or hv_backends.UNICORN_LIBRARY.deliberate
-        log.log(logging.INFO if quiet else logging.WARNING, "libunicorn: %s", library_description())
+        log.log(logging.DEBUG if quiet else logging.WARNING, "libunicorn: %s", library_description())
     return binding.uclib
 
 
