@@ -23,7 +23,7 @@ from hv.devices.pci import UnconnectedMsi
 from hv.machine import Machine, MachineError
 from hv.migration.stream import compare_fingerprints
 from tests.helpers import FIXTURES, Vm, requires_kvm
-from tests.test_virtio_net import EchoPeer, net_reference
+from tests.machine.conftest import EchoPeer, net_reference
 
 MAC = "52:54:00:00:00:09"
 

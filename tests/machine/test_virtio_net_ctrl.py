@@ -1,7 +1,7 @@
 """virtio-net's control queue and guest announce (VIRTIO_NET_F_CTRL_VQ, F_GUEST_ANNOUNCE).
 
 The device is driven through the machine's real buses and rings in real guest RAM (the
-``net`` fixture of tests/test_virtio_net.py): commands are descriptor chains on queue 2,
+``net`` fixture of tests/machine/conftest.py): commands are descriptor chains on queue 2,
 acks are read back from RAM, interrupts from the ISR register and the MSI-X PBA.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hv.devices.virtio_net import (
 )
 from hv.devices.virtio_pci import STATUS_NEEDS_RESET
 from hv.devices.virtqueue import VirtqueueState
-from tests.test_virtio_net import F_VERSION_1, NetDriver, net  # noqa: F401  (net is a fixture)
+from tests.machine.conftest import F_VERSION_1, NetDriver
 
 ANNOUNCE_FEATURES = F_VERSION_1 | 1 << F_MAC | 1 << F_STATUS | 1 << F_CTRL_VQ | 1 << F_GUEST_ANNOUNCE
 CTRL_RINGS = (0x18000, 0x19000, 0x1A000)

@@ -1,7 +1,7 @@
 """The network follows the guest: after a live migration the destination announces each
 NIC's MAC with QEMU's self-announce RARP frames (5 rounds, 50 ms + 100 ms steps), sent on
 the destination's netdev, so switches learn the guest's new port. Real hv processes, a
-real SOCK_SEQPACKET peer on the socket netdev (tests/test_virtio_net.py's EchoPeer)."""
+real SOCK_SEQPACKET peer on the socket netdev (tests/machine/conftest.py's EchoPeer)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hv.net import ANNOUNCE_ROUNDS, ETH_P_RARP, rarp_frame
 from tests.helpers import FIXTURES, Vm
-from tests.test_virtio_net import EchoPeer
+from tests.machine.conftest import EchoPeer
 
 MAC = bytes.fromhex("525400dd0007")
 
