@@ -87,7 +87,7 @@ class Vcpu(ABC):
     """One virtual CPU. ``run`` is called from a single vCPU thread; ``kick`` from any.
 
     This class is the whole of what the VMM may ask of a vCPU: hv never reaches past it
-    (no private attributes, no ``hasattr`` probing; ``tests/test_backend_seam.py``). A
+    (no private attributes, no ``hasattr`` probing; ``tests/project/test_backend_seam.py``). A
     capability only some backends have is a method here whose default raises
     :class:`BackendError` naming the backend; what every backend must provide is abstract.
 

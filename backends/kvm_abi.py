@@ -8,7 +8,7 @@ signal comes back as ``-1``/``EINTR`` instead of being retried the way Python's 
 ``fcntl.ioctl`` retries it (PEP 475) — which is how a kick gets a vCPU out of the kernel.
 
 Ioctl numbers are computed from ``_IO``/``_IOR``/``_IOW``/``_IOWR`` with the struct sizes
-below; ``tests/test_kvm_abi.py`` checks them against the kernel's numeric values and, where
+below; ``tests/backends/test_kvm_abi.py`` checks them against the kernel's numeric values and, where
 a compiler and the kernel headers exist, every field offset against the real headers.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ GET stays writable (and dirty in KVM's bitmap) until its CLEAR; a guest write be
 CLEAR lands in memory that the caller has not read yet (``take`` returns only after every
 CLEAR), and a write after the CLEAR faults and is logged again. So a caller that reads a
 page after ``take`` reported it, and calls ``take`` again later, never loses a write.
-(``tests/test_kvm_dirty.py`` checks this with a guest writing during the takes.)
+(``tests/backends/test_kvm_dirty.py`` checks this with a guest writing during the takes.)
 
 ``KVM_DIRTY_LOG_INITIALLY_SET`` is deliberately not enabled: with it the log starts
 all-dirty, and hv's engine sends its full pass from its own page scan rather than from

@@ -2,7 +2,7 @@
 
     python tests/data/make_migration_fixtures.py
 
-The files are the future-compatibility guard: tests/test_migration_stream.py checks that
+The files are the future-compatibility guard: tests/migration/test_migration_stream.py checks that
 the current reader still accepts them and finds exactly the contents written here. Do
 not regenerate them when the format changes; add a new fixture for the new version.
 """

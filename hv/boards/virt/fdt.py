@@ -24,7 +24,7 @@ def build_virt_fdt(memory: GuestMemory, cmdline: str, smp: int = 1,
                    initrd: tuple[int, int] | None = None) -> bytes:
     """The device tree hv's aarch64 virt machine hands to its kernel: node for node what
     QEMU 7.2's ``-M virt,gic-version=3`` writes for the devices hv has (see
-    tests/test_fdt_virt.py), with hv's real addresses. ``initrd`` is ``(gpa, size)``."""
+    tests/boot/test_fdt_virt.py), with hv's real addresses. ``initrd`` is ``(gpa, size)``."""
     root = fdtlib.FdtNode("", {
         "interrupt-parent": fdtlib.prop_u32(GIC_PHANDLE),
         "#address-cells": fdtlib.prop_u32(2),
