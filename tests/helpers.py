@@ -264,6 +264,32 @@ def complete_lines(text: str) -> list[str]:
     return text[:text.rindex("\n")].splitlines() if "\n" in text else []
 
 
+def machine_in_process(machine_type: str, accel: str, kernel: Path, append: str,
+                       *options: str, memory: str = "64") -> tuple[Any, Any]:
+    """A Machine (not started) of ``machine_type`` on ``accel`` in this process with ``kernel``
+    loaded, and the BufferSink its serial console writes to; ``options``: more command-line
+    options (``-smp 2``)."""
+    from hv_backends import backend_class
+    from hv.config import parse_args
+    from hv.console import BufferSink
+    from hv.machine import Machine
+
+    config = parse_args(["-machine", machine_type, "-m", memory, *options, "-kernel", str(kernel),
+                         "-append", append]).config
+    console = BufferSink()
+    machine = Machine(config, backend_class(accel)(), console)
+    machine.load_kernel(config.kernel.read_bytes())
+    return machine, console
+
+
+def wait_console_lines(console: Any, count: int, timeout: float = 120.0) -> None:
+    """Wait, bounded by ``timeout``, until an in-process console has ``count`` lines."""
+    deadline = time.monotonic() + timeout
+    while console.getvalue().count(b"\n") < count:
+        assert time.monotonic() < deadline, console.getvalue()[-300:]
+        time.sleep(0.002)
+
+
 @functools.cache
 def reference_output(machine: str, mib: int, passes: int) -> tuple[str, ...]:
     """What an unmigrated dirty guest prints for ``passes`` passes (lines, without 'done'),

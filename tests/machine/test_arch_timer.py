@@ -17,7 +17,7 @@ from hv.devices.clock import GuestClock
 from hv.devices.interfaces import DeviceStateError
 from hv.machine import Machine
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess, Vm, require_tool
+from tests.helpers import FIXTURES, HvProcess, Vm, require_tool, wait_console_lines
 
 TIMER = FIXTURES / "aarch64" / "timer.elf"
 
@@ -159,13 +159,6 @@ def test_timer_guest_on_virt_via_launcher(tmp_path: Path) -> None:
     assert time.monotonic() - started >= 0.4            # 400 ticks at 1 kHz of guest time
 
 
-def wait_lines(console: BufferSink, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while console.getvalue().count(b"\n") < count:
-        assert time.monotonic() < deadline, console.getvalue()[-300:]
-        time.sleep(0.002)
-
-
 def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
     route = ["unicorn", "unicorn", "unicorn"]
     ticks = 100 * (len(route) + 3)
@@ -178,7 +171,7 @@ def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
     moved = 0
     try:
         for hop, accel in enumerate(route[1:], start=1):
-            wait_lines(console, 1 + hop)
+            wait_console_lines(console, 1 + hop)
             time.sleep(0.013 * hop)                    # different phases of the period
             old = machine
             machine = move_machine(machine, backend_class(accel)())
@@ -199,7 +192,7 @@ def test_paused_virt_machine_freezes_the_counter_and_keeps_ticking_after() -> No
     machine.load_kernel(config.kernel.read_bytes())
     machine.start()
     try:
-        wait_lines(console, 2)
+        wait_console_lines(console, 2)
         assert machine.pause()
         irq = machine.interrupts
         assert irq is not None

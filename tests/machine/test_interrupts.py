@@ -19,7 +19,9 @@ from hv.devices.lapic import REG_EOI, REG_ID, REG_ICR_HI, REG_ICR_LO, REG_LDR, R
 from hv.machine import Machine, RunState
 from hv.machine.interrupts import InterruptController
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, HvProcess, Vm, require_tool, requires_kvm
+from tests.helpers import (
+    FIXTURES, HvProcess, Vm, machine_in_process, require_tool, requires_kvm, wait_console_lines,
+)
 
 TIMER = FIXTURES / "x86_64" / "timer.elf"
 
@@ -164,18 +166,7 @@ def test_timer_guest_via_launcher(tmp_path: Path, accel: str) -> None:
 
 
 def build(accel: str, append: str) -> tuple[Machine, BufferSink]:
-    config = parse_args(["-machine", "q35", "-m", "64", "-kernel", str(TIMER), "-append", append]).config
-    console = BufferSink()
-    machine = Machine(config, backend_class(accel)(), console)
-    machine.load_kernel(config.kernel.read_bytes())
-    return machine, console
-
-
-def wait_lines(console: BufferSink, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while console.getvalue().count(b"\n") < count:
-        assert time.monotonic() < deadline, console.getvalue()[-300:]
-        time.sleep(0.002)
+    return machine_in_process("q35", accel, TIMER, append)
 
 
 ROUTES = [
@@ -192,7 +183,7 @@ def test_timer_guest_moved_mid_run_keeps_every_tick(route: list[str]) -> None:
     machine.start()
     try:
         for hop, accel in enumerate(route[1:], start=1):
-            wait_lines(console, 1 + hop)             # after tick 100 * hop
+            wait_console_lines(console, 1 + hop)             # after tick 100 * hop
             time.sleep(0.013 * hop)                  # move at different phases of the period
             machine = move_machine(machine, backend_class(accel)())
             assert machine.backend.name == accel
@@ -207,7 +198,7 @@ def test_paused_machine_freezes_guest_time_and_ticks(accel: str) -> None:
     machine, console = build(accel, "hz=1000 ticks=300")
     machine.start()
     try:
-        wait_lines(console, 2)
+        wait_console_lines(console, 2)
         assert machine.pause()
         snap = machine.save()
         clock_ns = snap.devices["clock"]["state"]["ns"]

@@ -14,7 +14,6 @@ import pytest
 
 from hv_backends import backend_class
 from hv_backends.base import ExitReason
-from hv.config import parse_args
 from hv.console import BufferSink
 from hv.devices.interfaces import DeviceStateError
 from hv.boards.q35.layout import LAPIC_BASE
@@ -24,7 +23,10 @@ from hv.machine.move import move_machine
 from hv.migration.stream import CpuSection, FileChannel, StreamKind, StreamReader
 from hv.state import (POWER_OFF, POWER_ON, POWER_WAIT_SIPI, Arm64CpuState, StateError, X86CpuState,
                       state_from_dict, state_to_dict)
-from tests.helpers import FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, requires_kvm, tool_marks, value
+from tests.helpers import (
+    FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, machine_in_process, requires_kvm,
+    tool_marks, value, wait_console_lines,
+)
 
 MASK = (1 << 64) - 1
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -73,19 +75,8 @@ def _smp_reference(cpus: int, mib: int, iterations: int) -> tuple[str, ...]:
 
 def build(machine_type: str, accel: str, smp: int, append: str, prog: str = "smp",
           memory: str = "64") -> tuple[Machine, BufferSink]:
-    config = parse_args(["-machine", machine_type, "-m", memory, "-smp", str(smp), "-kernel",
-                         str(FIXTURES / ARCH[machine_type] / f"{prog}.elf"), "-append", append]).config
-    console = BufferSink()
-    machine = Machine(config, backend_class(accel)(), console)
-    machine.load_kernel(config.kernel.read_bytes())
-    return machine, console
-
-
-def wait_lines(console: BufferSink, count: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while console.getvalue().count(b"\n") < count:
-        assert time.monotonic() < deadline, console.getvalue()[-300:]
-        time.sleep(0.005)
+    return machine_in_process(machine_type, accel, FIXTURES / ARCH[machine_type] / f"{prog}.elf", append,
+                              "-smp", str(smp), memory=memory)
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +266,7 @@ def test_smp_guest_moved_mid_run_continues_exactly(machine_type: str, first: str
     machine.start()
     try:
         for hop, accel in enumerate([second, first] if slow else [second, first, second]):
-            wait_lines(console, 2 + hop)
+            wait_console_lines(console, 2 + hop)
             machine = move_machine(machine, backend_class(accel)())
             assert machine.backend.name == accel
         assert machine.wait_shutdown(120) == "guest-shutdown", machine.exit_error
@@ -290,13 +281,13 @@ def test_secondary_still_off_moves_off_and_can_start_later(machine_type: str) ->
     machine, console = build(machine_type, "unicorn", 2, "cpus=1 mib=1 iterations=0")
     machine.start()
     try:
-        wait_lines(console, 3)
+        wait_console_lines(console, 3)
         machine = move_machine(machine, backend_class("unicorn")())
         assert machine.power_state(0) == POWER_ON and machine.power_state(1) == off
         assert machine.pause()
         assert machine.save().cpus[1].power == off
         machine.resume()
-        wait_lines(console, console.getvalue().count(b"\n") + 2)
+        wait_console_lines(console, console.getvalue().count(b"\n") + 2)
         assert machine.power_state(1) == off
     finally:
         machine.close()
@@ -308,20 +299,20 @@ def test_pause_resume_and_reset_with_secondaries_running_and_off() -> None:
     machine, console = build("virt", "unicorn", 3, "cpus=2 mib=1 iterations=0")
     machine.start()
     try:
-        wait_lines(console, 3)
+        wait_console_lines(console, 3)
         assert machine.pause()
         assert [machine.power_state(i) for i in range(3)] == [POWER_ON, POWER_ON, POWER_OFF]
         seen = console.getvalue()
         time.sleep(0.1)
         assert console.getvalue() == seen               # really stopped
         machine.resume()
-        wait_lines(console, seen.count(b"\n") + 2)
+        wait_console_lines(console, seen.count(b"\n") + 2)
         assert machine.pause()
         machine.system_reset()                          # stays paused: secondaries back off
         assert [machine.power_state(i) for i in range(3)] == [POWER_ON, POWER_OFF, POWER_OFF]
         before = console.getvalue().decode()
         machine.resume()
-        wait_lines(console, before.count("\n") + 3)
+        wait_console_lines(console, before.count("\n") + 3)
     finally:
         machine.close()
     after = console.getvalue().decode()[len(before):].splitlines()

@@ -6,11 +6,10 @@ import time
 import pytest
 
 from hv_backends import backend_class
-from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine, RunState
 from hv.machine.move import move_machine
-from tests.helpers import FIXTURES, dirty_reference, requires_kvm
+from tests.helpers import FIXTURES, dirty_reference, machine_in_process, requires_kvm, wait_console_lines
 
 PAIRS = [
     pytest.param("q35", "kvm", "kvm", marks=requires_kvm, id="x86_64-kvm-kvm"),
@@ -23,19 +22,7 @@ ARCH = {"q35": "x86_64", "virt": "aarch64"}
 
 
 def build(machine_type: str, accel: str, append: str) -> tuple[Machine, BufferSink]:
-    config = parse_args(["-machine", machine_type, "-m", "64", "-kernel",
-                         str(FIXTURES / ARCH[machine_type] / "dirty.elf"), "-append", append]).config
-    console = BufferSink()
-    machine = Machine(config, backend_class(accel)(), console)
-    machine.load_kernel(config.kernel.read_bytes())
-    return machine, console
-
-
-def wait_lines(console: BufferSink, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while console.getvalue().count(b"\n") < count:
-        assert time.monotonic() < deadline, console.getvalue()[-300:]
-        time.sleep(0.005)
+    return machine_in_process(machine_type, accel, FIXTURES / ARCH[machine_type] / "dirty.elf", append)
 
 
 @pytest.mark.parametrize("machine_type,first,second", PAIRS)
@@ -45,7 +32,7 @@ def test_move_mid_run_continues_exactly(machine_type, first, second):
     machine.start()
     try:
         for hop, accel in enumerate([second, first, second]):
-            wait_lines(console, 2 + 2 * hop)
+            wait_console_lines(console, 2 + 2 * hop)
             machine = move_machine(machine, backend_class(accel)())
             assert machine.backend.name == accel
         assert machine.wait_shutdown(120) == "guest-shutdown"
@@ -76,7 +63,7 @@ def test_pause_freezes_output_and_ram(machine_type, accel):
     machine, console = build(machine_type, accel, "mib=1")
     machine.start()
     try:
-        wait_lines(console, 3)
+        wait_console_lines(console, 3)
         assert machine.pause()
         before_out = console.getvalue()
         before_ram = bytes(machine.memory.regions[0].view[16 << 20:17 << 20])
@@ -84,7 +71,7 @@ def test_pause_freezes_output_and_ram(machine_type, accel):
         assert console.getvalue() == before_out
         assert bytes(machine.memory.regions[0].view[16 << 20:17 << 20]) == before_ram
         assert machine.resume()
-        wait_lines(console, before_out.count(b"\n") + 2)
+        wait_console_lines(console, before_out.count(b"\n") + 2)
     finally:
         machine.request_shutdown("test")
         machine.close()
