@@ -8,9 +8,9 @@ missing, instead of a non-editable install failing at import time on a user's ma
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 IMPORT_NAMES = {"hv": "hv", "backends": "hv_backends", "fixtures": "hv_fixtures"}
 
 
