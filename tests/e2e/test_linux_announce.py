@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import LinuxLab
 from tests.e2e.netpeer import ETH_ARP, ETH_IPV4, NetPeer
-from tests.e2e.test_linux import NET_ARGS, assert_healthy, boot, incoming, migrate
+from tests.e2e.conftest import NET_ARGS, assert_healthy, boot, incoming, migrate
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = "10.0.2.15"
