@@ -193,6 +193,34 @@ def verify_layout() -> None:
                             ENV_IDT, ENV_CR, ENV_EFER, ENV_ERROR_CODE, ENV_EXCEPTION_IS_INT, ENV_OLD_EXCEPTION))
 
 
+@functools.cache
+def _engine_leaf(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    """What the Unicorn engine's CPU model answers for (leaf, subleaf): asked once per
+    process from a scratch engine (the answer is a constant of the installed library)."""
+    unicorn = _import_unicorn()
+    x = unicorn.x86_const
+    scratch = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    scratch.mem_map(0x1000, 0x1000)
+    scratch.mem_write(0x1000, b"\x0f\xa2")   # cpuid
+    scratch.reg_write(x.UC_X86_REG_EAX, leaf)
+    scratch.reg_write(x.UC_X86_REG_ECX, subleaf)
+    scratch.emu_start(0x1000, 0x1002)
+    eax, ebx, ecx, edx = (scratch.reg_read(r) & 0xFFFFFFFF for r in (
+        x.UC_X86_REG_EAX, x.UC_X86_REG_EBX, x.UC_X86_REG_ECX, x.UC_X86_REG_EDX))
+    return eax, ebx, ecx, edx
+
+
+X2APIC_FEATURE = 1 << 21   # CPUID.1:ECX; hv's local APIC is an xAPIC (KVM's table drops it too)
+
+
+def _per_vcpu_leaf(leaf: int, subleaf: int, index: int) -> tuple[int, int, int, int]:
+    """Leaf 1 and 0xB with this vCPU's APIC ID in them (the engine says 0 everywhere)."""
+    eax, ebx, ecx, edx = _engine_leaf(leaf, subleaf if leaf == 0xB else 0)
+    if leaf == 0x1:
+        return eax, (ebx & 0x00FFFFFF) | (index & 0xFF) << 24, ecx & ~X2APIC_FEATURE, edx
+    return eax, ebx, ecx, index   # 0xB: EDX = x2APIC ID
+
+
 class UnicornX86Vcpu(UnicornVcpuBase):
     """An x86_64 vCPU; the engine always runs in UC_MODE_64."""
 
@@ -248,9 +276,15 @@ class UnicornX86Vcpu(UnicornVcpuBase):
 
     def _on_cpuid(self, uc: Any, user_data: Any) -> int:
         """CPUID: hv's policy leaves (:mod:`hv.cpuid`) are answered here, the same values
-        KVM gets; 0 lets the engine answer the others (its qemu64 model)."""
+        KVM gets; so are the leaves that name the CPU (leaf 1's initial APIC ID and leaf
+        0xB's x2APIC ID = the vCPU index, as KVM's table has them: every Unicorn engine
+        would say 0, and an SMP Linux then finds two CPUs with APIC ID 0); 0 lets the
+        engine answer the others (its qemu64 model)."""
         x = self._x
-        regs = cpuid_policy.lookup(uc.reg_read(x.UC_X86_REG_EAX))
+        leaf = uc.reg_read(x.UC_X86_REG_EAX) & 0xFFFFFFFF
+        regs = cpuid_policy.lookup(leaf)
+        if regs is None and leaf in (0x1, 0xB):
+            regs = _per_vcpu_leaf(leaf, uc.reg_read(x.UC_X86_REG_ECX) & 0xFFFFFFFF, self.index)
         if regs is None:
             return 0
         gprs = (x.UC_X86_REG_RAX, x.UC_X86_REG_RBX, x.UC_X86_REG_RCX, x.UC_X86_REG_RDX)

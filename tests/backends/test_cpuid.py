@@ -35,12 +35,12 @@ def open_vm(backend: str, memory: GuestMemory) -> Vm:
     return UnicornBackend().open_vm(Arch.X86_64, memory, [])
 
 
-def guest_cpuid(backend: str, leaf: int) -> tuple[int, int, int, int]:
-    """What a long-mode guest on ``backend`` reads from CPUID ``leaf``."""
+def guest_cpuid(backend: str, leaf: int, index: int = 0) -> tuple[int, int, int, int]:
+    """What a long-mode guest on ``backend``'s vCPU ``index`` reads from CPUID ``leaf``."""
     memory = GuestMemory([RegionSpec(0, RAM_SIZE)])
     vm = open_vm(backend, memory)
     try:
-        vcpu = vm.create_vcpu(0)
+        vcpu = vm.create_vcpu(index)
         write_page_tables(memory)
         memory.write(CODE, snippet(leaf))
         vcpu.set_state(long_mode_state(CODE))
@@ -108,3 +108,17 @@ def test_other_leaves_still_answered_by_engine() -> None:
     """Leaves outside the policy are the engine's own (leaf 1 reports SSE2 and the FPU)."""
     _eax, _ebx, _ecx, edx = guest_cpuid("unicorn", 1)
     assert edx & 1 and edx & (1 << 26)
+
+
+@pytest.mark.parametrize("backend", X86_BACKENDS)
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_each_vcpu_reads_its_own_apic_id(backend: str, index: int) -> None:
+    """CPUID.1:EBX[31:24] (initial APIC ID) is the vCPU index on every backend, as the MADT
+    says: a Unicorn engine alone answers 0 on every vCPU, and an SMP Linux guest then
+    reports "APIC id mismatch" and could hang bringing up its second CPU. x2APIC is not
+    offered (hv's local APIC is an xAPIC)."""
+    _eax, ebx, ecx, _edx = guest_cpuid(backend, 1, index)
+    assert ebx >> 24 == index
+    assert not ecx & (1 << 21)
+    if backend == "unicorn":
+        assert guest_cpuid(backend, 0xB, index)[3] == index
