@@ -156,11 +156,12 @@ USAGE = """\
 usage: hv -machine q35|virt -kernel FILE [options]
        hv qmp SOCKET COMMAND [key=value ...] | hv qmp SOCKET --events
        hv migrate --qmp SOCKET URI [--max-bandwidth B] [--downtime-limit MS] [--interval S]
-       hv bench migrate [options] | hv bench blk [options]
+       hv bench migrate|blk|linux|stream|profile [options]
 
 StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m, --machine):
   -machine TYPE[,mem-share=off]  machine type: q35 (x86_64) or virt (aarch64)
-  -kernel FILE                   guest kernel (multiboot ELF for q35, ELF for virt)
+  -kernel FILE                   q35: Linux bzImage, PVH vmlinux or multiboot ELF; virt: arm64 Image
+                                 (raw or gzip), vmlinux or ELF
   -initrd FILE                   initial RAM disk for a Linux kernel
   -append STRING                 kernel command line
   -m SIZE                        guest RAM: 256, 256M, 1G (default 256M; at most 64G)
@@ -190,6 +191,8 @@ subcommands:
   hv migrate --qmp SOCKET URI [--help]    start a live migration and show its progress to the end
   hv bench migrate [--help]               live-migration benchmark (hv vs QEMU where installed)
   hv bench blk [--help]                   virtio-blk throughput benchmark (hv vs dd)
+  hv bench linux [--help]                 Linux boot and migration, hv vs QEMU TCG where installed
+  hv bench stream | profile [--help]      the migration stream alone; where a migration's time goes
 """
 
 
