@@ -261,11 +261,13 @@ def test_cancel_then_migrate_again(vms, sock_dir):
 # (sectors, iterations) keep each run a few seconds long: kvm_pvm emulates this CPL0
 # driver ~20x slower than Unicorn, and the source must still be mid-run when it migrates.
 BLK_PAIRS = [
-    pytest.param("q35", "unicorn", "unicorn", 1024, 20, id="x86_64-unicorn-unicorn"),
+    # 100 passes on Unicorn: with hv's patched libunicorn a pass takes milliseconds, and 20
+    # could all finish between the test seeing the first pass and its migrate command.
+    pytest.param("q35", "unicorn", "unicorn", 1024, 100, id="x86_64-unicorn-unicorn"),
     pytest.param("q35", "kvm", "kvm", 64, 12, marks=requires_kvm, id="x86_64-kvm-kvm"),
     pytest.param("q35", "kvm", "unicorn", 64, 12, marks=requires_kvm, id="x86_64-kvm-unicorn"),
     pytest.param("q35", "unicorn", "kvm", 1024, 5, marks=requires_kvm, id="x86_64-unicorn-kvm"),
-    pytest.param("virt", "unicorn", "unicorn", 1024, 20, id="aarch64-unicorn-unicorn"),
+    pytest.param("virt", "unicorn", "unicorn", 1024, 100, id="aarch64-unicorn-unicorn"),
 ]
 
 
@@ -288,6 +290,7 @@ def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations,
             dst = Vm(hv, sock_dir, f"bdst{second}", *args, "-accel", second,
                      "-incoming", f"unix:{os.path.join(sock_dir, 'blk.mig')}")
             vms.append(dst)
+            src.execute("query-status")   # the monitor connection exists before the guest can end
             src.wait_lines(4)   # banner, mode, device, first pass
             if (first, second) == ("unicorn", "kvm"):
                 # Unicorn runs this CPL0 driver ~20x faster than kvm_pvm: pause the fast
@@ -319,9 +322,9 @@ def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, secon
 def test_seed_disk_at_addr_0_migrates_mid_io(hv, sock_dir, tmp_path, machine):
     """The walkthrough's own disk line (addr=0, readonly=off, direct=off) boots, is found
     by PCI enumeration at 0:0.0 and migrates mid-I/O like any other slot."""
-    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024, 20,
+    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024, 100,
                                            seed_devices=True)
-    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, 1024, 20,
+    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, 1024, 100,
                                      seed_devices=True)
     assert "blk: device 00:00.0 capacity 2048 id BLK0" in migrated_out.splitlines()
     assert migrated_out.splitlines() == plain_out.splitlines()
