@@ -149,3 +149,35 @@ def test_object_add_and_parameters_are_checked(vms, certs):
     assert "object 't0' not found" in vm.execute("object-del", id="t0")["error"]["desc"]
     assert vm.execute("migrate-set-parameters", **{"tls-creds": ""}) == {"return": {}}
     assert vm.execute("query-migrate-parameters")["return"]["tls-creds"] == ""
+
+
+def test_tls_over_unix_needs_a_hostname_then_migrates(vms, certs, tmp_path):
+    """Over a unix socket there is no host to check the certificate against: as in QEMU,
+    the source needs ``tls-hostname``; without it the migration fails with that reason
+    (the destination runs nothing), with it an encrypted migration completes."""
+    server_dir, client_dir = certs
+    path = tmp_path / "mig.sock"
+    dst = vms("dst", "-incoming", "defer",
+              "-object", f"tls-creds-x509,id=tls0,endpoint=server,dir={server_dir}")
+    assert dst.execute("migrate-set-parameters", **{"tls-creds": "tls0"}) == {"return": {}}
+    assert dst.execute("migrate-incoming", uri=f"unix:{path}") == {"return": {}}
+
+    nameless = tls_source(vms, "nameless", client_dir)
+    nameless.wait_lines(2)
+    reply = nameless.execute("migrate", uri=f"unix:{path}")
+    status = reply.get("error", {}).get("desc") or nameless.wait_migration().get("error-desc", "")
+    assert "TLS needs a host name to check the destination's certificate (set tls-hostname)" in status, reply
+    assert nameless.execute("query-status")["return"]["status"] == "running"
+    assert dst.execute("query-status")["return"]["status"] == "inmigrate"
+    assert dst.output() == ""
+
+    src = tls_source(vms, "src", client_dir, "localhost")
+    src.wait_lines(3)
+    assert src.execute("migrate", uri=f"unix:{path}") == {"return": {}}
+    assert src.wait_migration()["status"] == "completed"
+    assert dst.wait_migration()["status"] == "completed"
+    assert "TLSv1.3 with the source (certificate CN=hv-source)" in dst.stderr()
+    assert dst.execute("query-status")["return"]["status"] == "running"
+    dst.wait_lines(len(complete_lines(dst.output())) + 2)
+    dst.execute("stop")
+    assert check_dirty_output("q35", MIB, src.output() + dst.output()) > 2
