@@ -2,7 +2,9 @@
 
 ``hv bench migrate`` (:mod:`hv.bench.migrate`) migrates fixture guests between hv
 processes and, where installed, QEMU processes; ``hv bench blk`` (:mod:`hv.bench.blk`)
-measures virtio-blk against ``dd`` on the same image. ``hv bench stream``
+measures virtio-blk against ``dd`` and QEMU on the same image; ``hv bench emulator``
+(:mod:`hv.bench.emulator`) runs the same guest ELF on hv and QEMU (Unicorn vs TCG, KVM vs
+KVM). ``hv bench stream``
 (:mod:`hv.bench.stream`) measures the migration stream alone against a raw socket loop, and
 ``hv bench profile`` (:mod:`hv.bench.profile`) shows where a migration's time goes, and
 ``hv bench linux`` (:mod:`hv.bench.linux`) boots and migrates a real Linux guest on hv
@@ -16,10 +18,11 @@ import logging
 import sys
 
 from hv.bench.blk import USAGE_BLK, run_blk
+from hv.bench.emulator import USAGE_EMULATOR, run_emulator
 from hv.bench.linux import USAGE_LINUX
 from hv.bench.migrate import USAGE_MIGRATE, run_migrate
 
-USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n"
+USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n       {USAGE_EMULATOR}\n"
          "       hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]\n"
          "       hv bench profile micro | source ACCEL [--spy-destination] [--data-mib 64] [--timeline]\n"
          f"       {USAGE_LINUX}")
@@ -27,18 +30,20 @@ USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n"
 
 def main(argv: list[str] | None = None) -> int:
     """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU), ``blk``
-    (virtio-blk throughput against dd), ``stream``, ``profile`` or ``linux`` (a Linux guest's
+    (virtio-blk throughput against dd and QEMU), ``emulator`` (guest speed against QEMU), ``stream``, ``profile`` or ``linux`` (a Linux guest's
     boot and migration against QEMU)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
-    if args[:1] not in (["migrate"], ["blk"], ["stream"], ["profile"], ["linux"]):
+    if args[:1] not in (["migrate"], ["blk"], ["emulator"], ["stream"], ["profile"], ["linux"]):
         print(USAGE, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     if args[0] == "blk":
         return run_blk(args[1:])
+    if args[0] == "emulator":
+        return run_emulator(args[1:])
     if args[0] == "stream":
         from hv.bench.stream import main as stream_main
         return stream_main(args[1:])

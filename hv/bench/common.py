@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,26 @@ def parse_size(text: str) -> int:
 
 def size_text(mib: int) -> str:
     return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+
+
+# arch -> (QEMU binary, the Debian package that installs it)
+QEMU_FOR_ARCH = {"x86_64": ("qemu-system-x86_64", "qemu-system-x86"),
+                 "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}
+
+
+def find_qemu(arch: str, qemu_dir: Path | None = None) -> str | None:
+    """The QEMU binary for ``arch``: in ``qemu_dir`` when given (``--qemu-dir``), else on PATH."""
+    binary = QEMU_FOR_ARCH[arch][0]
+    if qemu_dir is not None:
+        candidate = qemu_dir / binary
+        return str(candidate) if os.access(candidate, os.X_OK) and candidate.is_file() else None
+    return shutil.which(binary)
+
+
+def qemu_missing_line(arch: str) -> str:
+    """The line a benchmark prints instead of QEMU's rows when QEMU is not installed."""
+    binary, package = QEMU_FOR_ARCH[arch]
+    return f"{binary} not installed (apt-get install {package}): QEMU rows skipped, hv rows only"
 
 
 def kvm_usable() -> bool:
@@ -200,3 +223,53 @@ class VmProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+@dataclass
+class TimedRun:
+    """What a process printed on stdout, each line with the ``time.perf_counter()`` at
+    which it arrived on the pipe, plus its exit code and stderr."""
+
+    started: float
+    lines: list[tuple[float, str]]
+    returncode: int
+    stderr: str
+
+    def first(self, prefix: str) -> tuple[float, str] | None:
+        return next(((t, line) for t, line in self.lines if line.startswith(prefix)), None)
+
+
+def run_timed(argv: list[str], timeout: float, what: str) -> TimedRun:
+    """Run ``argv`` to its end, timestamping its stdout lines as they arrive (the guest's
+    serial port on stdio). A process still running after ``timeout`` s is killed and the
+    run raises :class:`BenchError`; the process is always reaped."""
+    lines: list[tuple[float, str]] = []
+    started = time.perf_counter()
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as process:
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            process.kill()
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.start()
+        stderr_chunks: list[bytes] = []
+        drain = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read() if process.stderr
+                                                                     else b""), daemon=True)
+        drain.start()
+        try:
+            assert process.stdout is not None
+            for raw in process.stdout:
+                lines.append((time.perf_counter(), raw.decode(errors="replace").rstrip("\r\n")))
+            code = process.wait(30)
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            drain.join(10)
+    if timed_out.is_set():
+        raise BenchError(f"{what}: no end after {timeout:g} s (killed)")
+    return TimedRun(started, lines, code, b"".join(stderr_chunks).decode(errors="replace"))
