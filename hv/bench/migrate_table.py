@@ -1,0 +1,198 @@
+"""What ``hv bench migrate`` measures per migration and how the table prints it.
+
+The figures (columns explained in :mod:`hv.bench.migrate` and the README):
+
+* ``total ms``: the source's ``query-migrate`` ``total-time``;
+* ``down ms``: from the source's ``STOP`` event to the destination's ``RESUME`` event
+  (the events' own timestamps, one host wall clock), the same method for hv and QEMU;
+  ``own down`` is what each engine's ``query-migrate`` calls downtime (hv counts until
+  the destination confirms, QEMU stops at its last byte: information only);
+* ``guest p/s``: the dirty guest's passes per second while it migrates (pass lines the
+  source printed between the ``migrate`` command and its STOP event, over that time,
+  pooled over the runs);
+* ``broken``: migrations whose destination did not carry on where the source stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hv.bench.common import size_text
+
+MIB = 1 << 20
+DOWNTIME_LIMIT_MS = 300
+GUEST_PROGRESS_GOAL = 0.8          # hv's guest progress while migrating / QEMU's
+QEMU_ACCEL = {"kvm": "kvm", "unicorn": "tcg"}   # hv's accelerator -> QEMU's like-for-like one
+
+
+@dataclass(frozen=True)
+class Case:
+    engine: str       # "hv" or "qemu"
+    accel: str        # kvm / unicorn (hv), kvm / tcg (qemu)
+    size_mib: int
+    mode: str         # idle / dirty
+    transport: str    # tcp / unix
+    tls: bool = False  # the same migration over TLS
+
+    @property
+    def link(self) -> str:
+        return f"{self.transport}+tls" if self.tls else self.transport
+
+    def label(self) -> str:
+        return f"{self.engine} {self.accel} {size_text(self.size_mib)} {self.mode} {self.link}"
+
+    def reference(self) -> Case | None:
+        """QEMU's like-for-like case of an hv case (TCG for Unicorn, KVM for KVM)."""
+        if self.engine != "hv":
+            return None
+        return dataclasses.replace(self, engine="qemu", accel=QEMU_ACCEL[self.accel])
+
+
+@dataclass(frozen=True)
+class Sample:
+    total_ms: float
+    downtime_ms: float            # STOP event (source) -> RESUME event (destination)
+    transferred: int
+    passes: int                   # ram.dirty-sync-count
+    own_downtime_ms: float = 0.0  # the engine's own query-migrate "downtime"
+    guest_passes: int | None = None   # dirty guest: pass lines the source printed while migrating
+    window_s: float = 0.0         # from the migrate command to the source's STOP event
+    broken: str = ""              # why the destination did not continue ("" = it did)
+
+    @property
+    def guest_rate(self) -> float | None:
+        """The dirty guest's passes per second while migrating (None: idle guest)."""
+        return None if self.guest_passes is None else self.guest_passes / max(self.window_s, 1e-3)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second on the wire over the whole migration."""
+        return self.transferred / max(self.total_ms, 1) * 1000
+
+
+@dataclass
+class Row:
+    case: Case
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        return statistics.median(getattr(s, attribute) for s in self.samples)
+
+    def guest_rate(self) -> float | None:
+        """Passes over seconds pooled over all runs: a short migration sees 0 or 1 whole
+        passes, so a median of per-run rates would be quantized; the pooled ratio is not."""
+        counted = [s for s in self.samples if s.guest_passes is not None]
+        if not counted:
+            return None
+        return sum(s.guest_passes or 0 for s in counted) / max(sum(s.window_s for s in counted), 1e-3)
+
+    def broken(self) -> int:
+        return sum(bool(s.broken) for s in self.samples)
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _ratio(mine: float | None, reference: float | None) -> float | None:
+    return None if mine is None or reference is None else mine / max(reference, 1e-9)
+
+
+HEADER = ("engine", "accel", "size", "mode", "link", "total ms", "down ms", "own down", "sent MiB", "syncs",
+          "MiB/s", "% raw", "guest p/s", "total/Q", "down/Q", "guest/Q", "broken", "goals")
+
+
+def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float | None,
+            guest_ratio: float | None) -> str:
+    """The goals an hv row can meet: downtime <= 300 ms and <= QEMU's, total <= QEMU's,
+    guest progress >= 0.8 of QEMU's; a broken guest is always a miss."""
+    missed = []
+    if down > DOWNTIME_LIMIT_MS or (down_ratio or 0) > 1:
+        missed.append("down")
+    if (total_ratio or 0) > 1:
+        missed.append("total")
+    if guest_ratio is not None and guest_ratio < GUEST_PROGRESS_GOAL:
+        missed.append("guest")
+    if row.broken():
+        missed.append("BROKEN")
+    return ",".join(missed) + " missed" if missed else "ok"
+
+
+def row_cells(row: Row, ref: Row | None, raw: dict[str, float]) -> tuple[str, ...]:
+    c = row.case
+    base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.link)
+    if not row.samples:
+        return base + ("failed: " + (row.errors[-1] if row.errors else "?"),)
+    total, down = row.median("total_ms"), row.median("downtime_ms")
+    rate, guest = row.median("throughput"), row.guest_rate()
+    fraction = rate / raw[c.transport] if raw.get(c.transport) else None
+    total_ratio = _ratio(total, ref.median("total_ms")) if ref else None
+    down_ratio = _ratio(down, ref.median("downtime_ms")) if ref else None
+    guest_ratio = _ratio(guest, ref.guest_rate()) if ref else None
+    goals = verdict(row, down, total_ratio, down_ratio, guest_ratio) if c.engine == "hv" else ""
+    partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
+    return base + (f"{total:.0f}", f"{down:.0f}", f"{row.median('own_downtime_ms'):.0f}",
+                   f"{row.median('transferred') / MIB:.1f}", f"{row.median('passes'):.0f}", f"{rate / MIB:.0f}",
+                   "-" if fraction is None else f"{fraction * 100:.0f}%",
+                   "-" if guest is None else f"{guest:.1f}",
+                   _fmt_ratio(total_ratio), _fmt_ratio(down_ratio), _fmt_ratio(guest_ratio),
+                   f"{row.broken()}/{len(row.samples)}", goals + partial)
+
+
+def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
+    rows = list(rows)
+    measured = {r.case: r for r in rows if r.samples}
+    lines: list[tuple[str, ...]] = [HEADER]
+    for row in rows:
+        reference = row.case.reference()
+        lines.append(row_cells(row, measured.get(reference) if reference else None, raw))
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(HEADER))]
+    out = []
+    for line in lines:
+        cells = [cell.rjust(widths[i]) if 5 <= i < len(HEADER) - 1 and len(line) == len(HEADER)
+                 else cell.ljust(widths[i]) for i, cell in enumerate(line)]
+        out.append("  ".join(cells).rstrip())
+    out.insert(1, "-" * len(out[0]))
+    out.extend(tls_lines(rows))
+    out.extend(broken_lines(rows))
+    raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
+    out.append(f"raw loopback (1 MiB sendall/recv_into, median): {raw_text}")
+    out.append("medians; down ms = source STOP event -> destination RESUME event (both engines); own down = "
+               "the engine's query-migrate downtime; MiB/s = transferred / total time; guest p/s = guest passes/s "
+               "while migrating (all runs pooled);\n"
+               "x/Q = hv / QEMU (unicorn vs tcg, kvm vs kvm); broken = broken/completed")
+    out.append(f"goals (hv rows): down <= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU, guest/Q >= "
+               f"{GUEST_PROGRESS_GOAL}, no broken guest (% raw is information, not a goal)")
+    return "\n".join(out)
+
+
+def tls_lines(rows: list[Row]) -> list[str]:
+    """One line per TLS row whose plain twin has samples: both rates and their ratio, for
+    hv and QEMU alike."""
+    plain = {dataclasses.replace(r.case, tls=False): r for r in rows if not r.case.tls and r.samples}
+    lines = []
+    for row in rows:
+        twin = plain.get(dataclasses.replace(row.case, tls=False)) if row.case.tls and row.samples else None
+        if twin is not None:
+            tls_rate, plain_rate = row.median("throughput"), twin.median("throughput")
+            lines.append(f"tls/plain {twin.case.label()}: {tls_rate / MIB:.0f} vs {plain_rate / MIB:.0f} MiB/s "
+                         f"({tls_rate / plain_rate:.2f})")
+    return lines
+
+
+def broken_lines(rows: list[Row]) -> list[str]:
+    """Broken guests per engine, with the first reason of each row that had one."""
+    lines = []
+    for engine in ("hv", "qemu"):
+        mine = [r for r in rows if r.case.engine == engine and r.samples]
+        if mine:
+            count, total = sum(r.broken() for r in mine), sum(len(r.samples) for r in mine)
+            lines.append(f"broken guests, {engine}: {count} of {total} migrations")
+            for row in mine:
+                reason = next((s.broken for s in row.samples if s.broken), "")
+                if reason:
+                    lines.append(f"  {row.case.label()}: {reason}")
+    return lines
