@@ -156,7 +156,7 @@ USAGE = """\
 usage: hv -machine q35|virt -kernel FILE [options]
        hv qmp SOCKET COMMAND [key=value ...] | hv qmp SOCKET --events
        hv migrate --qmp SOCKET URI [--max-bandwidth B] [--downtime-limit MS] [--interval S]
-       hv bench migrate|blk|linux|stream|profile [options]
+       hv bench migrate|blk|emulator|linux|stream|profile [options]
 
 StratoVirt-compatible options (each also works with two dashes, as in QEMU: --m, --machine):
   -machine TYPE[,mem-share=off]  machine type: q35 (x86_64) or virt (aarch64)
@@ -190,7 +190,8 @@ subcommands:
   hv qmp SOCKET --events                  follow the monitor's events, one JSON line each
   hv migrate --qmp SOCKET URI [--help]    start a live migration and show its progress to the end
   hv bench migrate [--help]               live-migration benchmark (hv vs QEMU where installed)
-  hv bench blk [--help]                   virtio-blk throughput benchmark (hv vs dd)
+  hv bench blk [--help]                   virtio-blk throughput benchmark (hv vs QEMU and dd)
+  hv bench emulator [--help]              guest speed, the same ELF on hv and QEMU
   hv bench linux [--help]                 Linux boot and migration, hv vs QEMU TCG where installed
   hv bench stream | profile [--help]      the migration stream alone; where a migration's time goes
 """
