@@ -24,6 +24,8 @@ Architectural points
 Limitations (measured on kvm_pvm; hardware KVM does not have the first two)
     * TSC: KVM_SET_MSRS(IA32_TSC) is accepted but the guest keeps reading the host TSC,
       so ``state.tsc`` is not applied (:attr:`KvmVm.tsc_restorable` says which case).
+      Without KVM_CAP_TSC_CONTROL it also ticks at the host's rate, which CPUID 0x15/0x16
+      then declare instead of hv's 1 GHz (:attr:`KvmVm.tsc_khz`).
     * CPUID: the feature words of leaves 1, 7 and 0xD are replaced with the host's, so
       the CPUID filter (:mod:`hv_backends.kvm_state`) is advisory there.
     * An interrupt queued with :meth:`KvmVcpu.inject_interrupt` is delivered at the next
@@ -59,6 +61,7 @@ from hv_backends.kvm_state import (
     CPUID_DROPPED_RANGE,
     CPUID_MASKS,
     CPUID_ZEROED,
+    GuestTsc,
     apply_cpuid_policy,
     read_state,
     write_state,
@@ -218,6 +221,7 @@ class KvmVm(Vm):
             addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
             _ioctl(self._vm_fd, abi.KVM_SET_IDENTITY_MAP_ADDR, addr, "KVM_SET_IDENTITY_MAP_ADDR")
             self.supported_cpuid = self._supported_cpuid()
+            self._tsc = GuestTsc(scalable=bool(_check_extension(self._kvm_fd, abi.KVM_CAP_TSC_CONTROL)))
             self._has_mp_state = bool(_check_extension(self._kvm_fd, abi.KVM_CAP_MP_STATE))
         except BaseException:
             self._close_fds()
@@ -266,7 +270,15 @@ class KvmVm(Vm):
             if function == 0x1:
                 ebx = (ebx & 0x00FFFFFF) | ((vcpu_index & 0xFF) << 24)
             out.append((function, index, flags, eax, ebx, ecx, edx))
-        return apply_cpuid_policy(out)   # hv's own leaves (hv.cpuid), as on Unicorn
+        if self._tsc.khz is None:
+            raise BackendError("the guest CPUID table needs the TSC rate, which the first vCPU fixes")
+        return apply_cpuid_policy(out, self._tsc.khz * 1000)   # hv's own leaves (hv.cpuid)
+
+    @property
+    def tsc_khz(self) -> int | None:
+        """The guest TSC's rate in kHz, declared in CPUID 0x15/0x16 (see
+        :class:`hv_backends.kvm_state.GuestTsc`); None until the first vCPU exists."""
+        return self._tsc.khz
 
     @functools.cached_property
     def tsc_restorable(self) -> bool:
@@ -357,6 +369,13 @@ class KvmVcpu(Vcpu):
         self._mapping = mapping
         self._run = ffi.cast("struct kvm_run *", mapping)
         self._run_bytes = ffi.buffer(ffi.cast("char *", mapping), self._mmap_size)
+        try:
+            khz = vm._tsc.configure(self._fd)
+        except BackendError:
+            libc.munmap(mapping, self._mmap_size)
+            os.close(self._fd)
+            raise
+        log.debug("vCPU %d: guest TSC %d kHz", index, khz)
         self._set_cpuid(vm.guest_cpuid(index))
 
     def _set_cpuid(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:

@@ -312,6 +312,8 @@ KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
 KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
 
@@ -325,6 +327,8 @@ KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_MP_STATE = 14
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_XSAVE = 55
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168

@@ -4,6 +4,7 @@ vCPU gets (split from :mod:`hv_backends.kvm`, which keeps creating, running and 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from hv import cpuid as cpuid_policy
@@ -65,15 +66,60 @@ CPUID_DROPPED_RANGE = (0x40000000, 0x400000FF)  # hypervisor (KVM paravirt) leav
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
 
 
-def apply_cpuid_policy(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+def apply_cpuid_policy(entries: list[CpuidEntry], tsc_hz: int = cpuid_policy.TSC_HZ) -> list[CpuidEntry]:
     """The filtered table with hv's own leaves (:mod:`hv.cpuid`: vendor, maximum basic
     leaf, TSC/crystal frequency) put in place of the host's, added when the host lacks
-    them, so a KVM guest reads the same values as a Unicorn guest. Policy leaves are not
-    indexed: every subleaf the host listed for them is replaced by one entry."""
+    them, so a KVM guest reads the same values as a Unicorn guest — except the TSC
+    frequency, which is ``tsc_hz``, the rate the vCPU's TSC really runs at (see
+    :meth:`hv_backends.kvm.KvmVm.tsc_khz`). Policy leaves are not indexed: every subleaf
+    the host listed for them is replaced by one entry."""
     out = [e for e in entries if cpuid_policy.lookup(e[0]) is None]
-    for leaf, regs in sorted(cpuid_policy.POLICY.items()):
+    for (leaf, _sub), regs in sorted(cpuid_policy.policy_leaves(tsc_hz).items()):
         out.append((leaf, 0, 0, *regs))
     return sorted(out, key=lambda e: (e[0], e[1]))
+
+
+HV_TSC_KHZ = cpuid_policy.TSC_HZ // 1000   # the rate hv's policy prefers (Unicorn's)
+
+
+@dataclass
+class GuestTsc:
+    """The rate of a VM's guest TSC, fixed by its first vCPU and declared in CPUID.
+
+    With ``KVM_CAP_TSC_CONTROL`` each vCPU is scaled to hv's 1 GHz (``KVM_SET_TSC_KHZ``),
+    the rate Unicorn's TSC has, so a guest keeps its clock when it moves between
+    backends. Without it (kvm_pvm) the TSC is the host's and the VM declares that rate
+    (``KVM_GET_TSC_KHZ``, read before any set: a refused KVM_SET_TSC_KHZ still changes
+    what GET answers, and a VM-wide KVM_SET_TSC_KHZ is accepted without a
+    ``KVM_CAP_VM_TSC_CONTROL`` and then reported by GET although the TSC is not scaled).
+    A guest calibrates its TSC once, at boot: moved to a VM whose TSC runs at another
+    rate (another host, or KVM <-> Unicorn), its TSC-based clock runs fast or slow by the
+    ratio of the two rates. The migration fingerprint does not carry the rate (yet), so
+    such a move is not refused; ``KvmVm.tsc_khz`` is logged when a VM starts.
+    """
+
+    scalable: bool
+    khz: int | None = None
+    scaled: bool = False
+
+    def configure(self, vcpu_fd: int) -> int:
+        """Give a new vCPU the VM's TSC rate (kHz), fixing it with the first vCPU."""
+        host = abi.libc.ioctl(vcpu_fd, abi.KVM_GET_TSC_KHZ, ffi.cast("unsigned long", 0))
+        if host <= 0:
+            raise BackendError(f"KVM_GET_TSC_KHZ: {abi.errno_text(ffi.errno)}")
+        if self.scalable and (self.khz is None or self.scaled):
+            if abi.libc.ioctl(vcpu_fd, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", HV_TSC_KHZ)) == 0:
+                self.khz, self.scaled = HV_TSC_KHZ, True
+                return HV_TSC_KHZ
+            if self.scaled:
+                raise BackendError(f"KVM_SET_TSC_KHZ {HV_TSC_KHZ}: {abi.errno_text(ffi.errno)} on a later vCPU")
+            log.info("KVM cannot scale the TSC to %d kHz: the guest's TSC runs at the host's %d kHz",
+                     HV_TSC_KHZ, host)
+        if self.khz is None:
+            self.khz = host
+        elif self.khz != host:
+            raise BackendError(f"vCPU TSC rates differ: {host} kHz, the first vCPU {self.khz} kHz")
+        return host
 
 
 def _segment_from_kvm(seg: Any) -> Segment:

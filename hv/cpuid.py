@@ -13,6 +13,12 @@ loop needs a working timer tick to calibrate). hv's clocks are fixed, so this is
 Leaf 0x15 therefore declares a 1 GHz "core crystal" (the APIC timer's clock, as on
 hardware where the crystal drives the APIC timer) and a TSC/crystal ratio of 1/1.
 
+On KVM the guest's TSC is the hardware's: it runs at the host's rate unless KVM scales it
+(``KVM_SET_TSC_KHZ``, only with ``KVM_CAP_TSC_CONTROL``). The KVM backend asks for hv's
+1 GHz where KVM can scale and otherwise declares the rate the TSC really has (the host's,
+``KVM_GET_TSC_KHZ``): it builds its leaves with ``policy_leaves(tsc_hz)``. The crystal
+(APIC timer) stays 1 GHz on every backend; only the TSC/crystal ratio changes.
+
 The policy is a pure table: :func:`policy_leaves` maps (leaf, subleaf) to the four
 registers and every backend applies it on top of what its engine would answer (Unicorn
 in a CPUID hook, KVM in the table given to KVM_SET_CPUID2), so a guest sees the same
@@ -44,28 +50,31 @@ def _vendor_regs() -> tuple[int, int, int]:
     return ebx, ecx, edx
 
 
-def tsc_leaf() -> Regs:
+def tsc_leaf(tsc_hz: int = TSC_HZ) -> Regs:
     """Leaf 0x15: EAX = denominator, EBX = numerator (TSC = crystal * EBX / EAX), ECX = crystal Hz."""
-    g = math.gcd(TSC_HZ, CRYSTAL_HZ)
-    return CRYSTAL_HZ // g, TSC_HZ // g, CRYSTAL_HZ, 0
+    if not 0 < tsc_hz < 1 << 40:
+        raise ValueError(f"TSC frequency {tsc_hz} Hz out of range")
+    g = math.gcd(tsc_hz, CRYSTAL_HZ)
+    return CRYSTAL_HZ // g, tsc_hz // g, CRYSTAL_HZ, 0
 
 
-def frequency_leaf() -> Regs:
+def frequency_leaf(tsc_hz: int = TSC_HZ) -> Regs:
     """Leaf 0x16: base and maximum core frequency and the bus (reference) frequency, in MHz."""
-    mhz = TSC_HZ // 1_000_000
+    mhz = tsc_hz // 1_000_000
     return mhz, mhz, CRYSTAL_HZ // 1_000_000, 0
 
 
-def policy_leaves() -> dict[tuple[int, int], Regs]:
-    """Every (leaf, subleaf) hv answers itself, with its EAX, EBX, ECX, EDX.
+def policy_leaves(tsc_hz: int = TSC_HZ) -> dict[tuple[int, int], Regs]:
+    """Every (leaf, subleaf) hv answers itself, with its EAX, EBX, ECX, EDX, for a guest
+    whose TSC runs at ``tsc_hz`` (hv's virtual 1 GHz unless the backend cannot give it).
 
     The leaves listed are not indexed by ECX (subleaf 0 stands for all subleaves)."""
     ebx, ecx, edx = _vendor_regs()
     table: dict[tuple[int, int], Regs] = {(0x0, 0): (MAX_BASIC_LEAF, ebx, ecx, edx)}
     for leaf in ZEROED_LEAVES:
         table[(leaf, 0)] = (0, 0, 0, 0)
-    table[(0x15, 0)] = tsc_leaf()
-    table[(0x16, 0)] = frequency_leaf()
+    table[(0x15, 0)] = tsc_leaf(tsc_hz)
+    table[(0x16, 0)] = frequency_leaf(tsc_hz)
     return table
 
 
