@@ -170,6 +170,19 @@ class _WatchedChannel(SocketChannel):
                 raise SourceStalled(f"the source stalled: nothing received for {self.stall_timeout:g} s "
                                     "(x-stall-timeout)")
 
+    # The native RAM receiver (hv.migration.stream_native) waits at most this long per
+    # call, then asks check_idle whether to give up: the same rules as _wait_readable.
+    poll_seconds = STOP_POLL
+
+    def check_idle(self, idle: float) -> None:
+        """Give up like :meth:`_wait_readable` once hv shuts down or ``idle`` seconds
+        passed without a byte."""
+        if self._stopped():
+            raise ConnectionAbortedError("hv is shutting down")
+        if idle >= self.stall_timeout:
+            raise SourceStalled(f"the source stalled: nothing received for {self.stall_timeout:g} s "
+                                "(x-stall-timeout)")
+
     def readinto(self, buf: memoryview) -> int:
         self._wait_readable()
         return super().readinto(buf)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
+import time
 from typing import Any, Protocol
 
 from hv.errors import StreamError
 from hv.migration.pages import is_prefaulted, populate, zero_pages
+from hv.migration import stream_native
 from hv.migration.stream_channels import Source
 from hv.migration.stream_format import (
     _IOV_BATCH,
@@ -105,6 +108,16 @@ class StreamReader:
         # RAM a background Prefaulter covers needs no madvise per run (it is the
         # destination's usual case; see hv.migration.pages).
         self._populate_runs = ram is not None and not is_prefaulted(ram)
+        # RAM sections are applied by native code where the source and RAM allow it; every
+        # other section (and any RAM section it would refuse) is read here, through
+        # Drained, which hands over what the native receiver read ahead.
+        self._native: stream_native.Receiver | None = None
+        if ram is not None and kind is not StreamKind.STATE:
+            poll = getattr(source, "poll_seconds", None)
+            self._native = stream_native.receiver_for(source, ram, page_count, self._covered,
+                                                      -1 if poll is None else int(poll * 1000))
+            if self._native is not None:
+                self.source = stream_native.Drained(source, self._native)
 
     # -- raw reads -------------------------------------------------------------------
     def _read_into(self, view: memoryview, what: str) -> None:
@@ -207,6 +220,10 @@ class StreamReader:
         if self._phase is _Phase.ENDED:
             raise StreamError("read past END")
         while True:
+            if self._native is not None and self._phase is _Phase.RAM:
+                ram_section = self._native_ram(self._native)
+                if ram_section is not None:
+                    return ram_section
             head = self._read(SECTION_HEADER.size, "section header")
             kind, flags, reserved, length = SECTION_HEADER.unpack(head)
             if flags & ~KNOWN_FLAGS or reserved:
@@ -225,6 +242,37 @@ class StreamReader:
                 self._skip(length, kind)
                 continue
             return self._dispatch(stype, length)
+
+    def _native_ram(self, rx: stream_native.Receiver) -> RamSection | None:
+        """The next section if the native receiver applied it (a valid RAM section), or
+        None: it is something else, left for the Python reader. While nothing arrives the
+        source's ``check_idle`` (if any) decides whether to give up."""
+        seen, idle_since = rx.received, time.monotonic()
+        regions = getattr(self.ram, "regions", [])
+        while True:
+            rc = rx.step(regions)
+            if rc == stream_native.RX_RAM:
+                r = rx.rx
+                self.bytes_read += r.section_bytes
+                self._round_open = True
+                return RamSection(r.start, r.count, r.zero, r.normal, r.section_bytes)
+            if rc == stream_native.RX_OTHER:
+                return None
+            if rc == stream_native.RX_WAIT:
+                if rx.received != seen:
+                    seen, idle_since = rx.received, time.monotonic()
+                check_idle = getattr(self.source, "check_idle", None)
+                if check_idle is not None:
+                    check_idle(time.monotonic() - idle_since)
+                continue
+            if rc == stream_native.RX_EOF:
+                raise StreamError(f"stream truncated: end of input after {self.bytes_read + rx.partial_bytes()} "
+                                  f"bytes while reading {rx.what()}")
+            if rc == stream_native.RX_OSERROR:
+                raise StreamError(f"stream read failed while reading {rx.what()}: {os.strerror(rx.rx.err_errno)}")
+            assert rc == stream_native.RX_BADCRC, rc
+            raise StreamError(f"RAM section: checksum mismatch (stored {rx.rx.stored_crc:#010x}, "
+                              f"computed {rx.rx.computed_crc:#010x}); the stream is corrupted")
 
     def _skip(self, length: int, kind: int) -> None:
         view = memoryview(self._scratch)

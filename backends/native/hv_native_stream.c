@@ -1,0 +1,555 @@
+/* The migration stream's per-byte work in native code (hv/migration/stream_native.py).
+ *
+ * Both ends of a live migration spend their time on a handful of loops over guest RAM:
+ * the source tells zero pages from data pages, copies the data pages out of a running
+ * guest and checksums the copy; the destination reads page data into guest RAM and
+ * checksums it. Done in Python those loops cost one call, one slice and a few syscalls per
+ * section; here they are one call per section (source) or one call per section with no
+ * extra syscall (destination: framing is read ahead into a staging buffer, page data
+ * straight into guest RAM with readv/recvmsg).
+ *
+ * The checksum is zlib's CRC-32 (the stream format's), computed with PCLMULQDQ folding
+ * (Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ Instruction";
+ * constants as in Linux's crc32-pclmul). Without PCLMULQDQ (or on another architecture)
+ * hvs_available() returns 0 and Python keeps its own paths.
+ *
+ * The receiver trusts nothing: it applies a RAM section only after the section header, its
+ * run header and its whole page-kind map are buffered and valid (page numbers inside guest
+ * RAM, each run inside one region, the length matching the map). Anything else (another
+ * section type, a malformed RAM section, end of input before the map) is left unconsumed
+ * in the staging buffer for the Python reader, which reads it from there and raises its
+ * own error. Only a checksum mismatch, a read error and end of input inside page data or
+ * the checksum are reported from here.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+/* CDEF-BEGIN
+struct hvs_region { uint64_t first_page; uint64_t pages; uint8_t *host; };
+struct hvs_rx {
+    int32_t fd; int32_t is_socket; int32_t poll_ms; int32_t nregions;
+    uint64_t page_count; struct hvs_region regions[16]; uint8_t *covered;
+    uint8_t *buf; uint32_t cap, pos, len;
+    int32_t state; uint32_t length, count, normal, zero; uint64_t start;
+    uint64_t data_done; uint32_t crc; uint64_t section_bytes;
+    uint64_t received; int32_t err_errno; uint32_t stored_crc, computed_crc; const char *what;
+    uint8_t kinds[8192];
+};
+int hvs_available(void);
+uint32_t hvs_crc32(uint32_t crc, const uint8_t *p, size_t n);
+int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                 uint8_t *out, uint8_t *copy, uint32_t *crc_out);
+int hvs_rx_step(struct hvs_rx *rx);
+size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n);
+CDEF-END */
+
+#define HVS_PAGE 4096u
+#define HVS_MAX_RUN_PAGES 8192u
+#define HVS_MAX_SECTION (64u << 20)
+#define HVS_TYPE_RAM 3
+#define HVS_HEAD 8u
+#define HVS_RUN 16u
+#define HVS_MAX_REGIONS 16
+#define HVS_IOV 1024
+
+enum { RX_RAM = 1, RX_OTHER = 2, RX_WAIT = 3, RX_EOF = 4, RX_OSERROR = 5, RX_BADCRC = 6 };
+enum { ST_PEEK = 0, ST_DATA = 1, ST_CRC = 2 };
+
+struct hvs_region { uint64_t first_page; uint64_t pages; uint8_t *host; };
+struct hvs_rx {
+    int32_t fd; int32_t is_socket; int32_t poll_ms; int32_t nregions;
+    uint64_t page_count; struct hvs_region regions[HVS_MAX_REGIONS]; uint8_t *covered;
+    uint8_t *buf; uint32_t cap, pos, len;       /* staging: bytes [pos, len) are unconsumed */
+    int32_t state; uint32_t length, count, normal, zero; uint64_t start;
+    uint64_t data_done; uint32_t crc; uint64_t section_bytes;
+    uint64_t received; int32_t err_errno; uint32_t stored_crc, computed_crc; const char *what;
+    uint8_t kinds[HVS_MAX_RUN_PAGES];
+};
+
+/* -- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted) ------------------- */
+static uint32_t hvs_table[256];
+static volatile int hvs_table_ready;
+
+static void hvs_make_table(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        hvs_table[i] = c;
+    }
+    __atomic_store_n(&hvs_table_ready, 1, __ATOMIC_RELEASE);
+}
+
+/* The raw (not inverted) CRC of n bytes, a byte at a time: tails and short buffers. */
+static uint32_t hvs_crc_bytes(uint32_t crc, const uint8_t *p, size_t n)
+{
+    while (n--)
+        crc = hvs_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__)
+#define HVS_TARGET __attribute__((target("pclmul,sse4.1")))
+
+HVS_TARGET static inline __m128i hvs_fold(__m128i x, __m128i k, __m128i next)
+{
+    __m128i lo = _mm_clmulepi64_si128(x, k, 0x00);
+    __m128i hi = _mm_clmulepi64_si128(x, k, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(lo, hi), next);
+}
+
+/* The raw CRC of n >= 64 bytes from src; when dst is not NULL the bytes are also stored
+ * there (the copy and the checksum read guest RAM once, from the same registers). */
+HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_t *dst, size_t n)
+{
+    const __m128i k12 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i k34 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    __m128i a = _mm_loadu_si128((const __m128i *)src);
+    __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+    __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+    if (dst) {
+        _mm_storeu_si128((__m128i *)dst, a);
+        _mm_storeu_si128((__m128i *)(dst + 16), b);
+        _mm_storeu_si128((__m128i *)(dst + 32), c);
+        _mm_storeu_si128((__m128i *)(dst + 48), d);
+        dst += 64;
+    }
+    a = _mm_xor_si128(a, _mm_cvtsi32_si128((int)crc));
+    src += 64;
+    n -= 64;
+    while (n >= 64) {
+        __m128i na = _mm_loadu_si128((const __m128i *)src);
+        __m128i nb = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i nc = _mm_loadu_si128((const __m128i *)(src + 32));
+        __m128i nd = _mm_loadu_si128((const __m128i *)(src + 48));
+        if (dst) {
+            _mm_storeu_si128((__m128i *)dst, na);
+            _mm_storeu_si128((__m128i *)(dst + 16), nb);
+            _mm_storeu_si128((__m128i *)(dst + 32), nc);
+            _mm_storeu_si128((__m128i *)(dst + 48), nd);
+            dst += 64;
+        }
+        a = hvs_fold(a, k12, na);
+        b = hvs_fold(b, k12, nb);
+        c = hvs_fold(c, k12, nc);
+        d = hvs_fold(d, k12, nd);
+        src += 64;
+        n -= 64;
+    }
+    a = hvs_fold(a, k34, b);
+    a = hvs_fold(a, k34, c);
+    a = hvs_fold(a, k34, d);
+    while (n >= 16) {
+        __m128i next = _mm_loadu_si128((const __m128i *)src);
+        if (dst) {
+            _mm_storeu_si128((__m128i *)dst, next);
+            dst += 16;
+        }
+        a = hvs_fold(a, k34, next);
+        src += 16;
+        n -= 16;
+    }
+    /* 128 -> 64 bits (also appends 32 zero bits), 64 -> 32, Barrett reduction. */
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
+    const __m128i poly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    __m128i t = _mm_clmulepi64_si128(k34, a, 0x01);
+    a = _mm_xor_si128(_mm_srli_si128(a, 8), t);
+    t = _mm_srli_si128(a, 4);
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), k5, 0x00);
+    a = _mm_xor_si128(a, t);
+    t = a;
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x10);
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x00);
+    a = _mm_xor_si128(a, t);
+    crc = (uint32_t)_mm_extract_epi32(a, 1);
+    if (n) {
+        if (dst)
+            memcpy(dst, src, n);
+        crc = hvs_crc_bytes(crc, src, n);
+    }
+    return crc;
+}
+#endif
+
+int hvs_available(void)
+{
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("pclmul") || !__builtin_cpu_supports("sse4.1"))
+        return 0;
+    if (!__atomic_load_n(&hvs_table_ready, __ATOMIC_ACQUIRE))
+        hvs_make_table();
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Raw CRC update, copying to dst too when it is not NULL. Callers checked hvs_available(). */
+static uint32_t hvs_crc_raw(uint32_t crc, const uint8_t *src, uint8_t *dst, size_t n)
+{
+#if defined(__x86_64__)
+    if (n >= 64)
+        return hvs_crc_fold(crc, src, dst, n);
+#endif
+    if (dst && n)
+        memcpy(dst, src, n);
+    return hvs_crc_bytes(crc, src, n);
+}
+
+/* zlib.crc32(data, crc): the stream's checksum (tests compare it with zlib's). */
+uint32_t hvs_crc32(uint32_t crc, const uint8_t *p, size_t n)
+{
+    if (!__atomic_load_n(&hvs_table_ready, __ATOMIC_ACQUIRE))
+        hvs_make_table();
+    return ~hvs_crc_raw(~crc, p, NULL, n);
+}
+
+/* -- source: one RAM section --------------------------------------------------------- */
+static int hvs_page_is_zero(const uint8_t *p)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    if (w[0] | w[1] | w[510] | w[511]) /* a data page usually says so at once */
+        return 0;
+    for (unsigned i = 0; i < HVS_PAGE / 8; i += 8)
+        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7])
+            return 0;
+    return 1;
+}
+
+static void hvs_put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void hvs_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Frame npages pages at src (stream page numbers start..) as one RAM section.
+ *
+ * out receives the section header, the run header and the kind map (24 + npages bytes);
+ * known_zero (NULL or one byte per page, 1 = never populated) skips reading such pages.
+ * The normal pages are checksummed, and copied to copy (contiguous) when it is not NULL:
+ * the guest may be running, and the copy is what must be sent so that the checksum and
+ * the bytes on the wire agree. *crc_out is the section's checksum (zlib form). Returns
+ * the number of normal pages (little-endian host assumed, as the stream format is). */
+int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                 uint8_t *out, uint8_t *copy, uint32_t *crc_out)
+{
+    if (npages == 0 || npages > HVS_MAX_RUN_PAGES)
+        return -1;
+    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
+    uint32_t normal = 0;
+    for (uint32_t i = 0; i < npages; i++) {
+        int zero = (known_zero && known_zero[i]) || hvs_page_is_zero(src + (uint64_t)i * HVS_PAGE);
+        kinds[i] = zero ? 0 : 1;
+        normal += !zero;
+    }
+    uint32_t length = HVS_RUN + npages + normal * HVS_PAGE;
+    out[0] = HVS_TYPE_RAM;
+    out[1] = 0;
+    out[2] = out[3] = 0;
+    hvs_put32(out + 4, length);
+    hvs_put64(out + 8, start);
+    hvs_put32(out + 16, npages);
+    hvs_put32(out + 20, 0);
+    uint32_t crc = hvs_crc_raw(0xFFFFFFFFu, out, NULL, HVS_HEAD + HVS_RUN + npages);
+    uint32_t i = 0;
+    while (i < npages) {
+        if (!kinds[i]) {
+            i++;
+            continue;
+        }
+        uint32_t j = i;
+        while (j < npages && kinds[j])
+            j++;
+        size_t bytes = (size_t)(j - i) * HVS_PAGE;
+        crc = hvs_crc_raw(crc, src + (uint64_t)i * HVS_PAGE, copy, bytes);
+        if (copy)
+            copy += bytes;
+        i = j;
+    }
+    *crc_out = ~crc;
+    return normal;
+}
+
+/* -- destination: RAM sections straight into guest RAM ------------------------------- */
+static uint32_t hvs_get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t hvs_get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* Host address of pages [page, page + n) if they lie in one region, else NULL. */
+static uint8_t *hvs_target(const struct hvs_rx *rx, uint64_t page, uint64_t n)
+{
+    for (int i = 0; i < rx->nregions; i++) {
+        const struct hvs_region *r = &rx->regions[i];
+        if (page >= r->first_page && n <= r->pages && page - r->first_page <= r->pages - n)
+            return r->host + (page - r->first_page) * HVS_PAGE;
+    }
+    return NULL;
+}
+
+/* One read from the source into iov; >0 bytes, 0 end of input, -1 would block past
+ * poll_ms (RX_WAIT), -2 error (err_errno). */
+static ssize_t hvs_read(struct hvs_rx *rx, struct iovec *iov, int n)
+{
+    for (;;) {
+        ssize_t got;
+        if (rx->is_socket) {
+            struct msghdr msg;
+            memset(&msg, 0, sizeof msg);
+            msg.msg_iov = iov;
+            msg.msg_iovlen = (size_t)n;
+            got = recvmsg(rx->fd, &msg, MSG_DONTWAIT);
+        } else {
+            got = readv(rx->fd, iov, n);
+        }
+        if (got >= 0) {
+            rx->received += (uint64_t)got;
+            return got;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd pfd = { rx->fd, POLLIN, 0 };
+            int ready = poll(&pfd, 1, rx->poll_ms);
+            if (ready == 0)
+                return -1;
+            if (ready < 0 && errno != EINTR) {
+                rx->err_errno = errno;
+                return -2;
+            }
+            continue;
+        }
+        rx->err_errno = errno;
+        return -2;
+    }
+}
+
+/* Make at least need bytes available in the staging buffer (need <= cap). Returns 0, or
+ * RX_EOF / RX_WAIT / RX_OSERROR. */
+static int hvs_fill(struct hvs_rx *rx, uint32_t need)
+{
+    while (rx->len - rx->pos < need) {
+        if (rx->cap - rx->pos < need) {
+            memmove(rx->buf, rx->buf + rx->pos, rx->len - rx->pos);
+            rx->len -= rx->pos;
+            rx->pos = 0;
+        }
+        struct iovec iov = { rx->buf + rx->len, rx->cap - rx->len };
+        ssize_t got = hvs_read(rx, &iov, 1);
+        if (got == 0)
+            return RX_EOF;
+        if (got == -1)
+            return RX_WAIT;
+        if (got < 0)
+            return RX_OSERROR;
+        rx->len += (uint32_t)got;
+    }
+    return 0;
+}
+
+/* Validate the buffered section that starts at rx->pos; 0 when it is a well-formed RAM
+ * section this receiver applies (its fields are then in rx), else RX_OTHER. */
+static int hvs_peek(struct hvs_rx *rx)
+{
+    const uint8_t *h = rx->buf + rx->pos;
+    uint32_t length = hvs_get32(h + 4);
+    if (h[0] != HVS_TYPE_RAM || h[1] || h[2] || h[3] || length > HVS_MAX_SECTION || length < HVS_RUN)
+        return RX_OTHER;
+    int rc = hvs_fill(rx, HVS_HEAD + HVS_RUN);
+    if (rc)
+        return rc == RX_WAIT || rc == RX_OSERROR ? rc : RX_OTHER;
+    h = rx->buf + rx->pos;
+    uint64_t start = hvs_get64(h + 8);
+    uint32_t count = hvs_get32(h + 16);
+    if (hvs_get32(h + 20) || count < 1 || count > HVS_MAX_RUN_PAGES || start >= rx->page_count
+        || count > rx->page_count - start || count > length - HVS_RUN)
+        return RX_OTHER;
+    rc = hvs_fill(rx, HVS_HEAD + HVS_RUN + count);
+    if (rc)
+        return rc == RX_WAIT || rc == RX_OSERROR ? rc : RX_OTHER;
+    const uint8_t *kinds = rx->buf + rx->pos + HVS_HEAD + HVS_RUN;
+    uint32_t normal = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (kinds[i] > 1)
+            return RX_OTHER;
+        normal += kinds[i];
+    }
+    if ((uint64_t)length - HVS_RUN - count != (uint64_t)normal * HVS_PAGE)
+        return RX_OTHER;
+    for (uint32_t i = 0; i < count;) {  /* every run inside one region */
+        uint32_t j = i;
+        while (j < count && kinds[j] == kinds[i])
+            j++;
+        if (!hvs_target(rx, start + i, j - i))
+            return RX_OTHER;
+        i = j;
+    }
+    rx->length = length;
+    rx->start = start;
+    rx->count = count;
+    rx->normal = normal;
+    rx->zero = count - normal;
+    memcpy(rx->kinds, kinds, count);
+    return 0;
+}
+
+/* Zero runs: write only the pages that are not zero already (fresh or pre-faulted RAM is). */
+static void hvs_zero_runs(struct hvs_rx *rx)
+{
+    for (uint32_t i = 0; i < rx->count; i++) {
+        if (rx->kinds[i])
+            continue;
+        uint8_t *page = hvs_target(rx, rx->start + i, 1);
+        if (!hvs_page_is_zero(page))
+            memset(page, 0, HVS_PAGE);
+    }
+}
+
+/* Fill the iovecs for page data from byte data_done of the section on; returns the count. */
+static int hvs_data_iov(struct hvs_rx *rx, struct iovec *iov, int max)
+{
+    uint64_t skip = rx->data_done;
+    int n = 0;
+    for (uint32_t i = 0; i < rx->count && n < max;) {
+        if (!rx->kinds[i]) {
+            i++;
+            continue;
+        }
+        uint32_t j = i;
+        while (j < rx->count && rx->kinds[j])
+            j++;
+        uint64_t bytes = (uint64_t)(j - i) * HVS_PAGE;
+        if (skip >= bytes) {
+            skip -= bytes;
+        } else {
+            iov[n].iov_base = hvs_target(rx, rx->start + i, j - i) + skip;
+            iov[n].iov_len = bytes - skip;
+            skip = 0;
+            n++;
+        }
+        i = j;
+    }
+    return n;
+}
+
+/* Checksum iov's first got bytes (just read: still in the cache). */
+static void hvs_crc_iov(struct hvs_rx *rx, const struct iovec *iov, size_t got)
+{
+    for (int i = 0; got; i++) {
+        size_t part = iov[i].iov_len < got ? iov[i].iov_len : got;
+        rx->crc = hvs_crc_raw(rx->crc, iov[i].iov_base, NULL, part);
+        got -= part;
+    }
+}
+
+static int hvs_data(struct hvs_rx *rx)
+{
+    uint64_t total = (uint64_t)rx->normal * HVS_PAGE;
+    struct iovec iov[HVS_IOV + 1];
+    while (rx->data_done < total) {
+        int n = hvs_data_iov(rx, iov, HVS_IOV);
+        uint32_t avail = rx->len - rx->pos;
+        if (avail) {  /* read ahead with the framing: copy it out first */
+            size_t left = avail;
+            for (int i = 0; i < n && left; i++) {
+                size_t part = iov[i].iov_len < left ? iov[i].iov_len : left;
+                memcpy(iov[i].iov_base, rx->buf + rx->pos + (avail - left), part);
+                left -= part;
+            }
+            size_t used = avail - left;
+            hvs_crc_iov(rx, iov, used);
+            rx->pos += (uint32_t)used;
+            rx->data_done += used;
+            continue;
+        }
+        /* When the iovecs reach the section's end, the staging buffer takes what follows
+         * it (the next section's framing, in the same call). */
+        uint64_t covered = 0;
+        for (int i = 0; i < n; i++)
+            covered += iov[i].iov_len;
+        rx->pos = rx->len = 0;
+        int count = n;
+        if (covered == total - rx->data_done) {
+            iov[n].iov_base = rx->buf;
+            iov[n].iov_len = rx->cap;
+            count++;
+        }
+        ssize_t got = hvs_read(rx, iov, count);
+        if (got == 0)
+            return RX_EOF;
+        if (got == -1)
+            return RX_WAIT;
+        if (got < 0)
+            return RX_OSERROR;
+        uint64_t into_ram = (uint64_t)got < total - rx->data_done ? (uint64_t)got : total - rx->data_done;
+        hvs_crc_iov(rx, iov, (size_t)into_ram);
+        rx->data_done += into_ram;
+        rx->len = (uint32_t)((uint64_t)got - into_ram);
+    }
+    return 0;
+}
+
+/* Apply the next section if it is a RAM section: RX_RAM (applied; its fields are in rx),
+ * RX_OTHER (something else, or a RAM section the Python reader must refuse: nothing of it
+ * consumed), RX_WAIT (nothing arrived within poll_ms; call again), RX_EOF (end of input
+ * inside page data or checksum: rx->what), RX_OSERROR (err_errno), RX_BADCRC. */
+int hvs_rx_step(struct hvs_rx *rx)
+{
+    int rc;
+    if (rx->state == ST_PEEK) {
+        rx->what = "section header";
+        rc = hvs_fill(rx, HVS_HEAD);
+        if (rc)
+            return rc == RX_EOF ? RX_OTHER : rc;
+        rc = hvs_peek(rx);
+        if (rc)
+            return rc;
+        uint32_t framing = HVS_HEAD + HVS_RUN + rx->count;
+        rx->crc = hvs_crc_raw(0xFFFFFFFFu, rx->buf + rx->pos, NULL, framing);
+        rx->pos += framing;
+        rx->section_bytes = framing;
+        rx->data_done = 0;
+        hvs_zero_runs(rx);
+        rx->state = ST_DATA;
+    }
+    if (rx->state == ST_DATA) {
+        rx->what = "RAM page data";
+        rc = hvs_data(rx);
+        if (rc)
+            return rc;
+        rx->section_bytes += rx->data_done;
+        rx->state = ST_CRC;
+    }
+    rx->what = "RAM checksum";
+    rc = hvs_fill(rx, 4);
+    if (rc)
+        return rc;
+    rx->stored_crc = hvs_get32(rx->buf + rx->pos);
+    rx->computed_crc = ~rx->crc;
+    rx->pos += 4;
+    rx->section_bytes += 4;
+    rx->state = ST_PEEK;
+    if (rx->stored_crc != rx->computed_crc)
+        return RX_BADCRC;
+    memset(rx->covered + rx->start, 1, rx->count);
+    return RX_RAM;
+}
+
+/* Hand up to n read-ahead bytes to the Python reader (it reads what is not RAM). */
+size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n)
+{
+    size_t avail = rx->len - rx->pos;
+    if (n > avail)
+        n = avail;
+    memcpy(dst, rx->buf + rx->pos, n);
+    rx->pos += (uint32_t)n;
+    return n;
+}

@@ -1,0 +1,220 @@
+"""The migration stream's hot loops in native code (``backends/native/hv_native_stream.c``).
+
+:class:`Packer` frames one RAM section on the source: zero-page scan, the copy of the
+data pages out of a running guest and zlib's CRC-32 of that copy in one pass (PCLMULQDQ).
+:class:`Receiver` applies RAM sections on the destination: framing is read ahead into a
+staging buffer, page data goes straight into guest RAM (``recvmsg``/``readv`` with one
+iovec per run of data pages, plus the staging buffer for what follows), and is
+checksummed while it is still in the cache. One call per 1 MiB section, no Python per page.
+
+Both keep the stream format as it is (a stream is the same bytes either way) and the
+reader's rules: the receiver applies a RAM section only once its header, run header and
+page-kind map are buffered and valid; anything else is handed back, unconsumed, to
+:class:`hv.migration.stream_reader.StreamReader`, which reads it from the staging buffer
+first (:class:`Drained`) and raises its own error if it is malformed.
+
+The native paths are used on x86_64 hosts with PCLMULQDQ, for plain sockets and
+unbuffered files (not TLS: its bytes are decrypted in Python). ``HV_NATIVE_STREAM=0`` in
+the environment turns them off (for measuring, and for tests that compare both paths).
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from hv.migration.stream_format import MAX_RUN_PAGES, PAGE_SIZE, SECTION_HEADER
+
+RX_RAM, RX_OTHER, RX_WAIT, RX_EOF, RX_OSERROR, RX_BADCRC = 1, 2, 3, 4, 5, 6
+ST_DATA, ST_CRC = 1, 2
+STAGING_BYTES = 256 << 10  # read-ahead buffer: framing, and page data that comes with it
+MAX_REGIONS = 16
+_FRAMING = SECTION_HEADER.size + 16  # section header + RAM run header
+
+
+def _load() -> tuple[Any, Any] | None:
+    if os.environ.get("HV_NATIVE_STREAM", "1") == "0":
+        return None
+    try:
+        from hv_backends._hv_native import ffi, lib  # noqa: PLC0415 - built at install time
+    except ImportError:
+        return None
+    if not hasattr(lib, "hvs_available") or not lib.hvs_available():
+        return None
+    return ffi, lib
+
+
+_NATIVE = _load()
+
+
+def available() -> bool:
+    """True when the native stream paths can be used on this host."""
+    return _NATIVE is not None
+
+
+def crc32(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """zlib's CRC-32 computed by the native code (tests compare the two)."""
+    if _NATIVE is None:
+        raise RuntimeError("native stream code unavailable")
+    ffi, lib = _NATIVE
+    return int(lib.hvs_crc32(crc, ffi.from_buffer("uint8_t[]", data), len(data)))
+
+
+@dataclass
+class Packer:
+    """Frames RAM sections for :class:`hv.migration.stream_writer.StreamWriter`."""
+
+    run_pages: int
+    _meta: bytearray = field(init=False)
+    _copy: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert _NATIVE is not None
+        ffi, _ = _NATIVE
+        self._meta = bytearray(_FRAMING + self.run_pages)
+        self._copy = bytearray(self.run_pages * PAGE_SIZE)
+        self._meta_c = ffi.from_buffer("uint8_t[]", self._meta)
+        self._copy_c = ffi.from_buffer("uint8_t[]", self._copy)
+        self._crc = ffi.new("uint32_t *")
+
+    def pack(self, view: memoryview, start: int, count: int, known_zero: bytes | None,
+             copy: bool) -> tuple[int, memoryview, int]:
+        """(normal pages, framing bytes — header, run header, kind map —, section CRC).
+
+        With ``copy`` the normal pages are in :attr:`copied` afterwards (what must be sent
+        while the guest runs); without, the caller sends them from ``view``."""
+        assert _NATIVE is not None and 1 <= count <= self.run_pages <= MAX_RUN_PAGES
+        ffi, lib = _NATIVE
+        zero_map = ffi.NULL if known_zero is None else ffi.from_buffer("uint8_t[]", known_zero)
+        normal = lib.hvs_pack(ffi.from_buffer("uint8_t[]", view), start, count, zero_map,
+                              self._meta_c, self._copy_c if copy else ffi.NULL, self._crc)
+        if normal < 0:
+            raise ValueError(f"cannot frame {count} pages")
+        return int(normal), memoryview(self._meta)[:_FRAMING + count], int(self._crc[0])
+
+    def copied(self, normal: int) -> memoryview:
+        return memoryview(self._copy)[:normal * PAGE_SIZE]
+
+
+def _fd_of(source: Any) -> tuple[int, bool] | None:
+    """(descriptor, is a socket) of a channel the receiver may read directly, else None."""
+    sock = getattr(source, "sock", None)
+    if isinstance(sock, socket.socket):
+        if isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0:
+            return None
+        return sock.fileno(), True
+    fileobj = getattr(source, "file", None)
+    if isinstance(fileobj, io.FileIO) and not fileobj.closed:
+        return fileobj.fileno(), False
+    return None
+
+
+class Receiver:
+    """Native RAM-section receiver over one source (see the module docstring).
+
+    ``poll_ms``: how long one :meth:`step` may wait for bytes before it returns
+    ``RX_WAIT`` (the reader then checks whether it must give up); -1 waits for good.
+    """
+
+    def __init__(self, fd: int, is_socket: bool, regions: list[tuple[int, int]],
+                 page_count: int, covered: bytearray, poll_ms: int) -> None:
+        assert _NATIVE is not None
+        ffi, lib = _NATIVE
+        self._lib = lib
+        self._ffi = ffi
+        rx = ffi.new("struct hvs_rx *")
+        rx.fd, rx.is_socket, rx.poll_ms = fd, int(is_socket), poll_ms
+        rx.page_count = page_count
+        rx.nregions = len(regions)
+        for i, (first_page, pages) in enumerate(regions):
+            rx.regions[i].first_page = first_page
+            rx.regions[i].pages = pages
+        self._covered = ffi.from_buffer("uint8_t[]", covered)
+        rx.covered = self._covered
+        self._staging = ffi.new("uint8_t[]", STAGING_BYTES)
+        rx.buf = self._staging
+        rx.cap = STAGING_BYTES
+        self.rx = rx
+        self.applied = 0  # RAM sections applied here
+
+    def step(self, regions: list[Any]) -> int:
+        """Apply the next RAM section (see ``hvs_rx_step``). ``regions`` (GuestMemory's)
+        are pinned for the call: their mappings cannot be closed under the native code
+        (closing raises BufferError, as it does while a Python read holds a view)."""
+        ffi = self._ffi
+        pins = [ffi.from_buffer("uint8_t[]", region.view, require_writable=True) for region in regions]
+        try:
+            for i, pin in enumerate(pins):
+                self.rx.regions[i].host = pin
+            rc = int(self._lib.hvs_rx_step(self.rx))
+            self.applied += rc == RX_RAM
+            return rc
+        finally:
+            for pin in pins:
+                ffi.release(pin)
+
+    @property
+    def buffered(self) -> int:
+        return int(self.rx.len - self.rx.pos)
+
+    @property
+    def received(self) -> int:
+        """Bytes read from the source so far (a stall watch sees progress in it)."""
+        return int(self.rx.received)
+
+    def take(self, view: memoryview) -> int:
+        """Move up to ``len(view)`` read-ahead bytes into ``view``."""
+        return int(self._lib.hvs_rx_take(self.rx, self._ffi.from_buffer("uint8_t[]", view), len(view)))
+
+    def what(self) -> str:
+        return self._ffi.string(self.rx.what).decode() if self.rx.what else "section header"
+
+    def partial_bytes(self) -> int:
+        """Bytes of the section in progress read before end of input (the truncation message)."""
+        rx = self.rx
+        if rx.state == ST_DATA:
+            return int(rx.section_bytes + rx.data_done)
+        return int(rx.section_bytes + rx.len - rx.pos)
+
+
+def receiver_for(source: Any, ram: Any, page_count: int, covered: bytearray, poll_ms: int) -> Receiver | None:
+    """A :class:`Receiver` when ``source`` and ``ram`` (a GuestMemory) allow one, else None."""
+    if _NATIVE is None:
+        return None
+    fd = _fd_of(source)
+    regions = getattr(ram, "regions", None)
+    if fd is None or not regions or len(regions) > MAX_REGIONS:
+        return None
+    try:
+        spans = [(r.offset // PAGE_SIZE, r.size // PAGE_SIZE) for r in regions if r.view is not None]
+    except AttributeError:
+        return None
+    return Receiver(fd[0], fd[1], spans, page_count, covered, poll_ms)
+
+
+class Drained:
+    """A source whose reads take the receiver's read-ahead bytes first, so the Python
+    reader sees the stream exactly where the native receiver left it."""
+
+    def __init__(self, source: Any, receiver: Receiver) -> None:
+        self.source = source
+        self.receiver = receiver
+
+    def readinto(self, buf: memoryview) -> int:
+        if self.receiver.buffered:
+            return self.receiver.take(buf)
+        return int(self.source.readinto(buf))
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        if self.receiver.buffered:
+            return self.receiver.take(buffers[0])
+        readv = getattr(self.source, "readv", None)
+        if readv is None:
+            return int(self.source.readinto(buffers[0]))
+        return int(readv(buffers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
