@@ -276,8 +276,7 @@ class KvmVm(Vm):
 
     @property
     def tsc_khz(self) -> int | None:
-        """The guest TSC's rate in kHz, declared in CPUID 0x15/0x16 (see
-        :class:`hv_backends.kvm_state.GuestTsc`); None until the first vCPU exists."""
+        """Guest TSC kHz, declared in CPUID 0x15/0x16 (kvm_state.GuestTsc); None before vCPU 0."""
         return self._tsc.khz
 
     @functools.cached_property
@@ -323,6 +322,16 @@ class KvmVm(Vm):
         """See :class:`hv_backends.kvm_dirty.KvmDirtyLog` (manual protection when the
         kernel has it: read, then clear and re-protect only the dirty words)."""
         return self._dirty_log.take()
+
+    # Deferred protection for a migration sender (KvmDirtyLog.start(deferred=True)).
+    def start_dirty_log_deferred(self) -> None:
+        self._dirty_log.start(deferred=True)
+
+    def take_dirty_deferred(self) -> bytearray:
+        return self._dirty_log.take_deferred()
+
+    def arm_dirty(self, first_page: int, count: int) -> None:
+        self._dirty_log.arm(first_page, count)
 
     def stop_dirty_log(self) -> None:
         self._dirty_log.stop()
@@ -558,9 +567,7 @@ class KvmVcpu(Vcpu):
 
     def _rip(self) -> int:
         regs = ffi.new("struct kvm_regs *")
-        if libc.ioctl(self._fd, abi.KVM_GET_REGS, regs) < 0:
-            return -1
-        return regs.rip
+        return -1 if libc.ioctl(self._fd, abi.KVM_GET_REGS, regs) < 0 else regs.rip
 
     def _other_exit(self, reason: int) -> Exit:
         run = self._run

@@ -18,12 +18,16 @@ CLEAR), and a write after the CLEAR faults and is logged again. So a caller that
 page after ``take`` reported it, and calls ``take`` again later, never loses a write.
 (``tests/backends/test_kvm_dirty.py`` checks this with a guest writing during the takes.)
 
-``KVM_DIRTY_LOG_INITIALLY_SET`` is deliberately not enabled: with it the log starts
-all-dirty, and hv's engine sends its full pass from its own page scan rather than from
-the log, so the first take would report (and the engine would resend) all of RAM. What it
-saves — write-protecting RAM when logging starts — measured nothing here: the cost a
-guest pays under logging is one write-protection fault per page it dirties per round,
-whichever way the protection is re-armed (see the report in issue 13).
+Deferred protection (QEMU's scheme, for a migration's sender): with
+``KVM_DIRTY_LOG_INITIALLY_SET`` turning logging on write-protects nothing (the log starts
+all-dirty), :meth:`KvmDirtyLog.take_deferred` only reads the log, and
+:meth:`KvmDirtyLog.arm` clears (write-protects) the pages a sender is about to read, just
+before it reads them. A guest then takes its write fault on a page only once the sender
+has passed it, not from the start of the round — on kvm_pvm one fault costs ~60 µs, so a
+guest rewriting 64 MiB spent whole rounds faulting. Only bits that were reported (by the
+last deferred take, or the initial all-set state) and lie in the range being sent are
+cleared, so a write that landed after the read is never cleared unseen. Pages reported
+but never armed stay dirty in KVM and are reported again by the next take.
 """
 from __future__ import annotations
 
@@ -57,16 +61,19 @@ def _supported_flags(kvm_fd: int) -> int:
     return max(result, 0)
 
 
-def enable_manual_protect(vm_fd: int, kvm_fd: int) -> bool:
-    """Switch the VM to manual dirty-log protection if the kernel offers it. Must run
-    before any slot has logging on. False (and nothing changed) when unsupported."""
-    if not _supported_flags(kvm_fd) & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-        return False
+def enable_manual_protect(vm_fd: int, kvm_fd: int) -> int:
+    """Switch the VM to manual dirty-log protection, with ``KVM_DIRTY_LOG_INITIALLY_SET``
+    when offered, if the kernel has it. Must run before any slot has logging on. Returns
+    the flags enabled (0: unsupported, nothing changed)."""
+    supported = _supported_flags(kvm_fd)
+    if not supported & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        return 0
+    flags = supported & (abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | abi.KVM_DIRTY_LOG_INITIALLY_SET)
     cap = ffi.new("struct kvm_enable_cap *")
     cap.cap = abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
-    cap.args[0] = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    cap.args[0] = flags
     abi.ioctl_checked(vm_fd, abi.KVM_ENABLE_CAP, cap, "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)")
-    return True
+    return flags
 
 
 def dirty_word_runs(words: list[int] | bytes, limit: int) -> list[tuple[int, int]]:
@@ -101,26 +108,116 @@ class KvmDirtyLog:
         self._slots = slots
         self._page_count = page_count
         self._set_logging = set_logging
-        self.manual = enable_manual_protect(vm_fd, kvm_fd)
+        flags = enable_manual_protect(vm_fd, kvm_fd)
+        self.manual = bool(flags)
+        self.initially_set = bool(flags & abi.KVM_DIRTY_LOG_INITIALLY_SET)
         self.active = False
-        log.debug("KVM dirty log: %s protection", "manual" if self.manual else "plain")
+        # Pages reported (or initially all-set) whose protection a sender has yet to arm.
+        self._pending = bytearray((page_count + 7) // 8)
+        self._pending_any = False
+        log.debug("KVM dirty log: %s protection%s", "manual" if self.manual else "plain",
+                  ", initially set" if self.initially_set else "")
 
-    def start(self) -> None:
-        """Start logging (write-protects RAM), or, if on, discard what was recorded."""
+    def start(self, deferred: bool = False) -> None:
+        """Start logging. Eager (default): RAM is write-protected now and ``take`` reports
+        writes from here on. ``deferred``: nothing is protected; every page counts as
+        reported and the sender arms each range (:meth:`arm`) right before reading it.
+        If logging is on already, what was recorded is discarded (eager) or reported
+        as pending (deferred)."""
         if self.active:
-            self.take()
+            if deferred:
+                self.take_deferred()
+            else:
+                self.take()
             return
         self._set_logging(abi.KVM_MEM_LOG_DIRTY_PAGES)
         self.active = True
+        self._set_pending(None)
+        if not self.initially_set:
+            return   # KVM protected the whole slot when logging went on
+        if deferred:
+            self._set_pending(self._all_pages())
+            return
+        for slot in self._slots:   # make "initially set" look like a protected start
+            words = (slot.pages + 63) // 64
+            raw = b"\xff" * (words * 8)
+            self._clear(slot, ffi.new("char[]", raw), raw)
 
     def stop(self) -> None:
         if self.active:
             self._set_logging(0)
             self.active = False
+            self._set_pending(None)
 
     def take(self) -> bytearray:
         """Bitmap (RAM offset space) of pages written since the last take; each reported
         page is write-protected again before this returns."""
+        bitmap = self._get(clear=True)
+        self._set_pending(None)
+        return bitmap
+
+    def take_deferred(self) -> bytearray:
+        """Like :meth:`take`, but nothing is write-protected: the reported pages stay
+        pending until :meth:`arm` is called for them (plain logging cannot defer: there
+        the GET itself re-protects, as in :meth:`take`)."""
+        if not self.manual:
+            return self.take()
+        bitmap = self._get(clear=False)
+        self._set_pending(bitmap)
+        return bitmap
+
+    def arm(self, first_page: int, count: int) -> None:
+        """Write-protect the pending pages in [first_page, first_page + count) (RAM offset
+        space) and forget them: call it right before reading those pages."""
+        if not self._pending_any or count <= 0:
+            return
+        end = min(first_page + count, self._page_count)
+        for slot in self._slots:
+            lo, hi = max(first_page, slot.first_page), min(end, slot.first_page + slot.pages)
+            if lo < hi:
+                self._arm_in_slot(slot, lo - slot.first_page, hi - slot.first_page)
+
+    def _arm_in_slot(self, slot: LogSlot, lo: int, hi: int) -> None:
+        """CLEAR the pending bits of slot pages [lo, hi) (slot-relative), in the 64-page
+        aligned window KVM requires, leaving the window's other bits alone."""
+        w0, w1 = lo & ~63, min((hi + 63) & ~63, slot.pages)
+        if (slot.first_page + w0) % 8:
+            raise BackendError(f"KVM slot {slot.slot} does not start on a byte of the dirty bitmap")
+        first_byte = (slot.first_page + w0) // 8
+        nbytes = (w1 - w0 + 7) // 8
+        window = int.from_bytes(self._pending[first_byte:first_byte + nbytes], "little")
+        bits = window & (((1 << (hi - lo)) - 1) << (lo - w0))
+        if not bits:
+            return
+        self._pending[first_byte:first_byte + nbytes] = (window & ~bits).to_bytes(nbytes, "little")
+        raw = bits.to_bytes(((w1 - w0 + 63) // 64) * 8, "little")
+        clear_arg = ffi.new("struct kvm_clear_dirty_log *")
+        clear_arg.slot = slot.slot
+        clear_arg.first_page = w0
+        clear_arg.num_pages = w1 - w0
+        buf = ffi.new("char[]", raw)
+        clear_arg.dirty_bitmap = buf
+        abi.ioctl_checked(self._vm_fd, abi.KVM_CLEAR_DIRTY_LOG, clear_arg,
+                          f"KVM_CLEAR_DIRTY_LOG slot {slot.slot} pages {w0}+{w1 - w0}")
+
+    def _all_pages(self) -> bytearray:
+        bits = 0
+        for slot in self._slots:
+            bits |= ((1 << slot.pages) - 1) << slot.first_page
+        return bytearray(bits.to_bytes(len(self._pending), "little"))
+
+    def _set_pending(self, bitmap: bytearray | None) -> None:
+        if bitmap is None:
+            if self._pending_any:
+                self._pending[:] = bytes(len(self._pending))
+            self._pending_any = False
+        else:
+            self._pending[:] = bitmap
+            self._pending_any = any(bitmap)
+
+    def _get(self, clear: bool) -> bytearray:
+        """KVM_GET_DIRTY_LOG of every slot as one bitmap; with ``clear`` (manual mode) the
+        reported words are cleared and re-protected before this returns."""
         if not self.active:
             raise BackendError("take_dirty: dirty logging is not started")
         total = 0
@@ -135,7 +232,7 @@ class KvmDirtyLog:
             bits = int.from_bytes(raw, "little") & ((1 << slot.pages) - 1)
             if not bits:
                 continue
-            if self.manual:
+            if self.manual and clear:
                 self._clear(slot, bitmap, raw)
             total |= bits << slot.first_page
         return bytearray(total.to_bytes((self._page_count + 7) // 8, "little"))

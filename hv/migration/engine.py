@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from hv.errors import MigrationError
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState
@@ -144,6 +144,16 @@ def peer_refusal(sock: socket.socket, channel: SocketChannel, wait: float) -> st
     return None if reply.ok else reply.text
 
 
+@runtime_checkable
+class DeferredDirtyLog(Protocol):
+    """A VM whose dirty log can write-protect each range right before the sender reads it
+    (:class:`hv_backends.kvm.KvmVm`; see :mod:`hv_backends.kvm_dirty`)."""
+
+    def start_dirty_log_deferred(self) -> None: ...
+    def take_dirty_deferred(self) -> bytearray: ...
+    def arm_dirty(self, first_page: int, count: int) -> None: ...
+
+
 class _Sender:
     """Sends RAM runs, counts them in the status, honours cancel and the bandwidth cap,
     and notices a destination that gave up (an ERROR on the back channel)."""
@@ -159,6 +169,9 @@ class _Sender:
         self.params = params
         self.canceled = canceled
         self._next_send = 0.0  # monotonic time before which the cap forbids sending more
+        # KVM's deferred dirty log: write-protect a range right before reading it (see
+        # hv_backends.kvm_dirty), so the guest does not fault on pages not sent yet.
+        self.arm: Callable[[int, int], None] | None = None
 
     def check_cancel(self) -> None:
         if self.canceled.is_set():
@@ -176,6 +189,8 @@ class _Sender:
             n = min(CHUNK_PAGES, count - done)
             before = self.writer.bytes_written
             started = time.monotonic()
+            if self.arm is not None:
+                self.arm(start + done, n)
             stats = self.writer.write_ram(start + done, self.memory.page_view(start + done, n), stable=stable)
             wire = self.writer.bytes_written - before
             self.status.record_ram(zero=stats.zero, normal=stats.normal, wire_bytes=wire)
@@ -369,7 +384,12 @@ class OutgoingMigration:
         sender = _Sender(writer, memory, self.status, params, self.canceled, self.sock, channel)
         writer.write_header(machine.arch.value, machine.config.machine)
         writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
-        vm.start_dirty_log()
+        take_dirty = vm.take_dirty
+        if isinstance(vm, DeferredDirtyLog):   # KVM: protection deferred until each range is sent
+            vm.start_dirty_log_deferred()
+            sender.arm, take_dirty = vm.arm_dirty, vm.take_dirty_deferred
+        else:
+            vm.start_dirty_log()
         memory.take_vmm_dirty()
 
         # Full pass.
@@ -379,7 +399,7 @@ class OutgoingMigration:
         writer.write_round_end(1)
         elapsed = max(time.monotonic() - round_start, 1e-6)
         bandwidth = (writer.bytes_written - bytes_before) / elapsed
-        dirty = merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty())
+        dirty = merge_bitmaps(take_dirty(), memory.take_vmm_dirty())
         dirty_pages = count_pages(dirty)
         self.status.end_round(dirty_pages, elapsed)
         self.emit("MIGRATION_PASS", {"pass": 1})
@@ -409,7 +429,7 @@ class OutgoingMigration:
             sent = writer.bytes_written - bytes_before
             if sent >= BANDWIDTH_SAMPLE_BYTES:  # small rounds measure latency, not bandwidth
                 bandwidth = sent / elapsed
-            dirty = merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty())
+            dirty = merge_bitmaps(take_dirty(), memory.take_vmm_dirty())
             dirty_pages = count_pages(dirty)
             self.status.end_round(dirty_pages, elapsed)
             self.emit("MIGRATION_PASS", {"pass": pass_number})
@@ -419,7 +439,7 @@ class OutgoingMigration:
         self._paused_by_us = machine.pause()
         paused_at = time.monotonic()
         self.status.guest_paused()
-        dirty = merge_bitmaps(merge_bitmaps(dirty, vm.take_dirty()), memory.take_vmm_dirty())
+        dirty = merge_bitmaps(merge_bitmaps(dirty, take_dirty()), memory.take_vmm_dirty())
         sender.send_bitmap(dirty, stable=True)
         pass_number += 1
         writer.write_round_end(pass_number)
