@@ -98,7 +98,7 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def _ratio(mine: float | None, reference: float | None) -> float | None:
-    return None if mine is None or reference is None else mine / max(reference, 1e-9)
+    return None if mine is None or not reference else mine / reference
 
 
 HEADER = ("engine", "accel", "size", "mode", "link", "total ms", "down ms", "own down", "sent MiB", "syncs",
