@@ -32,6 +32,7 @@ from hv_backends.unicorn_common import (
     UnicornLayoutError,
     UnicornVcpuBase,
     _import_unicorn,
+    library_is_patched,
 )
 from hv_backends.unicorn_x86_delivery import (
     ERROR_CODE_VECTORS,
@@ -238,6 +239,10 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         self._extra_msrs: dict[int, int] = {}
         self._msr_keys: tuple[int, ...] = ()
         super().__init__(vm, index)
+        if index == 1 and not library_is_patched():
+            log.warning("x86 guest with several vCPUs on the unicorn wheel's libunicorn: its LOCK-prefixed "
+                        "instructions are not atomic between vCPUs (spinlocks can be lost and the guest "
+                        "hang); hv's patched library makes them atomic (backends/native/unicorn/README.md)")
         x = self._x
         # interrupts/exceptions, SYSCALL and RDTSC: native hooks (Python only for what they leave)
         self._native_x86 = NativeX86(self)
