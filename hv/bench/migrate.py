@@ -7,7 +7,8 @@ times, interleaved, and the table shows medians. Where ``qemu-system-x86_64`` is
 the same guests are migrated by QEMU in the same run, like with like: each hv Unicorn row
 against QEMU TCG, each hv KVM row against QEMU KVM (a missing QEMU prints one line naming
 ``apt-get install qemu-system-x86``). The raw loopback socket rate (1 MiB ``sendall`` /
-``recv_into`` between two threads) is measured for each transport in the same run.
+``recv_into`` between two threads) is measured for each transport at the start of every
+repetition (median), so it is taken under the same load as the migrations.
 
 Guest modes (the ``dirty`` guest with ``mib=B``, B = 64 or a quarter of a smaller RAM):
 ``idle`` runs one pass over its buffer and halts (``idle=1``): B MiB of data, the rest of
@@ -391,12 +392,15 @@ def run_migrate(argv: list[str]) -> int:
 
 
 def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:
-    """The raw loopback rates, then every case ``--repeat`` times, interleaved."""
-    raw = {t: statistics.median(loopback_rate(t, args.loopback_mib) for _ in range(3)) for t in args.transports}
-    for transport, rate in raw.items():
-        log.info("raw %s loopback: %.0f MiB/s", transport, rate / MIB)
+    """Every case ``--repeat`` times, interleaved, and the raw loopback rate of each
+    transport measured at the start of every repetition (median of all), so the rate a
+    migration is compared with was taken under the same load."""
+    raw_samples: dict[str, list[float]] = {t: [] for t in args.transports}
     rows = [Row(case) for case in cases]
     for repetition in range(args.repeat):  # interleaved, so a slow minute spreads over every row
+        for transport, samples in raw_samples.items():
+            samples.append(loopback_rate(transport, args.loopback_mib))
+            log.info("raw %s loopback: %.0f MiB/s", transport, samples[-1] / MIB)
         for row in rows:
             try:
                 sample = migrate_once(row.case, settings)
@@ -410,4 +414,4 @@ def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) ->
                      sample.transferred / MIB, sample.passes,
                      "-" if sample.guest_rate is None else f"{sample.guest_rate:.1f}",
                      f", BROKEN: {sample.broken}" if sample.broken else "")
-    return rows, raw
+    return rows, {t: statistics.median(samples) for t, samples in raw_samples.items()}
