@@ -440,6 +440,7 @@ class OutgoingMigration:
         paused_at = time.monotonic()
         self.status.guest_paused()
         dirty = merge_bitmaps(merge_bitmaps(dirty, take_dirty()), memory.take_vmm_dirty())
+        sender.arm = None   # the guest is paused: protecting what is sent now would only add downtime
         sender.send_bitmap(dirty, stable=True)
         pass_number += 1
         writer.write_round_end(pass_number)
