@@ -30,8 +30,8 @@ USAGE = (f"usage: {USAGE_MIGRATE}\n       {USAGE_BLK}\n       {USAGE_EMULATOR}\n
 
 def main(argv: list[str] | None = None) -> int:
     """``hv bench <name> [options]``: ``migrate`` (live migration against QEMU), ``blk``
-    (virtio-blk throughput against dd and QEMU), ``emulator`` (guest speed against QEMU), ``stream``, ``profile`` or ``linux`` (a Linux guest's
-    boot and migration against QEMU)."""
+    (virtio-blk throughput against dd and QEMU), ``emulator`` (guest speed against QEMU),
+    ``stream``, ``profile`` or ``linux`` (a Linux guest's boot and migration against QEMU)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
