@@ -18,6 +18,7 @@ import struct
 from typing import Any
 
 from hv import cpuid as cpuid_policy
+from hv.devices.clock import GuestClock
 from hv.state import (
     EFER_LMA,
     EFER_SCE,
@@ -298,10 +299,19 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         return 1
 
     def _tsc_now(self) -> int:
-        """The virtual TSC (read by the native RDTSC hook too): it advances (1 tick/ns)
-        only while run() executes the guest, so a stopped vCPU's state is stable and
-        carries the exact value."""
+        """The virtual TSC (read by the native RDTSC hook too), 1 tick per ns: the
+        machine's guest clock plus this vCPU's offset once :meth:`use_guest_clock` bound
+        it (every vCPU counts alike, halted or not, and stands still while the machine is
+        paused, so a saved state carries the exact value); before that it advances only
+        while run() executes the guest."""
         return self._native_x86.tsc()
+
+    def use_guest_clock(self, clock: GuestClock, at_ns: int) -> None:
+        """Let the TSC follow the machine's guest clock from now on, continuing from its
+        current value, taken to be clock time ``at_ns`` (the machine reads its clock once
+        for all its vCPUs: vCPUs with equal TSCs stay exactly equal)."""
+        with self._engine_lock:
+            self._native_x86.use_guest_clock(clock, at_ns)
 
     def _on_syscall(self, uc: Any, user_data: Any) -> None:
         # Called by the native hook for a SYSCALL it leaves to hv: performed once the

@@ -37,6 +37,7 @@ from hv_backends.unicorn_common import (
 )
 
 if TYPE_CHECKING:
+    from hv.devices.clock import GuestClock
     from hv_backends.unicorn_x86 import UnicornX86Vcpu
 
 NATIVE_ENV = "HV_UNICORN_X86_NATIVE"
@@ -266,6 +267,9 @@ class NativeX86:
         rec.py = self._handle
         rec.native = 0 if os.environ.get(NATIVE_ENV, "1") == "0" else 1
         self.rec = rec
+        self._clock: GuestClock | None = None
+        self._offset = 0
+        self._last_read: tuple[int, int] | None = None   # (TSC, guest clock ns) of the last tsc()
         uch = vcpu.uc._uch
         assert uch is not None   # None only after a failed uc_open, which raised
         self._uch = ffi.cast("void *", uch.value)
@@ -293,21 +297,60 @@ class NativeX86:
         """1 delivered, 0 refused (IF clear or interrupt shadow), -1 left to Python."""
         return int(self.lib.hv_x86_inject(self._uch, self.rec, vector))
 
-    # -- the virtual TSC: 1 tick per ns of host monotonic time, only while running --------
+    # -- the virtual TSC ------------------------------------------------------------------
+    # Bound to the machine's guest clock (use_guest_clock), the TSC is that clock's
+    # nanoseconds plus this vCPU's offset: one clock for every vCPU, running while the
+    # machine runs -- halted, waiting for SIPI or not -- and standing still while it is
+    # paused, so the vCPUs' TSCs never drift apart and agree with the local APIC timer.
+    # Unbound (a vCPU without a machine), it counts only while run() executes the guest.
+    # Inside run() the native RDTSC hook reads rec: tsc_base + (now - tsc_ns0).
+    MASK = (1 << 64) - 1
+
     def tsc(self) -> int:
-        return int(self.lib.hv_x86_tsc(self.rec)) & ((1 << 64) - 1)
+        if self._clock is None:
+            return int(self.lib.hv_x86_tsc(self.rec)) & self.MASK
+        now = self._clock.now()
+        value = (now + self._offset) & self.MASK
+        self._last_read = (value, now)
+        return value
 
     def set_tsc(self, value: int) -> None:
-        self.rec.tsc_base = value & ((1 << 64) - 1)
+        value &= self.MASK
+        if self._clock is not None:
+            if self._last_read is not None and self._last_read[0] == value:
+                # the value this vCPU last reported (a state read from it and loaded back,
+                # a SIPI keeping the TSC): the TSC has moved on since and keeps running
+                self._offset = value - self._last_read[1]
+            else:
+                self._offset = value - self._clock.now()
+            self._last_read = None
+            if self.rec.tsc_running:
+                self.start_clock()
+            return
+        self.rec.tsc_base = value
         if self.rec.tsc_running:
             self.rec.tsc_ns0 = time.monotonic_ns()
 
+    def use_guest_clock(self, clock: GuestClock, at_ns: int) -> None:
+        """Follow ``clock`` from now on, continuing from the current value, which is
+        clock time ``at_ns`` (one reading for every vCPU of a machine, so vCPUs with the
+        same TSC get the same offset)."""
+        value = self.tsc()
+        self._clock = clock
+        self._offset = value - at_ns
+        self._last_read = None
+
     def start_clock(self) -> None:
+        if self._clock is not None:
+            # the clock first, then the host time: the hook's value never runs ahead of
+            # the exact one (it lags by the few ns between the two readings)
+            self.rec.tsc_base = (self._clock.now() + self._offset) & self.MASK
         self.rec.tsc_ns0 = time.monotonic_ns()
         self.rec.tsc_running = 1
 
     def stop_clock(self) -> None:
-        self.rec.tsc_base = self.tsc()
+        if self._clock is None:
+            self.rec.tsc_base = self.tsc()
         self.rec.tsc_running = 0
 
     @property

@@ -61,7 +61,16 @@ class VcpuRunner:
         return bool(self.threads)
 
     def start(self) -> None:
-        """Big lock held: start one thread per vCPU (they park unless the machine runs)."""
+        """Big lock held: start one thread per vCPU (they park unless the machine runs).
+
+        A vCPU that keeps its own counter (Unicorn x86's TSC) is first bound to the
+        machine's guest clock, one reading for all, so every vCPU's counter runs alike."""
+        if self.interrupts is not None:
+            at_ns = self.interrupts.clock.now()
+            for vcpu in self.vcpus:
+                bind = getattr(vcpu, "use_guest_clock", None)
+                if bind is not None:
+                    bind(self.interrupts.clock, at_ns)
         for index, vcpu in enumerate(self.vcpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}", daemon=True)
             self.threads.append(thread)
