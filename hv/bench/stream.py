@@ -8,7 +8,8 @@ stream wire rate of at least 80% of the raw rate. "raw-fresh" is the same raw lo
 receiving into fresh guest-sized memory (page faults included), which a reused 1 MiB
 buffer hides. "stream" receives into RAM that was pre-faulted in the background before
 the source connected, as an hv destination's RAM is (it waits for its source);
-"stream-cold" starts that pre-fault only when the source connects (the worst case).
+"stream-cold" has a source that connects at once: hv stops the pre-fault when its source
+connects, so that RAM is faulted in as the stream fills it (the worst case).
 Every receiver is set up (and answers one byte) before the clock starts.
 
     hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]
@@ -25,7 +26,7 @@ import sys
 import time
 
 from hv.memory import GuestMemory, RegionSpec
-from hv.migration.pages import prefault_memory
+from hv.migration.pages import prefault_memory, stop_prefault
 from hv.migration.stream import (
     PAGE_SIZE,
     Fingerprint,
@@ -76,6 +77,7 @@ def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint, wait_prefau
     prefault = prefault_memory(mem)
     if wait_prefault:
         prefault.wait(120)
+    stop_prefault(mem)  # as receive_migration does when its source connects
     conn.sendall(b"r")  # set up: the sender's clock starts now
     chan = SocketChannel(conn)
     reader = StreamReader(chan, page_count=mem.page_count, ram=mem, kind=StreamKind.MIGRATION, local=fp)

@@ -24,13 +24,13 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.virtio_net import announce_guests
 from hv.machine import Machine, MachineSnapshot, RunState
 from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
-from hv.migration.pages import Prefaulter, prefault_memory
+from hv.migration.pages import Prefaulter, prefault_memory, prefault_report, stop_prefault
 from hv.migration.status import MigrationStatus
 from hv.migration.stream import (
     ConfigSection,
@@ -62,9 +62,10 @@ STOP_POLL = 0.25  # seconds: how often a blocked read checks for quit/SIGTERM
 
 
 def start_prefault(machine: Machine) -> Prefaulter:
-    """The destination was just created: pre-fault all of its guest RAM in the background
-    while it waits for its source, so the stream copies into RAM that is already mapped
-    (see :class:`hv.migration.pages.Prefaulter`; it never blocks exit)."""
+    """The destination was just created: pre-fault its guest RAM in the background while
+    it waits for its source, so the stream copies into RAM that is already mapped (see
+    :class:`hv.migration.pages.Prefaulter`; it never blocks exit, and stops when the source
+    connects)."""
     return prefault_memory(machine.memory)
 
 
@@ -193,6 +194,23 @@ class _WatchedChannel(SocketChannel):
 
 
 @dataclass
+class _Steps:
+    """Monotonic times of the destination's steps from END on (logged at debug level: where
+    a switch-over's downtime goes on this side)."""
+
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.monotonic()))
+
+    def __str__(self) -> str:
+        if not self.marks:
+            return "-"
+        first = self.marks[0][1]
+        return ", ".join(f"{name} +{(at - first) * 1000:.1f} ms" for name, at in self.marks)
+
+
+@dataclass
 class _IncomingClock:
     """Destination-side times for query-migrate, all from the moment the source connected
     (not from when hv started waiting for it)."""
@@ -222,6 +240,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     fails with SourceStalled.
     """
     status.connected()
+    stop_prefault(machine.memory)  # RAM not yet pre-faulted is faulted as the stream fills it
     channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN, stall_timeout)
     check_config = config_checker(machine)
     collected = IncomingState(machine)
@@ -233,9 +252,12 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
 
     reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
                           kind=StreamKind.MIGRATION, arch=machine.arch.value)
+    steps = _Steps()
     try:
         _read_stream(reader, collected, status, on_config, clock.round_end)
+        steps.mark("stream read")
         machine.restore(collected.snapshot())
+        steps.mark("state restored")
     except PeerCanceled:
         status.cancel()
         raise IncomingCanceled() from None
@@ -248,6 +270,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     sock.settimeout(REPLY_TIMEOUT)
     try:
         reply = read_reply(channel)
+        steps.mark("commit received")
     except (OSError, StreamError, SourceStalled) as exc:  # the source died, gave up or stalled
         raise MigrationError(f"source did not commit the switch-over: {exc}") from exc
     if reply.canceled:
@@ -258,8 +281,11 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     take_image_locks(machine)
     _announce_guests(machine)
     machine.start()
+    steps.mark("guest started")
     status.complete(clock.downtime_ms())
     _try_send(channel, True, "running")
+    steps.mark("running sent")
+    log.debug("incoming switch-over: %s; pre-fault %s", steps, prefault_report(machine.memory))
 
 
 def _announce_guests(machine: Machine) -> None:

@@ -19,10 +19,12 @@ the environment turns them off (for measuring, and for tests that compare both p
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import socket
 import ssl
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,23 @@ MAX_REGIONS = 16
 _FRAMING = SECTION_HEADER.size + 16  # section header + RAM run header
 
 
+def _isal_crc(ffi: Any, lib: Any) -> None:
+    """Hand ISA-L's ``crc32_gzip_refl`` (exported by the isal package's extension module,
+    a dependency already) to the native code, if it is there and agrees with zlib."""
+    try:
+        import isal.isal_zlib as isal_zlib  # noqa: PLC0415
+
+        address = ctypes.cast(ctypes.CDLL(isal_zlib.__file__).crc32_gzip_refl, ctypes.c_void_p).value
+    except (ImportError, OSError, AttributeError):
+        return
+    if not address:
+        return
+    lib.hvs_set_crc(ffi.cast("void *", address))
+    probe = bytes(range(256)) * 40 + b"hv"
+    if lib.hvs_crc32(12345, probe, len(probe)) != zlib.crc32(probe, 12345):
+        lib.hvs_set_crc(ffi.NULL)
+
+
 def _load() -> tuple[Any, Any] | None:
     if os.environ.get("HV_NATIVE_STREAM", "1") == "0":
         return None
@@ -44,6 +63,8 @@ def _load() -> tuple[Any, Any] | None:
         return None
     if not hasattr(lib, "hvs_available") or not lib.hvs_available():
         return None
+    if os.environ.get("HV_NATIVE_STREAM_CRC") != "fold":
+        _isal_crc(ffi, lib)
     return ffi, lib
 
 

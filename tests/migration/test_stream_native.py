@@ -273,3 +273,21 @@ def test_guest_ram_cannot_be_unmapped_under_a_receive(tmp_path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         StreamReader(FileChannel(f), page_count=RAM_PAGES, ram=mem).read_all()
     mem.close()  # no BufferError: nothing left pinned
+
+
+def test_stop_prefault_ends_the_background_pre_fault() -> None:
+    """receive_migration stops the pre-fault when the source connects: the thread must end
+    after at most one chunk, leaving the RAM's contents alone."""
+    from hv.migration.pages import prefault_memory, prefault_report, stop_prefault
+
+    mem = GuestMemory([RegionSpec(0, 256 << 20)])
+    mem.write_pages(5, b"\x42" * PAGE_SIZE)
+    try:
+        prefaulter = prefault_memory(mem)
+        stop_prefault(mem)
+        assert prefaulter.wait(30)
+        assert prefaulter.outcome in ("stopped", "done") or prefaulter.outcome.startswith(("unsupported", "skipped"))
+        assert prefault_report(mem)
+        assert bytes(mem.page_view(5)) == b"\x42" * PAGE_SIZE
+    finally:
+        mem.close()
