@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hv.bench.common import BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
+from hv_backends import UNICORN_LIBRARY
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
@@ -306,6 +307,8 @@ def run_emulator(argv: list[str]) -> int:
     started = time.monotonic()
     measure(rows, settings, args.repeat)
     print(format_table(rows, settings))
+    if "unicorn" in accels and args.hv is None:   # the children pick their library as this process did
+        print(f"hv's unicorn rows ran on {UNICORN_LIBRARY.describe()}")
     if not args.no_bare:
         for line in bare_lines(rows, settings, args.repeat):
             print(line)
