@@ -21,6 +21,7 @@ import functools
 import logging
 import struct
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from hv_backends.unicorn_common import (
     _import_unicorn,
     _native,
     add_native_hook,
+    library_is_patched,
     uclib,
 )
 
@@ -133,6 +135,12 @@ CLASS_MPIDR = 4
 CLASS_COUNTER = 8
 # The register ids hv_native_arm64.c was compiled with, in hv_a64_regids' order.
 NATIVE_REGIDS = ("SP", "XZR", "PC", "ELR_EL1", "SP_EL0", "SP_EL1", "PSTATE", "CP_REG", "TTBR0_EL1", "TTBR1_EL1")
+
+
+# Each VM's table of its vCPUs' native records (struct hv_a64_peers), which a broadcast
+# TLBI (hv_a64_sys_hook) walks; kept alive by the vCPUs that joined it.
+_PEERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+MAX_PEERS = 64
 
 
 def sysreg_key(enc: tuple[int, int, int, int, int]) -> int:
@@ -237,6 +245,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._sysreg_handler: SysregHandler | None = None
         self._power_handler: PowerHandler | None = None
         super().__init__(vm, index)
+        if index == 1 and not library_is_patched():
+            log.warning("aarch64 guest with several vCPUs on the unicorn wheel's libunicorn: its exclusive "
+                        "stores (stxr) are not atomic between vCPUs (lost updates corrupt the guest); hv's "
+                        "patched library makes them atomic (backends/native/unicorn/README.md)")
         self._install_native_hooks()
         self._x_ids = [getattr(arm64_const, f"UC_ARM64_REG_X{i}") for i in range(31)]
         self.set_state(Arm64CpuState())
@@ -259,10 +271,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         a64.mpidr = self.mpidr
         self.a64 = a64
         self._a64_addr = int(ffi.cast("uintptr_t", a64))
+        self._join_peers()
         self._fill_sysreg_classes()
         add_native_hook(self.uc, unicorn.UC_HOOK_INTR, "hv_a64_intr_hook", self._a64_addr)
         for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"),
-                           (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook")):
+                           (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook"),
+                           (self._a.UC_ARM64_INS_SYS, "hv_a64_sys_hook")):
             fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.native.lib, name)))
             handle = ctypes.c_size_t()
             status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
@@ -270,6 +284,38 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
                                          ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
             if status != 0:
                 raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+
+    def _join_peers(self) -> None:
+        """Enter this vCPU in its VM's table for broadcast TLB maintenance: Unicorn has one
+        CPU per engine, so a TLBI ...IS of one vCPU must reach the others' engines through
+        hv (hv_a64_sys_hook asks them to flush at their next block, and waits)."""
+        ffi = self.native.ffi
+        self.native.struct.ctl = ffi.cast("void *", _fn_addr("uc_ctl"))
+        peers = _PEERS.get(self.vm)
+        if peers is None:
+            peers = _PEERS[self.vm] = ffi.new("struct hv_a64_peers *")
+        if peers.n >= MAX_PEERS:
+            raise BackendError(f"at most {MAX_PEERS} aarch64 vCPUs per VM on Unicorn")
+        peers.cpu[peers.n] = self.a64
+        peers.n += 1
+        self._peers = peers
+        self.a64.peers = peers
+
+    @property
+    def tlb_stats(self) -> dict[str, int]:
+        """Broadcast TLB maintenance of this VM: TLBIs broadcast, how many had to wait for
+        another vCPU's flush, and waits given up after 200 ms (none in a healthy guest)."""
+        p = self._peers
+        return {"broadcasts": int(p.broadcasts), "waits": int(p.waits), "wait_timeouts": int(p.wait_timeouts),
+                "ic_broadcasts": int(p.ic_broadcasts)}
+
+    def _sync_write_hook(self) -> None:
+        """Housekeeping between two emu_starts, plus what other vCPUs asked: drop every
+        translation block when one of them changed kernel code (ic ... broadcast). Taken
+        after the base clears the service flag: a request made meanwhile sets it again."""
+        super()._sync_write_hook()
+        if self.native.lib.hv_a64_take_tb_flush(self.a64):
+            self.uc.ctl_flush_tb()
 
     def _fill_sysreg_classes(self) -> None:
         """Which system-register accesses the native hooks answer or send to Python: with a
@@ -408,8 +454,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     def _start_clock(self) -> None:
         self.a64.cnt_ns0 = time.monotonic_ns()
         self.a64.cnt_running = 1
+        self.native.lib.hv_a64_set_in_engine(self.native.struct, 1)
 
     def _stop_clock(self) -> None:
+        self.native.lib.hv_a64_set_in_engine(self.native.struct, 0)
         self.a64.cnt_base = self._counter_now()
         self.a64.cnt_running = 0
 
@@ -516,6 +564,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self.enter_exception(0, self.uc.reg_read(self._a.UC_ARM64_REG_PC), kind=1)
         self._halted = False
         return True
+
+    def close(self) -> None:
+        """No broadcast reaches this VM's vCPUs any more (they are closed together)."""
+        with self._engine_lock:
+            self._peers.n = 0
+        super().close()
 
     # -- state ---------------------------------------------------------------------
     def get_state(self) -> Arm64CpuState:

@@ -59,6 +59,12 @@ struct hv_vcpu {
     volatile int32_t irq_window; /* 1: stop (as a kick) once the guest unmasks interrupts;
                                     2: the same after one block (an x86 interrupt shadow) */
     uint64_t window_exits;       /* times the interrupt window stopped the engine */
+    /* aarch64 SMP: TLB flushes other vCPUs' broadcast TLBIs asked of this one (a count),
+       the count done, whether this vCPU is inside emu_start, and uc_ctl (hv_native_arm64.c) */
+    volatile uint32_t tlb_req;
+    volatile uint32_t tlb_done;
+    volatile int32_t in_engine;
+    void *ctl;
 };
 
 struct uc_x86_msr_s { uint32_t rid; uint64_t value; };
@@ -397,6 +403,20 @@ static int irqs_unmasked(void *uc, struct hv_vcpu *c)
     return (flags & (1u << 7)) == 0;
 }
 
+/* uc_ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)) of unicorn 2.1.4 */
+#define HV_UC_CTL_TLB_FLUSH_WRITE ((11u) | (1u << 30))
+typedef int (*hv_ctl_fn)(void *uc, uint32_t control, ...);
+
+/* Do the TLB flushes other vCPUs asked for (aarch64 TLBI ...IS is broadcast: see
+ * hv_native_arm64.c) on this vCPU's own engine, and say so. */
+static void hv_tlb_catch_up(void *uc, struct hv_vcpu *c)
+{
+    uint32_t req = __atomic_load_n(&c->tlb_req, __ATOMIC_ACQUIRE);
+    if (c->ctl)
+        ((hv_ctl_fn)c->ctl)(uc, HV_UC_CTL_TLB_FLUSH_WRITE);
+    __atomic_store_n(&c->tlb_done, req, __ATOMIC_RELEASE);
+}
+
 /* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine.
  * An armed interrupt window (an interrupt is pending but the guest masks it) turns into
  * a kick at the first block where the guest has unmasked: Unicorn's interrupt-window exit. */
@@ -406,6 +426,8 @@ void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
     (void)address;
     (void)size;
     c->blocks++;
+    if (__atomic_load_n(&c->tlb_req, __ATOMIC_ACQUIRE) != c->tlb_done)
+        hv_tlb_catch_up(uc, c);
     int32_t window = __atomic_load_n(&c->irq_window, __ATOMIC_ACQUIRE);
     if (window == 2) {
         /* This block is the one instruction under the shadow (QEMU translates it alone). */

@@ -20,11 +20,13 @@
 
 /* CDEF-BEGIN
 struct uc_arm64_cp_reg_s { uint32_t crn, crm, op0, op1, op2; uint64_t val; };
+struct hv_a64_peers { int32_t n; struct hv_a64 *cpu[64]; uint64_t broadcasts, waits, wait_timeouts, ic_broadcasts; };
 struct hv_a64 {
     struct hv_vcpu *vcpu; void *reg_write; void *context_save; void *context;
     uint32_t ctx_exception; void *py; uint8_t *sysreg_class; uint64_t mpidr;
     int32_t cnt_running; uint64_t cnt_base; uint64_t cnt_ns0;
     uint64_t sysreg_native, sysreg_python, exc_native, exc_python;
+    struct hv_a64_peers *peers; volatile int32_t tb_flush_req;
 };
 uint32_t hv_a64_mrs_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
 uint32_t hv_a64_msr_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
@@ -32,10 +34,14 @@ void hv_a64_intr_hook(void *uc, uint32_t intno, void *user_data);
 int hv_a64_enter(void *uc, struct hv_a64 *a, uint64_t esr, uint64_t return_pc, int has_far, uint64_t far, int kind);
 uint64_t hv_a64_counter(struct hv_a64 *a);
 int hv_a64_regids(int32_t *out, int n);
+uint32_t hv_a64_sys_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
+void hv_a64_set_in_engine(struct hv_vcpu *c, int32_t on);
+int32_t hv_a64_take_tb_flush(struct hv_a64 *a);
 extern "Python" uint32_t hv_a64_py_sysreg(void *, int, int, const struct uc_arm64_cp_reg_s *);
 extern "Python" void hv_a64_py_intr(void *, uint32_t);
 CDEF-END */
 
+#include <sched.h>
 #include <time.h>
 
 /* Register ids of unicorn 2.1.4 (arm64.h), compared with the Python constants at start-up
@@ -86,6 +92,18 @@ struct hv_a64 {
     uint64_t cnt_base;
     uint64_t cnt_ns0;
     uint64_t sysreg_native, sysreg_python, exc_native, exc_python;   /* statistics */
+    struct hv_a64_peers *peers;  /* every vCPU of this VM (TLBI broadcast); NULL: alone */
+    volatile int32_t tb_flush_req;   /* another vCPU changed kernel code: drop translations */
+};
+
+#define A64_MAX_PEERS 64
+#define A64_TLB_WAIT_NS 200000000ull   /* give up waiting for a peer's flush after 200 ms */
+
+/* The vCPUs of one VM, for broadcast TLB maintenance. */
+struct hv_a64_peers {
+    int32_t n;
+    struct hv_a64 *cpu[A64_MAX_PEERS];
+    uint64_t broadcasts, waits, wait_timeouts, ic_broadcasts;   /* statistics */
 };
 
 /* Defined by cffi after this code (extern "Python" in the cdef above). */
@@ -267,6 +285,106 @@ void hv_a64_intr_hook(void *uc, uint32_t intno, void *user_data)
 python:
     a->exc_python++;
     hv_a64_py_intr(a->py, intno);
+}
+
+/* Inside / outside emu_start, as a broadcast TLBI sees it (sequentially consistent: a
+ * vCPU that enters after a broadcast looked finds the request at its first block). */
+void hv_a64_set_in_engine(struct hv_vcpu *c, int32_t on)
+{
+    __atomic_store_n(&c->in_engine, on, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t a64_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* TLBI ...IS (inner shareable) invalidates the TLBs of every PE, and the DSB after it
+ * waits for that. Unicorn has one CPU per engine and flushes only its own: ask every
+ * other vCPU of the VM to flush at its next block, and wait until each one has, or is not
+ * inside emu_start (it flushes at its first block when it enters). While waiting, do
+ * what others asked of this vCPU, so two broadcasting vCPUs never wait for each other. */
+static void a64_tlb_broadcast(void *uc, struct hv_a64 *a)
+{
+    struct hv_a64_peers *p = a->peers;
+    uint32_t want[A64_MAX_PEERS];
+    int n = p->n < A64_MAX_PEERS ? p->n : A64_MAX_PEERS;
+    uint64_t start = 0;
+    __atomic_add_fetch(&p->broadcasts, 1, __ATOMIC_RELAXED);
+    for (int i = 0; i < n; i++)
+        want[i] = p->cpu[i] == a ? 0 : __atomic_add_fetch(&p->cpu[i]->vcpu->tlb_req, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        int pending = 0;
+        for (int i = 0; i < n && !pending; i++) {
+            struct hv_vcpu *v = p->cpu[i]->vcpu;
+            if (p->cpu[i] == a || !__atomic_load_n(&v->in_engine, __ATOMIC_SEQ_CST))
+                continue;
+            pending = (int32_t)(__atomic_load_n(&v->tlb_done, __ATOMIC_ACQUIRE) - want[i]) < 0;
+        }
+        if (!pending)
+            return;
+        if (__atomic_load_n(&a->vcpu->tlb_req, __ATOMIC_ACQUIRE) != a->vcpu->tlb_done)
+            hv_tlb_catch_up(uc, a->vcpu);
+        uint64_t now = a64_now_ns();
+        if (!start) {
+            start = now;
+            __atomic_add_fetch(&p->waits, 1, __ATOMIC_RELAXED);
+        } else if (now - start > A64_TLB_WAIT_NS) {
+            __atomic_add_fetch(&p->wait_timeouts, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        sched_yield();
+    }
+}
+
+/* Instruction cache maintenance reaches the other engines as a request to drop their
+ * translated code at their next block (the backend does it between two emu_starts, where
+ * no translation block runs): ``ic iallu(is)``, and ``ic ivau`` of a kernel address above
+ * the linear map (kernel text and modules: static keys, alternatives, module loading).
+ * The engine that wrote the code has already dropped its own (the store fast path keeps
+ * pages with code on the slow path). ``ic ivau`` of the linear map (user pages Linux makes
+ * executable) is left alone: a full flush per cache line would cost too much. */
+static void a64_ic_broadcast(struct hv_a64 *a)
+{
+    struct hv_a64_peers *p = a->peers;
+    int n = p->n < A64_MAX_PEERS ? p->n : A64_MAX_PEERS;
+    __atomic_add_fetch(&p->ic_broadcasts, 1, __ATOMIC_RELAXED);
+    for (int i = 0; i < n; i++) {
+        if (p->cpu[i] == a)
+            continue;
+        __atomic_store_n(&p->cpu[i]->tb_flush_req, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&p->cpu[i]->vcpu->service, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* The request of a64_ic_broadcast, taken (by the backend, outside emu_start). */
+int32_t hv_a64_take_tb_flush(struct hv_a64 *a)
+{
+    return __atomic_exchange_n(&a->tb_flush_req, 0, __ATOMIC_SEQ_CST);
+}
+
+#define A64_KERNEL_CODE_VA 0xFFFF800000000000ull   /* above the 48-bit linear map */
+
+/* UC_HOOK_INSN (UC_ARM64_INS_SYS): every op0 = 1 instruction (DC, IC, AT, TLBI). A TLBI
+ * other than the non-shareable ones (CRm 7) is broadcast to the other vCPUs, and so is
+ * instruction cache maintenance of kernel code; the engine then performs the instruction
+ * itself (return 0). */
+uint32_t hv_a64_sys_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data)
+{
+    struct hv_a64 *a = (struct hv_a64 *)user_data;
+    (void)reg;
+    if (!a->peers || a->peers->n < 2)
+        return 0;
+    if (cp->crn == 8 && cp->crm != 7) {
+        a64_tlb_broadcast(uc, a);
+    } else if (cp->crn == 7 && cp->op2 == 0 && cp->op1 == 0 && (cp->crm == 1 || cp->crm == 5)) {
+        a64_ic_broadcast(a);                                     /* ic ialluis, ic iallu */
+    } else if (cp->crn == 7 && cp->op1 == 3 && cp->crm == 5 && cp->op2 == 1 && cp->val >= A64_KERNEL_CODE_VA) {
+        a64_ic_broadcast(a);                                     /* ic ivau of kernel code */
+    }
+    return 0;
 }
 
 /* The register ids this file was compiled with, for the backend's start-up check. */
