@@ -203,7 +203,7 @@ class X86Delivery:
 
 # What hv_native_x86.c was compiled with, in hv_x86_constants' order: register ids, then
 # the saved-context offsets unicorn_x86.verify_layout checks against the engine.
-NATIVE_REGISTERS = ("RAX", "RDX", "RFLAGS", "MSR", "CR0", "CR3", "CR4")
+NATIVE_REGISTERS = ("RAX", "RDX", "RCX", "RFLAGS", "MSR", "CR0", "CR3", "CR4")
 
 
 def check_native_constants(offsets: tuple[int, ...]) -> None:
@@ -270,13 +270,15 @@ class NativeX86:
         self._clock: GuestClock | None = None
         self._offset = 0
         self._last_read: tuple[int, int] | None = None   # (TSC, guest clock ns) of the last tsc()
+        self._in_run = False
         uch = vcpu.uc._uch
         assert uch is not None   # None only after a failed uc_open, which raised
         self._uch = ffi.cast("void *", uch.value)
         addr = int(ffi.cast("uintptr_t", rec))
         add_native_hook(vcpu.uc, unicorn.UC_HOOK_INTR, "hv_x86_intr_hook", addr)
         for insn, name in ((x86_const.UC_X86_INS_SYSCALL, "hv_x86_syscall_hook"),
-                           (x86_const.UC_X86_INS_RDTSC, "hv_x86_rdtsc_hook")):
+                           (x86_const.UC_X86_INS_RDTSC, "hv_x86_rdtsc_hook"),
+                           (x86_const.UC_X86_INS_RDTSCP, "hv_x86_rdtscp_hook")):
             fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.lib, name)))
             handle = ctypes.c_size_t()
             status = uclib().uc_hook_add(vcpu.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
@@ -324,7 +326,7 @@ class NativeX86:
             else:
                 self._offset = value - self._clock.now()
             self._last_read = None
-            if self.rec.tsc_running:
+            if self._in_run:
                 self.start_clock()
             return
         self.rec.tsc_base = value
@@ -341,16 +343,31 @@ class NativeX86:
         self._last_read = None
 
     def start_clock(self) -> None:
-        if self._clock is not None:
-            # the clock first, then the host time: the hook's value never runs ahead of
-            # the exact one (it lags by the few ns between the two readings)
-            self.rec.tsc_base = (self._clock.now() + self._offset) & self.MASK
-        self.rec.tsc_ns0 = time.monotonic_ns()
-        self.rec.tsc_running = 1
+        self._in_run = True
+        if self._clock is None:
+            self.rec.tsc_ns0 = time.monotonic_ns()
+            self.rec.tsc_running = 1
+            return
+        # the clock's own timeline, not a fresh reading: every vCPU's hook then computes
+        # from the same (guest ns, host ns) pair and no two vCPUs differ by a few hundred
+        # ns (which Linux's TSC sync check reports as a warp)
+        guest_ns, host_ns = self._clock.timeline()
+        self.rec.tsc_base = (guest_ns + self._offset) & self.MASK
+        self.rec.tsc_ns0 = host_ns or 0
+        self.rec.tsc_running = 0 if host_ns is None else 1
 
     def stop_clock(self) -> None:
+        self._in_run = False
         if self._clock is None:
             self.rec.tsc_base = self.tsc()
+        elif self.rec.rdtsc:
+            # The machine's clock stops when it pauses, and a vCPU leaves the guest only
+            # at its next block: an RDTSC in between returned more than the stopped clock
+            # says. Never let this vCPU's TSC go back below what its guest has seen.
+            seen = int(self.rec.tsc_last)
+            exact = (self._clock.now() + self._offset) & self.MASK
+            if 0 < seen - exact < 1 << 62:
+                self._offset += seen - exact
         self.rec.tsc_running = 0
 
     @property

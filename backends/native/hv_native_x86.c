@@ -15,8 +15,10 @@
  *  - hv_x86_syscall_hook (UC_HOOK_INSN SYSCALL): RCX/R11, CS/SS from STAR, RIP = LSTAR,
  *    RFLAGS &= ~SFMASK. Unicorn adds the instruction's length to RIP after the hook, so
  *    the hook stores LSTAR minus that length (decoded from the instruction bytes).
- *  - hv_x86_rdtsc_hook (UC_HOOK_INSN RDTSC): the vCPU's virtual TSC (1 tick per ns of
- *    host CLOCK_MONOTONIC while the vCPU runs).
+ *  - hv_x86_rdtsc_hook (UC_HOOK_INSN RDTSC): the vCPU's virtual TSC, tsc_base + (host
+ *    CLOCK_MONOTONIC - tsc_ns0) while tsc_running: Python sets these from the machine's
+ *    guest clock at every run (1 tick per guest ns), and reads tsc_last afterwards.
+ *  - hv_x86_rdtscp_hook (UC_HOOK_INSN RDTSCP): the same TSC, ECX = IA32_TSC_AUX.
  *  - hv_x86_inject: an external interrupt from the VMM (Python), same delivery.
  *
  * Whenever the delivery would itself fault (missing gate, bad selector, unmapped stack,
@@ -31,12 +33,13 @@
 /* CDEF-BEGIN
 struct hv_x86 {
     struct hv_vcpu *vcpu; void *reg_write; void *context_save; void *context_restore; void *context;
-    void *py; int32_t native; int32_t tsc_running; uint64_t tsc_base; uint64_t tsc_ns0;
+    void *py; int32_t native; int32_t tsc_running; uint64_t tsc_base; uint64_t tsc_ns0; uint64_t tsc_last;
     uint64_t exc_native, exc_python, syscall_native, syscall_python, irq_native, irq_python, rdtsc;
 };
 void hv_x86_intr_hook(void *uc, uint32_t intno, void *user_data);
 void hv_x86_syscall_hook(void *uc, void *user_data);
 uint32_t hv_x86_rdtsc_hook(void *uc, void *user_data);
+uint32_t hv_x86_rdtscp_hook(void *uc, void *user_data);
 int hv_x86_deliver(void *uc, struct hv_x86 *x, int vector, int has_error, uint32_t error, int software, uint64_t return_rip);
 int hv_x86_inject(void *uc, struct hv_x86 *x, int vector);
 uint64_t hv_x86_tsc(struct hv_x86 *x);
@@ -51,6 +54,7 @@ CDEF-END */
  * are compared with the Python constants at start-up through hv_x86_constants. */
 #define UCX_RAX 35
 #define UCX_RDX 40
+#define UCX_RCX 38
 #define UCX_RFLAGS 253
 
 /* CPUX86State offsets (unicorn 2.1.4) behind the 40-byte uc_context header. */
@@ -102,6 +106,7 @@ CDEF-END */
 #define X86_MSR_STAR 0xC0000081u
 #define X86_MSR_LSTAR 0xC0000082u
 #define X86_MSR_FMASK 0xC0000084u
+#define X86_MSR_TSC_AUX 0xC0000103u
 
 /* Result of a delivery attempt: done, or nothing changed and Python must do it. */
 #define X86_DONE 0
@@ -122,6 +127,7 @@ struct hv_x86 {
     int32_t tsc_running;
     uint64_t tsc_base;
     uint64_t tsc_ns0;
+    uint64_t tsc_last;           /* the last value RDTSC returned to the guest */
     uint64_t exc_native, exc_python, syscall_native, syscall_python, irq_native, irq_python, rdtsc;
 };
 
@@ -479,17 +485,34 @@ uint32_t hv_x86_rdtsc_hook(void *uc, void *user_data)
 {
     struct hv_x86 *x = (struct hv_x86 *)user_data;
     uint64_t tsc = hv_x86_tsc(x);
+    x->tsc_last = tsc;
     x->rdtsc++;
     x_wr(uc, x, UCX_RAX, tsc & 0xFFFFFFFFu);
     x_wr(uc, x, UCX_RDX, tsc >> 32);
     return 1;
 }
 
+/* UC_HOOK_INSN (RDTSCP): the same TSC, ECX = IA32_TSC_AUX. Unicorn's own RDTSCP returns
+ * the host's TSC: Linux reads its clocksource with RDTSCP (rdtsc_ordered) where CPUID has
+ * it, so without this hook its clock ran on the host's counter, at the host's rate, past
+ * pauses and migrations, while RDTSC gave hv's. */
+uint32_t hv_x86_rdtscp_hook(void *uc, void *user_data)
+{
+    struct hv_x86 *x = (struct hv_x86 *)user_data;
+    uint64_t tsc = hv_x86_tsc(x);
+    x->tsc_last = tsc;
+    x->rdtsc++;
+    x_wr(uc, x, UCX_RAX, tsc & 0xFFFFFFFFu);
+    x_wr(uc, x, UCX_RDX, tsc >> 32);
+    x_wr(uc, x, UCX_RCX, x_msr(uc, x, X86_MSR_TSC_AUX) & 0xFFFFFFFFu);
+    return 1;
+}
+
 /* What this file was compiled with, for the backend's start-up check: register ids
- * (RAX, RDX, RFLAGS, MSR, CR0, CR3, CR4) then CPUX86State offsets. */
+ * (RAX, RDX, RCX, RFLAGS, MSR, CR0, CR3, CR4) then CPUX86State offsets. */
 int hv_x86_constants(int64_t *out, int n)
 {
-    const int64_t v[] = { UCX_RAX, UCX_RDX, UCX_RFLAGS, UCX_MSR, UCX_CR0, UCX_CR3, UCX_CR4,
+    const int64_t v[] = { UCX_RAX, UCX_RDX, UCX_RCX, UCX_RFLAGS, UCX_MSR, UCX_CR0, UCX_CR3, UCX_CR4,
                           X86_CTX_HEADER, X86_ENV_REGS, X86_ENV_EIP, X86_ENV_HFLAGS, X86_ENV_SEGS, X86_SEG_STRIDE,
                           X86_ENV_TR, X86_ENV_GDT, X86_ENV_IDT, X86_ENV_CR, X86_ENV_EFER, X86_ENV_ERROR_CODE,
                           X86_ENV_EXCEPTION_IS_INT, X86_ENV_OLD_EXCEPTION };

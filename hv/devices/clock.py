@@ -80,6 +80,14 @@ class GuestClock:
             self._running = running
             return True
 
+    def timeline(self) -> tuple[int, int | None]:
+        """``(guest_ns, host_ns)``: the clock reads ``guest_ns + (host - host_ns)`` at host
+        monotonic time ``host`` while it runs (host_ns None: it stands at guest_ns). For
+        counters kept outside Python (Unicorn x86's RDTSC hook) that must read exactly
+        this clock, on every vCPU alike."""
+        with self._lock:
+            return (self._base, self._anchor) if self._running else (self._base, None)
+
     def host_delay(self, guest_deadline: int) -> float | None:
         """Seconds of host time until guest time reaches ``guest_deadline`` (0 if it has),
         or None while the clock stands still."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 import pytest
 
 from hv.console import BufferSink
+from hv.devices.clock import GuestClock
 from hv.machine import Machine
 from hv.machine.move import copy_ram
 from hv.state import X86CpuState
+from hv_backends.base import ExitReason
+from tests.backends.unicorn_x86_guest import KCODE, X86Guest
 from tests.helpers import FIXTURES, machine_in_process, wait_console_lines
 
 
@@ -90,3 +93,55 @@ def test_a_restored_tsc_continues_from_the_saved_value_on_every_vcpu() -> None:
         assert after[0] > saved[0] and after[1] - after[0] == 12_345 + saved[1] - saved[0]
     finally:
         destination.close()
+
+
+def test_rdtscp_reads_the_virtual_tsc_and_tsc_aux() -> None:
+    """RDTSCP (Linux's rdtsc_ordered, hence its TSC clocksource, where CPUID offers it)
+    reads the same virtual TSC as RDTSC, with ECX = IA32_TSC_AUX. Unicorn's own RDTSCP
+    returns the host's TSC: another counter, at another rate, that no pause or migration
+    stops."""
+    guest = X86Guest()
+    try:
+        guest.load(KCODE, """
+            mov ecx, 0xC0000103
+            mov eax, 7
+            xor edx, edx
+            wrmsr
+            rdtsc
+            shl rdx, 32
+            or rax, rdx
+            mov rbx, rax
+            rdtscp
+            shl rdx, 32
+            or rax, rdx
+            mov rsi, rax
+            mov rdi, rcx
+            rdtsc
+            shl rdx, 32
+            or rax, rdx
+            hlt
+        """)
+        state = guest.kernel_state()
+        state.tsc = 1 << 50
+        guest.vcpu.set_state(state)
+        assert guest.run().reason is ExitReason.HALT
+        out = guest.vcpu.get_state()
+    finally:
+        guest.close()
+    assert (1 << 50) <= out.rbx <= out.rsi <= out.rax <= out.tsc < (1 << 50) + 10**10
+    assert out.rdi == 7
+
+
+def test_guest_clock_timeline_is_what_now_computes() -> None:
+    """The (guest ns, host ns) pair the RDTSC hook computes from gives exactly what
+    GuestClock.now() says, running or stopped."""
+    host = [1_000]
+    clock = GuestClock(host_ns=lambda: host[0])
+    assert clock.timeline() == (0, None)
+    clock.set_running(True)
+    host[0] = 5_000
+    guest_ns, host_ns = clock.timeline()
+    assert host_ns is not None and guest_ns + (host[0] - host_ns) == clock.now() == 4_000
+    clock.set_running(False)
+    host[0] = 9_000
+    assert clock.timeline() == (4_000, None) and clock.now() == 4_000
