@@ -152,32 +152,42 @@ def pass_numbers(text: str) -> list[int]:
     return [int(m.group(1)) for m in PASS_RE.finditer(text)]
 
 
-def check_continuity(case: Case, src: VmProcess, dst: VmProcess, timeout: float) -> str:
-    """'' when the destination carried on where the source stopped, else why not.
+def pass_continuity(source_text: str, destination_text: str) -> str | None:
+    """The dirty guest's verdict from both consoles: None while the destination has not
+    printed a pass line of its own, '' when the pass lines of both joined (a line the guest
+    was printing at the switch-over starts on the source and ends on the destination) are
+    numbered 1, 2, 3, ... without a gap or a repeat and all say ``bad 0`` (the guest
+    checked every word of its buffer), else why not."""
+    if not PASS_RE.search(destination_text):
+        return None
+    matches = list(PASS_RE.finditer(source_text + destination_text))
+    bad = next((m for m in matches if m.group(2) != "0"), None)
+    if bad is not None:
+        return f"pass {bad.group(1)} found {bad.group(2)} bad words: RAM was corrupted"
+    numbers = [int(m.group(1)) for m in matches]
+    if numbers != list(range(1, len(numbers) + 1)):
+        return (f"pass lines not consecutive across the switch-over: source {pass_numbers(source_text)[-3:]}, "
+                f"joined {numbers[-6:]}")
+    return ""
 
-    dirty: the destination's first pass line must be numbered one above the source's last
-    (the pass the source was in when it stopped) and say ``bad 0`` (the guest checked every
-    word of its buffer). idle: the guest is halted by design; the destination must be
-    running and alive."""
+
+def check_continuity(case: Case, src: VmProcess, dst: VmProcess, timeout: float) -> str:
+    """'' when the destination carried on where the source stopped, else why not: the
+    dirty guest by :func:`pass_continuity`; the idle guest is halted by design, so its
+    destination must be running and alive."""
     assert dst.qmp is not None
     deadline = time.monotonic() + timeout
     if case.mode == "idle":
         status = dst.qmp.execute("query-status").get("status")
         return "" if status == "running" and dst.proc.poll() is None else f"destination status {status!r}"
-    last = max(pass_numbers(src.output()), default=0)
     while True:
-        match = PASS_RE.search(dst.output())
-        if match:
-            number, bad = int(match.group(1)), int(match.group(2))
-            if bad:
-                return f"pass {number} found {bad} bad words: RAM was corrupted"
-            if number != last + 1:
-                return f"destination's first pass is {number}, the source's last was {last}"
-            return ""
+        verdict = pass_continuity(src.output(), dst.output())
+        if verdict is not None:
+            return verdict
         if dst.proc.poll() is not None:
             return f"destination exited with {dst.proc.returncode} before its next pass"
         if time.monotonic() > deadline:
-            return f"no pass on the destination within {timeout:.0f} s (source's last: {last})"
+            return f"no pass on the destination within {timeout:.0f} s (source's: {pass_numbers(src.output())[-1:]})"
         time.sleep(0.02)
 
 
