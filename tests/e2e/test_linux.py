@@ -55,20 +55,16 @@ def test_seed_walkthrough_boots_to_the_workload_and_its_shell_answers(lab: Linux
 
 # -- d + e: two CPUs and virtio-net, one guest for both ----------------------------------------------
 
-# Known bug, not coverage: q35 Linux with -smp 2 on Unicorn hangs bringing up CPU 1 in some
-# runs (after "Booting SMP configuration ... #1"). Suspected cause: each vCPU's virtual TSC
-# stops while that vCPU is halted, so the two TSCs drift apart and Linux's TSC sync check
-# fails; the fix is one VM-wide TSC clock that stops only when the VM pauses (open in
-# issue 11). The virt variant (PSCI, arch timer on the shared guest clock) runs.
+# q35 -smp 2 once hung at CPU 1 bring-up in some runs: Unicorn translated LOCK-prefixed
+# instructions non-atomically, so the two vCPUs lost a spinlock's unlock (fixed in hv's
+# patched libunicorn, tests/backends/test_unicorn_x86_smp_atomic.py).
 # The virt variant passed in most runs but once (1 of 5 CI runs) the guest's pings got no
 # reply for 60 s on 2 vCPUs (suspected: the NIC's INTx routed to CPU 1 is not always
-# delivered while CPU 1 waits in WFI). Both run with HV_SLOW=1 to reproduce; neither is
+# delivered while CPU 1 waits in WFI). It runs with HV_SLOW=1 to reproduce; it is not
 # counted as coverage until fixed (issue 11/12 notes).
-SMP_MACHINES = [pytest.param("q35", marks=pytest.mark.skip(
-    reason="known bug: q35 -smp 2 Linux on Unicorn can hang at CPU 1 bring-up (per-vCPU TSCs drift)")),
-    pytest.param("virt", marks=pytest.mark.skipif(
-        not SLOW, reason="known intermittent bug: virt -smp 2 Linux can stop getting NIC interrupts; "
-                         "HV_SLOW=1 runs it"))]
+SMP_MACHINES = ["q35", pytest.param("virt", marks=pytest.mark.skipif(
+    not SLOW, reason="known intermittent bug: virt -smp 2 Linux can stop getting NIC interrupts; "
+                     "HV_SLOW=1 runs it"))]
 
 
 @pytest.mark.parametrize("machine", SMP_MACHINES)
