@@ -6,10 +6,12 @@ process applying pages into its own GuestMemory, and compares with a raw loop of
 ``sendall`` / ``recv_into`` on the same kind of transport. Prints a table; the goal is a
 stream wire rate of at least 80% of the raw rate. "raw-fresh" is the same raw loop
 receiving into fresh guest-sized memory (page faults included), which a reused 1 MiB
-buffer hides. "stream" receives into RAM that was pre-faulted in the background before
-the source connected, as an hv destination's RAM is (it waits for its source);
-"stream-cold" has a source that connects at once: hv stops the pre-fault when its source
-connects, so that RAM is faulted in as the stream fills it (the worst case).
+buffer hides; "raw-ram" receives into guest RAM pre-faulted first (the ceiling for
+"stream"). "stream" receives into RAM that was pre-faulted in the background before the
+source connected, as an hv destination's RAM is (it waits for its source);
+"stream-python" is "stream" without the native code (hv/migration/stream_native.py) on
+either end; "stream-cold" has a source that connects at once: hv stops the pre-fault
+when its source connects, so that RAM is faulted in as the stream fills it (the worst case).
 Every receiver is set up (and answers one byte) before the clock starts.
 
     hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]
@@ -17,6 +19,7 @@ Every receiver is set up (and answers one byte) before the clock starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -24,8 +27,10 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 from hv.memory import GuestMemory, RegionSpec
+from hv.migration import stream_native
 from hv.migration.pages import prefault_memory, stop_prefault
 from hv.migration.stream import (
     PAGE_SIZE,
@@ -56,10 +61,14 @@ def fill(mem: GuestMemory, zero_percent: int) -> None:
             view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
 
 
-def raw_receiver(conn: socket.socket, total: int, fresh: bool) -> None:
-    """recv_into one reused 1 MiB buffer, or (fresh) straight into fresh guest RAM."""
-    mem = GuestMemory([RegionSpec(0, -(-total // CHUNK) * CHUNK)]) if fresh else None
+def raw_receiver(conn: socket.socket, total: int, kind: str) -> None:
+    """recv_into one reused 1 MiB buffer (raw), or straight into fresh guest RAM
+    (raw-fresh), or into guest RAM pre-faulted first (raw-ram: what "stream" receives into)."""
+    mem = GuestMemory([RegionSpec(0, -(-total // CHUNK) * CHUNK)]) if kind != "raw" else None
+    if mem is not None and kind == "raw-ram":
+        prefault_memory(mem).wait(120)
     buf = memoryview(bytearray(CHUNK))
+    conn.sendall(b"r")  # set up: the sender's clock starts now
     got = 0
     while got < total:
         view = mem.regions[0].view[got:got + CHUNK] if mem else buf
@@ -89,14 +98,47 @@ def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint, wait_prefau
     prefault.stop()
 
 
+def _python_paths(kind: str) -> contextlib.AbstractContextManager[None]:
+    """"stream-python": the stream without its native code on either end (the A/B line)."""
+    if kind != "stream-python":
+        return contextlib.nullcontext()
+    return _without_native()
+
+
+@contextlib.contextmanager
+def _without_native() -> Iterator[None]:
+    saved = stream_native._NATIVE
+    stream_native._NATIVE = None
+    try:
+        yield
+    finally:
+        stream_native._NATIVE = saved
+
+
 def _serve(kind: str, make_listener_or_sock, size: int, fp: Fingerprint, wire: int) -> None:
+    if kind == "stream-python":
+        stream_native._NATIVE = None  # this forked receiver only
     conn = make_listener_or_sock()
-    if kind in ("raw", "raw-fresh"):
-        conn.sendall(b"r")
-        raw_receiver(conn, wire, kind == "raw-fresh")
+    if kind.startswith("raw"):
+        raw_receiver(conn, wire, kind)
     else:
         stream_receiver(conn, size, fp, kind != "stream-cold")
     conn.close()
+
+
+def send_stream(sock: socket.socket, kind: str, mem: GuestMemory, fp: Fingerprint, run_pages: int) -> None:
+    chan = SocketChannel(sock)
+    writer = StreamWriter(chan, run_pages=run_pages)
+    writer.write_header(fp.arch, fp.machine)
+    writer.write_config(fp)
+    reply = read_reply(chan)
+    assert reply.ok, reply.text
+    writer.write_ram(0, mem.regions[0].view, stable=kind == "stream-zero-copy")
+    writer.write_round_end(1)
+    writer.write_cpu(0, X86CpuState())
+    writer.write_end()
+    reply = read_reply(chan)
+    assert reply.ok, reply.text
 
 
 def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
@@ -128,18 +170,8 @@ def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire:
             if sock.recv(1) != b"k":
                 raise RuntimeError("raw receiver did not acknowledge")
         else:
-            chan = SocketChannel(sock)
-            writer = StreamWriter(chan, run_pages=run_pages)
-            writer.write_header(fp.arch, fp.machine)
-            writer.write_config(fp)
-            reply = read_reply(chan)
-            assert reply.ok, reply.text
-            writer.write_ram(0, mem.regions[0].view, stable=kind == "stream-zero-copy")
-            writer.write_round_end(1)
-            writer.write_cpu(0, X86CpuState())
-            writer.write_end()
-            reply = read_reply(chan)
-            assert reply.ok, reply.text
+            with _python_paths(kind):
+                send_stream(sock, kind, mem, fp, run_pages)
         elapsed = time.perf_counter() - start
     finally:
         sock.close()
@@ -172,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     wire = Counter.n
     log.info("%d MiB guest RAM, %d%% zero pages: %d zero, %d normal pages, %.1f MiB on the wire",
              args.mib, args.zero_percent, stats.zero, stats.normal, wire / (1 << 20))
-    kinds = ("raw", "raw-fresh", "stream", "stream-zero-copy", "stream-cold")
+    kinds = ("raw", "raw-fresh", "raw-ram", "stream", "stream-python", "stream-zero-copy", "stream-cold")
     print(f"median of {args.runs} runs; MB/s of bytes on the wire ({wire / (1 << 20):.1f} MiB); "
           f"'RAM MB/s' counts guest RAM moved ({args.mib} MiB)")
-    print(f"{'transport':<10}{'path':<18}{'MB/s':>8}{'RAM MB/s':>10}{'vs raw':>8}{'vs raw fresh':>14}")
+    print(f"{'transport':<10}{'path':<18}{'MB/s':>8}{'RAM MB/s':>10}{'vs raw':>8}{'vs raw fresh':>14}"
+          f"{'vs raw-ram':>12}")
     for transport in ("tcp", "unix"):
         times = {kind: statistics.median(run_once(transport, kind, mem, fp, wire, args.run_pages)
                                        for _ in range(args.runs))
@@ -183,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             t = times[kind]
             print(f"{transport:<10}{kind:<18}{wire / t / 1e6:>8.0f}{size / t / 1e6:>10.0f}"
-                  f"{times['raw'] / t:>8.0%}{times['raw-fresh'] / t:>14.0%}")
+                  f"{times['raw'] / t:>8.0%}{times['raw-fresh'] / t:>14.0%}{times['raw-ram'] / t:>12.0%}")
     mem.close()
     return 0
 

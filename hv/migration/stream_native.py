@@ -201,7 +201,17 @@ class Receiver:
         return int(rx.section_bytes + rx.len - rx.pos)
 
 
-def receiver_for(source: Any, ram: Any, page_count: int, covered: bytearray, poll_ms: int) -> Receiver | None:
+def _poll_ms(source: Any) -> int:
+    """How long one native read may wait: the channel's ``poll_seconds`` (it then decides in
+    ``check_idle`` whether to go on), else its socket's timeout, else for good (-1)."""
+    seconds = getattr(source, "poll_seconds", None)
+    if seconds is None:
+        sock = getattr(source, "sock", None)
+        seconds = sock.gettimeout() if isinstance(sock, socket.socket) else None
+    return -1 if seconds is None else max(int(seconds * 1000), 1)
+
+
+def receiver_for(source: Any, ram: Any, page_count: int, covered: bytearray) -> Receiver | None:
     """A :class:`Receiver` when ``source`` and ``ram`` (a GuestMemory) allow one, else None."""
     if _NATIVE is None:
         return None
@@ -213,7 +223,7 @@ def receiver_for(source: Any, ram: Any, page_count: int, covered: bytearray, pol
         spans = [(r.offset // PAGE_SIZE, r.size // PAGE_SIZE) for r in regions if r.view is not None]
     except AttributeError:
         return None
-    return Receiver(fd[0], fd[1], spans, page_count, covered, poll_ms)
+    return Receiver(fd[0], fd[1], spans, page_count, covered, _poll_ms(source))
 
 
 class Drained:

@@ -11,8 +11,8 @@ import time
 from typing import Any, Protocol
 
 from hv.errors import StreamError
-from hv.migration.pages import is_prefaulted, populate, zero_pages
 from hv.migration import stream_native
+from hv.migration.pages import is_prefaulted, populate, zero_pages
 from hv.migration.stream_channels import Source
 from hv.migration.stream_format import (
     _IOV_BATCH,
@@ -113,9 +113,7 @@ class StreamReader:
         # Drained, which hands over what the native receiver read ahead.
         self._native: stream_native.Receiver | None = None
         if ram is not None and kind is not StreamKind.STATE:
-            poll = getattr(source, "poll_seconds", None)
-            self._native = stream_native.receiver_for(source, ram, page_count, self._covered,
-                                                      -1 if poll is None else int(poll * 1000))
+            self._native = stream_native.receiver_for(source, ram, page_count, self._covered)
             if self._native is not None:
                 self.source = stream_native.Drained(source, self._native)
 
@@ -262,8 +260,10 @@ class StreamReader:
                 if rx.received != seen:
                     seen, idle_since = rx.received, time.monotonic()
                 check_idle = getattr(self.source, "check_idle", None)
-                if check_idle is not None:
-                    check_idle(time.monotonic() - idle_since)
+                if check_idle is None:  # a socket timeout ran out, as a Python read would say
+                    raise StreamError(f"stream read failed while reading {rx.what()}: timed out") \
+                        from TimeoutError("timed out")
+                check_idle(time.monotonic() - idle_since)
                 continue
             if rc == stream_native.RX_EOF:
                 raise StreamError(f"stream truncated: end of input after {self.bytes_read + rx.partial_bytes()} "

@@ -24,11 +24,28 @@ from hypothesis import strategies as st
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration import stream_native
 from hv.migration.stream import (
-    PAGE_SIZE, FileChannel, RamSection, SocketChannel, StreamError, StreamReader, StreamWriter,
+    PAGE_SIZE,
+    FileChannel,
+    RamSection,
+    SocketChannel,
+    StreamError,
+    StreamReader,
+    StreamWriter,
 )
 from tests.migration.test_migration_stream import (
-    FUZZ_BASE, FUZZ_SETTINGS, RAM_PAGES, SENTINEL, VALID, Collect, _mutate, assert_outside_untouched,
-    dest_memory, fingerprint, mutation, section_offsets, x86_state,
+    FUZZ_BASE,
+    FUZZ_SETTINGS,
+    RAM_PAGES,
+    SENTINEL,
+    VALID,
+    Collect,
+    _mutate,
+    assert_outside_untouched,
+    dest_memory,
+    fingerprint,
+    mutation,
+    section_offsets,
+    x86_state,
 )
 
 pytestmark = pytest.mark.skipif(not stream_native.available(),
@@ -291,3 +308,25 @@ def test_stop_prefault_ends_the_background_pre_fault() -> None:
         assert bytes(mem.page_view(5)) == b"\x42" * PAGE_SIZE
     finally:
         mem.close()
+
+
+def test_a_socket_timeout_still_ends_a_stalled_read() -> None:
+    """A plain socket channel with a timeout: the native read gives up as a Python read
+    would (StreamError caused by TimeoutError), instead of waiting for good."""
+    pages = 16
+    src = mixed_memory(pages, seed=3)
+    out = Collect()
+    big_stream(src, StreamWriter(out), pages)
+    cut = section_offsets(bytes(out.data))[2][1] + 3000
+    a, b = socket.socketpair()
+    a.sendall(bytes(out.data)[:cut])
+    b.settimeout(0.3)
+    reader = StreamReader(SocketChannel(b), page_count=pages, ram=GuestMemory([RegionSpec(0, pages * PAGE_SIZE)]))
+    assert reader._native is not None
+    try:
+        with pytest.raises(StreamError, match="stream read failed while reading RAM page data: timed out") as info:
+            reader.read_all()
+        assert isinstance(info.value.__cause__, TimeoutError)
+    finally:
+        a.close()
+        b.close()
