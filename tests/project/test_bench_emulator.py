@@ -39,7 +39,7 @@ def test_bench_emulator_prints_table_and_names_missing_qemu(tmp_path: Path) -> N
         assert boot_s > 0 and run_s > 0 and rate > 0
         assert cells[7:] == ["-", "-", "-"], cells      # no QEMU: no ratios, no comparison
     assert not any(" qemu " in line for line in lines) and not any(line.startswith("goal") for line in lines)
-    assert f"hv's unicorn rows ran on {UNICORN_LIBRARY.describe()}" in lines
+    assert any(line.startswith("hv's unicorn rows ran on ") and "libunicorn" in line for line in lines)
 
 
 def test_ratios_goal_and_output_comparison() -> None:
