@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from hv.memory import PAGE_SIZE, GuestMemory
@@ -96,6 +97,13 @@ def _fn_addr(name: str) -> int:
     return addr
 
 
+def tlb_dirty_log_supported() -> bool:
+    """True if the loaded libunicorn logs dirty pages in its TLB (``hv_uc_dirty_log``,
+    backends/native/unicorn/README.md): only a guest's first store to a clean page then
+    takes the slow path. Otherwise hv logs with a memory-write hook (every store slow)."""
+    return hasattr(uclib(), "hv_uc_dirty_log")
+
+
 def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
     """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
     native = _native()
@@ -129,11 +137,25 @@ class NativeVm:
             entry.ram_offset = region.offset
             entry.host = self.ffi.cast("uint8_t *", region.host_addr)
         self.nbytes = (memory.page_count + 7) // 8
+        # For hv_uc_dirty_log: (host, size, first page's bit) of every RAM region.
+        triples = [v for r in memory.regions for v in (r.host_addr, r.size, r.offset // PAGE_SIZE)]
+        self.tlb_regions = (ctypes.c_uint64 * max(1, len(triples)))(*triples)
+        # vCPUs whose engines log in their TLB, and how many takes they must have flushed for.
+        self.tlb_loggers: weakref.WeakSet[UnicornVcpuBase] = weakref.WeakSet()
+        self.tlb_generation = 0
 
     def take(self) -> bytearray:
+        """Clear the bitmap, returning what it held. Engines that log in their TLB keep a
+        page's entry writable once its bit is set, so each flushes its TLB before this
+        returns (a running vCPU at its next block boundary, others now): a store between
+        the clear and the flush lands before the caller copies the page, a later one
+        sets the bit again."""
         out = bytearray(self.nbytes)
         if self.nbytes:
             self.lib.hv_take_dirty(self.struct, self.ffi.from_buffer(out))
+        self.tlb_generation += 1
+        for vcpu in list(self.tlb_loggers):
+            vcpu.wait_tlb_flush(self.tlb_generation)
         return out
 
 
@@ -256,27 +278,84 @@ class UnicornVcpuBase(Vcpu):
         """How many times an armed interrupt window stopped the engine."""
         return int(self.native.struct.window_exits)
 
-    # -- dirty-log write hook (installed only while logging) ------------------------------
+    # -- dirty log: in the TLB (hv's libunicorn) or a write hook (only while logging) -----
+    _tlb_logging = False    # this engine has hv's dirty bitmap (hv_uc_dirty_log)
+    _tlb_flushed = 0        # the NativeVm.tlb_generation it last synced with (TLB flushed)
+
     def _sync_write_hook(self) -> None:
         """Housekeeping by the engine's owner (inside run(), or with the engine lock
-        held): install or remove the write hook to match the VM's dirty-log switch and
-        drop translations the VMM asked to invalidate."""
+        held): make the dirty log follow the VM's switch and drop translations the VMM
+        asked to invalidate."""
         with self._kick_lock:
             ranges, self._pending_invalidations = self._pending_invalidations, []
         for gpa, size in ranges:
             self.uc.ctl_remove_cache(gpa, gpa + size)
         want = bool(self.vm.native.struct.dirty_enabled)
+        if tlb_dirty_log_supported():
+            self._sync_tlb_dirty_log(want)
+        else:
+            self._sync_hook_dirty_log(want)
+        self.native.struct.service = 0
+        self._hook_synced.set()
+
+    def _sync_hook_dirty_log(self, want: bool) -> None:
+        """The wheel's library: install or remove the write hook. The hook marks a page
+        just before the store lands, so a take must also wait for this engine to pass a
+        block boundary (or be stopped) before the caller copies: it is a logger too."""
+        native = self.vm.native
+        generation = native.tlb_generation
         if want and self._write_hook is None:
             self._write_hook = self.native.add_write_hook(self.uc)
             self.uc.ctl_flush_tb()
+            native.tlb_loggers.add(self)
         elif not want and self._write_hook is not None:
             status = uclib().uc_hook_del(self.uc._uch, ctypes.c_size_t(self._write_hook))
             if status != 0:
                 raise BackendError(f"uc_hook_del failed with Unicorn error {status}")
             self._write_hook = None
             self.uc.ctl_flush_tb()
-        self.native.struct.service = 0
-        self._hook_synced.set()
+            native.tlb_loggers.discard(self)
+        self._tlb_flushed = generation
+
+    def _sync_tlb_dirty_log(self, want: bool) -> None:
+        """Give the engine the VM's bitmap or take it away, and flush its TLB when that
+        changed or the bitmap was taken since the last flush (entries filled while a
+        page's bit was set let stores through unlogged)."""
+        native = self.vm.native
+        generation = native.tlb_generation
+        if want != self._tlb_logging:
+            uch = self.uc._uch
+            assert uch is not None   # None only after a failed uc_open, which raised
+            bitmap = ctypes.c_void_p(int(native.ffi.cast("uintptr_t", native.bitmap)) if want else None)
+            rc = uclib().hv_uc_dirty_log(uch, bitmap, ctypes.c_uint64(native.struct.npages),
+                                         native.tlb_regions, ctypes.c_int(native.struct.nregions))
+            if rc != 0:
+                raise BackendError(f"hv_uc_dirty_log failed ({rc})")
+            self._tlb_logging = want
+            if want:
+                native.tlb_loggers.add(self)
+            else:
+                native.tlb_loggers.discard(self)
+            self._tlb_flushed = -1
+        if self._tlb_flushed != generation:
+            unicorn = _import_unicorn()
+            self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+            self._tlb_flushed = generation
+
+    def wait_tlb_flush(self, generation: int) -> None:
+        """Return once this engine synced with ``generation`` of the bitmap (TLB flushed,
+        no store with a write hook still in flight), or stopped logging: done here if the
+        vCPU is not running, else by the vCPU at its next block boundary."""
+        while self in self.vm.native.tlb_loggers and self._tlb_flushed < generation:
+            if self._engine_lock.acquire(blocking=False):
+                try:
+                    self._sync_write_hook()
+                finally:
+                    self._engine_lock.release()
+                continue
+            self._hook_synced.clear()
+            self.native.struct.service = 1
+            self._hook_synced.wait(0.01)
 
     def request_hook_sync(self, wait: bool) -> None:
         """Make the write hook follow the dirty-log switch; with ``wait``, return only
