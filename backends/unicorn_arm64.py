@@ -326,6 +326,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         if self._sysreg_handler is not None:
             for enc in ROUTED_SYSREGS:
                 table[sysreg_key(enc)] = CLASS_ROUTE_READ | CLASS_ROUTE_WRITE
+            if hasattr(self._sysreg_handler, "counter_timeline"):
+                # CNTVCT/CNTPCT = machine clock / 16, computed natively (_start_clock)
+                for enc in (CNTVCT_EL0, CNTPCT_EL0):
+                    table[sysreg_key(enc)] = CLASS_COUNTER
         else:
             for enc in (CNTVCT_EL0, CNTPCT_EL0):
                 table[sysreg_key(enc)] = CLASS_COUNTER
@@ -452,9 +456,28 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         return Arm64Event(EXCP_UDEF, pc)
 
     def _start_clock(self) -> None:
-        self.a64.cnt_ns0 = time.monotonic_ns()
-        self.a64.cnt_running = 1
+        """The counter the native MRS hook answers for this run: the machine's guest clock
+        (its timeline cannot change while a vCPU runs) or, bare, the vCPU's own."""
+        a = self.a64
+        timeline = self._machine_timeline()
+        if timeline is None:
+            a.clk_timeline = 0
+            a.cnt_ns0 = time.monotonic_ns()
+            a.cnt_running = 1
+        elif timeline[1] is None:          # the machine's clock stands still
+            a.clk_timeline = 0
+            a.cnt_base = (timeline[0] // COUNTER_NS_PER_TICK) & ((1 << 64) - 1)
+            a.cnt_running = 0
+        else:
+            a.clk_guest_ns, a.clk_host_ns = timeline
+            a.clk_timeline = 1
+            a.cnt_running = 1
         self.native.lib.hv_a64_set_in_engine(self.native.struct, 1)
+
+    def _machine_timeline(self) -> tuple[int, int | None] | None:
+        """The machine clock's (guest ns, host ns) when its handler serves the counter."""
+        timeline = getattr(self._sysreg_handler, "counter_timeline", None)
+        return None if timeline is None else timeline()
 
     def _stop_clock(self) -> None:
         self.native.lib.hv_a64_set_in_engine(self.native.struct, 0)

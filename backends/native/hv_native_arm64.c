@@ -27,6 +27,7 @@ struct hv_a64 {
     int32_t cnt_running; uint64_t cnt_base; uint64_t cnt_ns0;
     uint64_t sysreg_native, sysreg_python, exc_native, exc_python;
     struct hv_a64_peers *peers; volatile int32_t tb_flush_req;
+    int32_t clk_timeline; uint64_t clk_guest_ns; uint64_t clk_host_ns;
 };
 uint32_t hv_a64_mrs_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
 uint32_t hv_a64_msr_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
@@ -94,6 +95,11 @@ struct hv_a64 {
     uint64_t sysreg_native, sysreg_python, exc_native, exc_python;   /* statistics */
     struct hv_a64_peers *peers;  /* every vCPU of this VM (TLBI broadcast); NULL: alone */
     volatile int32_t tb_flush_req;   /* another vCPU changed kernel code: drop translations */
+    /* the machine's guest clock while it runs (GuestClock.timeline): the counter is
+       (clk_guest_ns + now - clk_host_ns) / 16, exactly what the machine's timers compute */
+    int32_t clk_timeline;
+    uint64_t clk_guest_ns;
+    uint64_t clk_host_ns;
 };
 
 #define A64_MAX_PEERS 64
@@ -151,6 +157,10 @@ uint64_t hv_a64_counter(struct hv_a64 *a)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    if (a->clk_timeline) {
+        uint64_t since = now > a->clk_host_ns ? now - a->clk_host_ns : 0;
+        return (a->clk_guest_ns + since) / A64_NS_PER_TICK;
+    }
     uint64_t delta = now > a->cnt_ns0 ? now - a->cnt_ns0 : 0;
     return a->cnt_base + delta / A64_NS_PER_TICK;
 }

@@ -55,6 +55,7 @@ from hv_backends.base import Exit, Vcpu
 log = logging.getLogger(__name__)
 
 RETRY_NS = 200_000       # host ns between injection attempts while PSTATE.I is set
+RETRY_SLACK_NS = 5_000_000   # a retry may wait this much longer for the timer thread's next poll
 PCI_INTX_INTID_BASE = 35  # PCI INTx -> SPIs 3..6 (INTIDs 35..38), as QEMU virt's PCIE IRQs
 PCI_INTX_LINES = 4
 PL011_INTID = 33          # the PL011's UARTINTR: SPI 1, as QEMU virt (the device tree says <0 1 4>)
@@ -82,6 +83,7 @@ class GicController(ControllerCore):
         self.timers = ArchTimers(vcpus, self.clock, self.gic.set_level)
         self.injected = [0] * vcpus
         self.retries = 0
+        self._poll_due_ns: int | None = None   # host ns of the timer thread's next poll (None: none planned)
 
     # -- wiring ------------------------------------------------------------------------
     def bind_thread(self, index: int) -> None:
@@ -125,6 +127,15 @@ class GicController(ControllerCore):
         else:
             self._notify()
 
+    def sync_clock(self) -> None:
+        """Run the guest clock exactly while the machine runs, except that it stops only
+        once no vCPU is inside ``run``: a backend's native counter (SysregHandler.
+        counter_timeline) then never reads past the moment the clock stopped. The last
+        vCPU out stops it (its thread syncs the clock before it parks)."""
+        if not self._is_running() and self.clock.running and any(self._in_run):
+            return
+        super().sync_clock()
+
     # -- system registers (vCPU thread, inside run) -----------------------------------------
     def sysreg_read(self, index: int, name: str) -> int | None:
         with self._lock:
@@ -159,9 +170,13 @@ class GicController(ControllerCore):
             # by a retry kick.
             vcpu.request_interrupt_window()
             if not vcpu.exact_interrupt_window:
-                self._retry_at[index] = time.monotonic_ns() + RETRY_NS
+                retry = self._retry_at[index] = time.monotonic_ns() + RETRY_NS
                 self.retries += 1
-                self._notify()
+                # The window nearly always ends this first (the guest unmasks at a block
+                # boundary); wake the timer thread only if its next poll is far off.
+                due = self._poll_due_ns
+                if due is None or due > retry + RETRY_SLACK_NS:
+                    self._notify()
         self._in_run[index] = True
 
     def after_run(self, index: int, vcpu: Vcpu, result: Exit) -> None:
@@ -211,7 +226,9 @@ class GicController(ControllerCore):
                 if delay is not None:
                     delays.append(delay)
         self._retry_kicks(lambda index: self.gic.signalled(index) is not None, delays)
-        return min(delays) if delays else None
+        delay = min(delays) if delays else None
+        self._poll_due_ns = None if delay is None else time.monotonic_ns() + int(delay * 1e9)
+        return delay
 
 
 class GicMsiSink:
@@ -300,6 +317,13 @@ class SysregHandler:
 
     def read(self, name: str) -> int | None:
         return self.controller.sysreg_read(self.index, name)
+
+    def counter_timeline(self) -> tuple[int, int | None]:
+        """The guest clock's (guest ns, host ns) (GuestClock.timeline), for a backend that
+        computes CNTVCT_EL0 = CNTPCT_EL0 = guest ns // 16 itself (CNTVOFF = 0): exactly
+        the value :meth:`GicController.sysreg_read` gives, without a call per read. It
+        cannot change while the vCPU runs (see :meth:`GicController.sync_clock`)."""
+        return self.controller.clock.timeline()
 
     def write(self, name: str, value: int) -> bool:
         return self.controller.sysreg_write(self.index, name, value)
