@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from hv_backends import backend_class
-from hv_backends.kvm_dirty import dirty_word_runs
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine
 from hv.memory import PAGE_SIZE
+from hv_backends import backend_class
+from hv_backends.kvm_dirty import dirty_word_runs
 from tests.helpers import FIXTURES, requires_kvm
 
 ROUNDS = 40
@@ -114,10 +114,10 @@ def test_pages_written_during_takes_reach_the_copy(deferred: bool) -> None:
 def test_manual_protection_is_used_where_the_kernel_has_it() -> None:
     """On kernels with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (this host has it, see
     BACKEND-NOTES) the VM uses it; the test above then exercises GET + CLEAR."""
-    from hv_backends import kvm_abi as abi
-    from hv_backends.kvm import KvmBackend, _check_extension
     from hv.memory import GuestMemory, RegionSpec
+    from hv_backends import kvm_abi as abi
     from hv_backends.base import Arch
+    from hv_backends.kvm import KvmBackend, _check_extension
     memory = GuestMemory([RegionSpec(0, 1 << 20)])
     vm = KvmBackend().open_vm(Arch.X86_64, memory, [])
     try:
@@ -128,3 +128,17 @@ def test_manual_protection_is_used_where_the_kernel_has_it() -> None:
     finally:
         vm.close()
         memory.close()
+
+
+def test_another_round_only_while_it_pays() -> None:
+    """The engine's switch-over rule once the expected pause is within the limit: one more
+    live round after the full pass or after a round that halved the dirty set, unless the
+    pause would already be at most an eighth of the limit (the deferred KVM log lets the
+    guest dirty more during the full pass, and this round keeps the pause short)."""
+    from hv.migration.engine import MigrationParameters, worth_another_round
+    params = MigrationParameters(downtime_limit=300)
+    assert worth_another_round(200, 10_000, None, params)          # right after the full pass
+    assert worth_another_round(200, 10_000, 20_000, params)        # halved: keep going
+    assert not worth_another_round(200, 10_001, 20_000, params)    # not shrinking fast enough
+    assert not worth_another_round(37, 10_000, None, params)       # pause already short
+    assert worth_another_round(38, 10_000, None, params)
