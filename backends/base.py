@@ -174,6 +174,13 @@ class Vcpu(ABC):
     def cancel_interrupt_window(self) -> None:
         """Withdraw a :meth:`request_interrupt_window` that has not fired yet."""
 
+    def arm_timer_deadline(self, host_ns: int | None) -> bool:
+        """Stop ``run`` (as a kick) once the host's monotonic clock reaches ``host_ns``
+        (None: no deadline), without another thread's kick: the machine's next timer
+        expiry while this vCPU runs. False: the backend cannot, the machine's timer thread
+        keeps kicking for it."""
+        return False
+
     # -- aarch64 machine services (routed from inside run) ------------------------------
     def set_sysreg_handler(self, handler: SysregHandler | None) -> None:
         """Route the system registers a machine owns (ICC_*, CNT*_EL0) to ``handler``;

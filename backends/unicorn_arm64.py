@@ -364,6 +364,17 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             self._sysreg_handler = handler
             self._fill_sysreg_classes()
 
+    def arm_timer_deadline(self, host_ns: int | None) -> bool:
+        """The native block hook kicks this vCPU once the host clock passes ``host_ns``
+        (checked every 512 blocks), so a timer tick needs no other thread."""
+        self.native.struct.deadline_ns = max(1, host_ns) if host_ns is not None else 0
+        return True
+
+    @property
+    def deadline_exits(self) -> int:
+        """How many times the vCPU's own timer deadline stopped the engine."""
+        return int(self.native.struct.deadline_exits)
+
     def set_power_handler(self, handler: PowerHandler | None) -> None:
         """Serve PSCI CPU_ON / CPU_OFF / AFFINITY_INFO through ``handler`` (the
         machine's power controller); None answers them NOT_SUPPORTED."""

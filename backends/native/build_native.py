@@ -25,6 +25,7 @@ struct hv_vcpu {
     uint64_t r0, r1, r2, r3;
     volatile int32_t irq_window; uint64_t window_exits;
     volatile uint32_t tlb_req; volatile uint32_t tlb_done; volatile int32_t in_engine; void *ctl;
+    volatile uint64_t deadline_ns; uint64_t deadline_exits;
 };
 void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
 void hv_write_hook(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data);

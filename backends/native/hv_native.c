@@ -8,6 +8,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define HV_PAGE_SHIFT 12
 #define HV_MAX_REGIONS 16
@@ -65,6 +66,10 @@ struct hv_vcpu {
     volatile uint32_t tlb_done;
     volatile int32_t in_engine;
     void *ctl;
+    /* host CLOCK_MONOTONIC ns at which the block hook kicks this vCPU itself (the
+       machine's next timer expiry; 0: none), looked at every HV_DEADLINE_BLOCKS blocks */
+    volatile uint64_t deadline_ns;
+    uint64_t deadline_exits;
 };
 
 struct uc_x86_msr_s { uint32_t rid; uint64_t value; };
@@ -417,6 +422,21 @@ static void hv_tlb_catch_up(void *uc, struct hv_vcpu *c)
     __atomic_store_n(&c->tlb_done, req, __ATOMIC_RELEASE);
 }
 
+#define HV_DEADLINE_BLOCKS 512   /* about 30 us of guest code between two clock reads */
+
+/* The vCPU's own timer deadline passed: a kick, as the timer thread would have sent. */
+static void hv_check_deadline(struct hv_vcpu *c)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    if (now >= c->deadline_ns) {
+        c->deadline_ns = 0;
+        c->deadline_exits++;
+        __atomic_store_n(&c->kick, 1, __ATOMIC_RELEASE);
+    }
+}
+
 /* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine.
  * An armed interrupt window (an interrupt is pending but the guest masks it) turns into
  * a kick at the first block where the guest has unmasked: Unicorn's interrupt-window exit. */
@@ -428,6 +448,8 @@ void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
     c->blocks++;
     if (__atomic_load_n(&c->tlb_req, __ATOMIC_ACQUIRE) != c->tlb_done)
         hv_tlb_catch_up(uc, c);
+    if (c->deadline_ns && (c->blocks % HV_DEADLINE_BLOCKS) == 0)
+        hv_check_deadline(c);
     int32_t window = __atomic_load_n(&c->irq_window, __ATOMIC_ACQUIRE);
     if (window == 2) {
         /* This block is the one instruction under the shadow (QEMU translates it alone). */

@@ -84,6 +84,10 @@ class GicController(ControllerCore):
         self.injected = [0] * vcpus
         self.retries = 0
         self._poll_due_ns: int | None = None   # host ns of the timer thread's next poll (None: none planned)
+        # vCPUs whose backend stops them at their own timer deadline (Vcpu.arm_timer_deadline):
+        # the timer thread leaves their ticks to them while they run
+        self._vcpus: list[Vcpu | None] = [None] * vcpus
+        self._own_deadline = [False] * vcpus
 
     # -- wiring ------------------------------------------------------------------------
     def bind_thread(self, index: int) -> None:
@@ -149,9 +153,18 @@ class GicController(ControllerCore):
             if name.startswith("ICC_"):
                 return self.gic.icc_write(index, name, value)
             done = self.timers.write(index, name, value)
-            if done:
+            vcpu = self._vcpus[index]
+            if done and self._own_deadline[index] and vcpu is not None:
+                vcpu.arm_timer_deadline(self._host_deadline(index))   # the vCPU re-plans itself
+            elif done:
                 self._changed.notify_all()   # the timer thread re-plans
             return done
+
+    def _host_deadline(self, index: int) -> int | None:
+        """Host monotonic ns of vCPU ``index``'s next timer expiry (None: none armed)."""
+        deadline = self.timers.deadline(index)
+        delay = None if deadline is None else self.clock.host_delay(deadline)
+        return None if delay is None else time.monotonic_ns() + int(delay * 1e9)
 
     # -- vCPU side ----------------------------------------------------------------------------
     def before_run(self, index: int, vcpu: Vcpu) -> None:
@@ -177,6 +190,8 @@ class GicController(ControllerCore):
                 due = self._poll_due_ns
                 if due is None or due > retry + RETRY_SLACK_NS:
                     self._notify()
+        self._vcpus[index] = vcpu
+        self._own_deadline[index] = vcpu.arm_timer_deadline(self._host_deadline(index))
         self._in_run[index] = True
 
     def after_run(self, index: int, vcpu: Vcpu, result: Exit) -> None:
@@ -221,6 +236,8 @@ class GicController(ControllerCore):
         for index in range(self.gic.vcpus):
             self.timers.update(index)
             deadline = self.timers.deadline(index)
+            if self._in_run[index] and self._own_deadline[index]:
+                continue        # the running vCPU stops itself at its deadline
             if deadline is not None:
                 delay = self.clock.host_delay(deadline)
                 if delay is not None:

@@ -116,3 +116,31 @@ def test_a_handler_without_a_timeline_still_serves_the_counter(vcpu) -> None:
     st = vcpu.get_state()
     assert st.x[1] == st.x[2] == st.x[3] == (7 << 40) // 16
     assert handler.seen[:3] == ["CNTVCT_EL0", "CNTPCT_EL0", "CNTVCT_EL0"]
+
+
+B_SELF = 0x14000000            # b .
+
+
+def test_the_vcpu_stops_itself_at_its_timer_deadline(vcpu) -> None:
+    """arm_timer_deadline: a vCPU spinning in the guest returns KICKED once the host clock
+    passes the deadline, with no kick from another thread (the machine's timer thread then
+    leaves this vCPU's ticks to it); a watchdog kick bounds the test."""
+    import threading
+    import time
+
+    vcpu.uc.mem_write(CODE, struct.pack("<I", B_SELF))
+    vcpu.vm.invalidate_code(CODE, 4)
+    st = Arm64CpuState()
+    st.pc = CODE
+    vcpu.set_state(st)
+    deadline = time.monotonic_ns() + 50_000_000
+    assert vcpu.arm_timer_deadline(deadline) is True
+    watchdog = threading.Timer(30.0, vcpu.kick)
+    watchdog.start()
+    try:
+        assert vcpu.run(RecordingIo()).reason is ExitReason.KICKED
+    finally:
+        watchdog.cancel()
+    assert time.monotonic_ns() >= deadline
+    assert vcpu.deadline_exits == 1
+    vcpu.arm_timer_deadline(None)
