@@ -99,9 +99,10 @@ def test_kvm_declares_the_rate_kvm_reports() -> None:
 @pytest.mark.parametrize("backend", X86_BACKENDS)
 def test_guest_tsc_runs_at_the_declared_rate(backend: str) -> None:
     """A guest reads the TSC rate from CPUID 0x15 and spins until SECONDS worth of ticks
-    passed; the host's clock between the two marks must agree. The lower bound is firm
-    (a TSC faster than declared ends early: 1 GHz declared on a 2.6 GHz KVM TSC took
-    0.77 s); the upper bound is loose, since a busy host only delays the second mark."""
+    passed; the host's clock between the two marks must agree. Both bounds are loose, so
+    a busy host (which can delay either mark) cannot fail it, yet a wrong declared rate
+    does: 1 GHz declared on a 2.6 GHz KVM TSC ends after 0.38 of the declared time, under
+    the 0.6 bound, and a TSC slower than declared by 2.6x ends after 2.6."""
     memory = GuestMemory([RegionSpec(0, RAM_SIZE)])
     vm = open_vm(backend, memory)
     try:
@@ -116,7 +117,7 @@ def test_guest_tsc_runs_at_the_declared_rate(backend: str) -> None:
             exit_ = vcpu.run(io)
             assert exit_.reason in (ExitReason.HALT, ExitReason.KICKED), exit_
         elapsed = io.stamps[0x11] - io.stamps[0x10]
-        assert SECONDS * 0.8 <= elapsed <= SECONDS * 2.5, f"{SECONDS} declared seconds took {elapsed:.2f} s"
+        assert SECONDS * 0.6 <= elapsed <= SECONDS * 2.5, f"{SECONDS} declared seconds took {elapsed:.2f} s"
     finally:
         vm.close()
         memory.close()
