@@ -149,7 +149,8 @@ class NativeVm:
         page's entry writable once its bit is set, so each flushes its TLB before this
         returns (a running vCPU at its next block boundary, others now): a store between
         the clear and the flush lands before the caller copies the page, a later one
-        sets the bit again."""
+        sets the bit again. A write hook marks a page just before its store lands, so
+        engines with one pass a block boundary the same way."""
         out = bytearray(self.nbytes)
         if self.nbytes:
             self.lib.hv_take_dirty(self.struct, self.ffi.from_buffer(out))
