@@ -304,7 +304,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     @property
     def tlb_stats(self) -> dict[str, int]:
         """Broadcast TLB maintenance of this VM: TLBIs broadcast, how many had to wait for
-        another vCPU's flush, and waits given up after 200 ms (none in a healthy guest)."""
+        another vCPU's flush, and waits given up after 5 s (none in a healthy guest)."""
         p = self._peers
         return {"broadcasts": int(p.broadcasts), "waits": int(p.waits), "wait_timeouts": int(p.wait_timeouts),
                 "ic_broadcasts": int(p.ic_broadcasts)}
@@ -602,6 +602,8 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     def close(self) -> None:
         """No broadcast reaches this VM's vCPUs any more (they are closed together)."""
         with self._engine_lock:
+            if self._peers.n and self._peers.wait_timeouts:
+                log.warning("aarch64 TLB broadcasts: %s", self.tlb_stats)
             self._peers.n = 0
         super().close()
 

@@ -103,7 +103,8 @@ struct hv_a64 {
 };
 
 #define A64_MAX_PEERS 64
-#define A64_TLB_WAIT_NS 200000000ull   /* give up waiting for a peer's flush after 200 ms */
+#define A64_TLB_WAIT_NS 5000000000ull  /* give up waiting for a peer's flush after 5 s (a
+                                          peer stuck outside the guest; counted, logged) */
 
 /* The vCPUs of one VM, for broadcast TLB maintenance. */
 struct hv_a64_peers {
