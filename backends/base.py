@@ -12,11 +12,14 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from hv.errors import HvError
 from hv.memory import GuestMemory
 from hv.state import CpuState
+
+if TYPE_CHECKING:
+    from hv.devices.clock import GuestClock
 
 
 class Arch(str, enum.Enum):
@@ -180,6 +183,14 @@ class Vcpu(ABC):
         expiry while this vCPU runs. False: the backend cannot, the machine's timer thread
         keeps kicking for it."""
         return False
+
+    def use_guest_clock(self, clock: GuestClock, at_ns: int) -> None:
+        """Bind a counter the backend keeps per vCPU (Unicorn x86's TSC) to the machine's
+        guest clock, continuing from its current value taken as clock time ``at_ns`` (one
+        reading for all vCPUs, so equal counters stay equal; the counter then stands still
+        only while the machine is paused). Backends whose counters the hardware keeps, or
+        that read the machine's clock directly, need nothing: the default does nothing."""
+        return None
 
     # -- aarch64 machine services (routed from inside run) ------------------------------
     def set_sysreg_handler(self, handler: SysregHandler | None) -> None:

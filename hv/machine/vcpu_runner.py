@@ -68,9 +68,7 @@ class VcpuRunner:
         if self.interrupts is not None:
             at_ns = self.interrupts.clock.now()
             for vcpu in self.vcpus:
-                bind = getattr(vcpu, "use_guest_clock", None)
-                if bind is not None:
-                    bind(self.interrupts.clock, at_ns)
+                vcpu.use_guest_clock(self.interrupts.clock, at_ns)
         for index, vcpu in enumerate(self.vcpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}", daemon=True)
             self.threads.append(thread)
