@@ -234,17 +234,23 @@ def ensure_library(out_dir: Path) -> BuildStatus:
     raises: a failure leaves a status that says why (hv then uses the wheel's library)."""
     started = time.monotonic()
     patch_sha = _sha256(PATCH)
-    (out_dir / LIB_NAME).unlink(missing_ok=True)
     if os.environ.get("HV_UNICORN_BUILD", "1") == "0":
+        (out_dir / LIB_NAME).unlink(missing_ok=True)
         status = BuildStatus(False, "not built: HV_UNICORN_BUILD=0 at install", patch_sha256=patch_sha)
     else:
         try:
             library = cached_library()
             out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(library, out_dir / LIB_NAME)
+            # a new file renamed over the old one: an hv already running keeps the library it
+            # mapped, and one starting meanwhile finds the old or the new one, never a gap
+            partial = out_dir / f".{LIB_NAME}.{os.getpid()}"
+            shutil.copy2(library, partial)
+            os.replace(partial, out_dir / LIB_NAME)
             status = BuildStatus(True, "built from the unicorn 2.1.4 sdist with hv-store-fast-path.patch",
                                  patch_sha256=patch_sha)
         except (BuildError, OSError, tarfile.TarError) as exc:
+            for stale in (out_dir / LIB_NAME, out_dir / f".{LIB_NAME}.{os.getpid()}"):
+                stale.unlink(missing_ok=True)
             status = BuildStatus(False, f"build failed: {exc}", patch_sha256=patch_sha)
     status.seconds = round(time.monotonic() - started, 1)
     status.write(out_dir)
