@@ -247,3 +247,16 @@ def test_concurrent_updates_and_reads_are_consistent() -> None:
     ram = status.to_qmp()["ram"]
     assert (ram["duplicate"], ram["normal"], ram["transferred"]) == (15000, 30000, 45000)
     assert snapshots and not torn
+
+
+def test_auto_converge_trigger_is_qemus_rule() -> None:
+    """A round counts against the guest when it dirtied more than half of what the round
+    sent (QEMU's throttle-trigger-threshold 50); the engine throttles at the second."""
+    from hv.memory import PAGE_SIZE
+    from hv.migration.engine import HIGH_DIRTY_STRIKES, dirtied_too_fast
+    sent = 1000 * PAGE_SIZE
+    assert not dirtied_too_fast(500, sent)      # exactly half: the link keeps up
+    assert dirtied_too_fast(501, sent)
+    assert not dirtied_too_fast(0, 0)
+    assert dirtied_too_fast(1, 0)               # dirtied while nothing could be sent
+    assert HIGH_DIRTY_STRIKES == 2
