@@ -19,7 +19,8 @@ import ctypes
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv_backends.base import Arch, BackendError, Exit, ExitReason, IoHandler, Vcpu
@@ -104,6 +105,19 @@ def tlb_dirty_log_supported() -> bool:
     return hasattr(uclib(), "hv_uc_dirty_log")
 
 
+def code_write_notifier() -> Callable[[int, int], None] | None:
+    """``hv_uc_invalidate_host(host, len)`` of hv's patched libunicorn, for
+    :meth:`GuestMemory.set_code_write_notifier`: after the VMM writes guest RAM (device
+    DMA), every engine with translated code on those pages drops what was overwritten at
+    its next block (backends/native/unicorn/README.md). None on the wheel's library."""
+    fn = getattr(uclib(), "hv_uc_invalidate_host", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = None
+    return cast("Callable[[int, int], None]", fn)
+
+
 def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
     """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
     native = _native()
@@ -143,6 +157,8 @@ class NativeVm:
         # vCPUs whose engines log in their TLB, and how many takes they must have flushed for.
         self.tlb_loggers: weakref.WeakSet[UnicornVcpuBase] = weakref.WeakSet()
         self.tlb_generation = 0
+        # Device DMA into RAM (GuestMemory.write) must reach the engines' translated code.
+        memory.set_code_write_notifier(code_write_notifier())
 
     def take(self) -> bytearray:
         """Clear the bitmap, returning what it held. Engines that log in their TLB keep a

@@ -16,6 +16,7 @@ import ctypes
 import itertools
 import mmap
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hv.errors import HvError
@@ -98,6 +99,17 @@ class GuestMemory:
         self.page_count = offset // PAGE_SIZE
         self._dirty = bytearray((self.page_count + 7) // 8)
         self._dirty_lock = threading.Lock()
+        # Called (host address, length) after every write() into RAM: a CPU emulator
+        # drops translated code those bytes replace (device DMA over a page a vCPU ran).
+        self._code_write_notifier: Callable[[int, int], None] | None = None
+
+    def set_code_write_notifier(self, notifier: Callable[[int, int], None] | None) -> None:
+        """Have ``notifier(host_addr, length)`` called after each :meth:`write` (the path
+        device DMA takes), so a backend with its own translated-code caches (Unicorn)
+        drops code the VMM overwrote; None removes it. Bulk page restores
+        (:meth:`write_pages`, migration receive) happen before the vCPUs' state is
+        loaded, which flushes their code, so they do not call it."""
+        self._code_write_notifier = notifier
 
     # -- address translation -------------------------------------------------------
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
@@ -138,6 +150,9 @@ class GuestMemory:
         region.view[start:start + length] = data
         if length:
             self._mark_dirty(region.offset + start, length)
+            notifier = self._code_write_notifier
+            if notifier is not None:
+                notifier(region.host_addr + start, length)
 
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
