@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
+from hv.devices.interfaces import checked_uint_list
 from hv.errors import DeviceStateError
 
-__all__ = ["DeviceState", "check_version", "restore_state", "state_record"]
+__all__ = ["DeviceState", "check_fields", "check_version", "checked_uart_rx", "omit_default_later_fields",
+           "restore_state", "state_record"]
 
 
 class DeviceState(Protocol):
@@ -66,3 +68,29 @@ def restore_state(state_type: type, record: Any, what: str) -> Any:
 def state_record(state: Any) -> dict[str, Any]:
     """``state`` as the record :func:`restore_state` reads: its type's VERSION and values."""
     return {"version": type(state).VERSION, "state": state.to_dict()}
+
+
+def check_fields(raw: Any, base: tuple[str, ...], later: dict[str, Any], what: str) -> dict[str, Any]:
+    """``raw`` if it is a dict holding every field of ``base`` and nothing beyond ``base``
+    and ``later`` (fields added after the first layout, absent in older states), else
+    :class:`DeviceStateError` ``"<what>: wrong fields"``."""
+    if not isinstance(raw, dict) or not set(base) <= set(raw) <= set(base) | set(later):
+        raise DeviceStateError(f"{what}: wrong fields")
+    return raw
+
+
+def omit_default_later_fields(raw: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` without the later-added fields that hold their default: a state that needs
+    none of them is one an older hv (which has no such fields) still loads."""
+    for name, default in later.items():
+        if name in raw and raw[name] == default:
+            del raw[name]
+    return raw
+
+
+def checked_uart_rx(raw: dict[str, Any], what: str, fifo_max: int, pending_max: int) -> tuple[list[int], list[int]]:
+    """A UART state's received bytes: ``rx_fifo`` (at most ``fifo_max``) and the optional
+    ``rx_pending`` (at most ``pending_max``), each a list of bytes, checked."""
+    fifo = checked_uint_list(raw["rx_fifo"], 0x100, f"{what}: bad rx_fifo", max_length=fifo_max)
+    pending = checked_uint_list(raw.get("rx_pending", []), 0x100, f"{what}: bad rx_pending", max_length=pending_max)
+    return fifo, pending

@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.interfaces import (
-    DeviceStateError,
     InterruptLine,
     OutputSink,
     UnconnectedLine,
     checked_uint,
-    checked_uint_list,
 )
+from hv.devices.persist import check_fields, checked_uart_rx, omit_default_later_fields
 
 FIFO_DEPTH = 16                 # the PL011's RX FIFO
 LEGACY_RX_FIFO_SIZE = 32        # a state saved by an older hv may hold this many
@@ -85,18 +84,12 @@ class Pl011State:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        raw = dataclasses.asdict(self)
-        if not raw["rx_pending"]:
-            del raw["rx_pending"]   # an older hv (no such field) loads this state too
-        return raw
+        return omit_default_later_fields(dataclasses.asdict(self), _LATER_FIELDS)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Pl011State:
-        if not isinstance(raw, dict) or not set(_BASE_FIELDS) <= set(raw) <= set(_BASE_FIELDS) | set(_LATER_FIELDS):
-            raise DeviceStateError("pl011 state: wrong fields")
-        fifo = checked_uint_list(raw["rx_fifo"], 0x100, "pl011 state: bad rx_fifo", max_length=LEGACY_RX_FIFO_SIZE)
-        pending = checked_uint_list(raw.get("rx_pending", []), 0x100, "pl011 state: bad rx_pending",
-                                    max_length=RX_PENDING_MAX)
+        raw = check_fields(raw, _BASE_FIELDS, _LATER_FIELDS, "pl011 state")
+        fifo, pending = checked_uart_rx(raw, "pl011 state", LEGACY_RX_FIFO_SIZE, RX_PENDING_MAX)
         values = {name: checked_uint(raw[name], 0x1_0000, f"pl011 state: bad {name}")
                   for name in _BASE_FIELDS if name != "rx_fifo"}
         return cls(**values, rx_fifo=fifo, rx_pending=pending)
