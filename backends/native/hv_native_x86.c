@@ -499,11 +499,7 @@ uint32_t hv_x86_rdtsc_hook(void *uc, void *user_data)
 uint32_t hv_x86_rdtscp_hook(void *uc, void *user_data)
 {
     struct hv_x86 *x = (struct hv_x86 *)user_data;
-    uint64_t tsc = hv_x86_tsc(x);
-    x->tsc_last = tsc;
-    x->rdtsc++;
-    x_wr(uc, x, UCX_RAX, tsc & 0xFFFFFFFFu);
-    x_wr(uc, x, UCX_RDX, tsc >> 32);
+    hv_x86_rdtsc_hook(uc, user_data);
     x_wr(uc, x, UCX_RCX, x_msr(uc, x, X86_MSR_TSC_AUX) & 0xFFFFFFFFu);
     return 1;
 }
