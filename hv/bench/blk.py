@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hv.bench.common import BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
+from hv.bench.common import HV_COMMAND, BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
@@ -82,7 +82,7 @@ def guest_argv(engine: str, arch: str, accel: str, image: Path, bsize: int, qemu
     depth, mib = SIZE_PLANS[bsize]
     kernel, append = str(fixture_guest(arch, "blk")), f"bench={mib} bsize={bsize} depth={depth}"
     if engine == "hv":
-        return [sys.executable, "-m", "hv", "-machine", MACHINE_FOR_ARCH[arch], "-accel", accel, "-m", "256",
+        return [*HV_COMMAND, "-machine", MACHINE_FOR_ARCH[arch], "-accel", accel, "-m", "256",
                 "-kernel", kernel, "-append", append, "-drive", f"file={image},id=d0,readonly=off,direct=off",
                 "-device", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=2", "-serial", "stdio"]
     assert qemu is not None

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ def size_text(mib: int) -> str:
 
 
 # arch -> (QEMU binary, the Debian package that installs it)
+# How a bench starts hv: this Python, with -P so that the current directory is not put in
+# front of sys.path (a stray hv/ or hv_backends/ there would be run instead of the install).
+HV_COMMAND: tuple[str, ...] = (sys.executable, "-P", "-m", "hv")
 QEMU_FOR_ARCH = {"x86_64": ("qemu-system-x86_64", "qemu-system-x86"),
                  "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hv.bench.common import BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
+from hv.bench.common import HV_COMMAND, BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
 from hv_backends import UNICORN_LIBRARY
 from hv_fixtures import guest as fixture_guest
 
@@ -82,7 +82,7 @@ class EmuSettings:
     passes: int
     timeout: float
     qemu: dict[str, str]                       # arch -> QEMU binary
-    hv: tuple[str, ...] = (sys.executable, "-m", "hv")
+    hv: tuple[str, ...] = HV_COMMAND
 
     @property
     def ram_mib(self) -> int:
@@ -297,7 +297,7 @@ def run_emulator(argv: list[str]) -> int:
             qemu[arch] = found
         elif not args.no_qemu:
             print(qemu_missing_line(arch))
-    hv = tuple(shlex.split(args.hv)) if args.hv else (sys.executable, "-m", "hv")
+    hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
     settings = EmuSettings(mib=args.mib, passes=args.passes, timeout=args.timeout, qemu=qemu, hv=hv)
     # hv's KVM backend is x86_64-only on this host; aarch64 runs on Unicorn.
     rows = [r for r in build_rows(args.arches, accels, qemu) if r.case.accel != "kvm" or r.case.arch == "x86_64"]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hv.bench.common import (
+    HV_COMMAND,
     BenchError,
     VmProcess,
     destination_uri,
@@ -90,7 +91,7 @@ class Settings:
     append: str
     timeout: float
     qemu: dict[str, str]                 # arch -> QEMU binary (absent: hv only)
-    hv: tuple[str, ...] = (sys.executable, "-m", "hv")
+    hv: tuple[str, ...] = HV_COMMAND
     log_dir: Path | None = None
     qemu_x86_cpu: str = "max"
 
@@ -467,7 +468,7 @@ def run_linux(argv: list[str]) -> int:
     qemu, missing = find_qemu(args.arches, args.no_qemu)
     settings = Settings(images=args.images.resolve(), mem_mib=args.mem, passes=args.passes, append=args.append,
                         timeout=args.timeout, qemu=qemu,
-                        hv=tuple(shlex.split(args.hv)) if args.hv else (sys.executable, "-m", "hv"),
+                        hv=tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND,
                         log_dir=args.log_dir, qemu_x86_cpu=args.qemu_x86_cpu)
     for line in missing:
         log.warning("%s", line)

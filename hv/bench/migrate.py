@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from hv.bench.common import (
+    HV_COMMAND,
     BenchError,
     Qmp,
     VmProcess,
@@ -102,7 +103,7 @@ class Settings:
     dirty_mib: int | None
     timeout: float
     qemu: str | None
-    hv: tuple[str, ...] = (sys.executable, "-m", "hv")
+    hv: tuple[str, ...] = HV_COMMAND
     tls_dirs: tuple[Path, Path] | None = None   # (server, client) certificate directories
 
 
@@ -377,7 +378,7 @@ def run_migrate(argv: list[str]) -> int:
     qemu = None if args.no_qemu else find_qemu("x86_64", args.qemu_dir)
     if qemu is None and not args.no_qemu:
         print(qemu_missing_line("x86_64"))
-    hv = tuple(shlex.split(args.hv)) if args.hv else (sys.executable, "-m", "hv")
+    hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
     settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu,
                         hv=hv)
     cases = build_cases(args, qemu is not None)
