@@ -143,8 +143,11 @@ def test_guest_drives_a_hot_plugged_nic(hv, sock_dir, tmp_path, machine_type, ar
         assert vm.qmp.wait_event("DEVICE_DELETED")["data"]["device"] == "nic1"
         peer.conns[0].settimeout(10)
         for _ in range(1024):   # frames the guest sent before the unplug may still be queued
-            if peer.conns[0].recv(4096) == b"":
-                break           # hv closed its end
+            try:
+                if peer.conns[0].recv(4096) == b"":
+                    break       # hv closed its end
+            except ConnectionResetError:
+                break           # closed with the peer's echoes still unread on hv's side: a reset
         else:
             raise AssertionError("hv kept its end of the cable open after device_del")
     finally:
