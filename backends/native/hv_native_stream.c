@@ -110,42 +110,36 @@ HVS_TARGET static inline __m128i hvs_fold(__m128i x, __m128i k, __m128i next)
     return _mm_xor_si128(_mm_xor_si128(lo, hi), next);
 }
 
+/* The 16 bytes at src; when *dst is not NULL they are also stored there and *dst advances
+ * (the copy reads guest RAM once, into the register the checksum then folds). */
+HVS_TARGET static inline __m128i hvs_take16(const uint8_t *src, uint8_t **dst)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)src);
+    if (*dst) {
+        _mm_storeu_si128((__m128i *)*dst, v);
+        *dst += 16;
+    }
+    return v;
+}
+
 /* The raw CRC of n >= 64 bytes from src; when dst is not NULL the bytes are also stored
  * there (the copy and the checksum read guest RAM once, from the same registers). */
 HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_t *dst, size_t n)
 {
     const __m128i k12 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
     const __m128i k34 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
-    __m128i a = _mm_loadu_si128((const __m128i *)src);
-    __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
-    __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
-    __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
-    if (dst) {
-        _mm_storeu_si128((__m128i *)dst, a);
-        _mm_storeu_si128((__m128i *)(dst + 16), b);
-        _mm_storeu_si128((__m128i *)(dst + 32), c);
-        _mm_storeu_si128((__m128i *)(dst + 48), d);
-        dst += 64;
-    }
+    __m128i a = hvs_take16(src, &dst);
+    __m128i b = hvs_take16(src + 16, &dst);
+    __m128i c = hvs_take16(src + 32, &dst);
+    __m128i d = hvs_take16(src + 48, &dst);
     a = _mm_xor_si128(a, _mm_cvtsi32_si128((int)crc));
     src += 64;
     n -= 64;
     while (n >= 64) {
-        __m128i na = _mm_loadu_si128((const __m128i *)src);
-        __m128i nb = _mm_loadu_si128((const __m128i *)(src + 16));
-        __m128i nc = _mm_loadu_si128((const __m128i *)(src + 32));
-        __m128i nd = _mm_loadu_si128((const __m128i *)(src + 48));
-        if (dst) {
-            _mm_storeu_si128((__m128i *)dst, na);
-            _mm_storeu_si128((__m128i *)(dst + 16), nb);
-            _mm_storeu_si128((__m128i *)(dst + 32), nc);
-            _mm_storeu_si128((__m128i *)(dst + 48), nd);
-            dst += 64;
-        }
-        a = hvs_fold(a, k12, na);
-        b = hvs_fold(b, k12, nb);
-        c = hvs_fold(c, k12, nc);
-        d = hvs_fold(d, k12, nd);
+        a = hvs_fold(a, k12, hvs_take16(src, &dst));
+        b = hvs_fold(b, k12, hvs_take16(src + 16, &dst));
+        c = hvs_fold(c, k12, hvs_take16(src + 32, &dst));
+        d = hvs_fold(d, k12, hvs_take16(src + 48, &dst));
         src += 64;
         n -= 64;
     }
@@ -153,12 +147,7 @@ HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_
     a = hvs_fold(a, k34, c);
     a = hvs_fold(a, k34, d);
     while (n >= 16) {
-        __m128i next = _mm_loadu_si128((const __m128i *)src);
-        if (dst) {
-            _mm_storeu_si128((__m128i *)dst, next);
-            dst += 16;
-        }
-        a = hvs_fold(a, k34, next);
+        a = hvs_fold(a, k34, hvs_take16(src, &dst));
         src += 16;
         n -= 16;
     }
