@@ -232,6 +232,18 @@ class Vm(ABC):
     @abstractmethod
     def stop_dirty_log(self) -> None: ...
 
+    # -- the guest TSC (x86) ------------------------------------------------------------
+    @property
+    def tsc_hz(self) -> int | None:
+        """x86: the rate of the guest's TSC in Hz, the one CPUID 0x15/0x16 declare and a
+        migration carries (None: no TSC, aarch64, or not known before the first vCPU)."""
+        return None
+
+    def set_tsc_hz(self, tsc_hz: int) -> None:
+        """Run the guest TSC at ``tsc_hz`` (a migrating guest's rate), before any vCPU has
+        run. :class:`BackendError` (nothing changed) when the backend cannot give it."""
+        raise BackendError(f"this backend cannot set the guest TSC rate to {tsc_hz} Hz")
+
     @abstractmethod
     def close(self) -> None:
         """Release the VM (vCPUs must not be running). RAM stays owned by hv."""

@@ -270,14 +270,27 @@ class KvmVm(Vm):
             if function == 0x1:
                 ebx = (ebx & 0x00FFFFFF) | ((vcpu_index & 0xFF) << 24)
             out.append((function, index, flags, eax, ebx, ecx, edx))
-        if self._tsc.khz is None:
+        if self._tsc.hz is None:
             raise BackendError("the guest CPUID table needs the TSC rate, which the first vCPU fixes")
-        return apply_cpuid_policy(out, self._tsc.khz * 1000)   # hv's own leaves (hv.cpuid)
+        return apply_cpuid_policy(out, self._tsc.hz)   # hv's own leaves (hv.cpuid)
 
     @property
     def tsc_khz(self) -> int | None:
-        """Guest TSC kHz, declared in CPUID 0x15/0x16 (kvm_state.GuestTsc); None before vCPU 0."""
+        """Guest TSC kHz, as the vCPUs run it (kvm_state.GuestTsc); None before vCPU 0."""
         return self._tsc.khz
+
+    @property
+    def tsc_hz(self) -> int | None:
+        """Guest TSC Hz, as CPUID 0x15/0x16 declare it and a migration carries."""
+        return self._tsc.hz
+
+    def set_tsc_hz(self, tsc_hz: int) -> None:
+        """A migrated guest's rate, before its vCPUs run (kvm_state.GuestTsc.adopt: refused
+        without TSC control unless the host's rate is within tolerance); the vCPUs' CPUID
+        tables then declare it."""
+        self._tsc.adopt(tsc_hz, [vcpu._fd for vcpu in self.vcpus])
+        for vcpu in self.vcpus:
+            vcpu._set_cpuid(self.guest_cpuid(vcpu.index))
 
     @functools.cached_property
     def tsc_restorable(self) -> bool:

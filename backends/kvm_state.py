@@ -3,14 +3,16 @@ from and to KVM_{GET,SET}_{REGS,SREGS,MSRS,XSAVE,VCPU_EVENTS}, and the CPUID fil
 vCPU gets (split from :mod:`hv_backends.kvm`, which keeps creating, running and kicking)."""
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from hv import cpuid as cpuid_policy
 from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, X86_SEGMENT_NAMES, DescriptorTable, Segment, X86CpuState
 from hv_backends import kvm_abi as abi
-from hv_backends.base import BackendError
+from hv_backends.base import Arch, BackendError
 
 log = logging.getLogger("hv_backends.kvm")
 
@@ -79,7 +81,14 @@ def apply_cpuid_policy(entries: list[CpuidEntry], tsc_hz: int = cpuid_policy.TSC
     return sorted(out, key=lambda e: (e[0], e[1]))
 
 
-HV_TSC_KHZ = cpuid_policy.TSC_HZ // 1000   # the rate hv's policy prefers (Unicorn's)
+HV_TSC_KHZ = cpuid_policy.TSC_HZ // 1000   # the rate hv's policy prefers where KVM can scale
+
+
+def _tsc_khz_of(vcpu_fd: int) -> int:
+    khz = abi.libc.ioctl(vcpu_fd, abi.KVM_GET_TSC_KHZ, ffi.cast("unsigned long", 0))
+    if khz <= 0:
+        raise BackendError(f"KVM_GET_TSC_KHZ: {abi.errno_text(ffi.errno)}")
+    return int(khz)
 
 
 @dataclass
@@ -87,39 +96,101 @@ class GuestTsc:
     """The rate of a VM's guest TSC, fixed by its first vCPU and declared in CPUID.
 
     With ``KVM_CAP_TSC_CONTROL`` each vCPU is scaled to hv's 1 GHz (``KVM_SET_TSC_KHZ``),
-    the rate Unicorn's TSC has, so a guest keeps its clock when it moves between
-    backends. Without it (kvm_pvm) the TSC is the host's and the VM declares that rate
-    (``KVM_GET_TSC_KHZ``, read before any set: a refused KVM_SET_TSC_KHZ still changes
-    what GET answers, and a VM-wide KVM_SET_TSC_KHZ is accepted without a
-    ``KVM_CAP_VM_TSC_CONTROL`` and then reported by GET although the TSC is not scaled).
-    A guest calibrates its TSC once, at boot: moved to a VM whose TSC runs at another
-    rate (another host, or KVM <-> Unicorn), its TSC-based clock runs fast or slow by the
-    ratio of the two rates. The migration fingerprint does not carry the rate (yet), so
-    such a move is not refused; ``KvmVm.tsc_khz`` is logged when a VM starts.
+    or to a migrated guest's rate (:meth:`adopt`). Without it (kvm_pvm) the TSC is the
+    host's and the VM declares that rate (``KVM_GET_TSC_KHZ``, read before any set: a
+    refused KVM_SET_TSC_KHZ still changes what GET answers, and a VM-wide KVM_SET_TSC_KHZ
+    is accepted without a ``KVM_CAP_VM_TSC_CONTROL`` and then reported by GET although the
+    TSC is not scaled). A guest calibrates its TSC once, at boot, so a migration carries
+    the rate (the stream's CONFIG ``tsc_hz``, format 1.4) and a destination that cannot
+    run it refuses the guest before it runs (:meth:`adopt`).
     """
 
     scalable: bool
-    khz: int | None = None
+    khz: int | None = None          # the rate the vCPUs' TSCs run at
     scaled: bool = False
+    target_khz: int = HV_TSC_KHZ    # what a scalable KVM sets on each new vCPU
+    declared_hz: int | None = None  # the rate CPUID declares when not khz * 1000 (adopt)
+
+    @property
+    def hz(self) -> int | None:
+        """The guest's TSC rate in Hz, as CPUID 0x15/0x16 declare it (None before vCPU 0)."""
+        if self.declared_hz is not None:
+            return self.declared_hz
+        return None if self.khz is None else self.khz * 1000
 
     def configure(self, vcpu_fd: int) -> int:
         """Give a new vCPU the VM's TSC rate (kHz), fixing it with the first vCPU."""
-        host = abi.libc.ioctl(vcpu_fd, abi.KVM_GET_TSC_KHZ, ffi.cast("unsigned long", 0))
-        if host <= 0:
-            raise BackendError(f"KVM_GET_TSC_KHZ: {abi.errno_text(ffi.errno)}")
+        host = _tsc_khz_of(vcpu_fd)
         if self.scalable and (self.khz is None or self.scaled):
-            if abi.libc.ioctl(vcpu_fd, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", HV_TSC_KHZ)) == 0:
-                self.khz, self.scaled = HV_TSC_KHZ, True
-                return HV_TSC_KHZ
+            if abi.libc.ioctl(vcpu_fd, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", self.target_khz)) == 0:
+                self.khz, self.scaled = self.target_khz, True
+                return self.target_khz
             if self.scaled:
-                raise BackendError(f"KVM_SET_TSC_KHZ {HV_TSC_KHZ}: {abi.errno_text(ffi.errno)} on a later vCPU")
+                raise BackendError(f"KVM_SET_TSC_KHZ {self.target_khz}: {abi.errno_text(ffi.errno)} "
+                                   "on a later vCPU")
             log.info("KVM cannot scale the TSC to %d kHz: the guest's TSC runs at the host's %d kHz",
-                     HV_TSC_KHZ, host)
+                     self.target_khz, host)
         if self.khz is None:
             self.khz = host
         elif self.khz != host:
             raise BackendError(f"vCPU TSC rates differ: {host} kHz, the first vCPU {self.khz} kHz")
         return host
+
+    def adopt(self, tsc_hz: int, vcpu_fds: list[int]) -> None:
+        """Run a migrated guest's TSC at ``tsc_hz`` on the (not yet run) vCPUs ``vcpu_fds``,
+        or raise :class:`BackendError` saying why not, with nothing changed. A rate within
+        :data:`hv.cpuid.TSC_TOLERANCE_PPM` of the vCPUs' own needs no scaling (KVM's own
+        rule) and is declared as the source declared it; any other needs TSC control."""
+        problem = cpuid_policy.tsc_hz_problem(tsc_hz)
+        if problem is not None:
+            raise BackendError(f"guest TSC rate: {problem}")
+        if self.khz is None:
+            raise BackendError("the guest TSC rate is fixed by the first vCPU: create it first")
+        if cpuid_policy.same_tsc_rate(tsc_hz, self.khz * 1000):
+            self.declared_hz = tsc_hz
+            return
+        mhz = cpuid_policy.mhz_text
+        if not self.scalable:
+            raise BackendError(f"the guest's TSC runs at {mhz(tsc_hz)}; KVM on this host runs guests at "
+                               f"the host's {mhz(self.khz * 1000)} and cannot scale the TSC "
+                               "(no KVM_CAP_TSC_CONTROL)")
+        khz = tsc_hz // 1000
+        for done, fd in enumerate(vcpu_fds):
+            if abi.libc.ioctl(fd, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", khz)) != 0:
+                error = abi.errno_text(ffi.errno)
+                for undo in vcpu_fds[:done]:   # back to the rate the others still have
+                    abi.libc.ioctl(undo, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", self.khz))
+                raise BackendError(f"KVM cannot scale the guest's TSC to {mhz(tsc_hz)} "
+                                   f"(KVM_SET_TSC_KHZ {khz}: {error})")
+        self.khz = self.target_khz = khz
+        self.scaled, self.declared_hz = True, tsc_hz
+
+
+@functools.cache
+def kvm_guest_tsc_hz() -> int | None:
+    """The TSC rate a new KVM guest gets on this host, in Hz: hv's 1 GHz where KVM can
+    scale the TSC, the host's rate (KVM_GET_TSC_KHZ of a scratch vCPU) where it cannot;
+    None when /dev/kvm is not usable. Measured once per process (about 3 ms)."""
+    from hv_backends.kvm import KVM_DEVICE, KvmBackend  # noqa: PLC0415 - kvm imports this module
+
+    if KvmBackend.probe(Arch.X86_64) is not None:
+        return None
+    fds: list[int] = []
+    try:
+        fds.append(os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+        if abi.libc.ioctl(fds[0], abi.KVM_CHECK_EXTENSION, ffi.cast("unsigned long", abi.KVM_CAP_TSC_CONTROL)) > 0:
+            return cpuid_policy.TSC_HZ
+        fds.append(_ioctl(fds[0], abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM (TSC rate probe)"))
+        fds.append(_ioctl(fds[1], abi.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU (TSC rate probe)"))
+        khz = _tsc_khz_of(fds[2])
+    except (OSError, BackendError) as exc:
+        log.info("cannot tell the TSC rate of a KVM guest on this host (%s)", exc)
+        return None
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+    hz = khz * 1000
+    return hz if cpuid_policy.tsc_hz_problem(hz) is None else None
 
 
 def _segment_from_kvm(seg: Any) -> Segment:

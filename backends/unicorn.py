@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from hv import cpuid
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv_backends.base import Arch, Backend, BackendError, Vcpu, Vm
 from hv_backends.unicorn_common import (
@@ -44,6 +45,9 @@ class UnicornVm(Vm):
         self.mmio_windows = windows
         self.native = NativeVm(memory)
         self.vcpus: list[UnicornVcpuBase] = []
+        # x86: the rate of every vCPU's virtual TSC (any rate: hv_native_x86.c scales the
+        # guest clock), by default the one a KVM guest gets on this host (default_tsc_hz)
+        self.guest_tsc_hz = default_tsc_hz() if arch is Arch.X86_64 else cpuid.TSC_HZ
 
     def create_vcpu(self, index: int) -> Vcpu:
         if any(v.index == index for v in self.vcpus):
@@ -58,6 +62,26 @@ class UnicornVm(Vm):
             vcpu = UnicornArm64Vcpu(self, index)
         self.vcpus.append(vcpu)
         return vcpu
+
+    @property
+    def tsc_hz(self) -> int | None:
+        return self.guest_tsc_hz if self.arch is Arch.X86_64 else None
+
+    def set_tsc_hz(self, tsc_hz: int) -> None:
+        """Any rate hv can declare: each vCPU's TSC continues from its current value at
+        ``tsc_hz`` (the per-vCPU offsets are rebased at one clock reading), and CPUID
+        0x15/0x16 declare it."""
+        if self.arch is not Arch.X86_64:
+            raise BackendError("an aarch64 VM has no TSC")
+        problem = cpuid.tsc_hz_problem(tsc_hz)
+        if problem is not None:
+            raise BackendError(f"guest TSC rate: {problem}")
+        from hv_backends.unicorn_x86 import UnicornX86Vcpu  # noqa: PLC0415
+
+        for vcpu in self.vcpus:
+            assert isinstance(vcpu, UnicornX86Vcpu)   # an x86 VM's
+            vcpu.set_tsc_rate(tsc_hz)
+        self.guest_tsc_hz = tsc_hz
 
     def start_dirty_log(self) -> None:
         self.native.take()
@@ -87,6 +111,17 @@ class UnicornVm(Vm):
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []
+
+
+def default_tsc_hz() -> int:
+    """The guest TSC rate of a new x86 Unicorn VM: what a KVM guest gets on this host
+    (:func:`hv_backends.kvm_state.kvm_guest_tsc_hz`: the host's rate on KVM without TSC
+    scaling, hv's 1 GHz with it), or hv's 1 GHz where KVM is not usable. A guest can then
+    move between the two backends of one host in both directions: a KVM destination
+    without TSC scaling can only run the host's rate (see docs/migration-stream.md)."""
+    from hv_backends.kvm_state import kvm_guest_tsc_hz  # noqa: PLC0415 - KVM's ioctls only here
+
+    return kvm_guest_tsc_hz() or cpuid.TSC_HZ
 
 
 class UnicornBackend(Backend):

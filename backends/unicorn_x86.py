@@ -102,7 +102,7 @@ CR0_PE = 1
 CR4_OSFXSR = 1 << 9
 CR4_SMAP = 1 << 21
 
-TSC_HZ_PER_NS = 1  # the virtual TSC ticks once per nanosecond of host monotonic time (hv_native_x86.c)
+TSC_HZ_PER_NS = 1  # at hv's 1 GHz the virtual TSC ticks once per guest ns (any rate: UnicornVm.set_tsc_hz)
 
 
 def seg_to_flags(seg: Segment) -> int:
@@ -247,6 +247,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         x = self._x
         # interrupts/exceptions, SYSCALL and RDTSC: native hooks (Python only for what they leave)
         self._native_x86 = NativeX86(self)
+        self._native_x86.set_rate(vm.guest_tsc_hz)   # the VM's guest TSC rate (UnicornVm.tsc_hz)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x.UC_X86_INS_CPUID)
@@ -288,7 +289,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         engine answer the others (its qemu64 model)."""
         x = self._x
         leaf = uc.reg_read(x.UC_X86_REG_EAX) & 0xFFFFFFFF
-        regs = cpuid_policy.lookup(leaf)
+        regs = cpuid_policy.lookup(leaf, self.vm.guest_tsc_hz)   # 0x15/0x16 declare the VM's TSC rate
         if regs is None and leaf in (0x1, 0xB):
             regs = _per_vcpu_leaf(leaf, uc.reg_read(x.UC_X86_REG_ECX) & 0xFFFFFFFF, self.index)
         if regs is None:
@@ -298,9 +299,14 @@ class UnicornX86Vcpu(UnicornVcpuBase):
             uc.reg_write(reg, value)   # CPUID zero-extends into the 64-bit registers
         return 1
 
+    def set_tsc_rate(self, tsc_hz: int) -> None:
+        """Run the TSC at ``tsc_hz`` from its current value on (UnicornVm.set_tsc_hz)."""
+        with self._engine_lock:
+            self._native_x86.set_rate(tsc_hz)
+
     def _tsc_now(self) -> int:
-        """The virtual TSC (read by the native RDTSC hook too), 1 tick per ns: the
-        machine's guest clock plus this vCPU's offset once :meth:`use_guest_clock` bound
+        """The virtual TSC (read by the native RDTSC hook too), at the VM's rate: the
+        machine's guest clock, scaled, plus this vCPU's offset once :meth:`use_guest_clock` bound
         it (every vCPU counts alike, halted or not, and stands still while the machine is
         paused, so a saved state carries the exact value); before that it advances only
         while run() executes the guest."""

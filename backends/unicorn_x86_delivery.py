@@ -269,6 +269,7 @@ class NativeX86:
         self.rec = rec
         self._clock: GuestClock | None = None
         self._offset = 0
+        self._mult = rec.tsc_mult = self.ONE_TICK_PER_NS
         self._last_read: tuple[int, int] | None = None   # (TSC, guest clock ns) of the last tsc()
         self._in_run = False
         uch = vcpu.uc._uch
@@ -305,14 +306,34 @@ class NativeX86:
     # machine runs -- halted, waiting for SIPI or not -- and standing still while it is
     # paused, so the vCPUs' TSCs never drift apart and agree with the local APIC timer.
     # Unbound (a vCPU without a machine), it counts only while run() executes the guest.
-    # Inside run() the native RDTSC hook reads rec: tsc_base + (now - tsc_ns0).
+    # Inside run() the native RDTSC hook reads rec: tsc_base + scale(now - tsc_ns0).
+    # The TSC runs at the VM's rate (set_rate): scale(ns) = ns * mult >> 32, the same
+    # fixed-point product in C and here; at 1 GHz mult is 2^32 and scale(ns) = ns.
+    # floor(scale(a)) + floor(scale(b)) <= floor(scale(a + b)): a run's readings never
+    # exceed what the clock gives afterwards, so the TSC stays monotonic across runs.
     MASK = (1 << 64) - 1
+    ONE_TICK_PER_NS = 1 << 32
+
+    @staticmethod
+    def mult_for(tsc_hz: int) -> int:
+        """The 32.32 fixed-point ticks per ns of a ``tsc_hz`` TSC (rounded)."""
+        return ((tsc_hz << 32) + 500_000_000) // 1_000_000_000
+
+    def scale(self, ns: int) -> int:
+        return (ns * self._mult) >> 32
+
+    def set_rate(self, tsc_hz: int) -> None:
+        """Run the TSC at ``tsc_hz`` from now on, continuing from its current value (the
+        vCPU is not inside run, or holds its engine lock)."""
+        value = self.tsc()
+        self._mult = self.rec.tsc_mult = self.mult_for(tsc_hz)
+        self.set_tsc(value)   # the same reading: the offset is rebased, nothing jumps
 
     def tsc(self) -> int:
         if self._clock is None:
             return int(self.lib.hv_x86_tsc(self.rec)) & self.MASK
         now = self._clock.now()
-        value = (now + self._offset) & self.MASK
+        value = (self.scale(now) + self._offset) & self.MASK
         self._last_read = (value, now)
         return value
 
@@ -322,9 +343,9 @@ class NativeX86:
             if self._last_read is not None and self._last_read[0] == value:
                 # the value this vCPU last reported (a state read from it and loaded back,
                 # a SIPI keeping the TSC): the TSC has moved on since and keeps running
-                self._offset = value - self._last_read[1]
+                self._offset = value - self.scale(self._last_read[1])
             else:
-                self._offset = value - self._clock.now()
+                self._offset = value - self.scale(self._clock.now())
             self._last_read = None
             if self._in_run:
                 self.start_clock()
@@ -339,7 +360,7 @@ class NativeX86:
         same TSC get the same offset)."""
         value = self.tsc()
         self._clock = clock
-        self._offset = value - at_ns
+        self._offset = value - self.scale(at_ns)
         self._last_read = None
 
     def start_clock(self) -> None:
@@ -352,7 +373,7 @@ class NativeX86:
         # from the same (guest ns, host ns) pair and no two vCPUs differ by a few hundred
         # ns (which Linux's TSC sync check reports as a warp)
         guest_ns, host_ns = self._clock.timeline()
-        self.rec.tsc_base = (guest_ns + self._offset) & self.MASK
+        self.rec.tsc_base = (self.scale(guest_ns) + self._offset) & self.MASK
         self.rec.tsc_ns0 = host_ns or 0
         self.rec.tsc_running = 0 if host_ns is None else 1
 
@@ -365,7 +386,7 @@ class NativeX86:
             # at its next block: an RDTSC in between returned more than the stopped clock
             # says. Never let this vCPU's TSC go back below what its guest has seen.
             seen = int(self.rec.tsc_last)
-            exact = (self._clock.now() + self._offset) & self.MASK
+            exact = (self.scale(self._clock.now()) + self._offset) & self.MASK
             if 0 < seen - exact < 1 << 62:
                 self._offset += seen - exact
         self.rec.tsc_running = 0

@@ -27,6 +27,7 @@ backend's own filtered answer.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -50,10 +51,45 @@ def _vendor_regs() -> tuple[int, int, int]:
     return ebx, ecx, edx
 
 
+# The guest TSC rates hv can declare and migrate (hv.migration's CONFIG "tsc_hz"). A whole
+# number of kHz: KVM sets and reports the rate in kHz, and with a crystal of 1 GHz leaf
+# 0x15's numerator (rate / gcd(rate, crystal)) then stays below 10^8, inside its 32 bits.
+# At least 1 MHz (leaf 0x16 reports MHz) and at most 65535 MHz (leaf 0x16's 16-bit field).
+TSC_HZ_MIN = 1_000_000
+TSC_HZ_MAX = 65_535_000_000
+# Two rates this close are the same rate: KVM's own tolerance (its tsc_tolerance_ppm
+# module parameter, 250 by default) before it scales a guest TSC at all.
+TSC_TOLERANCE_PPM = 250
+
+
+def tsc_hz_problem(tsc_hz: object) -> str | None:
+    """None when ``tsc_hz`` is a rate hv can give a guest TSC, else why not (one line)."""
+    if isinstance(tsc_hz, bool) or not isinstance(tsc_hz, int):
+        return f"expected an integer number of Hz, got {type(tsc_hz).__name__}"
+    if not TSC_HZ_MIN <= tsc_hz <= TSC_HZ_MAX:
+        shown = str(tsc_hz) if abs(tsc_hz) < 1 << 64 else f"a {tsc_hz.bit_length()}-bit number of"
+        return f"{shown} Hz is outside [{TSC_HZ_MIN}, {TSC_HZ_MAX}]"
+    if tsc_hz % 1000:
+        return f"{tsc_hz} Hz is not a whole number of kHz"
+    return None
+
+
+def same_tsc_rate(a_hz: int, b_hz: int) -> bool:
+    """Whether a guest calibrated at ``a_hz`` may run on a TSC of ``b_hz`` (within
+    :data:`TSC_TOLERANCE_PPM`, as KVM itself decides when it needs no scaling)."""
+    return abs(a_hz - b_hz) * 1_000_000 <= TSC_TOLERANCE_PPM * a_hz
+
+
+def mhz_text(tsc_hz: int) -> str:
+    """A rate for messages: '2596.140 MHz'."""
+    return f"{tsc_hz / 1e6:.3f} MHz"
+
+
 def tsc_leaf(tsc_hz: int = TSC_HZ) -> Regs:
     """Leaf 0x15: EAX = denominator, EBX = numerator (TSC = crystal * EBX / EAX), ECX = crystal Hz."""
-    if not 0 < tsc_hz < 1 << 40:
-        raise ValueError(f"TSC frequency {tsc_hz} Hz out of range")
+    problem = tsc_hz_problem(tsc_hz)
+    if problem is not None:
+        raise ValueError(f"TSC frequency: {problem}")
     g = math.gcd(tsc_hz, CRYSTAL_HZ)
     return CRYSTAL_HZ // g, tsc_hz // g, CRYSTAL_HZ, 0
 
@@ -78,9 +114,15 @@ def policy_leaves(tsc_hz: int = TSC_HZ) -> dict[tuple[int, int], Regs]:
     return table
 
 
-POLICY: dict[int, Regs] = {leaf: regs for (leaf, _sub), regs in policy_leaves().items()}
+@functools.cache
+def policy_by_leaf(tsc_hz: int = TSC_HZ) -> dict[int, Regs]:
+    """:func:`policy_leaves` keyed by leaf alone (a CPUID hook's lookup table)."""
+    return {leaf: regs for (leaf, _sub), regs in policy_leaves(tsc_hz).items()}
 
 
-def lookup(leaf: int) -> Regs | None:
+POLICY: dict[int, Regs] = policy_by_leaf()
+
+
+def lookup(leaf: int, tsc_hz: int = TSC_HZ) -> Regs | None:
     """The policy's registers for a CPUID leaf (any subleaf), or None when the backend answers."""
-    return POLICY.get(leaf & 0xFFFFFFFF)
+    return policy_by_leaf(tsc_hz).get(leaf & 0xFFFFFFFF)

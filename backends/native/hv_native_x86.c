@@ -16,8 +16,9 @@
  *    RFLAGS &= ~SFMASK. Unicorn adds the instruction's length to RIP after the hook, so
  *    the hook stores LSTAR minus that length (decoded from the instruction bytes).
  *  - hv_x86_rdtsc_hook (UC_HOOK_INSN RDTSC): the vCPU's virtual TSC, tsc_base + (host
- *    CLOCK_MONOTONIC - tsc_ns0) while tsc_running: Python sets these from the machine's
- *    guest clock at every run (1 tick per guest ns), and reads tsc_last afterwards.
+ *    CLOCK_MONOTONIC - tsc_ns0) * tsc_mult / 2^32 while tsc_running: Python sets these
+ *    from the machine's guest clock at every run (tsc_mult = the guest's TSC Hz * 2^32 /
+ *    10^9: exactly 2^32, one tick per guest ns, at 1 GHz), and reads tsc_last afterwards.
  *  - hv_x86_rdtscp_hook (UC_HOOK_INSN RDTSCP): the same TSC, ECX = IA32_TSC_AUX.
  *  - hv_x86_inject: an external interrupt from the VMM (Python), same delivery.
  *
@@ -35,6 +36,7 @@ struct hv_x86 {
     struct hv_vcpu *vcpu; void *reg_write; void *context_save; void *context_restore; void *context;
     void *py; int32_t native; int32_t tsc_running; uint64_t tsc_base; uint64_t tsc_ns0; uint64_t tsc_last;
     uint64_t exc_native, exc_python, syscall_native, syscall_python, irq_native, irq_python, rdtsc;
+    uint64_t tsc_mult;
 };
 void hv_x86_intr_hook(void *uc, uint32_t intno, void *user_data);
 void hv_x86_syscall_hook(void *uc, void *user_data);
@@ -129,6 +131,7 @@ struct hv_x86 {
     uint64_t tsc_ns0;
     uint64_t tsc_last;           /* the last value RDTSC returned to the guest */
     uint64_t exc_native, exc_python, syscall_native, syscall_python, irq_native, irq_python, rdtsc;
+    uint64_t tsc_mult;           /* TSC ticks per ns, 32.32 fixed point (the guest's rate) */
 };
 
 /* Defined by cffi after this code (extern "Python" in the cdef above). */
@@ -477,7 +480,9 @@ uint64_t hv_x86_tsc(struct hv_x86 *x)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-    return x->tsc_base + (now > x->tsc_ns0 ? now - x->tsc_ns0 : 0);
+    uint64_t ns = now > x->tsc_ns0 ? now - x->tsc_ns0 : 0;
+    /* one 64x64->128 multiply: exact for any interval, any rate up to 2^32 ticks per ns */
+    return x->tsc_base + (uint64_t)(((unsigned __int128)ns * x->tsc_mult) >> 32);
 }
 
 /* UC_HOOK_INSN (RDTSC): EDX:EAX = the virtual TSC; 1 = the engine skips its own. */

@@ -41,7 +41,7 @@ from hv.machine.runstate import NOT_POSSIBLE, MachineError, RunState, RunStateTr
 from hv.machine.vcpu_runner import PAUSE_TIMEOUT, THROTTLE_SLICE, VcpuRunner
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import CpuState, state_from_dict, state_to_dict
-from hv_backends.base import Arch, Backend, Vcpu
+from hv_backends.base import Arch, Backend, BackendError, Vcpu
 
 __all__ = [
     "PAUSE_TIMEOUT",
@@ -196,13 +196,36 @@ class Machine:
         """What must be equal on both ends of a migration (the stream's CONFIG shape).
         With ``source`` (an incoming stream's fingerprint), legacy devices that the source
         lacks (an older hv) are left out: they keep their reset state (see restore)."""
-        return {
+        out: dict[str, Any] = {
             "arch": self.arch.value,
             "machine": self.board.name,
             "vcpus": self.config.smp,
             "memory": self.memory.size,
             "devices": self.device_manager.describe(source),
         }
+        if self.vm.tsc_hz is not None:   # x86: the guest's TSC rate (stream format 1.4)
+            out["tsc_hz"] = self.vm.tsc_hz
+        return out
+
+    def adopt_tsc_hz(self, tsc_hz: int | None) -> None:
+        """Run the guest's TSC at the rate it had at the source (an incoming stream's or a
+        snapshot's ``tsc_hz``), before the vCPUs run: a guest calibrates its TSC once, at
+        boot. None (a stream older than format 1.4, which did not say) keeps this VM's
+        rate, as older hv did. Raises :class:`MachineError` with the backend's reason when
+        it cannot run that rate (KVM without TSC scaling, another host rate); then nothing
+        changed."""
+        if tsc_hz is None:
+            if self.vm.tsc_hz is not None:
+                log.info("the source did not say its guest TSC rate (a stream older than format 1.4): "
+                         "the guest's TSC runs at this VM's %d Hz", self.vm.tsc_hz)
+            return
+        if tsc_hz == self.vm.tsc_hz:
+            return
+        try:
+            self.vm.set_tsc_hz(tsc_hz)
+        except BackendError as exc:
+            raise MachineError(f"cannot run the guest's TSC at its rate: {exc}") from None
+        log.info("the guest's TSC runs at the source's %d Hz", tsc_hz)
 
     # -- IoHandler (called from vCPU threads) ----------------------------------------
     def pio_read(self, port: int, size: int) -> int:
@@ -382,6 +405,7 @@ class Machine:
         with self._lock:
             if self.state is RunState.RUNNING:
                 raise MachineError("cannot restore into a running machine")
+            self.adopt_tsc_hz(snapshot.fingerprint.get("tsc_hz"))   # an in-process move's source rate
             self.device_manager.load(device_states, absent)
             self.power.load(snapshot.cpus)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.virtio_net import announce_guests
-from hv.machine import Machine, MachineSnapshot, RunState
+from hv.machine import Machine, MachineError, MachineSnapshot, RunState
 from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
 from hv.migration.pages import Prefaulter, prefault_memory, prefault_report, stop_prefault
 from hv.migration.status import MigrationStatus
@@ -133,13 +133,19 @@ def _read_stream(reader: StreamReader, collected: IncomingState, status: Migrati
 def config_checker(machine: Machine) -> Callable[[Fingerprint], None]:
     """A CONFIG-section check: raises MigrationError listing every difference between
     the stream's configuration and this machine's (legacy devices that an older source
-    lacks are not differences: they keep their reset state, see Machine.fingerprint)."""
+    lacks are not differences: they keep their reset state, see Machine.fingerprint),
+    then runs the guest's TSC at the source's rate or raises why it cannot
+    (Machine.adopt_tsc_hz), before any guest state is loaded."""
 
     def check(remote: Fingerprint) -> None:
         local = Fingerprint.from_dict(machine.fingerprint(source=remote.to_dict()))
         mismatches = compare_fingerprints(remote, local)
         if mismatches:
             raise MigrationError("; ".join(mismatches))
+        try:   # the guest's TSC rate is not compared: the destination adopts it, or refuses
+            machine.adopt_tsc_hz(remote.tsc_hz)
+        except MachineError as exc:
+            raise MigrationError(str(exc)) from None
 
     return check
 

@@ -31,7 +31,10 @@ FORMAT_MAJOR = 1
 # 1.3: q35 CONFIG/DEVICE sections carry the legacy devices pit, rtc and i8042. A 1.2
 # destination refuses such a stream at CONFIG (a device it does not have); a 1.3
 # destination loads older q35 streams without them (those devices keep their reset state).
-FORMAT_MINOR = 3
+# 1.4: x86_64 CONFIG carries "tsc_hz", the guest TSC's rate; the destination runs the guest
+# at that rate or refuses it at CONFIG. A 1.3 reader refuses such a stream (strict CONFIG
+# fields); a 1.4 reader loads an older stream without it, at its own rate, unchecked.
+FORMAT_MINOR = 4
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")

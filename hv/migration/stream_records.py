@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hv.cpuid import tsc_hz_problem
 from hv.devconfig import ID_RE
 from hv.errors import StreamError
 from hv.migration.stream_format import MAX_DEVICES, MAX_VCPUS, PAGE_SIZE
@@ -40,10 +41,17 @@ class Fingerprint:
     vcpus: int
     memory: int  # bytes
     devices: tuple[DeviceFingerprint, ...] = ()
+    # x86: the rate of the guest's TSC in Hz (format 1.4), which it calibrated at boot and
+    # the destination must run it at (adopt or refuse: hv.machine.Machine.adopt_tsc_hz).
+    # None: aarch64, or a stream older than 1.4 (the destination keeps its own rate).
+    tsc_hz: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "machine": self.machine, "vcpus": self.vcpus,
-                "memory": self.memory, "devices": [d.to_dict() for d in self.devices]}
+        out: dict[str, Any] = {"arch": self.arch, "machine": self.machine, "vcpus": self.vcpus,
+                               "memory": self.memory, "devices": [d.to_dict() for d in self.devices]}
+        if self.tsc_hz is not None:
+            out["tsc_hz"] = self.tsc_hz
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> Fingerprint:
@@ -51,9 +59,10 @@ class Fingerprint:
         if not isinstance(raw, dict):
             raise StreamError("config: expected a JSON object")
         expected = {"arch", "machine", "vcpus", "memory", "devices"}
-        if set(raw) != expected:
-            raise StreamError(f"config: fields {sorted(raw)} differ from {sorted(expected)}")
+        if set(raw) - {"tsc_hz"} != expected:
+            raise StreamError(f"config: fields {sorted(raw)} differ from {sorted(expected)} (and tsc_hz)")
         arch = _check_str("config.arch", raw["arch"])
+        tsc_hz = _check_tsc_hz(arch, raw["tsc_hz"]) if "tsc_hz" in raw else None
         machine = _check_str("config.machine", raw["machine"])
         vcpus = _check_uint("config.vcpus", raw["vcpus"], 1, MAX_VCPUS)
         memory = _check_uint("config.memory", raw["memory"], PAGE_SIZE, 1 << 48)
@@ -84,7 +93,17 @@ class Fingerprint:
                                                                        allow_empty=True)
                        for k, v in attrs.items()},
             ))
-        return cls(arch, machine, vcpus, memory, tuple(devices))
+        return cls(arch, machine, vcpus, memory, tuple(devices), tsc_hz)
+
+
+def _check_tsc_hz(arch: str, value: Any) -> int:
+    """CONFIG's optional ``tsc_hz``: x86_64 only, a rate :mod:`hv.cpuid` can declare."""
+    if arch != "x86_64":
+        raise StreamError(f"config.tsc_hz: a {printable(arch)[:40]} guest has no TSC")
+    problem = tsc_hz_problem(value)
+    if problem is not None:
+        raise StreamError(f"config.tsc_hz: {problem}")
+    return int(value)
 
 
 def _check_str(name: str, value: Any, *, allow_empty: bool = False, limit: int = 4096) -> str:
