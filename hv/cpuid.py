@@ -7,17 +7,22 @@ least 0x15; it then trusts the frequency, sets ``lapic_timer_period = crystal_kh
 / HZ`` and derives ``lpj_fine`` from it, so neither the TSC, the APIC timer nor the delay
 loop needs a working timer tick to calibrate). hv's clocks are fixed, so this is exact:
 
-* the TSC advances once per guest nanosecond on Unicorn (``hv_native_x86.c``), 1 GHz;
-* the local APIC timer counts APIC bus cycles of 1 ns (``hv.devices.lapic.APIC_BUS_NS``), 1 GHz.
+* the local APIC timer counts APIC bus cycles of 1 ns (``hv.devices.lapic.APIC_BUS_NS``), 1 GHz;
+* the TSC runs at the VM's rate ``tsc_hz``: on Unicorn the guest clock scaled natively
+  (``hv_native_x86.c``, any rate; one tick per guest ns at hv's 1 GHz).
 
 Leaf 0x15 therefore declares a 1 GHz "core crystal" (the APIC timer's clock, as on
-hardware where the crystal drives the APIC timer) and a TSC/crystal ratio of 1/1.
+hardware where the crystal drives the APIC timer) and a TSC/crystal ratio of
+``tsc_hz / 1 GHz`` (1/1 at 1 GHz).
 
 On KVM the guest's TSC is the hardware's: it runs at the host's rate unless KVM scales it
 (``KVM_SET_TSC_KHZ``, only with ``KVM_CAP_TSC_CONTROL``). The KVM backend asks for hv's
 1 GHz where KVM can scale and otherwise declares the rate the TSC really has (the host's,
-``KVM_GET_TSC_KHZ``): it builds its leaves with ``policy_leaves(tsc_hz)``. The crystal
-(APIC timer) stays 1 GHz on every backend; only the TSC/crystal ratio changes.
+``KVM_GET_TSC_KHZ``): it builds its leaves with ``policy_leaves(tsc_hz)``. A new Unicorn
+VM takes the rate a KVM VM would get on the same host (1 GHz without KVM), and a migrated
+guest keeps its source's rate (the stream's CONFIG ``tsc_hz``; see
+``docs/migration-stream.md``), so the limits of that rate are here: :func:`tsc_hz_problem`.
+The crystal (APIC timer) stays 1 GHz on every backend; only the TSC/crystal ratio changes.
 
 The policy is a pure table: :func:`policy_leaves` maps (leaf, subleaf) to the four
 registers and every backend applies it on top of what its engine would answer (Unicorn
