@@ -164,6 +164,66 @@ def destination_uri(engine: str, transport: str, dst: VmProcess, listen_uri: str
         time.sleep(0.02)
 
 
+# -- memory ------------------------------------------------------------------------------------------
+RAM_MAPPING_MIN = 32 << 20     # smaller anonymous mappings are the VMM's own (heaps, buffers)
+RAM_MAPPING_SLACK = 16 << 20   # what a VMM may round its RAM mappings up by
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """A VMM process's memory as the benchmarks compare it: ``peak`` is VmHWM (the
+    process's peak resident set), ``guest`` the resident part of its guest-RAM mappings,
+    ``extra`` = peak - guest, what the VMM itself needed beyond the guest RAM touched."""
+
+    peak: int
+    guest: int
+
+    @property
+    def extra(self) -> int:
+        return max(self.peak - self.guest, 0)
+
+
+_MAPPING_RE = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
+def parse_memory(status: str, smaps: str, ram_bytes: int) -> MemoryFigures | None:
+    """Peak RSS and guest-RAM RSS from ``/proc/PID/status`` and ``/proc/PID/smaps`` text.
+
+    Guest RAM is every anonymous (no path), writable, non-executable private mapping of at
+    least RAM_MAPPING_MIN bytes: hv's regions and QEMU's RAM block alike. A VMM's own
+    buffers are smaller, glibc's reserved arena space is ``---p`` and QEMU's TCG code buffer
+    is executable, so neither is subtracted. None when those mappings do not add up to the
+    guest's RAM (within RAM_MAPPING_SLACK) or VmHWM is missing: then the figure would
+    not mean what its column says."""
+    hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    if hwm is None:
+        return None
+    ram_size = ram_rss = 0
+    current_is_ram = False
+    for line in smaps.splitlines():
+        if _MAPPING_RE.match(line):
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            path = fields[5].strip() if len(fields) > 5 else ""
+            current_is_ram = (end - start >= RAM_MAPPING_MIN and not path and fields[1].startswith("rw")
+                              and fields[1][2] != "x" and fields[1][3] == "p")
+            ram_size += (end - start) if current_is_ram else 0
+        elif current_is_ram and line.startswith("Rss:"):
+            ram_rss += int(line.split()[1]) * 1024
+    if not ram_bytes <= ram_size <= ram_bytes + RAM_MAPPING_SLACK:
+        return None
+    return MemoryFigures(peak=int(hwm.group(1)) * 1024, guest=ram_rss)
+
+
+def read_memory(pid: int, ram_bytes: int) -> MemoryFigures | None:
+    """:func:`parse_memory` of a live process (None if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as status, open(f"/proc/{pid}/smaps") as smaps:
+            return parse_memory(status.read(), smaps.read(), ram_bytes)
+    except OSError:
+        return None
+
+
 class VmProcess:
     """One hv or QEMU process: serial output and stderr in files, always reaped by close()."""
 

@@ -63,6 +63,7 @@ from hv.bench.common import (
     kvm_usable,
     parse_size,
     qemu_missing_line,
+    read_memory,
 )
 from hv.bench.migrate_table import (
     DOWNTIME_LIMIT_MS,
@@ -73,6 +74,7 @@ from hv.bench.migrate_table import (
     Sample,
     format_table,
 )
+from hv.bench.migrate_progress import LineClock, guest_progress
 from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
 from hv_fixtures import guest as fixture_guest
 
@@ -223,12 +225,13 @@ def _wait_completed(case: Case, source: Qmp, timeout: float) -> dict[str, Any]:
 
 
 def migrate_once(case: Case, settings: Settings) -> Sample:
-    """Start source and destination, wait for the guest's first pass, migrate, measure,
+    """Start source and destination, wait for the guest's first passes, migrate, measure,
     then check the destination carries on."""
     make_argv = _hv_argv if case.engine == "hv" else _qemu_argv
     with tempfile.TemporaryDirectory(prefix="hvb") as tmp:  # short: AF_UNIX paths are bounded
         workdir = Path(tmp)
         started: list[VmProcess] = []
+        clock = LineClock(workdir / "src.serial", workdir / "dst.serial")
         try:
             listen_uri = incoming_uri(case.transport, workdir)
             src = VmProcess("src", make_argv(case, settings, str(workdir / "src.qmp"), workdir / "src.serial", None),
@@ -237,27 +240,49 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             dst = VmProcess("dst", make_argv(case, settings, str(workdir / "dst.qmp"), workdir / "dst.serial",
                                              listen_uri), workdir, workdir / "dst.serial")
             started.append(dst)
+            clock.start()
             source = src.connect_qmp(str(workdir / "src.qmp"))
             destination = dst.connect_qmp(str(workdir / "dst.qmp"))
             _configure(case, source, destination, listen_uri)
+            # The dirty guest's steady pass time (before the window) is measured from lines
+            # the clock saw appear: wait for the third, the idle guest prints only one.
             src.wait_output("pass 1 ", settings.timeout)
+            if case.mode == "dirty":
+                _wait_lines(clock, src, 3, settings.timeout)
             uri = destination_uri(case.engine, case.transport, dst, listen_uri)
-            passes_before = len(pass_numbers(src.output()))
             migrate_at = time.time()          # wall clock, as the events' timestamps
             source.execute("migrate", uri=uri)
             info = _wait_completed(case, source, settings.timeout)
             stop = event_time(source.wait_event("STOP", 30))
             resume = event_time(destination.wait_event("RESUME", 30))
-            guest_passes = len(pass_numbers(src.output())) - passes_before if case.mode == "dirty" else None
             ram = info.get("ram", {})
+            src_memory = read_memory(src.proc.pid, case.size_mib * MIB)
+            broken = check_continuity(case, src, dst, settings.timeout)
+            guest_passes = None
+            if case.mode == "dirty":
+                clock.wait_destination(3, settings.timeout)
+                guest_passes = guest_progress(*clock.times, migrate_at, stop, resume)
+            dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
                           own_downtime_ms=float(info.get("downtime", 0)), guest_passes=guest_passes,
-                          window_s=stop - migrate_at,
-                          broken=check_continuity(case, src, dst, settings.timeout))
+                          window_s=stop - migrate_at, broken=broken,
+                          src_extra=None if src_memory is None else src_memory.extra,
+                          dst_extra=None if dst_memory is None else dst_memory.extra)
         finally:
+            clock.stop()
             for process in reversed(started):
                 process.close()
+
+
+def _wait_lines(clock: LineClock, src: VmProcess, lines: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(clock.times[0]) < lines:
+        src.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"src: fewer than {lines} pass lines after {timeout:.0f} s")
+        time.sleep(0.01)
+
 
 # -- raw loopback rate ------------------------------------------------------------------------------
 def _socket_pair(transport: str, workdir: Path) -> tuple[socket.socket, socket.socket]:

@@ -7,10 +7,16 @@ The figures (columns explained in :mod:`hv.bench.migrate` and the README):
   (the events' own timestamps, one host wall clock), the same method for hv and QEMU;
   ``own down`` is what each engine's ``query-migrate`` calls downtime (hv counts until
   the destination confirms, QEMU stops at its last byte: information only);
-* ``guest p/s``: the dirty guest's passes per second while it migrates (pass lines the
-  source printed between the ``migrate`` command and its STOP event, over that time,
-  pooled over the runs);
-* ``broken``: migrations whose destination did not carry on where the source stopped.
+* ``guest p/s``: the dirty guest's passes per second while it migrates (passes done
+  between the ``migrate`` command and the source's ``STOP`` event, to a fraction of a pass
+  from the pass lines' times: :mod:`hv.bench.migrate_progress`; over that time, pooled
+  over the runs);
+* ``broken``: migrations whose destination did not carry on where the source stopped;
+* ``src+ MiB``, ``dst+ MiB``: each process's peak RSS (VmHWM) minus the resident part of
+  its guest-RAM mappings (:func:`hv.bench.common.parse_memory`), read from ``/proc`` at
+  the end of the run (source once the migration completed, destination once it carried
+  on): what the VMM needed beyond the guest RAM the guest touched; ``mem/Q`` is hv's
+  sum of the two over QEMU's.
 """
 from __future__ import annotations
 
@@ -57,9 +63,12 @@ class Sample:
     transferred: int
     passes: int                   # ram.dirty-sync-count
     own_downtime_ms: float = 0.0  # the engine's own query-migrate "downtime"
-    guest_passes: int | None = None   # dirty guest: pass lines the source printed while migrating
+    # dirty guest: passes (fractional, hv.bench.migrate_progress) done between migrate and STOP
+    guest_passes: float | None = None
     window_s: float = 0.0         # from the migrate command to the source's STOP event
     broken: str = ""              # why the destination did not continue ("" = it did)
+    src_extra: int | None = None  # bytes: source's peak RSS beyond its resident guest RAM
+    dst_extra: int | None = None  # the same for the destination
 
     @property
     def guest_rate(self) -> float | None:
@@ -92,6 +101,19 @@ class Row:
     def broken(self) -> int:
         return sum(bool(s.broken) for s in self.samples)
 
+    def memory(self, attribute: str) -> float | None:
+        """Median of ``src_extra`` / ``dst_extra`` over the runs that could read it."""
+        values = [getattr(s, attribute) for s in self.samples if getattr(s, attribute) is not None]
+        return statistics.median(values) if values else None
+
+    def memory_total(self) -> float | None:
+        src, dst = self.memory("src_extra"), self.memory("dst_extra")
+        return None if src is None or dst is None else src + dst
+
+
+def _fmt_mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f}"
+
 
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
@@ -102,13 +124,15 @@ def _ratio(mine: float | None, reference: float | None) -> float | None:
 
 
 HEADER = ("engine", "accel", "size", "mode", "link", "total ms", "down ms", "own down", "sent MiB", "syncs",
-          "MiB/s", "% raw", "guest p/s", "total/Q", "down/Q", "guest/Q", "broken", "goals")
+          "MiB/s", "% raw", "guest p/s", "total/Q", "down/Q", "guest/Q", "src+ MiB", "dst+ MiB", "mem/Q", "broken",
+          "goals")
 
 
 def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float | None,
-            guest_ratio: float | None) -> str:
+            guest_ratio: float | None, memory_ratio: float | None = None) -> str:
     """The goals an hv row can meet: downtime <= 300 ms and <= QEMU's, total <= QEMU's,
-    guest progress >= 0.8 of QEMU's; a broken guest is always a miss."""
+    guest progress >= 0.8 of QEMU's, memory beyond guest RAM <= QEMU's; a broken guest is
+    always a miss."""
     missed = []
     if down > DOWNTIME_LIMIT_MS or (down_ratio or 0) > 1:
         missed.append("down")
@@ -116,6 +140,8 @@ def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float 
         missed.append("total")
     if guest_ratio is not None and guest_ratio < GUEST_PROGRESS_GOAL:
         missed.append("guest")
+    if (memory_ratio or 0) > 1:
+        missed.append("mem")
     if row.broken():
         missed.append("BROKEN")
     return ",".join(missed) + " missed" if missed else "ok"
@@ -132,13 +158,15 @@ def row_cells(row: Row, ref: Row | None, raw: dict[str, float]) -> tuple[str, ..
     total_ratio = _ratio(total, ref.median("total_ms")) if ref else None
     down_ratio = _ratio(down, ref.median("downtime_ms")) if ref else None
     guest_ratio = _ratio(guest, ref.guest_rate()) if ref else None
-    goals = verdict(row, down, total_ratio, down_ratio, guest_ratio) if c.engine == "hv" else ""
+    memory_ratio = _ratio(row.memory_total(), ref.memory_total()) if ref else None
+    goals = verdict(row, down, total_ratio, down_ratio, guest_ratio, memory_ratio) if c.engine == "hv" else ""
     partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
     return base + (f"{total:.0f}", f"{down:.0f}", f"{row.median('own_downtime_ms'):.0f}",
                    f"{row.median('transferred') / MIB:.1f}", f"{row.median('passes'):.0f}", f"{rate / MIB:.0f}",
                    "-" if fraction is None else f"{fraction * 100:.0f}%",
                    "-" if guest is None else f"{guest:.1f}",
                    _fmt_ratio(total_ratio), _fmt_ratio(down_ratio), _fmt_ratio(guest_ratio),
+                   _fmt_mib(row.memory("src_extra")), _fmt_mib(row.memory("dst_extra")), _fmt_ratio(memory_ratio),
                    f"{row.broken()}/{len(row.samples)}", goals + partial)
 
 
@@ -163,9 +191,10 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     out.append("medians; down ms = source STOP event -> destination RESUME event (both engines); own down = "
                "the engine's query-migrate downtime; MiB/s = transferred / total time; guest p/s = guest passes/s "
                "while migrating (all runs pooled);\n"
-               "x/Q = hv / QEMU (unicorn vs tcg, kvm vs kvm); broken = broken/completed")
+               "x/Q = hv / QEMU (unicorn vs tcg, kvm vs kvm); src+/dst+ MiB = peak RSS (VmHWM) beyond the resident "
+               "guest RAM, mem/Q = hv's src+dst over QEMU's; broken = broken/completed")
     out.append(f"goals (hv rows): down <= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU, guest/Q >= "
-               f"{GUEST_PROGRESS_GOAL}, no broken guest (% raw is information, not a goal)")
+               f"{GUEST_PROGRESS_GOAL}, mem/Q <= 1, no broken guest (% raw is information, not a goal)")
     return "\n".join(out)
 
 

@@ -30,14 +30,15 @@ def test_bench_migrate_prints_table(tmp_path: Path) -> None:
                         "QEMU rows skipped, hv rows only")
     assert lines[1].split() == ["engine", "accel", "size", "mode", "link", "total", "ms", "down", "ms", "own", "down",
                                 "sent", "MiB", "syncs", "MiB/s", "%", "raw", "guest", "p/s", "total/Q", "down/Q",
-                                "guest/Q", "broken", "goals"], proc.stdout
+                                "guest/Q", "src+", "MiB", "dst+", "MiB", "mem/Q", "broken", "goals"], proc.stdout
     cells = next(line for line in lines if line.startswith("hv ")).split()
     assert cells[:5] == ["hv", accel, "64M", "dirty", "unix"], cells
     total_ms, downtime_ms, sent_mib, syncs = float(cells[5]), float(cells[6]), float(cells[8]), int(cells[9])
     assert 0 < downtime_ms <= total_ms
     assert sent_mib >= 16 and syncs >= 1            # the 16 MiB buffer holds data
     assert float(cells[12]) >= 0                     # guest passes/s while migrating
-    assert cells[13:17] == ["-", "-", "-", "0/1"]    # no QEMU ratios; the destination carried on
+    assert cells[13:16] == ["-", "-", "-"] and cells[18:20] == ["-", "0/1"]  # no QEMU ratios; dst carried on
+    assert float(cells[16]) > 0 and float(cells[17]) > 0   # hv's peak RSS beyond guest RAM, src and dst
     assert not any(line.startswith("qemu ") for line in lines)
     assert "broken guests, hv: 0 of 1 migrations" in proc.stdout
     assert re.search(r"raw loopback .*unix \d+ MiB/s", proc.stdout)
@@ -68,7 +69,8 @@ def test_sizes_and_ratios() -> None:
     row = next(line for line in table.splitlines() if line.startswith("hv")).split()
     # medians 500 / 200 / 190 ms; 64 MiB in 0.5 s = 128 MiB/s = 13% of 1000; guest 3 passes
     # in 1.5 s = 2.0/s against QEMU KVM's (not TCG's) 20/s; one broken guest of three
-    assert row[5:17] == ["500", "200", "190", "64.0", "2", "128", "13%", "2.0", "2.00", "2.00", "0.10", "1/3"], row
+    assert row[5:20] == ["500", "200", "190", "64.0", "2", "128", "13%", "2.0", "2.00", "2.00", "0.10",
+                         "-", "-", "-", "1/3"], row   # no memory figures in these samples
     assert row[-2:] == ["down,total,guest,BROKEN", "missed"], row
     assert "broken guests, hv: 1 of 3 migrations" in table and "pass 3 found 1 bad words" in table
     # 13% of loopback is no verdict of its own: equal times with QEMU are "ok"

@@ -45,6 +45,7 @@ def test_migrate_pairs_unicorn_with_tcg_and_checks_both_destinations() -> None:
     hv = next(line for line in lines if line.startswith("hv ")).split()
     qemu = next(line for line in lines if line.startswith("qemu ")).split()
     assert qemu[:5] == ["qemu", "tcg", "64M", "dirty", "unix"], qemu
-    assert float(qemu[6]) > 0 and qemu[16] == "0/1", qemu      # STOP -> RESUME measured; guest carried on
+    assert float(qemu[6]) > 0 and qemu[19] == "0/1", qemu      # STOP -> RESUME measured; guest carried on
     assert all(float(cell) >= 0 for cell in hv[13:15]), hv     # total/Q, down/Q
+    assert float(qemu[16]) > 0 and float(hv[18]) > 0, hv       # QEMU's src+ MiB; hv's mem/Q
     assert "broken guests, qemu: 0 of 1 migrations" in lines

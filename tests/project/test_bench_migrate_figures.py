@@ -1,0 +1,111 @@
+"""The figures hv bench migrate derives for its guest-progress and memory columns, from
+known inputs (real files and a real thread for the line clock; no process, no timing)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hv.bench.common import MemoryFigures, parse_memory
+from hv.bench.migrate_progress import LineClock, guest_progress
+from hv.bench.migrate_table import MIB, Case, Row, Sample, format_table
+
+# -- guest progress -----------------------------------------------------------------------------
+
+
+def test_progress_counts_fractions_at_both_ends() -> None:
+    """Steady 20 ms passes before, migrate 5 ms after a line (1/4 done before the window),
+    two lines inside, STOP, and the destination needed 10 ms of its 20 ms pass to finish
+    the one in progress (half of it was done on the source): 2 - 0.25 + 0.5."""
+    source = [0.00, 0.02, 0.04, 0.10, 0.30]
+    destination = [1.010, 1.030, 1.050]
+    assert guest_progress(source, destination, migrate_at=0.045, stop=0.5, resume=1.0) == pytest.approx(2.25)
+
+
+def test_progress_of_a_stalled_source_is_what_the_destination_did_not_need_to_do() -> None:
+    """No line inside the window and the destination finished the pass in a full pass
+    time: the source made no progress at all (whole-line counting said 1 pass here
+    when a line happened to fall just after migrate)."""
+    source = [0.00, 0.02, 0.04]
+    destination = [1.020, 1.040, 1.060]
+    assert guest_progress(source, destination, migrate_at=0.04, stop=0.2, resume=1.0) == 0.0
+
+
+def test_progress_never_negative_and_needs_steady_rates() -> None:
+    source = [0.00, 0.02, 0.04]
+    assert guest_progress(source, [1.05, 1.07], migrate_at=0.059, stop=0.06, resume=1.0) == 0.0
+    assert guest_progress([0.04], [1.0, 1.02], migrate_at=0.05, stop=0.2, resume=0.9) is None
+    assert guest_progress(source, [1.02], migrate_at=0.05, stop=0.2, resume=0.9) is None
+
+
+def test_line_clock_stamps_each_pass_line_once_even_when_written_in_pieces(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.serial", tmp_path / "dst.serial"
+    src.write_bytes(b"dirty: mib=4 iterations=0\npass 1 sum 0000000000000001 bad 0\npa")
+    clock = LineClock(src, dst)
+    clock.start()
+    try:
+        _wait(lambda: len(clock.times[0]) == 1)
+        with open(src, "ab") as file:
+            file.write(b"ss 2 sum 0000000000000002 bad 0\n")   # completes the split line
+        _wait(lambda: len(clock.times[0]) == 2)
+        with open(src, "ab") as file:
+            file.write(b"pass 3 sum 0000000000000003 b")
+        dst.write_bytes(b"ad 0\npass 4 sum 0000000000000004 bad 0\nnot a pass 5 line\n")
+        _wait(lambda: len(clock.times[0]) == 3 and len(clock.times[1]) == 1)
+        clock.wait_destination(1, 5.0)
+    finally:
+        clock.stop()
+    assert len(clock.times[0]) == 3 and len(clock.times[1]) == 1
+    assert clock.times[0] == sorted(clock.times[0])
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the line clock never saw the line"
+        time.sleep(0.005)
+
+
+# -- memory -------------------------------------------------------------------------------------
+STATUS = "Name:\thv\nVmPeak:\t 900000 kB\nVmHWM:\t  102400 kB\nVmRSS:\t   90000 kB\n"
+
+
+def _with_rss(start: int, size: int, perms: str, path: str, rss_kib: int) -> str:
+    head = f"{start:012x}-{start + size:012x} {perms} 00000000 00:00 0 {path}".rstrip()
+    return f"{head}\nSize: {size // 1024} kB\nRss: {rss_kib} kB\n"
+
+
+def test_memory_subtracts_only_the_guest_ram_mappings() -> None:
+    """256 MiB of guest RAM with 64 MiB resident; a 64 MiB reserved arena (---p), a 1 GiB
+    executable code buffer (QEMU TCG), a file mapping and a small heap stay the VMM's."""
+    smaps = "".join([
+        _with_rss(0x7f0000000000, 256 * MIB, "rw-p", "", 64 * 1024),
+        _with_rss(0x7f1000000000, 64 * MIB, "---p", "", 0),
+        _with_rss(0x7f2000000000, 1024 * MIB, "rwxp", "", 8 * 1024),
+        _with_rss(0x7f3000000000, 40 * MIB, "r--p", "/usr/lib/libpython3.so", 6 * 1024),
+        _with_rss(0x7f4000000000, 2 * MIB, "rw-p", "[heap]", 2 * 1024),
+    ])
+    figures = parse_memory(STATUS, smaps, 256 * MIB)
+    assert figures == MemoryFigures(peak=100 * MIB, guest=64 * MIB)
+    assert figures.extra == 36 * MIB
+
+
+def test_memory_is_unknown_when_the_ram_mappings_do_not_add_up() -> None:
+    smaps = _with_rss(0x7f0000000000, 128 * MIB, "rw-p", "", 1024)
+    assert parse_memory(STATUS, smaps, 256 * MIB) is None        # RAM not found whole
+    two = smaps + _with_rss(0x7f1000000000, 256 * MIB, "rw-p", "", 1024)
+    assert parse_memory(STATUS, two, 256 * MIB) is None           # more than RAM: unclear
+    assert parse_memory("Name:\thv\n", _with_rss(0x7f0000000000, 256 * MIB, "rw-p", "", 0), 256 * MIB) is None
+
+
+def test_table_prints_memory_columns_and_judges_them() -> None:
+    case = Case("hv", "kvm", 256, "dirty", "unix")
+    hv = Row(case, [Sample(100, 10, 70 * MIB, 1, guest_passes=1.0, window_s=0.1,
+                           src_extra=40 * MIB, dst_extra=30 * MIB)])
+    qemu = Row(case.reference(), [Sample(200, 10, 90 * MIB, 3, guest_passes=2.0, window_s=0.2,
+                                         src_extra=35 * MIB, dst_extra=30 * MIB)])
+    table = format_table([hv, qemu], {"unix": 1000 * MIB})
+    cells = table.splitlines()[2].split()
+    assert cells[16:19] == ["40.0", "30.0", "1.08"], table
+    assert table.splitlines()[2].endswith("0/1  mem missed"), table   # the only goal missed
