@@ -38,14 +38,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +72,13 @@ from hv.bench.migrate_table import (
     format_table,
 )
 from hv.bench.migrate_progress import LineClock, guest_progress
+from hv.bench.stream import raw_loopback_rate
 from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
 
 DEFAULT_KERNEL = fixture_guest("x86_64", "dirty")
-CHUNK = MIB                       # raw loopback loop: 1 MiB sendall / recv_into
 TLS_ID = "tls0"
 TLS_HOSTNAME = "localhost"        # in the throwaway server certificate's subjectAltName
 QEMU_UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU has no "0 = unlimited"
@@ -285,51 +282,14 @@ def _wait_lines(clock: LineClock, src: VmProcess, lines: int, timeout: float) ->
 
 
 # -- raw loopback rate ------------------------------------------------------------------------------
-def _socket_pair(transport: str, workdir: Path) -> tuple[socket.socket, socket.socket]:
-    if transport == "tcp":
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        address: Any = ("127.0.0.1", 0)
-    else:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = str(workdir / "raw.sock")
-    with listener:
-        listener.bind(address)
-        listener.listen(1)
-        client = socket.socket(listener.family, socket.SOCK_STREAM)
-        client.connect(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
-
-
 def loopback_rate(transport: str, total_mib: int) -> float:
-    """Bytes/s of a 1 MiB sendall / recv_into loop over a fresh connection (two threads)."""
-    total = total_mib * MIB
-    with tempfile.TemporaryDirectory(prefix="hvb") as tmp:
-        sender, receiver = _socket_pair(transport, Path(tmp))
-        failure: list[str] = []
-
-        def receive() -> None:
-            buf = memoryview(bytearray(CHUNK))
-            got = 0
-            while got < total:
-                n = receiver.recv_into(buf[:min(CHUNK, total - got)])
-                if not n:
-                    failure.append("early EOF")
-                    return
-                got += n
-
-        with sender, receiver:
-            thread = threading.Thread(target=receive, name="raw-recv")
-            payload = memoryview(os.urandom(CHUNK))
-            started = time.monotonic()
-            thread.start()
-            for _ in range(total_mib):
-                sender.sendall(payload)
-            thread.join()
-            elapsed = time.monotonic() - started
-    if failure:
-        raise BenchError(f"raw {transport} loop: {failure[0]}")
-    return total / elapsed
+    """Bytes/s of a plain sender -> receiver copy over a fresh connection, from RAM-sized
+    memory into pre-faulted RAM-sized memory (:func:`hv.bench.stream.raw_loopback_rate`):
+    what a migration stream between two guests' RAM is compared with."""
+    try:
+        return raw_loopback_rate(transport, total_mib)
+    except (OSError, RuntimeError) as exc:
+        raise BenchError(str(exc)) from exc
 
 
 # -- the whole benchmark ------------------------------------------------------------------------------
