@@ -62,6 +62,7 @@ from hv.bench.common import (
     qemu_missing_line,
     read_memory,
 )
+from hv.bench.migrate_progress import LineClock, guest_lost, guest_progress
 from hv.bench.migrate_table import (
     DOWNTIME_LIMIT_MS,
     MIB,
@@ -71,7 +72,6 @@ from hv.bench.migrate_table import (
     Sample,
     format_table,
 )
-from hv.bench.migrate_progress import LineClock, guest_progress
 from hv.bench.stream import raw_loopback_rate
 from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
 from hv_fixtures import guest as fixture_guest
@@ -255,15 +255,16 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             ram = info.get("ram", {})
             src_memory = read_memory(src.proc.pid, case.size_mib * MIB)
             broken = check_continuity(case, src, dst, settings.timeout)
-            guest_passes = None
+            guest_passes = lost = None
             if case.mode == "dirty":
                 clock.wait_destination(3, settings.timeout)
                 guest_passes = guest_progress(*clock.times, migrate_at, stop, resume)
+                lost = guest_lost(clock.times[0], migrate_at, stop, guest_passes)
             dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
                           own_downtime_ms=float(info.get("downtime", 0)), guest_passes=guest_passes,
-                          window_s=stop - migrate_at, broken=broken,
+                          window_s=stop - migrate_at, broken=broken, guest_lost_s=lost,
                           src_extra=None if src_memory is None else src_memory.extra,
                           dst_extra=None if dst_memory is None else dst_memory.extra)
         finally:

@@ -56,6 +56,18 @@ def guest_progress(source: list[float], destination: list[float], migrate_at: fl
     return max(0.0, completed - done_before + (1.0 - left_after))
 
 
+def guest_lost(source: list[float], migrate_at: float, stop: float, progress: float | None) -> float | None:
+    """Seconds of the window ``migrate_at`` .. ``stop`` the guest did not turn into work:
+    the window minus the time its ``progress`` takes at the guest's own steady pass rate
+    before the migration. Unlike passes per second this does not depend on how long the
+    migration lasted, so it compares a 0.1 s migration with a 1 s one fairly: what the
+    migration cost the guest while it ran (the pause is the downtime column)."""
+    steady = _median_gap([t for t in source if t <= migrate_at])
+    if steady is None or progress is None:
+        return None
+    return max(0.0, (stop - migrate_at) - progress * steady)
+
+
 class LineClock:
     """Stamps (wall clock, as QMP event timestamps) the pass lines of two serial files as
     they appear, in a thread, until :meth:`stop`. Only new bytes are read at each poll."""

@@ -67,6 +67,7 @@ class Sample:
     guest_passes: float | None = None
     window_s: float = 0.0         # from the migrate command to the source's STOP event
     broken: str = ""              # why the destination did not continue ("" = it did)
+    guest_lost_s: float | None = None  # window minus the work done at the guest's steady rate
     src_extra: int | None = None  # bytes: source's peak RSS beyond its resident guest RAM
     dst_extra: int | None = None  # the same for the destination
 
@@ -102,7 +103,8 @@ class Row:
         return sum(bool(s.broken) for s in self.samples)
 
     def memory(self, attribute: str) -> float | None:
-        """Median of ``src_extra`` / ``dst_extra`` over the runs that could read it."""
+        """Median of ``src_extra`` / ``dst_extra`` (or another optional figure) over the
+        runs that could measure it."""
         values = [getattr(s, attribute) for s in self.samples if getattr(s, attribute) is not None]
         return statistics.median(values) if values else None
 
@@ -185,6 +187,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
         out.append("  ".join(cells).rstrip())
     out.insert(1, "-" * len(out[0]))
     out.extend(tls_lines(rows))
+    out.extend(lost_lines(rows, measured))
     out.extend(broken_lines(rows))
     raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
     out.append(f"raw loopback (RAM -> pre-faulted RAM, 1 MiB sendall/recv_into, median of one per repetition): "
@@ -210,6 +213,22 @@ def tls_lines(rows: list[Row]) -> list[str]:
             tls_rate, plain_rate = row.median("throughput"), twin.median("throughput")
             lines.append(f"tls/plain {twin.case.label()}: {tls_rate / MIB:.0f} vs {plain_rate / MIB:.0f} MiB/s "
                          f"({tls_rate / plain_rate:.2f})")
+    return lines
+
+
+def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
+    """Per hv dirty row with a QEMU twin: the guest time each engine's migration cost the
+    guest while it ran (window minus work done at the guest's own steady rate, median):
+    information beside guest/Q, which favours the engine whose migration lasts longer
+    once the guest has got over the dirty log's write faults."""
+    lines = []
+    for row in rows:
+        reference = measured.get(row.case.reference()) if row.case.engine == "hv" else None
+        mine = row.memory("guest_lost_s") if row.samples else None
+        theirs = reference.memory("guest_lost_s") if reference is not None else None
+        if mine is not None and theirs is not None:
+            lines.append(f"guest time lost while migrating, {row.case.label()}: hv {mine * 1000:.0f} ms, "
+                         f"QEMU {theirs * 1000:.0f} ms ({_fmt_ratio(_ratio(mine, theirs))})")
     return lines
 
 

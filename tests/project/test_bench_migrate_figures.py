@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hv.bench.common import MemoryFigures, parse_memory
-from hv.bench.migrate_progress import LineClock, guest_progress
+from hv.bench.migrate_progress import LineClock, guest_lost, guest_progress
 from hv.bench.migrate_table import MIB, Case, Row, Sample, format_table
 
 # -- guest progress -----------------------------------------------------------------------------
@@ -109,3 +109,20 @@ def test_table_prints_memory_columns_and_judges_them() -> None:
     cells = table.splitlines()[2].split()
     assert cells[16:19] == ["40.0", "30.0", "1.08"], table
     assert table.splitlines()[2].endswith("0/1  mem missed"), table   # the only goal missed
+
+
+def test_lost_time_is_the_window_minus_the_work_at_the_steady_rate() -> None:
+    source = [0.00, 0.02, 0.04, 0.10, 0.30]
+    assert guest_lost(source, 0.045, 0.5, 2.25) == pytest.approx(0.455 - 2.25 * 0.02)
+    assert guest_lost(source, 0.045, 0.05, 2.0) == 0.0          # never negative
+    assert guest_lost([0.0], 0.045, 0.5, 1.0) is None            # no steady rate
+    assert guest_lost(source, 0.045, 0.5, None) is None
+
+
+def test_lost_lines_pair_hv_with_its_qemu_twin() -> None:
+    case = Case("hv", "kvm", 256, "dirty", "tcp")
+    hv = Row(case, [Sample(100, 10, MIB, 1, guest_lost_s=0.12), Sample(100, 10, MIB, 1, guest_lost_s=0.16)])
+    qemu = Row(case.reference(), [Sample(900, 10, MIB, 4, guest_lost_s=0.7)])
+    table = format_table([hv, qemu], {})
+    assert "guest time lost while migrating, hv kvm 256M dirty tcp: hv 140 ms, QEMU 700 ms (0.20)" in table
+    assert "guest time lost" not in format_table([hv], {})
