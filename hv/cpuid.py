@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from fractions import Fraction
 
 from hv.devices.lapic import APIC_BUS_NS
 
@@ -90,13 +91,51 @@ def mhz_text(tsc_hz: int) -> str:
     return f"{tsc_hz / 1e6:.3f} MHz"
 
 
+# Linux (native_calibrate_tsc) computes the TSC kHz from leaf 0x15 in 32-bit unsigned
+# arithmetic: crystal_khz * EBX / EAX. With the 1 GHz crystal (crystal_khz = 10^6) EBX
+# must stay at or below this, or the product wraps: 2596.140 MHz written as the exact
+# 129807/50000 made Linux detect a "19.159 MHz processor" and run its clock 135x fast.
+_MAX_NUMERATOR = 0xFFFF_FFFF // (CRYSTAL_HZ // 1000)
+
+
+def _simplest_between(low: Fraction, high: Fraction) -> Fraction:
+    """The fraction with the smallest denominator (and numerator) in [low, high], 0 < low <= high
+    (the Stern-Brocot descent: a few steps of a continued fraction)."""
+    whole = math.floor(low)
+    if whole == low:
+        return Fraction(whole)
+    if whole + 1 <= high:
+        return Fraction(whole + 1)
+    return whole + 1 / _simplest_between(1 / (high - whole), 1 / (low - whole))
+
+
+@functools.cache
+def tsc_ratio(tsc_hz: int) -> tuple[int, int]:
+    """(EAX, EBX) of leaf 0x15 for a ``tsc_hz`` TSC over the 1 GHz crystal, such that
+    Linux's 32-bit ``crystal_khz * EBX / EAX`` gives exactly ``tsc_hz`` in kHz: the
+    simplest ratio in [kHz, kHz + 1) / crystal kHz. Where no such ratio has a small enough
+    EBX (some rates above about 4 GHz), the closest one that has."""
+    crystal_khz, khz = CRYSTAL_HZ // 1000, tsc_hz // 1000
+    ratio = _simplest_between(Fraction(khz, crystal_khz), Fraction(khz + 1, crystal_khz) - Fraction(1, 10 ** 30))
+    if ratio.numerator > _MAX_NUMERATOR:
+        inverse = Fraction(crystal_khz, khz).limit_denominator(_MAX_NUMERATOR)
+        ratio = 1 / inverse
+    return ratio.denominator, ratio.numerator
+
+
+def leaf_tsc_khz(eax: int, ebx: int, ecx: int) -> int:
+    """The TSC kHz a guest reads from leaf 0x15, computed as Linux does (truncated to 32 bits)."""
+    return ((ecx // 1000) * ebx & 0xFFFF_FFFF) // eax if eax and ebx else 0
+
+
 def tsc_leaf(tsc_hz: int = TSC_HZ) -> Regs:
-    """Leaf 0x15: EAX = denominator, EBX = numerator (TSC = crystal * EBX / EAX), ECX = crystal Hz."""
+    """Leaf 0x15: EAX = denominator, EBX = numerator (TSC = crystal * EBX / EAX, see
+    :func:`tsc_ratio`: within 1 kHz of ``tsc_hz``), ECX = crystal Hz."""
     problem = tsc_hz_problem(tsc_hz)
     if problem is not None:
         raise ValueError(f"TSC frequency: {problem}")
-    g = math.gcd(tsc_hz, CRYSTAL_HZ)
-    return CRYSTAL_HZ // g, tsc_hz // g, CRYSTAL_HZ, 0
+    eax, ebx = tsc_ratio(tsc_hz)
+    return eax, ebx, CRYSTAL_HZ, 0
 
 
 def frequency_leaf(tsc_hz: int = TSC_HZ) -> Regs:

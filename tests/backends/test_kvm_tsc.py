@@ -66,10 +66,11 @@ class StampingIo:
 
 
 def declared_hz(table: list[tuple[int, int, int, int, int, int, int]]) -> tuple[int, int]:
-    """(TSC Hz from leaf 0x15, base MHz from leaf 0x16) of a CPUID table."""
+    """(TSC Hz from leaf 0x15 as Linux computes it, in whole kHz: hv.cpuid.leaf_tsc_khz;
+    base MHz from leaf 0x16) of a CPUID table."""
     regs = {f: (a, b, c, d) for f, _i, _fl, a, b, c, d in table}
     eax, ebx, ecx, _ = regs[0x15]
-    return ecx * ebx // eax, regs[0x16][0]
+    return cpuid.leaf_tsc_khz(eax, ebx, ecx) * 1000, regs[0x16][0]
 
 
 @requires_kvm

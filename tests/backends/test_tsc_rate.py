@@ -9,6 +9,8 @@ any other needs TSC control, and without it (kvm_pvm) is refused with nothing ch
 """
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from hv import cpuid
@@ -19,7 +21,6 @@ from hv_backends.base import BackendError
 from hv_backends.unicorn_x86_delivery import NativeX86
 from tests.backends.kvm_x86_guest import RAM_SIZE
 from tests.backends.test_cpuid import open_vm
-from tests.backends.test_kvm_tsc import declared_hz
 from tests.helpers import FIXTURES, machine_in_process, requires_kvm, wait_console_lines
 
 ODD_HZ = 1_234_567_000
@@ -31,6 +32,11 @@ def paused_tscs(machine: Machine) -> tuple[list[int], int]:
     return [cpu.tsc for cpu in cpus], machine.interrupts.clock.now()
 
 
+def leaf(vcpu: Any) -> tuple[int, int, int, int]:
+    """CPUID 0x15 as KVM holds it for a KVM vCPU (KVM_GET_CPUID2)."""
+    return next((a, b, c, d) for f, _i, _fl, a, b, c, d in vcpu.cpuid_table() if f == 0x15)
+
+
 def scale(ns: int, hz: int) -> int:
     return (ns * NativeX86.mult_for(hz)) >> 32
 
@@ -40,6 +46,28 @@ def test_mult_is_exact_at_1_ghz_and_close_elsewhere() -> None:
     for hz in (cpuid.TSC_HZ_MIN, ODD_HZ, 2_596_140_000, cpuid.TSC_HZ_MAX):
         ten_s = scale(10 * 10**9, hz)
         assert abs(ten_s - 10 * hz) <= 10, (hz, ten_s)     # < 1 ppb after 10 s
+
+
+@pytest.mark.parametrize("hz", [cpuid.TSC_HZ, 2_596_140_000, ODD_HZ, 2_095_077_000, 3_192_610_000,
+                                cpuid.TSC_HZ_MIN, 4_294_000_000])
+def test_leaf_0x15_survives_linux_32_bit_arithmetic(hz: int) -> None:
+    """Linux computes crystal_khz * EBX / EAX in 32 bits: the exact ratio of 2596.140 MHz
+    over the 1 GHz crystal (129807/50000) wrapped to a "19.159 MHz processor" and a Linux
+    clock running 135x fast. hv declares a ratio with a small EBX that gives the rate to
+    the kHz."""
+    eax, ebx, ecx, _ = cpuid.tsc_leaf(hz)
+    assert ecx == cpuid.CRYSTAL_HZ and (ecx // 1000) * ebx < 1 << 32
+    assert cpuid.leaf_tsc_khz(eax, ebx, ecx) == hz // 1000
+    assert cpuid.leaf_tsc_khz(50000, 129807, ecx) == 19159        # the wrapped exact ratio
+
+
+def test_leaf_0x15_is_close_for_every_rate() -> None:
+    """Some rates have no small-EBX ratio that is exact to the kHz (near simple fractions
+    of the crystal, and above ~4 GHz): the closest one is within 120 ppm."""
+    for khz in range(cpuid.TSC_HZ_MIN // 1000, cpuid.TSC_HZ_MAX // 1000, 9_973):
+        eax, ebx, ecx, _ = cpuid.tsc_leaf(khz * 1000)
+        assert (ecx // 1000) * ebx < 1 << 32
+        assert abs(cpuid.leaf_tsc_khz(eax, ebx, ecx) - khz) <= max(1, khz * 120 // 1_000_000), khz
 
 
 def test_unicorn_rate_change_keeps_every_tsc_and_their_difference() -> None:
@@ -101,20 +129,20 @@ def test_kvm_adopts_a_rate_within_tolerance_and_refuses_others() -> None:
         near = (khz + khz // 5000) * 1000         # +200 ppm, whole kHz
         vm.set_tsc_hz(near)
         assert vm.tsc_hz == near
-        assert all(declared_hz(v.cpuid_table())[0] == near for v in vcpus)  # type: ignore[attr-defined]
+        assert all(leaf(v) == cpuid.tsc_leaf(near) for v in vcpus)
         far = (khz + khz // 2000) * 1000          # +500 ppm
         if not vm._tsc.scalable:  # type: ignore[attr-defined]
             with pytest.raises(BackendError, match="no KVM_CAP_TSC_CONTROL") as caught:
                 vm.set_tsc_hz(far)
             assert cpuid.mhz_text(far) in str(caught.value)
             assert vm.tsc_hz == near
-            assert all(declared_hz(v.cpuid_table())[0] == near for v in vcpus)  # type: ignore[attr-defined]
+            assert all(leaf(v) == cpuid.tsc_leaf(near) for v in vcpus)
         else:
             vm.set_tsc_hz(ODD_HZ)
             for v in vcpus:
                 got = abi.libc.ioctl(v._fd, abi.KVM_GET_TSC_KHZ, abi.ffi.cast("unsigned long", 0))  # type: ignore[attr-defined]
                 assert got == ODD_HZ // 1000
-                assert declared_hz(v.cpuid_table())[0] == ODD_HZ  # type: ignore[attr-defined]
+                assert leaf(v) == cpuid.tsc_leaf(ODD_HZ)
     finally:
         vm.close()
         memory.close()
