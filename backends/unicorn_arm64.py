@@ -461,7 +461,14 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
 
     # -- run -----------------------------------------------------------------------
     def _read_pc(self) -> int:
-        return int(self.uc.reg_read(self._a.UC_ARM64_REG_PC))
+        # native (hv_a64_pc): the binding's reg_read costs microseconds per emu_start
+        return int(self.native.lib.hv_a64_pc(self._uc_ptr(), self.a64))
+
+    def _uc_ptr(self) -> Any:
+        """The engine handle as the native helpers take it."""
+        uch = self.uc._uch
+        assert uch is not None   # None only after a failed uc_open, which raised
+        return self.native.ffi.cast("void *", uch.value)
 
     def _undefined_instruction(self, pc: int) -> Arm64Event:
         return Arm64Event(EXCP_UDEF, pc)
@@ -567,14 +574,16 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         ELR_EL1 = ``return_pc``, SPSR_EL1 = PSTATE, ESR_EL1 (and FAR_EL1) for synchronous
         exceptions, PSTATE = EL1h with DAIF masked, PC = VBAR_EL1 + offset + 0x80 * kind
         (offset 0x000 from EL1t, 0x200 from EL1h, 0x400 from EL0)."""
-        uch = self.uc._uch
-        assert uch is not None   # None only after a failed uc_open, which raised
-        rc = self.native.lib.hv_a64_enter(self.native.ffi.cast("void *", uch.value), self.a64,
+        rc = self.native.lib.hv_a64_enter(self._uc_ptr(), self.a64,
                                           esr & ((1 << 64) - 1), return_pc & ((1 << 64) - 1),
                                           far is not None, (far or 0) & ((1 << 64) - 1), kind)
         if rc != 0:
-            el = (int(self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)) >> 2) & 3
-            raise BackendError(f"exception taken from EL{el}: hv runs guests at EL1/EL0 only")
+            raise self._above_el1()
+
+    def _above_el1(self) -> BackendError:
+        """The error for an exception hv cannot enter: the vCPU is at EL2/EL3."""
+        el = (int(self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)) >> 2) & 3
+        return BackendError(f"exception taken from EL{el}: hv runs guests at EL1/EL0 only")
 
     def inject_irq(self) -> bool:
         """Take an IRQ exception now if PSTATE.I allows; False otherwise (vCPU stopped)."""
@@ -584,7 +593,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     def interrupts_enabled(self) -> bool:
         """PSTATE.I clear (one register read)."""
         with self._engine_lock:
-            return not self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE) & PSTATE_I
+            return not self.native.lib.hv_a64_irqs_masked(self._uc_ptr(), self.a64)
 
     @property
     def ready_for_interrupt(self) -> bool:
@@ -592,10 +601,12 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         return self.interrupts_enabled()
 
     def _inject_irq_locked(self) -> bool:
-        pstate = self.uc.reg_read(self._a.UC_ARM64_REG_PSTATE)
-        if pstate & PSTATE_I:
+        # PSTATE.I check and IRQ entry in one native call (hv_a64_inject_irq)
+        rc = self.native.lib.hv_a64_inject_irq(self._uc_ptr(), self.a64)
+        if rc == 0:
             return False
-        self.enter_exception(0, self.uc.reg_read(self._a.UC_ARM64_REG_PC), kind=1)
+        if rc < 0:
+            raise self._above_el1()
         self._halted = False
         return True
 

@@ -38,6 +38,9 @@ int hv_a64_regids(int32_t *out, int n);
 uint32_t hv_a64_sys_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
 void hv_a64_set_in_engine(struct hv_vcpu *c, int32_t on);
 int32_t hv_a64_take_tb_flush(struct hv_a64 *a);
+uint64_t hv_a64_pc(void *uc, struct hv_a64 *a);
+int hv_a64_irqs_masked(void *uc, struct hv_a64 *a);
+int hv_a64_inject_irq(void *uc, struct hv_a64 *a);
 extern "Python" uint32_t hv_a64_py_sysreg(void *, int, int, const struct uc_arm64_cp_reg_s *);
 extern "Python" void hv_a64_py_intr(void *, uint32_t);
 CDEF-END */
@@ -253,6 +256,30 @@ static uint32_t a64_insn_at(void *uc, struct hv_a64 *a, uint64_t va)
         }
     }
     return 0;
+}
+
+/* The vCPU's PC, for the backend's run loop (one C call instead of the binding's
+ * reg_read, which costs several microseconds of Python per emu_start). */
+uint64_t hv_a64_pc(void *uc, struct hv_a64 *a)
+{
+    return a64_rd(uc, a, UCA_PC);
+}
+
+#define A64_PSTATE_I (1u << 7)
+
+/* PSTATE.I: 1 when the guest masks IRQs. */
+int hv_a64_irqs_masked(void *uc, struct hv_a64 *a)
+{
+    return (a64_rd(uc, a, UCA_PSTATE) & A64_PSTATE_I) != 0;
+}
+
+/* Take an IRQ exception at the current PC if PSTATE.I allows: 1 taken, 0 masked (nothing
+ * changed), -1 the vCPU is at EL2/EL3 (nothing changed). Python's inject_irq in one call. */
+int hv_a64_inject_irq(void *uc, struct hv_a64 *a)
+{
+    if (hv_a64_irqs_masked(uc, a))
+        return 0;
+    return hv_a64_enter(uc, a, 0, a64_rd(uc, a, UCA_PC), 0, 0, 1) == 0 ? 1 : -1;
 }
 
 /* UC_HOOK_INTR: deliver what the architecture defines without hv's help; the rest goes to
