@@ -13,7 +13,8 @@ loop needs a working timer tick to calibrate). hv's clocks are fixed, so this is
 
 Leaf 0x15 therefore declares a 1 GHz "core crystal" (the APIC timer's clock, as on
 hardware where the crystal drives the APIC timer) and a TSC/crystal ratio of
-``tsc_hz / 1 GHz`` (1/1 at 1 GHz).
+``tsc_hz / 1 GHz`` (1/1 at 1 GHz), written so that Linux's 32-bit arithmetic reads the
+rate to the kHz (:func:`tsc_ratio`).
 
 On KVM the guest's TSC is the hardware's: it runs at the host's rate unless KVM scales it
 (``KVM_SET_TSC_KHZ``, only with ``KVM_CAP_TSC_CONTROL``). The KVM backend asks for hv's
