@@ -62,7 +62,7 @@ from hv.bench.common import (
     qemu_missing_line,
     read_memory,
 )
-from hv.bench.migrate_progress import LineClock, guest_lost, guest_progress
+from hv.bench.migrate_progress import LineClock, guest_curve, guest_lost
 from hv.bench.migrate_table import (
     DOWNTIME_LIMIT_MS,
     MIB,
@@ -255,16 +255,18 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             ram = info.get("ram", {})
             src_memory = read_memory(src.proc.pid, case.size_mib * MIB)
             broken = check_continuity(case, src, dst, settings.timeout)
-            guest_passes = lost = None
+            curve = guest_passes = lost = None
             if case.mode == "dirty":
                 clock.wait_destination(3, settings.timeout)
-                guest_passes = guest_progress(*clock.times, migrate_at, stop, resume)
+                curve = guest_curve(*clock.times, migrate_at, stop, resume)
+                guest_passes = None if curve is None else curve[-1][1]
                 lost = guest_lost(clock.times[0], migrate_at, stop, guest_passes)
             dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
                           own_downtime_ms=float(info.get("downtime", 0)), guest_passes=guest_passes,
                           window_s=stop - migrate_at, broken=broken, guest_lost_s=lost,
+                          guest_curve=None if curve is None else tuple(curve),
                           src_extra=None if src_memory is None else src_memory.extra,
                           dst_extra=None if dst_memory is None else dst_memory.extra)
         finally:

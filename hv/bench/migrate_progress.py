@@ -37,9 +37,12 @@ def _median_gap(times: list[float]) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-def guest_progress(source: list[float], destination: list[float], migrate_at: float, stop: float,
-                   resume: float) -> float | None:
-    """Passes (fractional) the guest completed between ``migrate_at`` and ``stop``.
+def guest_curve(source: list[float], destination: list[float], migrate_at: float, stop: float,
+                resume: float) -> list[tuple[float, float]] | None:
+    """The guest's cumulative progress through the window: (seconds since ``migrate_at``,
+    passes done since then) at the window's start, at each source pass line in it and at
+    ``stop``; linear in between (within a pass the guest runs at about one speed: its
+    full speed, or the speed at which it gets through write faults).
 
     ``source`` / ``destination``: the times at which each pass line appeared on that
     console, in order. None when there is too little to measure with: fewer than two
@@ -51,9 +54,32 @@ def guest_progress(source: list[float], destination: list[float], migrate_at: fl
     if source_pass is None or destination_pass is None or stop < migrate_at:
         return None
     done_before = min(1.0, (migrate_at - before[-1]) / source_pass)
-    completed = sum(1 for t in source if migrate_at < t <= stop)
+    inside = [t for t in source if migrate_at < t <= stop]
+    curve = [(0.0, 0.0)] + [(t - migrate_at, n + 1 - done_before) for n, t in enumerate(inside)]
     left_after = min(1.0, max(0.0, destination[0] - resume) / destination_pass)
-    return max(0.0, completed - done_before + (1.0 - left_after))
+    curve.append((stop - migrate_at, max(0.0, len(inside) - done_before + (1.0 - left_after))))
+    return curve
+
+
+def guest_progress(source: list[float], destination: list[float], migrate_at: float, stop: float,
+                   resume: float) -> float | None:
+    """Passes (fractional) the guest completed between ``migrate_at`` and ``stop`` (the
+    end of :func:`guest_curve`)."""
+    curve = guest_curve(source, destination, migrate_at, stop, resume)
+    return None if curve is None else curve[-1][1]
+
+
+def progress_at(curve: list[tuple[float, float]], elapsed: float) -> float:
+    """Passes done in the first ``elapsed`` seconds of the window (linear between the
+    curve's points; the whole window's progress beyond its end)."""
+    previous = curve[0]
+    for point in curve[1:]:
+        if elapsed <= point[0]:
+            span = point[0] - previous[0]
+            share = (elapsed - previous[0]) / span if span > 0 else 1.0
+            return previous[1] + max(0.0, share) * (point[1] - previous[1])
+        previous = point
+    return curve[-1][1]
 
 
 def guest_lost(source: list[float], migrate_at: float, stop: float, progress: float | None) -> float | None:

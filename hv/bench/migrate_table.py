@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hv.bench.common import size_text
+from hv.bench.migrate_progress import progress_at
 
 MIB = 1 << 20
 DOWNTIME_LIMIT_MS = 300
@@ -68,6 +69,8 @@ class Sample:
     window_s: float = 0.0         # from the migrate command to the source's STOP event
     broken: str = ""              # why the destination did not continue ("" = it did)
     guest_lost_s: float | None = None  # window minus the work done at the guest's steady rate
+    # (seconds since migrate, passes done since) through the window: hv.bench.migrate_progress
+    guest_curve: tuple[tuple[float, float], ...] | None = None
     src_extra: int | None = None  # bytes: source's peak RSS beyond its resident guest RAM
     dst_extra: int | None = None  # the same for the destination
 
@@ -229,7 +232,27 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
         if mine is not None and theirs is not None:
             lines.append(f"guest time lost while migrating, {row.case.label()}: hv {mine * 1000:.0f} ms, "
                          f"QEMU {theirs * 1000:.0f} ms ({_fmt_ratio(_ratio(mine, theirs))})")
+        span = same_span_progress(row, reference) if reference is not None else None
+        if span is not None:
+            seconds, hv, qemu = span
+            lines.append(f"guest passes in the same time from migrate ({seconds * 1000:.0f} ms over the run pairs), "
+                         f"{row.case.label()}: hv {hv:.2f}, QEMU {qemu:.2f} ({_fmt_ratio(_ratio(hv, qemu))})")
     return lines
+
+
+def same_span_progress(row: Row, reference: Row) -> tuple[float, float, float] | None:
+    """Both engines' guest progress over the same time: for each pair of runs (hv's i-th
+    and QEMU's i-th, run back to back), the passes each guest did in the first
+    min(both windows) seconds after ``migrate``, summed. guest/Q divides whole windows, so
+    a longer migration whose guest got past the write-fault stall of its first round
+    looks better per second; over the same span both engines are in the same phase."""
+    pairs = [(a.guest_curve, b.guest_curve, min(a.window_s, b.window_s))
+             for a, b in zip(row.samples, reference.samples) if a.guest_curve and b.guest_curve]
+    if not pairs:
+        return None
+    return (sum(span for _, _, span in pairs),
+            sum(progress_at(list(a), span) for a, _, span in pairs),
+            sum(progress_at(list(b), span) for _, b, span in pairs))
 
 
 def broken_lines(rows: list[Row]) -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hv.bench.common import MemoryFigures, parse_memory
-from hv.bench.migrate_progress import LineClock, guest_lost, guest_progress
-from hv.bench.migrate_table import MIB, Case, Row, Sample, format_table
+from hv.bench.migrate_progress import LineClock, guest_curve, guest_lost, guest_progress, progress_at
+from hv.bench.migrate_table import MIB, Case, Row, Sample, format_table, same_span_progress
 
 # -- guest progress -----------------------------------------------------------------------------
 
@@ -126,3 +126,28 @@ def test_lost_lines_pair_hv_with_its_qemu_twin() -> None:
     table = format_table([hv, qemu], {})
     assert "guest time lost while migrating, hv kvm 256M dirty tcp: hv 140 ms, QEMU 700 ms (0.20)" in table
     assert "guest time lost" not in format_table([hv], {})
+
+
+def test_curve_goes_through_each_line_and_ends_at_the_progress() -> None:
+    source = [0.00, 0.02, 0.04, 0.10, 0.30]
+    curve = guest_curve(source, [1.010, 1.030, 1.050], migrate_at=0.045, stop=0.5, resume=1.0)
+    assert curve is not None
+    assert [x for point in curve for x in point] == pytest.approx([0.0, 0.0, 0.055, 0.75, 0.255, 1.75, 0.455, 2.25])
+    assert progress_at(curve, 0.155) == pytest.approx(1.25)       # halfway between two lines
+    assert progress_at(curve, 10.0) == pytest.approx(2.25) and progress_at(curve, 0.0) == 0.0
+
+
+def test_same_span_compares_each_run_pair_over_the_shorter_window() -> None:
+    """hv's 0.2 s migration against QEMU's 1 s one whose guest stalled for its first
+    0.5 s and then ran 20 passes/s: over its whole window QEMU's guest did 10 passes (10
+    p/s, hv's 2.5 p/s looks 4x worse), over hv's 0.2 s it did 0.4 (hv 0.5: better)."""
+    case = Case("hv", "kvm", 256, "dirty", "unix")
+    hv = Row(case, [Sample(200, 10, MIB, 1, guest_passes=0.5, window_s=0.2,
+                           guest_curve=((0.0, 0.0), (0.2, 0.5)))])
+    qemu = Row(case.reference(), [Sample(1000, 10, MIB, 4, guest_passes=10.5, window_s=1.0,
+                                         guest_curve=((0.0, 0.0), (0.5, 1.0), (1.0, 10.5)))])
+    assert same_span_progress(hv, qemu) == pytest.approx((0.2, 0.5, 0.4))
+    table = format_table([hv, qemu], {})
+    assert ("guest passes in the same time from migrate (200 ms over the run pairs), hv kvm 256M dirty unix: "
+            "hv 0.50, QEMU 0.40 (1.25)") in table
+    assert same_span_progress(hv, Row(case.reference(), [Sample(1000, 10, MIB, 4)])) is None
