@@ -327,6 +327,67 @@ def test_unicorn_default_is_the_kvm_rate_so_unicorn_to_kvm_works(rate_guest: Pat
         target.close()
 
 
+def test_snapshot_and_move_carry_the_rate(rate_guest: Path, tmp_path: Path) -> None:
+    """The other two ways a guest changes VM: a file snapshot restored into a VM of
+    another rate, and an in-process move (hv.machine.move) onto a fresh Unicorn VM; the
+    guest measures ODD_HZ after both."""
+    from hv.machine.move import move_machine
+    from hv.migration.engine import save_snapshot
+    from hv.migration.incoming import load_snapshot
+    from hv_backends import backend_class
+
+    source, src_console = build("unicorn", rate_guest)
+    source.vm.set_tsc_hz(ODD_HZ)
+    try:
+        source.start()
+        wait_windows(src_console, 1)
+        save_snapshot(source, str(tmp_path), status_for(source))
+    finally:
+        source.close()
+    restored, console = build("unicorn", rate_guest)
+    try:
+        assert restored.vm.tsc_hz != ODD_HZ
+        load_snapshot(restored, str(tmp_path), status_for(restored))
+        assert restored.vm.tsc_hz == ODD_HZ
+        restored.start()
+        wait_windows(console, 2)
+        moved = move_machine(restored, backend_class("unicorn")())
+    except BaseException:
+        restored.close()
+        raise
+    try:
+        assert moved.vm.tsc_hz == ODD_HZ
+        seen = len(windows(console))
+        assert_rate(wait_windows(console, seen + 3)[seen + 1:], ODD_HZ)
+    finally:
+        moved.close()
+
+
+@requires_kvm
+def test_a_move_to_kvm_that_cannot_run_the_rate_keeps_the_guest_where_it_was(rate_guest: Path) -> None:
+    """hv.machine.move onto KVM without TSC control, of a guest at ODD_HZ: refused with
+    the reason, the guest runs on in its old VM."""
+    from hv.machine import MachineError
+    from hv.machine.move import move_machine
+    from hv_backends import backend_class
+    from hv_backends.kvm_state import kvm_guest_tsc_hz
+
+    if kvm_guest_tsc_hz() == cpuid.TSC_HZ:
+        pytest.skip("this host's KVM can scale the guest TSC (KVM_CAP_TSC_CONTROL): it runs any rate")
+    machine, console = build("unicorn", rate_guest)
+    machine.vm.set_tsc_hz(ODD_HZ)
+    try:
+        machine.start()
+        wait_windows(console, 1)
+        with pytest.raises(MachineError, match="no KVM_CAP_TSC_CONTROL"):
+            move_machine(machine, backend_class("kvm")())
+        assert machine.state is RunState.RUNNING
+        seen = len(windows(console))
+        assert_rate(wait_windows(console, seen + 2), ODD_HZ)
+    finally:
+        machine.close()
+
+
 # -- the CONFIG field, untrusted --------------------------------------------------------------
 def _config(**extra: Any) -> dict[str, Any]:
     return {"arch": "x86_64", "machine": "q35", "vcpus": 1, "memory": 64 * MIB, "devices": [], **extra}
