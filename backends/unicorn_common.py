@@ -190,10 +190,38 @@ class NativeVcpu:
         self.struct.reg_read = self.ffi.cast("void *", _fn_addr("uc_reg_read"))
         self.addr = int(self.ffi.cast("uintptr_t", self.struct))
 
-    def install(self, uc: Uc) -> None:
-        """The block hook is always present; the write hook only while dirty logging
-        (a memory-write hook sends every store through Unicorn's slow path)."""
+    def install(self, uc: Uc, poll: bool = False) -> bool:
+        """The kick/window check is always present; the write hook only while dirty
+        logging (a memory-write hook sends every store through Unicorn's slow path).
+        With ``poll`` and hv's libunicorn (``hv_uc_set_poll``) the check is the engine's
+        poll callback, made where it enters its execution loop and after a poke
+        (:meth:`poke`), instead of a block hook at every block start (a helper call and
+        a hook-list walk each: a fifth of a store loop's time). True if it polls."""
+        lib = uclib()
+        if poll and hasattr(lib, "hv_uc_set_poll"):
+            fptr = int(self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "hv_poll_hook")))
+            lib.hv_uc_set_poll(uc._uch, ctypes.c_void_p(fptr), ctypes.c_void_p(self.addr))
+            self._poke = lib.hv_uc_poke
+            self._poke.argtypes = [ctypes.c_void_p]
+            self._poke.restype = None
+            self._uch = uc._uch
+            return True
         add_native_hook(uc, _import_unicorn().UC_HOOK_BLOCK, "hv_block_hook", self.addr)
+        return False
+
+    _poke: Any = None   # hv_uc_poke of a polling engine
+    _uch: Any = None
+
+    def poke(self) -> None:
+        """Make a polling engine look at kick/service at its next block start (any thread;
+        the caller set the flag first). Nothing for a block-hook engine (it looks anyway)
+        or once :meth:`forget_engine` ran."""
+        if self._poke is not None and self._uch is not None:
+            self._poke(self._uch)
+
+    def forget_engine(self) -> None:
+        """The engine is being closed: no more pokes into it."""
+        self._uch = None
 
     def add_write_hook(self, uc: Uc) -> int:
         return add_native_hook(uc, _import_unicorn().UC_HOOK_MEM_WRITE, "hv_write_hook", self.addr)
@@ -243,10 +271,15 @@ class UnicornVcpuBase(Vcpu):
             self.uc.mem_map_ptr(region.gpa, region.size, unicorn.UC_PROT_ALL, region.host_addr)
         for gpa, size in vm.mmio_windows:
             self.uc.mmio_map(gpa, size, self._mmio_read, gpa, self._mmio_write, gpa)
-        self.native.install(self.uc)
-        # Stop only where the native block hook stops us: no `until` address.
+        self.native.install(self.uc, poll=self.POLL)
+        # Stop only where the native check stops us: no `until` address.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
+
+    # The kick/window check as the engine's poll callback rather than a block hook (hv's
+    # libunicorn): only for architectures whose every IRQ-unmasking instruction ends its
+    # block unchained, and which need no check at every block (aarch64: timer deadline).
+    POLL = False
 
     def _create_engine(self) -> Uc:
         raise NotImplementedError
@@ -268,6 +301,13 @@ class UnicornVcpuBase(Vcpu):
     def kick(self) -> None:
         with self._kick_lock:
             self.native.struct.kick = 1
+            self.native.poke()
+
+    def _request_service(self) -> None:
+        """Ask the running engine to stop at its next block boundary for housekeeping."""
+        with self._kick_lock:
+            self.native.struct.service = 1
+            self.native.poke()
 
     def _take_kick(self) -> bool:
         """Consume a pending kick (from this run or remembered from before)."""
@@ -371,7 +411,7 @@ class UnicornVcpuBase(Vcpu):
                     self._engine_lock.release()
                 continue
             self._hook_synced.clear()
-            self.native.struct.service = 1
+            self._request_service()
             self._hook_synced.wait(0.01)
 
     def request_hook_sync(self, wait: bool) -> None:
@@ -384,7 +424,7 @@ class UnicornVcpuBase(Vcpu):
                 self._engine_lock.release()
             return
         self._hook_synced.clear()
-        self.native.struct.service = 1
+        self._request_service()
         while wait and not self._hook_synced.wait(0.01):
             if self._engine_lock.acquire(blocking=False):  # run() returned meanwhile
                 try:
@@ -485,4 +525,6 @@ class UnicornVcpuBase(Vcpu):
 
     def close(self) -> None:
         with self._engine_lock:
+            with self._kick_lock:
+                self.native.forget_engine()
             self.uc = None  # type: ignore[assignment]

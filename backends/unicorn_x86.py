@@ -226,6 +226,10 @@ def _per_vcpu_leaf(leaf: int, subleaf: int, index: int) -> tuple[int, int, int, 
 class UnicornX86Vcpu(UnicornVcpuBase):
     """An x86_64 vCPU; the engine always runs in UC_MODE_64."""
 
+    # sti, popf, iret, sysret and the block under an interrupt shadow end unchained, so the
+    # poll callback sees every unmasking (no block hook: see NativeVcpu.install).
+    POLL = True
+
     def __init__(self, vm: Any, index: int) -> None:
         verify_layout()
         from unicorn import x86_const  # noqa: PLC0415

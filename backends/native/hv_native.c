@@ -437,14 +437,15 @@ static void hv_check_deadline(struct hv_vcpu *c)
     }
 }
 
-/* UC_HOOK_BLOCK: the only place a kick (or a housekeeping request) stops the engine.
- * An armed interrupt window (an interrupt is pending but the guest masks it) turns into
- * a kick at the first block where the guest has unmasked: Unicorn's interrupt-window exit. */
-void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+/* CDEF-BEGIN
+void hv_poll_hook(void *uc, void *user_data);
+CDEF-END */
+
+/* The only place a kick (or a housekeeping request) stops the engine. An armed interrupt
+ * window (an interrupt is pending but the guest masks it) turns into a kick at the first
+ * block boundary where the guest has unmasked: Unicorn's interrupt-window exit. */
+static void hv_block_check(void *uc, struct hv_vcpu *c)
 {
-    struct hv_vcpu *c = (struct hv_vcpu *)user_data;
-    (void)address;
-    (void)size;
     c->blocks++;
     if (__atomic_load_n(&c->tlb_req, __ATOMIC_ACQUIRE) != c->tlb_done)
         hv_tlb_catch_up(uc, c);
@@ -463,6 +464,25 @@ void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
         c->stopped = 1;
         ((hv_emu_stop_fn)c->emu_stop)(uc);
     }
+}
+
+/* UC_HOOK_BLOCK: the check at every translation-block start. */
+void hv_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    (void)address;
+    (void)size;
+    hv_block_check(uc, (struct hv_vcpu *)user_data);
+}
+
+/* hv's libunicorn (hv_uc_set_poll): the same check, made only where the engine enters
+ * its execution loop (emulation start, blocks that do not chain on, and after a poke
+ * from the thread that sets kick/service), instead of at every block start. Enough for
+ * the interrupt window on x86: the instructions that set IF (sti, popf, iret, sysret)
+ * and the one-instruction block under an interrupt shadow all end without chaining, as
+ * QEMU's own interrupt check needs (target/i386/translate.c gen_eob). */
+void hv_poll_hook(void *uc, void *user_data)
+{
+    hv_block_check(uc, (struct hv_vcpu *)user_data);
 }
 
 /* UC_HOOK_MEM_WRITE: Unicorn 2.1.4 passes the guest-physical address of the store. */

@@ -242,7 +242,7 @@ def bare_lines(rows: list[EmuRow], settings: EmuSettings, repeat: int) -> list[s
     hv_row = next((r for r in rows if r.case == EmuCase("x86_64", "hv", "unicorn") and r.samples), None)
     if hv_row is None:
         return []
-    if settings.hv[:2] != (sys.executable, "-m"):
+    if settings.hv != HV_COMMAND:
         return ["bare Unicorn: skipped (--hv runs another hv command; the bare loop uses this Python)"]
     try:
         stores, library = bare_unicorn(settings, repeat)

@@ -22,7 +22,7 @@ from tests.helpers import ROOT
 
 def test_bench_emulator_prints_table_and_names_missing_qemu(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hv", "bench", "emulator", "--arches", "x86_64,aarch64",
-                           "--accels", "unicorn", "--mib", "1", "--passes", "2", "--repeat", "1",
+                           "--accels", "unicorn", "--mib", "8", "--passes", "2", "--repeat", "1",
                            "--qemu-dir", str(tmp_path), "--no-bare"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
