@@ -43,12 +43,16 @@ struct hvs_rx {
     uint64_t data_done; uint32_t crc; uint64_t section_bytes;
     uint64_t received; int32_t err_errno; uint32_t stored_crc, computed_crc; const char *what;
     uint8_t kinds[8192];
+    int32_t live_ok; int32_t live; uint32_t page_crc; uint32_t torn; uint64_t torn_total;
+    uint32_t crcs[8192]; uint8_t torn_map[8192];
 };
 int hvs_available(void);
 uint32_t hvs_crc32(uint32_t crc, const uint8_t *p, size_t n);
 void hvs_set_crc(void *fn);
 int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
                  uint8_t *out, uint8_t *copy, uint32_t *crc_out);
+int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                      uint8_t *out, uint32_t *crc_out);
 int hvs_rx_step(struct hvs_rx *rx);
 size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n);
 CDEF-END */
@@ -57,6 +61,7 @@ CDEF-END */
 #define HVS_MAX_RUN_PAGES 8192u
 #define HVS_MAX_SECTION (64u << 20)
 #define HVS_TYPE_RAM 3
+#define HVS_TYPE_RAM_LIVE 11
 #define HVS_HEAD 8u
 #define HVS_RUN 16u
 #define HVS_MAX_REGIONS 16
@@ -75,6 +80,9 @@ struct hvs_rx {
     uint64_t data_done; uint32_t crc; uint64_t section_bytes;
     uint64_t received; int32_t err_errno; uint32_t stored_crc, computed_crc; const char *what;
     uint8_t kinds[HVS_MAX_RUN_PAGES];
+    /* format 1.5 RAM_LIVE sections (live_ok: the stream declared >= 1.5) */
+    int32_t live_ok; int32_t live; uint32_t page_crc; uint32_t torn; uint64_t torn_total;
+    uint32_t crcs[HVS_MAX_RUN_PAGES]; uint8_t torn_map[HVS_MAX_RUN_PAGES];
 };
 
 /* -- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted) ------------------- */
@@ -301,6 +309,40 @@ int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint
     return normal;
 }
 
+/* Frame npages pages at src as one RAM_LIVE section (format 1.5) without copying them:
+ * out receives the section header, the run header, the kind map and the CRC-32 of each
+ * normal page (24 + npages + 4 * normal bytes); the caller sends the normal pages from src
+ * itself right after. *crc_out is the section's checksum, which covers those framing bytes
+ * only (not the page data). A page the guest rewrites between its checksum here and its
+ * copy into the socket arrives torn: the destination sees its page checksum fail, does not
+ * count it as arrived, and the dirty log sends it again. Returns the number of normal pages. */
+int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                      uint8_t *out, uint32_t *crc_out)
+{
+    if (npages == 0 || npages > HVS_MAX_RUN_PAGES)
+        return -1;
+    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
+    uint8_t *crcs = kinds + npages;
+    uint32_t normal = 0;
+    for (uint32_t i = 0; i < npages; i++) {
+        const uint8_t *page = src + (uint64_t)i * HVS_PAGE;
+        int zero = (known_zero && known_zero[i]) || hvs_page_is_zero(page);
+        kinds[i] = zero ? 0 : 1;
+        if (!zero)
+            hvs_put32(crcs + 4u * normal++, hvs_crc_copy(0, page, NULL, HVS_PAGE));
+    }
+    uint32_t length = HVS_RUN + npages + normal * (4u + HVS_PAGE);
+    out[0] = HVS_TYPE_RAM_LIVE;
+    out[1] = 0;
+    out[2] = out[3] = 0;
+    hvs_put32(out + 4, length);
+    hvs_put64(out + 8, start);
+    hvs_put32(out + 16, npages);
+    hvs_put32(out + 20, 0);
+    *crc_out = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages + 4u * normal);
+    return normal;
+}
+
 /* -- destination: RAM sections straight into guest RAM ------------------------------- */
 static uint32_t hvs_get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t hvs_get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
@@ -384,7 +426,9 @@ static int hvs_peek(struct hvs_rx *rx)
 {
     const uint8_t *h = rx->buf + rx->pos;
     uint32_t length = hvs_get32(h + 4);
-    if (h[0] != HVS_TYPE_RAM || h[1] || h[2] || h[3] || length > HVS_MAX_SECTION || length < HVS_RUN)
+    int live = h[0] == HVS_TYPE_RAM_LIVE;  /* only in a stream that declared format >= 1.5 */
+    if (!(h[0] == HVS_TYPE_RAM || (live && rx->live_ok)) || h[1] || h[2] || h[3]
+        || length > HVS_MAX_SECTION || length < HVS_RUN)
         return RX_OTHER;
     int rc = hvs_fill(rx, HVS_HEAD + HVS_RUN, HVS_HEAD + HVS_RUN + rx->count);
     if (rc)
@@ -405,8 +449,15 @@ static int hvs_peek(struct hvs_rx *rx)
             return RX_OTHER;
         normal += kinds[i];
     }
-    if ((uint64_t)length - HVS_RUN - count != (uint64_t)normal * HVS_PAGE)
+    if ((uint64_t)length - HVS_RUN - count != (uint64_t)normal * (HVS_PAGE + (live ? 4u : 0u)))
         return RX_OTHER;
+    if (live) {  /* the page checksums follow the kind map: buffer them too */
+        uint32_t framing = HVS_HEAD + HVS_RUN + count + 4u * normal;
+        rc = hvs_fill(rx, framing, framing);
+        if (rc)
+            return rc == RX_WAIT || rc == RX_OSERROR ? rc : RX_OTHER;
+        kinds = rx->buf + rx->pos + HVS_HEAD + HVS_RUN;
+    }
     for (uint32_t i = 0; i < count;) {  /* every run inside one region */
         uint32_t j = i;
         while (j < count && kinds[j] == kinds[i])
@@ -420,7 +471,13 @@ static int hvs_peek(struct hvs_rx *rx)
     rx->count = count;
     rx->normal = normal;
     rx->zero = count - normal;
+    rx->live = live;
     memcpy(rx->kinds, kinds, count);
+    if (live) {
+        memcpy(rx->crcs, kinds + count, 4u * normal);  /* little-endian host, as the format */
+        memset(rx->torn_map, 0, normal);
+        rx->torn = 0;
+    }
     return 0;
 }
 
@@ -466,9 +523,42 @@ static int hvs_data_iov(struct hvs_rx *rx, struct iovec *iov, int max, uint64_t 
     return n;
 }
 
+/* RAM_LIVE: check each page against its own checksum as its last byte arrives (iov's
+ * first got bytes, which start at byte data_done of the section's page data). A page that
+ * does not match was torn by the guest writing it during the send: it is marked, and
+ * not counted as arrived. */
+static void hvs_check_pages(struct hvs_rx *rx, const struct iovec *iov, size_t got)
+{
+    uint64_t done = rx->data_done;
+    for (int i = 0; got; i++) {
+        size_t part = iov[i].iov_len < got ? iov[i].iov_len : got;
+        const uint8_t *p = iov[i].iov_base;
+        got -= part;
+        while (part) {
+            uint32_t off = (uint32_t)(done % HVS_PAGE);
+            size_t take = HVS_PAGE - off < part ? HVS_PAGE - off : part;
+            rx->page_crc = hvs_crc_copy(off ? rx->page_crc : 0, p, NULL, take);
+            p += take;
+            part -= take;
+            done += take;
+            if (done % HVS_PAGE == 0) {
+                uint64_t k = done / HVS_PAGE - 1;
+                if (rx->page_crc != rx->crcs[k]) {
+                    rx->torn_map[k] = 1;
+                    rx->torn++;
+                }
+            }
+        }
+    }
+}
+
 /* Checksum iov's first got bytes (just read: still in the cache). */
 static void hvs_crc_iov(struct hvs_rx *rx, const struct iovec *iov, size_t got)
 {
+    if (rx->live) {
+        hvs_check_pages(rx, iov, got);
+        return;
+    }
     for (int i = 0; got; i++) {
         size_t part = iov[i].iov_len < got ? iov[i].iov_len : got;
         rx->crc = hvs_crc_copy(rx->crc, iov[i].iov_base, NULL, part);
@@ -538,7 +628,7 @@ int hvs_rx_step(struct hvs_rx *rx)
         rc = hvs_peek(rx);
         if (rc)
             return rc;
-        uint32_t framing = HVS_HEAD + HVS_RUN + rx->count;
+        uint32_t framing = HVS_HEAD + HVS_RUN + rx->count + (rx->live ? 4u * rx->normal : 0u);
         rx->crc = hvs_crc_copy(0, rx->buf + rx->pos, NULL, framing);
         rx->pos += framing;
         rx->section_bytes = framing;
@@ -565,7 +655,13 @@ int hvs_rx_step(struct hvs_rx *rx)
     rx->state = ST_PEEK;
     if (rx->stored_crc != rx->computed_crc)
         return RX_BADCRC;
-    memset(rx->covered + rx->start, 1, rx->count);
+    if (rx->live) {  /* a torn page has not arrived (even if an earlier pass brought it) */
+        for (uint32_t i = 0, k = 0; i < rx->count; i++)
+            rx->covered[rx->start + i] = rx->kinds[i] ? !rx->torn_map[k++] : 1;
+        rx->torn_total += rx->torn;
+    } else {
+        memset(rx->covered + rx->start, 1, rx->count);
+    }
     return RX_RAM;
 }
 

@@ -178,7 +178,9 @@ class _Sender:
         if self.canceled.is_set():
             raise MigrationCanceled("canceled")
         ready, _, _ = select.select([self.sock], [], [], 0)
-        if ready:  # the destination never speaks before END unless it gives up
+        # Before END the destination speaks only to give up, or (format 1.5) to say it reads
+        # RAM_LIVE sections, a notice the writer takes.
+        if ready and self.writer.peer_waiting():
             refusal = peer_refusal(self.sock, self.channel, 0)
             raise MigrationError(f"destination refused: {refusal}" if refusal is not None
                                  else "the destination closed the connection")

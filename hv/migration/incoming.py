@@ -48,6 +48,7 @@ from hv.migration.stream import (
     StreamError,
     StreamKind,
     StreamReader,
+    announce_live_ram,
     compare_fingerprints,
     read_reply,
     send_reply,
@@ -255,6 +256,8 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     def on_config(remote: Fingerprint) -> None:
         check_config(remote)
         status.activate()
+        if reader.header is not None:  # a 1.5+ source may then send pages without copying them
+            announce_live_ram(channel, (reader.header.format_major, reader.header.format_minor))
 
     reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
                           kind=StreamKind.MIGRATION, arch=machine.arch.value)
@@ -291,7 +294,8 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     status.complete(clock.downtime_ms())
     _try_send(channel, True, "running")
     steps.mark("running sent")
-    log.debug("incoming switch-over: %s; pre-fault %s", steps, prefault_report(machine.memory))
+    log.debug("incoming switch-over: %s; pre-fault %s; %d torn pages (sent again)", steps,
+              prefault_report(machine.memory), reader.torn_pages)
 
 
 def _announce_guests(machine: Machine) -> None:

@@ -33,6 +33,7 @@ and holds the back channel (destination -> source replies), which uses both halv
 from __future__ import annotations
 
 import select
+import ssl
 from dataclasses import dataclass
 
 from hv.errors import StreamError
@@ -46,6 +47,7 @@ from hv.migration.stream_format import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
     KNOWN_FLAGS,
+    LIVE_NOTICE,
     MAGIC,
     MAX_DEVICES,
     MAX_JSON_BYTES,
@@ -59,6 +61,7 @@ from hv.migration.stream_format import (
     PAGE_ZERO,
     POPULATE_MIN_PAGES,
     PREAMBLE,
+    RAM_LIVE_MINOR,
     RAM_RUN,
     ROUND,
     SECTION_HEADER,
@@ -93,8 +96,8 @@ __all__ = ["CPU_INDEX", "CRC", "ConfigMismatchError", "ConfigSection", "CpuSecti
            "POPULATE_MIN_PAGES", "PREAMBLE", "PeerCanceled", "PeerError", "RAM_RUN", "ROUND", "RamSection",
            "RamStats", "RamTarget", "Reply", "RoundEndSection", "SECTION_HEADER", "Section", "SectionType",
            "Sink", "SocketChannel", "Source", "StreamError", "StreamKind", "StreamReader", "StreamWriteError",
-           "StreamWriter", "ZERO_PAGE", "compare_fingerprints", "crc32", "poll_reply", "read_reply",
-           "send_reply"]
+           "StreamWriter", "ZERO_PAGE", "announce_live_ram", "compare_fingerprints", "crc32", "poll_reply",
+           "read_reply", "send_reply"]
 
 
 # --------------------------------------------------------------------------------------
@@ -119,7 +122,26 @@ def send_reply(sink: Sink, ok: bool, text: str) -> None:
 
 
 def read_reply(source: Source) -> Reply:
-    """Source side: read one OK/ERROR reply, validated like any section."""
+    """Source side: read one OK/ERROR reply, validated like any section. The destination's
+    ``ram-live`` notice (format 1.5) is not a reply: it is skipped."""
+    while True:
+        reply = _read_one_reply(source)
+        if not (reply.ok and reply.text == LIVE_NOTICE):
+            return reply
+
+
+def announce_live_ram(channel: SocketChannel, version: tuple[int, int]) -> bool:
+    """Destination side, once CONFIG is accepted: tell a source whose stream declared
+    format 1.5 or later (``version``) that RAM_LIVE sections may follow (one OK
+    ``ram-live`` on the back channel). Never to an older source, which would take it for a
+    refusal; never over TLS (its source keeps copying, and reads no notice). True if sent."""
+    if version < (FORMAT_MAJOR, RAM_LIVE_MINOR) or isinstance(channel.sock, ssl.SSLSocket):
+        return False
+    send_reply(channel, True, LIVE_NOTICE)
+    return True
+
+
+def _read_one_reply(source: Source) -> Reply:
     reader = StreamReader(source, page_count=0, kind=StreamKind.STATE)
     head = reader._read(SECTION_HEADER.size, "reply header")
     kind, flags, reserved, length = SECTION_HEADER.unpack(head)

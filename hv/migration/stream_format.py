@@ -34,7 +34,13 @@ FORMAT_MAJOR = 1
 # 1.4: x86_64 CONFIG carries "tsc_hz", the guest TSC's rate; the destination runs the guest
 # at that rate or refuses it at CONFIG. A 1.3 reader refuses such a stream (strict CONFIG
 # fields); a 1.4 reader loads an older stream without it, at its own rate, unchecked.
-FORMAT_MINOR = 4
+# 1.5: RAM_LIVE sections (type 11): pages sent straight from a running guest's RAM with one
+# checksum per page, a torn page re-sent by the next pass. A source sends them only after
+# the destination announced it reads them (the OK "ram-live" notice on the back channel),
+# so an older destination never sees one; a reader refuses them in a stream declaring < 1.5.
+FORMAT_MINOR = 5
+RAM_LIVE_MINOR = 5  # the first minor version in which a RAM_LIVE section may appear
+LIVE_NOTICE = "ram-live"  # OK reply text: "this destination reads RAM_LIVE sections"
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")
@@ -43,6 +49,7 @@ RAM_RUN = struct.Struct("<QII")  # start page, page count, reserved (0)
 ROUND = struct.Struct("<I")
 CPU_INDEX = struct.Struct("<I")
 DEVICE_HEAD = struct.Struct("<HHIB")  # name length, id length, version, encoding
+PAGE_CRC = struct.Struct("<I")  # RAM_LIVE: one CRC-32 per normal page
 
 FLAG_SKIPPABLE = 0x01  # a reader that does not know this section type may skip it
 KNOWN_FLAGS = FLAG_SKIPPABLE
@@ -79,6 +86,7 @@ class SectionType(enum.IntEnum):
     END = 8
     OK = 9  # back channel only
     CANCEL = 10  # source -> destination, always flagged SKIPPABLE (format 1.2)
+    RAM_LIVE = 11  # pages straight from a running guest, a checksum per page (format 1.5)
 
 
 class StreamKind(enum.Enum):
@@ -140,6 +148,7 @@ class RamSection:
     zero: int
     normal: int
     bytes: int  # on the wire, framing included
+    torn: int = 0  # RAM_LIVE pages whose own checksum failed: not arrived, sent again later
 
 
 @dataclass(frozen=True)

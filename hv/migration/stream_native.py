@@ -95,7 +95,7 @@ class Packer:
     def __post_init__(self) -> None:
         assert _NATIVE is not None
         ffi, _ = _NATIVE
-        self._meta = bytearray(_FRAMING + self.run_pages)
+        self._meta = bytearray(_FRAMING + self.run_pages * 5)  # room for RAM_LIVE page checksums
         self._copy = bytearray(self.run_pages * PAGE_SIZE)
         self._meta_c = ffi.from_buffer("uint8_t[]", self._meta)
         self._copy_c = ffi.from_buffer("uint8_t[]", self._copy)
@@ -115,6 +115,21 @@ class Packer:
         if normal < 0:
             raise ValueError(f"cannot frame {count} pages")
         return int(normal), memoryview(self._meta)[:_FRAMING + count], int(self._crc[0])
+
+    def pack_live(self, view: memoryview, start: int, count: int,
+                  known_zero: bytes | None) -> tuple[int, memoryview, int]:
+        """A RAM_LIVE section (format 1.5): (normal pages, framing bytes — header, run
+        header, kind map, one CRC-32 per normal page —, section CRC over those bytes). The
+        caller sends the normal pages from ``view`` itself, with no copy."""
+        assert _NATIVE is not None and 1 <= count <= self.run_pages <= MAX_RUN_PAGES
+        ffi, lib = _NATIVE
+        zero_map = ffi.NULL if known_zero is None else ffi.from_buffer("uint8_t[]", known_zero)
+        normal = lib.hvs_pack_live(ffi.from_buffer("uint8_t[]", view), start, count, zero_map,
+                                   self._meta_c, self._crc)
+        if normal < 0:
+            raise ValueError(f"cannot frame {count} pages")
+        framing = _FRAMING + count + 4 * int(normal)
+        return int(normal), memoryview(self._meta)[:framing], int(self._crc[0])
 
     def copied(self, normal: int) -> memoryview:
         return memoryview(self._copy)[:normal * PAGE_SIZE]
@@ -160,6 +175,15 @@ class Receiver:
         rx.cap = STAGING_BYTES
         self.rx = rx
         self.applied = 0  # RAM sections applied here
+
+    def allow_live(self) -> None:
+        """The stream declared format 1.5 or later: RAM_LIVE sections may be applied."""
+        self.rx.live_ok = 1
+
+    @property
+    def torn(self) -> int:
+        """Pages of RAM_LIVE sections whose own checksum failed (torn by the guest)."""
+        return int(self.rx.torn_total)
 
     def step(self, regions: list[Any]) -> int:
         """Apply the next RAM section (see ``hvs_rx_step``). ``regions`` (GuestMemory's)

@@ -4,9 +4,11 @@ once their page numbers are checked (see :mod:`hv.migration.stream`)."""
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
+import struct
 import time
 from typing import Any, Protocol
 
@@ -30,10 +32,12 @@ from hv.migration.stream_format import (
     MAX_NAME_BYTES,
     MAX_RUN_PAGES,
     MAX_SECTION_BYTES,
+    PAGE_CRC,
     PAGE_NORMAL,
     PAGE_SIZE,
     POPULATE_MIN_PAGES,
     PREAMBLE,
+    RAM_LIVE_MINOR,
     RAM_RUN,
     ROUND,
     SECTION_HEADER,
@@ -105,6 +109,7 @@ class StreamReader:
         self._crc = 0
         self._remaining = 0
         self._scratch = bytearray(PAGE_SIZE)
+        self.torn_pages = 0  # RAM_LIVE pages that arrived torn (sent again by a later pass)
         # RAM a background Prefaulter covers needs no madvise per run (it is the
         # destination's usual case; see hv.migration.pages).
         self._populate_runs = ram is not None and not is_prefaulted(ram)
@@ -124,12 +129,21 @@ class StreamReader:
             try:
                 n = self.source.readinto(view[got:])
             except OSError as exc:
-                raise StreamError(f"stream read failed while reading {what}: {exc.strerror or exc}") from exc
+                raise self._read_error(exc, self.bytes_read + got, what) from exc
             if not n:
                 raise StreamError(f"stream truncated: end of input after {self.bytes_read + got} bytes "
                                   f"while reading {what}")
             got += n
         self.bytes_read += got
+
+    @staticmethod
+    def _read_error(exc: OSError, offset: int, what: str) -> StreamError:
+        """A failed read as one line. A reset connection is a truncated stream: a peer that
+        ends (is killed) with bytes of ours unread resets instead of closing (since format
+        1.5 the destination's ram-live notice can be such bytes)."""
+        if exc.errno == errno.ECONNRESET:
+            return StreamError(f"stream truncated: connection reset after {offset} bytes while reading {what}")
+        return StreamError(f"stream read failed while reading {what}: {exc.strerror or exc}")
 
     def _read(self, n: int, what: str) -> bytes:
         buf = bytearray(n)
@@ -150,12 +164,23 @@ class StreamReader:
         self._remaining -= len(view)
         self._crc = crc32(view, self._crc)
 
-    def _scatter(self, targets: list[memoryview], what: str) -> None:
-        """Fill every target exactly, in order, with as few reads as the source allows."""
+    def _raw_into(self, view: memoryview, what: str) -> None:
+        """Payload bytes that the section checksum does not cover (RAM_LIVE page data)."""
+        if len(view) > self._remaining:
+            raise StreamError(f"{what}: needs {len(view)} bytes but only {self._remaining} remain in the section")
+        self._read_into(view, what)
+        self._remaining -= len(view)
+
+    def _scatter(self, targets: list[memoryview], what: str, checksum: bool = True) -> None:
+        """Fill every target exactly, in order, with as few reads as the source allows
+        (``checksum``: the bytes count in the section checksum)."""
         readv = getattr(self.source, "readv", None)
         if readv is None:
             for view in targets:
-                self._payload_into(view, what)
+                if checksum:
+                    self._payload_into(view, what)
+                else:
+                    self._raw_into(view, what)
             return
         pending = list(targets)
         total = sum(len(v) for v in targets)
@@ -167,7 +192,7 @@ class StreamReader:
             try:
                 n = readv(pending[:_IOV_BATCH])
             except OSError as exc:
-                raise StreamError(f"stream read failed while reading {what}: {exc.strerror or exc}") from exc
+                raise self._read_error(exc, self.bytes_read + got_total, what) from exc
             if not n:
                 raise StreamError(f"stream truncated: end of input after {self.bytes_read + got_total} bytes "
                                   f"while reading {what}")
@@ -177,11 +202,11 @@ class StreamReader:
             while n:
                 buf = pending[i]
                 if n >= len(buf):
-                    crc = crc32(buf, crc)
+                    crc = crc32(buf, crc) if checksum else crc
                     n -= len(buf)
                     i += 1
                 else:
-                    crc = crc32(buf[:n], crc)
+                    crc = crc32(buf[:n], crc) if checksum else crc
                     pending[i] = buf[n:]
                     n = 0
             del pending[:i]
@@ -209,6 +234,8 @@ class StreamReader:
             raise StreamError(f"unknown preamble flags {flags:#x}")
         self._version = (major, minor)
         self._phase = _Phase.HEADER
+        if self._native is not None and minor >= RAM_LIVE_MINOR:
+            self._native.allow_live()
         return major, minor
 
     def read_section(self) -> Section:
@@ -253,7 +280,9 @@ class StreamReader:
                 r = rx.rx
                 self.bytes_read += r.section_bytes
                 self._round_open = True
-                return RamSection(r.start, r.count, r.zero, r.normal, r.section_bytes)
+                torn = int(r.torn) if r.live else 0
+                self.torn_pages += torn
+                return RamSection(r.start, r.count, r.zero, r.normal, r.section_bytes, torn)
             if rc == stream_native.RX_OTHER:
                 return None
             if rc == stream_native.RX_WAIT:
@@ -269,9 +298,12 @@ class StreamReader:
                 raise StreamError(f"stream truncated: end of input after {self.bytes_read + rx.partial_bytes()} "
                                   f"bytes while reading {rx.what()}")
             if rc == stream_native.RX_OSERROR:
-                raise StreamError(f"stream read failed while reading {rx.what()}: {os.strerror(rx.rx.err_errno)}")
+                code = int(rx.rx.err_errno)
+                raise self._read_error(OSError(code, os.strerror(code)), self.bytes_read + rx.partial_bytes(),
+                                       rx.what())
             assert rc == stream_native.RX_BADCRC, rc
-            raise StreamError(f"RAM section: checksum mismatch (stored {rx.rx.stored_crc:#010x}, "
+            name = "RAM_LIVE" if rx.rx.live else "RAM"
+            raise StreamError(f"{name} section: checksum mismatch (stored {rx.rx.stored_crc:#010x}, "
                               f"computed {rx.rx.computed_crc:#010x}); the stream is corrupted")
 
     def _skip(self, length: int, kind: int) -> None:
@@ -298,7 +330,7 @@ class StreamReader:
             return
         if phase is _Phase.CONFIG:
             raise StreamError(f"{name} section before CONFIG")
-        if stype in (SectionType.RAM, SectionType.ROUND_END):
+        if stype in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.ROUND_END):
             if self.kind is StreamKind.STATE:
                 raise StreamError(f"{name} section in a state-only stream")
             if phase is _Phase.STATE:
@@ -324,6 +356,8 @@ class StreamReader:
             raise PeerCanceled("the source canceled the migration")
         if stype is SectionType.RAM:
             return self._read_ram(length)
+        if stype is SectionType.RAM_LIVE:
+            return self._read_ram_live(length)
         if stype is SectionType.HEADER:
             return self._read_header(length)
         if stype is SectionType.CONFIG:
@@ -401,25 +435,32 @@ class StreamReader:
         self._phase = _Phase.RAM
         return ConfigSection(fp)
 
-    def _read_ram(self, length: int) -> RamSection:
+    def _ram_head(self, length: int, name: str, page_bytes: int) -> tuple[int, int, bytes, int]:
+        """(start, count, kind map, normal pages) of a RAM or RAM_LIVE section, validated:
+        pages inside guest RAM, a map of 0/1 only, and a length of exactly ``page_bytes`` per
+        normal page after the map."""
         if length < RAM_RUN.size:
-            raise StreamError(f"RAM section: length {length} is shorter than its {RAM_RUN.size} byte run header")
-        start, count, reserved = RAM_RUN.unpack(self._payload(RAM_RUN.size, "RAM run header"))
+            raise StreamError(f"{name} section: length {length} is shorter than its {RAM_RUN.size} byte run header")
+        start, count, reserved = RAM_RUN.unpack(self._payload(RAM_RUN.size, f"{name} run header"))
         if reserved:
-            raise StreamError(f"RAM section: reserved field {reserved:#x} is not zero")
+            raise StreamError(f"{name} section: reserved field {reserved:#x} is not zero")
         if not 1 <= count <= MAX_RUN_PAGES:
-            raise StreamError(f"RAM section: page count {count} outside [1, {MAX_RUN_PAGES}]")
+            raise StreamError(f"{name} section: page count {count} outside [1, {MAX_RUN_PAGES}]")
         if start >= self.page_count or count > self.page_count - start:
-            raise StreamError(f"RAM section: pages {start}..{start + count - 1} lie outside guest RAM "
+            raise StreamError(f"{name} section: pages {start}..{start + count - 1} lie outside guest RAM "
                               f"({self.page_count} pages)")
         if count > self._remaining:
-            raise StreamError(f"RAM section: page count {count} does not fit in length {length}")
-        kinds = self._payload(count, "RAM page kind map")
+            raise StreamError(f"{name} section: page count {count} does not fit in length {length}")
+        kinds = self._payload(count, f"{name} page kind map")
         normal = kinds.count(_NORMAL_BYTE)
         if normal + kinds.count(_ZERO_BYTE) != count:
-            raise StreamError("RAM section: page kind map holds values other than ZERO (0) and NORMAL (1)")
-        if self._remaining != normal * PAGE_SIZE:
-            raise StreamError(f"RAM section: length {length} does not match {normal} normal pages")
+            raise StreamError(f"{name} section: page kind map holds values other than ZERO (0) and NORMAL (1)")
+        if self._remaining != normal * page_bytes:
+            raise StreamError(f"{name} section: length {length} does not match {normal} normal pages")
+        return start, count, kinds, normal
+
+    def _read_ram(self, length: int) -> RamSection:
+        start, count, kinds, normal = self._ram_head(length, "RAM", PAGE_SIZE)
         ram = self.ram
         # Walk alternating runs of zero and normal pages; normal runs are read straight
         # into guest RAM with scatter reads, zero runs only written where not zero already.
@@ -450,6 +491,49 @@ class StreamReader:
         self._covered[start:start + count] = b"\x01" * count
         self._round_open = True
         return RamSection(start, count, count - normal, normal, length + SECTION_HEADER.size + CRC.size)
+
+    def _read_ram_live(self, length: int) -> RamSection:
+        """A RAM_LIVE section (format 1.5): page data straight into guest RAM, each normal
+        page checked against its own CRC-32. A page that fails was torn by the source's
+        guest writing it during the send: it does not count as arrived (END needs it again,
+        which the source's dirty log guarantees). The section checksum covers the framing
+        (header, run header, kind map, page checksums); a mismatch there is corruption."""
+        major, minor = self._version
+        if minor < RAM_LIVE_MINOR:
+            raise StreamError(f"RAM_LIVE section in a format {major}.{minor} stream "
+                              f"(it needs {FORMAT_MAJOR}.{RAM_LIVE_MINOR} or later)")
+        start, count, kinds, normal = self._ram_head(length, "RAM_LIVE", PAGE_SIZE + PAGE_CRC.size)
+        sums = self._payload(PAGE_CRC.size * normal, "RAM_LIVE page checksums")
+        expected = struct.unpack(f"<{normal}I", sums)
+        pages: list[tuple[int, memoryview]] = []  # (page number, where its bytes landed)
+        i = 0
+        while i < count:
+            want, other = (_NORMAL_BYTE, _ZERO_BYTE) if kinds[i] == PAGE_NORMAL else (_ZERO_BYTE, _NORMAL_BYTE)
+            j = kinds.find(other, i)
+            j = count if j < 0 else j
+            if want == _NORMAL_BYTE:
+                for page in range(start + i, start + j):
+                    if self.ram is None:  # nowhere to put it: read and check only
+                        view = memoryview(bytearray(PAGE_SIZE))
+                        self._raw_into(view, "RAM_LIVE page data")
+                        pages.append((page, view))
+                    else:
+                        pages.append((page, self._target(page, 1)))
+                if self.ram is not None:
+                    self._scatter([v for _, v in pages[len(pages) - (j - i):]], "RAM_LIVE page data", checksum=False)
+            elif self.ram is not None:
+                zero_pages(self._target(start + i, j - i))
+            i = j
+        self._finish_section("RAM_LIVE")
+        self._covered[start:start + count] = b"\x01" * count
+        torn = 0
+        for (page, view), crc in zip(pages, expected, strict=True):
+            if crc32(view) != crc:
+                self._covered[page] = 0
+                torn += 1
+        self.torn_pages += torn
+        self._round_open = True
+        return RamSection(start, count, count - normal, normal, length + SECTION_HEADER.size + CRC.size, torn)
 
     def _target(self, page: int, count: int) -> memoryview:
         assert self.ram is not None

@@ -3,6 +3,10 @@ sends each section (see :mod:`hv.migration.stream` for the format)."""
 from __future__ import annotations
 
 import json
+import logging
+import select
+import socket
+import ssl
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +25,7 @@ from hv.migration.stream_format import (
     FLAG_SKIPPABLE,
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    LIVE_NOTICE,
     MAGIC,
     MAX_MESSAGE_BYTES,
     MAX_RUN_PAGES,
@@ -28,6 +33,7 @@ from hv.migration.stream_format import (
     PAGE_NORMAL,
     PAGE_SIZE,
     PREAMBLE,
+    RAM_LIVE_MINOR,
     RAM_RUN,
     ROUND,
     SECTION_HEADER,
@@ -38,6 +44,8 @@ from hv.migration.stream_format import (
 )
 from hv.migration.stream_records import Fingerprint
 from hv.state import CpuState, state_to_dict
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------
@@ -55,6 +63,49 @@ class RamStats:
         self.zero += other.zero
         self.normal += other.normal
         self.bytes += other.bytes
+
+
+def _normal_slices(mv: memoryview, kinds: bytes, count: int) -> list[memoryview]:
+    """Slices of ``mv``, one per run of normal pages in ``kinds``."""
+    segments = []
+    i = kinds.find(_NORMAL_BYTE)
+    while 0 <= i < count:
+        j = kinds.find(_ZERO_BYTE, i)
+        j = count if j < 0 else j
+        segments.append(mv[i * PAGE_SIZE:j * PAGE_SIZE])
+        i = kinds.find(_NORMAL_BYTE, j)
+    return segments
+
+
+def _live_notice_bytes() -> bytes:
+    payload = LIVE_NOTICE.encode()
+    head = SECTION_HEADER.pack(SectionType.OK, 0, 0, len(payload))
+    return head + payload + CRC.pack(crc32(payload, crc32(head)))
+
+
+LIVE_NOTICE_BYTES = _live_notice_bytes()
+
+
+def take_live_notice(sock: socket.socket) -> bool | None:
+    """Consume the destination's OK ``ram-live`` notice if it is exactly what waits first
+    on ``sock`` (peeked without blocking; any other bytes are left for the caller).
+    True: taken. False: nothing waits, or the notice's first bytes only. None: something
+    else waits (a reply or end of file)."""
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+        if not ready:  # (a socket with a timeout would wait for it in recv, MSG_DONTWAIT or not)
+            return False
+        data = sock.recv(len(LIVE_NOTICE_BYTES), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return None
+    if not data or not LIVE_NOTICE_BYTES.startswith(data):
+        return None
+    if len(data) < len(LIVE_NOTICE_BYTES):
+        return False
+    taken = sock.recv(len(LIVE_NOTICE_BYTES), socket.MSG_DONTWAIT)
+    return taken == LIVE_NOTICE_BYTES or None
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -81,6 +132,9 @@ class StreamWriter:
         self._preamble_sent = False
         self._copy: memoryview | None = None  # reused staging buffer for live pages
         self._packer: stream_native.Packer | None = None  # made on the first RAM section
+        # RAM_LIVE (format 1.5): used once the destination announced it reads them.
+        self.live_ram = False
+        self._minor = FORMAT_MINOR
 
     def _send(self, buffers: list[bytes | memoryview]) -> None:
         """One whole record (the preamble or a section). ``at_boundary`` stays False if it
@@ -96,6 +150,23 @@ class StreamWriter:
     def write_preamble(self, major: int = FORMAT_MAJOR, minor: int = FORMAT_MINOR) -> None:
         self._send([PREAMBLE.pack(MAGIC, major, minor, 0)])
         self._preamble_sent = True
+        self._minor = minor
+
+    def peer_waiting(self) -> bool:
+        """Source side, when the back channel is readable: take the destination's
+        ``ram-live`` notice if that is what waits (see :func:`take_live_notice`). True when
+        something else waits (an ERROR, a closed connection: the caller reads it), False
+        when nothing does any more."""
+        sock = getattr(self.sink, "sock", None)
+        if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+            return True
+        outcome = take_live_notice(sock)
+        if outcome is True:
+            self.live_ram = self._minor >= RAM_LIVE_MINOR and stream_native.available()
+            log.debug("the destination reads RAM_LIVE sections (%s)",
+                      "used from now on" if self.live_ram else "not used: no native stream code")
+            return take_live_notice(sock) is None
+        return outcome is None
 
     def write_section(self, kind: int, payload: bytes | memoryview = b"", flags: int = 0) -> None:
         """Low level: one framed section (used for every kind, and for tests)."""
@@ -132,6 +203,8 @@ class StreamWriter:
         mv = memoryview(view).cast("B")
         if len(mv) % PAGE_SIZE:
             raise ValueError("RAM view is not a whole number of pages")
+        if not stable and not self.live_ram and self._minor >= RAM_LIVE_MINOR:
+            self._poll_notice()
         total = len(mv) // PAGE_SIZE
         stats = RamStats()
         done = 0
@@ -142,22 +215,34 @@ class StreamWriter:
             done += count
         return stats
 
+    def _poll_notice(self) -> None:
+        """Take the destination's ``ram-live`` notice if it has arrived (no waiting)."""
+        sock = getattr(self.sink, "sock", None)
+        if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
+            self.peer_waiting()
+
+    def _write_run_live(self, packer: stream_native.Packer, start: int, mv: memoryview, count: int) -> RamStats:
+        """One RAM_LIVE section: page checksums computed in place, the pages sent straight
+        from guest RAM (no copy); a page the guest rewrites meanwhile arrives torn and is
+        sent again by the next pass, which the dirty log guarantees."""
+        known_zero = never_populated(mv) if count >= BLOCK_PAGES else None
+        normal, framing, crc = packer.pack_live(mv, start, count, known_zero)
+        kinds = framing[SECTION_HEADER.size + RAM_RUN.size:SECTION_HEADER.size + RAM_RUN.size + count].tobytes()
+        segments = _normal_slices(mv, kinds, count)
+        self._send([framing, *segments, CRC.pack(crc)])
+        return RamStats(zero=count - normal, normal=normal, bytes=len(framing) + normal * PAGE_SIZE + CRC.size)
+
     def _write_run_native(self, packer: stream_native.Packer, start: int, mv: memoryview, count: int,
                           stable: bool) -> RamStats:
         """One RAM section framed by native code: the same bytes as :meth:`_write_run`."""
+        if not stable and self.live_ram:
+            return self._write_run_live(packer, start, mv, count)
         known_zero = never_populated(mv) if count >= BLOCK_PAGES else None
         normal, framing, crc = packer.pack(mv, start, count, known_zero, copy=not stable)
         if not stable:
             segments = [packer.copied(normal)]
         else:  # slices of the paused guest's RAM, one per run of normal pages
-            kinds = framing[len(framing) - count:].tobytes()
-            segments = []
-            i = kinds.find(_NORMAL_BYTE)
-            while 0 <= i < count:
-                j = kinds.find(_ZERO_BYTE, i)
-                j = count if j < 0 else j
-                segments.append(mv[i * PAGE_SIZE:j * PAGE_SIZE])
-                i = kinds.find(_NORMAL_BYTE, j)
+            segments = _normal_slices(mv, framing[len(framing) - count:].tobytes(), count)
         self._send([framing, *segments, CRC.pack(crc)])
         return RamStats(zero=count - normal, normal=normal, bytes=len(framing) + normal * PAGE_SIZE + CRC.size)
 
