@@ -43,6 +43,7 @@ from hv.migration.stream import (
     StreamKind,
     StreamReader,
     StreamWriter,
+    announce_live_ram,
     read_reply,
     send_reply,
 )
@@ -179,6 +180,8 @@ def stream_receiver(conn: socket.socket, size: int, fp: Fingerprint, wait_prefau
     reader.read_section()
     reader.read_section()
     send_reply(chan, True, "config")
+    assert reader.header is not None  # as an hv destination does (format 1.5: RAM_LIVE)
+    announce_live_ram(chan, (reader.header.format_major, reader.header.format_minor))
     reader.read_all()
     send_reply(chan, True, "running")
     prefault.stop()
