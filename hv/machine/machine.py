@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hv import cpuid
 from hv.boards.base import Board, BoardContext
 from hv.boards.q35.board import Q35Board
 from hv.boards.virt.board import VirtBoard
@@ -58,6 +59,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The guest TSC rate of every hv before stream format 1.4 (Unicorn, and KVM where it could
+# scale): what a stream without CONFIG tsc_hz is taken to carry (Machine.adopt_tsc_hz).
+LEGACY_TSC_HZ = cpuid.TSC_HZ
 
 BOARDS: dict[str, Callable[[], Board]] = {"q35": Q35Board, "virt": VirtBoard}
 
@@ -210,14 +215,16 @@ class Machine:
     def adopt_tsc_hz(self, tsc_hz: int | None) -> None:
         """Run the guest's TSC at the rate it had at the source (an incoming stream's or a
         snapshot's ``tsc_hz``), before the vCPUs run: a guest calibrates its TSC once, at
-        boot. None (a stream older than format 1.4, which did not say) keeps this VM's
-        rate, as older hv did. Raises :class:`MachineError` with the backend's reason when
-        it cannot run that rate (KVM without TSC scaling, another host rate); then nothing
-        changed."""
+        boot. Raises :class:`MachineError` with the backend's reason when it cannot run
+        that rate (KVM without TSC scaling, another host rate); then nothing changed.
+
+        None: a stream older than format 1.4, which did not say. Its source is assumed to
+        have run hv's 1 GHz, the rate of every older hv's Unicorn VMs and TSC-scaling KVM
+        VMs; a VM that cannot run 1 GHz (KVM without TSC scaling, whose older source ran
+        the host's rate like this one) keeps its own rate, as older hv did."""
         if tsc_hz is None:
             if self.vm.tsc_hz is not None:
-                log.info("the source did not say its guest TSC rate (a stream older than format 1.4): "
-                         "the guest's TSC runs at this VM's %d Hz", self.vm.tsc_hz)
+                self._assume_legacy_tsc_rate()
             return
         if tsc_hz == self.vm.tsc_hz:
             return
@@ -226,6 +233,18 @@ class Machine:
         except BackendError as exc:
             raise MachineError(f"cannot run the guest's TSC at its rate: {exc}") from None
         log.info("the guest's TSC runs at the source's %d Hz", tsc_hz)
+
+    def _assume_legacy_tsc_rate(self) -> None:
+        """adopt_tsc_hz(None): 1 GHz where this VM can run it, else its own rate (logged)."""
+        try:
+            if self.vm.tsc_hz != LEGACY_TSC_HZ:
+                self.vm.set_tsc_hz(LEGACY_TSC_HZ)
+            log.info("the source did not say its guest TSC rate (a stream older than format 1.4): "
+                     "assuming hv's former %d Hz", LEGACY_TSC_HZ)
+        except BackendError as exc:
+            log.warning("the source did not say its guest TSC rate (a stream older than format 1.4) and "
+                        "this VM cannot run hv's former %d Hz (%s): the guest's TSC runs at this VM's %s Hz",
+                        LEGACY_TSC_HZ, exc, self.vm.tsc_hz)
 
     # -- IoHandler (called from vCPU threads) ----------------------------------------
     def pio_read(self, port: int, size: int) -> int:
@@ -405,7 +424,8 @@ class Machine:
         with self._lock:
             if self.state is RunState.RUNNING:
                 raise MachineError("cannot restore into a running machine")
-            self.adopt_tsc_hz(snapshot.fingerprint.get("tsc_hz"))   # an in-process move's source rate
+            if "tsc_hz" in snapshot.fingerprint:   # an in-process move's source rate
+                self.adopt_tsc_hz(snapshot.fingerprint["tsc_hz"])
             self.device_manager.load(device_states, absent)
             self.power.load(snapshot.cpus)
 

@@ -33,7 +33,8 @@ FORMAT_MAJOR = 1
 # destination loads older q35 streams without them (those devices keep their reset state).
 # 1.4: x86_64 CONFIG carries "tsc_hz", the guest TSC's rate; the destination runs the guest
 # at that rate or refuses it at CONFIG. A 1.3 reader refuses such a stream (strict CONFIG
-# fields); a 1.4 reader loads an older stream without it, at its own rate, unchecked.
+# fields); a 1.4 reader loads an older stream without it as hv's former 1 GHz (a KVM that
+# cannot scale keeps its own rate; hv.machine.Machine.adopt_tsc_hz).
 # 1.5: RAM_LIVE sections (type 11): pages sent straight from a running guest's RAM with one
 # checksum per page, a torn page re-sent by the next pass. A source sends them only after
 # the destination announced it reads them (the OK "ram-live" notice on the back channel),

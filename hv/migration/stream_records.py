@@ -43,7 +43,8 @@ class Fingerprint:
     devices: tuple[DeviceFingerprint, ...] = ()
     # x86: the rate of the guest's TSC in Hz (format 1.4), which it calibrated at boot and
     # the destination must run it at (adopt or refuse: hv.machine.Machine.adopt_tsc_hz).
-    # None: aarch64, or a stream older than 1.4 (the destination keeps its own rate).
+    # None: aarch64, or a stream older than 1.4 (taken as hv's former 1 GHz where the
+    # destination can run it; see Machine.adopt_tsc_hz).
     tsc_hz: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -425,9 +425,10 @@ def test_tsc_hz_is_optional_and_x86_only() -> None:
         Fingerprint.from_dict(_config(tsc_khz=1))
 
 
-def test_stream_without_tsc_hz_keeps_the_destination_rate(rate_guest: Path) -> None:
-    """An older source's CONFIG (no tsc_hz) is accepted and changes nothing: the guest's
-    TSC runs at the destination's own rate, as before format 1.4."""
+def test_stream_without_tsc_hz_is_taken_as_hv_s_former_1_ghz(rate_guest: Path) -> None:
+    """An older source's CONFIG (no tsc_hz) is accepted; its guest ran at 1 GHz (every
+    older hv's Unicorn rate), which a Unicorn destination then runs, whatever its own
+    default. A 1.4 CONFIG's rate is adopted as it says."""
     from hv.migration.incoming import config_checker
 
     target, _console = build("unicorn", rate_guest)
@@ -436,9 +437,29 @@ def test_stream_without_tsc_hz_keeps_the_destination_rate(rate_guest: Path) -> N
         old = dict(target.fingerprint())
         del old["tsc_hz"]
         config_checker(target)(Fingerprint.from_dict(old))
-        assert target.vm.tsc_hz == ODD_HZ
+        assert target.vm.tsc_hz == cpuid.TSC_HZ
         config_checker(target)(Fingerprint.from_dict({**old, "tsc_hz": 1_500_000_000}))
-        assert target.vm.tsc_hz == 1_500_000_000                   # a 1.4 stream's rate is adopted
+        assert target.vm.tsc_hz == 1_500_000_000
+    finally:
+        target.close()
+
+
+@requires_kvm
+def test_stream_without_tsc_hz_keeps_a_kvm_destination_that_cannot_scale(rate_guest: Path) -> None:
+    """KVM without TSC control cannot run 1 GHz: an older stream is not refused (its
+    source, an older hv on such a KVM, ran the host's rate) and the rate stays the host's."""
+    from hv.migration.incoming import config_checker
+
+    target, _console = build("kvm", rate_guest)
+    try:
+        own = target.vm.tsc_hz
+        old = dict(target.fingerprint())
+        del old["tsc_hz"]
+        config_checker(target)(Fingerprint.from_dict(old))
+        if target.vm._tsc.scalable:  # type: ignore[attr-defined]  # kvm_state.GuestTsc
+            assert target.vm.tsc_hz == cpuid.TSC_HZ
+        else:
+            assert target.vm.tsc_hz == own
     finally:
         target.close()
 
