@@ -32,6 +32,7 @@ and holds the back channel (destination -> source replies), which uses both halv
 """
 from __future__ import annotations
 
+import os
 import select
 import ssl
 from dataclasses import dataclass
@@ -134,8 +135,11 @@ def announce_live_ram(channel: SocketChannel, version: tuple[int, int]) -> bool:
     """Destination side, once CONFIG is accepted: tell a source whose stream declared
     format 1.5 or later (``version``) that RAM_LIVE sections may follow (one OK
     ``ram-live`` on the back channel). Never to an older source, which would take it for a
-    refusal; never over TLS (its source keeps copying, and reads no notice). True if sent."""
+    refusal; never over TLS (its source keeps copying, and reads no notice), nor with
+    ``HV_STREAM_LIVE=0`` in the environment (to measure the copying path). True if sent."""
     if version < (FORMAT_MAJOR, RAM_LIVE_MINOR) or isinstance(channel.sock, ssl.SSLSocket):
+        return False
+    if os.environ.get("HV_STREAM_LIVE", "1") == "0":  # for measuring the copying path (A/B)
         return False
     send_reply(channel, True, LIVE_NOTICE)
     return True

@@ -284,3 +284,11 @@ def test_a_source_that_ends_with_the_notice_unread_reads_as_a_truncated_stream(
         assert (reader._native is not None) is use_native
         with pytest.raises(StreamError, match=r"^stream truncated: connection reset after \d+ bytes while reading"):
             reader.read_all()
+
+
+def test_hv_stream_live_0_keeps_the_destination_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HV_STREAM_LIVE", "0")
+    a, b = socket.socketpair()
+    with a, b:
+        assert announce_live_ram(SocketChannel(b), (1, RAM_LIVE_MINOR)) is False
+        assert take_live_notice(a) is False
