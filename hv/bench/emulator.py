@@ -229,7 +229,8 @@ def bare_unicorn(settings: EmuSettings, repeat: int) -> tuple[float, str]:
     code = bare_store_loop(settings.mib, settings.passes)
     results = []
     for _ in range(repeat):
-        proc = subprocess.run([settings.hv[0], "-c", BARE_CHILD, code.hex(), str(BARE_BASE), str(settings.mib)],
+        # -P: the current directory stays off sys.path (a stray hv_backends/ there is not ours)
+        proc = subprocess.run([settings.hv[0], "-P", "-c", BARE_CHILD, code.hex(), str(BARE_BASE), str(settings.mib)],
                               capture_output=True, text=True, timeout=settings.timeout)
         if proc.returncode != 0:
             raise BenchError(f"bare Unicorn loop failed: {proc.stderr.strip()[-300:]}")
