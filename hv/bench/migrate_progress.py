@@ -33,7 +33,7 @@ PASS_START = re.compile(rb"(?m)^pass \d")
 
 
 def _median_gap(times: list[float]) -> float | None:
-    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
     return statistics.median(gaps) if gaps else None
 
 

@@ -226,7 +226,8 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
     once the guest has got over the dirty log's write faults."""
     lines = []
     for row in rows:
-        reference = measured.get(row.case.reference()) if row.case.engine == "hv" else None
+        twin = row.case.reference()
+        reference = measured.get(twin) if twin is not None else None
         mine = row.memory("guest_lost_s") if row.samples else None
         theirs = reference.memory("guest_lost_s") if reference is not None else None
         if mine is not None and theirs is not None:
@@ -247,7 +248,8 @@ def same_span_progress(row: Row, reference: Row) -> tuple[float, float, float] |
     a longer migration whose guest got past the write-fault stall of its first round
     looks better per second; over the same span both engines are in the same phase."""
     pairs = [(a.guest_curve, b.guest_curve, min(a.window_s, b.window_s))
-             for a, b in zip(row.samples, reference.samples) if a.guest_curve and b.guest_curve]
+             for a, b in zip(row.samples, reference.samples, strict=False)   # failed runs leave rows unequal
+             if a.guest_curve and b.guest_curve]
     if not pairs:
         return None
     return (sum(span for _, _, span in pairs),

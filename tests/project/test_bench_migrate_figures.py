@@ -3,6 +3,7 @@ known inputs (real files and a real thread for the line clock; no process, no ti
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_line_clock_stamps_each_pass_line_once_even_when_written_in_pieces(tmp_p
     assert clock.times[0] == sorted(clock.times[0])
 
 
-def _wait(condition, timeout: float = 10.0) -> None:
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the line clock never saw the line"
