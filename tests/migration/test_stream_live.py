@@ -292,3 +292,16 @@ def test_hv_stream_live_0_keeps_the_destination_silent(monkeypatch: pytest.Monke
     with a, b:
         assert announce_live_ram(SocketChannel(b), (1, RAM_LIVE_MINOR)) is False
         assert take_live_notice(a) is False
+
+
+RECORDED_V1_5 = Path(__file__).parent.parent / "data" / "migration-stream-v1.5-live-x86_64.bin"
+
+
+@native
+def test_recorded_v1_5_live_stream_is_still_accepted(tmp_path: Path) -> None:
+    """Recorded once from this first RAM_LIVE release (a torn page 16, sent again in pass 2):
+    never regenerate it; every later 1.x reader must accept it with the same RAM."""
+    py, nat = read_both(RECORDED_V1_5.read_bytes(), tmp_path)
+    assert py[0] == "ok" and py == nat
+    assert "torn=1" in "".join(py[1])
+    assert py[-1][:RAM_PAGES * PAGE_SIZE] == source_ram()
