@@ -233,6 +233,13 @@ class Arm64Event:
 class UnicornArm64Vcpu(UnicornVcpuBase):
     """An aarch64 vCPU (Cortex-A72 model of Unicorn 2.1.4) running EL1/EL0 code."""
 
+    # The window is exact here: every instruction that can clear PSTATE.I (msr daifclr,
+    # msr daif, eret) ends its translation block, and the native block hook looks at the
+    # window at every block start, so the engine stops right after the unmasking
+    # instruction; aarch64 has no interrupt shadow. No retry kick is needed (each one woke
+    # the timer thread, whose GIL the vCPU then waited for).
+    exact_interrupt_window = True
+
     def __init__(self, vm: Any, index: int) -> None:
         verify_layout()
         from unicorn import arm64_const  # noqa: PLC0415

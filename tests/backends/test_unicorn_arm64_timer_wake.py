@@ -10,6 +10,10 @@ still wake the waiters: a halted vCPU sleeps on that condition.
 
 The vCPU is a real Unicorn aarch64 engine, so the injection (``hv_a64_inject_irq``) is
 checked too: the IRQ enters VBAR_EL1 + 0x280 from EL1h with ELR_EL1 the interrupted PC.
+
+The interrupt window of a Unicorn aarch64 vCPU is exact (the engine stops right after the
+instruction that clears PSTATE.I), so a masked injection plans no retry kick, which used to
+wake the timer thread at every failed injection.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 
 from hv.devices.arch_timer import PPI_VIRTUAL
 from hv.machine.gic_interrupts import GicController
+from hv_backends.base import ExitReason
 from tests.backends.unicorn_arm64_guest import CODE, VECTORS, Arm64Guest
 
 EL1H = 0x5          # PSTATE: EL1 with SP_EL1, DAIF clear
@@ -95,3 +100,45 @@ def test_another_threads_timer_update_still_wakes_the_halted_vcpu() -> None:
         controller.poll()                          # the timer thread fires the due timer
         assert changed.notified > before
         assert controller.wants_wake(0)
+
+
+def load_words(guest: Arm64Guest, addr: int, words: list[int]) -> None:
+    guest.memory.write(addr, b"".join(w.to_bytes(4, "little") for w in words))
+    guest.vm.invalidate_code(addr, 0x1000)
+
+
+def test_interrupt_window_opens_right_after_msr_daifclr(guest: Arm64Guest) -> None:
+    """The engine stops at the instruction after the unmasking one, having run nothing
+    past it: the window is exact (``exact_interrupt_window``), even after a chained loop."""
+    load_words(guest, CODE, [0x91000400,    # loop: add x0, x0, #1
+                             0xF1000421,    #       subs x1, x1, #1
+                             0x54FFFFC1,    #       b.ne loop
+                             0xD50342FF,    #       msr daifclr, #2
+                             0x91000442,    # spin: add x2, x2, #1
+                             0x17FFFFFF])   #       b spin
+    st = guest.state()
+    st.pstate = EL1H | (1 << 7)              # IRQs masked
+    st.x[1] = 1000
+    guest.vcpu.set_state(st)
+    assert guest.vcpu.exact_interrupt_window
+    guest.vcpu.request_interrupt_window()
+    assert guest.run().reason is ExitReason.IRQ_WINDOW
+    after = guest.vcpu.get_state()
+    assert (after.pc, after.x[0], after.x[1], after.x[2]) == (CODE + 16, 1000, 0, 0)
+    assert not after.pstate & (1 << 7)
+
+
+def test_masked_injection_plans_no_retry_and_wakes_nobody(guest: Arm64Guest) -> None:
+    """PSTATE.I set: before_run opens the (exact) window and neither plans a retry kick
+    nor wakes the timer thread for one."""
+    guest.memory.write(CODE, B_SELF.to_bytes(4, "little"))
+    st = guest.state()
+    st.pstate = EL1H | (1 << 7)
+    guest.vcpu.set_state(st)
+    controller, changed = armed_controller()
+    with controller._lock:
+        before = changed.notified
+        controller.before_run(0, guest.vcpu)
+        assert controller.gic.signalled(0) == PPI_VIRTUAL and controller.injected[0] == 0
+        assert controller.retries == 0 and changed.notified == before
+    assert guest.vcpu.get_state().pc == CODE     # nothing entered
