@@ -16,6 +16,7 @@ The hot hooks are native (``hv_backends._hv_native``, built by cffi at install t
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 import weakref
@@ -118,10 +119,29 @@ def code_write_notifier() -> Callable[[int, int], None] | None:
     return cast("Callable[[int, int], None]", fn)
 
 
+@functools.cache
+def _native_dll() -> ctypes.CDLL:
+    """The native module's shared object through ctypes (dlopen of the already loaded file)."""
+    return ctypes.CDLL(_native().__file__)
+
+
+def native_function_address(name: str) -> int:
+    """Address of the C function ``name`` of ``hv_backends._hv_native`` itself, for libunicorn
+    to call. cffi's ``ffi.addressof(lib, name)`` is its ``_cffi_d_<name>`` wrapper, which
+    calls the function through the PLT: two more calls on every block a hook sees."""
+    try:
+        address = ctypes.cast(getattr(_native_dll(), name), ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        address = None
+    if address:
+        return address
+    native = _native()   # not exported (a build with hidden symbols): the wrapper works too
+    return int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
+
+
 def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
     """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
-    native = _native()
-    fptr = int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
+    fptr = native_function_address(name)
     handle = ctypes.c_size_t()
     status = uclib().uc_hook_add(uc._uch, ctypes.byref(handle), htype, ctypes.c_void_p(fptr),
                                  ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end))
@@ -199,7 +219,7 @@ class NativeVcpu:
         a hook-list walk each: a fifth of a store loop's time). True if it polls."""
         lib = uclib()
         if poll and hasattr(lib, "hv_uc_set_poll"):
-            fptr = int(self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "hv_poll_hook")))
+            fptr = native_function_address("hv_poll_hook")
             lib.hv_uc_set_poll(uc._uch, ctypes.c_void_p(fptr), ctypes.c_void_p(self.addr))
             self._poke = lib.hv_uc_poke
             self._poke.argtypes = [ctypes.c_void_p]

@@ -33,6 +33,7 @@ from hv_backends.unicorn_common import (
     _import_unicorn,
     _native,
     add_native_hook,
+    native_function_address,
     uclib,
 )
 
@@ -280,7 +281,7 @@ class NativeX86:
         for insn, name in ((x86_const.UC_X86_INS_SYSCALL, "hv_x86_syscall_hook"),
                            (x86_const.UC_X86_INS_RDTSC, "hv_x86_rdtsc_hook"),
                            (x86_const.UC_X86_INS_RDTSCP, "hv_x86_rdtscp_hook")):
-            fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.lib, name)))
+            fptr = native_function_address(name)
             handle = ctypes.c_size_t()
             status = uclib().uc_hook_add(vcpu.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
                                          ctypes.c_void_p(fptr), ctypes.c_void_p(addr), ctypes.c_uint64(1),
