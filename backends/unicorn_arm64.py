@@ -27,6 +27,7 @@ from typing import Any
 
 from hv.memory import GuestMemoryError
 from hv.state import ARM64_SYSREG_NAMES, Arm64CpuState, CpuState
+from hv_backends.arm64_psci import psci_call
 from hv_backends.base import BackendError, Exit, ExitReason, PowerHandler, SysregHandler
 from hv_backends.unicorn_common import (
     UnicornLayoutError,
@@ -36,6 +37,7 @@ from hv_backends.unicorn_common import (
     _native,
     add_native_hook,
     library_is_patched,
+    native_function_address,
     uclib,
 )
 
@@ -98,29 +100,6 @@ EC_SVC64 = 0x15
 EC_BRK = 0x3C
 IL = 1 << 25
 
-PSCI_VERSION = 0x84000000
-PSCI_CPU_OFF = 0x84000002
-PSCI_CPU_ON_32 = 0x84000003
-PSCI_CPU_ON_64 = 0xC4000003
-PSCI_AFFINITY_INFO_32 = 0x84000004
-PSCI_AFFINITY_INFO_64 = 0xC4000004
-PSCI_MIGRATE_INFO_TYPE = 0x84000006
-PSCI_SYSTEM_OFF = 0x84000008
-PSCI_SYSTEM_RESET = 0x84000009
-PSCI_FEATURES = 0x8400000A
-# PSCI return codes (PSCI 1.0, section 5.2.2).
-PSCI_SUCCESS = 0
-PSCI_E_NOT_SUPPORTED = -1
-PSCI_E_INVALID_PARAMETERS = -2
-PSCI_E_DENIED = -3
-PSCI_E_ALREADY_ON = -4
-PSCI_E_INVALID_ADDRESS = -9
-PSCI_NOT_SUPPORTED = (1 << 64) - 1
-PSCI_MIGRATE_NOT_PRESENT = 2            # MIGRATE_INFO_TYPE: no Trusted OS to migrate
-PSCI_BASE_FUNCTIONS = frozenset({PSCI_VERSION, PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET,
-                                 PSCI_MIGRATE_INFO_TYPE})
-PSCI_POWER_FUNCTIONS = frozenset({PSCI_CPU_OFF, PSCI_CPU_ON_32, PSCI_CPU_ON_64,
-                                  PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64})
 MPIDR_EL1 = (0, 0, 3, 0, 5)
 MPIDR_RES1 = 1 << 31
 
@@ -284,13 +263,35 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"),
                            (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook"),
                            (self._a.UC_ARM64_INS_SYS, "hv_a64_sys_hook")):
-            fptr = int(ffi.cast("uintptr_t", ffi.addressof(self.native.lib, name)))
+            fptr = native_function_address(name)
             handle = ctypes.c_size_t()
             status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
                                          ctypes.c_void_p(fptr), ctypes.c_void_p(self._a64_addr),
                                          ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
             if status != 0:
                 raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+        self._install_poll()
+
+    # No block hook with hv's libunicorn (hv_uc_set_poll): the engine runs the check where
+    # it enters its execution loop, which every PSTATE.I-clearing instruction reaches (they
+    # end their block unchained), and after a poke (kicks, TLB/IC broadcasts, the deadline
+    # thread). The block hook's helper calls were a fifth of a store loop's time.
+    POLL = True
+
+    def _install_poll(self) -> None:
+        """A polling engine (the base installed hv_poll_hook) gets the aarch64 poll callback
+        instead, which also turns the deadline thread's signal into a kick."""
+        lib = uclib()
+        if not self.POLL or not hasattr(lib, "hv_uc_set_poll"):
+            return                      # the wheel's library: the block hook stays
+        ffi = self.native.ffi
+        uch = self.uc._uch
+        self.a64.poke = ffi.cast("void *", _fn_addr("hv_uc_poke"))
+        self.a64.uc = ffi.cast("void *", uch.value)
+        status = lib.hv_uc_set_poll(uch, ctypes.c_void_p(native_function_address("hv_a64_poll_hook")),
+                                    ctypes.c_void_p(self._a64_addr))
+        if status != 0:
+            raise BackendError(f"hv_uc_set_poll failed with Unicorn error {status}")
 
     def _join_peers(self) -> None:
         """Enter this vCPU in its VM's table for broadcast TLB maintenance: Unicorn has one
@@ -372,9 +373,14 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             self._fill_sysreg_classes()
 
     def arm_timer_deadline(self, host_ns: int | None) -> bool:
-        """The native block hook kicks this vCPU once the host clock passes ``host_ns``
-        (checked every 512 blocks), so a timer tick needs no other thread."""
-        self.native.struct.deadline_ns = max(1, host_ns) if host_ns is not None else 0
+        """This vCPU stops itself (KICKED) once the host clock passes ``host_ns``, so a
+        timer tick needs no Python thread: a polling engine through its native deadline
+        thread (hv_a64_arm_deadline), the block hook by reading the clock every 512 blocks.
+        False (the machine's timer thread kicks) if the deadline thread cannot start."""
+        deadline = max(1, host_ns) if host_ns is not None else 0
+        if self.a64.poke:
+            return self.native.lib.hv_a64_arm_deadline(self.a64, deadline) == 0
+        self.native.struct.deadline_ns = deadline
         return True
 
     @property
@@ -547,30 +553,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         args = [uc.reg_read(r) for r in (a.UC_ARM64_REG_X1, a.UC_ARM64_REG_X2, a.UC_ARM64_REG_X3)]
         if not function & 0x40000000:        # SMC32/HVC32 calling convention: w1..w3
             args = [arg & 0xFFFFFFFF for arg in args]
-        power = self._power_handler
-        result: int
-        if function == PSCI_SYSTEM_OFF:
-            return Exit(ExitReason.SYSTEM_OFF, "PSCI SYSTEM_OFF")
-        if function == PSCI_SYSTEM_RESET:
-            return Exit(ExitReason.SYSTEM_RESET, "PSCI SYSTEM_RESET")
-        if function == PSCI_VERSION:
-            result = 0x10000
-        elif function == PSCI_FEATURES:
-            supported = PSCI_BASE_FUNCTIONS | (PSCI_POWER_FUNCTIONS if power is not None else frozenset())
-            result = PSCI_SUCCESS if args[0] & 0xFFFFFFFF in supported else PSCI_E_NOT_SUPPORTED
-        elif function == PSCI_MIGRATE_INFO_TYPE:
-            result = PSCI_MIGRATE_NOT_PRESENT
-        elif power is not None and function == PSCI_CPU_OFF:
-            log.debug("vCPU %d: PSCI CPU_OFF", self.index)
-            return Exit(ExitReason.CPU_OFF, "PSCI CPU_OFF")
-        elif power is not None and function in (PSCI_CPU_ON_32, PSCI_CPU_ON_64):
-            result = power.cpu_on(args[0], args[1], args[2])
-        elif power is not None and function in (PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64):
-            result = power.affinity_info(args[0], args[1])
-        else:
-            log.debug("vCPU %d: PSCI function %#x not supported", self.index, function)
-            result = PSCI_E_NOT_SUPPORTED
-        uc.reg_write(a.UC_ARM64_REG_X0, result & ((1 << 64) - 1))
+        outcome = psci_call(function, args, self._power_handler, self.index)
+        if isinstance(outcome, Exit):
+            return outcome
+        uc.reg_write(a.UC_ARM64_REG_X0, outcome & ((1 << 64) - 1))
         return None
 
     # -- exception entry -------------------------------------------------------------
@@ -623,6 +609,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             if self._peers.n and self._peers.wait_timeouts:
                 log.warning("aarch64 TLB broadcasts: %s", self.tlb_stats)
             self._peers.n = 0
+            self.native.lib.hv_a64_timer_stop(self.a64)   # no poke after the engine closes
         super().close()
 
     # -- state ---------------------------------------------------------------------

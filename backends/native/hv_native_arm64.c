@@ -28,6 +28,7 @@ struct hv_a64 {
     uint64_t sysreg_native, sysreg_python, exc_native, exc_python;
     struct hv_a64_peers *peers; volatile int32_t tb_flush_req;
     int32_t clk_timeline; uint64_t clk_guest_ns; uint64_t clk_host_ns;
+    void *uc; void *poke; volatile int32_t deadline_due; void *timer;
 };
 uint32_t hv_a64_mrs_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
 uint32_t hv_a64_msr_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, void *user_data);
@@ -41,11 +42,16 @@ int32_t hv_a64_take_tb_flush(struct hv_a64 *a);
 uint64_t hv_a64_pc(void *uc, struct hv_a64 *a);
 int hv_a64_irqs_masked(void *uc, struct hv_a64 *a);
 int hv_a64_inject_irq(void *uc, struct hv_a64 *a);
+void hv_a64_poll_hook(void *uc, void *user_data);
+int hv_a64_arm_deadline(struct hv_a64 *a, uint64_t host_ns);
+void hv_a64_timer_stop(struct hv_a64 *a);
 extern "Python" uint32_t hv_a64_py_sysreg(void *, int, int, const struct uc_arm64_cp_reg_s *);
 extern "Python" void hv_a64_py_intr(void *, uint32_t);
 CDEF-END */
 
+#include <pthread.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <time.h>
 
 /* Register ids of unicorn 2.1.4 (arm64.h), compared with the Python constants at start-up
@@ -103,6 +109,12 @@ struct hv_a64 {
     int32_t clk_timeline;
     uint64_t clk_guest_ns;
     uint64_t clk_host_ns;
+    /* a polling engine (hv's libunicorn, no block hook): the engine and hv_uc_poke, so
+       broadcasts and the deadline thread can make it look at its flags; NULL otherwise */
+    void *uc;
+    void *poke;
+    volatile int32_t deadline_due;   /* the deadline thread saw the timer deadline pass */
+    void *timer;                     /* struct a64_timer of the deadline thread, or NULL */
 };
 
 #define A64_MAX_PEERS 64
@@ -339,6 +351,17 @@ static uint64_t a64_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+typedef void (*hv_poke_fn)(void *uc);
+
+/* Make a polling engine (hv_uc_set_poll) look at its flags at its next block start; a
+ * block-hook engine looks at every block anyway (a->uc is NULL then). */
+static void a64_poke(struct hv_a64 *a)
+{
+    void *uc = __atomic_load_n(&a->uc, __ATOMIC_ACQUIRE);
+    if (uc && a->poke)
+        ((hv_poke_fn)a->poke)(uc);
+}
+
 /* TLBI ...IS (inner shareable) invalidates the TLBs of every PE, and the DSB after it
  * waits for that. Unicorn has one CPU per engine and flushes only its own: ask every
  * other vCPU of the VM to flush at its next block, and wait until each one has, or is not
@@ -351,8 +374,11 @@ static void a64_tlb_broadcast(void *uc, struct hv_a64 *a)
     int n = p->n < A64_MAX_PEERS ? p->n : A64_MAX_PEERS;
     uint64_t start = 0;
     __atomic_add_fetch(&p->broadcasts, 1, __ATOMIC_RELAXED);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         want[i] = p->cpu[i] == a ? 0 : __atomic_add_fetch(&p->cpu[i]->vcpu->tlb_req, 1, __ATOMIC_SEQ_CST);
+        if (p->cpu[i] != a)
+            a64_poke(p->cpu[i]);
+    }
     for (;;) {
         int pending = 0;
         for (int i = 0; i < n && !pending; i++) {
@@ -394,6 +420,7 @@ static void a64_ic_broadcast(struct hv_a64 *a)
             continue;
         __atomic_store_n(&p->cpu[i]->tb_flush_req, 1, __ATOMIC_SEQ_CST);
         __atomic_store_n(&p->cpu[i]->vcpu->service, 1, __ATOMIC_SEQ_CST);
+        a64_poke(p->cpu[i]);
     }
 }
 
@@ -423,6 +450,121 @@ uint32_t hv_a64_sys_hook(void *uc, int reg, const struct uc_arm64_cp_reg_s *cp, 
         a64_ic_broadcast(a);                                     /* ic ivau of kernel code */
     }
     return 0;
+}
+
+/* hv_uc_set_poll callback of a polling aarch64 engine (no block hook): the block hook's
+ * check (kicks, interrupt window, housekeeping, TLB catch-up), plus the timer deadline the
+ * deadline thread saw pass, turned into a kick here, on the vCPU's own thread, as the
+ * block hook's clock check did (other threads set kick only under the backend's kick
+ * lock, which the vCPU thread needs to clear it). */
+void hv_a64_poll_hook(void *uc, void *user_data)
+{
+    struct hv_a64 *a = (struct hv_a64 *)user_data;
+    struct hv_vcpu *c = a->vcpu;
+    if (__atomic_load_n(&a->deadline_due, __ATOMIC_ACQUIRE) &&
+            __atomic_exchange_n(&a->deadline_due, 0, __ATOMIC_ACQ_REL)) {
+        c->deadline_exits++;
+        __atomic_store_n(&c->kick, 1, __ATOMIC_RELEASE);
+    }
+    hv_block_check(uc, c);
+}
+
+/* The deadline thread of a polling vCPU: sleeps until the machine's next timer expiry for
+ * this vCPU (host CLOCK_MONOTONIC ns), then sets deadline_due and pokes the engine. It
+ * needs no GIL, so a tick does not wait for a Python thread to be scheduled. */
+struct a64_timer {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t th;
+    int stop;
+    uint64_t deadline_ns;     /* 0: none */
+    struct hv_a64 *a;
+};
+
+static void *a64_timer_main(void *arg)
+{
+    struct a64_timer *t = (struct a64_timer *)arg;
+    pthread_mutex_lock(&t->mu);
+    while (!t->stop) {
+        if (!t->deadline_ns) {
+            pthread_cond_wait(&t->cv, &t->mu);
+            continue;
+        }
+        if (a64_now_ns() < t->deadline_ns) {
+            struct timespec ts = { (time_t)(t->deadline_ns / 1000000000ull), (long)(t->deadline_ns % 1000000000ull) };
+            pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+            continue;
+        }
+        t->deadline_ns = 0;
+        __atomic_store_n(&t->a->deadline_due, 1, __ATOMIC_RELEASE);
+        a64_poke(t->a);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+static struct a64_timer *a64_timer_start(struct hv_a64 *a)
+{
+    struct a64_timer *t = calloc(1, sizeof *t);
+    pthread_condattr_t ca;
+    if (!t)
+        return NULL;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    t->a = a;
+    if (pthread_create(&t->th, NULL, a64_timer_main, t) != 0) {
+        pthread_cond_destroy(&t->cv);
+        pthread_mutex_destroy(&t->mu);
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* (Re-)plan the vCPU's deadline (0: none); a due flag of the previous one is dropped (the
+ * caller has just fired the due timers or reprogrammed them). The thread starts at the
+ * first call; -1 if it cannot (the caller then leaves the ticks to the machine's timer
+ * thread). */
+int hv_a64_arm_deadline(struct hv_a64 *a, uint64_t host_ns)
+{
+    struct a64_timer *t = (struct a64_timer *)a->timer;
+    if (!t) {
+        if (!host_ns)
+            return 0;
+        t = a64_timer_start(a);
+        if (!t)
+            return -1;
+        a->timer = t;
+    }
+    pthread_mutex_lock(&t->mu);
+    uint64_t old = t->deadline_ns;
+    t->deadline_ns = host_ns;
+    __atomic_store_n(&a->deadline_due, 0, __ATOMIC_RELEASE);
+    if (host_ns && (!old || host_ns < old))
+        pthread_cond_signal(&t->cv);      /* later than the planned wake-up: no need */
+    pthread_mutex_unlock(&t->mu);
+    return 0;
+}
+
+/* Before the engine closes: no more pokes into it, and the deadline thread ends. */
+void hv_a64_timer_stop(struct hv_a64 *a)
+{
+    struct a64_timer *t = (struct a64_timer *)a->timer;
+    __atomic_store_n(&a->uc, NULL, __ATOMIC_RELEASE);
+    if (!t)
+        return;
+    pthread_mutex_lock(&t->mu);
+    t->stop = 1;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+    pthread_join(t->th, NULL);
+    pthread_cond_destroy(&t->cv);
+    pthread_mutex_destroy(&t->mu);
+    free(t);
+    a->timer = NULL;
 }
 
 /* The register ids this file was compiled with, for the backend's start-up check. */

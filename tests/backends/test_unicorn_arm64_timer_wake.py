@@ -24,6 +24,7 @@ import pytest
 from hv.devices.arch_timer import PPI_VIRTUAL
 from hv.machine.gic_interrupts import GicController
 from hv_backends.base import ExitReason
+from hv_backends.unicorn_common import uclib
 from tests.backends.unicorn_arm64_guest import CODE, VECTORS, Arm64Guest
 
 EL1H = 0x5          # PSTATE: EL1 with SP_EL1, DAIF clear
@@ -142,3 +143,21 @@ def test_masked_injection_plans_no_retry_and_wakes_nobody(guest: Arm64Guest) -> 
         assert controller.gic.signalled(0) == PPI_VIRTUAL and controller.injected[0] == 0
         assert controller.retries == 0 and changed.notified == before
     assert guest.vcpu.get_state().pc == CODE     # nothing entered
+
+
+def test_polling_engine_checks_only_at_loop_entries(guest: Arm64Guest) -> None:
+    """hv's libunicorn: the aarch64 engine has no block hook; its check (kicks, window,
+    deadline) runs where the engine enters its execution loop, not at each of the 200000
+    chained blocks of this loop (the block hook ran it 200000 times)."""
+    if not hasattr(uclib(), "hv_uc_set_poll"):
+        pytest.skip("the loaded libunicorn has no hv_uc_set_poll (wheel's library: block hook)")
+    load_words(guest, CODE, [0xF1000421,    # loop: subs x1, x1, #1
+                             0x54FFFFE1,    #       b.ne loop
+                             0xD503207F])   #       wfi
+    st = guest.state()
+    st.x[1] = 200000
+    guest.vcpu.set_state(st)
+    before = guest.vcpu.native.struct.blocks
+    assert guest.run().reason is ExitReason.HALT
+    assert guest.vcpu.get_state().x[1] == 0
+    assert guest.vcpu.native.struct.blocks - before < 100
