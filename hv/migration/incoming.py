@@ -247,7 +247,6 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     fails with SourceStalled.
     """
     status.connected()
-    stop_prefault(machine.memory)  # RAM not yet pre-faulted is faulted as the stream fills it
     channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN, stall_timeout)
     check_config = config_checker(machine)
     collected = IncomingState(machine)
@@ -259,11 +258,19 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         if reader.header is not None:  # a 1.5+ source may then send pages without copying them
             announce_live_ram(channel, (reader.header.format_major, reader.header.format_minor))
 
+    def on_round_end() -> None:
+        clock.round_end()
+        # The pre-fault runs on through the full pass (pages it faults in ahead of the
+        # stream cost the reader nothing; 2 GiB, 3/4 written: total 1037 -> 718 ms over
+        # unix, 1631 -> 1141 over tcp, medians of 4) and stops once that pass is in, so it
+        # never runs into the switch-over; what it had not reached is RAM the source never used.
+        stop_prefault(machine.memory)
+
     reader = StreamReader(channel, page_count=machine.memory.page_count, ram=machine.memory,
                           kind=StreamKind.MIGRATION, arch=machine.arch.value)
     steps = _Steps()
     try:
-        _read_stream(reader, collected, status, on_config, clock.round_end)
+        _read_stream(reader, collected, status, on_config, on_round_end)
         steps.mark("stream read")
         machine.restore(collected.snapshot())
         steps.mark("state restored")
