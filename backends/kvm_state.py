@@ -3,16 +3,14 @@ from and to KVM_{GET,SET}_{REGS,SREGS,MSRS,XSAVE,VCPU_EVENTS}, and the CPUID fil
 vCPU gets (split from :mod:`hv_backends.kvm`, which keeps creating, running and kicking)."""
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from hv import cpuid as cpuid_policy
 from hv.state import CANONICAL_MSRS, FXSAVE_SIZE, X86_SEGMENT_NAMES, DescriptorTable, Segment, X86CpuState
 from hv_backends import kvm_abi as abi
-from hv_backends.base import Arch, BackendError
+from hv_backends.base import BackendError
 
 log = logging.getLogger("hv_backends.kvm")
 
@@ -84,7 +82,7 @@ def apply_cpuid_policy(entries: list[CpuidEntry], tsc_hz: int = cpuid_policy.TSC
 HV_TSC_KHZ = cpuid_policy.TSC_HZ // 1000   # the rate hv's policy prefers where KVM can scale
 
 
-def _tsc_khz_of(vcpu_fd: int) -> int:
+def tsc_khz_of(vcpu_fd: int) -> int:
     khz = abi.libc.ioctl(vcpu_fd, abi.KVM_GET_TSC_KHZ, ffi.cast("unsigned long", 0))
     if khz <= 0:
         raise BackendError(f"KVM_GET_TSC_KHZ: {abi.errno_text(ffi.errno)}")
@@ -120,7 +118,7 @@ class GuestTsc:
 
     def configure(self, vcpu_fd: int) -> int:
         """Give a new vCPU the VM's TSC rate (kHz), fixing it with the first vCPU."""
-        host = _tsc_khz_of(vcpu_fd)
+        host = tsc_khz_of(vcpu_fd)
         if self.scalable and (self.khz is None or self.scaled):
             if abi.libc.ioctl(vcpu_fd, abi.KVM_SET_TSC_KHZ, ffi.cast("unsigned long", self.target_khz)) == 0:
                 self.khz, self.scaled = self.target_khz, True
@@ -164,33 +162,6 @@ class GuestTsc:
                                    f"(KVM_SET_TSC_KHZ {khz}: {error})")
         self.khz = self.target_khz = khz
         self.scaled, self.declared_hz = True, tsc_hz
-
-
-@functools.cache
-def kvm_guest_tsc_hz() -> int | None:
-    """The TSC rate a new KVM guest gets on this host, in Hz: hv's 1 GHz where KVM can
-    scale the TSC, the host's rate (KVM_GET_TSC_KHZ of a scratch vCPU) where it cannot;
-    None when /dev/kvm is not usable. Measured once per process (about 3 ms)."""
-    from hv_backends.kvm import KVM_DEVICE, KvmBackend  # noqa: PLC0415 - kvm imports this module
-
-    if KvmBackend.probe(Arch.X86_64) is not None:
-        return None
-    fds: list[int] = []
-    try:
-        fds.append(os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC))
-        if abi.libc.ioctl(fds[0], abi.KVM_CHECK_EXTENSION, ffi.cast("unsigned long", abi.KVM_CAP_TSC_CONTROL)) > 0:
-            return cpuid_policy.TSC_HZ
-        fds.append(_ioctl(fds[0], abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM (TSC rate probe)"))
-        fds.append(_ioctl(fds[1], abi.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU (TSC rate probe)"))
-        khz = _tsc_khz_of(fds[2])
-    except (OSError, BackendError) as exc:
-        log.info("cannot tell the TSC rate of a KVM guest on this host (%s)", exc)
-        return None
-    finally:
-        for fd in reversed(fds):
-            os.close(fd)
-    hz = khz * 1000
-    return hz if cpuid_policy.tsc_hz_problem(hz) is None else None
 
 
 def _segment_from_kvm(seg: Any) -> Segment:

@@ -115,11 +115,11 @@ class UnicornVm(Vm):
 
 def default_tsc_hz() -> int:
     """The guest TSC rate of a new x86 Unicorn VM: what a KVM guest gets on this host
-    (:func:`hv_backends.kvm_state.kvm_guest_tsc_hz`: the host's rate on KVM without TSC
+    (:func:`hv_backends.kvm_tsc.kvm_guest_tsc_hz`: the host's rate on KVM without TSC
     scaling, hv's 1 GHz with it), or hv's 1 GHz where KVM is not usable. A guest can then
     move between the two backends of one host in both directions: a KVM destination
     without TSC scaling can only run the host's rate (see docs/migration-stream.md)."""
-    from hv_backends.kvm_state import kvm_guest_tsc_hz  # noqa: PLC0415 - KVM's ioctls only here
+    from hv_backends.kvm_tsc import kvm_guest_tsc_hz  # noqa: PLC0415 - KVM's ioctls only here
 
     return kvm_guest_tsc_hz() or cpuid.TSC_HZ
 

@@ -370,7 +370,7 @@ def test_a_move_to_kvm_that_cannot_run_the_rate_keeps_the_guest_where_it_was(rat
     from hv.machine import MachineError
     from hv.machine.move import move_machine
     from hv_backends import backend_class
-    from hv_backends.kvm_state import kvm_guest_tsc_hz
+    from hv_backends.kvm_tsc import kvm_guest_tsc_hz
 
     if kvm_guest_tsc_hz() == cpuid.TSC_HZ:
         pytest.skip("this host's KVM can scale the guest TSC (KVM_CAP_TSC_CONTROL): it runs any rate")
@@ -482,7 +482,7 @@ def test_destination_refuses_malformed_tsc_hz_and_runs_nothing(vms, sock_dir, fa
 def test_kvm_destination_process_refuses_an_unrunnable_rate(vms, sock_dir, fake_source) -> None:
     """A real ``hv -incoming -accel kvm`` given a guest at ODD_HZ: without TSC control it
     refuses at CONFIG with the reason on its error line and to the source."""
-    from hv_backends.kvm_state import kvm_guest_tsc_hz
+    from hv_backends.kvm_tsc import kvm_guest_tsc_hz
 
     if kvm_guest_tsc_hz() == cpuid.TSC_HZ:
         pytest.skip("this host's KVM can scale the guest TSC (KVM_CAP_TSC_CONTROL): it runs any rate")
