@@ -359,7 +359,10 @@ class Machine:
         if not self._run.shut_down(reason):
             return
         self.runner.kick_all()
-        self._emit("SHUTDOWN", {"guest": reason == "guest-shutdown", "reason": reason})
+        try:
+            self._emit("SHUTDOWN", {"guest": reason == "guest-shutdown", "reason": reason})
+        finally:
+            self._run.announce_shutdown()   # only now may hv end and close the QMP server
 
     def wait_shutdown(self, timeout: float | None = None) -> str | None:
         """Block until the machine shuts down; the reason, or None on timeout."""

@@ -85,6 +85,9 @@ class RunStateTracker:
         self._state = RunState.PRELAUNCH
         self.closing = False
         self.shutdown_reason: str | None = None
+        # Set once the SHUTDOWN event has gone to the listeners: wait_shutdown returns only
+        # then, so whoever ends hv (and closes the QMP server) cannot drop the event.
+        self.shutdown_announced = False
 
     @property
     def state(self) -> RunState:
@@ -122,11 +125,18 @@ class RunStateTracker:
                 self.set(RunState.SHUTDOWN)
             return True
 
+    def announce_shutdown(self) -> None:
+        """The SHUTDOWN event has been emitted: release :meth:`wait_shutdown`."""
+        with self.lock:
+            self.shutdown_announced = True
+            self.changed.notify_all()
+
     def wait_shutdown(self, timeout: float | None = None) -> str | None:
-        """Block until the machine shuts down; the reason, or None on timeout."""
+        """Block until the machine has shut down and announced it (the SHUTDOWN event is
+        with the listeners); the reason, or None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
-            while self.shutdown_reason is None:
+            while self.shutdown_reason is None or not self.shutdown_announced:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None

@@ -2,6 +2,8 @@
 (IllegalTransition, never a MachineError a QMP client would see as bad input)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hv.machine.runstate import TRANSITIONS, IllegalTransition, MachineError, RunState, RunStateTracker
@@ -27,7 +29,9 @@ def test_lifecycle_follows_the_table_and_refuses_the_rest() -> None:
     assert not isinstance(info.value, (MachineError, ValueError))
     assert run.state is RunState.RUNNING            # refused: nothing changed
     assert run.shut_down("guest-shutdown") and not run.shut_down("host-qmp-quit")
-    assert run.state is RunState.SHUTDOWN and run.wait_shutdown(0) == "guest-shutdown"
+    assert run.state is RunState.SHUTDOWN and run.wait_shutdown(0) is None   # not announced yet
+    run.announce_shutdown()
+    assert run.wait_shutdown(0) == "guest-shutdown"
     with pytest.raises(IllegalTransition):
         run.set(RunState.RUNNING)                   # shutdown is terminal ...
     run.set(RunState.POSTMIGRATE)                   # ... but a migration under way still ends
@@ -41,3 +45,41 @@ def test_require_names_command_and_state() -> None:
     with pytest.raises(MachineError, match=r"^'-incoming' was not specified on the command line$"):
         run.require("migrate-incoming", RunState.INMIGRATE, message="'-incoming' was not specified on the command line")
     assert run.wait_shutdown(0) is None
+
+
+def test_wait_shutdown_returns_only_once_the_shutdown_event_is_with_the_listeners() -> None:
+    """hv's main thread ends hv (closing the QMP server) when wait_shutdown returns; if it
+    returned as soon as the state changed, a guest power-off racing it lost its SHUTDOWN
+    event ("monitor closed" in test_monitor under load). A listener that has not finished
+    receiving the event holds wait_shutdown back."""
+    from hv.config import parse_args
+    from hv.machine.machine import Machine
+    from hv_backends import backend_class
+    from hv.console import BufferSink
+    from tests.helpers import FIXTURES
+
+    config = parse_args(["-machine", "q35", "-m", "16", "-kernel", str(FIXTURES / "x86_64" / "blk.elf")]).config
+    machine = Machine(config, backend_class("unicorn")(), BufferSink())
+    entered, release = threading.Event(), threading.Event()
+    got: list[str] = []
+
+    def slow_listener(event: str, data: dict | None) -> None:
+        if event == "SHUTDOWN":
+            entered.set()
+            assert release.wait(30)
+            got.append(event)
+
+    machine.add_listener(slow_listener)
+    worker = threading.Thread(target=machine.request_shutdown, args=("guest-shutdown",))
+    try:
+        worker.start()
+        assert entered.wait(30)
+        assert machine.state is RunState.SHUTDOWN
+        assert machine.wait_shutdown(0.05) is None      # the event is still on its way
+        release.set()
+        assert machine.wait_shutdown(30) == "guest-shutdown"
+        assert got == ["SHUTDOWN"]
+    finally:
+        release.set()
+        worker.join(30)
+        machine.close()
