@@ -45,6 +45,7 @@ struct hvs_rx {
     uint8_t kinds[8192];
     int32_t live_ok; int32_t live; uint32_t page_crc; uint32_t torn; uint64_t torn_total;
     uint32_t crcs[8192]; uint8_t torn_map[8192];
+    uint8_t *pristine;
 };
 int hvs_available(void);
 uint32_t hvs_crc32(uint32_t crc, const uint8_t *p, size_t n);
@@ -83,6 +84,10 @@ struct hvs_rx {
     /* format 1.5 RAM_LIVE sections (live_ok: the stream declared >= 1.5) */
     int32_t live_ok; int32_t live; uint32_t page_crc; uint32_t torn; uint64_t torn_total;
     uint32_t crcs[HVS_MAX_RUN_PAGES]; uint8_t torn_map[HVS_MAX_RUN_PAGES];
+    /* NULL, or one byte per page of guest RAM: 1 = known zero (never populated when the
+     * destination was created, and written by nothing since); cleared here for every page a
+     * section brings data for, before the data lands */
+    uint8_t *pristine;
 };
 
 /* -- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted) ------------------- */
@@ -481,11 +486,13 @@ static int hvs_peek(struct hvs_rx *rx)
     return 0;
 }
 
-/* Zero runs: write only the pages that are not zero already (fresh or pre-faulted RAM is). */
+/* Zero runs: write only the pages that are not zero already (fresh or pre-faulted RAM is).
+ * A page known to be untouched (pristine) is zero without reading it: reading RAM the
+ * source never used cost the destination 14% of its time on an idle 2 GiB guest. */
 static void hvs_zero_runs(struct hvs_rx *rx)
 {
     for (uint32_t i = 0; i < rx->count; i++) {
-        if (rx->kinds[i])
+        if (rx->kinds[i] || (rx->pristine && rx->pristine[rx->start + i]))
             continue;
         uint8_t *page = hvs_target(rx, rx->start + i, 1);
         if (!hvs_page_is_zero(page))
@@ -633,6 +640,9 @@ int hvs_rx_step(struct hvs_rx *rx)
         rx->pos += framing;
         rx->section_bytes = framing;
         rx->data_done = 0;
+        if (rx->pristine)  /* data is about to land in these pages: no longer known zero */
+            for (uint32_t i = 0; i < rx->count; i++)
+                rx->pristine[rx->start + i] &= (uint8_t)!rx->kinds[i];
         hvs_zero_runs(rx);
         rx->state = ST_DATA;
     }

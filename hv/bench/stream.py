@@ -47,7 +47,7 @@ from hv.migration.stream import (
     read_reply,
     send_reply,
 )
-from hv.migration.stream_writer import WRITER_RUN_PAGES
+from hv.migration.stream_writer import LIVE_RUN_PAGES, WRITER_RUN_PAGES
 from hv.migration.transport import connect, listen
 from hv.state import X86CpuState
 
@@ -214,7 +214,7 @@ def _serve(kind: str, make_listener_or_sock, size: int, fp: Fingerprint, wire: i
     conn.close()
 
 
-def send_stream(sock: socket.socket, kind: str, mem: GuestMemory, fp: Fingerprint, run_pages: int) -> None:
+def send_stream(sock: socket.socket, kind: str, mem: GuestMemory, fp: Fingerprint, run_pages: int | None) -> None:
     chan = SocketChannel(sock)
     writer = StreamWriter(chan, run_pages=run_pages)
     writer.write_header(fp.arch, fp.machine)
@@ -230,7 +230,7 @@ def send_stream(sock: socket.socket, kind: str, mem: GuestMemory, fp: Fingerprin
 
 
 def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
-             run_pages: int = WRITER_RUN_PAGES) -> float:
+             run_pages: int | None = None) -> float:
     """Seconds to move everything, from the first byte to the receiver's reply."""
     ctx = mp.get_context("fork")
     if transport == "tcp":
@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--zero-percent", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--run-pages", type=int, default=WRITER_RUN_PAGES, help="pages per RAM section")
+    parser.add_argument("--run-pages", type=int, default=None,
+                        help=f"pages per RAM section (default: the writer's, {WRITER_RUN_PAGES} when "
+                             f"copying, {LIVE_RUN_PAGES} when not)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size = args.mib << 20

@@ -176,12 +176,29 @@ class Prefaulter:
     outcome: str = "not started"
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    # One byte per page of all regions, in RAM offset order: 1 where the page was never
+    # populated when the pre-fault started (so it is zero, faulted in or not), or None.
+    pristine: bytearray | None = None
 
     @property
     def total(self) -> int:
         return sum(len(view) for _, view in self.views)
 
+    def _capture_pristine(self) -> None:
+        """Which pages nothing ever wrote, read from the page map before the pre-fault
+        populates them (afterwards they are present, still zero, but indistinguishable)."""
+        if os.environ.get("HV_STREAM_PRISTINE", "1") == "0":
+            return
+        maps = []
+        for mapping, view in self.views:
+            known = None if mapping.closed else never_populated(view)
+            if known is None:
+                return
+            maps.append(known)
+        self.pristine = bytearray(b"".join(maps))
+
     def start(self) -> Prefaulter:
+        self._capture_pristine()
         available = mem_available()
         if available is not None and self.total > available * PREFAULT_HEADROOM:
             self.outcome = f"skipped: {self.total >> 20} MiB RAM, {available >> 20} MiB available"
@@ -251,6 +268,19 @@ def stop_prefault(memory: Any) -> None:
     prefaulter = _prefaulted.get(memory) if memory is not None else None
     if prefaulter is not None:
         prefaulter._stop.set()
+
+
+def take_pristine(memory: Any, page_count: int) -> bytearray | None:
+    """Hand the map of pages known to be zero (:attr:`Prefaulter.pristine`) to the one
+    stream reader that fills ``memory`` first, or None. Taken at most once: it is valid only
+    while nothing but that reader wrote the RAM (a destination that has not run), and the
+    reader keeps it true by clearing each page it writes before writing it; a later reader
+    (another migration or restore, a reset machine) never sees it."""
+    prefaulter = _prefaulted.get(memory) if memory is not None else None
+    if prefaulter is None:
+        return None
+    pristine, prefaulter.pristine = prefaulter.pristine, None
+    return pristine if pristine is not None and len(pristine) == page_count else None
 
 
 def is_prefaulted(memory: Any) -> bool:

@@ -176,6 +176,14 @@ class Receiver:
         self.rx = rx
         self.applied = 0  # RAM sections applied here
 
+    def set_pristine(self, pristine: bytearray) -> None:
+        """Pages marked 1 in ``pristine`` (one byte per page of guest RAM) are known zero:
+        a zero page there is not read. The receiver clears a page's byte before it writes
+        the page (:func:`hv.migration.pages.take_pristine`)."""
+        assert len(pristine) >= int(self.rx.page_count)
+        self._pristine = self._ffi.from_buffer("uint8_t[]", pristine)
+        self.rx.pristine = self._pristine
+
     def allow_live(self) -> None:
         """The stream declared format 1.5 or later: RAM_LIVE sections may be applied."""
         self.rx.live_ok = 1

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from hv.errors import StreamError
 from hv.migration import stream_native
-from hv.migration.pages import is_prefaulted, populate, zero_pages
+from hv.migration.pages import is_prefaulted, populate, take_pristine, zero_pages
 from hv.migration.stream_channels import Source
 from hv.migration.stream_format import (
     _IOV_BATCH,
@@ -121,6 +121,14 @@ class StreamReader:
             self._native = stream_native.receiver_for(source, ram, page_count, self._covered)
             if self._native is not None:
                 self.source = stream_native.Drained(source, self._native)
+        # Pages known to be zero on a fresh destination (never populated): zero pages sent
+        # for them need not be read. Every RAM section clears its pages here (Python path,
+        # in _ram_head) or in the native receiver before it writes any.
+        self._pristine: bytearray | None = None
+        if self._native is not None:
+            self._pristine = take_pristine(ram, page_count)
+            if self._pristine is not None:
+                self._native.set_pristine(self._pristine)
 
     # -- raw reads -------------------------------------------------------------------
     def _read_into(self, view: memoryview, what: str) -> None:
@@ -457,6 +465,8 @@ class StreamReader:
             raise StreamError(f"{name} section: page kind map holds values other than ZERO (0) and NORMAL (1)")
         if self._remaining != normal * page_bytes:
             raise StreamError(f"{name} section: length {length} does not match {normal} normal pages")
+        if self._pristine is not None:  # about to write these pages: no longer known zero
+            self._pristine[start:start + count] = bytes(count)
         return start, count, kinds, normal
 
     def _read_ram(self, length: int) -> RamSection:
