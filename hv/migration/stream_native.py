@@ -89,14 +89,17 @@ class Packer:
     """Frames RAM sections for :class:`hv.migration.stream_writer.StreamWriter`."""
 
     run_pages: int
+    copy_pages: int = 0  # the most pages one copying section holds (0: run_pages)
     _meta: bytearray = field(init=False)
     _copy: bytearray = field(init=False)
 
     def __post_init__(self) -> None:
         assert _NATIVE is not None
         ffi, _ = _NATIVE
+        self.copy_pages = min(self.copy_pages or self.run_pages, self.run_pages)
         self._meta = bytearray(_FRAMING + self.run_pages * 5)  # room for RAM_LIVE page checksums
-        self._copy = bytearray(self.run_pages * PAGE_SIZE)
+        # bytearray() writes its zeros: the copy buffer is resident at its full size
+        self._copy = bytearray(self.copy_pages * PAGE_SIZE)
         self._meta_c = ffi.from_buffer("uint8_t[]", self._meta)
         self._copy_c = ffi.from_buffer("uint8_t[]", self._copy)
         self._crc = ffi.new("uint32_t *")
@@ -108,6 +111,7 @@ class Packer:
         With ``copy`` the normal pages are in :attr:`copied` afterwards (what must be sent
         while the guest runs); without, the caller sends them from ``view``."""
         assert _NATIVE is not None and 1 <= count <= self.run_pages <= MAX_RUN_PAGES
+        assert not copy or count <= self.copy_pages
         ffi, lib = _NATIVE
         zero_map = ffi.NULL if known_zero is None else ffi.from_buffer("uint8_t[]", known_zero)
         normal = lib.hvs_pack(ffi.from_buffer("uint8_t[]", view), start, count, zero_map,

@@ -269,7 +269,8 @@ class StreamWriter:
 
     def _write_run(self, start: int, mv: memoryview, count: int, stable: bool) -> RamStats:
         if self._packer is None and stream_native.available():
-            self._packer = stream_native.Packer(max(self.run_pages, self.live_run_pages))
+            # the copy buffer only as large as a copying section (1 MiB): it is resident
+            self._packer = stream_native.Packer(max(self.run_pages, self.live_run_pages), self.run_pages)
         if self._packer is not None:
             return self._write_run_native(self._packer, start, mv, count, stable)
         kinds, normal = page_kinds(mv, count)
@@ -290,7 +291,7 @@ class StreamWriter:
         crc = crc32(meta, crc32(head))
         if not stable and segments:
             if self._copy is None:
-                self._copy = memoryview(bytearray(max(self.run_pages, self.live_run_pages) * PAGE_SIZE))
+                self._copy = memoryview(bytearray(self.run_pages * PAGE_SIZE))
             pos = 0
             for seg in segments:  # copy, then checksum the copy while it is cached
                 end = pos + len(seg)
