@@ -65,8 +65,8 @@ STOP_POLL = 0.25  # seconds: how often a blocked read checks for quit/SIGTERM
 def start_prefault(machine: Machine) -> Prefaulter:
     """The destination was just created: pre-fault its guest RAM in the background while
     it waits for its source, so the stream copies into RAM that is already mapped (see
-    :class:`hv.migration.pages.Prefaulter`; it never blocks exit, and stops when the source
-    connects)."""
+    :class:`hv.migration.pages.Prefaulter`; it never blocks exit, and stops at the source's
+    first ROUND_END, when the full pass is in)."""
     return prefault_memory(machine.memory)
 
 
