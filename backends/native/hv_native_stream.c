@@ -266,6 +266,19 @@ static int hvs_page_is_zero(const uint8_t *p)
 static void hvs_put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void hvs_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
+/* The section header (type, flags, length) and the run header (first page, page count)
+ * that RAM and RAM_LIVE sections share. */
+static void hvs_put_ram_head(uint8_t *out, uint8_t type, uint32_t length, uint64_t start, uint32_t npages)
+{
+    out[0] = type;
+    out[1] = 0;
+    out[2] = out[3] = 0;
+    hvs_put32(out + 4, length);
+    hvs_put64(out + 8, start);
+    hvs_put32(out + 16, npages);
+    hvs_put32(out + 20, 0);
+}
+
 /* Frame npages pages at src (stream page numbers start..) as one RAM section.
  *
  * out receives the section header, the run header and the kind map (24 + npages bytes);
@@ -287,13 +300,7 @@ int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint
         normal += !zero;
     }
     uint32_t length = HVS_RUN + npages + normal * HVS_PAGE;
-    out[0] = HVS_TYPE_RAM;
-    out[1] = 0;
-    out[2] = out[3] = 0;
-    hvs_put32(out + 4, length);
-    hvs_put64(out + 8, start);
-    hvs_put32(out + 16, npages);
-    hvs_put32(out + 20, 0);
+    hvs_put_ram_head(out, HVS_TYPE_RAM, length, start, npages);
     uint32_t crc = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages);
     uint32_t i = 0;
     while (i < npages) {
@@ -337,13 +344,7 @@ int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const
             hvs_put32(crcs + 4u * normal++, hvs_crc_copy(0, page, NULL, HVS_PAGE));
     }
     uint32_t length = HVS_RUN + npages + normal * (4u + HVS_PAGE);
-    out[0] = HVS_TYPE_RAM_LIVE;
-    out[1] = 0;
-    out[2] = out[3] = 0;
-    hvs_put32(out + 4, length);
-    hvs_put64(out + 8, start);
-    hvs_put32(out + 16, npages);
-    hvs_put32(out + 20, 0);
+    hvs_put_ram_head(out, HVS_TYPE_RAM_LIVE, length, start, npages);
     *crc_out = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages + 4u * normal);
     return normal;
 }
