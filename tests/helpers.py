@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import os
 from pathlib import Path
@@ -280,6 +281,25 @@ def machine_in_process(machine_type: str, accel: str, kernel: Path, append: str,
     machine = Machine(config, backend_class(accel)(), console)
     machine.load_kernel(config.kernel.read_bytes())
     return machine, console
+
+
+def receive_in_thread(target: Any, sock: socket.socket, status: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """Receive a migration into the in-process machine ``target`` from ``sock`` on a
+    started thread; whatever the receive raised is appended to the returned list, for
+    the test thread to check after joining."""
+    from hv.migration.incoming import receive_migration
+
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            receive_migration(target, sock, status)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=receive, name="test-incoming")
+    thread.start()
+    return thread, errors
 
 
 def wait_console_lines(console: Any, count: int, timeout: float = 120.0) -> None:

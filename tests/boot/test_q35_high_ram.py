@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +28,10 @@ from hv.console import BufferSink
 from hv.machine import Machine, ram_layout
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.migration.engine import CHUNK_PAGES, MigrationParameters, OutgoingMigration, save_snapshot
-from hv.migration.incoming import load_snapshot, receive_migration
+from hv.migration.incoming import load_snapshot
 from hv.migration.status import MigrationStatus
 from hv.migration.stream_format import ConfigMismatchError
-from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, requires_kvm
+from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, receive_in_thread, requires_kvm
 from tests.boot.kernels import make_bzimage, make_pvh
 
 MIB = 1 << 20
@@ -209,16 +208,7 @@ def test_live_migration_carries_ram_above_4_gib(accel: str) -> None:
     source, console = start_source(accel)
     target, target_console = build(accel, "mib=8 iterations=0")
     out_sock, in_sock = socket.socketpair()
-    errors: list[BaseException] = []
-
-    def receive() -> None:
-        try:
-            receive_migration(target, in_sock, status_for(target))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            errors.append(exc)
-
-    receiver = threading.Thread(target=receive, name="test-incoming")
-    receiver.start()
+    receiver, errors = receive_in_thread(target, in_sock, status_for(target))
     try:
         # Three dirty rounds at most: a guest rewriting its buffer at KVM speed would
         # otherwise be throttled for many rounds before it converges.

@@ -21,7 +21,6 @@ import json
 import socket
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,9 @@ import pytest
 from hv import cpuid
 from hv.machine import Machine, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration
-from hv.migration.incoming import receive_migration
 from hv.migration.status import MigrationStatus
 from hv.migration.stream import Fingerprint, SectionType, StreamError
-from tests.helpers import machine_in_process, requires_kvm
+from tests.helpers import machine_in_process, receive_in_thread, requires_kvm
 from tests.migration.conftest import assert_destination_gave_up, incoming
 
 WINDOW_NS = 300_000_000          # guest ns per measurement
@@ -202,17 +200,8 @@ def migrate(source: Machine, target: Machine) -> tuple[MigrationStatus, list[Bas
     """Live-migrate over a real socket pair (both ends in this process, the engine's own
     threads); the source's status and what the destination raised."""
     out_sock, in_sock = socket.socketpair()
-    errors: list[BaseException] = []
     status = status_for(source)
-
-    def receive() -> None:
-        try:
-            receive_migration(target, in_sock, status_for(target))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            errors.append(exc)
-
-    receiver = threading.Thread(target=receive, name="test-incoming")
-    receiver.start()
+    receiver, errors = receive_in_thread(target, in_sock, status_for(target))
     try:
         outgoing = OutgoingMigration(source, status, MigrationParameters(), out_sock, lambda *_args: None)
         outgoing.start()
