@@ -302,6 +302,31 @@ def receive_in_thread(target: Any, sock: socket.socket, status: Any) -> tuple[th
     return thread, errors
 
 
+def copy_dirty_pages(bitmap: bytes, source: memoryview, target: bytearray) -> int:
+    """A pre-copy round by hand: copy every page whose bit is set in ``bitmap`` from
+    ``source`` (guest RAM) to ``target``; the number of pages copied."""
+    from hv.memory import PAGE_SIZE
+
+    copied = 0
+    for byte_index, byte in enumerate(bitmap):
+        if not byte:
+            continue
+        for bit in range(8):
+            if byte >> bit & 1:
+                offset = (byte_index * 8 + bit) * PAGE_SIZE
+                target[offset:offset + PAGE_SIZE] = source[offset:offset + PAGE_SIZE]
+                copied += 1
+    return copied
+
+
+def stale_pages(copy: bytearray, ram: memoryview) -> list[int]:
+    """Indexes of the pages where a pre-copied ``copy`` differs from guest ``ram``."""
+    from hv.memory import PAGE_SIZE
+
+    return [i for i in range(len(copy) // PAGE_SIZE)
+            if copy[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != ram[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]]
+
+
 def wait_console_lines(console: Any, count: int, timeout: float = 120.0) -> None:
     """Wait, bounded by ``timeout``, until an in-process console has ``count`` lines."""
     deadline = time.monotonic() + timeout

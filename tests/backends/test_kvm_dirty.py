@@ -10,10 +10,10 @@ import pytest
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine
-from hv.memory import PAGE_SIZE
+from hv.migration.engine import merge_bitmaps
 from hv_backends import backend_class
 from hv_backends.kvm_dirty import dirty_word_runs
-from tests.helpers import FIXTURES, requires_kvm
+from tests.helpers import FIXTURES, copy_dirty_pages, requires_kvm, stale_pages
 
 ROUNDS = 40
 
@@ -25,24 +25,6 @@ def test_dirty_word_runs_split_on_zero_words_and_limit() -> None:
     assert dirty_word_runs([0, 1, 1, 1, 1, 0], 4) == [(1, 4)]
     raw = (5).to_bytes(8, "little") + bytes(8) + (1 << 63).to_bytes(8, "little")
     assert dirty_word_runs(raw, 64) == [(0, 1), (2, 1)]
-
-
-def _copy_dirty(bitmap: bytes, source: memoryview, target: bytearray) -> int:
-    """Copy every page whose bit is set from ``source`` to ``target``; pages copied."""
-    copied = 0
-    for byte_index, byte in enumerate(bitmap):
-        if not byte:
-            continue
-        for bit in range(8):
-            if byte >> bit & 1:
-                offset = (byte_index * 8 + bit) * PAGE_SIZE
-                target[offset:offset + PAGE_SIZE] = source[offset:offset + PAGE_SIZE]
-                copied += 1
-    return copied
-
-
-def _merge(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
 def _copy_armed(vm: object, bitmap: bytes, source: memoryview, target: bytearray, chunk: int) -> int:
@@ -57,7 +39,7 @@ def _copy_armed(vm: object, bitmap: bytes, source: memoryview, target: bytearray
                 part[page // 8] |= 1 << (page % 8)
         if any(part):
             vm.arm_dirty(first, chunk)  # type: ignore[attr-defined]
-            copied += _copy_dirty(bytes(part), source, target)
+            copied += copy_dirty_pages(bytes(part), source, target)
     return copied
 
 
@@ -96,14 +78,13 @@ def test_pages_written_during_takes_reach_the_copy(deferred: bool) -> None:
         copied = 0
         for _ in range(ROUNDS):
             time.sleep(0.01)
-            bitmap = _merge(take(), memory.take_vmm_dirty())
-            copied += _copy_armed(vm, bitmap, ram, copy, 100) if deferred else _copy_dirty(bitmap, ram, copy)
+            bitmap = merge_bitmaps(take(), memory.take_vmm_dirty())
+            copied += _copy_armed(vm, bitmap, ram, copy, 100) if deferred else copy_dirty_pages(bitmap, ram, copy)
         assert machine.pause()
-        _copy_dirty(_merge(take(), memory.take_vmm_dirty()), ram, copy)
+        copy_dirty_pages(merge_bitmaps(take(), memory.take_vmm_dirty()), ram, copy)
         vm.stop_dirty_log()
         assert copied > 0, "the guest wrote nothing while the log was taken"
-        stale = [i for i in range(len(copy) // PAGE_SIZE)
-                 if copy[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != ram[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]]
+        stale = stale_pages(copy, ram)
         assert stale == [], f"{len(stale)} pages lost, first {stale[:5]}"
         assert console.getvalue().count(b"\n") >= lines_before
     finally:

@@ -23,9 +23,9 @@ import pytest
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine
-from hv.memory import PAGE_SIZE
+from hv.migration.engine import merge_bitmaps
 from hv_backends import backend_class
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, copy_dirty_pages, stale_pages
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 30
@@ -35,24 +35,6 @@ GUESTS = {
     "x86_64-smp2": ("q35", "x86_64", "smp.elf", 2),
     "aarch64-smp2": ("virt", "aarch64", "smp.elf", 2),
 }
-
-
-def _copy_dirty(bitmap: bytes, source: memoryview, target: bytearray) -> int:
-    """Copy every page whose bit is set from ``source`` to ``target``; pages copied."""
-    copied = 0
-    for byte_index, byte in enumerate(bitmap):
-        if not byte:
-            continue
-        for bit in range(8):
-            if byte >> bit & 1:
-                offset = (byte_index * 8 + bit) * PAGE_SIZE
-                target[offset:offset + PAGE_SIZE] = source[offset:offset + PAGE_SIZE]
-                copied += 1
-    return copied
-
-
-def _merge(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
 def precopy(name: str) -> dict[str, object]:
@@ -77,13 +59,12 @@ def precopy(name: str) -> dict[str, object]:
         copied = 0
         for _ in range(ROUNDS):
             time.sleep(0.02)
-            copied += _copy_dirty(_merge(vm.take_dirty(), memory.take_vmm_dirty()), ram, copy)
+            copied += copy_dirty_pages(merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty()), ram, copy)
         tlb = [bool(v._tlb_logging) for v in vm.vcpus]  # type: ignore[attr-defined]
         assert machine.pause()
-        _copy_dirty(_merge(vm.take_dirty(), memory.take_vmm_dirty()), ram, copy)
+        copy_dirty_pages(merge_bitmaps(vm.take_dirty(), memory.take_vmm_dirty()), ram, copy)
         vm.stop_dirty_log()
-        stale = [i for i in range(len(copy) // PAGE_SIZE)
-                 if copy[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != ram[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]]
+        stale = stale_pages(copy, ram)
         return {"copied": copied, "stale": stale[:5], "nstale": len(stale), "tlb": tlb,
                 "lines": console.getvalue().count(b"\n") - lines_before, "vcpus": len(vm.vcpus)}
     finally:
