@@ -81,13 +81,16 @@ def x86_state(i: int) -> X86CpuState:
     return X86CpuState(rax=0x1234 + i, rip=0x100000 + i, rflags=0x202, cr0=0x80000011, tsc=99)
 
 
-def write_valid(writer: StreamWriter, src: GuestMemory, *, arch: str = "x86_64") -> None:
+def write_valid(writer: StreamWriter, src: GuestMemory, *, arch: str = "x86_64", resend: int = 17,
+                resend_stable: bool = False) -> None:
+    """The reference stream: a full pass, then page ``resend`` again in a second pass
+    (``resend_stable``: as a paused guest's page, which is never a RAM_LIVE section)."""
     writer.write_header(arch, "q35" if arch == "x86_64" else "virt")
     writer.write_config(fingerprint(arch))
     for region in src.regions:
         writer.write_ram(region.offset // PAGE_SIZE, region.view)
     writer.write_round_end(1)
-    writer.write_ram(17, src.page_view(17))
+    writer.write_ram(resend, src.page_view(resend), stable=resend_stable)
     writer.write_round_end(2)
     for i in range(2):
         writer.write_cpu(i, x86_state(i) if arch == "x86_64" else Arm64CpuState(pc=0x40000000 + i))

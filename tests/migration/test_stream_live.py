@@ -37,12 +37,10 @@ from tests.migration.test_migration_stream import (
     RAM_PAGES,
     Collect,
     dest_memory,
-    fingerprint,
     prefix_through_config,
     section_offsets,
     source_memory,
     write_valid,
-    x86_state,
 )
 from tests.migration.test_stream_native import read_both
 
@@ -59,19 +57,8 @@ def live_stream(resend: int | None = None) -> bytes:
     writer.live_ram = True
     if resend is None:
         write_valid(writer, src)
-        return bytes(out.data)
-    writer.write_header("x86_64", "q35")
-    writer.write_config(fingerprint())
-    for region in src.regions:
-        writer.write_ram(region.offset // PAGE_SIZE, region.view)
-    writer.write_round_end(1)
-    writer.write_ram(resend, src.page_view(resend), stable=True)
-    writer.write_round_end(2)
-    for i in range(2):
-        writer.write_cpu(i, x86_state(i))
-    writer.write_device("serial", "serial0", 1, {"lcr": 3, "fifo": "4142"})
-    writer.write_device("virtio-blk-pci", "d0", 2, bytes(range(40)))
-    writer.write_end()
+    else:
+        write_valid(writer, src, resend=resend, resend_stable=True)
     return bytes(out.data)
 
 
