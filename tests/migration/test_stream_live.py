@@ -42,10 +42,7 @@ from tests.migration.test_migration_stream import (
     source_memory,
     write_valid,
 )
-from tests.migration.test_stream_native import read_both
-
-native = pytest.mark.skipif(not stream_native.available(),
-                            reason="native stream code needs an x86_64 host with PCLMULQDQ")
+from tests.migration.test_stream_native import native, read_both
 
 
 def live_stream(resend: int | None = None) -> bytes:
@@ -251,13 +248,11 @@ def test_peer_waiting_takes_the_notice_and_reports_what_follows() -> None:
         assert read_reply(SocketChannel(a)).text == "mismatch"
 
 
-@pytest.mark.parametrize("use_native", [False, True])
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=native)])
 def test_a_source_that_ends_with_the_notice_unread_reads_as_a_truncated_stream(
         use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A source killed before it took the notice resets the connection (unread bytes):
     the destination reports a truncated stream, as it does for a plain close."""
-    if use_native and not stream_native.available():
-        pytest.skip("native stream code needs an x86_64 host with PCLMULQDQ")
     if not use_native:
         monkeypatch.setattr(stream_native, "_NATIVE", None)
     data = live_stream()

@@ -48,8 +48,10 @@ from tests.migration.test_migration_stream import (
     x86_state,
 )
 
-pytestmark = pytest.mark.skipif(not stream_native.available(),
-                                reason="native stream code needs an x86_64 host with PCLMULQDQ")
+# also the marker of the other files' tests that need the native stream code
+native = pytest.mark.skipif(not stream_native.available(),
+                            reason="native stream code needs an x86_64 host with PCLMULQDQ")
+pytestmark = native
 
 
 @pytest.fixture

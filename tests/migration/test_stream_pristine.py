@@ -28,9 +28,7 @@ from hv.migration.stream import (
 from hv.migration.stream_writer import LIVE_RUN_PAGES, WRITER_RUN_PAGES
 from hv.state import X86CpuState
 from tests.migration.test_migration_stream import Collect
-
-native = pytest.mark.skipif(not stream_native.available(),
-                            reason="native stream code needs an x86_64 host with PCLMULQDQ")
+from tests.migration.test_stream_native import native
 
 PAGES = 1024           # 4 MiB: two huge pages
 LOADED = 600           # written before the destination's pre-fault started (a loaded kernel)
