@@ -223,7 +223,7 @@ class StreamWriter:
         if len(mv) % PAGE_SIZE:
             raise ValueError("RAM view is not a whole number of pages")
         if not stable and not self.live_ram and self._minor >= RAM_LIVE_MINOR:
-            self._poll_notice()
+            self.peer_waiting()  # takes the ram-live notice if it has arrived (no waiting)
         total = len(mv) // PAGE_SIZE
         stats = RamStats()
         done = 0
@@ -235,12 +235,6 @@ class StreamWriter:
                                       count, stable))
             done += count
         return stats
-
-    def _poll_notice(self) -> None:
-        """Take the destination's ``ram-live`` notice if it has arrived (no waiting)."""
-        sock = getattr(self.sink, "sock", None)
-        if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
-            self.peer_waiting()
 
     def _write_run_live(self, packer: stream_native.Packer, start: int, mv: memoryview, count: int) -> RamStats:
         """One RAM_LIVE section: page checksums computed in place, the pages sent straight
