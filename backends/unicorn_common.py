@@ -424,11 +424,7 @@ class UnicornVcpuBase(Vcpu):
         no store with a write hook still in flight), or stopped logging: done here if the
         vCPU is not running, else by the vCPU at its next block boundary."""
         while self in self.vm.native.tlb_loggers and self._tlb_flushed < generation:
-            if self._engine_lock.acquire(blocking=False):
-                try:
-                    self._sync_write_hook()
-                finally:
-                    self._engine_lock.release()
+            if self._sync_if_idle():
                 continue
             self._hook_synced.clear()
             self._request_service()
@@ -437,21 +433,23 @@ class UnicornVcpuBase(Vcpu):
     def request_hook_sync(self, wait: bool) -> None:
         """Make the write hook follow the dirty-log switch; with ``wait``, return only
         once it does (a running vCPU is stopped at a block boundary and resumes)."""
-        if self._engine_lock.acquire(blocking=False):
-            try:
-                self._sync_write_hook()
-            finally:
-                self._engine_lock.release()
+        if self._sync_if_idle():
             return
         self._hook_synced.clear()
         self._request_service()
         while wait and not self._hook_synced.wait(0.01):
-            if self._engine_lock.acquire(blocking=False):  # run() returned meanwhile
-                try:
-                    self._sync_write_hook()
-                finally:
-                    self._engine_lock.release()
+            if self._sync_if_idle():   # run() returned meanwhile
                 return
+
+    def _sync_if_idle(self) -> bool:
+        """Do the housekeeping here if no run() holds the engine (True), else nothing (False)."""
+        if not self._engine_lock.acquire(blocking=False):
+            return False
+        try:
+            self._sync_write_hook()
+        finally:
+            self._engine_lock.release()
+        return True
 
     def _service_stop(self) -> bool:
         """After emu_start: True if the engine stopped only for housekeeping (handled)."""
