@@ -174,10 +174,13 @@ class GicController(ControllerCore):
             return done
 
     def _host_deadline(self, index: int) -> int | None:
-        """Host monotonic ns of vCPU ``index``'s next timer expiry (None: none armed)."""
+        """Host monotonic ns of vCPU ``index``'s next timer expiry, read off the guest
+        clock's timeline (None: none armed, or the clock stands still)."""
         deadline = self.timers.deadline(index)
-        delay = None if deadline is None else self.clock.host_delay(deadline)
-        return None if delay is None else time.monotonic_ns() + int(delay * 1e9)
+        guest_ns, host_ns = self.clock.timeline()
+        if deadline is None or host_ns is None:
+            return None
+        return host_ns + max(0, deadline - guest_ns)
 
     # -- vCPU side ----------------------------------------------------------------------------
     def before_run(self, index: int, vcpu: Vcpu) -> None:
