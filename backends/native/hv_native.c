@@ -422,14 +422,20 @@ static void hv_tlb_catch_up(void *uc, struct hv_vcpu *c)
     __atomic_store_n(&c->tlb_done, req, __ATOMIC_RELEASE);
 }
 
+/* Host CLOCK_MONOTONIC in ns: the clock of kicks' deadlines, the TSC and the counter. */
+static uint64_t hv_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 #define HV_DEADLINE_BLOCKS 512   /* about 30 us of guest code between two clock reads */
 
 /* The vCPU's own timer deadline passed: a kick, as the timer thread would have sent. */
 static void hv_check_deadline(struct hv_vcpu *c)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    uint64_t now = hv_now_ns();
     if (now >= c->deadline_ns) {
         c->deadline_ns = 0;
         c->deadline_exits++;

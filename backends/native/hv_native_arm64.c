@@ -170,9 +170,7 @@ uint64_t hv_a64_counter(struct hv_a64 *a)
 {
     if (!a->cnt_running)
         return a->cnt_base;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    uint64_t now = hv_now_ns();
     if (a->clk_timeline) {
         uint64_t since = now > a->clk_host_ns ? now - a->clk_host_ns : 0;
         return (a->clk_guest_ns + since) / A64_NS_PER_TICK;
@@ -344,13 +342,6 @@ void hv_a64_set_in_engine(struct hv_vcpu *c, int32_t on)
     __atomic_store_n(&c->in_engine, on, __ATOMIC_SEQ_CST);
 }
 
-static uint64_t a64_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 typedef void (*hv_poke_fn)(void *uc);
 
 /* Make a polling engine (hv_uc_set_poll) look at its flags at its next block start; a
@@ -391,7 +382,7 @@ static void a64_tlb_broadcast(void *uc, struct hv_a64 *a)
             return;
         if (__atomic_load_n(&a->vcpu->tlb_req, __ATOMIC_ACQUIRE) != a->vcpu->tlb_done)
             hv_tlb_catch_up(uc, a->vcpu);
-        uint64_t now = a64_now_ns();
+        uint64_t now = hv_now_ns();
         if (!start) {
             start = now;
             __atomic_add_fetch(&p->waits, 1, __ATOMIC_RELAXED);
@@ -490,7 +481,7 @@ static void *a64_timer_main(void *arg)
             pthread_cond_wait(&t->cv, &t->mu);
             continue;
         }
-        if (a64_now_ns() < t->deadline_ns) {
+        if (hv_now_ns() < t->deadline_ns) {
             struct timespec ts = { (time_t)(t->deadline_ns / 1000000000ull), (long)(t->deadline_ns % 1000000000ull) };
             pthread_cond_timedwait(&t->cv, &t->mu, &ts);
             continue;

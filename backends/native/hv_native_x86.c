@@ -50,8 +50,6 @@ extern "Python" void hv_x86_py_intr(void *, uint32_t);
 extern "Python" void hv_x86_py_syscall(void *);
 CDEF-END */
 
-#include <time.h>
-
 /* Register ids of unicorn 2.1.4 (x86.h); UCX_EFLAGS/CR0/MSR come from hv_native.c. All
  * are compared with the Python constants at start-up through hv_x86_constants. */
 #define UCX_RAX 35
@@ -477,9 +475,7 @@ uint64_t hv_x86_tsc(struct hv_x86 *x)
 {
     if (!x->tsc_running)
         return x->tsc_base;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    uint64_t now = hv_now_ns();
     uint64_t ns = now > x->tsc_ns0 ? now - x->tsc_ns0 : 0;
     /* one 64x64->128 multiply: exact for any interval, any rate up to 2^32 ticks per ns */
     return x->tsc_base + (uint64_t)(((unsigned __int128)ns * x->tsc_mult) >> 32);
