@@ -518,19 +518,16 @@ class StreamReader:
         pages: list[tuple[int, memoryview]] = []  # (page number, where its bytes landed)
         i = 0
         while i < count:
-            want, other = (_NORMAL_BYTE, _ZERO_BYTE) if kinds[i] == PAGE_NORMAL else (_ZERO_BYTE, _NORMAL_BYTE)
-            j = kinds.find(other, i)
+            normal_run = kinds[i] == PAGE_NORMAL
+            j = kinds.find(_ZERO_BYTE if normal_run else _NORMAL_BYTE, i)
             j = count if j < 0 else j
-            if want == _NORMAL_BYTE:
-                for page in range(start + i, start + j):
-                    if self.ram is None:  # nowhere to put it: read and check only
-                        view = memoryview(bytearray(PAGE_SIZE))
-                        self._raw_into(view, "RAM_LIVE page data")
-                        pages.append((page, view))
-                    else:
-                        pages.append((page, self._target(page, 1)))
-                if self.ram is not None:
-                    self._scatter([v for _, v in pages[len(pages) - (j - i):]], "RAM_LIVE page data", checksum=False)
+            if normal_run:
+                # A run is taken whole, as in a RAM section: one that spans two RAM
+                # regions is refused before any of its bytes land.
+                run = memoryview(bytearray((j - i) * PAGE_SIZE)) if self.ram is None \
+                    else self._target(start + i, j - i)   # no RAM: read and check only
+                self._scatter([run], "RAM_LIVE page data", checksum=False)
+                pages += ((start + k, run[(k - i) * PAGE_SIZE:(k - i + 1) * PAGE_SIZE]) for k in range(i, j))
             elif self.ram is not None:
                 zero_pages(self._target(start + i, j - i))
             i = j

@@ -150,6 +150,8 @@ MALFORMED = {
     "count 0": (with_section(live_section(0, b"", [])), r"RAM_LIVE section: page count 0 outside \[1, 8192\]"),
     "outside RAM": (with_section(live_section(RAM_PAGES - 1, b"\x01\x01", [PAGE_A, PAGE_B])),
                     "RAM_LIVE section: pages 31..32 lie outside guest RAM"),
+    "spans regions": (with_section(live_section(15, b"\x01\x01", [PAGE_A, PAGE_B])),
+                      r"pages 15\.\.16: .*span regions"),
     "kind 2": (with_section(live_section(0, b"\x01\x02", [PAGE_A])),
                "RAM_LIVE section: page kind map holds values other than"),
     "length": (with_section(live_section(0, b"\x01\x00", [PAGE_A], extra_length=4)),
