@@ -38,6 +38,7 @@ from hv_backends.unicorn_common import (
     add_native_hook,
     library_is_patched,
     native_function_address,
+    set_poll,
     uclib,
 )
 
@@ -288,10 +289,7 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         uch = self.uc._uch
         self.a64.poke = ffi.cast("void *", _fn_addr("hv_uc_poke"))
         self.a64.uc = ffi.cast("void *", uch.value)
-        status = lib.hv_uc_set_poll(uch, ctypes.c_void_p(native_function_address("hv_a64_poll_hook")),
-                                    ctypes.c_void_p(self._a64_addr))
-        if status != 0:
-            raise BackendError(f"hv_uc_set_poll failed with Unicorn error {status}")
+        set_poll(self.uc, "hv_a64_poll_hook", self._a64_addr)
 
     def _join_peers(self) -> None:
         """Enter this vCPU in its VM's table for broadcast TLB maintenance: Unicorn has one

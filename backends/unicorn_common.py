@@ -150,6 +150,15 @@ def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 
     return handle.value
 
 
+def set_poll(uc: Uc, name: str, opaque: int) -> None:
+    """Make the native function ``name`` (with ``opaque``) the engine's poll callback
+    (hv's libunicorn: ``hv_uc_set_poll``; the caller checked the library has it)."""
+    status = uclib().hv_uc_set_poll(uc._uch, ctypes.c_void_p(native_function_address(name)),
+                                    ctypes.c_void_p(opaque))
+    if status != 0:
+        raise BackendError(f"hv_uc_set_poll({name}) failed with Unicorn error {status}")
+
+
 class NativeVm:
     """The C-side record of a VM's RAM layout and its guest-write dirty bitmap."""
 
@@ -219,8 +228,7 @@ class NativeVcpu:
         a hook-list walk each: a fifth of a store loop's time). True if it polls."""
         lib = uclib()
         if poll and hasattr(lib, "hv_uc_set_poll"):
-            fptr = native_function_address("hv_poll_hook")
-            lib.hv_uc_set_poll(uc._uch, ctypes.c_void_p(fptr), ctypes.c_void_p(self.addr))
+            set_poll(uc, "hv_poll_hook", self.addr)
             self._poke = lib.hv_uc_poke
             self._poke.argtypes = [ctypes.c_void_p]
             self._poke.restype = None
