@@ -98,7 +98,7 @@ def boot_pair(lab: LinuxLab, machine: str) -> tuple[LinuxVm, LinuxVm, tuple[str,
 def test_tcp_streams_between_guests_survive_a_live_migration(lab: LinuxLab, machine: str) -> None:
     peer, mover, mover_net = boot_pair(lab, machine)
     peer.shell(f"{HOLD}nc -l -p 5001 > /tmp/in & ({CHUNKS}) | nc -l -p 5002 > /dev/null & "
-               "n=0; until netstat -ltn | grep -q ':5002 ' || [ $n -gt 300 ]; do usleep 100000; n=$((n+1)); done; "
+               "n=0; until [ $(netstat -ltn | grep -c ':500[12] ') -ge 2 ] || [ $n -gt 300 ]; do usleep 100000; n=$((n+1)); done; "
                "echo listening-$(netstat -ltn | grep -c ':500[12] ')", r"listening-2\s")
     mover.shell("ping -c 1 -W 10 " + PEER_IP, r"1 packets received", 60)
     mover.shell(f"{HOLD}nc {PEER_IP} 5002 > /tmp/in & ({CHUNKS}) | nc {PEER_IP} 5001 > /dev/null & "
