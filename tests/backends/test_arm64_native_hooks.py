@@ -231,11 +231,15 @@ def test_irqs_injected_into_a_busy_el0_loop(guest: Arm64Guest) -> None:
         assert (now.pc, now.pstate, now.elr_el1, now.spsr_el1) == (VECTORS + 0x480, 0x3C5, before.pc, before.pstate)
         assert now.sp_el0 == USER_STACK_TOP and now.x[0] == before.x[0]
     assert taken == 20
-    timer = threading.Timer(0.002, guest.vcpu.kick)
-    timer.start()
-    assert guest.run().reason is ExitReason.KICKED    # the last handler runs and returns
-    timer.join()
     log = records(guest)
+    for _ in range(500):   # the last handler runs and returns (a busy host may kick first)
+        if len(log) >= 20:
+            break
+        timer = threading.Timer(0.002, guest.vcpu.kick)
+        timer.start()
+        assert guest.run().reason is ExitReason.KICKED
+        timer.join()
+        log = records(guest)
     assert len(log) == 20
     assert all(r.vector == 0x480 and r.spsr == 0 and r.elr in (va, va + 4) and r.sp == STACK_TOP for r in log)
     assert [r.x0 for r in log] == sorted(r.x0 for r in log)
