@@ -62,7 +62,14 @@ from hv.bench.common import (
     qemu_missing_line,
     read_memory,
 )
-from hv.bench.migrate_progress import LineClock, guest_curve, guest_lost
+from hv.bench.migrate_progress import (
+    FIRST_SECOND_S,
+    LineClock,
+    first_second_passes,
+    guest_curve,
+    guest_lost,
+    steady_pass_s,
+)
 from hv.bench.migrate_table import (
     DOWNTIME_LIMIT_MS,
     MIB,
@@ -255,12 +262,15 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             ram = info.get("ram", {})
             src_memory = read_memory(src.proc.pid, case.size_mib * MIB)
             broken = check_continuity(case, src, dst, settings.timeout)
-            curve = guest_passes = lost = None
+            curve = guest_passes = lost = steady = first = None
             if case.mode == "dirty":
-                clock.wait_destination(3, settings.timeout)
+                # The destination's first second is measured up to a line stamped after it.
+                clock.wait_destination(3, settings.timeout, after=resume + FIRST_SECOND_S)
                 curve = guest_curve(*clock.times, migrate_at, stop, resume)
                 guest_passes = None if curve is None else curve[-1][1]
                 lost = guest_lost(clock.times[0], migrate_at, stop, guest_passes)
+                steady = steady_pass_s(clock.times[0], migrate_at)
+                first = first_second_passes(clock.times[1], resume, FIRST_SECOND_S)
             dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
@@ -268,7 +278,8 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                           window_s=stop - migrate_at, broken=broken, guest_lost_s=lost,
                           guest_curve=None if curve is None else tuple(curve),
                           src_extra=None if src_memory is None else src_memory.extra,
-                          dst_extra=None if dst_memory is None else dst_memory.extra)
+                          dst_extra=None if dst_memory is None else dst_memory.extra,
+                          steady_pass_s=steady, first_second_passes=first)
         finally:
             clock.stop()
             for process in reversed(started):
@@ -407,7 +418,7 @@ def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) ->
                 log.warning("%s: %s", row.case.label(), exc)
                 row.errors.append(str(exc))
                 continue
-            row.samples.append(sample)
+            row.samples.append(dataclasses.replace(sample, run=repetition))
             log.info("%s run %d: total %d ms, downtime %d ms (own %d), %.1f MiB, %d syncs, guest %s p/s%s",
                      row.case.label(), repetition + 1, sample.total_ms, sample.downtime_ms, sample.own_downtime_ms,
                      sample.transferred / MIB, sample.passes,

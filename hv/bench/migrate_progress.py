@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 POLL_S = 0.002            # how often LineClock reads the consoles
+FIRST_SECOND_S = 1.0      # the destination's first second after RESUME
 PASS_START = re.compile(rb"(?m)^pass \d")
 
 
@@ -49,14 +50,14 @@ def guest_curve(source: list[float], destination: list[float], migrate_at: float
     source lines before the window (no steady rate) or fewer than two destination lines
     (no steady rate after the switch-over)."""
     before = [t for t in source if t <= migrate_at]
-    source_pass = _median_gap(before)
+    source_pass = steady_pass_s(source, migrate_at)
     destination_pass = _median_gap(destination)
     if source_pass is None or destination_pass is None or stop < migrate_at:
         return None
     done_before = min(1.0, (migrate_at - before[-1]) / source_pass)
     inside = [t for t in source if migrate_at < t <= stop]
     curve = [(0.0, 0.0)] + [(t - migrate_at, n + 1 - done_before) for n, t in enumerate(inside)]
-    left_after = min(1.0, max(0.0, destination[0] - resume) / destination_pass)
+    left_after = _left_at_resume(destination, resume, destination_pass)
     curve.append((stop - migrate_at, max(0.0, len(inside) - done_before + (1.0 - left_after))))
     return curve
 
@@ -82,13 +83,49 @@ def progress_at(curve: list[tuple[float, float]], elapsed: float) -> float:
     return curve[-1][1]
 
 
+def steady_pass_s(source: list[float], migrate_at: float) -> float | None:
+    """The guest's steady pass time before the migration: the median gap between the
+    source's pass lines stamped before ``migrate_at`` (None with fewer than two)."""
+    return _median_gap([t for t in source if t <= migrate_at])
+
+
+def _left_at_resume(destination: list[float], resume: float, destination_pass: float) -> float:
+    """The part of the pass in progress at RESUME that the destination ran: the time to
+    its first line at its steady pass time (median gap of its lines), at most one pass."""
+    return min(1.0, max(0.0, destination[0] - resume) / destination_pass)
+
+
+def destination_curve(destination: list[float], resume: float) -> list[tuple[float, float]] | None:
+    """The destination guest's cumulative progress from ``resume``: (seconds since
+    RESUME, passes done since) at RESUME and at each of its pass lines, linear in between.
+    The pass in progress at RESUME counts for the part :func:`guest_curve` leaves to the
+    destination (whatever the source did of it is not the destination's work). None with
+    fewer than two destination lines."""
+    destination_pass = _median_gap(destination)
+    if destination_pass is None:
+        return None
+    first = _left_at_resume(destination, resume, destination_pass)
+    return [(0.0, 0.0)] + [(max(0.0, t - resume), first + n) for n, t in enumerate(destination)]
+
+
+def first_second_passes(destination: list[float], resume: float, seconds: float = 1.0) -> float | None:
+    """Passes the destination guest did in its first ``seconds`` after RESUME (linear
+    between its pass lines, :func:`destination_curve`). None unless a destination line
+    was stamped at or after ``resume + seconds``: the span must be measured, not
+    extrapolated."""
+    curve = destination_curve(destination, resume)
+    if curve is None or curve[-1][0] < seconds:
+        return None
+    return progress_at(curve, seconds)
+
+
 def guest_lost(source: list[float], migrate_at: float, stop: float, progress: float | None) -> float | None:
     """Seconds of the window ``migrate_at`` .. ``stop`` the guest did not turn into work:
     the window minus the time its ``progress`` takes at the guest's own steady pass rate
     before the migration. Unlike passes per second this does not depend on how long the
     migration lasted, so it compares a 0.1 s migration with a 1 s one fairly: what the
     migration cost the guest while it ran (the pause is the downtime column)."""
-    steady = _median_gap([t for t in source if t <= migrate_at])
+    steady = steady_pass_s(source, migrate_at)
     if steady is None or progress is None:
         return None
     return max(0.0, (stop - migrate_at) - progress * steady)
@@ -114,10 +151,12 @@ class LineClock:
         if self._thread.is_alive():
             self._thread.join(5)
 
-    def wait_destination(self, lines: int, timeout: float) -> None:
-        """Until the destination printed ``lines`` pass lines (or ``timeout`` s passed)."""
+    def wait_destination(self, lines: int, timeout: float, after: float = 0.0) -> None:
+        """Until the destination printed ``lines`` pass lines, one of them stamped after
+        ``after`` (wall clock), or ``timeout`` s passed."""
         deadline = time.monotonic() + timeout
-        while len(self.times[1]) < lines and time.monotonic() < deadline and self._thread.is_alive():
+        while ((len(self.times[1]) < lines or not self.times[1] or self.times[1][-1] <= after)
+               and time.monotonic() < deadline and self._thread.is_alive()):
             time.sleep(0.01)
 
     def _run(self) -> None:

@@ -10,7 +10,17 @@ The figures (columns explained in :mod:`hv.bench.migrate` and the README):
 * ``guest p/s``: the dirty guest's passes per second while it migrates (passes done
   between the ``migrate`` command and the source's ``STOP`` event, to a fraction of a pass
   from the pass lines' times: :mod:`hv.bench.migrate_progress`; over that time, pooled
-  over the runs);
+  over the runs): information, each engine over its own window;
+* ``span p/s``, ``guest/Q``: both guests' passes per second over the same seconds: for
+  each pair of runs (hv's and QEMU's of one repetition, run back to back) the first
+  min(both windows) seconds after ``migrate``, both guests still migrating, pooled over
+  the pairs (:func:`same_span_progress`); ``guest/Q`` is hv's over QEMU's and the goal.
+  Over whole windows a 5x longer migration whose guest got past the dirty log's
+  first-write stall counts its later full-speed seconds, so each engine's own-window rate
+  follows the other's window length, not how it treats the guest;
+* destination's first second (below the table): the passes the destination's guest did
+  in its first second after ``RESUME`` over the passes the guest did per second steadily
+  before ``migrate`` (pooled over the runs), hv and QEMU;
 * ``broken``: migrations whose destination did not carry on where the source stopped;
 * ``src+ MiB``, ``dst+ MiB``: each process's peak RSS (VmHWM) minus the resident part of
   its guest-RAM mappings (:func:`hv.bench.common.parse_memory`), read from ``/proc`` at
@@ -30,7 +40,8 @@ from hv.bench.migrate_progress import progress_at
 
 MIB = 1 << 20
 DOWNTIME_LIMIT_MS = 300
-GUEST_PROGRESS_GOAL = 0.8          # hv's guest progress while migrating / QEMU's
+GUEST_PROGRESS_GOAL = 0.8          # hv's guest progress while migrating / QEMU's, same seconds
+FIRST_SECOND_GOAL = 0.8            # the destination's first second / the guest's steady rate
 QEMU_ACCEL = {"kvm": "kvm", "unicorn": "tcg"}   # hv's accelerator -> QEMU's like-for-like one
 
 
@@ -73,6 +84,9 @@ class Sample:
     guest_curve: tuple[tuple[float, float], ...] | None = None
     src_extra: int | None = None  # bytes: source's peak RSS beyond its resident guest RAM
     dst_extra: int | None = None  # the same for the destination
+    run: int = -1                 # the repetition (pairs hv's run with QEMU's); -1: by position
+    steady_pass_s: float | None = None     # the guest's pass time before migrate (median)
+    first_second_passes: float | None = None  # the destination's passes in its first second
 
     @property
     def guest_rate(self) -> float | None:
@@ -102,6 +116,16 @@ class Row:
             return None
         return sum(s.guest_passes or 0 for s in counted) / max(sum(s.window_s for s in counted), 1e-3)
 
+    def first_second(self) -> float | None:
+        """The destination's guest in its first second after RESUME as a fraction of the
+        guest's steady rate before ``migrate``, pooled over the runs: passes done over
+        passes a steady guest would have done (one second / steady pass time per run)."""
+        counted = [s for s in self.samples if s.first_second_passes is not None and s.steady_pass_s]
+        if not counted:
+            return None
+        return (sum(s.first_second_passes or 0.0 for s in counted)
+                / sum(1.0 / (s.steady_pass_s or 1.0) for s in counted))
+
     def broken(self) -> int:
         return sum(bool(s.broken) for s in self.samples)
 
@@ -129,16 +153,18 @@ def _ratio(mine: float | None, reference: float | None) -> float | None:
 
 
 HEADER = ("engine", "accel", "size", "mode", "link", "total ms", "down ms", "own down", "sent MiB", "syncs",
-          "MiB/s", "% raw", "guest p/s", "total/Q", "down/Q", "guest/Q", "src+ MiB", "dst+ MiB", "mem/Q", "broken",
-          "goals")
+          "MiB/s", "% raw", "guest p/s", "span p/s", "total/Q", "down/Q", "guest/Q", "src+ MiB", "dst+ MiB",
+          "mem/Q", "broken", "goals")
 
 
 def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float | None,
             guest_ratio: float | None, memory_ratio: float | None = None) -> str:
     """The goals an hv row can meet: downtime <= 300 ms and <= QEMU's, total <= QEMU's,
-    guest progress >= 0.8 of QEMU's, memory beyond guest RAM <= QEMU's; a broken guest is
-    always a miss."""
+    guest progress >= 0.8 of QEMU's over the same seconds, memory beyond guest RAM <=
+    QEMU's, the destination's guest >= 0.8 of its steady rate in its first second; a
+    broken guest is always a miss."""
     missed = []
+    first = row.first_second()
     if down > DOWNTIME_LIMIT_MS or (down_ratio or 0) > 1:
         missed.append("down")
     if (total_ratio or 0) > 1:
@@ -147,12 +173,18 @@ def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float 
         missed.append("guest")
     if (memory_ratio or 0) > 1:
         missed.append("mem")
+    if first is not None and first < FIRST_SECOND_GOAL:
+        missed.append("dst")
     if row.broken():
         missed.append("BROKEN")
     return ",".join(missed) + " missed" if missed else "ok"
 
 
-def row_cells(row: Row, ref: Row | None, raw: dict[str, float]) -> tuple[str, ...]:
+def row_cells(row: Row, ref: Row | None, raw: dict[str, float],
+              span: tuple[float, float, float] | None = None, mine: int = 1) -> tuple[str, ...]:
+    """One table line. ``span``: (seconds, hv passes, QEMU passes) over the same seconds
+    from :func:`same_span_progress` for the hv row and its QEMU twin; ``mine`` says which
+    of the two passes counts are this row's (1 hv, 2 QEMU)."""
     c = row.case
     base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.link)
     if not row.samples:
@@ -162,14 +194,15 @@ def row_cells(row: Row, ref: Row | None, raw: dict[str, float]) -> tuple[str, ..
     fraction = rate / raw[c.transport] if raw.get(c.transport) else None
     total_ratio = _ratio(total, ref.median("total_ms")) if ref else None
     down_ratio = _ratio(down, ref.median("downtime_ms")) if ref else None
-    guest_ratio = _ratio(guest, ref.guest_rate()) if ref else None
+    span_rate = span[mine] / span[0] if span and span[0] > 0 else None
+    guest_ratio = _ratio(span[1], span[2]) if span and ref else None
     memory_ratio = _ratio(row.memory_total(), ref.memory_total()) if ref else None
     goals = verdict(row, down, total_ratio, down_ratio, guest_ratio, memory_ratio) if c.engine == "hv" else ""
     partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
     return base + (f"{total:.0f}", f"{down:.0f}", f"{row.median('own_downtime_ms'):.0f}",
                    f"{row.median('transferred') / MIB:.1f}", f"{row.median('passes'):.0f}", f"{rate / MIB:.0f}",
                    "-" if fraction is None else f"{fraction * 100:.0f}%",
-                   "-" if guest is None else f"{guest:.1f}",
+                   "-" if guest is None else f"{guest:.1f}", "-" if span_rate is None else f"{span_rate:.1f}",
                    _fmt_ratio(total_ratio), _fmt_ratio(down_ratio), _fmt_ratio(guest_ratio),
                    _fmt_mib(row.memory("src_extra")), _fmt_mib(row.memory("dst_extra")), _fmt_ratio(memory_ratio),
                    f"{row.broken()}/{len(row.samples)}", goals + partial)
@@ -178,10 +211,12 @@ def row_cells(row: Row, ref: Row | None, raw: dict[str, float]) -> tuple[str, ..
 def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     rows = list(rows)
     measured = {r.case: r for r in rows if r.samples}
+    spans = same_spans(rows, measured)
     lines: list[tuple[str, ...]] = [HEADER]
     for row in rows:
-        reference = row.case.reference()
-        lines.append(row_cells(row, measured.get(reference) if reference else None, raw))
+        twin = row.case.reference()
+        lines.append(row_cells(row, measured.get(twin) if twin else None, raw,
+                               spans.get(row.case), 1 if row.case.engine == "hv" else 2))
     widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(HEADER))]
     out = []
     for line in lines:
@@ -197,12 +232,28 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
                f"{raw_text}")
     out.append("medians; down ms = source STOP event -> destination RESUME event (both engines); own down = "
                "the engine's query-migrate downtime; MiB/s = transferred / total time; guest p/s = guest passes/s "
-               "while migrating (all runs pooled);\n"
+               "while migrating, each engine over its own window (all runs pooled, information);\n"
+               "span p/s = guest passes/s over the same seconds from migrate for hv and QEMU (each run pair's "
+               "shorter window, pooled), guest/Q = hv's span p/s / QEMU's;\n"
                "x/Q = hv / QEMU (unicorn vs tcg, kvm vs kvm); src+/dst+ MiB = peak RSS (VmHWM) beyond the resident "
                "guest RAM, mem/Q = hv's src+dst over QEMU's; broken = broken/completed")
     out.append(f"goals (hv rows): down <= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU, guest/Q >= "
-               f"{GUEST_PROGRESS_GOAL}, mem/Q <= 1, no broken guest (% raw is information, not a goal)")
+               f"{GUEST_PROGRESS_GOAL}, mem/Q <= 1, destination's first second >= {FIRST_SECOND_GOAL} of steady "
+               f"(dst), no broken guest (% raw and guest p/s are information, not goals)")
     return "\n".join(out)
+
+
+def same_spans(rows: list[Row], measured: dict[Case, Row]) -> dict[Case, tuple[float, float, float]]:
+    """:func:`same_span_progress` of every hv row with a measured QEMU twin, under both
+    rows' cases (the QEMU row prints its side of the pair)."""
+    spans = {}
+    for row in rows:
+        twin = row.case.reference()
+        reference = measured.get(twin) if twin is not None and row.samples else None
+        span = same_span_progress(row, reference) if reference is not None else None
+        if span is not None and twin is not None:
+            spans[row.case] = spans[twin] = span
+    return spans
 
 
 def tls_lines(rows: list[Row]) -> list[str]:
@@ -220,15 +271,17 @@ def tls_lines(rows: list[Row]) -> list[str]:
 
 
 def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
-    """Per hv dirty row with a QEMU twin: the guest time each engine's migration cost the
-    guest while it ran (window minus work done at the guest's own steady rate, median):
-    information beside guest/Q, which favours the engine whose migration lasts longer
-    once the guest has got over the dirty log's write faults."""
+    """Per hv dirty row: the guest time each engine's migration cost the guest while it
+    ran (window minus work done at the guest's own steady rate, median; information),
+    both guests' passes over the same seconds (what guest/Q divides), and the
+    destination's first second after RESUME against the guest's steady rate."""
     lines = []
     for row in rows:
         twin = row.case.reference()
-        reference = measured.get(twin) if twin is not None else None
-        mine = row.memory("guest_lost_s") if row.samples else None
+        if twin is None or not row.samples:
+            continue
+        reference = measured.get(twin)
+        mine = row.memory("guest_lost_s")
         theirs = reference.memory("guest_lost_s") if reference is not None else None
         if mine is not None and theirs is not None:
             lines.append(f"guest time lost while migrating, {row.case.label()}: hv {mine * 1000:.0f} ms, "
@@ -238,23 +291,39 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
             seconds, hv, qemu = span
             lines.append(f"guest passes in the same time from migrate ({seconds * 1000:.0f} ms over the run pairs), "
                          f"{row.case.label()}: hv {hv:.2f}, QEMU {qemu:.2f} ({_fmt_ratio(_ratio(hv, qemu))})")
+        first = row.first_second()
+        if first is not None:
+            theirs = reference.first_second() if reference is not None else None
+            qemu_text = "" if theirs is None else f", QEMU {theirs:.2f}"
+            lines.append(f"destination's first second after RESUME, {row.case.label()}: hv {first:.2f} of the "
+                         f"guest's steady rate before migrate{qemu_text}")
     return lines
 
 
 def same_span_progress(row: Row, reference: Row) -> tuple[float, float, float] | None:
-    """Both engines' guest progress over the same time: for each pair of runs (hv's i-th
-    and QEMU's i-th, run back to back), the passes each guest did in the first
-    min(both windows) seconds after ``migrate``, summed. guest/Q divides whole windows, so
-    a longer migration whose guest got past the write-fault stall of its first round
-    looks better per second; over the same span both engines are in the same phase."""
-    pairs = [(a.guest_curve, b.guest_curve, min(a.window_s, b.window_s))
-             for a, b in zip(row.samples, reference.samples, strict=False)   # failed runs leave rows unequal
-             if a.guest_curve and b.guest_curve]
+    """Both engines' guest progress over the same seconds: for each pair of runs (hv's and
+    QEMU's of one repetition, run back to back), the passes each guest did in the first
+    min(both windows) seconds after ``migrate``, summed, with the seconds summed: (seconds,
+    hv passes, QEMU passes). Both guests were still migrating all through each span. Runs
+    pair by ``Sample.run`` (a failed run leaves no sample, so positions would pair runs of
+    different repetitions), by position where it is unset. Per whole window a longer
+    migration whose guest got past the write-fault stall of its first round looks better
+    per second; over the same seconds both engines are in the same phase."""
+    theirs = {_run_key(s, i): s for i, s in enumerate(reference.samples)}
+    pairs = []
+    for index, sample in enumerate(row.samples):
+        twin = theirs.get(_run_key(sample, index))
+        if twin is not None and sample.guest_curve and twin.guest_curve:
+            pairs.append((sample.guest_curve, twin.guest_curve, min(sample.window_s, twin.window_s)))
     if not pairs:
         return None
     return (sum(span for _, _, span in pairs),
             sum(progress_at(list(a), span) for a, _, span in pairs),
             sum(progress_at(list(b), span) for _, b, span in pairs))
+
+
+def _run_key(sample: Sample, index: int) -> int:
+    return sample.run if sample.run >= 0 else index
 
 
 def broken_lines(rows: list[Row]) -> list[str]:

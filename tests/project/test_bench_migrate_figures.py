@@ -2,6 +2,7 @@
 known inputs (real files and a real thread for the line clock; no process, no timing)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from hv.bench.common import MemoryFigures, parse_memory
-from hv.bench.migrate_progress import LineClock, guest_curve, guest_lost, guest_progress, progress_at
+from hv.bench.migrate_progress import (
+    LineClock,
+    destination_curve,
+    first_second_passes,
+    guest_curve,
+    guest_lost,
+    guest_progress,
+    progress_at,
+    steady_pass_s,
+)
 from hv.bench.migrate_table import MIB, Case, Row, Sample, format_table, same_span_progress
 
 # -- guest progress -----------------------------------------------------------------------------
@@ -108,7 +118,7 @@ def test_table_prints_memory_columns_and_judges_them() -> None:
                                          src_extra=35 * MIB, dst_extra=30 * MIB)])
     table = format_table([hv, qemu], {"unix": 1000 * MIB})
     cells = table.splitlines()[2].split()
-    assert cells[16:19] == ["40.0", "30.0", "1.08"], table
+    assert cells[17:20] == ["40.0", "30.0", "1.08"], table
     assert table.splitlines()[2].endswith("0/1  mem missed"), table   # the only goal missed
 
 
@@ -152,3 +162,100 @@ def test_same_span_compares_each_run_pair_over_the_shorter_window() -> None:
     assert ("guest passes in the same time from migrate (200 ms over the run pairs), hv kvm 256M dirty unix: "
             "hv 0.50, QEMU 0.40 (1.25)") in table
     assert same_span_progress(hv, Row(case.reference(), [Sample(1000, 10, MIB, 4)])) is None
+
+
+# -- guest/Q over the same seconds ---------------------------------------------------------------
+def _pair(hv_curve: tuple[tuple[float, float], ...], qemu_curve: tuple[tuple[float, float], ...]) -> list[Row]:
+    case = Case("hv", "kvm", 256, "dirty", "unix")
+    hv = Row(case, [Sample(200, 10, MIB, 1, guest_passes=hv_curve[-1][1], window_s=hv_curve[-1][0],
+                           guest_curve=hv_curve, run=0)])
+    qemu = Row(case.reference(), [Sample(150, 10, MIB, 4, guest_passes=qemu_curve[-1][1],
+                                         window_s=qemu_curve[-1][0], guest_curve=qemu_curve, run=0)])
+    return [hv, qemu]
+
+
+def _cells(table: str, line: int) -> list[str]:
+    return table.splitlines()[line].split()
+
+
+def test_guest_ratio_and_its_goal_are_over_the_same_seconds_not_each_window() -> None:
+    """hv 0.2 s, 0.5 passes (2.5 p/s over its window); QEMU 1 s, stalled for 0.5 s then
+    20 p/s: 10.5 passes, 10.5 p/s over its window (own-window ratio 0.24, a miss), but
+    0.4 passes in hv's 0.2 s: span p/s 2.5 vs 2.0, guest/Q 1.25, the guest goal met."""
+    rows = _pair(((0.0, 0.0), (0.2, 0.5)), ((0.0, 0.0), (0.5, 1.0), (1.0, 10.5)))
+    table = format_table(rows, {})
+    hv, qemu = _cells(table, 2), _cells(table, 3)
+    assert hv[12:14] == ["2.5", "2.5"] and qemu[12:14] == ["10.5", "2.0"], table   # guest p/s, span p/s
+    assert hv[16] == "1.25", table                                                  # guest/Q
+    assert "guest" not in table.splitlines()[2].split("  ")[-1], table              # goals: guest met
+
+
+def test_guest_goal_missed_when_hv_does_less_in_the_same_seconds() -> None:
+    """hv's guest 0.1 passes in 0.2 s, QEMU's 0.4 over the same 0.2 s (1.0 over its own 0.5 s)."""
+    rows = _pair(((0.0, 0.0), (0.2, 0.1)), ((0.0, 0.0), (0.5, 1.0)))
+    table = format_table(rows, {})
+    assert _cells(table, 2)[16] == "0.25", table
+    assert table.splitlines()[2].endswith("guest missed"), table
+    assert _cells(table, 3)[13] == "2.0", table      # QEMU's span p/s: 0.4 passes / 0.2 s
+
+
+def test_same_span_pairs_runs_of_the_same_repetition() -> None:
+    """hv's run 1 failed: its runs 0 and 2 pair with QEMU's 0 and 2, not 0 and 1."""
+    case = Case("hv", "kvm", 256, "dirty", "tcp")
+    line = ((0.0, 0.0), (1.0, 1.0))
+    hv = Row(case, [Sample(100, 10, MIB, 1, window_s=1.0, guest_curve=line, run=0),
+                    Sample(100, 10, MIB, 1, window_s=0.5, guest_curve=line, run=2)])
+    qemu = Row(case.reference(), [Sample(100, 10, MIB, 1, window_s=1.0, guest_curve=((0.0, 0.0), (1.0, 4.0)), run=r)
+                                  for r in (0, 1)] + [Sample(100, 10, MIB, 1, window_s=2.0,
+                                                             guest_curve=((0.0, 0.0), (2.0, 2.0)), run=2)])
+    # pairs: (1.0 s: hv 1.0, QEMU 4.0) and (0.5 s: hv 0.5, QEMU 0.5)
+    assert same_span_progress(hv, qemu) == pytest.approx((1.5, 1.5, 4.5))
+
+
+# -- the destination's first second ------------------------------------------------------------
+def test_destination_at_full_speed_does_a_second_of_steady_passes() -> None:
+    """Steady 20 ms passes before migrate (50/s). RESUME at 10.0, the destination's lines
+    every 20 ms from 10.010: half of the pass in progress was the destination's, then
+    49.5 more passes by 11.0: 50 passes, the steady rate."""
+    source = [0.00, 0.02, 0.04, 0.06]
+    destination = [10.010 + 0.02 * k for k in range(53)]
+    assert steady_pass_s(source, migrate_at=0.065) == pytest.approx(0.02)
+    assert first_second_passes(destination, resume=10.0) == pytest.approx(50.0)
+    curve = destination_curve(destination, resume=10.0)
+    assert curve is not None and curve[:2] == [(0.0, 0.0), (pytest.approx(0.01), 0.5)]
+
+
+def test_slow_destination_start_counts_fewer_passes() -> None:
+    """80 ms passes (a quarter of steady speed) for the first 0.4 s after RESUME, then
+    20 ms: the pass in progress was left whole (0.08 s > one median pass), 5 passes in
+    the slow 0.4 s, 30 in the remaining 0.6 s: 35 of 50."""
+    destination = [10.08 + 0.08 * k for k in range(5)]                   # 10.08 .. 10.40
+    destination += [10.40 + 0.02 * k for k in range(1, 40)]              # .. 11.18
+    curve = destination_curve(destination, resume=10.0)
+    assert curve is not None and curve[1] == (pytest.approx(0.08), 1.0)
+    assert first_second_passes(destination, resume=10.0) == pytest.approx(35.0)
+
+
+def test_first_second_needs_a_line_after_it_and_two_lines() -> None:
+    destination = [10.01 + 0.02 * k for k in range(40)]                  # last line at 10.79
+    assert first_second_passes(destination, resume=10.0) is None
+    assert first_second_passes(destination, resume=10.0, seconds=0.5) == pytest.approx(25.0)
+    assert first_second_passes([10.5], resume=10.0) is None
+    assert destination_curve([10.5, 10.5], resume=10.0) is None
+
+
+def test_first_second_pooled_over_runs_and_judged() -> None:
+    """50 of 50 passes (steady 20 ms) and 10 of 25 (steady 40 ms): pooled 60/75 = 0.80
+    (a median of the two ratios would say 0.70); QEMU 45/50. hv below 0.8 misses 'dst'."""
+    case = Case("hv", "kvm", 256, "dirty", "tcp")
+    hv = Row(case, [Sample(100, 10, MIB, 1, steady_pass_s=0.02, first_second_passes=50.0),
+                    Sample(100, 10, MIB, 1, steady_pass_s=0.04, first_second_passes=10.0)])
+    qemu = Row(case.reference(), [Sample(200, 10, MIB, 1, steady_pass_s=0.02, first_second_passes=45.0)])
+    assert hv.first_second() == pytest.approx(0.8)
+    table = format_table([hv, qemu], {})
+    assert ("destination's first second after RESUME, hv kvm 256M dirty tcp: hv 0.80 of the guest's steady rate "
+            "before migrate, QEMU 0.90") in table
+    assert table.splitlines()[2].endswith("ok"), table
+    hv.samples[1] = dataclasses.replace(hv.samples[1], first_second_passes=9.0)
+    assert format_table([hv, qemu], {}).splitlines()[2].endswith("dst missed")
+    assert Row(case, [Sample(100, 10, MIB, 1, steady_pass_s=0.02)]).first_second() is None
