@@ -38,7 +38,6 @@ from hv_backends.unicorn_common import (
     add_native_hook,
     library_is_patched,
     native_function_address,
-    set_poll,
     uclib,
 )
 
@@ -236,12 +235,18 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
             log.warning("aarch64 guest with several vCPUs on the unicorn wheel's libunicorn: its exclusive "
                         "stores (stxr) are not atomic between vCPUs (lost updates corrupt the guest); hv's "
                         "patched library makes them atomic (backends/native/unicorn/README.md)")
-        self._install_native_hooks()
         self._x_ids = [getattr(arm64_const, f"UC_ARM64_REG_X{i}") for i in range(31)]
         self.set_state(Arm64CpuState())
 
+    def _install_kick_check(self) -> None:
+        """Called once by the base constructor: the aarch64 poll callback needs this vCPU's
+        C record, so the record and the native hooks come first (no shared poll callback
+        is installed and then replaced)."""
+        self._install_native_hooks()
+
     def _install_native_hooks(self) -> None:
-        """The C record of this vCPU (struct hv_a64) and its MRS/MSR/interrupt hooks."""
+        """The C record of this vCPU (struct hv_a64), its MRS/MSR/interrupt hooks, and the
+        kick check last (:meth:`_install_poll`)."""
         unicorn = _import_unicorn()
         ffi = self.native.ffi
         self._py_handle = ffi.new_handle(self)
@@ -280,16 +285,15 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
     POLL = True
 
     def _install_poll(self) -> None:
-        """A polling engine (the base installed hv_poll_hook) gets the aarch64 poll callback
-        instead, which also turns the deadline thread's signal into a kick."""
-        lib = uclib()
-        if not self.POLL or not hasattr(lib, "hv_uc_set_poll"):
-            return                      # the wheel's library: the block hook stays
+        """The kick check: a polling engine gets the aarch64 poll callback, which also
+        turns the deadline thread's signal into a kick; the wheel's library the shared
+        block hook (NativeVcpu.install)."""
+        if not self.native.install(self.uc, poll=self.POLL, poll_hook="hv_a64_poll_hook", opaque=self._a64_addr):
+            return                      # the wheel's library: the block hook
         ffi = self.native.ffi
         uch = self.uc._uch
         self.a64.poke = ffi.cast("void *", _fn_addr("hv_uc_poke"))
         self.a64.uc = ffi.cast("void *", uch.value)
-        set_poll(self.uc, "hv_a64_poll_hook", self._a64_addr)
 
     def _join_peers(self) -> None:
         """Enter this vCPU in its VM's table for broadcast TLB maintenance: Unicorn has one

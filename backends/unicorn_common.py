@@ -219,16 +219,19 @@ class NativeVcpu:
         self.struct.reg_read = self.ffi.cast("void *", _fn_addr("uc_reg_read"))
         self.addr = int(self.ffi.cast("uintptr_t", self.struct))
 
-    def install(self, uc: Uc, poll: bool = False) -> bool:
+    def install(self, uc: Uc, poll: bool = False, poll_hook: str = "hv_poll_hook",
+                opaque: int | None = None) -> bool:
         """The kick/window check is always present; the write hook only while dirty
         logging (a memory-write hook sends every store through Unicorn's slow path).
         With ``poll`` and hv's libunicorn (``hv_uc_set_poll``) the check is the engine's
         poll callback, made where it enters its execution loop and after a poke
         (:meth:`poke`), instead of a block hook at every block start (a helper call and
-        a hook-list walk each: a fifth of a store loop's time). True if it polls."""
+        a hook-list walk each: a fifth of a store loop's time). The callback is the
+        native ``poll_hook`` with ``opaque`` (default: this record), so an architecture
+        with a callback of its own installs it here, once. True if it polls."""
         lib = uclib()
         if poll and hasattr(lib, "hv_uc_set_poll"):
-            set_poll(uc, "hv_poll_hook", self.addr)
+            set_poll(uc, poll_hook, self.addr if opaque is None else opaque)
             self._poke = lib.hv_uc_poke
             self._poke.argtypes = [ctypes.c_void_p]
             self._poke.restype = None
@@ -299,7 +302,7 @@ class UnicornVcpuBase(Vcpu):
             self.uc.mem_map_ptr(region.gpa, region.size, unicorn.UC_PROT_ALL, region.host_addr)
         for gpa, size in vm.mmio_windows:
             self.uc.mmio_map(gpa, size, self._mmio_read, gpa, self._mmio_write, gpa)
-        self.native.install(self.uc, poll=self.POLL)
+        self._install_kick_check()
         # Stop only where the native check stops us: no `until` address.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
@@ -311,6 +314,12 @@ class UnicornVcpuBase(Vcpu):
 
     def _create_engine(self) -> Uc:
         raise NotImplementedError
+
+    def _install_kick_check(self) -> None:
+        """The kick/window check (:meth:`NativeVcpu.install`), called once by the
+        constructor; an architecture whose check needs a record of its own (aarch64)
+        overrides it to build that record first and install its own poll callback."""
+        self.native.install(self.uc, poll=self.POLL)
 
     # -- device access -------------------------------------------------------------
     def _current_io(self) -> IoHandler:
