@@ -36,9 +36,8 @@ from hv_backends.unicorn_common import (
     _import_unicorn,
     _native,
     add_native_hook,
+    add_native_insn_hooks,
     library_is_patched,
-    native_function_address,
-    uclib,
 )
 
 log = logging.getLogger(__name__)
@@ -266,16 +265,9 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self._join_peers()
         self._fill_sysreg_classes()
         add_native_hook(self.uc, unicorn.UC_HOOK_INTR, "hv_a64_intr_hook", self._a64_addr)
-        for insn, name in ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"),
-                           (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook"),
-                           (self._a.UC_ARM64_INS_SYS, "hv_a64_sys_hook")):
-            fptr = native_function_address(name)
-            handle = ctypes.c_size_t()
-            status = uclib().uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
-                                         ctypes.c_void_p(fptr), ctypes.c_void_p(self._a64_addr),
-                                         ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
-            if status != 0:
-                raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+        add_native_insn_hooks(self.uc, self._a64_addr, ((self._a.UC_ARM64_INS_MRS, "hv_a64_mrs_hook"),
+                                                        (self._a.UC_ARM64_INS_MSR, "hv_a64_msr_hook"),
+                                                        (self._a.UC_ARM64_INS_SYS, "hv_a64_sys_hook")))
         self._install_poll()
 
     # No block hook with hv's libunicorn (hv_uc_set_poll): the engine runs the check where

@@ -20,7 +20,7 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from hv.memory import PAGE_SIZE, GuestMemory
@@ -139,15 +139,27 @@ def native_function_address(name: str) -> int:
     return int(native.ffi.cast("uintptr_t", native.ffi.addressof(native.lib, name)))
 
 
-def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0) -> int:
-    """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook."""
+def add_native_hook(uc: Uc, htype: int, name: str, user_data: int, begin: int = 1, end: int = 0,
+                    insn: int | None = None) -> int:
+    """Register the C function ``name`` of ``hv_backends._hv_native`` as a Unicorn hook
+    (``insn``: the instruction of a UC_HOOK_INSN hook, uc_hook_add's variadic argument)."""
     fptr = native_function_address(name)
     handle = ctypes.c_size_t()
+    extra = () if insn is None else (ctypes.c_int(insn),)
     status = uclib().uc_hook_add(uc._uch, ctypes.byref(handle), htype, ctypes.c_void_p(fptr),
-                                 ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end))
+                                 ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end),
+                                 *extra)
     if status != 0:
         raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
     return handle.value
+
+
+def add_native_insn_hooks(uc: Uc, user_data: int, hooks: Iterable[tuple[int, str]]) -> None:
+    """Register each (instruction, C function name) of ``hooks`` as a UC_HOOK_INSN hook
+    on every address, all with ``user_data`` (the architecture's vCPU record)."""
+    htype = _import_unicorn().UC_HOOK_INSN
+    for insn, name in hooks:
+        add_native_hook(uc, htype, name, user_data, insn=insn)
 
 
 def set_poll(uc: Uc, name: str, opaque: int) -> None:

@@ -33,8 +33,7 @@ from hv_backends.unicorn_common import (
     _import_unicorn,
     _native,
     add_native_hook,
-    native_function_address,
-    uclib,
+    add_native_insn_hooks,
 )
 
 if TYPE_CHECKING:
@@ -278,16 +277,9 @@ class NativeX86:
         self._uch = ffi.cast("void *", uch.value)
         addr = int(ffi.cast("uintptr_t", rec))
         add_native_hook(vcpu.uc, unicorn.UC_HOOK_INTR, "hv_x86_intr_hook", addr)
-        for insn, name in ((x86_const.UC_X86_INS_SYSCALL, "hv_x86_syscall_hook"),
-                           (x86_const.UC_X86_INS_RDTSC, "hv_x86_rdtsc_hook"),
-                           (x86_const.UC_X86_INS_RDTSCP, "hv_x86_rdtscp_hook")):
-            fptr = native_function_address(name)
-            handle = ctypes.c_size_t()
-            status = uclib().uc_hook_add(vcpu.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN,
-                                         ctypes.c_void_p(fptr), ctypes.c_void_p(addr), ctypes.c_uint64(1),
-                                         ctypes.c_uint64(0), ctypes.c_int(insn))
-            if status != 0:
-                raise BackendError(f"uc_hook_add({name}) failed with Unicorn error {status}")
+        add_native_insn_hooks(vcpu.uc, addr, ((x86_const.UC_X86_INS_SYSCALL, "hv_x86_syscall_hook"),
+                                              (x86_const.UC_X86_INS_RDTSC, "hv_x86_rdtsc_hook"),
+                                              (x86_const.UC_X86_INS_RDTSCP, "hv_x86_rdtscp_hook")))
 
     @property
     def enabled(self) -> bool:
