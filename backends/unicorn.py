@@ -46,8 +46,9 @@ class UnicornVm(Vm):
         self.native = NativeVm(memory)
         self.vcpus: list[UnicornVcpuBase] = []
         # x86: the rate of every vCPU's virtual TSC (any rate: hv_native_x86.c scales the
-        # guest clock), by default the one a KVM guest gets on this host (default_tsc_hz)
-        self.guest_tsc_hz = default_tsc_hz() if arch is Arch.X86_64 else cpuid.TSC_HZ
+        # guest clock), by default the one a KVM guest gets on this host (default_tsc_hz);
+        # aarch64: None, no TSC. Read through the interface's tsc_hz.
+        self._tsc_hz: int | None = default_tsc_hz() if arch is Arch.X86_64 else None
 
     def create_vcpu(self, index: int) -> Vcpu:
         if any(v.index == index for v in self.vcpus):
@@ -65,7 +66,9 @@ class UnicornVm(Vm):
 
     @property
     def tsc_hz(self) -> int | None:
-        return self.guest_tsc_hz if self.arch is Arch.X86_64 else None
+        """x86: the rate of every vCPU's virtual TSC, the one CPUID 0x15/0x16 declare;
+        None on aarch64."""
+        return self._tsc_hz
 
     def set_tsc_hz(self, tsc_hz: int) -> None:
         """Any rate hv can declare: each vCPU's TSC continues from its current value at
@@ -81,7 +84,7 @@ class UnicornVm(Vm):
         for vcpu in self.vcpus:
             assert isinstance(vcpu, UnicornX86Vcpu)   # an x86 VM's
             vcpu.set_tsc_rate(tsc_hz)
-        self.guest_tsc_hz = tsc_hz
+        self._tsc_hz = tsc_hz
 
     def start_dirty_log(self) -> None:
         self.native.take()

@@ -251,7 +251,7 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         x = self._x
         # interrupts/exceptions, SYSCALL and RDTSC: native hooks (Python only for what they leave)
         self._native_x86 = NativeX86(self)
-        self._native_x86.set_rate(vm.guest_tsc_hz)   # the VM's guest TSC rate (UnicornVm.tsc_hz)
+        self._native_x86.set_rate(vm.tsc_hz)   # the VM's guest TSC rate
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_in, None, 1, 0, x.UC_X86_INS_IN)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_out, None, 1, 0, x.UC_X86_INS_OUT)
         self.uc.hook_add(_import_unicorn().UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x.UC_X86_INS_CPUID)
@@ -293,7 +293,9 @@ class UnicornX86Vcpu(UnicornVcpuBase):
         engine answer the others (its qemu64 model)."""
         x = self._x
         leaf = uc.reg_read(x.UC_X86_REG_EAX) & 0xFFFFFFFF
-        regs = cpuid_policy.lookup(leaf, self.vm.guest_tsc_hz)   # 0x15/0x16 declare the VM's TSC rate
+        tsc_hz = self.vm.tsc_hz
+        assert tsc_hz is not None   # an x86 VM's rate, which 0x15/0x16 declare
+        regs = cpuid_policy.lookup(leaf, tsc_hz)
         if regs is None and leaf in (0x1, 0xB):
             regs = _per_vcpu_leaf(leaf, uc.reg_read(x.UC_X86_REG_ECX) & 0xFFFFFFFF, self.index)
         if regs is None:
