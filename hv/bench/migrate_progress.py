@@ -19,6 +19,14 @@ and :func:`guest_progress` turns the stamps into passes done inside the window:
 Speeds within a pass are not assumed uniform across the migration (the source's guest
 stalls on write faults exactly then): only the parts run at a measured steady speed are
 converted from time to work.
+
+Two figures are built on the same stamps. :func:`progress_at` reads the guest's progress
+at any second of its window, so both engines' guests can be compared over the same
+seconds from ``migrate`` (``guest/Q``, :func:`hv.bench.migrate_table.same_span_progress`).
+:func:`first_second_passes` counts the destination guest's passes in its first second
+after RESUME (its own part of the pass in progress at RESUME, as :func:`guest_curve`
+leaves it to the destination, then linear between its lines), to set against the
+guest's full speed (:func:`full_speed_pass_s`).
 """
 from __future__ import annotations
 
@@ -30,6 +38,10 @@ from pathlib import Path
 
 POLL_S = 0.002            # how often LineClock reads the consoles
 FIRST_SECOND_S = 1.0      # the destination's first second after RESUME
+# Pass lines the source prints before ``migrate``: their median gap is the guest's steady
+# pass time. Three (two gaps) let one slow pass on a busy host set it (a 53 ms "steady"
+# pass beside 15-16 ms ones made one destination look 3x faster than steady).
+STEADY_LINES = 12
 PASS_START = re.compile(rb"(?m)^pass \d")
 
 
@@ -117,6 +129,23 @@ def first_second_passes(destination: list[float], resume: float, seconds: float 
     if curve is None or curve[-1][0] < seconds:
         return None
     return progress_at(curve, seconds)
+
+
+def later_pass_s(destination: list[float], resume: float, seconds: float = FIRST_SECOND_S) -> float | None:
+    """The destination guest's pass time in the second after its first (median gap of its
+    lines from ``resume + seconds`` to ``resume + 2 * seconds``; None with fewer than two
+    there). The other measure of its full speed: the steady rate before ``migrate`` was
+    taken a second or more earlier, and on a shared host the load can change by then."""
+    return _median_gap([t for t in destination if resume + seconds <= t <= resume + 2 * seconds])
+
+
+def full_speed_pass_s(steady: float | None, later: float | None) -> float | None:
+    """The guest's pass time at full speed: the shorter of its steady pass time before
+    ``migrate`` and the destination's in its second second. A destination slow for good
+    is judged by the first, a steady rate taken during a busy moment is corrected by the
+    second, and a figure over 1.0 cannot come from load alone."""
+    known = [t for t in (steady, later) if t]
+    return min(known) if known else None
 
 
 def guest_lost(source: list[float], migrate_at: float, stop: float, progress: float | None) -> float | None:

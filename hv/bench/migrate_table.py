@@ -19,8 +19,10 @@ The figures (columns explained in :mod:`hv.bench.migrate` and the README):
   first-write stall counts its later full-speed seconds, so each engine's own-window rate
   follows the other's window length, not how it treats the guest;
 * destination's first second (below the table): the passes the destination's guest did
-  in its first second after ``RESUME`` over the passes the guest did per second steadily
-  before ``migrate`` (pooled over the runs), hv and QEMU;
+  in its first second after ``RESUME`` over the passes it does in a second at full speed
+  (the shorter of its steady pass time before ``migrate`` and the destination's pass
+  time in its second second: :func:`hv.bench.migrate_progress.full_speed_pass_s`),
+  pooled over the runs, hv and QEMU;
 * ``broken``: migrations whose destination did not carry on where the source stopped;
 * ``src+ MiB``, ``dst+ MiB``: each process's peak RSS (VmHWM) minus the resident part of
   its guest-RAM mappings (:func:`hv.bench.common.parse_memory`), read from ``/proc`` at
@@ -41,7 +43,7 @@ from hv.bench.migrate_progress import progress_at
 MIB = 1 << 20
 DOWNTIME_LIMIT_MS = 300
 GUEST_PROGRESS_GOAL = 0.8          # hv's guest progress while migrating / QEMU's, same seconds
-FIRST_SECOND_GOAL = 0.8            # the destination's first second / the guest's steady rate
+FIRST_SECOND_GOAL = 0.8            # the destination's first second / the guest's full speed
 QEMU_ACCEL = {"kvm": "kvm", "unicorn": "tcg"}   # hv's accelerator -> QEMU's like-for-like one
 
 
@@ -85,7 +87,7 @@ class Sample:
     src_extra: int | None = None  # bytes: source's peak RSS beyond its resident guest RAM
     dst_extra: int | None = None  # the same for the destination
     run: int = -1                 # the repetition (pairs hv's run with QEMU's); -1: by position
-    steady_pass_s: float | None = None     # the guest's pass time before migrate (median)
+    full_speed_pass_s: float | None = None  # the guest's pass time at full speed (migrate_progress)
     first_second_passes: float | None = None  # the destination's passes in its first second
 
     @property
@@ -118,13 +120,13 @@ class Row:
 
     def first_second(self) -> float | None:
         """The destination's guest in its first second after RESUME as a fraction of the
-        guest's steady rate before ``migrate``, pooled over the runs: passes done over
-        passes a steady guest would have done (one second / steady pass time per run)."""
-        counted = [s for s in self.samples if s.first_second_passes is not None and s.steady_pass_s]
+        guest's full speed, pooled over the runs: passes done over passes a guest at full
+        speed would have done (one second / full-speed pass time, per run)."""
+        counted = [s for s in self.samples if s.first_second_passes is not None and s.full_speed_pass_s]
         if not counted:
             return None
         return (sum(s.first_second_passes or 0.0 for s in counted)
-                / sum(1.0 / (s.steady_pass_s or 1.0) for s in counted))
+                / sum(1.0 / (s.full_speed_pass_s or 1.0) for s in counted))
 
     def broken(self) -> int:
         return sum(bool(s.broken) for s in self.samples)
@@ -161,7 +163,7 @@ def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float 
             guest_ratio: float | None, memory_ratio: float | None = None) -> str:
     """The goals an hv row can meet: downtime <= 300 ms and <= QEMU's, total <= QEMU's,
     guest progress >= 0.8 of QEMU's over the same seconds, memory beyond guest RAM <=
-    QEMU's, the destination's guest >= 0.8 of its steady rate in its first second; a
+    QEMU's, the destination's guest >= 0.8 of its full speed in its first second; a
     broken guest is always a miss."""
     missed = []
     first = row.first_second()
@@ -238,8 +240,8 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
                "x/Q = hv / QEMU (unicorn vs tcg, kvm vs kvm); src+/dst+ MiB = peak RSS (VmHWM) beyond the resident "
                "guest RAM, mem/Q = hv's src+dst over QEMU's; broken = broken/completed")
     out.append(f"goals (hv rows): down <= {DOWNTIME_LIMIT_MS} ms and <= QEMU, total <= QEMU, guest/Q >= "
-               f"{GUEST_PROGRESS_GOAL}, mem/Q <= 1, destination's first second >= {FIRST_SECOND_GOAL} of steady "
-               f"(dst), no broken guest (% raw and guest p/s are information, not goals)")
+               f"{GUEST_PROGRESS_GOAL}, mem/Q <= 1, destination's first second >= {FIRST_SECOND_GOAL} of full "
+               f"speed (dst), no broken guest (% raw and guest p/s are information, not goals)")
     return "\n".join(out)
 
 
@@ -274,7 +276,7 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
     """Per hv dirty row: the guest time each engine's migration cost the guest while it
     ran (window minus work done at the guest's own steady rate, median; information),
     both guests' passes over the same seconds (what guest/Q divides), and the
-    destination's first second after RESUME against the guest's steady rate."""
+    destination's first second after RESUME against the guest's full speed."""
     lines = []
     for row in rows:
         twin = row.case.reference()
@@ -296,7 +298,7 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
             theirs = reference.first_second() if reference is not None else None
             qemu_text = "" if theirs is None else f", QEMU {theirs:.2f}"
             lines.append(f"destination's first second after RESUME, {row.case.label()}: hv {first:.2f} of the "
-                         f"guest's steady rate before migrate{qemu_text}")
+                         f"guest's full speed{qemu_text}")
     return lines
 
 
