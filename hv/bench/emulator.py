@@ -9,11 +9,19 @@ like: hv ``-accel unicorn`` against QEMU ``-accel tcg`` (both emulate), and on x
 
 Columns: ``boot s`` is process start to the guest's banner line (``dirty: mib=...``, printed
 just before pass 1 begins: process start-up, firmware and loading); ``run s`` is the banner
-to the last pass line, i.e. all N passes; ``passes/s`` is N / run s; ``run/Q`` and
+to the last pass line, i.e. all N passes; ``pass1 s`` the first of them alone (the guest's
+first touch of its buffer: page faults, and the host's, land here); ``passes/s`` is N / run s; ``run/Q`` and
 ``boot/Q`` divide hv's figure by QEMU's of the same pair; ``output`` says whether hv's pass
 lines (checksums, ``bad 0``) equal QEMU's (``same``), or ``bad`` when any pass found a
 changed word. Each row runs ``--repeat`` times, interleaved (hv, QEMU, hv, QEMU, ...), and
 the table prints medians. The goal printed is run/Q <= 1.5 for Unicorn against TCG.
+
+Right before each run, hv's and QEMU's alike, the bench touches and frees RAM + 64 MiB of
+memory (:func:`hv.bench.common.back_host_memory`): on a host that hands free memory back to
+its own host (free page reporting), the first touch of memory idle for a few seconds costs
+3-12 ms per MiB, and without this the engine that started right after another process
+freed memory got fast memory and the other did not (first pass 0.04-0.86 s on either).
+``--no-warm`` leaves it out (to see the host's cost); the time it took is printed below.
 
 Below the table, for x86_64 Unicorn, a second figure: bare Unicorn (the same libunicorn
 hv loads, in its own process, no hooks) running a flat store loop over the same M MiB N
@@ -34,14 +42,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hv.bench.common import HV_COMMAND, BenchError, find_qemu, kvm_usable, qemu_missing_line, run_timed
+from hv.bench.common import (
+    HV_COMMAND,
+    BenchError,
+    back_host_memory,
+    find_qemu,
+    kvm_usable,
+    qemu_missing_line,
+    run_timed,
+)
 from hv_backends import UNICORN_LIBRARY
 from hv_fixtures import guest as fixture_guest
 
 log = logging.getLogger("hv.bench")
 
 USAGE_EMULATOR = ("hv bench emulator [--arches x86_64,aarch64] [--accels unicorn,kvm] [--mib 64] [--passes 10] "
-                  "[--repeat 3] [--no-qemu] [--qemu-dir DIR] [--no-bare]")
+                  "[--repeat 3] [--no-qemu] [--qemu-dir DIR] [--no-bare] [--no-warm]")
 GOAL_RATIO = 1.5                      # hv Unicorn run time / QEMU TCG run time
 HV_MACHINE = {"x86_64": "q35", "aarch64": "virt"}
 QEMU_MACHINE = {"x86_64": ("-M", "q35"), "aarch64": ("-M", "virt", "-cpu", "cortex-a57")}
@@ -64,6 +80,8 @@ class EmuSample:
     boot_s: float
     run_s: float
     passes: tuple[str, ...]     # the guest's pass lines
+    first_s: float = 0.0        # banner to the first pass line
+    warm_s: float | None = None  # back_host_memory() right before the run (None: --no-warm)
 
 
 @dataclass
@@ -83,10 +101,16 @@ class EmuSettings:
     timeout: float
     qemu: dict[str, str]                       # arch -> QEMU binary
     hv: tuple[str, ...] = HV_COMMAND
+    warm: bool = True                          # back host memory before every run
 
     @property
     def ram_mib(self) -> int:
         return max(128, self.mib * 2 + 64)
+
+    @property
+    def warm_mib(self) -> int:
+        """What a run may touch: guest RAM plus the VMM's own (code buffers, heaps)."""
+        return self.ram_mib + 64
 
     @property
     def append(self) -> str:
@@ -105,7 +129,9 @@ def case_argv(case: EmuCase, settings: EmuSettings) -> list[str]:
 
 
 def run_once(case: EmuCase, settings: EmuSettings) -> EmuSample:
-    """One process from start to power-off; the times come from its serial lines."""
+    """One process from start to power-off; the times come from its serial lines. The host
+    memory it will touch is backed first (:func:`back_host_memory`), the same for every engine."""
+    warm_s = back_host_memory(settings.warm_mib) if settings.warm else None
     run = run_timed(case_argv(case, settings), settings.timeout, case.label())
     banner = run.first(BANNER)
     passes = [(t, line) for t, line in run.lines if line.startswith("pass ")]
@@ -113,7 +139,7 @@ def run_once(case: EmuCase, settings: EmuSettings) -> EmuSample:
         tail = " | ".join([line for _, line in run.lines[-2:]] + run.stderr.strip().splitlines()[-2:])
         raise BenchError(f"{case.label()}: exit {run.returncode}, {len(passes)}/{settings.passes} passes: {tail[:300]}")
     return EmuSample(boot_s=banner[0] - run.started, run_s=passes[-1][0] - banner[0],
-                     passes=tuple(line for _, line in passes))
+                     passes=tuple(line for _, line in passes), first_s=passes[0][0] - banner[0], warm_s=warm_s)
 
 
 def build_rows(arches: list[str], accels: list[str], qemu: dict[str, str]) -> list[EmuRow]:
@@ -137,8 +163,8 @@ def measure(rows: list[EmuRow], settings: EmuSettings, repeat: int) -> None:
                 row.errors.append(str(exc))
                 continue
             row.samples.append(sample)
-            log.info("%s run %d: boot %.2f s, %d passes in %.2f s", row.case.label(), repetition + 1,
-                     sample.boot_s, settings.passes, sample.run_s)
+            log.info("%s run %d: boot %.2f s, %d passes in %.2f s (first %.3f s)", row.case.label(),
+                     repetition + 1, sample.boot_s, settings.passes, sample.run_s, sample.first_s)
 
 
 def peer_of(row: EmuRow, rows: list[EmuRow]) -> EmuRow | None:
@@ -161,7 +187,8 @@ def output_verdict(row: EmuRow, peer: EmuRow | None) -> str:
 
 
 def format_table(rows: list[EmuRow], settings: EmuSettings) -> str:
-    header = ("arch", "engine", "accel", "passes", "boot s", "run s", "passes/s", "boot/Q", "run/Q", "output")
+    header = ("arch", "engine", "accel", "passes", "boot s", "run s", "pass1 s", "passes/s", "boot/Q", "run/Q",
+              "output")
     lines: list[tuple[str, ...]] = [header]
     for row in rows:
         c = row.case
@@ -172,7 +199,8 @@ def format_table(rows: list[EmuRow], settings: EmuSettings) -> str:
         peer = peer_of(row, rows)
         boot, run = row.median("boot_s"), row.median("run_s")
         partial = f" ({len(row.samples)}/{len(row.samples) + len(row.errors)} ok)" if row.errors else ""
-        lines.append(base + (f"{boot:.2f}", f"{run:.3f}", f"{settings.passes / run:.1f}",
+        lines.append(base + (f"{boot:.2f}", f"{run:.3f}", f"{row.median('first_s'):.3f}",
+                             f"{settings.passes / run:.1f}",
                              f"{boot / peer.median('boot_s'):.2f}" if peer else "-",
                              f"{run / peer.median('run_s'):.2f}" if peer else "-",
                              output_verdict(row, peer) + partial))
@@ -182,8 +210,20 @@ def format_table(rows: list[EmuRow], settings: EmuSettings) -> str:
     out.insert(1, "-" * len(out[0]))
     out.extend(goal_lines(rows))
     out.append(f"medians; dirty.elf {settings.append}, {settings.ram_mib} MiB RAM; run s = banner to last pass "
-               "line; run/Q, boot/Q = hv / QEMU (same arch, unicorn vs tcg, kvm vs kvm)")
+               "line, pass1 s = banner to first; run/Q, boot/Q = hv / QEMU (same arch, unicorn vs tcg, kvm vs kvm)")
+    out.append(warm_line(rows, settings))
     return "\n".join(out)
+
+
+def warm_line(rows: list[EmuRow], settings: EmuSettings) -> str:
+    """What the bench did to host memory before each run, and how long it took (how cold it was)."""
+    if not settings.warm:
+        return ("host memory not backed before the runs (--no-warm): a first pass may include the host's own "
+                "first-touch cost, whichever engine it falls on")
+    times = [s.warm_s for row in rows for s in row.samples if s.warm_s is not None]
+    spread = f"median {statistics.median(times):.2f} s, max {max(times):.2f} s" if times else "no run"
+    return (f"before every run (hv and QEMU alike) {settings.warm_mib} MiB were touched and freed so the run starts "
+            f"on memory the host has backed ({spread})")
 
 
 def goal_lines(rows: list[EmuRow]) -> list[str]:
@@ -277,6 +317,8 @@ def emulator_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qemu", action="store_true", help="do not run QEMU even when installed")
     p.add_argument("--qemu-dir", type=Path, default=None, help="where qemu-system-* are (default: PATH)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-Unicorn figure")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not touch and free memory before each run (see the host's first-touch cost)")
     p.add_argument("--hv", default=None, help="command that runs hv (default: this Python -m hv)")
     return p
 
@@ -299,7 +341,8 @@ def run_emulator(argv: list[str]) -> int:
         elif not args.no_qemu:
             print(qemu_missing_line(arch))
     hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
-    settings = EmuSettings(mib=args.mib, passes=args.passes, timeout=args.timeout, qemu=qemu, hv=hv)
+    settings = EmuSettings(mib=args.mib, passes=args.passes, timeout=args.timeout, qemu=qemu, hv=hv,
+                           warm=not args.no_warm)
     # hv's KVM backend is x86_64-only on this host; aarch64 runs on Unicorn.
     rows = [r for r in build_rows(args.arches, accels, qemu) if r.case.accel != "kvm" or r.case.arch == "x86_64"]
     if not rows:

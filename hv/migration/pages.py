@@ -132,12 +132,13 @@ def zero_pages(view: memoryview) -> None:
                 page[:] = ZERO_PAGE
 
 
-def populate(view: memoryview) -> None:
+def populate(view: memoryview) -> bool:
     """Pre-fault a page-aligned writable view in one call (Linux >= 5.14; else no-op), so
-    receiving into fresh RAM does not take one page fault per 4 KiB."""
+    receiving into fresh RAM does not take one page fault per 4 KiB. True when it did."""
     address = _address(view)
-    if address is not None:
-        _madvise()(address, len(view), MADV_POPULATE_WRITE)
+    if address is None:
+        return False
+    return bool(_madvise()(address, len(view), MADV_POPULATE_WRITE) == 0)
 
 
 def mem_available() -> int | None:
