@@ -79,3 +79,16 @@ def test_back_host_memory_touches_and_frees() -> None:
     assert proc.returncode == 0, proc.stderr
     before, peak, after, seconds = json.loads(proc.stdout)
     assert peak >= before + 60 * 1024 and after < before + 16 * 1024 and seconds >= 0
+
+
+def test_bare_loop_encodes_the_sizes() -> None:
+    code = bare_store_loop(64, 10)
+    assert code[3:7] == (10).to_bytes(4, "little") and code[-12:-8] == (64 * 1024 * 1024 // 8).to_bytes(4, "little")
+    assert code[-1:] == b"\xf4"
+
+
+def test_bare_unicorn_runs_the_loop_with_hvs_library() -> None:
+    """The second figure's loop really runs (a real Unicorn in its own process, 1 MiB once)
+    and says which libunicorn it used: the one hv picks."""
+    stores, library = bare_unicorn(EmuSettings(mib=1, passes=1, timeout=60, qemu={}), 1)
+    assert stores > 0 and library == UNICORN_LIBRARY.describe()
