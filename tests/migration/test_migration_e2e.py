@@ -7,12 +7,26 @@ and its own per-pass verification must report no bad word.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import FIXTURES, Vm, check_dirty_output, complete_lines, requires_kvm
+from tests.helpers import (
+    FIXTURES,
+    ROOT,
+    HvProcess,
+    Vm,
+    check_dirty_output,
+    complete_lines,
+    hv_command,
+    requires_kvm,
+    value,
+)
 
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
 MIB = 4
@@ -258,109 +272,163 @@ def test_cancel_then_migrate_again(vms, sock_dir):
     finish("q35", src, second)
 
 
-# (sectors, iterations) keep each run a few seconds long: kvm_pvm emulates this CPL0
-# driver ~20x slower than Unicorn, and the source must still be mid-run when it migrates.
+# -- the virtio-blk guest migrating mid-I/O --------------------------------------------------
+# The blk fixture with hold=1 and iterations=0 does write-then-verify passes over its disk
+# until a byte arrives on its serial input. The test types that byte only on the destination,
+# after the migration and after a whole pass ran there: the source cannot finish first, so the
+# migration always lands while the guest's I/O loop runs, however loaded the host is.
+# Sectors per pass: kvm_pvm emulates this CPL0 driver ~20x slower than Unicorn.
 BLK_PAIRS = [
-    # 100 passes on Unicorn: with hv's patched libunicorn a pass takes milliseconds, and 20
-    # could all finish between the test seeing the first pass and its migrate command.
-    pytest.param("q35", "unicorn", "unicorn", 1024, 100, id="x86_64-unicorn-unicorn"),
-    pytest.param("q35", "kvm", "kvm", 64, 12, marks=requires_kvm, id="x86_64-kvm-kvm"),
-    pytest.param("q35", "kvm", "unicorn", 64, 12, marks=requires_kvm, id="x86_64-kvm-unicorn"),
-    pytest.param("q35", "unicorn", "kvm", 1024, 8, marks=requires_kvm, id="x86_64-unicorn-kvm"),
-    pytest.param("virt", "unicorn", "unicorn", 1024, 100, id="aarch64-unicorn-unicorn"),
+    pytest.param("q35", "unicorn", "unicorn", 1024, id="x86_64-unicorn-unicorn"),
+    pytest.param("q35", "kvm", "kvm", 64, marks=requires_kvm, id="x86_64-kvm-kvm"),
+    pytest.param("q35", "kvm", "unicorn", 64, marks=requires_kvm, id="x86_64-kvm-unicorn"),
+    pytest.param("q35", "unicorn", "kvm", 256, marks=requires_kvm, id="x86_64-unicorn-kvm"),
+    pytest.param("virt", "unicorn", "unicorn", 1024, id="aarch64-unicorn-unicorn"),
 ]
+BLK_PASS = re.compile(r"blk pass (\d+) sum [0-9a-f]{16} bad (\d+)")
 
 
-def blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations, seed_devices=False):
-    """Run the virtio-blk guest (migrating mid-I/O if ``second``); (serial output, image).
+class TypedHv(HvProcess):
+    """An hv process with ``-serial stdio``: the guest's output goes to a file (polled as
+    HvProcess's is) and the test can type on the guest's serial input through a pipe."""
 
-    ``seed_devices``: the disk options of StratoVirt's walkthrough (``readonly=off,
-    direct=off``, ``bus=pcie.0,addr=0``) instead of hv's own."""
-    image = tmp_path / f"disk-{first}-{second}.img"
+    def __init__(self, tmp: Path, *args: str, name: str = "hv") -> None:
+        self.serial = tmp / f"{name}.serial"
+        self.stderr_path = tmp / f"{name}.stderr"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed by close()
+        with open(self.serial, "wb") as out:
+            self.proc = subprocess.Popen(hv_command(*args, "-serial", "stdio"), cwd=ROOT,
+                                         stdin=subprocess.PIPE, stdout=out, stderr=self._stderr)
+
+    def type(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        try:
+            super().close()      # terminated and reaped
+        finally:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+
+
+@pytest.fixture
+def typed_hv(tmp_path: Path) -> Iterator[Callable[..., TypedHv]]:
+    """Start TypedHv processes; every one is terminated and reaped at teardown."""
+    started: list[TypedHv] = []
+
+    def start(*args: str, name: str = "hv") -> TypedHv:
+        process = TypedHv(tmp_path, *args, name=name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def blk_args(image: Path, machine: str, append: str, seed_devices: bool) -> list[str]:
+    """The blk guest on a fresh 1 MiB disk ``image``. ``seed_devices``: the disk options of
+    StratoVirt's walkthrough (``readonly=off,direct=off``, ``bus=pcie.0,addr=0``) instead of
+    hv's own."""
     image.write_bytes(bytes(1 << 20))
     drive, device = ((f"file={image},id=rootfs,readonly=off,direct=off,serial=BLK0",
                       "virtio-blk-pci,drive=rootfs,id=rootfs,bus=pcie.0,addr=0") if seed_devices else
                      (f"file={image},id=d0,serial=BLK0", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=3"))
-    args = ["-machine", machine, "-m", "64", "-kernel", str(FIXTURES / ARCH[machine] / "blk.elf"),
-            "-append", f"sectors={sectors} iterations={iterations}", "-drive", drive, "-device", device]
-    if second is None:
-        vm = Vm(hv, sock_dir, f"bsrc{second}", *args, "-accel", first)
-        try:
-            assert vm.process.wait(120) == 0
-            return vm.output(), image.read_bytes()
-        finally:
-            vm.close()
-    # Unicorn runs this CPL0 driver ~20x faster than kvm_pvm, so a Unicorn source that moves
-    # to KVM is paused right after its first pass; a loaded host can still let it finish
-    # every pass before "stop" lands. Then nothing was tested: start again (3 attempts).
-    for attempt in range(1, 4):
-        image.write_bytes(bytes(1 << 20))
-        src, dst = blk_pair(hv, sock_dir, args, first, second, attempt)
-        vms = [src, dst]
-        try:
-            if not source_mid_run(src, pause=(first, second) == ("unicorn", "kvm")):
-                continue
-            migrate(src, dst)
-            src.execute("quit")
-            assert src.process.wait(30) == 0
-            assert dst.process.wait(120) == 0
-            return src.output() + dst.output(), image.read_bytes()
-        finally:
-            for vm in vms:
-                vm.close()
-    pytest.fail("the source finished every pass before it could be paused, 3 times")
+    return ["-machine", machine, "-m", "64", "-kernel", str(FIXTURES / ARCH[machine] / "blk.elf"),
+            "-append", append, "-drive", drive, "-device", device]
 
 
-def blk_pair(hv, sock_dir: str, args: list[str], first: str, second: str, attempt: int) -> tuple[Vm, Vm]:
-    """A paused (-S) source and its -incoming destination. The source is let go once its
-    monitor is connected: with hv's patched libunicorn a short run could otherwise end
-    before the test connects."""
-    src = Vm(hv, sock_dir, f"bsrc{second}{attempt}", *args, "-accel", first, "-S")
+def blk_passes(text: str) -> list[re.Match[str]]:
+    """The complete ``blk pass`` lines of ``text``."""
+    return [m for line in complete_lines(text) if (m := BLK_PASS.fullmatch(line))]
+
+
+def wait_blk_passes(vm: Vm, earlier: str, count: int, timeout: float = 120.0) -> None:
+    """Wait (bounded) until ``earlier`` + ``vm``'s output holds ``count`` pass lines."""
+    deadline = time.monotonic() + timeout
+    while len(blk_passes(earlier + vm.output())) < count:
+        assert vm.process.proc.poll() is None, f"{vm.name} exited: {vm.stderr()[-1000:]}"
+        assert time.monotonic() < deadline, f"{vm.name}: {len(blk_passes(earlier + vm.output()))} passes"
+        time.sleep(0.02)
+
+
+def blk_migrated(typed_hv, sock_dir: str, tmp_path: Path, machine: str, first: str, second: str,
+                 sectors: int, seed_devices: bool = False) -> tuple[str, bytes]:
+    """Migrate the held blk guest from a ``first`` source to a ``second`` destination while
+    it does passes, let it finish there; (joined serial output, disk image).
+
+    The source has printed its first pass before the migration starts and cannot finish
+    on its own (no byte is ever typed on it). The destination is typed at only once the
+    joined output holds two passes more than the source completed: the pass the migration
+    interrupted and one that ran wholly on the destination."""
+    image = tmp_path / "disk-migrated.img"
+    args = blk_args(image, machine, f"sectors={sectors} iterations=0 hold=1", seed_devices)
+    src = Vm(typed_hv, sock_dir, "bsrc", *args, "-accel", first)
+    dst = Vm(typed_hv, sock_dir, "bdst", *args, "-accel", second,
+             "-incoming", f"unix:{os.path.join(sock_dir, 'blk.mig')}")
     try:
-        dst = Vm(hv, sock_dir, f"bdst{second}{attempt}", *args, "-accel", second,
-                 "-incoming", f"unix:{os.path.join(sock_dir, f'blk{attempt}.mig')}")
-    except BaseException:
+        src.wait_lines(4)   # banner, mode, device, first pass: the I/O loop runs
+        assert src.execute("query-status")["return"]["status"] == "running"
+        migrate(src, dst)
+        moved = src.output()
+        assert "done" not in moved.splitlines(), moved[-500:]   # held: it cannot have ended
+        assert src.execute("quit") == {"return": {}}
+        assert src.process.wait(30) == 0
+        wait_blk_passes(dst, moved, len(blk_passes(moved)) + 2)
+        dst.process.type(b"x")
+        assert dst.process.wait(120) == 0
+        return moved + dst.output(), image.read_bytes()
+    finally:
         src.close()
-        raise
-    return src, dst
+        dst.close()
 
 
-def source_mid_run(src: Vm, pause: bool) -> bool:
-    """Let the source run to its first pass (and pause it there if ``pause``); False if
-    the guest finished before that, so there is nothing left to migrate mid-I/O."""
-    assert src.execute("cont") == {"return": {}}
-    src.wait_lines(4)   # banner, mode, device, first pass
-    if pause:
-        try:
-            src.execute("stop")
-        except (BrokenPipeError, ConnectionError, EOFError):
-            return False     # the guest ended and hv with it
-    return not src.output().endswith("done\n")
+def check_migrated_blk(hv, sock_dir: str, tmp_path: Path, machine: str, sectors: int, output: str,
+                       image: bytes, seed_devices: bool = False) -> None:
+    """What a migrated blk run must show. Every pass p (numbered 1..P without a gap or a
+    repeat) reports bad 0: every word it wrote to sectors 0..N-1 read back as value(p, i).
+    Its lines after the banner equal an unmigrated P-pass run's (the same checksum of every
+    word read, in order), and the image holds exactly pass P's words (zeros beyond the
+    sectors), as the unmigrated run's does."""
+    lines = output.splitlines()
+    passes = blk_passes(output)
+    count = len(passes)
+    assert [int(m.group(1)) for m in passes] == list(range(1, count + 1))
+    assert all(m.group(2) == "0" for m in passes), [m.group(0) for m in passes if m.group(2) != "0"]
+    assert lines[0] == f"blk: sectors={sectors} iterations=0 chunk=8 depth=4" and lines[-1] == "done"
+    plain_image = tmp_path / "disk-plain.img"
+    plain = Vm(hv, sock_dir, "bplain", *blk_args(plain_image, machine, f"sectors={sectors} iterations={count}",
+                                                  seed_devices), "-accel", "unicorn")
+    try:
+        assert plain.process.wait(120) == 0
+        plain_lines = plain.output().splitlines()
+    finally:
+        plain.close()
+    assert plain_lines[0] == f"blk: sectors={sectors} iterations={count} chunk=8 depth=4"
+    assert lines[1:] == plain_lines[1:]
+    written = b"".join(value(count, i).to_bytes(8, "little") for i in range(sectors * 512 // 8))
+    assert image == written + bytes(len(image) - len(written))
+    assert image == plain_image.read_bytes()
 
 
-@pytest.mark.parametrize("machine,first,second,sectors,iterations", BLK_PAIRS)
-def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations):
-    """Migration while the guest writes its disk continuously loses no write and repeats
-    none: the output and the image equal an unmigrated run's, byte for byte."""
-    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, first, second, sectors, iterations)
-    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, sectors, iterations)
-    assert migrated_out.splitlines() == plain_out.splitlines()
-    assert migrated_out.splitlines()[-1] == "done"
-    assert migrated_image == plain_image
+@pytest.mark.parametrize("machine,first,second,sectors", BLK_PAIRS)
+def test_blk_guest_migrates_mid_io(hv, typed_hv, sock_dir, tmp_path, machine, first, second, sectors):
+    """Migration while the guest writes and verifies its disk continuously loses no write
+    and repeats none (check_migrated_blk says what is checked)."""
+    output, image = blk_migrated(typed_hv, sock_dir, tmp_path, machine, first, second, sectors)
+    check_migrated_blk(hv, sock_dir, tmp_path, machine, sectors, output, image)
 
 
 @pytest.mark.parametrize("machine", ["q35", "virt"])
-def test_seed_disk_at_addr_0_migrates_mid_io(hv, sock_dir, tmp_path, machine):
+def test_seed_disk_at_addr_0_migrates_mid_io(hv, typed_hv, sock_dir, tmp_path, machine):
     """The walkthrough's own disk line (addr=0, readonly=off, direct=off) boots, is found
     by PCI enumeration at 0:0.0 and migrates mid-I/O like any other slot."""
-    migrated_out, migrated_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024, 100,
-                                           seed_devices=True)
-    plain_out, plain_image = blk_run(hv, sock_dir, tmp_path, machine, "unicorn", None, 1024, 100,
-                                     seed_devices=True)
-    assert "blk: device 00:00.0 capacity 2048 id BLK0" in migrated_out.splitlines()
-    assert migrated_out.splitlines() == plain_out.splitlines()
-    assert migrated_out.splitlines()[-1] == "done"
-    assert migrated_image == plain_image
+    output, image = blk_migrated(typed_hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024,
+                                 seed_devices=True)
+    assert "blk: device 00:00.0 capacity 2048 id BLK0" in output.splitlines()
+    check_migrated_blk(hv, sock_dir, tmp_path, machine, 1024, output, image, seed_devices=True)
 
 
 @pytest.mark.parametrize("first,second", [pytest.param("kvm", "unicorn", marks=requires_kvm, id="kvm-unicorn"),
