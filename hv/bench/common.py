@@ -7,11 +7,12 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,45 @@ def back_host_memory(mib: int) -> float:
     finally:
         memory.close()
     return time.perf_counter() - started
+
+
+PREFAULT_RE = re.compile(r"guest RAM pre-fault (\w+): (?:(\d+) of )?(\d+) MiB(?: (?:in|for) (\d+) ms)?")
+
+
+@dataclass
+class HostMemoryNotes:
+    """What a bench did to host memory before its runs and what hv destinations said about
+    faulting in their guest RAM (``hv: guest RAM pre-fault done: 2048 MiB in 190 ms``), for
+    the lines printed below a table."""
+
+    warm_mib: dict[str, int] = field(default_factory=dict)     # row label -> MiB backed before its runs
+    warm_s: list[float] = field(default_factory=list)
+    prefault: dict[str, list[str]] = field(default_factory=dict)  # row label -> "done 190 ms", ...
+
+    def warm(self, label: str, mib: int) -> None:
+        """Back ``mib`` MiB of host memory (:func:`back_host_memory`) for the next run of ``label``."""
+        self.warm_mib[label] = mib
+        self.warm_s.append(back_host_memory(mib))
+
+    def record_prefault(self, label: str, stderr: str) -> None:
+        """Keep an hv destination's pre-fault line ('-' when it printed none)."""
+        match = PREFAULT_RE.search(stderr)
+        text = "-"
+        if match:
+            outcome, done, total, ms = match.groups()
+            text = f"{outcome} {ms or '?'} ms" + (f" ({done} of {total} MiB)" if done else "")
+        self.prefault.setdefault(label, []).append(text)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.warm_s:
+            sizes = ", ".join(sorted({f"{mib} MiB" for mib in self.warm_mib.values()}))
+            out.append(f"host memory: before every migration (hv and QEMU alike) source + destination RAM + 128 MiB "
+                       f"({sizes}) was touched and freed, so both engines start on memory the host has backed "
+                       f"(took median {statistics.median(self.warm_s):.2f} s, max {max(self.warm_s):.2f} s)")
+        for label, reports in self.prefault.items():
+            out.append(f"hv destination pre-fault, {label}: {', '.join(reports)}")
+        return out
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from typing import Any
 from hv.bench.common import (
     HV_COMMAND,
     BenchError,
+    HostMemoryNotes,
     Qmp,
     VmProcess,
     destination_uri,
@@ -117,6 +118,10 @@ class Settings:
     qemu: str | None
     hv: tuple[str, ...] = HV_COMMAND
     tls_dirs: tuple[Path, Path] | None = None   # (server, client) certificate directories
+    # back host memory before every run (hv.bench.common.back_host_memory); what was done and
+    # the hv destinations' pre-fault lines are kept here for the lines below the table
+    warm: bool = True
+    host: HostMemoryNotes = dataclasses.field(default_factory=HostMemoryNotes)
 
 
 def _guest_append(case: Case, settings: Settings) -> str:
@@ -238,6 +243,8 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
     """Start source and destination, wait for the guest's first passes, migrate, measure,
     then check the destination carries on."""
     make_argv = _hv_argv if case.engine == "hv" else _qemu_argv
+    if settings.warm:   # both engines alike: source + destination RAM, and their own
+        settings.host.warm(case.label(), 2 * case.size_mib + 128)
     with tempfile.TemporaryDirectory(prefix="hvb") as tmp:  # short: AF_UNIX paths are bounded
         workdir = Path(tmp)
         started: list[VmProcess] = []
@@ -280,6 +287,8 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                                                later_pass_s(clock.times[1], resume))
                 first = first_second_passes(clock.times[1], resume, FIRST_SECOND_S)
             dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
+            if case.engine == "hv":
+                settings.host.record_prefault(case.label(), dst.stderr())
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
                           own_downtime_ms=float(info.get("downtime", 0)), guest_passes=guest_passes,
@@ -363,6 +372,8 @@ def migrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--hv", default=None, help="command that runs hv (default: this Python -m hv), "
                    "e.g. to measure a patched hv")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not touch and free source + destination RAM before each migration")
     p.add_argument("--tls", action="store_true",
                    help="also migrate each combination over TLS, hv and QEMU (throwaway certificates, openssl CLI)")
     return p
@@ -387,7 +398,7 @@ def run_migrate(argv: list[str]) -> int:
         print(qemu_missing_line("x86_64"))
     hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
     settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu,
-                        hv=hv)
+                        hv=hv, warm=not args.no_warm)
     cases = build_cases(args, qemu is not None)
     if not cases:
         print("hv bench migrate: nothing to run", file=sys.stderr)
@@ -401,6 +412,8 @@ def run_migrate(argv: list[str]) -> int:
             cases = [c for c in cases if not c.tls]
         rows, raw = _measure(args, settings, cases)
     print(format_table(rows, raw))
+    for line in settings.host.lines():
+        print(line)
     print(f"({len(cases)} combinations x {args.repeat} runs in {time.monotonic() - started:.0f} s)")
     if args.json is not None:
         args.json.write_text(json.dumps({"raw": raw, "rows": [

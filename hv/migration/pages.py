@@ -173,8 +173,9 @@ class Prefaulter:
 
     views: Sequence[tuple[Any, memoryview]]  # (mmap object, its whole view) per region
     done_bytes: int = 0
-    elapsed: float = 0.0
+    elapsed: float = 0.0          # seconds from start to done or stopped
     outcome: str = "not started"
+    _began: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     # One byte per page of all regions, in RAM offset order: 1 where the page was never
@@ -211,7 +212,7 @@ class Prefaulter:
         return self
 
     def _run(self) -> None:
-        begin = time.monotonic()
+        self._began = begin = time.monotonic()
         madvise = _madvise()
         # Addresses and sizes up front: a view is released when its region closes.
         spans = [(mapping, _address(view), len(view)) for mapping, view in self.views if not mapping.closed]
@@ -220,6 +221,7 @@ class Prefaulter:
                 continue
             for offset in range(0, length, PREFAULT_CHUNK):
                 if self._stop.is_set() or mapping.closed:
+                    self.elapsed = time.monotonic() - begin
                     self.outcome = "stopped"
                     return
                 size = min(PREFAULT_CHUNK, length - offset)
@@ -292,10 +294,18 @@ def is_prefaulted(memory: Any) -> bool:
 
 
 def prefault_report(memory: Any) -> str:
-    """What the background pre-fault of ``memory`` did so far (for a debug line)."""
+    """What the background pre-fault of ``memory`` did so far and how long it took, e.g.
+    ``done: 2048 MiB in 190 ms``, ``stopped: 1536 of 2048 MiB in 900 ms`` (the source's
+    full pass came first), ``running: 512 of 2048 MiB for 300 ms``. On a host that hands
+    free memory back to its own host (free page reporting) the same 2 GiB took 0.19-13 s."""
     prefaulter = _prefaulted.get(memory) if memory is not None else None
     if prefaulter is None:
         return "not started"
     if prefaulter.outcome == "done":
         return f"done: {prefaulter.done_bytes >> 20} MiB in {prefaulter.elapsed * 1000:.0f} ms"
-    return f"{prefaulter.outcome}: {prefaulter.done_bytes >> 20} of {prefaulter.total >> 20} MiB"
+    progress = f"{prefaulter.outcome}: {prefaulter.done_bytes >> 20} of {prefaulter.total >> 20} MiB"
+    if prefaulter.outcome == "stopped":
+        return f"{progress} in {prefaulter.elapsed * 1000:.0f} ms"
+    if prefaulter.outcome == "running" and prefaulter._began:
+        return f"{progress} for {(time.monotonic() - prefaulter._began) * 1000:.0f} ms"
+    return progress

@@ -1,0 +1,42 @@
+"""The benches' host-memory bookkeeping: the lines below ``hv bench migrate``'s table read
+the pre-fault line an hv destination logs (the real :func:`prefault_report` text of a real
+pre-fault), and say what was backed before the runs. No timing is asserted."""
+from __future__ import annotations
+
+from hv.bench.common import HostMemoryNotes
+from hv.memory import GuestMemory, RegionSpec
+from hv.migration.pages import prefault_memory, prefault_report
+
+
+def test_pre_fault_line_of_a_real_pre_fault_is_read() -> None:
+    memory = GuestMemory([RegionSpec(0, 16 << 20)])
+    try:
+        assert prefault_memory(memory).wait(60)
+        report = prefault_report(memory)
+    finally:
+        memory.close()
+    assert report.startswith("done: 16 MiB in ") and report.endswith(" ms"), report
+    notes = HostMemoryNotes()
+    notes.record_prefault("hv kvm 16M idle unix", f"hv: waiting ...\nhv: guest RAM pre-fault {report}\n")
+    ms = report.split(" in ")[1].split()[0]
+    assert notes.prefault == {"hv kvm 16M idle unix": [f"done {ms} ms"]}
+
+
+def test_stopped_pre_fault_and_missing_line() -> None:
+    notes = HostMemoryNotes()
+    notes.record_prefault("a", "hv: guest RAM pre-fault stopped: 1536 of 2048 MiB in 900 ms")
+    notes.record_prefault("a", "hv: guest RAM pre-fault running: 512 of 2048 MiB for 300 ms")
+    notes.record_prefault("a", "hv: something else")
+    assert notes.prefault == {"a": ["stopped 900 ms (1536 of 2048 MiB)", "running 300 ms (512 of 2048 MiB)", "-"]}
+    assert notes.lines() == ["hv destination pre-fault, a: stopped 900 ms (1536 of 2048 MiB), "
+                             "running 300 ms (512 of 2048 MiB), -"]
+
+
+def test_warm_is_recorded_per_row() -> None:
+    notes = HostMemoryNotes()
+    notes.warm("hv kvm 16M idle unix", 16)
+    notes.warm("qemu kvm 16M idle unix", 16)
+    assert len(notes.warm_s) == 2 and all(s >= 0 for s in notes.warm_s)
+    line = notes.lines()[0]
+    assert line.startswith("host memory: before every migration (hv and QEMU alike) source + destination RAM "
+                           "+ 128 MiB (16 MiB) was touched and freed"), line
