@@ -222,13 +222,18 @@ class HostMemoryNotes:
         self.warm_mib[label] = mib
         self.warm_s.append(back_host_memory(mib))
 
-    def record_prefault(self, label: str, stderr: str) -> None:
-        """Keep an hv destination's pre-fault line ('-' when it printed none)."""
+    def record_prefault(self, label: str, stderr: str, migrate_after: float | None = None) -> None:
+        """Keep an hv destination's pre-fault line ('-' when it printed none) and when the
+        migration began, in seconds after the destination process was started (its
+        pre-fault starts a little later, once hv is up): a pre-fault longer than that ran
+        on beside the stream."""
         match = PREFAULT_RE.search(stderr)
         text = "-"
         if match:
             outcome, done, total, ms = match.groups()
             text = f"{outcome} {ms or '?'} ms" + (f" ({done} of {total} MiB)" if done else "")
+        if migrate_after is not None:
+            text += f" [migrate at +{migrate_after * 1000:.0f} ms]"
         self.prefault.setdefault(label, []).append(text)
 
     def lines(self) -> list[str]:
@@ -239,7 +244,8 @@ class HostMemoryNotes:
                        f"({sizes}) was touched and freed, so both engines start on memory the host has backed "
                        f"(took median {statistics.median(self.warm_s):.2f} s, max {max(self.warm_s):.2f} s)")
         for label, reports in self.prefault.items():
-            out.append(f"hv destination pre-fault, {label}: {', '.join(reports)}")
+            out.append(f"hv destination pre-fault, {label}: {', '.join(reports)} "
+                       "[migrate at +: after the destination process started]")
         return out
 
 

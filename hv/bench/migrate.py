@@ -268,6 +268,7 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                 _wait_lines(clock, src, STEADY_LINES, settings.timeout)
             uri = destination_uri(case.engine, case.transport, dst, listen_uri)
             migrate_at = time.time()          # wall clock, as the events' timestamps
+            dst_age = time.monotonic() - dst.started  # the destination's pre-fault had this long
             source.execute("migrate", uri=uri)
             info = _wait_completed(case, source, settings.timeout)
             stop = event_time(source.wait_event("STOP", 30))
@@ -288,7 +289,7 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                 first = first_second_passes(clock.times[1], resume, FIRST_SECOND_S)
             dst_memory = read_memory(dst.proc.pid, case.size_mib * MIB)
             if case.engine == "hv":
-                settings.host.record_prefault(case.label(), dst.stderr())
+                settings.host.record_prefault(case.label(), dst.stderr(), dst_age)
             return Sample(total_ms=float(info["total-time"]), downtime_ms=(resume - stop) * 1000,
                           transferred=int(ram["transferred"]), passes=int(ram["dirty-sync-count"]),
                           own_downtime_ms=float(info.get("downtime", 0)), guest_passes=guest_passes,

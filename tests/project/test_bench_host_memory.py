@@ -24,12 +24,14 @@ def test_pre_fault_line_of_a_real_pre_fault_is_read() -> None:
 
 def test_stopped_pre_fault_and_missing_line() -> None:
     notes = HostMemoryNotes()
-    notes.record_prefault("a", "hv: guest RAM pre-fault stopped: 1536 of 2048 MiB in 900 ms")
+    notes.record_prefault("a", "hv: guest RAM pre-fault stopped: 1536 of 2048 MiB in 900 ms", 0.25)
     notes.record_prefault("a", "hv: guest RAM pre-fault running: 512 of 2048 MiB for 300 ms")
     notes.record_prefault("a", "hv: something else")
-    assert notes.prefault == {"a": ["stopped 900 ms (1536 of 2048 MiB)", "running 300 ms (512 of 2048 MiB)", "-"]}
-    assert notes.lines() == ["hv destination pre-fault, a: stopped 900 ms (1536 of 2048 MiB), "
-                             "running 300 ms (512 of 2048 MiB), -"]
+    assert notes.prefault == {"a": ["stopped 900 ms (1536 of 2048 MiB) [migrate at +250 ms]",
+                                    "running 300 ms (512 of 2048 MiB)", "-"]}
+    assert notes.lines() == ["hv destination pre-fault, a: stopped 900 ms (1536 of 2048 MiB) [migrate at +250 ms], "
+                             "running 300 ms (512 of 2048 MiB), - [migrate at +: after the destination process "
+                             "started]"]
 
 
 def test_warm_is_recorded_per_row() -> None:
