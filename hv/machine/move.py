@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 
 from hv.machine.machine import Machine, MachineSnapshot
+from hv.machine.runstate import RunState
 from hv.memory import GuestMemory
 from hv_backends.base import Backend
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_ANNOUNCED = 10.0   # seconds a shut-down source may take to announce it
 
 
 def copy_ram(source: GuestMemory, target: GuestMemory) -> None:
@@ -27,9 +30,19 @@ def copy_ram(source: GuestMemory, target: GuestMemory) -> None:
 def move_machine(machine: Machine, backend: Backend) -> Machine:
     """Move ``machine`` onto ``backend``; returns the new machine, the old one is closed.
 
-    The new machine runs if the old one was running, and stays paused otherwise.
+    The new machine runs if the old one was running, and stays paused otherwise; a
+    machine that has shut down (a guest power-off) stays shut down, with the same reason,
+    as QEMU's migration destination takes its source's run state: started paused, it
+    would never report the power-off that already happened (a caller's ``wait_shutdown``
+    waited for ever).
     """
     was_running = machine.pause()
+    reason = None
+    if machine.state is RunState.SHUTDOWN:
+        # Announced right after the state changed (once the listeners have the event);
+        # the vCPU that powered off may still be leaving its run: wait until it parks.
+        reason = machine.wait_shutdown(SHUTDOWN_ANNOUNCED)
+        machine.runner.wait_parked()
     snapshot = MachineSnapshot.from_dict(machine.save().to_dict())  # through plain values
     fresh = Machine(machine.config, backend, machine.console)
     try:
@@ -41,6 +54,8 @@ def move_machine(machine: Machine, backend: Backend) -> Machine:
             machine.resume()
         raise
     fresh.kernel_image = machine.kernel_image
+    if reason is not None:
+        fresh.request_shutdown(reason)   # before the listeners: they had this SHUTDOWN already
     for listener in machine.listeners:
         fresh.add_listener(listener)
     machine.close()
