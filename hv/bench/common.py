@@ -216,6 +216,11 @@ class HostMemoryNotes:
     warm_mib: dict[str, int] = field(default_factory=dict)     # row label -> MiB backed before its runs
     warm_s: list[float] = field(default_factory=list)
     prefault: dict[str, list[str]] = field(default_factory=dict)  # row label -> "done 190 ms", ...
+    paired_raw: dict[str, list[float]] = field(default_factory=dict)  # row label -> rate / raw just before
+
+    def pair_raw(self, label: str, fraction: float) -> None:
+        """A migration's rate over the raw loopback rate measured right before it."""
+        self.paired_raw.setdefault(label, []).append(fraction)
 
     def warm(self, label: str, mib: int) -> None:
         """Back ``mib`` MiB of host memory (:func:`back_host_memory`) for the next run of ``label``."""
@@ -243,6 +248,10 @@ class HostMemoryNotes:
             out.append(f"host memory: before every migration (hv and QEMU alike) source + destination RAM + 128 MiB "
                        f"({sizes}) was touched and freed, so both engines start on memory the host has backed "
                        f"(took median {statistics.median(self.warm_s):.2f} s, max {max(self.warm_s):.2f} s)")
+        for label, fractions in self.paired_raw.items():
+            out.append(f"paired % raw, {label}: " + " ".join(f"{f:.0%}" for f in fractions)
+                       + f" (median {statistics.median(fractions):.0%}; each run's rate over the raw rate "
+                       "measured right before it)")
         for label, reports in self.prefault.items():
             out.append(f"hv destination pre-fault, {label}: {', '.join(reports)} "
                        "[migrate at +: after the destination process started]")

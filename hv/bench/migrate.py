@@ -424,16 +424,19 @@ def run_migrate(argv: list[str]) -> int:
 
 
 def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:
-    """Every case ``--repeat`` times, interleaved, and the raw loopback rate of each
-    transport measured at the start of every repetition (median of all), so the rate a
-    migration is compared with was taken under the same load."""
+    """Every case ``--repeat`` times, interleaved, and the raw loopback rate over the case's
+    transport measured right before each migration: the table's raw figure is the median
+    of all of them, and each migration's rate over the raw rate taken just before it is kept
+    (``paired % raw``). On this shared 2-core host the raw rate alone swung 3x within minutes
+    (unix 1454-4446 MiB/s), so a raw figure taken once per repetition compared a migration
+    with a different minute's load."""
     raw_samples: dict[str, list[float]] = {t: [] for t in args.transports}
     rows = [Row(case) for case in cases]
     for repetition in range(args.repeat):  # interleaved, so a slow minute spreads over every row
-        for transport, samples in raw_samples.items():
-            samples.append(loopback_rate(transport, args.loopback_mib))
-            log.info("raw %s loopback: %.0f MiB/s", transport, samples[-1] / MIB)
         for row in rows:
+            raw_now = loopback_rate(row.case.transport, args.loopback_mib)
+            raw_samples[row.case.transport].append(raw_now)
+            log.info("raw %s loopback: %.0f MiB/s", row.case.transport, raw_now / MIB)
             try:
                 sample = migrate_once(row.case, settings)
             except BenchError as exc:
@@ -441,6 +444,7 @@ def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) ->
                 row.errors.append(str(exc))
                 continue
             row.samples.append(dataclasses.replace(sample, run=repetition))
+            settings.host.pair_raw(row.case.label(), sample.throughput / raw_now)
             log.info("%s run %d: total %d ms, downtime %d ms (own %d), %.1f MiB, %d syncs, guest %s p/s%s",
                      row.case.label(), repetition + 1, sample.total_ms, sample.downtime_ms, sample.own_downtime_ms,
                      sample.transferred / MIB, sample.passes,

@@ -42,3 +42,11 @@ def test_warm_is_recorded_per_row() -> None:
     line = notes.lines()[0]
     assert line.startswith("host memory: before every migration (hv and QEMU alike) source + destination RAM "
                            "+ 128 MiB (16 MiB) was touched and freed"), line
+
+
+def test_paired_raw_line() -> None:
+    notes = HostMemoryNotes()
+    for fraction in (0.8, 0.95, 0.5):
+        notes.pair_raw("hv kvm 2G idle unix", fraction)
+    assert notes.lines() == ["paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80%; each run's rate over "
+                             "the raw rate measured right before it)"]
