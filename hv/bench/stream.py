@@ -13,7 +13,9 @@ source connected, as an hv destination's RAM is (it waits for its source);
 "stream-python" is "stream" without the native code (hv/migration/stream_native.py) on
 either end; "stream-cold" has a source that connects at once, while the pre-fault has just
 begun: as in hv, it runs on through the (single) pass, ahead of the stream where it can.
-Every receiver is set up (and answers one byte) before the clock starts.
+Every receiver is set up (and answers one byte) before the clock starts, and the memory it
+maps is touched and freed right before it is started (see the README's "Host memory
+before each run").
 
     hv bench stream [--mib 512] [--zero-percent 25] [--runs 3]
 """
@@ -33,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from hv.bench.common import back_host_memory
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration import stream_native
 from hv.migration.pages import prefault_memory
@@ -231,7 +234,12 @@ def send_stream(sock: socket.socket, kind: str, mem: GuestMemory, fp: Fingerprin
 
 def run_once(transport: str, kind: str, mem: GuestMemory, fp: Fingerprint, wire: int,
              run_pages: int | None = None) -> float:
-    """Seconds to move everything, from the first byte to the receiver's reply."""
+    """Seconds to move everything, from the first byte to the receiver's reply. The memory
+    the receiver will map is touched and freed first (:func:`back_host_memory`), so every
+    kind starts on memory the host has backed: on a host with free page reporting, memory
+    idle for a few seconds costs 3-12 ms per MiB to touch, which would land on whichever
+    kind ran after a pause ("raw-fresh" and "stream-cold" fault their RAM while timed)."""
+    back_host_memory((mem.size >> 20) + 64)
     ctx = mp.get_context("fork")
     if transport == "tcp":
         listener = listen("tcp:127.0.0.1:0")
