@@ -417,7 +417,7 @@ def run_migrate(argv: list[str]) -> int:
         print(line)
     print(f"({len(cases)} combinations x {args.repeat} runs in {time.monotonic() - started:.0f} s)")
     if args.json is not None:
-        args.json.write_text(json.dumps({"raw": raw, "rows": [
+        args.json.write_text(json.dumps({"raw": raw, "host": dataclasses.asdict(settings.host), "rows": [
             {"case": row.case.__dict__, "samples": [s.__dict__ for s in row.samples], "errors": row.errors}
             for row in rows]}, indent=1))
     return 0 if all(row.samples for row in rows) else 1
