@@ -65,6 +65,7 @@ from hv.bench.common import (
     parse_size,
     qemu_missing_line,
     read_memory,
+    size_text,
 )
 from hv.bench.migrate_progress import (
     FIRST_SECOND_S,
@@ -413,7 +414,7 @@ def run_migrate(argv: list[str]) -> int:
             cases = [c for c in cases if not c.tls]
         rows, raw = _measure(args, settings, cases)
     print(format_table(rows, raw))
-    for line in settings.host.lines():
+    for line in scaling_lines(rows) + settings.host.lines():
         print(line)
     print(f"({len(cases)} combinations x {args.repeat} runs in {time.monotonic() - started:.0f} s)")
     if args.json is not None:
@@ -421,6 +422,32 @@ def run_migrate(argv: list[str]) -> int:
             {"case": row.case.__dict__, "samples": [s.__dict__ for s in row.samples], "errors": row.errors}
             for row in rows]}, indent=1))
     return 0 if all(row.samples for row in rows) else 1
+
+
+SCALING_GOAL = 4.5 / 4   # issue 13 item 3: 2 GiB in <= 4.5x the time of 512 MiB, per unit of RAM ratio
+
+
+def scaling_lines(rows: list[Row]) -> list[str]:
+    """For each engine/accel/mode/link measured at several sizes: the largest size's median
+    total time over the smallest's, against SCALING_GOAL x their RAM ratio (2G / 512M: 4.5)."""
+    groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    for row in rows:
+        if row.samples:
+            c = row.case
+            groups.setdefault((c.engine, c.accel, c.mode, c.link), []).append(row)
+    lines = []
+    for (engine, accel, mode, link), members in groups.items():
+        if len({r.case.size_mib for r in members}) < 2:
+            continue
+        small = min(members, key=lambda r: r.case.size_mib)
+        big = max(members, key=lambda r: r.case.size_mib)
+        ratio = big.median("total_ms") / max(small.median("total_ms"), 1e-3)
+        goal = SCALING_GOAL * big.case.size_mib / small.case.size_mib
+        lines.append(f"scaling {engine} {accel} {mode} {link}: total {size_text(big.case.size_mib)} / "
+                     f"{size_text(small.case.size_mib)} = {big.median('total_ms'):.0f} / "
+                     f"{small.median('total_ms'):.0f} ms = {ratio:.2f} (goal <= {goal:.2f}: "
+                     f"{'met' if ratio <= goal else 'missed'})")
+    return lines
 
 
 def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:

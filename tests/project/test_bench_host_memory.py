@@ -4,6 +4,7 @@ pre-fault), and say what was backed before the runs. No timing is asserted."""
 from __future__ import annotations
 
 from hv.bench.common import HostMemoryNotes
+from hv.bench.migrate import Case, Row, Sample, scaling_lines
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.pages import prefault_memory, prefault_report
 
@@ -50,3 +51,15 @@ def test_paired_raw_line() -> None:
         notes.pair_raw("hv kvm 2G idle unix", fraction)
     assert notes.lines() == ["paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80%; each run's rate over "
                              "the raw rate measured right before it)"]
+
+
+def test_scaling_line_against_the_ram_ratio() -> None:
+    """2G over 512M judged against 4.5 (issue 13 item 3); a group measured at one size gets no line."""
+    def row(size: int, link: str, *totals: float) -> Row:
+        return Row(Case("hv", "kvm", size, "idle", link), [Sample(t, 5, 1 << 20, 1) for t in totals])
+    rows = [row(512, "unix", 100, 140, 120), row(2048, "unix", 500, 540, 530), row(512, "tcp", 100),
+            row(2048, "tcp", 460), row(1024, "tcp", 300),
+            Row(Case("hv", "kvm", 512, "idle", "unix", tls=True), [Sample(1, 1, 1, 1)])]   # one size only
+    assert scaling_lines(rows) == [
+        "scaling hv kvm idle unix: total 2G / 512M = 530 / 120 ms = 4.42 (goal <= 4.50: met)",
+        "scaling hv kvm idle tcp: total 2G / 512M = 460 / 100 ms = 4.60 (goal <= 4.50: missed)"]
