@@ -217,10 +217,14 @@ class HostMemoryNotes:
     warm_s: list[float] = field(default_factory=list)
     prefault: dict[str, list[str]] = field(default_factory=dict)  # row label -> "done 190 ms", ...
     paired_raw: dict[str, list[float]] = field(default_factory=dict)  # row label -> rate / raw just before
+    raw_goal: dict[str, float] = field(default_factory=dict)  # row label -> goal for its paired median
 
-    def pair_raw(self, label: str, fraction: float) -> None:
-        """A migration's rate over the raw loopback rate measured right before it."""
+    def pair_raw(self, label: str, fraction: float, goal: float | None = None) -> None:
+        """A migration's rate over the raw loopback rate measured right before it; ``goal``
+        the fraction its median is judged against (a data-heavy guest), None: information."""
         self.paired_raw.setdefault(label, []).append(fraction)
+        if goal is not None:
+            self.raw_goal[label] = goal
 
     def warm(self, label: str, mib: int) -> None:
         """Back ``mib`` MiB of host memory (:func:`back_host_memory`) for the next run of ``label``."""
@@ -249,9 +253,12 @@ class HostMemoryNotes:
                        f"({sizes}) was touched and freed, so both engines start on memory the host has backed "
                        f"(took median {statistics.median(self.warm_s):.2f} s, max {max(self.warm_s):.2f} s)")
         for label, fractions in self.paired_raw.items():
+            median = statistics.median(fractions)
+            goal = self.raw_goal.get(label)
+            verdict = "" if goal is None else f"; goal >= {goal:.0%}: {'met' if median >= goal else 'missed'}"
             out.append(f"paired % raw, {label}: " + " ".join(f"{f:.0%}" for f in fractions)
-                       + f" (median {statistics.median(fractions):.0%}; each run's rate over the raw rate "
-                       "measured right before it)")
+                       + f" (median {median:.0%}{verdict}; each run's rate over the raw rate measured right "
+                       "before it)")
         for label, reports in self.prefault.items():
             out.append(f"hv destination pre-fault, {label}: {', '.join(reports)} "
                        "[migrate at +: after the destination process started]")

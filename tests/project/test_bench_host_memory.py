@@ -3,8 +3,10 @@ the pre-fault line an hv destination logs (the real :func:`prefault_report` text
 pre-fault), and say what was backed before the runs. No timing is asserted."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from hv.bench.common import HostMemoryNotes
-from hv.bench.migrate import Case, Row, Sample, scaling_lines
+from hv.bench.migrate import Case, Row, Sample, Settings, raw_goal, scaling_lines
 from hv.memory import GuestMemory, RegionSpec
 from hv.migration.pages import prefault_memory, prefault_report
 
@@ -48,9 +50,24 @@ def test_warm_is_recorded_per_row() -> None:
 def test_paired_raw_line() -> None:
     notes = HostMemoryNotes()
     for fraction in (0.8, 0.95, 0.5):
-        notes.pair_raw("hv kvm 2G idle unix", fraction)
-    assert notes.lines() == ["paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80%; each run's rate over "
-                             "the raw rate measured right before it)"]
+        notes.pair_raw("hv kvm 2G idle unix", fraction, 0.8)
+    notes.pair_raw("hv kvm 2G dirty unix", 0.5)
+    notes.pair_raw("hv kvm 2G idle tcp", 0.79, 0.8)
+    assert notes.lines() == [
+        "paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80%; goal >= 80%: met; each run's rate over "
+        "the raw rate measured right before it)",
+        "paired % raw, hv kvm 2G dirty unix: 50% (median 50%; each run's rate over the raw rate measured right "
+        "before it)",
+        "paired % raw, hv kvm 2G idle tcp: 79% (median 79%; goal >= 80%: missed; each run's rate over the raw "
+        "rate measured right before it)"]
+
+
+def test_raw_goal_only_for_a_data_heavy_idle_guest(tmp_path: Path) -> None:
+    def settings(dirty_mib: int | None) -> Settings:
+        return Settings(kernel=tmp_path, dirty_mib=dirty_mib, timeout=1, qemu=None)
+    assert raw_goal(Case("hv", "kvm", 2048, "idle", "unix"), settings(100000)) == 0.8   # 3/4 of RAM
+    assert raw_goal(Case("hv", "kvm", 2048, "idle", "unix"), settings(None)) is None    # 64 MiB of 2 GiB
+    assert raw_goal(Case("hv", "kvm", 2048, "dirty", "unix"), settings(100000)) is None
 
 
 def test_scaling_line_against_the_ram_ratio() -> None:
