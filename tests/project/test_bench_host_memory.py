@@ -68,6 +68,7 @@ def test_raw_goal_only_for_a_data_heavy_idle_guest(tmp_path: Path) -> None:
     assert raw_goal(Case("hv", "kvm", 2048, "idle", "unix"), settings(100000)) == 0.8   # 3/4 of RAM
     assert raw_goal(Case("hv", "kvm", 2048, "idle", "unix"), settings(None)) is None    # 64 MiB of 2 GiB
     assert raw_goal(Case("hv", "kvm", 2048, "dirty", "unix"), settings(100000)) is None
+    assert raw_goal(Case("qemu", "kvm", 2048, "idle", "unix"), settings(100000)) is None   # the reference
 
 
 def test_scaling_line_against_the_ram_ratio() -> None:
