@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ from tests.helpers import (
     tool_marks, value, wait_console_lines,
 )
 from tests.machine.machine_report import describe_machine
+
+log = logging.getLogger(__name__)
 
 MASK = (1 << 64) - 1
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -278,9 +281,10 @@ def test_smp_guest_moved_mid_run_continues_exactly(machine_type: str, first: str
     iterations = (24 if first == "unicorn" else 4) if slow else 12
     mib = 1 if slow else 2
     route = [second, first] if slow else [second, first, second]
-    for _ in range(MOVE_ATTEMPTS):
+    for attempt in range(1, MOVE_ATTEMPTS + 1):
         if _moved_run(machine_type, first, route, mib, iterations):
             return
+        log.warning("attempt %d: the guest powered off before a hop (moved nothing mid-run)", attempt)
     pytest.fail(f"the guest powered off before a hop in all {MOVE_ATTEMPTS} attempts: nothing was moved mid-run")
 
 
@@ -318,7 +322,7 @@ def wait_machine_lines(machine: Machine, console: BufferSink, count: int, timeou
     deadline = time.monotonic() + timeout
     while console.getvalue().count(b"\n") < count and machine.state is not RunState.SHUTDOWN:
         if time.monotonic() >= deadline:
-            pytest.fail(f"no console line {count} within {timeout:.0f} s\n" + describe_machine(machine, console))
+            pytest.fail(f"no console line {count} within {timeout:g} s\n" + describe_machine(machine, console))
         time.sleep(0.002)
 
 
