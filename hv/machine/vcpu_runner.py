@@ -50,6 +50,7 @@ class VcpuRunner:
         self._internal_error = internal_error
         self.parked: set[int] = set()
         self.threads: list[threading.Thread] = []
+        self._started = False
         self._throttle_percent = 0
         self._throttle_wake = threading.Event()
         self._throttle_thread: threading.Thread | None = None
@@ -58,21 +59,39 @@ class VcpuRunner:
     # -- threads ------------------------------------------------------------------------
     @property
     def started(self) -> bool:
-        return bool(self.threads)
+        """:meth:`start` ran: the guest clocks are bound and the guest may run (threads
+        made by :meth:`prepare` alone do not count: the machine has not started)."""
+        return self._started
 
-    def start(self) -> None:
-        """Big lock held: start one thread per vCPU (they park unless the machine runs).
+    def prepare(self) -> None:
+        """Big lock held: create one thread per vCPU now, parked (they run only once the
+        machine runs), so that :meth:`start` creates none; idempotent.
 
-        A vCPU that keeps its own counter (Unicorn x86's TSC) is first bound to the
-        machine's guest clock, one reading for all, so every vCPU's counter runs alike."""
-        if self.interrupts is not None:
-            at_ns = self.interrupts.clock.now()
-            for vcpu in self.vcpus:
-                vcpu.use_guest_clock(self.interrupts.clock, at_ns)
+        An incoming migration's destination does this long before its switch-over: a
+        new thread's ``start()`` waits for the thread's first run, which on a loaded host
+        took up to ~100 ms of the guest's downtime when it happened at the commit. Clocks
+        are not bound here: the state that arrives later decides them (see :meth:`start`)."""
+        if self.threads:
+            return
         for index, vcpu in enumerate(self.vcpus):
             thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}", daemon=True)
             self.threads.append(thread)
             thread.start()
+
+    def start(self) -> None:
+        """Big lock held: let the machine's vCPU threads run its guest (they still park
+        unless the machine runs); the threads are created now unless :meth:`prepare` did.
+
+        A vCPU that keeps its own counter (Unicorn x86's TSC) is first bound to the
+        machine's guest clock, one reading for all, so every vCPU's counter runs alike;
+        this happens here, after any restore, whether or not the threads existed (they
+        are parked on the big lock the caller holds, so none runs before the binding)."""
+        if self.interrupts is not None:
+            at_ns = self.interrupts.clock.now()
+            for vcpu in self.vcpus:
+                vcpu.use_guest_clock(self.interrupts.clock, at_ns)
+        self._started = True
+        self.prepare()
 
     def stop(self) -> None:
         """After the machine is marked closing: wake every vCPU and join its thread."""
@@ -84,7 +103,7 @@ class VcpuRunner:
         self.threads = []
 
     def thread_ids(self) -> list[int]:
-        """Host thread ids of the vCPU threads (0 before start)."""
+        """Host thread ids of the vCPU threads (0 before they exist)."""
         return [t.native_id or 0 for t in self.threads] or [0] * len(self.vcpus)
 
     def kick(self, index: int) -> None:
