@@ -257,7 +257,7 @@ class HostMemoryNotes:
             goal = self.raw_goal.get(label)
             verdict = "" if goal is None else f"; goal >= {goal:.0%}: {'met' if median >= goal else 'missed'}"
             out.append(f"paired % raw, {label}: " + " ".join(f"{f:.0%}" for f in fractions)
-                       + f" (median {median:.0%}{verdict}; each run's rate over the raw rate measured right "
+                       + f" (median {median:.1%}{verdict}; each run's rate over the raw rate measured right "
                        "before it)")
         for label, reports in self.prefault.items():
             out.append(f"hv destination pre-fault, {label}: {', '.join(reports)} "

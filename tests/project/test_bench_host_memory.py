@@ -54,11 +54,11 @@ def test_paired_raw_line() -> None:
     notes.pair_raw("hv kvm 2G dirty unix", 0.5)
     notes.pair_raw("hv kvm 2G idle tcp", 0.79, 0.8)
     assert notes.lines() == [
-        "paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80%; goal >= 80%: met; each run's rate over "
+        "paired % raw, hv kvm 2G idle unix: 80% 95% 50% (median 80.0%; goal >= 80%: met; each run's rate over "
         "the raw rate measured right before it)",
-        "paired % raw, hv kvm 2G dirty unix: 50% (median 50%; each run's rate over the raw rate measured right "
+        "paired % raw, hv kvm 2G dirty unix: 50% (median 50.0%; each run's rate over the raw rate measured right "
         "before it)",
-        "paired % raw, hv kvm 2G idle tcp: 79% (median 79%; goal >= 80%: missed; each run's rate over the raw "
+        "paired % raw, hv kvm 2G idle tcp: 79% (median 79.0%; goal >= 80%: missed; each run's rate over the raw "
         "rate measured right before it)"]
 
 
