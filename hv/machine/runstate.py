@@ -49,7 +49,9 @@ _S = RunState
 TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     # -S waits in prelaunch; -incoming marks inmigrate; a migration may start before 'cont'.
     _S.PRELAUNCH: frozenset({_S.PRELAUNCH, _S.RUNNING, _S.PAUSED, _S.INMIGRATE, _S.POSTMIGRATE, _S.SHUTDOWN}),
-    # The incoming machine starts (running, or paused) once the stream is in.
+    # The incoming machine starts (running, or paused) once the stream is in. Its vCPU
+    # threads exist from the moment it is marked inmigrate, parked (Machine.prepare_vcpus):
+    # no state of its own, as the guest cannot run in inmigrate; 'start' lets them run.
     _S.INMIGRATE: frozenset({_S.RUNNING, _S.PAUSED, _S.PRELAUNCH, _S.SHUTDOWN}),
     _S.RUNNING: frozenset({_S.PAUSED, _S.SHUTDOWN}),
     _S.PAUSED: frozenset({_S.RUNNING, _S.POSTMIGRATE, _S.SHUTDOWN}),
