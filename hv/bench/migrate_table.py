@@ -227,7 +227,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
         out.append("  ".join(cells).rstrip())
     out.insert(1, "-" * len(out[0]))
     out.extend(tls_lines(rows))
-    out.extend(lost_lines(rows, measured))
+    out.extend(lost_lines(rows, measured, spans))
     out.extend(broken_lines(rows))
     raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
     out.append("raw loopback (RAM -> pre-faulted RAM, 1 MiB sendall/recv_into, median of one right before each "
@@ -272,11 +272,13 @@ def tls_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
+def lost_lines(rows: list[Row], measured: dict[Case, Row],
+               spans: dict[Case, tuple[float, float, float]]) -> list[str]:
     """Per hv dirty row: the guest time each engine's migration cost the guest while it
     ran (window minus work done at the guest's own steady rate, median; information),
-    both guests' passes over the same seconds (what guest/Q divides), and the
-    destination's first second after RESUME against the guest's full speed."""
+    both guests' passes over the same seconds (what guest/Q divides: ``spans``, from
+    :func:`same_spans`), and the destination's first second after RESUME against the
+    guest's full speed."""
     lines = []
     for row in rows:
         twin = row.case.reference()
@@ -288,7 +290,7 @@ def lost_lines(rows: list[Row], measured: dict[Case, Row]) -> list[str]:
         if mine is not None and theirs is not None:
             lines.append(f"guest time lost while migrating, {row.case.label()}: hv {mine * 1000:.0f} ms, "
                          f"QEMU {theirs * 1000:.0f} ms ({_fmt_ratio(_ratio(mine, theirs))})")
-        span = same_span_progress(row, reference) if reference is not None else None
+        span = spans.get(row.case)
         if span is not None:
             seconds, hv, qemu = span
             lines.append(f"guest passes in the same time from migrate ({seconds * 1000:.0f} ms over the run pairs), "
