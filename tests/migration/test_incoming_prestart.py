@@ -20,6 +20,8 @@ import pytest
 from hv.config import parse_args
 from hv.console import BufferSink
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState
+from hv.machine.gic_interrupts import GicController
+from hv.machine.interrupts import InterruptController
 from hv.migration.engine import MigrationParameters, OutgoingMigration
 from hv.migration.status import MigrationStatus
 from hv.migration.stream import StreamError
@@ -32,7 +34,8 @@ CASES = [
     pytest.param("virt", "unicorn", id="aarch64-unicorn"),
     pytest.param("q35", "kvm", marks=requires_kvm, id="x86_64-kvm"),
 ]
-HELPER_NAMES = ("vcpu", "irq-timer")   # threads a machine's start used to create
+# threads a machine's start used to create: its vCPUs and its interrupt controller's timer
+HELPER_NAMES = ("vcpu", InterruptController.TIMER_THREAD_NAME, GicController.TIMER_THREAD_NAME)
 
 
 class ThreadSink(BufferSink):
