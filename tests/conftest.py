@@ -13,8 +13,8 @@ def hv(tmp_path: Path) -> Iterator[Callable[..., HvProcess]]:
     """Start ``hv`` processes; every one is terminated and reaped at teardown."""
     started: list[HvProcess] = []
 
-    def start(*args: str, name: str = "hv") -> HvProcess:
-        process = HvProcess(tmp_path, *args, name=name)
+    def start(*args: str, name: str = "hv", typed: bool = False) -> HvProcess:
+        process = HvProcess(tmp_path, *args, name=name, typed=typed)
         started.append(process)
         return process
 

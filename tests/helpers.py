@@ -100,13 +100,26 @@ class HvProcess:
     the process runs; stderr is captured to a file as well.
     """
 
-    def __init__(self, tmp: Path, *args: str, name: str = "hv") -> None:
+    def __init__(self, tmp: Path, *args: str, name: str = "hv", typed: bool = False) -> None:
+        """``typed``: ``-serial stdio`` with stdin a pipe, so the test can type on the
+        guest's serial input (:meth:`type`); the output still goes to the serial file."""
         self.serial = tmp / f"{name}.serial"
         self.stderr_path = tmp / f"{name}.stderr"
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(hv_command(*args, "-serial", f"file,path={self.serial}"),
-                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._stderr)
+        if typed:
+            with open(self.serial, "wb") as out:
+                self.proc = subprocess.Popen(hv_command(*args, "-serial", "stdio"), cwd=ROOT,
+                                             stdin=subprocess.PIPE, stdout=out, stderr=self._stderr)
+        else:
+            self.proc = subprocess.Popen(hv_command(*args, "-serial", f"file,path={self.serial}"),
+                                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=self._stderr)
+
+    def type(self, data: bytes) -> None:
+        """Write ``data`` to the guest's serial input (only for a ``typed`` process)."""
+        assert self.proc.stdin is not None, "started without typed=True"
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
 
     def output(self) -> str:
         try:
@@ -143,6 +156,8 @@ class HvProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self._stderr.close()
 
 

@@ -6,24 +6,22 @@ and its own per-pass verification must report no bad word.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
     FIXTURES,
-    ROOT,
     HvProcess,
     Vm,
     check_dirty_output,
     complete_lines,
-    hv_command,
     requires_kvm,
     value,
 )
@@ -288,46 +286,6 @@ BLK_PAIRS = [
 BLK_PASS = re.compile(r"blk pass (\d+) sum [0-9a-f]{16} bad (\d+)")
 
 
-class TypedHv(HvProcess):
-    """An hv process with ``-serial stdio``: the guest's output goes to a file (polled as
-    HvProcess's is) and the test can type on the guest's serial input through a pipe."""
-
-    def __init__(self, tmp: Path, *args: str, name: str = "hv") -> None:
-        self.serial = tmp / f"{name}.serial"
-        self.stderr_path = tmp / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed by close()
-        with open(self.serial, "wb") as out:
-            self.proc = subprocess.Popen(hv_command(*args, "-serial", "stdio"), cwd=ROOT,
-                                         stdin=subprocess.PIPE, stdout=out, stderr=self._stderr)
-
-    def type(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        try:
-            super().close()      # terminated and reaped
-        finally:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-
-
-@pytest.fixture
-def typed_hv(tmp_path: Path) -> Iterator[Callable[..., TypedHv]]:
-    """Start TypedHv processes; every one is terminated and reaped at teardown."""
-    started: list[TypedHv] = []
-
-    def start(*args: str, name: str = "hv") -> TypedHv:
-        process = TypedHv(tmp_path, *args, name=name)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.close()
-
-
 def blk_args(image: Path, machine: str, append: str, seed_devices: bool) -> list[str]:
     """The blk guest on a fresh 1 MiB disk ``image``. ``seed_devices``: the disk options of
     StratoVirt's walkthrough (``readonly=off,direct=off``, ``bus=pcie.0,addr=0``) instead of
@@ -354,8 +312,8 @@ def wait_blk_passes(vm: Vm, earlier: str, count: int, timeout: float = 120.0) ->
         time.sleep(0.02)
 
 
-def blk_migrated(typed_hv, sock_dir: str, tmp_path: Path, machine: str, first: str, second: str,
-                 sectors: int, seed_devices: bool = False) -> tuple[str, bytes]:
+def blk_migrated(start_typed: Callable[..., HvProcess], sock_dir: str, tmp_path: Path, machine: str, first: str,
+                 second: str, sectors: int, seed_devices: bool = False) -> tuple[str, bytes]:
     """Migrate the held blk guest from a ``first`` source to a ``second`` destination while
     it does passes, let it finish there; (joined serial output, disk image).
 
@@ -365,8 +323,8 @@ def blk_migrated(typed_hv, sock_dir: str, tmp_path: Path, machine: str, first: s
     interrupted and one that ran wholly on the destination."""
     image = tmp_path / "disk-migrated.img"
     args = blk_args(image, machine, f"sectors={sectors} iterations=0 hold=1", seed_devices)
-    src = Vm(typed_hv, sock_dir, "bsrc", *args, "-accel", first)
-    dst = Vm(typed_hv, sock_dir, "bdst", *args, "-accel", second,
+    src = Vm(start_typed, sock_dir, "bsrc", *args, "-accel", first)
+    dst = Vm(start_typed, sock_dir, "bdst", *args, "-accel", second,
              "-incoming", f"unix:{os.path.join(sock_dir, 'blk.mig')}")
     try:
         src.wait_lines(4)   # banner, mode, device, first pass: the I/O loop runs
@@ -414,19 +372,19 @@ def check_migrated_blk(hv, sock_dir: str, tmp_path: Path, machine: str, sectors:
 
 
 @pytest.mark.parametrize("machine,first,second,sectors", BLK_PAIRS)
-def test_blk_guest_migrates_mid_io(hv, typed_hv, sock_dir, tmp_path, machine, first, second, sectors):
+def test_blk_guest_migrates_mid_io(hv, sock_dir, tmp_path, machine, first, second, sectors):
     """Migration while the guest writes and verifies its disk continuously loses no write
     and repeats none (check_migrated_blk says what is checked)."""
-    output, image = blk_migrated(typed_hv, sock_dir, tmp_path, machine, first, second, sectors)
+    output, image = blk_migrated(functools.partial(hv, typed=True), sock_dir, tmp_path, machine, first, second, sectors)
     check_migrated_blk(hv, sock_dir, tmp_path, machine, sectors, output, image)
 
 
 @pytest.mark.parametrize("machine", ["q35", "virt"])
-def test_seed_disk_at_addr_0_migrates_mid_io(hv, typed_hv, sock_dir, tmp_path, machine):
+def test_seed_disk_at_addr_0_migrates_mid_io(hv, sock_dir, tmp_path, machine):
     """The walkthrough's own disk line (addr=0, readonly=off, direct=off) boots, is found
     by PCI enumeration at 0:0.0 and migrates mid-I/O like any other slot."""
-    output, image = blk_migrated(typed_hv, sock_dir, tmp_path, machine, "unicorn", "unicorn", 1024,
-                                 seed_devices=True)
+    output, image = blk_migrated(functools.partial(hv, typed=True), sock_dir, tmp_path, machine, "unicorn", "unicorn",
+                                 1024, seed_devices=True)
     assert "blk: device 00:00.0 capacity 2048 id BLK0" in output.splitlines()
     check_migrated_blk(hv, sock_dir, tmp_path, machine, 1024, output, image, seed_devices=True)
 
