@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from hv.errors import MachineError
 from hv.machine.machine import Machine, MachineSnapshot
 from hv.machine.runstate import RunState
 from hv.memory import GuestMemory
@@ -42,6 +43,9 @@ def move_machine(machine: Machine, backend: Backend) -> Machine:
         # Announced right after the state changed (once the listeners have the event);
         # the vCPU that powered off may still be leaving its run: wait until it parks.
         reason = machine.wait_shutdown(SHUTDOWN_ANNOUNCED)
+        if reason is None:   # a copy started paused would hide the power-off: refuse
+            raise MachineError(f"the guest powered off but the shutdown was not announced within "
+                               f"{SHUTDOWN_ANNOUNCED:.0f} s; not moved")
         machine.runner.wait_parked()
     snapshot = MachineSnapshot.from_dict(machine.save().to_dict())  # through plain values
     fresh = Machine(machine.config, backend, machine.console)
