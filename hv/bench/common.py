@@ -220,7 +220,8 @@ class HostMemoryNotes:
     raw_goal: dict[str, float] = field(default_factory=dict)  # row label -> goal for its paired median
 
     def pair_raw(self, label: str, fraction: float, goal: float | None = None) -> None:
-        """A migration's rate over the raw loopback rate measured right before it; ``goal``
+        """A migration's rate over the raw loopback rate measured around it (the mean of
+        the samples right before and right after it); ``goal``
         the fraction its median is judged against (a data-heavy guest), None: information."""
         self.paired_raw.setdefault(label, []).append(fraction)
         if goal is not None:
@@ -257,8 +258,8 @@ class HostMemoryNotes:
             goal = self.raw_goal.get(label)
             verdict = "" if goal is None else f"; goal >= {goal:.0%}: {'met' if median >= goal else 'missed'}"
             out.append(f"paired % raw, {label}: " + " ".join(f"{f:.0%}" for f in fractions)
-                       + f" (median {median:.1%}{verdict}; each run's rate over the raw rate measured right "
-                       "before it)")
+                       + f" (median {median:.1%}{verdict}; each run's rate over the mean of the raw rates "
+                       "measured right before and right after it)")
         for label, reports in self.prefault.items():
             out.append(f"hv destination pre-fault, {label}: {', '.join(reports)} "
                        "[migrate at +: after the destination process started]")

@@ -464,11 +464,14 @@ def scaling_lines(rows: list[Row]) -> list[str]:
 
 def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:
     """Every case ``--repeat`` times, interleaved, and the raw loopback rate over the case's
-    transport measured right before each migration: the table's raw figure is the median
-    of all of them, and each migration's rate over the raw rate taken just before it is kept
-    (``paired % raw``). On this shared 2-core host the raw rate alone swung 3x within minutes
-    (unix 1454-4446 MiB/s), so a raw figure taken once per repetition compared a migration
-    with a different minute's load."""
+    transport measured right before and right after each migration: the table's raw figure
+    is the median of all of them, and each migration's rate over the mean of the two that
+    bracket it is kept (``paired % raw``). On this shared 2-core host the raw rate alone
+    swung 3x within minutes (unix 1454-4446 MiB/s), so a raw figure taken once per
+    repetition compared a migration with a different minute's load; and one sample taken
+    just before a 0.1-0.4 s migration still varied 3.7-6.3 GiB/s on a quiet host (paired
+    figures of one row 35-109%): the bracket's mean is the estimate for the migration's own
+    moment."""
     raw_samples: dict[str, list[float]] = {t: [] for t in args.transports}
     rows = [Row(case) for case in cases]
     for repetition in range(args.repeat):  # interleaved, so a slow minute spreads over every row
@@ -482,8 +485,12 @@ def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) ->
                 log.warning("%s: %s", row.case.label(), exc)
                 row.errors.append(str(exc))
                 continue
+            raw_after = loopback_rate(row.case.transport, args.loopback_mib)
+            raw_samples[row.case.transport].append(raw_after)
+            log.info("raw %s loopback after: %.0f MiB/s", row.case.transport, raw_after / MIB)
             row.samples.append(dataclasses.replace(sample, run=repetition))
-            settings.host.pair_raw(row.case.label(), sample.throughput / raw_now, raw_goal(row.case, settings))
+            settings.host.pair_raw(row.case.label(), sample.throughput / ((raw_now + raw_after) / 2),
+                                   raw_goal(row.case, settings))
             log.info("%s run %d: total %d ms, downtime %d ms (own %d), %.1f MiB, %d syncs, guest %s p/s%s",
                      row.case.label(), repetition + 1, sample.total_ms, sample.downtime_ms, sample.own_downtime_ms,
                      sample.transferred / MIB, sample.passes,
