@@ -317,6 +317,36 @@ def receive_in_thread(target: Any, sock: socket.socket, status: Any) -> tuple[th
     return thread, errors
 
 
+def migration_status_for(machine: Any) -> Any:
+    """A fresh MigrationStatus in setup for ``machine``'s RAM, as the engine starts one."""
+    from hv.migration.status import MigrationStatus
+
+    status = MigrationStatus()
+    status.start(machine.memory.size)
+    return status
+
+
+def migrate_in_process(source: Any, target: Any) -> tuple[Any, list[BaseException]]:
+    """Live-migrate ``source`` into ``target`` over a real socket pair, both ends in this
+    process (the engine's own threads); the source's status and what the destination
+    raised."""
+    from hv.migration.engine import MigrationParameters, OutgoingMigration
+
+    out_sock, in_sock = socket.socketpair()
+    status = migration_status_for(source)
+    receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target))
+    try:
+        outgoing = OutgoingMigration(source, status, MigrationParameters(), out_sock, lambda *_args: None)
+        outgoing.start()
+        outgoing.thread.join(timeout=180)
+        receiver.join(timeout=180)
+        assert not outgoing.thread.is_alive() and not receiver.is_alive()
+    finally:
+        out_sock.close()
+        in_sock.close()
+    return status, errors
+
+
 def copy_dirty_pages(bitmap: bytes, source: memoryview, target: bytearray) -> int:
     """A pre-copy round by hand: copy every page whose bit is set in ``bitmap`` from
     ``source`` (guest RAM) to ``target``; the number of pages copied."""

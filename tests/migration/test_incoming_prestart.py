@@ -22,11 +22,16 @@ from hv.console import BufferSink
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState
 from hv.machine.gic_interrupts import GicController
 from hv.machine.interrupts import InterruptController
-from hv.migration.engine import MigrationParameters, OutgoingMigration
-from hv.migration.status import MigrationStatus
 from hv.migration.stream import StreamError
 from hv_backends import backend_class
-from tests.helpers import FIXTURES, complete_lines, receive_in_thread, requires_kvm
+from tests.helpers import (
+    FIXTURES,
+    complete_lines,
+    migrate_in_process,
+    migration_status_for,
+    receive_in_thread,
+    requires_kvm,
+)
 
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
 CASES = [
@@ -96,29 +101,6 @@ def observe(target: Machine) -> Observed:
     return seen
 
 
-def status_for(machine: Machine) -> MigrationStatus:
-    status = MigrationStatus()
-    status.start(machine.memory.size)
-    return status
-
-
-def migrate(source: Machine, target: Machine) -> tuple[MigrationStatus, list[BaseException]]:
-    """Live-migrate over a real socket pair, both ends in this process."""
-    out_sock, in_sock = socket.socketpair()
-    status = status_for(source)
-    receiver, errors = receive_in_thread(target, in_sock, status_for(target))
-    try:
-        outgoing = OutgoingMigration(source, status, MigrationParameters(), out_sock, lambda *_args: None)
-        outgoing.start()
-        outgoing.thread.join(timeout=180)
-        receiver.join(timeout=180)
-        assert not outgoing.thread.is_alive() and not receiver.is_alive()
-    finally:
-        out_sock.close()
-        in_sock.close()
-    return status, errors
-
-
 def wait_lines(sink: ThreadSink, count: int, timeout: float = 120.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while len(lines := complete_lines(sink.getvalue().decode(errors="replace"))) < count:
@@ -147,7 +129,7 @@ def test_commit_creates_no_thread_and_the_parked_threads_run_the_guest(machine_t
         seen = observe(target)
         source.start()
         wait_lines(src_sink, 3)
-        status, errors = migrate(source, target)
+        status, errors = migrate_in_process(source, target)
         assert not errors, errors
         assert status.to_qmp()["status"] == "completed", status.to_qmp()
         before = len(complete_lines(tgt_sink.getvalue().decode()))
@@ -180,7 +162,7 @@ def test_failed_incoming_migration_leaves_no_thread_and_never_ran(machine_type: 
         threads = list(target.runner.threads)
         assert len(threads) == 2
         out_sock, in_sock = socket.socketpair()
-        receiver, errors = receive_in_thread(target, in_sock, status_for(target))
+        receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target))
         try:
             out_sock.sendall(b"this is not a migration stream\n" * 4)
             out_sock.shutdown(socket.SHUT_WR)
@@ -208,7 +190,7 @@ def test_receiver_without_inmigrate_label_gets_its_threads_at_config() -> None:
         seen = observe(target)
         source.start()
         wait_lines(src_sink, 3)
-        status, errors = migrate(source, target)
+        status, errors = migrate_in_process(source, target)
         assert not errors, errors
         [(ids, parked, state, started, threads_then)] = seen.at_restore
         assert all(ids) and parked == {0, 1} and state is RunState.PRELAUNCH and not started

@@ -18,7 +18,6 @@ apart differ by 25% or more (1.2346 GHz against 1 GHz or this host's rate).
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import time
@@ -29,10 +28,8 @@ import pytest
 
 from hv import cpuid
 from hv.machine import Machine, RunState
-from hv.migration.engine import MigrationParameters, OutgoingMigration
-from hv.migration.status import MigrationStatus
 from hv.migration.stream import Fingerprint, SectionType, StreamError
-from tests.helpers import machine_in_process, receive_in_thread, requires_kvm
+from tests.helpers import machine_in_process, migrate_in_process, migration_status_for, requires_kvm
 from tests.migration.conftest import assert_destination_gave_up, incoming
 
 WINDOW_NS = 300_000_000          # guest ns per measurement
@@ -190,36 +187,12 @@ def assert_rate(measured: list[tuple[float, int]], hz: int) -> None:
     assert 0.9 * hz <= median <= 1.1 * hz, (median, hz, measured)
 
 
-def status_for(machine: Machine) -> MigrationStatus:
-    status = MigrationStatus()
-    status.start(machine.memory.size)
-    return status
-
-
-def migrate(source: Machine, target: Machine) -> tuple[MigrationStatus, list[BaseException]]:
-    """Live-migrate over a real socket pair (both ends in this process, the engine's own
-    threads); the source's status and what the destination raised."""
-    out_sock, in_sock = socket.socketpair()
-    status = status_for(source)
-    receiver, errors = receive_in_thread(target, in_sock, status_for(target))
-    try:
-        outgoing = OutgoingMigration(source, status, MigrationParameters(), out_sock, lambda *_args: None)
-        outgoing.start()
-        outgoing.thread.join(timeout=180)
-        receiver.join(timeout=180)
-        assert not outgoing.thread.is_alive() and not receiver.is_alive()
-    finally:
-        out_sock.close()
-        in_sock.close()
-    return status, errors
-
-
 def run_and_move(source: Machine, src_console: Any, target: Machine, tgt_console: Any) -> None:
     """Start the source, let it measure two windows, migrate; the destination must run."""
     try:
         source.start()
         wait_windows(src_console, 2)
-        status, errors = migrate(source, target)
+        status, errors = migrate_in_process(source, target)
         assert not errors, errors
         assert status.to_qmp()["status"] == "completed", status.to_qmp()
     finally:
@@ -276,7 +249,7 @@ def test_kvm_destination_refuses_a_rate_it_cannot_run(rate_guest: Path) -> None:
     try:
         source.start()
         wait_windows(src_console, 2)
-        status, errors = migrate(source, target)
+        status, errors = migrate_in_process(source, target)
         if not target.vm._tsc.scalable:   # type: ignore[attr-defined]  # kvm_state.GuestTsc
             qmp = status.to_qmp()
             assert qmp["status"] == "failed", qmp
@@ -330,13 +303,13 @@ def test_snapshot_and_move_carry_the_rate(rate_guest: Path, tmp_path: Path) -> N
     try:
         source.start()
         wait_windows(src_console, 1)
-        save_snapshot(source, str(tmp_path), status_for(source))
+        save_snapshot(source, str(tmp_path), migration_status_for(source))
     finally:
         source.close()
     restored, console = build("unicorn", rate_guest)
     try:
         assert restored.vm.tsc_hz != ODD_HZ
-        load_snapshot(restored, str(tmp_path), status_for(restored))
+        load_snapshot(restored, str(tmp_path), migration_status_for(restored))
         assert restored.vm.tsc_hz == ODD_HZ
         restored.start()
         wait_windows(console, 2)
