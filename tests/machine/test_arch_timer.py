@@ -16,8 +16,8 @@ from hv.devices.arch_timer import NS_PER_TICK, PPI_PHYSICAL, PPI_VIRTUAL, ArchTi
 from hv.devices.clock import GuestClock
 from hv.devices.interfaces import DeviceStateError
 from hv.machine import Machine
-from hv.machine.move import move_machine
 from tests.helpers import FIXTURES, HvProcess, Vm, require_tool, wait_console_lines
+from tests.moved_run import run_moved_mid_run
 
 TIMER = FIXTURES / "aarch64" / "timer.elf"
 
@@ -160,28 +160,28 @@ def test_timer_guest_on_virt_via_launcher(tmp_path: Path) -> None:
 
 
 def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
+    """Moved Unicorn to Unicorn twice, each hop once the backend it runs on has printed a
+    tick line of its own (tick 100 first), at different phases of the timer period: every
+    tick arrives, through the GIC. A hop that found the guest finished moved nothing
+    mid-run: that attempt is run again with a fresh machine (:func:`run_moved_mid_run`),
+    and the test fails if every attempt did."""
     route = ["unicorn", "unicorn", "unicorn"]
     ticks = 100 * (len(route) + 3)
-    config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
-                         "-append", f"hz=1000 ticks={ticks}"]).config
-    console = BufferSink()
-    machine = Machine(config, backend_class(route[0])(), console)
-    machine.load_kernel(config.kernel.read_bytes())
-    machine.start()
-    moved = 0
-    try:
-        for hop, accel in enumerate(route[1:], start=1):
-            wait_console_lines(console, 1 + hop)
-            time.sleep(0.013 * hop)                    # different phases of the period
-            old = machine
-            machine = move_machine(machine, backend_class(accel)())
-            moved += machine is not old
-        assert machine.wait_shutdown(60) == "guest-shutdown"
+
+    def build() -> tuple[Machine, BufferSink]:
+        config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
+                             "-append", f"hz=1000 ticks={ticks}"]).config
+        console = BufferSink()
+        machine = Machine(config, backend_class(route[0])(), console)
+        machine.load_kernel(config.kernel.read_bytes())
+        return machine, console
+
+    def injected(machine: Machine) -> None:
         assert machine.interrupts is not None and sum(machine.interrupts.injected) > 0  # type: ignore[union-attr]
-    finally:
-        machine.close()
-    assert moved == len(route) - 1
-    assert console.getvalue().decode().splitlines() == reference(1000, ticks)
+
+    run = run_moved_mid_run(build, route[1:], reference(1000, ticks),
+                            before_hop=lambda hop: time.sleep(0.013 * hop), after_shutdown=injected)
+    assert run.moved == len(route) - 1
 
 
 def test_paused_virt_machine_freezes_the_counter_and_keeps_ticking_after() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import subprocess
 import tempfile
@@ -28,9 +27,7 @@ from tests.helpers import (
     FIXTURES, GUESTS, X86_BACKENDS, Vm, complete_lines, machine_in_process, requires_kvm,
     tool_marks, value, wait_console_lines,
 )
-from tests.machine.machine_report import describe_machine
-
-log = logging.getLogger(__name__)
+from tests.moved_run import run_moved_mid_run
 
 MASK = (1 << 64) - 1
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -261,11 +258,6 @@ MOVES = [
 ]
 
 
-# Attempts of a moved run. The guest has no gate the host controls: a hop comes when the
-# test thread sees a new pass line, and the remaining passes on Unicorn take milliseconds.
-MOVE_ATTEMPTS = 3
-
-
 @pytest.mark.parametrize("machine_type,first,second", MOVES)
 def test_smp_guest_moved_mid_run_continues_exactly(machine_type: str, first: str, second: str) -> None:
     """Each hop moves the running guest once the backend it runs on has printed a pass
@@ -274,58 +266,18 @@ def test_smp_guest_moved_mid_run_continues_exactly(machine_type: str, first: str
     A guest that powered off before a hop was moved shut down, not mid-run (CI once: on
     Unicorn the 3 passes after the first line took ~5 ms, and the test thread was held
     longer; the move then started the copy paused and it never powered off). Such an
-    attempt tests nothing, so it starts again with a fresh machine, ``MOVE_ATTEMPTS``
-    times, then fails saying why. Routes through KVM end on Unicorn and leave it many
-    passes: a KVM pass took 0.3-4.5 s here, a Unicorn pass ~1.5 ms, so each hop off
-    Unicorn has tens of ms to spare (4 passes: kvm-unicorn was late in 4 of 12
-    attempts with the test thread at nice 19 beside 2 busy loops) and KVM runs ~1 pass a phase."""
+    attempt tests nothing: :func:`run_moved_mid_run` starts again with a fresh machine,
+    ``MOVE_ATTEMPTS`` times (tests/moved_run.py), then fails saying why. Routes through
+    KVM end on Unicorn and leave it many passes: a KVM pass took 0.3-4.5 s here, a
+    Unicorn pass ~1.5 ms, so each hop off Unicorn has tens of ms to spare (4 passes:
+    kvm-unicorn was late in 4 of 12 attempts with the test thread at nice 19 beside 2
+    busy loops) and KVM runs ~1 pass a phase."""
     slow = "kvm" in (first, second)
     iterations = 24 if slow else 12
     mib = 1 if slow else 2
     route = [second, first] if second == "kvm" else [second, first, second]
-    for attempt in range(1, MOVE_ATTEMPTS + 1):
-        if _moved_run(machine_type, first, route, mib, iterations):
-            return
-        log.warning("attempt %d: the guest powered off before a hop (moved nothing mid-run)", attempt)
-    pytest.fail(f"the guest powered off before a hop in all {MOVE_ATTEMPTS} attempts: nothing was moved mid-run")
-
-
-def _moved_run(machine_type: str, first: str, route: list[str], mib: int, iterations: int) -> bool:
-    """One run of the smp guest on ``first``, moved along ``route``: True if every hop
-    moved it mid-run, False if it had powered off before one (its output is checked
-    either way). A wait that times out fails with :func:`describe_machine`'s report."""
-    machine, console = build(machine_type, first, 2, f"cpus=2 mib={mib} iterations={iterations}")
-    machine.start()
-    mid_run = True
-    try:
-        lines = 2                                        # the banner and pass 1
-        for accel in route:
-            wait_machine_lines(machine, console, lines)
-            machine = move_machine(machine, backend_class(accel)())
-            assert machine.backend.name == accel
-            if machine.state is RunState.SHUTDOWN:       # finished before this hop
-                mid_run = False
-                break
-            assert machine.state is RunState.RUNNING, describe_machine(machine, console)
-            lines = console.getvalue().count(b"\n") + 1  # a pass this backend ran
-        reason = machine.wait_shutdown(120)
-        if reason is None:
-            pytest.fail("the moved guest did not power off within 120 s\n" + describe_machine(machine, console))
-        assert reason == "guest-shutdown", describe_machine(machine, console)
-    finally:
-        machine.close()
-    assert tuple(console.getvalue().decode().splitlines()) == smp_reference(2, mib, iterations)
-    return mid_run
-
-
-def wait_machine_lines(machine: Machine, console: BufferSink, count: int, timeout: float = 120.0) -> None:
-    """Wait, bounded, until the console has ``count`` lines or the machine shut down;
-    on timeout fail with :func:`describe_machine`'s report."""
-    deadline = time.monotonic() + timeout
-    while console.getvalue().count(b"\n") < count and machine.state is not RunState.SHUTDOWN:
-        if time.monotonic() >= deadline:
-            pytest.fail(f"no console line {count} within {timeout:g} s\n" + describe_machine(machine, console))
-        time.sleep(0.002)
+    run_moved_mid_run(lambda: build(machine_type, first, 2, f"cpus=2 mib={mib} iterations={iterations}"),
+                      route, smp_reference(2, mib, iterations))
 
 
 @pytest.mark.parametrize("accel", X86_BACKENDS)
