@@ -238,14 +238,10 @@ class UnicornArm64Vcpu(UnicornVcpuBase):
         self.set_state(Arm64CpuState())
 
     def _install_kick_check(self) -> None:
-        """Called once by the base constructor: the aarch64 poll callback needs this vCPU's
-        C record, so the record and the native hooks come first (no shared poll callback
-        is installed and then replaced)."""
-        self._install_native_hooks()
-
-    def _install_native_hooks(self) -> None:
-        """The C record of this vCPU (struct hv_a64), its MRS/MSR/interrupt hooks, and the
-        kick check last (:meth:`_install_poll`)."""
+        """Called once by the base constructor: the C record of this vCPU (struct hv_a64),
+        its MRS/MSR/interrupt hooks, and the kick check last (:meth:`_install_poll`), whose
+        aarch64 poll callback needs that record (no shared poll callback is installed and
+        then replaced)."""
         unicorn = _import_unicorn()
         ffi = self.native.ffi
         self._py_handle = ffi.new_handle(self)
