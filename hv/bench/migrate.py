@@ -7,8 +7,8 @@ times, interleaved, and the table shows medians. Where ``qemu-system-x86_64`` is
 the same guests are migrated by QEMU in the same run, like with like: each hv Unicorn row
 against QEMU TCG, each hv KVM row against QEMU KVM (a missing QEMU prints one line naming
 ``apt-get install qemu-system-x86``). The raw loopback socket rate (1 MiB ``sendall`` /
-``recv_into`` between two threads) is measured for each transport at the start of every
-repetition (median), so it is taken under the same load as the migrations.
+``recv_into`` between two threads) is measured over each migration's transport right before
+and right after it (median of all), so it is taken under the same load as the migrations.
 
 Guest modes (the ``dirty`` guest with ``mib=B``, B = 64 or a quarter of a smaller RAM):
 ``idle`` runs one pass over its buffer and halts (``idle=1``): B MiB of data, the rest of

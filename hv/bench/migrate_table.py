@@ -230,8 +230,8 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     out.extend(lost_lines(rows, measured, spans))
     out.extend(broken_lines(rows))
     raw_text = ", ".join(f"{t} {rate / MIB:.0f} MiB/s" for t, rate in raw.items())
-    out.append("raw loopback (RAM -> pre-faulted RAM, 1 MiB sendall/recv_into, median of one right before each "
-               f"migration): {raw_text}")
+    out.append("raw loopback (RAM -> pre-faulted RAM, 1 MiB sendall/recv_into, median of those right before and "
+               f"right after each migration): {raw_text}")
     out.append("medians; down ms = source STOP event -> destination RESUME event (both engines); own down = "
                "the engine's query-migrate downtime; MiB/s = transferred / total time; guest p/s = guest passes/s "
                "while migrating, each engine over its own window (all runs pooled, information);\n"
