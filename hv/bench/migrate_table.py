@@ -183,10 +183,10 @@ def verdict(row: Row, down: float, total_ratio: float | None, down_ratio: float 
 
 
 def row_cells(row: Row, ref: Row | None, raw: dict[str, float],
-              span: tuple[float, float, float] | None = None, mine: int = 1) -> tuple[str, ...]:
+              span: tuple[float, float, float] | None = None) -> tuple[str, ...]:
     """One table line. ``span``: (seconds, hv passes, QEMU passes) over the same seconds
-    from :func:`same_span_progress` for the hv row and its QEMU twin; ``mine`` says which
-    of the two passes counts are this row's (1 hv, 2 QEMU)."""
+    from :func:`same_span_progress` for the hv row and its QEMU twin (each row prints its
+    own engine's passes)."""
     c = row.case
     base = (c.engine, c.accel, size_text(c.size_mib), c.mode, c.link)
     if not row.samples:
@@ -196,6 +196,7 @@ def row_cells(row: Row, ref: Row | None, raw: dict[str, float],
     fraction = rate / raw[c.transport] if raw.get(c.transport) else None
     total_ratio = _ratio(total, ref.median("total_ms")) if ref else None
     down_ratio = _ratio(down, ref.median("downtime_ms")) if ref else None
+    mine = 1 if c.engine == "hv" else 2
     span_rate = span[mine] / span[0] if span and span[0] > 0 else None
     guest_ratio = _ratio(span[1], span[2]) if span and ref else None
     memory_ratio = _ratio(row.memory_total(), ref.memory_total()) if ref else None
@@ -217,8 +218,7 @@ def format_table(rows: Iterable[Row], raw: dict[str, float]) -> str:
     lines: list[tuple[str, ...]] = [HEADER]
     for row in rows:
         twin = row.case.reference()
-        lines.append(row_cells(row, measured.get(twin) if twin else None, raw,
-                               spans.get(row.case), 1 if row.case.engine == "hv" else 2))
+        lines.append(row_cells(row, measured.get(twin) if twin else None, raw, spans.get(row.case)))
     widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(HEADER))]
     out = []
     for line in lines:
