@@ -257,8 +257,9 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         status.activate()
         if reader.header is not None:  # a 1.5+ source may then send pages without copying them
             announce_live_ram(channel, (reader.header.format_major, reader.header.format_minor))
-        # vCPU threads, parked, now (hv made them when it marked the machine inmigrate):
-        # creating them at the commit cost up to ~100 ms of downtime on a loaded host
+        # vCPU threads, parked, now rather than at the commit, where creating them cost up
+        # to ~100 ms of downtime on a loaded host. For a receiver whose machine was not
+        # marked inmigrate (in-process); hv -incoming made them then, and this does nothing.
         machine.prepare_vcpus()
 
     def on_round_end() -> None:

@@ -295,8 +295,8 @@ def test_guest_ram_cannot_be_unmapped_under_a_receive(tmp_path: Path) -> None:
 
 
 def test_stop_prefault_ends_the_background_pre_fault() -> None:
-    """receive_migration stops the pre-fault when the source connects: the thread must end
-    after at most one chunk, leaving the RAM's contents alone."""
+    """receive_migration stops the pre-fault once the source's full pass is in (its first
+    ROUND_END): the thread must end after at most one chunk, leaving the RAM's contents alone."""
     from hv.migration.pages import prefault_memory, prefault_report, stop_prefault
 
     mem = GuestMemory([RegionSpec(0, 256 << 20)])
