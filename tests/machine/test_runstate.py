@@ -52,14 +52,9 @@ def test_wait_shutdown_returns_only_once_the_shutdown_event_is_with_the_listener
     returned as soon as the state changed, a guest power-off racing it lost its SHUTDOWN
     event ("monitor closed" in test_monitor under load). A listener that has not finished
     receiving the event holds wait_shutdown back."""
-    from hv.config import parse_args
-    from hv.machine.machine import Machine
-    from hv_backends import backend_class
-    from hv.console import BufferSink
-    from tests.helpers import FIXTURES
+    from tests.helpers import FIXTURES, machine_in_process
 
-    config = parse_args(["-machine", "q35", "-m", "16", "-kernel", str(FIXTURES / "x86_64" / "blk.elf")]).config
-    machine = Machine(config, backend_class("unicorn")(), BufferSink())
+    machine, _ = machine_in_process("q35", "unicorn", FIXTURES / "x86_64" / "blk.elf", "", memory="16")
     entered, release = threading.Event(), threading.Event()
     got: list[str] = []
 
