@@ -29,9 +29,8 @@ from hv.machine import Machine, ram_layout
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.migration.engine import CHUNK_PAGES, MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.incoming import load_snapshot
-from hv.migration.status import MigrationStatus
 from hv.migration.stream_format import ConfigMismatchError
-from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, receive_in_thread, requires_kvm
+from tests.helpers import FIXTURES, X86_BACKENDS, dirty_reference, migration_status_for, receive_in_thread, requires_kvm
 from tests.boot.kernels import make_bzimage, make_pvh
 
 MIB = 1 << 20
@@ -123,13 +122,6 @@ def wait_text(console: BufferSink, needle: bytes, timeout: float = 120.0) -> Non
         time.sleep(0.01)
 
 
-def status_for(machine: Machine) -> MigrationStatus:
-    """A status in ``setup``, as QMP's migrate / -incoming leave it before the engine runs."""
-    status = MigrationStatus()
-    status.start(machine.memory.size)
-    return status
-
-
 def pattern(seed: int) -> bytes:
     return bytes((seed + 7 * i) & 0xFF for i in range(3 * 4096))
 
@@ -182,19 +174,19 @@ def finish_on(target: Machine, target_console: BufferSink, source_console: Buffe
 def test_file_snapshot_round_trips_ram_above_4_gib(tmp_path: Path, first: str, second: str) -> None:
     source, console = start_source(first)
     try:
-        save_snapshot(source, str(tmp_path), status_for(source))
+        save_snapshot(source, str(tmp_path), migration_status_for(source))
     finally:
         source.close()
     smaller, _ = build(second, "mib=8 iterations=0", memory="2816")   # the largest one-region q35
     try:
         with pytest.raises(ConfigMismatchError, match="memory size mismatch: source 6144 MiB, destination 2816 MiB"):
-            load_snapshot(smaller, str(tmp_path), status_for(smaller))
+            load_snapshot(smaller, str(tmp_path), migration_status_for(smaller))
         assert not any(smaller.memory.take_vmm_dirty())                 # refused: RAM untouched
     finally:
         smaller.close()
     target, target_console = build(second, "mib=8 iterations=0")
     try:
-        load_snapshot(target, str(tmp_path), status_for(target))
+        load_snapshot(target, str(tmp_path), migration_status_for(target))
         target.start(paused=True)
         finish_on(target, target_console, console)
     finally:
@@ -208,12 +200,12 @@ def test_live_migration_carries_ram_above_4_gib(accel: str) -> None:
     source, console = start_source(accel)
     target, target_console = build(accel, "mib=8 iterations=0")
     out_sock, in_sock = socket.socketpair()
-    receiver, errors = receive_in_thread(target, in_sock, status_for(target))
+    receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target))
     try:
         # Three dirty rounds at most: a guest rewriting its buffer at KVM speed would
         # otherwise be throttled for many rounds before it converges.
         params = MigrationParameters(max_iterations=3)
-        outgoing = OutgoingMigration(source, status_for(source), params, out_sock,
+        outgoing = OutgoingMigration(source, migration_status_for(source), params, out_sock,
                                      lambda *_args: None)
         outgoing.start()
         source.memory.write(HIGH_GPA + 3 * 4096, pattern(2))
