@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import READY_RE, SLOW, LinuxLab, LinuxVm, assert_healthy, incoming, migrate
+from tests.e2e.conftest import READY_RE, LinuxLab, LinuxVm, assert_healthy, incoming, migrate
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ def boot_pair(lab: LinuxLab, machine: str) -> tuple[LinuxVm, LinuxVm, tuple[str,
     return peer, mover, mover_net
 
 
-@pytest.mark.parametrize("machine", ["q35", pytest.param("virt", marks=[
-    pytest.mark.slow, pytest.mark.skipif(not SLOW, reason="the virt variant runs with HV_SLOW=1 "
-                                         "(the default suite keeps Linux time small; q35 covers it)")])])
+@pytest.mark.parametrize("machine", ["q35", "virt"])
 def test_tcp_streams_between_guests_survive_a_live_migration(lab: LinuxLab, machine: str) -> None:
     peer, mover, mover_net = boot_pair(lab, machine)
     peer.shell(f"{HOLD}nc -l -p 5001 > /tmp/in & ({CHUNKS}) | nc -l -p 5002 > /dev/null & "
