@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from hv_backends import backend_class
-from hv.config import parse_args
-from hv.console import BufferSink
 from hv.devices.arch_timer import NS_PER_TICK, PPI_PHYSICAL, PPI_VIRTUAL, ArchTimers, ArchTimerState
 from hv.devices.clock import GuestClock
 from hv.devices.interfaces import DeviceStateError
 from hv.machine import Machine
-from tests.helpers import FIXTURES, HvProcess, Vm, require_tool, wait_console_lines
+from tests.helpers import FIXTURES, HvProcess, Vm, machine_in_process, require_tool, wait_console_lines
 from tests.moved_run import run_moved_mid_run
 
 TIMER = FIXTURES / "aarch64" / "timer.elf"
@@ -168,28 +165,17 @@ def test_timer_guest_on_virt_moved_mid_run_keeps_every_tick() -> None:
     route = ["unicorn", "unicorn", "unicorn"]
     ticks = 100 * (len(route) + 3)
 
-    def build() -> tuple[Machine, BufferSink]:
-        config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
-                             "-append", f"hz=1000 ticks={ticks}"]).config
-        console = BufferSink()
-        machine = Machine(config, backend_class(route[0])(), console)
-        machine.load_kernel(config.kernel.read_bytes())
-        return machine, console
-
     def injected(machine: Machine) -> None:
         assert machine.interrupts is not None and sum(machine.interrupts.injected) > 0  # type: ignore[union-attr]
 
-    run = run_moved_mid_run(build, route[1:], reference(1000, ticks),
+    run = run_moved_mid_run(lambda: machine_in_process("virt", route[0], TIMER, f"hz=1000 ticks={ticks}"),
+                            route[1:], reference(1000, ticks),
                             before_hop=lambda hop: time.sleep(0.013 * hop), after_shutdown=injected)
     assert run.moved == len(route) - 1
 
 
 def test_paused_virt_machine_freezes_the_counter_and_keeps_ticking_after() -> None:
-    config = parse_args(["-machine", "virt", "-m", "64", "-kernel", str(TIMER),
-                         "-append", "hz=1000 ticks=300"]).config
-    console = BufferSink()
-    machine = Machine(config, backend_class("unicorn")(), console)
-    machine.load_kernel(config.kernel.read_bytes())
+    machine, console = machine_in_process("virt", "unicorn", TIMER, "hz=1000 ticks=300")
     machine.start()
     try:
         wait_console_lines(console, 2)
