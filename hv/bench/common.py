@@ -249,7 +249,7 @@ class HostMemoryNotes:
     def lines(self) -> list[str]:
         out = []
         if self.warm_s:
-            sizes = ", ".join(sorted({f"{mib} MiB" for mib in self.warm_mib.values()}))
+            sizes = ", ".join(f"{mib} MiB" for mib in sorted(set(self.warm_mib.values())))
             out.append(f"host memory: before every migration (hv and QEMU alike) source + destination RAM + 128 MiB "
                        f"({sizes}) was touched and freed, so both engines start on memory the host has backed "
                        f"(took median {statistics.median(self.warm_s):.2f} s, max {max(self.warm_s):.2f} s)")
