@@ -8,11 +8,10 @@ import time
 
 from hv.migration.incoming import IncomingCanceled, start_prefault
 from hv.migration.pages import _prefaulted
-from hv.migration.status import MigrationStatus
 from hv.migration.stream import Fingerprint, SocketChannel, StreamWriter
 from hv.migration.stream_writer import take_live_notice
 from hv_fixtures import guest
-from tests.helpers import machine_in_process, receive_in_thread
+from tests.helpers import machine_in_process, migration_status_for, receive_in_thread
 
 
 def _wait(condition, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -25,12 +24,10 @@ def _wait(condition, what: str, timeout: float = 30.0) -> None:  # type: ignore[
 def test_prefault_runs_through_the_full_pass_and_stops_when_it_is_in() -> None:
     target, _ = machine_in_process("q35", "unicorn", guest("x86_64", "hello"), "x", memory="64")
     out_sock, in_sock = socket.socketpair()
-    status = MigrationStatus()
-    status.start(target.memory.size)
     try:
         start_prefault(target)
         prefaulter = _prefaulted[target.memory]
-        receiver, errors = receive_in_thread(target, in_sock, status)
+        receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target))
         writer = StreamWriter(SocketChannel(out_sock))
         writer.write_header(target.arch.value, target.config.machine)
         writer.write_config(Fingerprint.from_dict(target.fingerprint()))
