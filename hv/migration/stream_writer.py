@@ -78,13 +78,13 @@ def _normal_slices(mv: memoryview, kinds: bytes, count: int) -> list[memoryview]
     return segments
 
 
-def _live_notice_bytes() -> bytes:
-    payload = LIVE_NOTICE.encode()
-    head = SECTION_HEADER.pack(SectionType.OK, 0, 0, len(payload))
-    return head + payload + CRC.pack(crc32(payload, crc32(head)))
+def _framed(kind: int, payload: bytes | memoryview, flags: int = 0) -> list[bytes | memoryview]:
+    """One section's buffers: its header, ``payload``, the CRC-32 over both."""
+    head = SECTION_HEADER.pack(kind, flags, 0, len(payload))
+    return [head, payload, CRC.pack(crc32(payload, crc32(head)))]
 
 
-LIVE_NOTICE_BYTES = _live_notice_bytes()
+LIVE_NOTICE_BYTES = b"".join(_framed(SectionType.OK, LIVE_NOTICE.encode()))
 
 
 def take_live_notice(sock: socket.socket) -> bool | None:
@@ -191,9 +191,7 @@ class StreamWriter:
         """Low level: one framed section (used for every kind, and for tests)."""
         if len(payload) > MAX_SECTION_BYTES:
             raise StreamError(f"section of {len(payload)} bytes exceeds the {MAX_SECTION_BYTES} byte cap")
-        head = SECTION_HEADER.pack(kind, flags, 0, len(payload))
-        crc = crc32(payload, crc32(head))
-        self._send([head, payload, CRC.pack(crc)])
+        self._send(_framed(kind, payload, flags))
 
     def write_header(self, arch: str, machine: str, *, stream_id: str | None = None,
                      hv_version: str = HV_VERSION) -> str:
