@@ -48,12 +48,14 @@ class LinuxVm:
     _out: bytearray = field(default_factory=bytearray)
     _grew: threading.Condition = field(default_factory=threading.Condition)
     _qmp: RawQmp | None = None
+    _collector: threading.Thread | None = None
 
     def start(self) -> LinuxVm:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(hv_command(*self.args), cwd=ROOT, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err)
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
         return self
 
     def _collect(self) -> None:
@@ -68,6 +70,16 @@ class LinuxVm:
     def output(self) -> str:
         with self._grew:
             return self._out.decode(errors="replace")
+
+    def final_output(self) -> str:
+        """Everything the guest printed, after stopping hv: output() of a live process can
+        lag the guest by what is still in the pipe (a source that printed pass N just
+        before it paused, under load, once read as ending at N-1)."""
+        self.close()
+        assert self._collector is not None
+        self._collector.join(30)
+        assert not self._collector.is_alive(), f"{self.name}: console pipe still open after exit"
+        return self.output()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -95,6 +95,6 @@ def test_guest_sends_a_gratuitous_arp_after_a_live_migration(lab: LinuxLab, mach
         dst.shell("ping -c 2 -W 10 10.0.2.2", r"2 packets transmitted, 2 packets received", 60)
         assert peer.echo_replies >= before + 2
         dst.execute("stop")
-        assert_healthy(src.output() + dst.output())
+        assert_healthy(src.final_output() + dst.output())
     finally:
         peer.close()

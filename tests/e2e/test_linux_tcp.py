@@ -119,4 +119,4 @@ def test_tcp_streams_between_guests_survive_a_live_migration(lab: LinuxLab, mach
     for direction, (sent, got) in sums.items():
         assert sent == got, f"{direction}: sent md5 {sent}, received md5 {got} (bytes {final})"
     assert final[0] > after[0] and final[1] > after[1]
-    assert_healthy(mover.output() + dst.output())
+    assert_healthy(mover.final_output() + dst.output())
