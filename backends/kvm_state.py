@@ -16,6 +16,10 @@ log = logging.getLogger("hv_backends.kvm")
 
 ffi = abi.ffi
 _ioctl = abi.ioctl_checked
+# Every type string read_state / write_state / get_msrs / set_msrs use (see abi.preparse).
+abi.preparse("struct kvm_regs *", "struct kvm_sregs *", "struct kvm_xsave *", "struct kvm_vcpu_events *",
+             "struct kvm_mp_state *", "struct kvm_msrs", "struct kvm_msr_entry", "struct kvm_msrs *",
+             "char[]")
 
 XSAVE_HEADER_OFFSET = 512
 XSTATE_X87_SSE = 0x3
