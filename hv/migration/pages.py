@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,15 @@ def mem_available() -> int | None:
     return None
 
 
-PREFAULT_CHUNK = 8 << 20   # bytes per madvise: how long a stop may take to act at most
+# Bytes per madvise: how long a stop or a hold may take to act at most. MADV_POPULATE_WRITE
+# holds the process's mmap lock for its whole range, so anything in hv that maps memory
+# meanwhile (a buffer of 128 KiB or more, a Python arena, a thread's stack) waits for the
+# chunk to end: an mmap of 256 KiB waited up to 92-97 ms with 8 MiB chunks on this host
+# while it was slow to back RAM (28-40 ms with 2 MiB), median 0.43-1.0 ms while it was
+# fast (0.16-0.22 with 2 MiB); touching memory mapped before took 0.03 ms at most. 2 MiB is
+# one transparent huge page and pre-faults 512 MiB as fast (50-130 ms either way).
+PREFAULT_CHUNK = 2 << 20
+HOLD_LIMIT = 1.0           # seconds: a hold (hold_prefault) never pauses the pre-fault longer
 PREFAULT_HEADROOM = 0.8    # pre-fault only when RAM fits in this share of MemAvailable
 
 
@@ -177,6 +185,7 @@ class Prefaulter:
     outcome: str = "not started"
     _began: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _go: threading.Event = field(default_factory=lambda: _set(threading.Event()))  # clear: held
     _thread: threading.Thread | None = None
     # One byte per page of all regions, in RAM offset order: 1 where the page was never
     # populated when the pre-fault started (so it is zero, faulted in or not), or None.
@@ -220,6 +229,7 @@ class Prefaulter:
             if address is None:
                 continue
             for offset in range(0, length, PREFAULT_CHUNK):
+                self._go.wait(HOLD_LIMIT)
                 if self._stop.is_set() or mapping.closed:
                     self.elapsed = time.monotonic() - begin
                     self.outcome = "stopped"
@@ -237,6 +247,7 @@ class Prefaulter:
     def stop(self, timeout: float | None = None) -> None:
         """Ask the thread to stop after its current chunk and wait up to ``timeout``."""
         self._stop.set()
+        self._go.set()   # a held pre-fault sees the stop at once
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -271,6 +282,25 @@ def stop_prefault(memory: Any) -> None:
     prefaulter = _prefaulted.get(memory) if memory is not None else None
     if prefaulter is not None:
         prefaulter._stop.set()
+        prefaulter._go.set()
+
+
+def hold_prefault(memory: Any) -> Callable[[], None]:
+    """Pause the pre-fault of ``memory`` after its current chunk (at most ``HOLD_LIMIT``
+    seconds per chunk) until the returned function is called. The destination holds it
+    from the source's connection until its answer to CONFIG is sent: the stream reader's
+    setup maps buffers, and each mapping would wait for a pre-fault chunk (the mmap lock,
+    see ``PREFAULT_CHUNK``) while the source copies every page it sends until that answer."""
+    prefaulter = _prefaulted.get(memory) if memory is not None else None
+    if prefaulter is None:
+        return lambda: None
+    prefaulter._go.clear()
+    return prefaulter._go.set
+
+
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
 
 
 def take_pristine(memory: Any, page_count: int) -> bytearray | None:
