@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import queue
 import signal
@@ -91,6 +92,7 @@ def run(config: VmConfig) -> int:
             # In 'inmigrate' before QMP answers: nothing may change the device set or run
             # the guest between the first QMP command and the incoming stream.
             machine.set_state(RunState.INMIGRATE)
+            settle_heap()
             session.start_monitor()  # QMP answers while the migration arrives
             session.receive(config.incoming)
         else:
@@ -104,6 +106,7 @@ def run(config: VmConfig) -> int:
             log.info("%s", why)
             # vCPU threads exist before the monitor answers, so 'cont' after -S always works.
             machine.start(paused=config.start_paused, paused_state=RunState.PRELAUNCH)
+            settle_heap()
             session.start_monitor()
         while machine.wait_shutdown(timeout=0.5) is None:
             pass
@@ -119,6 +122,17 @@ def run(config: VmConfig) -> int:
     if machine.exit_error is not None:
         raise LaunchError(f"guest stopped: {machine.exit_error}")
     return 0
+
+
+def settle_heap() -> None:
+    """Once the machine is built: collect, then freeze everything left (gc.freeze) so the
+    cyclic GC never scans hv's startup objects again. Until then every hv had its first
+    full collection still pending (gen 2 count 6 of 10 when a migration connected), ~25 ms
+    over the ~40k startup objects whenever enough allocations trigger it, which can be
+    inside a migration's stream or switch-over; after the freeze a full collection scans
+    only what was allocated since."""
+    gc.collect()
+    gc.freeze()
 
 
 class Session:
