@@ -4,9 +4,10 @@
  * the source tells zero pages from data pages, copies the data pages out of a running
  * guest and checksums the copy; the destination reads page data into guest RAM and
  * checksums it. Done in Python those loops cost one call, one slice and a few syscalls per
- * section; here they are one call per section (source) or one call per section with no
- * extra syscall (destination: framing is read ahead into a staging buffer, page data
- * straight into guest RAM with readv/recvmsg).
+ * section; here they are one call per section (source), one call per chunk of sections
+ * sent straight from a running guest's RAM to a socket (source, RAM_LIVE: hvs_send_live),
+ * or one call per section with no extra syscall (destination: framing is read ahead into a
+ * staging buffer, page data straight into guest RAM with readv/recvmsg).
  *
  * The checksum is zlib's CRC-32 (the stream format's), computed with PCLMULQDQ folding
  * (Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ Instruction";
@@ -56,6 +57,12 @@ int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const
                       uint8_t *out, uint32_t *crc_out);
 int hvs_rx_step(struct hvs_rx *rx);
 size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n);
+struct hvs_tx {
+    int32_t fd; int32_t timeout_ms;
+    uint64_t bytes; uint32_t zero, normal; int32_t err_errno;
+};
+int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_t npages,
+                  const uint8_t *known_zero, uint32_t run_pages, uint8_t *meta);
 CDEF-END */
 
 #define HVS_PAGE 4096u
@@ -347,6 +354,108 @@ int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const
     hvs_put_ram_head(out, HVS_TYPE_RAM_LIVE, length, start, npages);
     *crc_out = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages + 4u * normal);
     return normal;
+}
+
+/* -- source: RAM_LIVE sections straight from guest RAM to the socket ------------------ */
+struct hvs_tx {
+    int32_t fd; int32_t timeout_ms;   /* a stream socket; how long a send may wait (-1: for good) */
+    uint64_t bytes; uint32_t zero, normal; int32_t err_errno;   /* what the last call did */
+};
+
+/* Send iov[0..n) whole: sendmsg, resumed after short writes; when the socket is full, wait
+ * up to timeout_ms for room (ETIMEDOUT when none came, as a Python socket timeout). */
+static int hvs_send_all(struct hvs_tx *tx, struct iovec *iov, int n)
+{
+    int i = 0;
+    while (i < n) {
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov + i;
+        msg.msg_iovlen = (size_t)(n - i);
+        ssize_t sent = sendmsg(tx->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                tx->err_errno = errno;
+                return -1;
+            }
+            struct pollfd pfd = { tx->fd, POLLOUT, 0 };
+            int ready = poll(&pfd, 1, tx->timeout_ms);
+            if (ready == 0) {
+                tx->err_errno = ETIMEDOUT;
+                return -1;
+            }
+            if (ready < 0 && errno != EINTR) {
+                tx->err_errno = errno;
+                return -1;
+            }
+            continue;
+        }
+        size_t left = (size_t)sent;
+        while (i < n && left >= iov[i].iov_len) {
+            left -= iov[i].iov_len;
+            i++;
+        }
+        if (i < n) {
+            iov[i].iov_base = (uint8_t *)iov[i].iov_base + left;
+            iov[i].iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+/* Send npages pages at src (stream page numbers start..) as RAM_LIVE sections of at most
+ * run_pages pages, each framed (hvs_pack_live) and sent at once, so its pages are still in
+ * the cache when the socket copies them: the same bytes the Python writer sends for
+ * sections of that size, with no Python between sections. meta is scratch for one
+ * section's framing and checksum (24 + 5 * run_pages + 4 bytes); known_zero as in
+ * hvs_pack. Returns 0, or -1 with tx->err_errno (the stream is then cut inside a section);
+ * tx->bytes, zero and normal count the sections sent whole. */
+int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_t npages,
+                  const uint8_t *known_zero, uint32_t run_pages, uint8_t *meta)
+{
+    struct iovec iov[HVS_IOV / 2 + 3];   /* framing, at most run_pages / 2 + 1 data runs, checksum */
+    tx->bytes = 0;
+    tx->zero = tx->normal = 0;
+    tx->err_errno = 0;
+    if (run_pages == 0 || run_pages > HVS_IOV) {
+        tx->err_errno = EINVAL;
+        return -1;
+    }
+    for (uint32_t done = 0; done < npages;) {
+        uint32_t n = npages - done < run_pages ? npages - done : run_pages;
+        const uint8_t *pages = src + (uint64_t)done * HVS_PAGE;
+        uint32_t crc;
+        int64_t normal = hvs_pack_live(pages, start + done, n, known_zero ? known_zero + done : NULL, meta, &crc);
+        uint32_t framing = HVS_HEAD + HVS_RUN + n + 4u * (uint32_t)normal;
+        const uint8_t *kinds = meta + HVS_HEAD + HVS_RUN;
+        hvs_put32(meta + framing, crc);
+        int k = 0;
+        iov[k].iov_base = meta;
+        iov[k++].iov_len = framing;
+        for (uint32_t i = 0; i < n;) {
+            if (!kinds[i]) {
+                i++;
+                continue;
+            }
+            uint32_t j = i;
+            while (j < n && kinds[j])
+                j++;
+            iov[k].iov_base = (void *)(pages + (uint64_t)i * HVS_PAGE);
+            iov[k++].iov_len = (size_t)(j - i) * HVS_PAGE;
+            i = j;
+        }
+        iov[k].iov_base = meta + framing;
+        iov[k++].iov_len = 4;
+        if (hvs_send_all(tx, iov, k) < 0)
+            return -1;
+        tx->bytes += framing + (uint64_t)normal * HVS_PAGE + 4;
+        tx->normal += (uint32_t)normal;
+        tx->zero += n - (uint32_t)normal;
+        done += n;
+    }
+    return 0;
 }
 
 /* -- destination: RAM sections straight into guest RAM ------------------------------- */

@@ -2,6 +2,8 @@
 
 :class:`Packer` frames one RAM section on the source: zero-page scan, the copy of the
 data pages out of a running guest and zlib's CRC-32 of that copy in one pass (PCLMULQDQ).
+:class:`LiveSender` sends RAM_LIVE sections (page checksums in place, pages straight from
+guest RAM) to a plain socket, framing and sending every section of a chunk in one call.
 :class:`Receiver` applies RAM sections on the destination: framing is read ahead into a
 staging buffer, page data goes straight into guest RAM (``recvmsg``/``readv`` with one
 iovec per run of data pages, plus the staging buffer for what follows), and is
@@ -20,6 +22,7 @@ the environment turns them off (for measuring, and for tests that compare both p
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 import socket
@@ -235,6 +238,62 @@ class Receiver:
         if rx.state == ST_DATA:
             return int(rx.section_bytes + rx.data_done)
         return int(rx.section_bytes + rx.len - rx.pos)
+
+
+LIVE_SEND_MAX_RUN_PAGES = 1024  # hvs_send_live's iovec array: a section's data runs in one sendmsg
+
+
+class LiveSender:
+    """Sends RAM_LIVE sections straight from guest RAM to a plain socket
+    (``hvs_send_live``): one call per chunk of pages, in which each section of
+    ``run_pages`` pages is framed, checksummed and sent while its pages are still in the
+    cache, with no Python between sections. The bytes are those
+    :meth:`hv.migration.stream_writer.StreamWriter.write_ram` sends for such sections."""
+
+    def __init__(self, sock: socket.socket, run_pages: int) -> None:
+        assert _NATIVE is not None and 1 <= run_pages <= LIVE_SEND_MAX_RUN_PAGES
+        ffi, lib = _NATIVE
+        self._ffi, self._lib = ffi, lib
+        self.sock = sock
+        self.run_pages = run_pages
+        self._meta = ffi.new("uint8_t[]", _FRAMING + run_pages * 5 + 4)  # framing, page CRCs, section CRC
+        self._tx = ffi.new("struct hvs_tx *")
+        self._tx.fd = sock.fileno()
+
+    def send(self, view: memoryview, start: int, count: int, known_zero: bytes | None) -> tuple[int, int, int]:
+        """(zero pages, normal pages, bytes) of ``count`` pages from ``view`` sent as stream
+        pages ``start ..``. Raises OSError (TimeoutError when the socket took nothing for its
+        timeout); the stream is then cut inside a section."""
+        ffi, tx = self._ffi, self._tx
+        timeout = self.sock.gettimeout()
+        tx.timeout_ms = -1 if timeout is None else max(int(timeout * 1000), 1)
+        assert len(view) >= count * PAGE_SIZE and (known_zero is None or len(known_zero) >= count)
+        zero_map = ffi.NULL if known_zero is None else ffi.from_buffer("uint8_t[]", known_zero)
+        pin = ffi.from_buffer("uint8_t[]", view)
+        try:
+            rc = self._lib.hvs_send_live(tx, pin, start, count, zero_map, self.run_pages, self._meta)
+        finally:
+            ffi.release(pin)
+        if rc < 0:
+            code = int(tx.err_errno)
+            if code == errno.ETIMEDOUT:
+                raise TimeoutError("timed out")
+            raise OSError(code, os.strerror(code))
+        return int(tx.zero), int(tx.normal), int(tx.bytes)
+
+
+def live_sender_for(sink: Any, run_pages: int) -> LiveSender | None:
+    """A :class:`LiveSender` when ``sink`` is a channel over a plain connected socket (not
+    TLS: its bytes are encrypted in Python) and sections of ``run_pages`` fit one call's
+    iovecs, else None."""
+    if _NATIVE is None:
+        return None
+    sock = getattr(sink, "sock", None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0:
+        return None
+    if run_pages > LIVE_SEND_MAX_RUN_PAGES:  # larger sections (HV_STREAM_RUN_PAGES): Python sends them
+        return None
+    return LiveSender(sock, run_pages)
 
 
 def _poll_ms(source: Any) -> int:
