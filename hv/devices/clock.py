@@ -12,7 +12,6 @@ clock, which makes them exact across migration.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv.devices.interfaces import checked_fields, checked_uint
+from hv.devices.persist import plain_dict
 
 MAX_NS = (1 << 63) - 1
 
@@ -34,7 +34,7 @@ class ClockState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> ClockState:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.interfaces import DeviceStateError
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class GicCpuState:
     running: list[int] = field(default_factory=list)   # acknowledged, priority not dropped
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> GicCpuState:
@@ -170,7 +171,7 @@ class GicState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> GicState:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class I8042State:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> I8042State:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hv.devices.interfaces import checked_fields, checked_uint, checked_uint_list
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class IoApicState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> IoApicState:

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from hv.devices.clock import MAX_NS, GuestClock
 from hv.devices.interfaces import DeviceStateError, checked_fields, checked_uint, checked_uint_list
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class LapicState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        raw = dataclasses.asdict(self)
+        raw = plain_dict(self)
         for name in ("irr", "isr", "tmr"):
             raw[name] = f"{getattr(self, name):064x}"
         return raw

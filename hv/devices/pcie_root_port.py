@@ -42,7 +42,6 @@ space, so the saved state is the configuration bytes alone.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +62,7 @@ from hv.devices.pci import (
     UnconnectedMsi,
     parse_hex_bytes,
 )
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class PcieRootPortState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> PcieRootPortState:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from hv.devices.clock import MAX_NS
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class PitState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> PitState:

@@ -54,6 +54,7 @@ from hv.devices.interfaces import (
     checked_uint,
     checked_uint_list,
 )
+from hv.devices.persist import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class RtcState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> RtcState:

@@ -40,7 +40,7 @@ from hv.devices.interfaces import (
     UnconnectedLine,
     checked_uint,
 )
-from hv.devices.persist import check_fields, checked_uart_rx, omit_default_later_fields
+from hv.devices.persist import check_fields, checked_uart_rx, omit_default_later_fields, plain_dict
 
 FIFO_DEPTH = 16                 # the 16550A's RX FIFO
 LEGACY_RX_FIFO_SIZE = 64        # a state saved by an older hv may hold this many
@@ -87,7 +87,7 @@ class SerialState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return omit_default_later_fields(dataclasses.asdict(self), _LATER_FIELDS)
+        return omit_default_later_fields(plain_dict(self), _LATER_FIELDS)
 
     @classmethod
     def from_dict(cls, raw: Any) -> SerialState:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from hv.devices.interfaces import DeviceStateError, InterruptLine, UnconnectedLine, checked_fields, checked_uint
 from hv.devices.pci import BAR_MEM64, SAVED_CONFIG_SIZE, BarSpec, MsiSink, MsixTable, PciFunction, parse_hex_bytes
+from hv.devices.persist import plain_dict
 from hv.devices.virtqueue import Virtqueue, VirtqueueError, VirtqueueState
 from hv.memory import GuestMemory
 
@@ -134,7 +135,7 @@ class VirtioPciState:
     MIN_VERSION = 1    # the oldest layout restore reads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> VirtioPciState:
