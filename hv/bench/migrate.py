@@ -8,7 +8,8 @@ the same guests are migrated by QEMU in the same run, like with like: each hv Un
 against QEMU TCG, each hv KVM row against QEMU KVM (a missing QEMU prints one line naming
 ``apt-get install qemu-system-x86``). The raw loopback socket rate (1 MiB ``sendall`` /
 ``recv_into`` between two threads) is measured over each migration's transport right before
-and right after it (median of all), so it is taken under the same load as the migrations.
+its ``migrate`` command and right after it completed, both VMs up (median of all), so it is
+taken under the same load as the migration.
 
 Guest modes (the ``dirty`` guest with ``mib=B``, B = 64 or a quarter of a smaller RAM):
 ``idle`` runs one pass over its buffer and halts (``idle=1``): B MiB of data, the rest of
@@ -118,6 +119,7 @@ class Settings:
     timeout: float
     qemu: str | None
     hv: tuple[str, ...] = HV_COMMAND
+    loopback_mib: int = 1024   # bytes per raw loopback sample (--loopback-mib); 0: none
     tls_dirs: tuple[Path, Path] | None = None   # (server, client) certificate directories
     # back host memory before every run (hv.bench.common.back_host_memory); what was done and
     # the hv destinations' pre-fault lines are kept here for the lines below the table
@@ -268,10 +270,12 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             if case.mode == "dirty":
                 _wait_lines(clock, src, STEADY_LINES, settings.timeout)
             uri = destination_uri(case.engine, case.transport, dst, listen_uri)
+            raw_before = _raw_sample(case, settings, "right before")
             migrate_at = time.time()          # wall clock, as the events' timestamps
             dst_age = time.monotonic() - dst.started  # the destination's pre-fault had this long
             source.execute("migrate", uri=uri)
             info = _wait_completed(case, source, settings.timeout)
+            raw_after = _raw_sample(case, settings, "right after")
             stop = event_time(source.wait_event("STOP", 30))
             resume = event_time(destination.wait_event("RESUME", 30))
             ram = info.get("ram", {})
@@ -298,7 +302,8 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
                           guest_curve=None if curve is None else tuple(curve),
                           src_extra=None if src_memory is None else src_memory.extra,
                           dst_extra=None if dst_memory is None else dst_memory.extra,
-                          full_speed_pass_s=full_speed, first_second_passes=first)
+                          full_speed_pass_s=full_speed, first_second_passes=first,
+                          raw_before=raw_before, raw_after=raw_after)
         finally:
             clock.stop()
             for process in reversed(started):
@@ -315,6 +320,16 @@ def _wait_lines(clock: LineClock, src: VmProcess, lines: int, timeout: float) ->
 
 
 # -- raw loopback rate ------------------------------------------------------------------------------
+def _raw_sample(case: Case, settings: Settings, when: str) -> float:
+    """The raw rate over ``case``'s transport at this moment of a migration (both VMs up,
+    the guest as the migration finds it), or 0.0 with ``loopback_mib`` 0."""
+    if not settings.loopback_mib:
+        return 0.0
+    rate = loopback_rate(case.transport, settings.loopback_mib)
+    log.info("raw %s loopback %s the migration: %.0f MiB/s", case.transport, when, rate / MIB)
+    return rate
+
+
 def loopback_rate(transport: str, total_mib: int) -> float:
     """Bytes/s of a plain sender -> receiver copy over a fresh connection, from RAM-sized
     memory into pre-faulted RAM-sized memory (:func:`hv.bench.stream.raw_loopback_rate`):
@@ -400,7 +415,7 @@ def run_migrate(argv: list[str]) -> int:
         print(qemu_missing_line("x86_64"))
     hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
     settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu,
-                        hv=hv, warm=not args.no_warm)
+                        hv=hv, warm=not args.no_warm, loopback_mib=args.loopback_mib)
     cases = build_cases(args, qemu is not None)
     if not cases:
         print("hv bench migrate: nothing to run", file=sys.stderr)
@@ -464,32 +479,32 @@ def scaling_lines(rows: list[Row]) -> list[str]:
 
 def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) -> tuple[list[Row], dict[str, float]]:
     """Every case ``--repeat`` times, interleaved, and the raw loopback rate over the case's
-    transport measured right before and right after each migration: the table's raw figure
-    is the median of all of them, and each migration's rate over the mean of the two that
-    bracket it is kept (``paired % raw``). On this shared 2-core host the raw rate alone
-    swung 3x within minutes (unix 1454-4446 MiB/s), so a raw figure taken once per
-    repetition compared a migration with a different minute's load; and one sample taken
-    just before a 0.1-0.4 s migration still varied 3.7-6.3 GiB/s on a quiet host (paired
-    figures of one row 35-109%): the bracket's mean is the estimate for the migration's own
-    moment."""
+    transport measured right before and right after each migration (in
+    :func:`migrate_once`: right before its ``migrate`` command and right after it completed,
+    both VMs up): the table's raw figure is the median of all of them, and each migration's
+    rate over the mean of the two that bracket it is kept (``paired % raw``). On this shared
+    2-core host the raw rate alone swung 3x within minutes (unix 1454-4446 MiB/s), so a raw
+    figure taken once per repetition compared a migration with a different minute's load;
+    one sample taken just before a 0.1-0.4 s migration still varied 3.7-6.3 GiB/s on a quiet
+    host (paired figures of one row 35-109%), and a bracket around the whole run (VM start,
+    warm-up, teardown) was seconds away from the migration: the tight bracket's mean is the
+    estimate for the migration's own moment."""
     raw_samples: dict[str, list[float]] = {t: [] for t in args.transports}
     rows = [Row(case) for case in cases]
+    for transport in args.transports:  # allocates the samples' RAM-sized buffers before any VM runs
+        log.info("raw %s loopback (warm-up, not counted): %.0f MiB/s", transport,
+                 loopback_rate(transport, args.loopback_mib) / MIB)
     for repetition in range(args.repeat):  # interleaved, so a slow minute spreads over every row
         for row in rows:
-            raw_now = loopback_rate(row.case.transport, args.loopback_mib)
-            raw_samples[row.case.transport].append(raw_now)
-            log.info("raw %s loopback: %.0f MiB/s", row.case.transport, raw_now / MIB)
             try:
                 sample = migrate_once(row.case, settings)
             except BenchError as exc:
                 log.warning("%s: %s", row.case.label(), exc)
                 row.errors.append(str(exc))
                 continue
-            raw_after = loopback_rate(row.case.transport, args.loopback_mib)
-            raw_samples[row.case.transport].append(raw_after)
-            log.info("raw %s loopback after: %.0f MiB/s", row.case.transport, raw_after / MIB)
+            raw_samples[row.case.transport] += [sample.raw_before, sample.raw_after]
             row.samples.append(dataclasses.replace(sample, run=repetition))
-            settings.host.pair_raw(row.case.label(), sample.throughput / ((raw_now + raw_after) / 2),
+            settings.host.pair_raw(row.case.label(), sample.throughput / ((sample.raw_before + sample.raw_after) / 2),
                                    raw_goal(row.case, settings))
             log.info("%s run %d: total %d ms, downtime %d ms (own %d), %.1f MiB, %d syncs, guest %s p/s%s",
                      row.case.label(), repetition + 1, sample.total_ms, sample.downtime_ms, sample.own_downtime_ms,

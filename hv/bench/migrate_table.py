@@ -89,6 +89,10 @@ class Sample:
     run: int = -1                 # the repetition (pairs hv's run with QEMU's); -1: by position
     full_speed_pass_s: float | None = None  # the guest's pass time at full speed (migrate_progress)
     first_second_passes: float | None = None  # the destination's passes in its first second
+    # the raw loopback rate (bytes/s) over the migration's transport right before its
+    # migrate command and right after it completed, both VMs up (0: not measured)
+    raw_before: float = 0.0
+    raw_after: float = 0.0
 
     @property
     def guest_rate(self) -> float | None:

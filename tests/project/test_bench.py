@@ -46,6 +46,9 @@ def test_bench_migrate_prints_table(tmp_path: Path) -> None:
     assert not any(line.startswith("qemu ") for line in lines)
     assert "broken guests, hv: 0 of 1 migrations" in proc.stdout
     assert re.search(r"raw loopback .*unix \d+ MiB/s", proc.stdout)
+    # the raw rate is sampled within the run, both VMs up, tight around its migration
+    assert re.search(r"raw unix loopback right before the migration: \d+ MiB/s\n.*"
+                     r"raw unix loopback right after the migration: \d+ MiB/s", proc.stderr, re.S), proc.stderr
 
 
 def test_bench_rejects_unknown_options() -> None:
