@@ -341,8 +341,11 @@ class OutgoingMigration:
         try:
             self.status.activate()
             self._precopy()
+            # total-time ends here, when the destination runs the guest, not after the
+            # cleanup below (QEMU's ends before its cleanup too)
+            ended_at = self.status.now()
             self.machine.set_state(RunState.POSTMIGRATE)
-            outcome = functools.partial(self.status.complete, self._downtime_ms)
+            outcome = functools.partial(self.status.complete, self._downtime_ms, ended_at=ended_at)
             log.info("migration completed: downtime %d ms", self._downtime_ms)
         except Exception as exc:  # every failure ends as 'failed' (or 'canceled') with a reason
             outcome = self._end_after(exc)
@@ -481,8 +484,9 @@ class OutgoingMigration:
         writer.write_round_end(pass_number)
         self.status.set_remaining(0)
         self.emit("MIGRATION_PASS", {"pass": pass_number})
-        write_machine_state(writer, machine.save())
-        writer.write_end()
+        with writer.gathered():
+            write_machine_state(writer, machine.save())
+            writer.write_end()
 
         # Two-phase switch-over.
         self._await_answer()

@@ -162,12 +162,18 @@ class MigrationStatus:
                 raise IllegalTransition(f"guest pause recorded while {self._state.value}")
             self._paused_at = self._clock()
 
-    def complete(self, downtime_ms: int | None = None) -> None:
-        """active -> completed. Downtime is measured from :meth:`guest_paused` unless given."""
+    def now(self) -> float:
+        """This status's clock (what :meth:`complete`'s ``ended_at`` is read on)."""
+        return self._clock()
+
+    def complete(self, downtime_ms: int | None = None, *, ended_at: float | None = None) -> None:
+        """active -> completed. Downtime is measured from :meth:`guest_paused` unless given;
+        ``ended_at`` (from :meth:`now`): when the migration ended, if cleanup came between
+        that and this call (``total-time`` ends there)."""
         with self._lock:
             if State.COMPLETED not in LEGAL_TRANSITIONS[self._state]:
                 raise IllegalTransition(f"migration status cannot change from {self._state.value} to completed")
-            self._end = self._clock()
+            self._end = self._clock() if ended_at is None else ended_at
             if downtime_ms is not None:
                 self._downtime_ms = downtime_ms
             elif self._paused_at is not None:

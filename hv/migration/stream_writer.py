@@ -2,6 +2,7 @@
 sends each section (see :mod:`hv.migration.stream` for the format)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import select
 import socket
 import ssl
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +155,7 @@ class StreamWriter:
         self._packer: stream_native.Packer | None = None  # made on the first RAM section
         self._live_sender: stream_native.LiveSender | None = None  # made on the first RAM_LIVE write
         self._no_live_sender = False  # the sink is not a plain socket: RAM_LIVE from Python
+        self._gathering: list[list[bytes | memoryview]] | None = None  # records held by gathered()
         # RAM_LIVE (format 1.5): used once the destination announced it reads them.
         self.live_ram = False
         self._minor = FORMAT_MINOR
@@ -160,6 +163,9 @@ class StreamWriter:
     def _send(self, buffers: list[bytes | memoryview]) -> None:
         """One whole record (the preamble or a section). ``at_boundary`` stays False if it
         fails, so nothing more (not even CANCEL) is appended to a cut record."""
+        if self._gathering is not None:
+            self._gathering.append(buffers)
+            return
         self.at_boundary = False
         try:
             _write_all(self.sink, buffers)
@@ -167,6 +173,22 @@ class StreamWriter:
             raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
         self.bytes_written += sum(len(b) for b in buffers)
         self.at_boundary = True
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """The records written inside go out together, in one gathered write when the block
+        ends (a paused guest's CPU and device sections and END: one ``sendmsg`` and one
+        wake-up of the destination instead of one per section). If the block raises,
+        nothing of it is sent."""
+        assert self._gathering is None, "gathered() does not nest"
+        self._gathering = []
+        try:
+            yield
+            records = self._gathering
+            self._gathering = None
+            self._send([buf for record in records for buf in record])
+        finally:
+            self._gathering = None
 
     def write_preamble(self, major: int = FORMAT_MAJOR, minor: int = FORMAT_MINOR) -> None:
         self._send([PREAMBLE.pack(MAGIC, major, minor, 0)])

@@ -260,3 +260,19 @@ def test_auto_converge_trigger_is_qemus_rule() -> None:
     assert not dirtied_too_fast(0, 0)
     assert dirtied_too_fast(1, 0)               # dirtied while nothing could be sent
     assert HIGH_DIRTY_STRIKES == 2
+
+
+def test_total_time_ends_when_the_migration_ended_not_after_its_cleanup() -> None:
+    """The source completes the status after its cleanup (dirty log off, socket closed);
+    total-time ends when the destination confirmed it runs the guest (``ended_at``)."""
+    status, clock, _events = machine()
+    status.start(1 << 20)
+    status.activate()
+    clock.now += 0.120
+    ended = status.now()
+    clock.now += 0.005                      # cleanup
+    status.complete(7, ended_at=ended)
+    reply = status.to_qmp()
+    assert reply["total-time"] == 120 and reply["downtime"] == 7
+    clock.now += 1.0
+    assert status.to_qmp()["total-time"] == 120
