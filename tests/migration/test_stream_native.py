@@ -189,22 +189,24 @@ def big_stream(mem: GuestMemory, writer: StreamWriter, pages: int) -> None:
     writer.write_end()
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["copied", "live"])
 @pytest.mark.parametrize("buffer", [4096, None])
-def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None) -> None:
-    """Megabytes through a real socket (small kernel buffers: many partial reads), into RAM
-    that holds stale bytes; every page must arrive exactly."""
+def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None, live: bool) -> None:
+    """Megabytes through a real socket (small kernel buffers: many short writes and
+    partial reads), into RAM that holds stale bytes; every page must arrive exactly. ``live``:
+    the full pass as RAM_LIVE sections, sent by the native sender (hvs_send_live)."""
     pages = 3000
     src = mixed_memory(pages, seed=5)
     a, b = socket.socketpair()
-    if buffer:
+    writer = StreamWriter(SocketChannel(a))
+    writer.live_ram = live     # as once the destination's ram-live notice arrived
+    if buffer:   # after SocketChannel, which raises a UNIX socket's buffers to 1 MiB
         for s in (a, b):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
     a.settimeout(30)
     b.settimeout(30)
     failure: list[BaseException] = []
-
-    writer = StreamWriter(SocketChannel(a))
 
     def send() -> None:
         try:
@@ -234,6 +236,7 @@ def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None) -> None:
     assert sum(s.count for s in rams) == pages + 9
     assert reader.bytes_read == writer.bytes_written
     assert reader._native is not None and reader._native.applied == len(rams)
+    assert (writer._live_sender is not None) == live
 
 
 class IdleChannel(SocketChannel):
