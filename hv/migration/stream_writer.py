@@ -153,26 +153,33 @@ class StreamWriter:
         self._preamble_sent = False
         self._copy: memoryview | None = None  # reused staging buffer for live pages
         self._packer: stream_native.Packer | None = None  # made on the first RAM section
-        self._live_sender: stream_native.LiveSender | None = None  # made on the first RAM_LIVE write
-        self._no_live_sender = False  # the sink is not a plain socket: RAM_LIVE from Python
+        # RAM_LIVE sections sent by native code: None unless the sink is a plain socket
+        self._live_sender = stream_native.live_sender_for(sink, self.live_run_pages)
         self._gathering: list[list[bytes | memoryview]] | None = None  # records held by gathered()
         # RAM_LIVE (format 1.5): used once the destination announced it reads them.
         self.live_ram = False
         self._minor = FORMAT_MINOR
 
+    @contextlib.contextmanager
+    def _record(self) -> Iterator[None]:
+        """Whole records go out inside the block. ``at_boundary`` is False meanwhile and
+        stays False if a write fails, so nothing more (not even CANCEL) is appended to a
+        cut record; an OS error becomes a StreamWriteError."""
+        self.at_boundary = False
+        try:
+            yield
+        except OSError as exc:
+            raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
+        self.at_boundary = True
+
     def _send(self, buffers: list[bytes | memoryview]) -> None:
-        """One whole record (the preamble or a section). ``at_boundary`` stays False if it
-        fails, so nothing more (not even CANCEL) is appended to a cut record."""
+        """One whole record (the preamble or a section)."""
         if self._gathering is not None:
             self._gathering.append(buffers)
             return
-        self.at_boundary = False
-        try:
+        with self._record():
             _write_all(self.sink, buffers)
-        except OSError as exc:
-            raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
         self.bytes_written += sum(len(b) for b in buffers)
-        self.at_boundary = True
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
@@ -247,12 +254,10 @@ class StreamWriter:
         if not stable and not self.live_ram and self._minor >= RAM_LIVE_MINOR:
             self.peer_waiting()  # takes the ram-live notice if it has arrived (no waiting)
         total = len(mv) // PAGE_SIZE
+        if not stable and self.live_ram and self._live_sender is not None:
+            return self._write_live_native(self._live_sender, start_page, mv, total)
         stats = RamStats()
         done = 0
-        if not stable and self.live_ram:
-            sender = self._native_live_sender()
-            if sender is not None:
-                return self._write_live_native(sender, start_page, mv, total)
         copying = not stable and not (self.live_ram and stream_native.available())
         run_pages = self.run_pages if copying else self.live_run_pages
         while done < total:
@@ -262,25 +267,15 @@ class StreamWriter:
             done += count
         return stats
 
-    def _native_live_sender(self) -> stream_native.LiveSender | None:
-        if self._live_sender is None and not self._no_live_sender:
-            self._live_sender = stream_native.live_sender_for(self.sink, self.live_run_pages)
-            self._no_live_sender = self._live_sender is None
-        return self._live_sender
-
     def _write_live_native(self, sender: stream_native.LiveSender, start: int, mv: memoryview,
                            total: int) -> RamStats:
         """RAM_LIVE sections framed and sent by native code, one call for all ``total`` pages
         (on a loopback link the Python between 4 MiB sections was 13% of the source's CPU, and
         the source is the slower end)."""
         known_zero = never_populated(mv) if total >= BLOCK_PAGES else None
-        self.at_boundary = False
-        try:
+        with self._record():
             zero, normal, sent = sender.send(mv, start, total, known_zero)
-        except OSError as exc:
-            raise StreamWriteError(f"migration stream write failed: {exc.strerror or exc}") from exc
         self.bytes_written += sent
-        self.at_boundary = True
         return RamStats(zero=zero, normal=normal, bytes=sent)
 
     def _write_run_live(self, packer: stream_native.Packer, start: int, mv: memoryview, count: int) -> RamStats:

@@ -29,7 +29,7 @@ from hv.migration.stream import (
 )
 from hv.migration.stream_format import StreamWriteError
 from tests.migration.test_migration_stream import Collect
-from tests.migration.test_stream_native import mixed_memory, native
+from tests.migration.test_stream_native import mixed_memory, native, native_live_sends
 
 pytestmark = native
 
@@ -71,10 +71,11 @@ def test_native_live_sections_are_the_python_writers_bytes(run_pages: int) -> No
     received = bytearray()
     with a, b:
         writer = live_writer(SocketChannel(a), run_pages)
+        native_sends = native_live_sends(writer)
         a.settimeout(30)
         thread = drain(b, received)
         writer.write_ram(7, mem.page_view(0, pages))
-        assert writer._live_sender is not None            # the native path sent them
+        assert native_sends == [pages]                    # the native path sent them
         a.shutdown(socket.SHUT_WR)
         thread.join(30)
     assert bytes(received) == bytes(python.data)
