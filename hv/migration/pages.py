@@ -244,12 +244,22 @@ class Prefaulter:
         self.outcome = "done"
         log.debug("pre-faulted %d MiB of guest RAM in %.2f s", self.done_bytes >> 20, self.elapsed)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Ask the thread to stop after its current chunk and wait up to ``timeout``."""
+    def request_stop(self) -> None:
+        """Ask the thread to stop after its current chunk, without waiting for it."""
         self._stop.set()
         self._go.set()   # a held pre-fault sees the stop at once
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the thread to stop after its current chunk and wait up to ``timeout``."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def hold(self) -> Callable[[], None]:
+        """Pause after the current chunk (at most ``HOLD_LIMIT`` seconds per chunk) until
+        the returned function is called."""
+        self._go.clear()
+        return self._go.set
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the pre-fault to finish; True when it is no longer running."""
@@ -281,8 +291,7 @@ def stop_prefault(memory: Any) -> None:
     wall time of a 2 GiB migration is lower with the pre-fault running (see incoming)."""
     prefaulter = _prefaulted.get(memory) if memory is not None else None
     if prefaulter is not None:
-        prefaulter._stop.set()
-        prefaulter._go.set()
+        prefaulter.request_stop()
 
 
 def hold_prefault(memory: Any) -> Callable[[], None]:
@@ -294,8 +303,7 @@ def hold_prefault(memory: Any) -> Callable[[], None]:
     prefaulter = _prefaulted.get(memory) if memory is not None else None
     if prefaulter is None:
         return lambda: None
-    prefaulter._go.clear()
-    return prefaulter._go.set
+    return prefaulter.hold()
 
 
 def _set(event: threading.Event) -> threading.Event:
