@@ -119,7 +119,7 @@ class Settings:
     timeout: float
     qemu: str | None
     hv: tuple[str, ...] = HV_COMMAND
-    loopback_mib: int = 1024   # bytes per raw loopback sample (--loopback-mib); 0: none
+    loopback_mib: int = 1024   # MiB per raw loopback sample (--loopback-mib)
     tls_dirs: tuple[Path, Path] | None = None   # (server, client) certificate directories
     # back host memory before every run (hv.bench.common.back_host_memory); what was done and
     # the hv destinations' pre-fault lines are kept here for the lines below the table
@@ -322,9 +322,7 @@ def _wait_lines(clock: LineClock, src: VmProcess, lines: int, timeout: float) ->
 # -- raw loopback rate ------------------------------------------------------------------------------
 def _raw_sample(case: Case, settings: Settings, when: str) -> float:
     """The raw rate over ``case``'s transport at this moment of a migration (both VMs up,
-    the guest as the migration finds it), or 0.0 with ``loopback_mib`` 0."""
-    if not settings.loopback_mib:
-        return 0.0
+    the guest as the migration finds it)."""
     rate = loopback_rate(case.transport, settings.loopback_mib)
     log.info("raw %s loopback %s the migration: %.0f MiB/s", case.transport, when, rate / MIB)
     return rate
@@ -493,7 +491,7 @@ def _measure(args: argparse.Namespace, settings: Settings, cases: list[Case]) ->
     rows = [Row(case) for case in cases]
     for transport in args.transports:  # allocates the samples' RAM-sized buffers before any VM runs
         log.info("raw %s loopback (warm-up, not counted): %.0f MiB/s", transport,
-                 loopback_rate(transport, args.loopback_mib) / MIB)
+                 loopback_rate(transport, settings.loopback_mib) / MIB)
     for repetition in range(args.repeat):  # interleaved, so a slow minute spreads over every row
         for row in rows:
             try:
