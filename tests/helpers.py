@@ -280,6 +280,23 @@ def complete_lines(text: str) -> list[str]:
     return text[:text.rindex("\n")].splitlines() if "\n" in text else []
 
 
+BLK_PASS = re.compile(r"blk pass (\d+) sum [0-9a-f]{16} bad (\d+)")
+
+
+def blk_passes(text: str) -> list[re.Match[str]]:
+    """The complete ``blk pass`` lines of ``text``."""
+    return [m for line in complete_lines(text) if (m := BLK_PASS.fullmatch(line))]
+
+
+def wait_blk_passes(vm: Vm, earlier: str, count: int, timeout: float = 120.0) -> None:
+    """Wait (bounded) until ``earlier`` + ``vm``'s output holds ``count`` pass lines."""
+    deadline = time.monotonic() + timeout
+    while len(blk_passes(earlier + vm.output())) < count:
+        assert vm.process.proc.poll() is None, f"{vm.name} exited: {vm.stderr()[-1000:]}"
+        assert time.monotonic() < deadline, f"{vm.name}: {len(blk_passes(earlier + vm.output()))} passes"
+        time.sleep(0.02)
+
+
 def machine_in_process(machine_type: str, accel: str, kernel: Path, append: str,
                        *options: str, memory: str = "64") -> tuple[Any, Any]:
     """A Machine (not started) of ``machine_type`` on ``accel`` in this process with ``kernel``

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,10 +19,12 @@ from tests.helpers import (
     FIXTURES,
     HvProcess,
     Vm,
+    blk_passes,
     check_dirty_output,
     complete_lines,
     requires_kvm,
     value,
+    wait_blk_passes,
 )
 
 ARCH = {"q35": "x86_64", "virt": "aarch64"}
@@ -283,7 +284,7 @@ BLK_PAIRS = [
     pytest.param("q35", "unicorn", "kvm", 256, marks=requires_kvm, id="x86_64-unicorn-kvm"),
     pytest.param("virt", "unicorn", "unicorn", 1024, id="aarch64-unicorn-unicorn"),
 ]
-BLK_PASS = re.compile(r"blk pass (\d+) sum [0-9a-f]{16} bad (\d+)")
+
 
 
 def blk_args(image: Path, machine: str, append: str, seed_devices: bool) -> list[str]:
@@ -296,20 +297,6 @@ def blk_args(image: Path, machine: str, append: str, seed_devices: bool) -> list
                      (f"file={image},id=d0,serial=BLK0", "virtio-blk-pci,drive=d0,id=d0,bus=pcie.0,addr=3"))
     return ["-machine", machine, "-m", "64", "-kernel", str(FIXTURES / ARCH[machine] / "blk.elf"),
             "-append", append, "-drive", drive, "-device", device]
-
-
-def blk_passes(text: str) -> list[re.Match[str]]:
-    """The complete ``blk pass`` lines of ``text``."""
-    return [m for line in complete_lines(text) if (m := BLK_PASS.fullmatch(line))]
-
-
-def wait_blk_passes(vm: Vm, earlier: str, count: int, timeout: float = 120.0) -> None:
-    """Wait (bounded) until ``earlier`` + ``vm``'s output holds ``count`` pass lines."""
-    deadline = time.monotonic() + timeout
-    while len(blk_passes(earlier + vm.output())) < count:
-        assert vm.process.proc.poll() is None, f"{vm.name} exited: {vm.stderr()[-1000:]}"
-        assert time.monotonic() < deadline, f"{vm.name}: {len(blk_passes(earlier + vm.output()))} passes"
-        time.sleep(0.02)
 
 
 def blk_migrated(start_typed: Callable[..., HvProcess], sock_dir: str, tmp_path: Path, machine: str, first: str,
