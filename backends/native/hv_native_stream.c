@@ -22,7 +22,10 @@
  * own error. Only a checksum mismatch, a read error and end of input inside page data or
  * the checksum are reported from here.
  */
+/* vmsplice, splice, pipe2 and F_SETPIPE_SZ need _GNU_SOURCE, which Python.h (included
+ * first by cffi) defines. */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -59,7 +62,7 @@ int hvs_rx_step(struct hvs_rx *rx);
 size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n);
 struct hvs_tx {
     int32_t fd; int32_t timeout_ms;
-    uint64_t bytes; uint32_t zero, normal; int32_t err_errno;
+    uint64_t bytes; uint32_t zero, normal; int32_t err_errno; int32_t splice;
 };
 int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_t npages,
                   const uint8_t *known_zero, uint32_t run_pages, uint8_t *meta);
@@ -360,7 +363,40 @@ int64_t hvs_pack_live(const uint8_t *src, uint64_t start, uint32_t npages, const
 struct hvs_tx {
     int32_t fd; int32_t timeout_ms;   /* a stream socket; how long a send may wait (-1: for good) */
     uint64_t bytes; uint32_t zero, normal; int32_t err_errno;   /* what the last call did */
+    /* in: move page data into the socket by reference (hvs_splice_pages) instead of copying
+     * it; cleared when this kernel cannot, the data then being copied by sendmsg */
+    int32_t splice;
 };
+
+/* Wait up to tx->timeout_ms for room in the socket. Returns 0, or -1 with tx->err_errno
+ * (ETIMEDOUT when none came, as a Python socket timeout). */
+static int hvs_wait_room(struct hvs_tx *tx)
+{
+    struct pollfd pfd = { tx->fd, POLLOUT, 0 };
+    int ready = poll(&pfd, 1, tx->timeout_ms);
+    if (ready == 0) {
+        tx->err_errno = ETIMEDOUT;
+        return -1;
+    }
+    if (ready < 0 && errno != EINTR) {
+        tx->err_errno = errno;
+        return -1;
+    }
+    return 0;
+}
+
+/* Skip done bytes of iov[*i..n): whole entries, then the front of a partly done one. */
+static void hvs_advance(struct iovec *iov, int n, int *i, size_t done)
+{
+    while (*i < n && done >= iov[*i].iov_len) {
+        done -= iov[*i].iov_len;
+        (*i)++;
+    }
+    if (*i < n) {
+        iov[*i].iov_base = (uint8_t *)iov[*i].iov_base + done;
+        iov[*i].iov_len -= done;
+    }
+}
 
 /* Send iov[0..n) whole: sendmsg, resumed after short writes; when the socket is full, wait
  * up to timeout_ms for room (ETIMEDOUT when none came, as a Python socket timeout). */
@@ -380,26 +416,67 @@ static int hvs_send_all(struct hvs_tx *tx, struct iovec *iov, int n)
                 tx->err_errno = errno;
                 return -1;
             }
-            struct pollfd pfd = { tx->fd, POLLOUT, 0 };
-            int ready = poll(&pfd, 1, tx->timeout_ms);
-            if (ready == 0) {
-                tx->err_errno = ETIMEDOUT;
+            if (hvs_wait_room(tx) < 0)
                 return -1;
-            }
-            if (ready < 0 && errno != EINTR) {
-                tx->err_errno = errno;
-                return -1;
-            }
             continue;
         }
-        size_t left = (size_t)sent;
-        while (i < n && left >= iov[i].iov_len) {
-            left -= iov[i].iov_len;
-            i++;
+        hvs_advance(iov, n, &i, (size_t)sent);
+    }
+    return 0;
+}
+
+/* The pipe hvs_splice_pages moves page references through: 1 MiB (256 pages) where the
+ * system allows it, else the default 64 KiB. Returns 0, or -1 with tx->err_errno. */
+static int hvs_open_pipe(struct hvs_tx *tx, int fds[2])
+{
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        tx->err_errno = errno;
+        return -1;
+    }
+    (void)fcntl(fds[1], F_SETPIPE_SZ, 1 << 20);
+    return 0;
+}
+
+/* Send the page runs iov[0..n) without copying them: vmsplice puts references to the pages
+ * into the pipe, splice moves them into the socket, and the destination's receive is the
+ * only copy (on AF_UNIX the sender's copy into the socket was about as costly as the
+ * receiver's). A page the guest rewrites before the destination has read it arrives torn,
+ * as with a copy that races the guest: its page checksum fails and the dirty log sends it
+ * again. Returns 0; 1 when vmsplice refused the first pages (nothing was sent: copy them);
+ * -1 with tx->err_errno. The pipe is empty again on 0 and 1. */
+static int hvs_splice_pages(struct hvs_tx *tx, const int fds[2], struct iovec *iov, int n)
+{
+    int i = 0, first = 1;
+    while (i < n) {
+        ssize_t queued = vmsplice(fds[1], iov + i, (unsigned long)(n - i), SPLICE_F_NONBLOCK);
+        if (queued < 0) {
+            if (errno == EINTR)
+                continue;
+            if (first && errno != EAGAIN)
+                return 1;
+            tx->err_errno = errno;
+            return -1;
         }
-        if (i < n) {
-            iov[i].iov_base = (uint8_t *)iov[i].iov_base + left;
-            iov[i].iov_len -= left;
+        first = 0;
+        hvs_advance(iov, n, &i, (size_t)queued);
+        while (queued > 0) {
+            ssize_t moved = splice(fds[0], NULL, tx->fd, NULL, (size_t)queued, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (moved < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN) {
+                    tx->err_errno = errno;
+                    return -1;
+                }
+                if (hvs_wait_room(tx) < 0)
+                    return -1;
+                continue;
+            }
+            if (moved == 0) {
+                tx->err_errno = EPIPE;
+                return -1;
+            }
+            queued -= moved;
         }
     }
     return 0;
@@ -408,7 +485,8 @@ static int hvs_send_all(struct hvs_tx *tx, struct iovec *iov, int n)
 /* Send npages pages at src (stream page numbers start..) as RAM_LIVE sections of at most
  * run_pages pages, each framed (hvs_pack_live) and sent at once, so its pages are still in
  * the cache when the socket copies them: the same bytes the Python writer sends for
- * sections of that size, with no Python between sections. meta is scratch for one
+ * sections of that size, with no Python between sections. With tx->splice the pages are
+ * not copied at all but moved by reference (hvs_splice_pages). meta is scratch for one
  * section's framing and checksum (24 + 5 * run_pages + 4 bytes); known_zero as in
  * hvs_pack. Returns 0, or -1 with tx->err_errno (the stream is then cut inside a section);
  * tx->bytes, zero and normal count the sections sent whole. */
@@ -423,6 +501,9 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
         tx->err_errno = EINVAL;
         return -1;
     }
+    int fds[2] = { -1, -1 }, rc = 0;
+    if (tx->splice && hvs_open_pipe(tx, fds) < 0)
+        return -1;
     for (uint32_t done = 0; done < npages;) {
         uint32_t n = npages - done < run_pages ? npages - done : run_pages;
         const uint8_t *pages = src + (uint64_t)done * HVS_PAGE;
@@ -448,14 +529,30 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
         }
         iov[k].iov_base = meta + framing;
         iov[k++].iov_len = 4;
-        if (hvs_send_all(tx, iov, k) < 0)
-            return -1;
+        if (tx->splice && normal) {
+            /* framing copied (meta is reused), pages by reference, then the checksum */
+            rc = hvs_send_all(tx, iov, 1);
+            if (rc < 0 || (rc = hvs_splice_pages(tx, fds, iov + 1, k - 2)) < 0)
+                goto out;
+            if (rc == 1)
+                tx->splice = 0;   /* refused: copy these pages and all that follow */
+            rc = hvs_send_all(tx, rc == 1 ? iov + 1 : iov + k - 1, rc == 1 ? k - 1 : 1);
+        } else {
+            rc = hvs_send_all(tx, iov, k);
+        }
+        if (rc < 0)
+            goto out;
         tx->bytes += framing + (uint64_t)normal * HVS_PAGE + 4;
         tx->normal += (uint32_t)normal;
         tx->zero += n - (uint32_t)normal;
         done += n;
     }
-    return 0;
+out:
+    if (fds[0] >= 0) {
+        close(fds[0]);
+        close(fds[1]);
+    }
+    return rc < 0 ? -1 : 0;
 }
 
 /* -- destination: RAM sections straight into guest RAM ------------------------------- */

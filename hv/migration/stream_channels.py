@@ -60,12 +60,15 @@ class SocketChannel:
 
 _TLS_CHUNK = 256 << 10
 # Socket buffers for a UNIX-socket stream (the kernel caps them at net.core.wmem_max /
-# rmem_max). With the default ~208 KiB the source is woken ~5 times per MiB to refill
-# it; 1 MiB lets it send a whole RAM section (WRITER_RUN_PAGES) per wake-up: source CPU
-# 0.40 -> 0.35 s per GiB on the wire (median of 4 interleaved runs; the rate moved within
-# the noise of a loaded host, 4 MiB measured no better). TCP keeps the kernel's
+# rmem_max: 4 MiB on this project's hosts, 208 KiB on older kernels). A UNIX stream socket has
+# no receive queue limit of its own: the sender's SO_SNDBUF bounds what is in flight.
+# With the default ~208 KiB the source is woken ~5 times per MiB to refill it. The native
+# sender moves RAM_LIVE pages into the socket by reference (stream_native.LiveSender),
+# and then the in-flight window is what paces the stream: 512 MiB guest, 3/4 written,
+# interleaved, medians of 6: 4 MiB 99-111 ms, 1 MiB 131-133 ms, 208 KiB 198-220 ms
+# (copying the pages: 125 ms at 4 MiB, 136 ms at 1 MiB). TCP keeps the kernel's
 # autotuning (a fixed SO_RCVBUF would switch it off, and it grows further by itself).
-STREAM_SOCKET_BUFFER = 1 << 20
+STREAM_SOCKET_BUFFER = 4 << 20
 
 
 def _size_buffers(sock: Any) -> None:
