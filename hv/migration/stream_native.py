@@ -66,9 +66,7 @@ def _load() -> tuple[Any, Any] | None:
         return None
     if not hasattr(lib, "hvs_available") or not lib.hvs_available():
         return None
-    if os.environ.get("HV_NATIVE_STREAM_CRC") == "none":   # TEMP experiment
-        lib.hvs_set_crc(ffi.cast("void *", ctypes.cast(ctypes.CDLL(None).abs, ctypes.c_void_p).value))
-    elif os.environ.get("HV_NATIVE_STREAM_CRC") != "fold":
+    if os.environ.get("HV_NATIVE_STREAM_CRC") != "fold":
         _isal_crc(ffi, lib)
     return ffi, lib
 
