@@ -185,6 +185,22 @@ def test_tcp_listen_connect_two_way(host: str) -> None:
         _exchange(listener, f"tcp:{host}:{port}")
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_an_address_literal_is_connected_without_a_name_lookup(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process's first getaddrinfo costs ~1 ms, inside the migration's total-time: an IP
+    literal needs none. A name still goes through it (here refused, so it fails)."""
+    with listen(f"tcp:{host}:0") as listener:
+        port = listener.address.port
+
+        def no_lookup(*args: object, **kwargs: object) -> None:
+            raise socket.gaierror(socket.EAI_FAIL, "lookup refused by the test")
+
+        monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+        _exchange(listener, f"tcp:{host}:{port}")
+        with pytest.raises(MigrationConnectError, match="cannot resolve localhost: lookup refused by the test"):
+            connect(f"tcp:localhost:{port}", 2)
+
+
 def test_tcp_sockets_are_tuned() -> None:
     with listen("tcp:127.0.0.1:0") as listener:
         src = connect(listener.address, 5)
