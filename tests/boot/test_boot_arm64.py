@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +22,7 @@ from hv.boot import LoaderError, load_kernel, parse_elf
 from hv.memory import GuestMemory, RegionSpec
 from hv.state import PSTATE_EL1H_DAIF
 from tests.helpers import FIXTURES
+from tests.linux_images import linux_images
 from tests.boot.conftest import arm_memory, assert_untouched, run_arm_under_unicorn
 from tests.boot.kernels import make_elf
 
@@ -170,13 +170,8 @@ def test_ram_must_cover_the_kernel_base() -> None:
         memory.close()
 
 
-# -- a real Linux kernel (built by fixtures/linux/build_images.py; skipped without it) ------
+# -- a real Linux kernel (fixtures/linux/build_images.py, built on first use) ---------------
 
-LINUX_IMAGE = Path.home() / ".cache" / "hv" / "images" / "aarch64" / "vmlinuz"
-
-
-@pytest.mark.skipif(not LINUX_IMAGE.is_file(), reason=f"no arm64 Linux kernel at {LINUX_IMAGE} "
-                    "(python fixtures/linux/build_images.py --arch aarch64)")
 def test_linux_boots_to_root_mount_on_unicorn() -> None:
     """The kernel finds everything in hv's device tree: GICv3, timer, PSCI, the PL011 on
     its interrupt; with no root device it must get as far as mounting root."""
@@ -185,12 +180,13 @@ def test_linux_boots_to_root_mount_on_unicorn() -> None:
     from hv.machine.machine import Machine
     from hv_backends import backend_class
 
-    config = parse_args(["-machine", "virt", "-accel", "unicorn", "-m", "512", "-kernel", str(LINUX_IMAGE),
+    kernel = linux_images("aarch64").vmlinuz   # built here if the cache lacks it
+    config = parse_args(["-machine", "virt", "-accel", "unicorn", "-m", "512", "-kernel", str(kernel),
                          "-append", "console=ttyAMA0 earlycon=pl011,0x9000000"]).config
     out = BufferSink()
     machine = Machine(config, backend_class("unicorn")(), out)
     try:
-        machine.load_kernel(LINUX_IMAGE.read_bytes())
+        machine.load_kernel(kernel.read_bytes())
         machine.start()
         reached = out.wait_for(b"Unable to mount root fs", 600)
     finally:
