@@ -7,9 +7,13 @@ process applying pages into its own GuestMemory, and compares with a raw loop of
 stream wire rate of at least 80% of the raw rate. "raw-fresh" is the same raw loop
 receiving into fresh guest-sized memory (page faults included), which a reused 1 MiB
 buffer hides; "raw-ram" receives into guest RAM pre-faulted first: the fair raw figure
-("vs raw"), the ceiling for "stream", and what :func:`raw_loopback_rate` (used by ``hv
-bench migrate``) measures. "stream" receives into RAM that was pre-faulted in the background before the
-source connected, as an hv destination's RAM is (it waits for its source);
+("vs raw"), and what :func:`raw_loopback_rate` (used by ``hv bench migrate``) measures.
+"stream" sends a running guest's pages as a migration's full pass does (RAM_LIVE sections
+from the native sender; over the UNIX socket the pages are spliced, not copied, so it can
+pass the raw copy loop) and receives into RAM that was pre-faulted in the background before
+the source connected, as an hv destination's RAM is (it waits for its source);
+"stream-zero-copy" sends them as a paused guest's (RAM sections: slices of RAM by
+``sendmsg``, one checksum over each section's data, from Python);
 "stream-python" is "stream" without the native code (hv/migration/stream_native.py) on
 either end; "stream-cold" has a source that connects at once, while the pre-fault has just
 begun: as in hv, it runs on through the (single) pass, ahead of the stream where it can.
