@@ -289,6 +289,21 @@ static void hvs_put_ram_head(uint8_t *out, uint8_t type, uint32_t length, uint64
     hvs_put32(out + 20, 0);
 }
 
+/* The next run of normal pages (kind 1) in kinds[*at..n): its first page in *first and its
+ * length returned (0: none left); *at moves past it. The source's packers and the
+ * destination's iovecs walk a section's pages run by run with it. */
+static inline uint32_t hvs_next_run(const uint8_t *kinds, uint32_t n, uint32_t *at, uint32_t *first)
+{
+    uint32_t i = *at;
+    while (i < n && !kinds[i])
+        i++;
+    *first = i;
+    while (i < n && kinds[i])
+        i++;
+    *at = i;
+    return i - *first;
+}
+
 /* Frame npages pages at src (stream page numbers start..) as one RAM section.
  *
  * out receives the section header, the run header and the kind map (24 + npages bytes);
@@ -312,20 +327,11 @@ int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint
     uint32_t length = HVS_RUN + npages + normal * HVS_PAGE;
     hvs_put_ram_head(out, HVS_TYPE_RAM, length, start, npages);
     uint32_t crc = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages);
-    uint32_t i = 0;
-    while (i < npages) {
-        if (!kinds[i]) {
-            i++;
-            continue;
-        }
-        uint32_t j = i;
-        while (j < npages && kinds[j])
-            j++;
-        size_t bytes = (size_t)(j - i) * HVS_PAGE;
-        crc = hvs_crc_copy(crc, src + (uint64_t)i * HVS_PAGE, copy, bytes);
+    for (uint32_t at = 0, first, run; (run = hvs_next_run(kinds, npages, &at, &first));) {
+        size_t bytes = (size_t)run * HVS_PAGE;
+        crc = hvs_crc_copy(crc, src + (uint64_t)first * HVS_PAGE, copy, bytes);
         if (copy)
             copy += bytes;
-        i = j;
     }
     *crc_out = crc;
     return normal;
@@ -515,17 +521,9 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
         int k = 0;
         iov[k].iov_base = meta;
         iov[k++].iov_len = framing;
-        for (uint32_t i = 0; i < n;) {
-            if (!kinds[i]) {
-                i++;
-                continue;
-            }
-            uint32_t j = i;
-            while (j < n && kinds[j])
-                j++;
-            iov[k].iov_base = (void *)(pages + (uint64_t)i * HVS_PAGE);
-            iov[k++].iov_len = (size_t)(j - i) * HVS_PAGE;
-            i = j;
+        for (uint32_t at = 0, first, run; (run = hvs_next_run(kinds, n, &at, &first));) {
+            iov[k].iov_base = (void *)(pages + (uint64_t)first * HVS_PAGE);
+            iov[k++].iov_len = (size_t)run * HVS_PAGE;
         }
         iov[k].iov_base = meta + framing;
         iov[k++].iov_len = 4;
@@ -534,9 +532,12 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
             rc = hvs_send_all(tx, iov, 1);
             if (rc < 0 || (rc = hvs_splice_pages(tx, fds, iov + 1, k - 2)) < 0)
                 goto out;
-            if (rc == 1)
+            if (rc == 1) {
                 tx->splice = 0;   /* refused: copy these pages and all that follow */
-            rc = hvs_send_all(tx, rc == 1 ? iov + 1 : iov + k - 1, rc == 1 ? k - 1 : 1);
+                rc = hvs_send_all(tx, iov + 1, k - 1);
+            } else {
+                rc = hvs_send_all(tx, iov + k - 1, 1);
+            }
         } else {
             rc = hvs_send_all(tx, iov, k);
         }
@@ -714,25 +715,17 @@ static int hvs_data_iov(struct hvs_rx *rx, struct iovec *iov, int max, uint64_t 
 {
     uint64_t skip = rx->data_done;
     int n = 0;
-    for (uint32_t i = 0; i < rx->count && n < max && limit;) {
-        if (!rx->kinds[i]) {
-            i++;
-            continue;
-        }
-        uint32_t j = i;
-        while (j < rx->count && rx->kinds[j])
-            j++;
-        uint64_t bytes = (uint64_t)(j - i) * HVS_PAGE;
+    for (uint32_t at = 0, first, run; n < max && limit && (run = hvs_next_run(rx->kinds, rx->count, &at, &first));) {
+        uint64_t bytes = (uint64_t)run * HVS_PAGE;
         if (skip >= bytes) {
             skip -= bytes;
         } else {
-            iov[n].iov_base = hvs_target(rx, rx->start + i, j - i) + skip;
+            iov[n].iov_base = hvs_target(rx, rx->start + first, run) + skip;
             iov[n].iov_len = bytes - skip < limit ? bytes - skip : limit;
             limit -= iov[n].iov_len;
             skip = 0;
             n++;
         }
-        i = j;
     }
     return n;
 }

@@ -286,7 +286,6 @@ BLK_PAIRS = [
 ]
 
 
-
 def blk_args(image: Path, machine: str, append: str, seed_devices: bool) -> list[str]:
     """The blk guest on a fresh 1 MiB disk ``image``. ``seed_devices``: the disk options of
     StratoVirt's walkthrough (``readonly=off,direct=off``, ``bus=pcie.0,addr=0``) instead of
