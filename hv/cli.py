@@ -260,12 +260,17 @@ class Session:
                     conn = self._accept_source(listener)
                 except TimeoutError:
                     continue
-            listener.close()
             self._incoming_sock = conn
             try:
                 if machine.state is RunState.SHUTDOWN:
                     return
-                receive_migration(machine, conn, status, self.migration.params.stall_timeout)
+                # Data channels (format 1.6) connect to the same listener; not over TLS (the
+                # source opens none there), so the listener is closed right away then.
+                if self.migration.tls_creds:
+                    listener.close()
+                receive_migration(machine, conn, status, self.migration.params.stall_timeout,
+                                  listener=None if self.migration.tls_creds else listener,
+                                  channels=self.migration.params.multifd_channels)
             finally:
                 self._incoming_sock = None
                 conn.close()

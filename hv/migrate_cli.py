@@ -281,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--downtime-limit", type=int, metavar="MS", help="longest pause of the guest, in ms")
     parser.add_argument("--stall-timeout", type=int, metavar="S",
                         help="fail when the destination makes no progress for S seconds (x-stall-timeout)")
+    parser.add_argument("--channels", type=int, metavar="N",
+                        help="connections for the full pass, 1-8 (multifd-channels; the destination "
+                        "takes up to its own value; default 2)")
     parser.add_argument("--interval", type=float, default=0.5, metavar="S",
                         help="seconds between progress updates (default 0.5)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
@@ -296,6 +299,8 @@ def _parameters(options: argparse.Namespace) -> dict[str, int]:
         params["downtime-limit"] = options.downtime_limit
     if options.stall_timeout is not None:
         params["x-stall-timeout"] = options.stall_timeout
+    if options.channels is not None:
+        params["multifd-channels"] = options.channels
     if not 0 < options.interval <= 3600 or not 0 < options.timeout <= 3600:
         raise _UsageError("--interval and --timeout must be between 0 and 3600 seconds")
     return params

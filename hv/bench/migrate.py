@@ -89,6 +89,8 @@ from hv.bench.migrate_table import (
     format_table,
 )
 from hv.bench.stream import raw_loopback_rate
+from hv.migration.engine import DEFAULT_CHANNELS
+from hv.migration.stream_format import MAX_CHANNELS
 from hv.migration.tls_certs import OPENSSL_MISSING, have_openssl, server_and_client
 from hv_fixtures import guest as fixture_guest
 
@@ -124,6 +126,7 @@ class Settings:
     # back host memory before every run (hv.bench.common.back_host_memory); what was done and
     # the hv destinations' pre-fault lines are kept here for the lines below the table
     warm: bool = True
+    channels: int | None = None   # hv's multifd-channels on both ends (--channels); None: hv's default
     host: HostMemoryNotes = dataclasses.field(default_factory=HostMemoryNotes)
 
 
@@ -212,10 +215,14 @@ def check_continuity(case: Case, src: VmProcess, dst: VmProcess, timeout: float)
         time.sleep(0.02)
 
 
-def _configure(case: Case, source: Qmp, destination: Qmp, listen_uri: str) -> None:
+def _configure(case: Case, source: Qmp, destination: Qmp, listen_uri: str, channels: int | None = None) -> None:
     """TLS on both ends (libvirt's order: -incoming defer, tls-creds, migrate-incoming) and
     the parameters both engines get: QEMU's auto-converge (hv throttles by default) and
-    unlimited bandwidth, the same downtime limit."""
+    unlimited bandwidth, the same downtime limit; ``channels``: hv's multifd-channels on
+    both ends (the destination takes it when the source connects)."""
+    if case.engine == "hv" and channels is not None:
+        destination.execute("migrate-set-parameters", **{"multifd-channels": channels})
+        source.execute("migrate-set-parameters", **{"multifd-channels": channels})
     if case.tls:
         destination.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
         destination.execute("migrate-incoming", uri=listen_uri)
@@ -263,7 +270,7 @@ def migrate_once(case: Case, settings: Settings) -> Sample:
             clock.start()
             source = src.connect_qmp(str(workdir / "src.qmp"))
             destination = dst.connect_qmp(str(workdir / "dst.qmp"))
-            _configure(case, source, destination, listen_uri)
+            _configure(case, source, destination, listen_uri, settings.channels)
             # The dirty guest's steady pass time (before the window) is measured from lines
             # the clock saw appear: wait for STEADY_LINES, the idle guest prints only one.
             src.wait_output("pass 1 ", settings.timeout)
@@ -391,6 +398,9 @@ def migrate_parser() -> argparse.ArgumentParser:
                    help="do not touch and free source + destination RAM before each migration")
     p.add_argument("--tls", action="store_true",
                    help="also migrate each combination over TLS, hv and QEMU (throwaway certificates, openssl CLI)")
+    p.add_argument("--channels", type=int, default=None, choices=range(1, MAX_CHANNELS + 1), metavar="N",
+                   help=f"hv's multifd-channels on both ends, 1-{MAX_CHANNELS} (default: hv's own, "
+                   f"{DEFAULT_CHANNELS}); QEMU always uses one connection")
     return p
 
 
@@ -413,7 +423,8 @@ def run_migrate(argv: list[str]) -> int:
         print(qemu_missing_line("x86_64"))
     hv = tuple(shlex.split(args.hv)) if args.hv else HV_COMMAND
     settings = Settings(kernel=args.kernel.resolve(), dirty_mib=args.dirty_mib, timeout=args.timeout, qemu=qemu,
-                        hv=hv, warm=not args.no_warm, loopback_mib=args.loopback_mib)
+                        hv=hv, warm=not args.no_warm, loopback_mib=args.loopback_mib,
+                        channels=args.channels)
     cases = build_cases(args, qemu is not None)
     if not cases:
         print("hv bench migrate: nothing to run", file=sys.stderr)

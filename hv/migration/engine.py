@@ -4,7 +4,8 @@ Source (``OutgoingMigration``), in its own thread once ``migrate`` has connected
 
 1. HEADER + CONFIG (the compatibility fingerprint); the destination checks CONFIG before
    touching anything and answers ERROR on a mismatch.
-2. Full pass over RAM with dirty logging on (backend log OR the VMM's own writes).
+2. Full pass over RAM with dirty logging on (backend log OR the VMM's own writes),
+   spread over the data channels the destination takes (format 1.6, :class:`_FullPass`).
 3. Dirty rounds until the dirty set can be sent within ``downtime-limit`` at the
    bandwidth measured in the previous round, or ``max-iterations`` rounds have run.
    Auto-converge throttles the vCPUs harder after two rounds in which the guest dirtied
@@ -64,6 +65,10 @@ STALL_TIMEOUT = 30           # default x-stall-timeout: seconds without progress
 CANCEL_GRACE = 2.0
 CANCEL_DRAIN = 1.0           # seconds the source waits for the destination to hang up
 BANDWIDTH_SAMPLE_BYTES = 4 << 20
+# Connections per migration by default. The source of a tcp stream is CPU-bound (the page
+# checksums read guest RAM from memory): on a 2-core host one connection moved a 512 MiB
+# guest's full pass at 77-86% of the raw loopback rate, two at NN% (docs/migration-stream.md).
+DEFAULT_CHANNELS = 2
 EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
 
@@ -85,12 +90,16 @@ class MigrationParameters:
     # Seconds the destination may take in nothing (a blocked write) or leave an answer
     # ('ready', 'running') unsent before the migration fails: no silent stall.
     stall_timeout: int = STALL_TIMEOUT
+    # Connections for the full pass, the main one included (QEMU's multifd-channels): the
+    # source offers them, the destination takes up to its own value; 1 = one connection.
+    multifd_channels: int = DEFAULT_CHANNELS
 
     def to_qmp(self) -> dict[str, Any]:
         return {"downtime-limit": self.downtime_limit, "max-bandwidth": self.max_bandwidth,
                 "max-iterations": self.max_iterations, "cpu-throttle-initial": self.cpu_throttle_initial,
                 "cpu-throttle-increment": self.cpu_throttle_increment,
-                "max-cpu-throttle": self.max_cpu_throttle, "x-stall-timeout": self.stall_timeout}
+                "max-cpu-throttle": self.max_cpu_throttle, "x-stall-timeout": self.stall_timeout,
+                "multifd-channels": self.multifd_channels}
 
 
 # -- dirty bitmaps ---------------------------------------------------------------------------
@@ -220,6 +229,145 @@ class _Sender:
         return pages
 
 
+class _DataChannel:
+    """One data channel of the full pass (format 1.6): its own connection and writer, in
+    its own thread, taking chunks from the pass like the main connection does. It ends
+    with END when the pass has no chunk left; ``error`` says why it stopped otherwise."""
+
+    def __init__(self, index: int, full_pass: _FullPass) -> None:
+        self.index = index
+        self.full_pass = full_pass
+        self.sock: socket.socket | None = None
+        self.writer: StreamWriter | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"migration-data-{index}", daemon=True)
+
+    def _run(self) -> None:
+        full_pass, main = self.full_pass, self.full_pass.main
+        try:
+            self.sock = full_pass.open_channel()
+        except (OSError, MigrationError) as exc:  # the others carry its share
+            log.warning("data channel %d: %s; the other connections carry its pages", self.index, exc)
+            return
+        try:
+            if full_pass.closed:
+                self.sock.close()
+                return
+            self.sock.settimeout(main.params.stall_timeout)
+            channel = SocketChannel(self.sock)
+            writer = self.writer = StreamWriter(channel)
+            writer.live_ram = main.writer.live_ram
+            writer.write_channel(full_pass.stream_id, self.index)
+            sender = _Sender(writer, main.memory, main.status, main.params, main.canceled, self.sock, channel)
+            sender.arm = main.arm
+            while not full_pass.stopped() and (chunk := full_pass.take()) is not None:
+                sender.send(*chunk, stable=full_pass.stable)
+            if not full_pass.stopped():
+                writer.write_end()
+                self.ended = True
+        except BaseException as exc:  # noqa: BLE001 - the main thread reports it
+            self.error = exc
+
+    def reason(self) -> str:
+        exc = self.error
+        if isinstance(exc, OSError) and timed_out(exc):
+            return "the destination stopped reading it (x-stall-timeout)"
+        if isinstance(exc, OSError):
+            return exc.strerror or str(exc)
+        return str(exc)
+
+
+class _FullPass:
+    """The full pass, chunk by chunk, over the main connection and the data channels the
+    destination takes (format 1.6; it says how many on the back channel, read between
+    chunks). Every connection's sender takes the next chunk when it is free, so a slower
+    connection carries less. Data channels open as soon as the destination says so and
+    carry pages of this pass only: the main stream says how many ended (CHANNELS_END)
+    before its ROUND_END 1, and the destination applies nothing of pass 2 before them."""
+
+    def __init__(self, main: _Sender, stable: bool, stream_id: str,
+                 open_channel: Callable[[], socket.socket] | None) -> None:
+        self.main = main
+        self.stable = stable
+        self.stream_id = stream_id
+        self.open_channel = open_channel or _no_channel
+        self.channels: list[_DataChannel] = []
+        self.ended = 0  # data channels that carried their share and ended
+        self.closed = False
+        self._next = 0
+        self._lock = threading.Lock()
+        if main.arm is not None:   # KVM's deferred dirty log: one range armed at a time
+            arm_one = main.arm
+            arm_lock = threading.Lock()
+
+            def arm(first_page: int, count: int) -> None:
+                with arm_lock:
+                    arm_one(first_page, count)
+            main.arm = arm
+
+    def take(self) -> tuple[int, int] | None:
+        with self._lock:
+            start = self._next
+            count = min(CHUNK_PAGES, self.main.memory.page_count - start)
+            if count <= 0:
+                return None
+            self._next += count
+            return start, count
+
+    def stopped(self) -> bool:
+        return self.closed or self.main.canceled.is_set() or any(c.error is not None for c in self.channels)
+
+    def run(self) -> int:
+        """Send every page; the bytes the data channels carried (the main writer counts its own)."""
+        main = self.main
+        while (chunk := self.take()) is not None:
+            self._check_channels()
+            main.send(*chunk, stable=self.stable)
+            if not self.channels and main.writer.granted_channels > 1 and self.open_channel is not _no_channel:
+                self.channels = [_DataChannel(i, self) for i in range(1, main.writer.granted_channels)]
+                for channel in self.channels:
+                    channel.thread.start()
+        for channel in self.channels:
+            while channel.thread.is_alive():
+                main.check_cancel()
+                self._check_channels()
+                channel.thread.join(0.05)
+        self._check_channels()
+        ended = self.ended = sum(channel.ended for channel in self.channels)
+        if ended:
+            main.writer.write_channels_end(ended)
+            log.info("migration: full pass over %d connections", ended + 1)
+        return sum(c.writer.bytes_written for c in self.channels if c.writer is not None)
+
+    def _check_channels(self) -> None:
+        for channel in self.channels:
+            if channel.error is not None:
+                if isinstance(channel.error, MigrationCanceled):
+                    raise MigrationCanceled("canceled")
+                raise MigrationError(f"data channel {channel.index}: {channel.reason()}")
+
+    def shutdown(self) -> None:
+        """Cut every data channel's connection (a frozen destination, the cancel grace)."""
+        for channel in self.channels:
+            if channel.sock is not None:
+                with contextlib.suppress(OSError):
+                    channel.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop the data channels and close their connections (the migration ended)."""
+        self.closed = True
+        self.shutdown()
+        for channel in self.channels:
+            channel.thread.join(timeout=CANCEL_DRAIN)
+            if channel.sock is not None:
+                channel.sock.close()
+
+
+def _no_channel() -> socket.socket:
+    raise MigrationError("no data channels on this connection")
+
+
 def worth_another_round(expected_ms: int, dirty_pages: int, previous_dirty: int | None,
                         params: MigrationParameters) -> bool:
     """Within the downtime limit already, is one more live round still worth it? Yes while
@@ -278,8 +426,13 @@ class OutgoingMigration:
     """One outgoing live migration over a connected socket, run in its own thread."""
 
     def __init__(self, machine: Machine, status: MigrationStatus, params: MigrationParameters,
-                 sock: socket.socket, emit: EventSink) -> None:
+                 sock: socket.socket, emit: EventSink,
+                 open_channel: Callable[[], socket.socket] | None = None) -> None:
+        """``open_channel``: connects one more connection to the destination, for data
+        channels (format 1.6); None: this migration uses ``sock`` alone."""
         self.machine = machine
+        self.open_channel = open_channel
+        self._full_pass: _FullPass | None = None
         self.status = status
         self.params = params
         self.sock = sock
@@ -314,6 +467,8 @@ class OutgoingMigration:
             log.info("migration cancel: the destination takes in nothing; closing the connection")
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+            if self._full_pass is not None:
+                self._full_pass.shutdown()
 
     def _send_cancel(self) -> None:
         """Tell the destination the migration is canceled (CANCEL, format 1.2) if the
@@ -377,6 +532,8 @@ class OutgoingMigration:
         self._released = True
         if self._grace is not None:
             self._grace.cancel()
+        if self._full_pass is not None:
+            self._full_pass.close()
         self.machine.set_throttle(0)
         self.status.set_throttle(None)
         try:
@@ -413,7 +570,8 @@ class OutgoingMigration:
         self._stall_timeout = params.stall_timeout
         self.sock.settimeout(self._stall_timeout)
         sender = _Sender(writer, memory, self.status, params, self.canceled, self.sock, channel)
-        writer.write_header(machine.arch.value, machine.config.machine)
+        offer = params.multifd_channels if self.open_channel is not None and not params.max_bandwidth else 1
+        stream_id = writer.write_header(machine.arch.value, machine.config.machine, channels=offer)
         writer.write_config(Fingerprint.from_dict(machine.fingerprint()))
         take_dirty = vm.take_dirty
         if isinstance(vm, DeferredDirtyLog):   # KVM: protection deferred until each range is sent
@@ -426,10 +584,12 @@ class OutgoingMigration:
         # Full pass.
         round_start = time.monotonic()
         bytes_before = writer.bytes_written
-        sender.send(0, memory.page_count, stable=not machine.running)
+        full_pass = self._full_pass = _FullPass(sender, not machine.running, stream_id,
+                                                self.open_channel if offer > 1 else None)
+        channel_bytes = full_pass.run()
         writer.write_round_end(1)
         elapsed = max(time.monotonic() - round_start, 1e-6)
-        round_sent = writer.bytes_written - bytes_before
+        round_sent = writer.bytes_written - bytes_before + channel_bytes
         bandwidth = round_sent / elapsed
         dirty = merge_bitmaps(take_dirty(), memory.take_vmm_dirty())
         dirty_pages = count_pages(dirty)
@@ -511,6 +671,11 @@ class OutgoingMigration:
         if not reply.ok or reply.text != "running":
             raise MigrationError(f"destination failed to start the guest: {reply.text}")
         self._downtime_ms = int((time.monotonic() - paused_at) * 1000)
+
+    @property
+    def data_channels(self) -> int:
+        """How many data channels carried pages of the full pass (0: the main connection alone)."""
+        return self._full_pass.ended if self._full_pass is not None else 0
 
     def _await_answer(self) -> None:
         """Wait (up to x-stall-timeout) until the destination's answer starts to arrive,

@@ -29,10 +29,13 @@ from typing import Any
 
 from hv.devices.virtio_net import announce_guests
 from hv.machine import Machine, MachineError, MachineSnapshot, RunState
-from hv.migration.engine import REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
+from hv.migration.engine import DEFAULT_CHANNELS, REPLY_TIMEOUT, STALL_TIMEOUT, MigrationError
+from hv.migration.incoming_channels import DataChannels
 from hv.migration.pages import Prefaulter, hold_prefault, prefault_memory, prefault_report, stop_prefault
 from hv.migration.status import MigrationStatus
 from hv.migration.stream import (
+    CHANNELS_MINOR,
+    ChannelsEndSection,
     ConfigSection,
     CpuSection,
     DeviceSection,
@@ -48,13 +51,14 @@ from hv.migration.stream import (
     StreamError,
     StreamKind,
     StreamReader,
+    announce_channels,
     announce_live_ram,
     compare_fingerprints,
     read_reply,
     send_reply,
 )
 from hv.migration.tls import has_pending
-from hv.migration.transport import open_snapshot
+from hv.migration.transport import Listener, open_snapshot
 from hv.textsafe import printable
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,8 @@ class IncomingState:
 
 def _read_stream(reader: StreamReader, collected: IncomingState, status: MigrationStatus,
                  on_config: Callable[[Fingerprint], None] | None = None,
-                 on_round_end: Callable[[], None] | None = None) -> None:
+                 on_round_end: Callable[[], None] | None = None,
+                 on_channels_end: Callable[[int], None] | None = None) -> None:
     machine = collected.machine
     while True:
         section = reader.read_section()
@@ -127,6 +132,10 @@ def _read_stream(reader: StreamReader, collected: IncomingState, status: Migrati
             if not isinstance(section.state, dict):
                 raise MigrationError(f"device {section.name}: unsupported binary state")
             collected.devices[section.name] = {"version": section.version, "state": section.state}
+        elif isinstance(section, ChannelsEndSection):
+            if on_channels_end is None:
+                raise MigrationError("CHANNELS_END in a stream that has no data channels")
+            on_channels_end(section.count)
         elif isinstance(section, EndSection):
             return
 
@@ -162,9 +171,12 @@ class _WatchedChannel(SocketChannel):
     ``stall_timeout`` seconds without a byte fails with :class:`SourceStalled`."""
 
     def __init__(self, sock: socket.socket, stopped: Callable[[], bool],
-                 stall_timeout: float = STALL_TIMEOUT) -> None:
+                 stall_timeout: float = STALL_TIMEOUT, check: Callable[[], None] | None = None) -> None:
+        """``check``, if given, runs while a read waits and may raise to end it (the main
+        stream's reads end so when one of its data channels failed)."""
         super().__init__(sock)
         self._stopped = stopped
+        self._check = check
         self.stall_timeout = stall_timeout
 
     def _wait_readable(self) -> None:
@@ -172,6 +184,8 @@ class _WatchedChannel(SocketChannel):
             return
         deadline = time.monotonic() + self.stall_timeout
         while not select.select([self.sock], [], [], STOP_POLL)[0]:
+            if self._check is not None:
+                self._check()
             if self._stopped():
                 raise ConnectionAbortedError("hv is shutting down")
             if time.monotonic() >= deadline:
@@ -185,6 +199,8 @@ class _WatchedChannel(SocketChannel):
     def check_idle(self, idle: float) -> None:
         """Give up like :meth:`_wait_readable` once hv shuts down or ``idle`` seconds
         passed without a byte."""
+        if self._check is not None:
+            self._check()
         if self._stopped():
             raise ConnectionAbortedError("hv is shutting down")
         if idle >= self.stall_timeout:
@@ -223,9 +239,11 @@ class _IncomingClock:
     (not from when hv started waiting for it)."""
 
     _round_ends: tuple[float, ...] = ()  # the last two ROUND_END arrival times
+    rounds: int = 0
 
     def round_end(self) -> None:
         self._round_ends = (*self._round_ends[-1:], time.monotonic())
+        self.rounds += 1
 
     def downtime_ms(self) -> int | None:
         """From the close of the next-to-last pass (the source pauses the guest right then
@@ -236,8 +254,14 @@ class _IncomingClock:
 
 
 def receive_migration(machine: Machine, sock: socket.socket, status: MigrationStatus,
-                      stall_timeout: float = STALL_TIMEOUT) -> None:
+                      stall_timeout: float = STALL_TIMEOUT, listener: Listener | None = None,
+                      channels: int = DEFAULT_CHANNELS) -> None:
     """Receive a live migration into the (not yet started) ``machine`` and start it.
+
+    ``listener``: where ``sock`` was accepted. A source that offers data channels (format
+    1.6) may then connect up to ``channels`` - 1 more there for the full pass
+    (:mod:`hv.migration.incoming_channels`); the listener is closed once no more are
+    taken. Without it, or with ``channels`` 1, the source uses ``sock`` alone.
 
     Raises MigrationError/StreamError/OSError when anything is wrong; the guest is then
     never started. A configuration mismatch is answered to the source as ERROR first; a
@@ -247,23 +271,54 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     fails with SourceStalled.
     """
     status.connected()
-    channel = _WatchedChannel(sock, lambda: machine.state is RunState.SHUTDOWN, stall_timeout)
+    data_channels: DataChannels | None = None
+
+    def check_channels() -> None:
+        if data_channels is not None:
+            data_channels.check()
+
+    def shutting_down() -> bool:
+        return machine.state is RunState.SHUTDOWN
+
+    channel = _WatchedChannel(sock, shutting_down, stall_timeout, check_channels)
     check_config = config_checker(machine)
     collected = IncomingState(machine)
     clock = _IncomingClock()
+    channels_announced = 0
 
     def on_config(remote: Fingerprint) -> None:
+        nonlocal data_channels
         check_config(remote)
         status.activate()
-        if reader.header is not None:  # a 1.5+ source may then send pages without copying them
-            announce_live_ram(channel, (reader.header.format_major, reader.header.format_minor))
+        header = reader.header
+        if header is not None:  # a 1.5+ source may then send pages without copying them
+            live = announce_live_ram(channel, (header.format_major, header.format_minor))
+            count = min(header.channels, channels)
+            if live and listener is not None and count > 1 and header.format_minor >= CHANNELS_MINOR:
+                data_channels = DataChannels(
+                    listener, machine, status, reader, header.stream_id, count, stall_timeout,
+                    lambda conn, stopped: _WatchedChannel(conn, lambda: shutting_down() or stopped(),
+                                                          stall_timeout))
+                data_channels.start()
+                announce_channels(channel, count)
+        if data_channels is None and listener is not None:
+            listener.close()  # no more connections: a second source is refused at once
         release_prefault()
         # vCPU threads, parked, now rather than at the commit, where creating them cost up
         # to ~100 ms of downtime on a loaded host. For a receiver whose machine was not
         # marked inmigrate (in-process); hv -incoming made them then, and this does nothing.
         machine.prepare_vcpus()
 
+    def on_channels_end(count: int) -> None:
+        nonlocal channels_announced
+        if data_channels is None:
+            raise MigrationError("CHANNELS_END from a source that was given no data channels")
+        data_channels.wait_ended(count, shutting_down)
+        channels_announced = count
+
     def on_round_end() -> None:
+        if data_channels is not None and clock.rounds == 0:
+            data_channels.finish(channels_announced)
         clock.round_end()
         # The pre-fault runs on through the full pass (pages it faults in ahead of the
         # stream cost the reader nothing; 2 GiB, 3/4 written: total 1037 -> 718 ms over
@@ -285,7 +340,7 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         raise
     steps = _Steps()
     try:
-        _read_stream(reader, collected, status, on_config, on_round_end)
+        _read_stream(reader, collected, status, on_config, on_round_end, on_channels_end)
         steps.mark("stream read")
         machine.restore(collected.snapshot())
         steps.mark("state restored")
@@ -299,6 +354,10 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         raise
     finally:
         release_prefault()
+        if data_channels is not None:
+            data_channels.close()
+        if listener is not None:
+            listener.close()
     send_reply(channel, True, "ready")
     sock.settimeout(REPLY_TIMEOUT)
     try:
@@ -318,7 +377,8 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     status.complete(clock.downtime_ms())
     _try_send(channel, True, "running")
     steps.mark("running sent")
-    log.debug("incoming switch-over: %s; %d torn pages (sent again)", steps, reader.torn_pages)
+    torn = reader.torn_pages + (data_channels.torn_pages if data_channels is not None else 0)
+    log.debug("incoming switch-over: %s; %d torn pages (sent again)", steps, torn)
     # One line per migration: how long faulting in fresh guest RAM took says whether the host
     # was slow to back memory (2 GiB: 0.19 s to 13 s on a host with free page reporting).
     log.info("guest RAM pre-fault %s", prefault_report(machine.memory))

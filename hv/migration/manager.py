@@ -8,6 +8,7 @@ receives). Status changes are sent as ``MIGRATION`` events, dirty rounds as
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 from hv.machine import Machine, MachineError, RunState
 from hv.migration.engine import MigrationParameters, OutgoingMigration, save_snapshot
 from hv.migration.status import MigrationStatus
+from hv.migration.stream_format import MAX_CHANNELS
 from hv.migration.tls import TlsConfigError, TlsCreds, TlsHandshakeError, TlsObjects, make_creds, wrap_client
 from hv.migration.transport import (
     MigrationConnectError,
@@ -40,6 +42,7 @@ PARAMETERS: dict[str, tuple[str, int, int]] = {
     "cpu-throttle-increment": ("cpu_throttle_increment", 1, 99),
     "max-cpu-throttle": ("max_cpu_throttle", 1, 99),
     "x-stall-timeout": ("stall_timeout", 1, 3600),  # seconds; hv's own (see docs/qmp.md)
+    "multifd-channels": ("multifd_channels", 1, MAX_CHANNELS),  # connections (docs/migration-stream.md)
 }
 CAPABILITIES = {"auto-converge": "auto_converge"}
 # Capabilities hv always has: 'events' (MIGRATION / MIGRATION_PASS are always sent).
@@ -122,7 +125,11 @@ class MigrationManager:
         except (MigrationConnectError, TlsConfigError, TlsHandshakeError) as exc:
             self.status.fail(str(exc))
             raise _generic(str(exc)) from None
-        self.outgoing = OutgoingMigration(self.machine, self.status, self.params, sock, self.emit)
+        # Data channels (format 1.6) connect like the main connection; not over TLS, whose
+        # encryption makes one connection's bytes cost more than spreading them saves.
+        open_channel = None if self.tls_creds else functools.partial(connect, uri, CONNECT_TIMEOUT)
+        self.outgoing = OutgoingMigration(self.machine, self.status, self.params, sock, self.emit,
+                                          open_channel)
         self.outgoing.start()
         return {}
 

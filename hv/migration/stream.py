@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from hv.errors import StreamError
 from hv.migration.stream_channels import FileChannel, Sink, SocketChannel, Source
 from hv.migration.stream_format import (
+    CHANNELS_MINOR,
+    CHANNELS_NOTICE,
     CPU_INDEX,
     CRC,
     DEFAULT_RUN_PAGES,
@@ -67,6 +69,8 @@ from hv.migration.stream_format import (
     ROUND,
     SECTION_HEADER,
     ZERO_PAGE,
+    ChannelSection,
+    ChannelsEndSection,
     ConfigMismatchError,
     ConfigSection,
     CpuSection,
@@ -86,10 +90,11 @@ from hv.migration.stream_format import (
 )
 from hv.migration.stream_reader import RamTarget, StreamReader
 from hv.migration.stream_records import DeviceFingerprint, Fingerprint, compare_fingerprints
-from hv.migration.stream_writer import RamStats, StreamWriter
+from hv.migration.stream_writer import NOTICES, RamStats, StreamWriter
 from hv.textsafe import printable_bytes
 
-__all__ = ["CPU_INDEX", "CRC", "ConfigMismatchError", "ConfigSection", "CpuSection", "DEFAULT_RUN_PAGES",
+__all__ = ["CHANNELS_MINOR", "CPU_INDEX", "CRC", "ChannelSection", "ChannelsEndSection",
+           "ConfigMismatchError", "ConfigSection", "CpuSection", "DEFAULT_RUN_PAGES",
            "DEVICE_HEAD", "DeviceEncoding", "DeviceFingerprint", "DeviceSection", "EndSection",
            "FLAG_SKIPPABLE", "FORMAT_MAJOR", "FORMAT_MINOR", "FileChannel", "Fingerprint", "HeaderSection",
            "KNOWN_FLAGS", "MAGIC", "MAX_DEVICES", "MAX_JSON_BYTES", "MAX_MESSAGE_BYTES", "MAX_NAME_BYTES",
@@ -97,7 +102,8 @@ __all__ = ["CPU_INDEX", "CRC", "ConfigMismatchError", "ConfigSection", "CpuSecti
            "POPULATE_MIN_PAGES", "PREAMBLE", "PeerCanceled", "PeerError", "RAM_RUN", "ROUND", "RamSection",
            "RamStats", "RamTarget", "Reply", "RoundEndSection", "SECTION_HEADER", "Section", "SectionType",
            "Sink", "SocketChannel", "Source", "StreamError", "StreamKind", "StreamReader", "StreamWriteError",
-           "StreamWriter", "ZERO_PAGE", "announce_live_ram", "compare_fingerprints", "crc32", "poll_reply",
+           "StreamWriter", "ZERO_PAGE", "announce_channels", "announce_live_ram", "compare_fingerprints", "crc32",
+           "poll_reply",
            "read_reply", "send_reply"]
 
 
@@ -124,10 +130,11 @@ def send_reply(sink: Sink, ok: bool, text: str) -> None:
 
 def read_reply(source: Source) -> Reply:
     """Source side: read one OK/ERROR reply, validated like any section. The destination's
-    ``ram-live`` notice (format 1.5) is not a reply: it is skipped."""
+    notices (``ram-live``, format 1.5; ``channels M``, 1.6) are not replies: they are skipped."""
+    notices = set(NOTICES.values())
     while True:
         reply = _read_one_reply(source)
-        if not (reply.ok and reply.text == LIVE_NOTICE):
+        if not (reply.ok and reply.text in notices):
             return reply
 
 
@@ -143,6 +150,12 @@ def announce_live_ram(channel: SocketChannel, version: tuple[int, int]) -> bool:
         return False
     send_reply(channel, True, LIVE_NOTICE)
     return True
+
+
+def announce_channels(channel: SocketChannel, count: int) -> None:
+    """Destination side, after ``ram-live``: tell a source that offered data channels
+    (format 1.6) how many connections this destination takes, the main one included."""
+    send_reply(channel, True, f"{CHANNELS_NOTICE} {count}")
 
 
 def _read_one_reply(source: Source) -> Reply:

@@ -39,9 +39,20 @@ FORMAT_MAJOR = 1
 # checksum per page, a torn page re-sent by the next pass. A source sends them only after
 # the destination announced it reads them (the OK "ram-live" notice on the back channel),
 # so an older destination never sees one; a reader refuses them in a stream declaring < 1.5.
-FORMAT_MINOR = 5
+# 1.6: data channels. A source may offer to send the full pass's pages over several
+# connections (HEADER "channels": N, ignored by older readers); a destination that accepts
+# says so on the back channel (OK "channels M", M <= N, after "ram-live"). Each extra
+# connection carries a stream of its own: preamble, CHANNEL (which migration, which
+# channel), RAM/RAM_LIVE sections of pass 1 only, END. The main stream then says how many
+# channels carried pages (CHANNELS_END) before its ROUND_END 1, and the destination
+# applies nothing more until each of them has ended: a page sent again by pass 2 can never
+# be overwritten by its pass-1 copy.
+FORMAT_MINOR = 6
 RAM_LIVE_MINOR = 5  # the first minor version in which a RAM_LIVE section may appear
+CHANNELS_MINOR = 6  # the first minor version with data channels
 LIVE_NOTICE = "ram-live"  # OK reply text: "this destination reads RAM_LIVE sections"
+CHANNELS_NOTICE = "channels"  # OK reply text "channels M": "connect M - 1 data channels"
+MAX_CHANNELS = 8  # connections per migration, the main one included
 
 PREAMBLE = struct.Struct("<8sHHI")
 SECTION_HEADER = struct.Struct("<BBHI")
@@ -88,6 +99,8 @@ class SectionType(enum.IntEnum):
     OK = 9  # back channel only
     CANCEL = 10  # source -> destination, always flagged SKIPPABLE (format 1.2)
     RAM_LIVE = 11  # pages straight from a running guest, a checksum per page (format 1.5)
+    CHANNEL = 12  # a data channel's first section: its migration's stream id, its index (1.6)
+    CHANNELS_END = 13  # main stream, pass 1: how many data channels carried pages (1.6)
 
 
 class StreamKind(enum.Enum):
@@ -96,6 +109,7 @@ class StreamKind(enum.Enum):
     MIGRATION = "migration"  # config, RAM covering every page, every vCPU, END
     STATE = "state"  # file snapshot DIR/state: config, CPUs, devices, no RAM
     MEMORY = "memory"  # file snapshot DIR/memory: config, RAM covering every page
+    CHANNEL = "channel"  # a data channel: CHANNEL, RAM of pass 1, END (format 1.6)
 
 
 class DeviceEncoding(enum.IntEnum):
@@ -135,6 +149,7 @@ class HeaderSection:
     stream_id: str
     format_major: int
     format_minor: int
+    channels: int = 1  # connections the source offers to use (format 1.6; 1: none extra)
 
 
 @dataclass(frozen=True)
@@ -176,5 +191,20 @@ class EndSection:
     pass
 
 
+@dataclass(frozen=True)
+class ChannelSection:
+    """A data channel's opening: the main stream's id and this channel's index (1..)."""
+
+    stream_id: str
+    index: int
+
+
+@dataclass(frozen=True)
+class ChannelsEndSection:
+    """Main stream: ``count`` data channels carried pages of pass 1 and have ended."""
+
+    count: int
+
+
 Section = (HeaderSection | ConfigSection | RamSection | RoundEndSection | DeviceSection
-           | CpuSection | EndSection)
+           | CpuSection | EndSection | ChannelSection | ChannelsEndSection)

@@ -20,6 +20,7 @@ from hv.migration.stream_format import (
     _IOV_BATCH,
     _NORMAL_BYTE,
     _ZERO_BYTE,
+    CHANNELS_MINOR,
     CPU_INDEX,
     CRC,
     DEVICE_HEAD,
@@ -27,6 +28,7 @@ from hv.migration.stream_format import (
     FORMAT_MAJOR,
     KNOWN_FLAGS,
     MAGIC,
+    MAX_CHANNELS,
     MAX_JSON_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_NAME_BYTES,
@@ -41,6 +43,8 @@ from hv.migration.stream_format import (
     RAM_RUN,
     ROUND,
     SECTION_HEADER,
+    ChannelSection,
+    ChannelsEndSection,
     ConfigMismatchError,
     ConfigSection,
     CpuSection,
@@ -86,11 +90,16 @@ class StreamReader:
     it is rejected before anything is read into RAM. ``local`` (the destination's own
     fingerprint), when given, is compared with the CONFIG section and a mismatch raises
     :class:`ConfigMismatchError` before any RAM is touched.
+
+    A data channel's reader (``kind=StreamKind.CHANNEL``, format 1.6) shares the main
+    reader's map of arrived pages and of pages known zero (``shared`` =
+    ``main.page_maps()``): the pages it applies count for the main stream's END.
     """
 
     def __init__(self, source: Source, *, page_count: int, ram: RamTarget | None = None,
                  kind: StreamKind = StreamKind.MIGRATION, local: Fingerprint | None = None,
-                 arch: str | None = None) -> None:
+                 arch: str | None = None,
+                 shared: tuple[bytearray, bytearray | None] | None = None) -> None:
         self.source = source
         self.page_count = page_count
         self.ram = ram
@@ -105,7 +114,10 @@ class StreamReader:
         self.devices: set[tuple[str, str]] = set()
         self._phase = _Phase.PREAMBLE
         self._round_open = False  # RAM arrived since the last ROUND_END
-        self._covered = bytearray(page_count) if kind is not StreamKind.STATE else bytearray()
+        if shared is not None and len(shared[0]) != page_count:
+            raise ValueError("shared page maps of another RAM size")
+        self._covered = shared[0] if shared is not None else \
+            bytearray(page_count) if kind is not StreamKind.STATE else bytearray()
         self._crc = 0
         self._remaining = 0
         self._scratch = bytearray(PAGE_SIZE)
@@ -125,10 +137,17 @@ class StreamReader:
         # for them need not be read. Every RAM section clears its pages here (Python path,
         # in _ram_head) or in the native receiver before it writes any.
         self._pristine: bytearray | None = None
-        if self._native is not None:
+        if shared is not None:
+            self._pristine = shared[1]
+        elif self._native is not None:
             self._pristine = take_pristine(ram, page_count)
-            if self._pristine is not None:
-                self._native.set_pristine(self._pristine)
+        if self._native is not None and self._pristine is not None:
+            self._native.set_pristine(self._pristine)
+
+    def page_maps(self) -> tuple[bytearray, bytearray | None]:
+        """The map of pages arrived and the map of pages known zero (or None), for a data
+        channel's reader to share."""
+        return self._covered, self._pristine
 
     # -- raw reads -------------------------------------------------------------------
     def _read_into(self, view: memoryview, what: str) -> None:
@@ -240,6 +259,9 @@ class StreamReader:
                               f"(this hv reads {FORMAT_MAJOR}.x)")
         if flags:
             raise StreamError(f"unknown preamble flags {flags:#x}")
+        if self.kind is StreamKind.CHANNEL and minor < CHANNELS_MINOR:
+            raise StreamError(f"a data channel in a format {major}.{minor} stream "
+                              f"(channels need {FORMAT_MAJOR}.{CHANNELS_MINOR} or later)")
         self._version = (major, minor)
         self._phase = _Phase.HEADER
         if self._native is not None and minor >= RAM_LIVE_MINOR:
@@ -326,6 +348,11 @@ class StreamReader:
         name = stype.name
         if stype in (SectionType.ERROR, SectionType.CANCEL):  # the sender may give up at any point
             return
+        if self.kind is StreamKind.CHANNEL:
+            self._order_channel(stype)
+            return
+        if stype is SectionType.CHANNEL:
+            raise StreamError("CHANNEL section in a main stream: it opens a data channel")
         if stype is SectionType.HEADER:
             if phase is not _Phase.HEADER:
                 raise StreamError("HEADER section out of order: it must come first, once")
@@ -338,7 +365,14 @@ class StreamReader:
             return
         if phase is _Phase.CONFIG:
             raise StreamError(f"{name} section before CONFIG")
+        if stype is SectionType.CHANNELS_END:
+            if self._version[1] < CHANNELS_MINOR or self.kind is not StreamKind.MIGRATION:
+                raise StreamError("CHANNELS_END section in a stream without data channels")
+            if self.rounds or self._channels_ended:
+                raise StreamError("CHANNELS_END section out of order: once, in pass 1")
         if stype in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.ROUND_END):
+            if self._channels_ended and not self.rounds and stype is not SectionType.ROUND_END:
+                raise StreamError(f"{name} section after CHANNELS_END: pass 1 must end next")
             if self.kind is StreamKind.STATE:
                 raise StreamError(f"{name} section in a state-only stream")
             if phase is _Phase.STATE:
@@ -348,6 +382,20 @@ class StreamReader:
                 raise StreamError(f"{name} section in a memory-only stream")
             if self._round_open:
                 raise StreamError(f"{name} section while RAM pass {self.rounds + 1} is still open (missing ROUND_END)")
+
+    def _order_channel(self, stype: SectionType) -> None:
+        """A data channel: CHANNEL first, then RAM or RAM_LIVE sections, then END."""
+        name = stype.name
+        if stype is SectionType.CHANNEL:
+            if self._phase is not _Phase.HEADER:
+                raise StreamError("CHANNEL section out of order: it must come first, once")
+            return
+        if self._phase is _Phase.HEADER:
+            raise StreamError(f"{name} section before CHANNEL: a data channel opens with it")
+        if stype not in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.END):
+            raise StreamError(f"{name} section in a data channel (it carries pass-1 pages only)")
+
+    _channels_ended = False  # the main stream's CHANNELS_END was read
 
     def _dispatch(self, stype: SectionType, length: int) -> Section:
         self._order(stype)
@@ -368,6 +416,14 @@ class StreamReader:
             return self._read_ram_live(length)
         if stype is SectionType.HEADER:
             return self._read_header(length)
+        if stype is SectionType.CHANNEL:
+            return self._read_channel(length)
+        if stype is SectionType.CHANNELS_END:
+            raw = self._json(length, "CHANNELS_END")
+            if not isinstance(raw, dict) or set(raw) != {"channels"}:
+                raise StreamError("CHANNELS_END: expected an object with exactly 'channels'")
+            self._channels_ended = True
+            return ChannelsEndSection(_check_uint("CHANNELS_END.channels", raw["channels"], 1, MAX_CHANNELS - 1))
         if stype is SectionType.CONFIG:
             return self._read_config(length)
         if stype is SectionType.ROUND_END:
@@ -389,7 +445,8 @@ class StreamReader:
         if length:
             raise StreamError(f"END section: length {length}, expected 0")
         self._finish_section("END")
-        self._check_complete()
+        if self.kind is not StreamKind.CHANNEL:
+            self._check_complete()
         self._phase = _Phase.ENDED
         return EndSection()
 
@@ -417,6 +474,7 @@ class StreamReader:
             page_size=_check_uint("HEADER.page_size", raw["page_size"], 0, 1 << 30),
             stream_id=_check_str("HEADER.stream_id", raw["stream_id"], limit=128),
             format_major=self._version[0], format_minor=self._version[1],
+            channels=_check_uint("HEADER.channels", raw.get("channels", 1), 1, MAX_CHANNELS),
         )
         if header.page_size != PAGE_SIZE:
             raise StreamError(f"HEADER: page size {header.page_size}, this hv uses {PAGE_SIZE}")
@@ -426,6 +484,15 @@ class StreamReader:
         self.header = header
         self._phase = _Phase.CONFIG
         return header
+
+    def _read_channel(self, length: int) -> ChannelSection:
+        raw = self._json(length, "CHANNEL")
+        if not isinstance(raw, dict) or set(raw) != {"stream_id", "channel"}:
+            raise StreamError("CHANNEL: expected an object with exactly 'stream_id' and 'channel'")
+        section = ChannelSection(_check_str("CHANNEL.stream_id", raw["stream_id"], limit=128),
+                                 _check_uint("CHANNEL.channel", raw["channel"], 1, MAX_CHANNELS - 1))
+        self._phase = _Phase.RAM
+        return section
 
     def _read_config(self, length: int) -> ConfigSection:
         fp = Fingerprint.from_dict(self._json(length, "CONFIG"))

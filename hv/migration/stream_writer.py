@@ -22,6 +22,8 @@ from hv.migration.stream_channels import Sink, _write_all
 from hv.migration.stream_format import (
     _NORMAL_BYTE,
     _ZERO_BYTE,
+    CHANNELS_MINOR,
+    CHANNELS_NOTICE,
     CPU_INDEX,
     CRC,
     DEVICE_HEAD,
@@ -30,6 +32,7 @@ from hv.migration.stream_format import (
     FORMAT_MINOR,
     LIVE_NOTICE,
     MAGIC,
+    MAX_CHANNELS,
     MAX_MESSAGE_BYTES,
     MAX_RUN_PAGES,
     MAX_SECTION_BYTES,
@@ -87,6 +90,34 @@ def _framed(kind: int, payload: bytes | memoryview, flags: int = 0) -> list[byte
 
 
 LIVE_NOTICE_BYTES = b"".join(_framed(SectionType.OK, LIVE_NOTICE.encode()))
+# The destination's notices, framed, by their text (format 1.5: ram-live; 1.6: channels M)
+NOTICES: dict[bytes, str] = {
+    b"".join(_framed(SectionType.OK, text.encode())): text
+    for text in (LIVE_NOTICE, *(f"{CHANNELS_NOTICE} {n}" for n in range(2, MAX_CHANNELS + 1)))}
+_LONGEST_NOTICE = max(len(framed) for framed in NOTICES)
+
+
+def take_notice(sock: socket.socket) -> str | bool | None:
+    """Consume one of the destination's notices (:data:`NOTICES`) if it is exactly what
+    waits first on ``sock`` (peeked without blocking; any other bytes are left for the
+    caller). Its text: taken. False: nothing waits, or a notice's first bytes only. None:
+    something else waits (a reply or end of file)."""
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+        if not ready:  # (a socket with a timeout would wait for it in recv, MSG_DONTWAIT or not)
+            return False
+        data = sock.recv(_LONGEST_NOTICE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return None
+    for framed, text in NOTICES.items():
+        if data.startswith(framed):
+            taken = sock.recv(len(framed), socket.MSG_DONTWAIT)
+            return text if taken == framed else None
+    if data and any(framed.startswith(data) for framed in NOTICES):
+        return False
+    return None
 
 
 def take_live_notice(sock: socket.socket) -> bool | None:
@@ -158,6 +189,9 @@ class StreamWriter:
         self._gathering: list[list[bytes | memoryview]] | None = None  # records held by gathered()
         # RAM_LIVE (format 1.5): used once the destination announced it reads them.
         self.live_ram = False
+        # Connections the destination takes for this stream, this one included (format 1.6:
+        # its "channels M" notice; 1 until then).
+        self.granted_channels = 1
         self._minor = FORMAT_MINOR
 
     @contextlib.contextmanager
@@ -210,13 +244,17 @@ class StreamWriter:
         sock = getattr(self.sink, "sock", None)
         if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
             return True
-        outcome = take_live_notice(sock)
-        if outcome is True:
-            self.live_ram = self._minor >= RAM_LIVE_MINOR and stream_native.available()
-            log.debug("the destination reads RAM_LIVE sections (%s)",
-                      "used from now on" if self.live_ram else "not used: no native stream code")
-            return take_live_notice(sock) is None
-        return outcome is None
+        while True:
+            outcome = take_notice(sock)
+            if not isinstance(outcome, str):
+                return outcome is None
+            if outcome == LIVE_NOTICE:
+                self.live_ram = self._minor >= RAM_LIVE_MINOR and stream_native.available()
+                log.debug("the destination reads RAM_LIVE sections (%s)",
+                          "used from now on" if self.live_ram else "not used: no native stream code")
+            elif self._minor >= CHANNELS_MINOR:
+                self.granted_channels = int(outcome.split()[1])
+                log.debug("the destination takes %d connections", self.granted_channels)
 
     def write_section(self, kind: int, payload: bytes | memoryview = b"", flags: int = 0) -> None:
         """Low level: one framed section (used for every kind, and for tests)."""
@@ -225,15 +263,31 @@ class StreamWriter:
         self._send(_framed(kind, payload, flags))
 
     def write_header(self, arch: str, machine: str, *, stream_id: str | None = None,
-                     hv_version: str = HV_VERSION) -> str:
-        """Preamble + HEADER. Returns the stream id (ties DIR/state to DIR/memory)."""
+                     hv_version: str = HV_VERSION, channels: int = 1) -> str:
+        """Preamble + HEADER. Returns the stream id (ties DIR/state to DIR/memory, and a
+        data channel to its migration). ``channels`` > 1 offers that many connections
+        (format 1.6); the destination answers with how many it takes."""
         if not self._preamble_sent:
             self.write_preamble()
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"channels must be in [1, {MAX_CHANNELS}]")
         sid = stream_id or uuid.uuid4().hex
-        self.write_section(SectionType.HEADER, _json_bytes(
-            {"arch": arch, "machine": machine, "hv_version": hv_version, "page_size": PAGE_SIZE,
-             "stream_id": sid}))
+        header: dict[str, Any] = {"arch": arch, "machine": machine, "hv_version": hv_version,
+                                  "page_size": PAGE_SIZE, "stream_id": sid}
+        if channels > 1:
+            header["channels"] = channels
+        self.write_section(SectionType.HEADER, _json_bytes(header))
         return sid
+
+    def write_channel(self, stream_id: str, index: int) -> None:
+        """Preamble + CHANNEL: this connection is data channel ``index`` of ``stream_id``."""
+        if not self._preamble_sent:
+            self.write_preamble()
+        self.write_section(SectionType.CHANNEL, _json_bytes({"stream_id": stream_id, "channel": index}))
+
+    def write_channels_end(self, count: int) -> None:
+        """Main stream, before ROUND_END 1: ``count`` data channels carried pages and ended."""
+        self.write_section(SectionType.CHANNELS_END, _json_bytes({"channels": count}))
 
     def write_config(self, fingerprint: Fingerprint) -> None:
         self.write_section(SectionType.CONFIG, _json_bytes(fingerprint.to_dict()))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
 from hv.errors import MigrationError
+from hv.migration.stream_format import MAX_CHANNELS
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class Listener:
         self.close()
 
 
-def listen(uri: MigrationUri | str, backlog: int = 1) -> Listener:
+def listen(uri: MigrationUri | str, backlog: int = MAX_CHANNELS) -> Listener:
     """Listen on a tcp: or unix: URI. A stale unix socket file (nobody listening) is replaced."""
     parsed = _as_uri(uri)
     if parsed.scheme == "file":

@@ -1,0 +1,513 @@
+"""Data channels (format 1.6): the full pass over several connections.
+
+The engine and the destination are real (OutgoingMigration, receive_migration with its
+listener), over real TCP and UNIX sockets on loopback; the untrusted-input cases play the
+source by hand with StreamWriter, as a broken or hostile peer would."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hv.errors import StreamError
+from hv.migration.engine import MigrationParameters, OutgoingMigration
+from hv.migration.incoming import receive_migration
+from hv.migration.stream import (
+    CHANNELS_MINOR,
+    PAGE_SIZE,
+    ChannelSection,
+    ChannelsEndSection,
+    EndSection,
+    Fingerprint,
+    RamSection,
+    SectionType,
+    SocketChannel,
+    StreamKind,
+    StreamReader,
+    StreamWriter,
+    announce_channels,
+    read_reply,
+    send_reply,
+)
+from hv.migration.stream_format import LIVE_NOTICE
+from hv.migration.stream_writer import NOTICES, take_notice
+from hv.migration.transport import Listener, MigrationUri, connect, listen
+from hv_fixtures import guest
+from tests.helpers import machine_in_process, migration_status_for
+
+
+# -- the stream: sections and notices ----------------------------------------------------------
+class _Ram:
+    def __init__(self, pages: int) -> None:
+        self.buf = bytearray(pages * PAGE_SIZE)
+
+    def page_view(self, page: int, count: int = 1) -> memoryview:
+        return memoryview(self.buf)[page * PAGE_SIZE:(page + count) * PAGE_SIZE]
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    return a, b
+
+
+def _read_all(reader: StreamReader) -> list[Any]:
+    return [reader.read_section() for _ in iter(lambda: reader.ended, True)]
+
+
+def test_a_channel_applies_its_pages_where_the_main_stream_counts_them() -> None:
+    pages = 64
+    ram = _Ram(pages)
+    main_out, main_in = _pair()
+    data_out, data_in = _pair()
+    with main_out, main_in, data_out, data_in:
+        main = StreamWriter(SocketChannel(main_out))
+        sid = main.write_header("x86_64", "q35", channels=2)
+        main.write_config(Fingerprint(arch="x86_64", machine="q35", memory=pages * PAGE_SIZE, vcpus=1))
+        payload = os.urandom(32 * PAGE_SIZE)
+        main.write_ram(0, bytes(32 * PAGE_SIZE), stable=True)
+        data = StreamWriter(SocketChannel(data_out))
+        data.write_channel(sid, 1)
+        data.write_ram(32, payload, stable=True)
+        data.write_end()
+        main.write_channels_end(1)
+        main.write_round_end(1)
+        main.write_cpu(0, _cpu_state())
+        main.write_end()
+
+        reader = StreamReader(SocketChannel(main_in), page_count=pages, ram=ram, kind=StreamKind.MIGRATION)
+        assert reader.read_section().channels == 2  # HEADER: the offer
+        reader.read_section()  # CONFIG
+        assert isinstance(reader.read_section(), RamSection)
+        channel = StreamReader(SocketChannel(data_in), page_count=pages, ram=ram, kind=StreamKind.CHANNEL,
+                               shared=reader.page_maps())
+        assert channel.read_section() == ChannelSection(sid, 1)
+        assert isinstance(channel.read_section(), RamSection)
+        assert isinstance(channel.read_section(), EndSection)
+        assert reader.read_section() == ChannelsEndSection(1)
+        rest = _read_all(reader)
+        assert isinstance(rest[-1], EndSection)  # END: every page arrived, half of them on the channel
+        assert bytes(ram.buf[32 * PAGE_SIZE:]) == payload
+
+
+def _cpu_state() -> Any:
+    from hv.state import X86CpuState
+
+    return X86CpuState()
+
+
+def _channel_stream(*sections: tuple[int, bytes], minor: int = CHANNELS_MINOR) -> bytes:
+    out: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes | memoryview) -> None:
+            out.append(bytes(data))
+
+    writer = StreamWriter(Sink())
+    writer.write_preamble(minor=minor)
+    for kind, payload in sections:
+        writer.write_section(kind, payload)
+    return b"".join(out)
+
+
+def _channel_json(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def _ram_payload(start: int, count: int) -> bytes:
+    import struct
+    return struct.pack("<QII", start, count, 0) + bytes(count)  # zero pages only
+
+
+@pytest.mark.parametrize(("stream", "message"), [
+    (_channel_stream((SectionType.RAM, _ram_payload(0, 1))), "RAM section before CHANNEL"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=1)),
+                     (SectionType.ROUND_END, b"\x01\x00\x00\x00")), "ROUND_END section in a data channel"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=1)),
+                     (SectionType.CHANNEL, _channel_json(stream_id="s", channel=2))), "CHANNEL section out of order"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=0))), "CHANNEL.channel"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=8))), "CHANNEL.channel"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=True))), "CHANNEL.channel"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=1, extra=1))), "exactly"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=1)), minor=5),
+     "a data channel in a format 1.5 stream"),
+    (_channel_stream((SectionType.CHANNEL, _channel_json(stream_id="s", channel=1)),
+                     (SectionType.RAM, _ram_payload(60, 8))), "outside guest RAM"),
+])
+def test_a_channel_refuses_what_it_may_not_carry(stream: bytes, message: str) -> None:
+    a, b = _pair()
+    with a, b:
+        b.sendall(stream)
+        b.shutdown(socket.SHUT_WR)
+        ram = _Ram(64)
+        reader = StreamReader(SocketChannel(a), page_count=64, ram=ram, kind=StreamKind.CHANNEL,
+                              shared=(bytearray(64), None))
+        with pytest.raises(StreamError, match=message):
+            _read_all(reader)
+        assert ram.buf == bytearray(64 * PAGE_SIZE)  # nothing was written
+
+
+def _main_stream(after_config: list[tuple[int, bytes]], minor: int = CHANNELS_MINOR) -> bytes:
+    out: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes | memoryview) -> None:
+            out.append(bytes(data))
+
+    writer = StreamWriter(Sink())
+    writer.write_preamble(minor=minor)
+    writer.write_header("x86_64", "q35", channels=2)
+    writer.write_config(Fingerprint(arch="x86_64", machine="q35", memory=64 * PAGE_SIZE, vcpus=1))
+    for kind, payload in after_config:
+        writer.write_section(kind, payload)
+    return b"".join(out)
+
+
+_CHANNELS_END = (SectionType.CHANNELS_END, _channel_json(channels=1))
+_ROUND_1 = (SectionType.ROUND_END, b"\x01\x00\x00\x00")
+_ROUND_2 = (SectionType.ROUND_END, b"\x02\x00\x00\x00")
+
+
+@pytest.mark.parametrize(("sections", "minor", "message"), [
+    ([(SectionType.CHANNEL, _channel_json(stream_id="s", channel=1))], CHANNELS_MINOR, "CHANNEL section in a main"),
+    ([_CHANNELS_END], 5, "CHANNELS_END section in a stream without data channels"),
+    ([_CHANNELS_END, (SectionType.RAM, _ram_payload(0, 1))], CHANNELS_MINOR, "after CHANNELS_END"),
+    ([_CHANNELS_END, _CHANNELS_END], CHANNELS_MINOR, "CHANNELS_END section out of order"),
+    ([_ROUND_1, _CHANNELS_END], CHANNELS_MINOR, "CHANNELS_END section out of order"),
+    ([(SectionType.CHANNELS_END, _channel_json(channels=8))], CHANNELS_MINOR, "CHANNELS_END.channels"),
+])
+def test_the_main_stream_refuses_channel_sections_out_of_place(sections: list[tuple[int, bytes]], minor: int,
+                                                                message: str) -> None:
+    a, b = _pair()
+    with a, b:
+        b.sendall(_main_stream(sections, minor))
+        b.shutdown(socket.SHUT_WR)
+        reader = StreamReader(SocketChannel(a), page_count=64, ram=_Ram(64), kind=StreamKind.MIGRATION)
+        with pytest.raises(StreamError, match=message):
+            _read_all(reader)
+
+
+def test_a_main_stream_may_go_on_after_channels_end_and_round_end() -> None:
+    a, b = _pair()
+    with a, b:
+        b.sendall(_main_stream([(SectionType.RAM, _ram_payload(0, 64)), _CHANNELS_END, _ROUND_1,
+                                (SectionType.RAM, _ram_payload(0, 1)), _ROUND_2]))
+        b.shutdown(socket.SHUT_WR)
+        reader = StreamReader(SocketChannel(a), page_count=64, ram=_Ram(64), kind=StreamKind.MIGRATION)
+        sections = [reader.read_section() for _ in range(7)]
+        assert sections[3] == ChannelsEndSection(1)
+        assert reader.rounds == 2
+
+
+@pytest.mark.parametrize("channels", [0, 9])
+def test_an_offer_outside_one_to_eight_is_refused(channels: int) -> None:
+    out: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes | memoryview) -> None:
+            out.append(bytes(data))
+
+    writer = StreamWriter(Sink())
+    writer.write_preamble()
+    writer.write_section(SectionType.HEADER, json.dumps(
+        {"arch": "x86_64", "machine": "q35", "hv_version": "0", "page_size": PAGE_SIZE, "stream_id": "s",
+         "channels": channels}).encode())
+    a, b = _pair()
+    with a, b:
+        b.sendall(b"".join(out))
+        reader = StreamReader(SocketChannel(a), page_count=64, kind=StreamKind.MIGRATION)
+        with pytest.raises(StreamError, match="HEADER.channels"):
+            reader.read_section()
+
+
+def test_the_source_takes_both_notices_and_a_reply_skips_them() -> None:
+    a, b = _pair()
+    with a, b:
+        send_reply(SocketChannel(b), True, LIVE_NOTICE)
+        announce_channels(SocketChannel(b), 3)
+        framed = next(f for f, text in NOTICES.items() if text == "channels 4")
+        b.sendall(framed[:5])
+        time.sleep(0.05)
+        assert take_notice(a) == LIVE_NOTICE
+        assert take_notice(a) == "channels 3"
+        assert take_notice(a) is False  # a notice's first bytes only: left alone
+        b.sendall(framed[5:])
+        assert _eventually(lambda: take_notice(a) == "channels 4")
+        send_reply(SocketChannel(b), True, "ready")
+        time.sleep(0.05)
+        assert take_notice(a) is None  # a reply: left for the caller
+        announce_channels(SocketChannel(b), 2)
+        assert read_reply(SocketChannel(a)).text == "ready"
+        send_reply(SocketChannel(b), True, "running")
+        assert read_reply(SocketChannel(a)).text == "running"  # the late notice was skipped
+
+
+def _eventually(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+# -- real migrations, in process --------------------------------------------------------------
+@pytest.fixture(params=["tcp", "unix"])
+def listener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Listener]:
+    uri = MigrationUri("tcp", host="127.0.0.1", port=0) if request.param == "tcp" \
+        else MigrationUri("unix", path=str(tmp_path / "m.sock"))
+    with listen(uri) as lst:
+        yield lst
+
+
+def _machines(memory: str = "64") -> tuple[Any, Any]:
+    kernel = guest("x86_64", "hello")
+    source, _ = machine_in_process("q35", "unicorn", kernel, "x", memory=memory)
+    target, _ = machine_in_process("q35", "unicorn", kernel, "x", memory=memory)
+    rng = random.Random(7)
+    ram = source.memory.page_view(0, source.memory.page_count)
+    for page in rng.sample(range(source.memory.page_count), source.memory.page_count // 2):
+        ram[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+    return source, target
+
+
+def _migrate(source: Any, target: Any, listener: Listener, *, offer: bool = True, take: int = 2,
+             pre_grant: int | None = None, stray: bytes | None = None,
+             ) -> tuple[OutgoingMigration, Any, list[BaseException]]:
+    """Migrate ``source`` into ``target``: the engine connects to ``listener``; the
+    destination takes up to ``take`` connections. ``pre_grant``: the destination's notices
+    are already waiting when the engine starts (so its first chunk is followed by the data
+    channels, whatever the threads' timing). ``stray``: bytes a stranger sends on a
+    connection made before the data channels."""
+    uri = listener.address
+    out_sock = connect(uri, 10)
+    in_sock = listener.accept(timeout=10)
+    stranger = None
+    if stray is not None:
+        stranger = connect(uri, 10)
+        stranger.sendall(stray)
+    if pre_grant is not None:
+        send_reply(SocketChannel(in_sock), True, LIVE_NOTICE)
+        announce_channels(SocketChannel(in_sock), pre_grant)
+    errors: list[BaseException] = []
+    dst_status = migration_status_for(target)
+
+    def receive() -> None:
+        try:
+            receive_migration(target, in_sock, dst_status, 10, listener=listener, channels=take)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            errors.append(exc)
+
+    receiver = threading.Thread(target=receive, name="test-incoming")
+    receiver.start()
+    status = migration_status_for(source)
+    open_channel = functools.partial(connect, uri, 10) if offer else None
+    outgoing = OutgoingMigration(source, status, MigrationParameters(multifd_channels=4), out_sock,
+                                 lambda *_args: None, open_channel)
+    try:
+        outgoing.start()
+        outgoing.thread.join(timeout=120)
+        receiver.join(timeout=120)
+        assert not outgoing.thread.is_alive() and not receiver.is_alive()
+    finally:
+        in_sock.close()
+        if stranger is not None:
+            stranger.close()
+    return outgoing, status, errors
+
+
+def _same_ram(source: Any, target: Any) -> bool:
+    count = source.memory.page_count
+    return bytes(source.memory.page_view(0, count)) == bytes(target.memory.page_view(0, count))
+
+
+def test_the_full_pass_goes_over_the_connections_the_destination_takes(listener: Listener) -> None:
+    source, target = _machines()
+    try:
+        outgoing, status, errors = _migrate(source, target, listener, take=3, pre_grant=3)
+        assert not errors, errors
+        assert status.to_qmp()["status"] == "completed", status.to_qmp()
+        assert outgoing.data_channels == 2  # offered 4, taken 3: two more connections
+        assert _same_ram(source, target)
+        assert listener.sock.fileno() < 0  # closed once no more connections were taken
+    finally:
+        source.close()
+        target.close()
+
+
+def test_a_destination_that_takes_one_connection_gets_one(listener: Listener) -> None:
+    source, target = _machines()
+    try:
+        outgoing, status, errors = _migrate(source, target, listener, take=1)
+        assert not errors, errors
+        assert status.to_qmp()["status"] == "completed"
+        assert outgoing.data_channels == 0
+        assert _same_ram(source, target)
+    finally:
+        source.close()
+        target.close()
+
+
+def test_a_source_that_offers_none_uses_one(listener: Listener) -> None:
+    source, target = _machines()
+    try:
+        outgoing, status, errors = _migrate(source, target, listener, offer=False)
+        assert not errors, errors
+        assert status.to_qmp()["status"] == "completed"
+        assert outgoing.data_channels == 0
+        assert _same_ram(source, target)
+    finally:
+        source.close()
+        target.close()
+
+
+@pytest.mark.parametrize("stray", [b"GET / HTTP/1.0\r\n\r\n", "another migration"])
+def test_a_stranger_on_the_listener_is_dropped_and_changes_nothing(listener: Listener, stray: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    if stray == "another migration":
+        writer_out: list[bytes] = []
+
+        class Sink:
+            def write(self, data: bytes | memoryview) -> None:
+                writer_out.append(bytes(data))
+
+        writer = StreamWriter(Sink())
+        writer.write_channel("0" * 32, 1)
+        writer.write_ram(0, b"\xff" * PAGE_SIZE, stable=True)  # must never land
+        stray = b"".join(writer_out)
+    source, target = _machines()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hv.migration.incoming_channels"):
+            outgoing, status, errors = _migrate(source, target, listener, take=2, pre_grant=2, stray=stray)
+        assert not errors, errors
+        assert status.to_qmp()["status"] == "completed"
+        assert outgoing.data_channels == 1
+        assert _same_ram(source, target)
+        assert "dropped a connection that is not a data channel of this migration" in caplog.text
+    finally:
+        source.close()
+        target.close()
+
+
+# -- a source that breaks the rules, played by hand -------------------------------------------
+def _hand_source(target: Any, listener: Listener, take: int = 2) -> tuple[socket.socket, StreamWriter, str,
+                                                                           threading.Thread, list[BaseException]]:
+    uri = listener.address
+    out_sock = connect(uri, 10)
+    out_sock.settimeout(30)
+    in_sock = listener.accept(timeout=10)
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            receive_migration(target, in_sock, migration_status_for(target), 2, listener=listener, channels=take)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            errors.append(exc)
+        finally:
+            in_sock.close()
+
+    receiver = threading.Thread(target=receive, name="test-incoming")
+    receiver.start()
+    writer = StreamWriter(SocketChannel(out_sock))
+    sid = writer.write_header(target.arch.value, target.config.machine, channels=2)
+    writer.write_config(Fingerprint.from_dict(target.fingerprint()))
+    assert _eventually(lambda: writer.peer_waiting() is False and writer.granted_channels == take)
+    return out_sock, writer, sid, receiver, errors
+
+
+def _finish(receiver: threading.Thread, errors: list[BaseException], message: str) -> None:
+    receiver.join(timeout=60)
+    assert not receiver.is_alive()
+    assert len(errors) == 1 and message in str(errors[0]), errors
+
+
+def test_a_corrupt_data_channel_fails_the_migration(listener: Listener) -> None:
+    _, target = _machines()
+    out_sock, writer, sid, receiver, errors = _hand_source(target, listener)
+    data = connect(listener.address, 10)
+    try:
+        out: list[bytes] = []
+
+        class Sink:
+            def write(self, chunk: bytes | memoryview) -> None:
+                out.append(bytes(chunk))
+
+        StreamWriter(Sink()).write_channel(sid, 1)
+        body: list[bytes] = []
+
+        class Body:
+            def write(self, chunk: bytes | memoryview) -> None:
+                body.append(bytes(chunk))
+
+        StreamWriter(Body()).write_ram(0, os.urandom(PAGE_SIZE), stable=True)
+        ram = bytearray(b"".join(body))  # one RAM section (no preamble: write_ram writes none)
+        ram[-1] ^= 0xFF  # its checksum no longer matches
+        data.sendall(b"".join(out) + bytes(ram))
+        _finish(receiver, errors, "data channel 1: RAM section: checksum mismatch")
+        reply = read_reply(SocketChannel(out_sock))  # the source is told why
+        assert not reply.ok and "data channel 1" in reply.text
+    finally:
+        data.close()
+        out_sock.close()
+        target.close()
+
+
+def test_channels_end_announcing_a_channel_that_never_came_fails_after_the_stall_timeout(
+        listener: Listener) -> None:
+    _, target = _machines()
+    out_sock, writer, _sid, receiver, errors = _hand_source(target, listener)
+    try:
+        writer.write_zero_pages(0, target.memory.page_count)
+        writer.write_channels_end(1)
+        _finish(receiver, errors, "1 data channels did not end within 2 s (x-stall-timeout)")
+    finally:
+        out_sock.close()
+        target.close()
+
+
+def test_channels_end_announcing_more_than_were_taken_is_refused(listener: Listener) -> None:
+    _, target = _machines()
+    out_sock, writer, _sid, receiver, errors = _hand_source(target, listener)
+    try:
+        writer.write_channels_end(2)
+        _finish(receiver, errors, "CHANNELS_END: 2 data channels, this destination took 1")
+    finally:
+        out_sock.close()
+        target.close()
+
+
+def test_pass_one_ending_while_a_data_channel_is_open_is_refused(listener: Listener) -> None:
+    _, target = _machines()
+    out_sock, writer, sid, receiver, errors = _hand_source(target, listener)
+    data = connect(listener.address, 10)
+    try:
+        out: list[bytes] = []
+
+        class Sink:
+            def write(self, chunk: bytes | memoryview) -> None:
+                out.append(bytes(chunk))
+
+        channel = StreamWriter(Sink())
+        channel.write_channel(sid, 1)
+        channel.write_ram(0, b"\x5a" * PAGE_SIZE, stable=True)
+        data.sendall(b"".join(out))  # opened, one page sent, never ended
+        # once its page has landed, the destination has taken the channel
+        assert _eventually(lambda: bytes(target.memory.page_view(0, 1)) == b"\x5a" * PAGE_SIZE)
+        writer.write_zero_pages(1, target.memory.page_count - 1)
+        writer.write_round_end(1)
+        _finish(receiver, errors, "pass 1 ended with 1 data channels connected, 0 of them ended, 0 announced")
+    finally:
+        data.close()
+        out_sock.close()
+        target.close()
