@@ -66,8 +66,10 @@ CANCEL_GRACE = 2.0
 CANCEL_DRAIN = 1.0           # seconds the source waits for the destination to hang up
 BANDWIDTH_SAMPLE_BYTES = 4 << 20
 # Connections per migration by default. The source of a tcp stream is CPU-bound (the page
-# checksums read guest RAM from memory): on a 2-core host one connection moved a 512 MiB
-# guest's full pass at 77-86% of the raw loopback rate, two at NN% (docs/migration-stream.md).
+# checksums read guest RAM from memory, the copy into the socket runs the loopback receive
+# path): on this 2-core host a 512 MiB guest's full pass (3/4 written), interleaved, 16 runs
+# each: tcp 70.5% of the raw loopback rate with one connection, 81.5% with two; unix 76%
+# and 95% (docs/migration-stream.md, "Data channels"). A max-bandwidth cap offers none.
 DEFAULT_CHANNELS = 2
 EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
@@ -286,9 +288,12 @@ class _FullPass:
     carry pages of this pass only: the main stream says how many ended (CHANNELS_END)
     before its ROUND_END 1, and the destination applies nothing of pass 2 before them."""
 
-    def __init__(self, main: _Sender, stable: bool, stream_id: str,
+    def __init__(self, main: _Sender, stable: bool, stream_id: str, offer: int,
                  open_channel: Callable[[], socket.socket] | None) -> None:
+        """``offer``: the connections offered in HEADER (never more are opened, whatever
+        the destination answers)."""
         self.main = main
+        self.offer = offer
         self.stable = stable
         self.stream_id = stream_id
         self.open_channel = open_channel or _no_channel
@@ -324,8 +329,9 @@ class _FullPass:
         while (chunk := self.take()) is not None:
             self._check_channels()
             main.send(*chunk, stable=self.stable)
-            if not self.channels and main.writer.granted_channels > 1 and self.open_channel is not _no_channel:
-                self.channels = [_DataChannel(i, self) for i in range(1, main.writer.granted_channels)]
+            granted = min(main.writer.granted_channels, self.offer)
+            if not self.channels and granted > 1 and self.open_channel is not _no_channel:
+                self.channels = [_DataChannel(i, self) for i in range(1, granted)]
                 for channel in self.channels:
                     channel.thread.start()
         for channel in self.channels:
@@ -584,7 +590,7 @@ class OutgoingMigration:
         # Full pass.
         round_start = time.monotonic()
         bytes_before = writer.bytes_written
-        full_pass = self._full_pass = _FullPass(sender, not machine.running, stream_id,
+        full_pass = self._full_pass = _FullPass(sender, not machine.running, stream_id, offer,
                                                 self.open_channel if offer > 1 else None)
         channel_bytes = full_pass.run()
         writer.write_round_end(1)

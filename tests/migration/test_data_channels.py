@@ -283,7 +283,7 @@ def _machines(memory: str = "64") -> tuple[Any, Any]:
 
 
 def _migrate(source: Any, target: Any, listener: Listener, *, offer: bool = True, take: int = 2,
-             pre_grant: int | None = None, stray: bytes | None = None,
+             pre_grant: int | None = None, stray: bytes | None = None, channels: int = 4,
              ) -> tuple[OutgoingMigration, Any, list[BaseException]]:
     """Migrate ``source`` into ``target``: the engine connects to ``listener``; the
     destination takes up to ``take`` connections. ``pre_grant``: the destination's notices
@@ -313,7 +313,7 @@ def _migrate(source: Any, target: Any, listener: Listener, *, offer: bool = True
     receiver.start()
     status = migration_status_for(source)
     open_channel = functools.partial(connect, uri, 10) if offer else None
-    outgoing = OutgoingMigration(source, status, MigrationParameters(multifd_channels=4), out_sock,
+    outgoing = OutgoingMigration(source, status, MigrationParameters(multifd_channels=channels), out_sock,
                                  lambda *_args: None, open_channel)
     try:
         outgoing.start()
@@ -341,6 +341,20 @@ def test_the_full_pass_goes_over_the_connections_the_destination_takes(listener:
         assert outgoing.data_channels == 2  # offered 4, taken 3: two more connections
         assert _same_ram(source, target)
         assert listener.sock.fileno() < 0  # closed once no more connections were taken
+    finally:
+        source.close()
+        target.close()
+
+
+def test_the_source_never_opens_more_than_it_offered(listener: Listener) -> None:
+    source, target = _machines()
+    try:
+        # "channels 3" waits first (a destination answering more than the offer of 2)
+        outgoing, status, errors = _migrate(source, target, listener, take=2, pre_grant=3, channels=2)
+        assert not errors, errors
+        assert status.to_qmp()["status"] == "completed"
+        assert outgoing.data_channels == 1
+        assert _same_ram(source, target)
     finally:
         source.close()
         target.close()
