@@ -52,9 +52,15 @@ def _isal_crc(ffi: Any, lib: Any) -> None:
     if not address:
         return
     lib.hvs_set_crc(ffi.cast("void *", address))
-    probe = bytes(range(256)) * 40 + b"hv"
-    if lib.hvs_crc32(12345, probe, len(probe)) != zlib.crc32(probe, 12345):
+    wide = lib.hvs_use_wide_crc(0)  # probe ISA-L's loop itself
+    if not _crc_agrees(lib):
         lib.hvs_set_crc(ffi.NULL)
+    lib.hvs_use_wide_crc(wide)
+
+
+def _crc_agrees(lib: Any) -> bool:
+    probe = bytes(range(256)) * 40 + b"hv"
+    return bool(lib.hvs_crc32(12345, probe, len(probe)) == zlib.crc32(probe, 12345))
 
 
 def _load() -> tuple[Any, Any] | None:
@@ -66,8 +72,16 @@ def _load() -> tuple[Any, Any] | None:
         return None
     if not hasattr(lib, "hvs_available") or not lib.hvs_available():
         return None
-    if os.environ.get("HV_NATIVE_STREAM_CRC") != "fold":
+    # Which CRC-32 loop (for A/B measuring): "fold" hv's 128-bit PCLMULQDQ fold, "isal"
+    # ISA-L's; by default hv's 256-bit fold where the CPU has AVX2 and VPCLMULQDQ but not
+    # AVX-512, else ISA-L's (see hv_native_stream.c).
+    choice = os.environ.get("HV_NATIVE_STREAM_CRC", "")
+    if choice in ("fold", "isal"):
+        lib.hvs_use_wide_crc(0)
+    if choice != "fold":
         _isal_crc(ffi, lib)
+    if lib.hvs_use_wide_crc(-1) and not _crc_agrees(lib):
+        lib.hvs_use_wide_crc(0)
     return ffi, lib
 
 

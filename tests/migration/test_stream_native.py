@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import socket
 import threading
 import zlib
@@ -94,6 +95,27 @@ def read_both(data: bytes, tmp_path: Path, make_mem: Any = dest_memory, page_cou
 def test_crc32_is_zlibs(data: bytes, seed: int, skip: int) -> None:
     view = memoryview(data)[min(skip, len(data)):]
     assert stream_native.crc32(view, seed) == zlib.crc32(view, seed)
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["256-bit-fold", "isal-or-128-bit-fold"])
+def test_both_crc_loops_are_zlibs(wide: bool) -> None:
+    """The 256-bit VPCLMULQDQ loop (used where the CPU has it without AVX-512) and the
+    others, each forced in turn, at every length around its 256-byte threshold and its
+    128-byte blocks, at odd offsets, and for whole pages and megabytes."""
+    ffi, lib = stream_native._NATIVE  # type: ignore[misc]
+    before = lib.hvs_use_wide_crc(-1)
+    try:
+        if lib.hvs_use_wide_crc(1 if wide else 0) != wide:
+            pytest.skip("this CPU has no AVX2 with VPCLMULQDQ: the 256-bit loop never runs here")
+        rng = random.Random(5)
+        data = rng.randbytes((1 << 20) + 300)
+        lengths = [*range(0, 700), 4095, 4096, 4097, 65536, 1 << 20, (1 << 20) + 299]
+        for offset in (0, 1, 7):
+            for length in lengths:
+                view = memoryview(data)[offset:offset + length]
+                assert stream_native.crc32(view, 0x1234567) == zlib.crc32(view, 0x1234567), (offset, length)
+    finally:
+        lib.hvs_use_wide_crc(before)
 
 
 def test_crc32_of_large_buffers_is_zlibs() -> None:
