@@ -52,7 +52,8 @@ def _isal_crc(ffi: Any, lib: Any) -> None:
     if not address:
         return
     lib.hvs_set_crc(ffi.cast("void *", address))
-    wide = lib.hvs_use_wide_crc(0)  # probe ISA-L's loop itself
+    wide = lib.hvs_use_wide_crc(-1)
+    lib.hvs_use_wide_crc(0)  # probe ISA-L's loop itself
     if not _crc_agrees(lib):
         lib.hvs_set_crc(ffi.NULL)
     lib.hvs_use_wide_crc(wide)

@@ -13,6 +13,8 @@ import io
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -116,6 +118,26 @@ def test_both_crc_loops_are_zlibs(wide: bool) -> None:
                 assert stream_native.crc32(view, 0x1234567) == zlib.crc32(view, 0x1234567), (offset, length)
     finally:
         lib.hvs_use_wide_crc(before)
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_the_256_bit_loop_is_chosen_at_load_exactly_where_it_is_meant_to_run() -> None:
+    """A fresh process: on a CPU with AVX2 and VPCLMULQDQ but no AVX-512 the 256-bit loop
+    is in force (it once was switched off by the ISA-L probe that ran before it), and
+    nowhere else."""
+    flags = _cpu_flags()
+    expected = int({"avx2", "vpclmulqdq"} <= flags and "avx512f" not in flags)
+    out = subprocess.run([sys.executable, "-c", "import hv.migration.stream_native as s; "
+                          "print(s._NATIVE[1].hvs_use_wide_crc(-1) if s._NATIVE else 'none')"],
+                         capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "HV_NATIVE_STREAM_CRC": ""}).stdout.strip()
+    assert out == str(expected), (out, sorted(f for f in flags if "avx" in f or "clmul" in f))
 
 
 def test_crc32_of_large_buffers_is_zlibs() -> None:
