@@ -146,6 +146,26 @@ HVS_TARGET static inline __m128i hvs_take16(const uint8_t *src, uint8_t **dst)
     return v;
 }
 
+/* The raw CRC of the 16 bytes left after folding: 128 -> 64 bits (also appends 32 zero
+ * bits), 64 -> 32, Barrett reduction. */
+HVS_TARGET static inline uint32_t hvs_reduce(__m128i a)
+{
+    const __m128i k34 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
+    const __m128i poly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    __m128i t = _mm_clmulepi64_si128(k34, a, 0x01);
+    a = _mm_xor_si128(_mm_srli_si128(a, 8), t);
+    t = _mm_srli_si128(a, 4);
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), k5, 0x00);
+    a = _mm_xor_si128(a, t);
+    t = a;
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x10);
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x00);
+    a = _mm_xor_si128(a, t);
+    return (uint32_t)_mm_extract_epi32(a, 1);
+}
+
 /* The raw CRC of n >= 64 bytes from src; when dst is not NULL the bytes are also stored
  * there (the copy and the checksum read guest RAM once, from the same registers). */
 HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_t *dst, size_t n)
@@ -175,20 +195,7 @@ HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_
         src += 16;
         n -= 16;
     }
-    /* 128 -> 64 bits (also appends 32 zero bits), 64 -> 32, Barrett reduction. */
-    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
-    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
-    const __m128i poly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
-    __m128i t = _mm_clmulepi64_si128(k34, a, 0x01);
-    a = _mm_xor_si128(_mm_srli_si128(a, 8), t);
-    t = _mm_srli_si128(a, 4);
-    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), k5, 0x00);
-    a = _mm_xor_si128(a, t);
-    t = a;
-    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x10);
-    a = _mm_clmulepi64_si128(_mm_and_si128(a, mask32), poly, 0x00);
-    a = _mm_xor_si128(a, t);
-    crc = (uint32_t)_mm_extract_epi32(a, 1);
+    crc = hvs_reduce(a);
     if (n) {
         if (dst)
             memcpy(dst, src, n);
@@ -248,19 +255,7 @@ HVS_TARGET256 static uint32_t hvs_crc_fold256(uint32_t crc, const uint8_t *src, 
         src += 16;
         n -= 16;
     }
-    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
-    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
-    const __m128i poly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
-    __m128i t = _mm_clmulepi64_si128(k34, x, 0x01);
-    x = _mm_xor_si128(_mm_srli_si128(x, 8), t);
-    t = _mm_srli_si128(x, 4);
-    x = _mm_clmulepi64_si128(_mm_and_si128(x, mask32), k5, 0x00);
-    x = _mm_xor_si128(x, t);
-    t = x;
-    x = _mm_clmulepi64_si128(_mm_and_si128(x, mask32), poly, 0x10);
-    x = _mm_clmulepi64_si128(_mm_and_si128(x, mask32), poly, 0x00);
-    x = _mm_xor_si128(x, t);
-    crc = (uint32_t)_mm_extract_epi32(x, 1);
+    crc = hvs_reduce(x);
     return n ? hvs_crc_bytes(crc, src, n) : crc;
 }
 #endif

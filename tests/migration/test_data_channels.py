@@ -44,6 +44,7 @@ from hv.migration.stream_writer import NOTICES, take_notice
 from hv.migration.transport import Listener, MigrationUri, connect, listen
 from hv_fixtures import guest
 from tests.helpers import machine_in_process, migration_status_for
+from tests.migration.test_migration_stream import Collect
 
 
 # -- the stream: sections and notices ----------------------------------------------------------
@@ -108,17 +109,12 @@ def _cpu_state() -> Any:
 
 
 def _channel_stream(*sections: tuple[int, bytes], minor: int = CHANNELS_MINOR) -> bytes:
-    out: list[bytes] = []
-
-    class Sink:
-        def write(self, data: bytes | memoryview) -> None:
-            out.append(bytes(data))
-
-    writer = StreamWriter(Sink())
+    out = Collect()
+    writer = StreamWriter(out)
     writer.write_preamble(minor=minor)
     for kind, payload in sections:
         writer.write_section(kind, payload)
-    return b"".join(out)
+    return bytes(out.data)
 
 
 def _channel_json(**fields: Any) -> bytes:
@@ -159,19 +155,14 @@ def test_a_channel_refuses_what_it_may_not_carry(stream: bytes, message: str) ->
 
 
 def _main_stream(after_config: list[tuple[int, bytes]], minor: int = CHANNELS_MINOR) -> bytes:
-    out: list[bytes] = []
-
-    class Sink:
-        def write(self, data: bytes | memoryview) -> None:
-            out.append(bytes(data))
-
-    writer = StreamWriter(Sink())
+    out = Collect()
+    writer = StreamWriter(out)
     writer.write_preamble(minor=minor)
     writer.write_header("x86_64", "q35", channels=2)
     writer.write_config(Fingerprint(arch="x86_64", machine="q35", memory=64 * PAGE_SIZE, vcpus=1))
     for kind, payload in after_config:
         writer.write_section(kind, payload)
-    return b"".join(out)
+    return bytes(out.data)
 
 
 _CHANNELS_END = (SectionType.CHANNELS_END, _channel_json(channels=1))
@@ -212,20 +203,15 @@ def test_a_main_stream_may_go_on_after_channels_end_and_round_end() -> None:
 
 @pytest.mark.parametrize("channels", [0, 9])
 def test_an_offer_outside_one_to_eight_is_refused(channels: int) -> None:
-    out: list[bytes] = []
-
-    class Sink:
-        def write(self, data: bytes | memoryview) -> None:
-            out.append(bytes(data))
-
-    writer = StreamWriter(Sink())
+    out = Collect()
+    writer = StreamWriter(out)
     writer.write_preamble()
     writer.write_section(SectionType.HEADER, json.dumps(
         {"arch": "x86_64", "machine": "q35", "hv_version": "0", "page_size": PAGE_SIZE, "stream_id": "s",
          "channels": channels}).encode())
     a, b = _pair()
     with a, b:
-        b.sendall(b"".join(out))
+        b.sendall(bytes(out.data))
         reader = StreamReader(SocketChannel(a), page_count=64, kind=StreamKind.MIGRATION)
         with pytest.raises(StreamError, match="HEADER.channels"):
             reader.read_section()
@@ -332,55 +318,24 @@ def _same_ram(source: Any, target: Any) -> bool:
     return bytes(source.memory.page_view(0, count)) == bytes(target.memory.page_view(0, count))
 
 
-def test_the_full_pass_goes_over_the_connections_the_destination_takes(listener: Listener) -> None:
+@pytest.mark.parametrize(("options", "expected"), [
+    # offered 4, taken 3: two more connections, opened after the first chunk
+    ({"take": 3, "pre_grant": 3}, 2),
+    # "channels 3" waits first, a destination answering more than the offer of 2: one more
+    ({"take": 2, "pre_grant": 3, "channels": 2}, 1),
+    ({"take": 1}, 0),       # a destination that takes one connection gets one
+    ({"offer": False}, 0),  # a source that offers none uses one
+], ids=["taken", "capped-by-the-offer", "not-taken", "not-offered"])
+def test_the_full_pass_goes_over_the_connections_both_ends_agree_on(listener: Listener, options: dict[str, Any],
+                                                                     expected: int) -> None:
     source, target = _machines()
     try:
-        outgoing, status, errors = _migrate(source, target, listener, take=3, pre_grant=3)
+        outgoing, status, errors = _migrate(source, target, listener, **options)
         assert not errors, errors
         assert status.to_qmp()["status"] == "completed", status.to_qmp()
-        assert outgoing.data_channels == 2  # offered 4, taken 3: two more connections
+        assert outgoing.data_channels == expected
         assert _same_ram(source, target)
-        assert listener.sock.fileno() < 0  # closed once no more connections were taken
-    finally:
-        source.close()
-        target.close()
-
-
-def test_the_source_never_opens_more_than_it_offered(listener: Listener) -> None:
-    source, target = _machines()
-    try:
-        # "channels 3" waits first (a destination answering more than the offer of 2)
-        outgoing, status, errors = _migrate(source, target, listener, take=2, pre_grant=3, channels=2)
-        assert not errors, errors
-        assert status.to_qmp()["status"] == "completed"
-        assert outgoing.data_channels == 1
-        assert _same_ram(source, target)
-    finally:
-        source.close()
-        target.close()
-
-
-def test_a_destination_that_takes_one_connection_gets_one(listener: Listener) -> None:
-    source, target = _machines()
-    try:
-        outgoing, status, errors = _migrate(source, target, listener, take=1)
-        assert not errors, errors
-        assert status.to_qmp()["status"] == "completed"
-        assert outgoing.data_channels == 0
-        assert _same_ram(source, target)
-    finally:
-        source.close()
-        target.close()
-
-
-def test_a_source_that_offers_none_uses_one(listener: Listener) -> None:
-    source, target = _machines()
-    try:
-        outgoing, status, errors = _migrate(source, target, listener, offer=False)
-        assert not errors, errors
-        assert status.to_qmp()["status"] == "completed"
-        assert outgoing.data_channels == 0
-        assert _same_ram(source, target)
+        assert listener.sock.fileno() < 0  # closed once no more connections are taken
     finally:
         source.close()
         target.close()
@@ -390,16 +345,11 @@ def test_a_source_that_offers_none_uses_one(listener: Listener) -> None:
 def test_a_stranger_on_the_listener_is_dropped_and_changes_nothing(listener: Listener, stray: Any,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     if stray == "another migration":
-        writer_out: list[bytes] = []
-
-        class Sink:
-            def write(self, data: bytes | memoryview) -> None:
-                writer_out.append(bytes(data))
-
-        writer = StreamWriter(Sink())
+        writer_out = Collect()
+        writer = StreamWriter(writer_out)
         writer.write_channel("0" * 32, 1)
         writer.write_ram(0, b"\xff" * PAGE_SIZE, stable=True)  # must never land
-        stray = b"".join(writer_out)
+        stray = bytes(writer_out.data)
     source, target = _machines()
     try:
         with caplog.at_level(logging.WARNING, logger="hv.migration.incoming_channels"):
@@ -451,23 +401,13 @@ def test_a_corrupt_data_channel_fails_the_migration(listener: Listener) -> None:
     out_sock, writer, sid, receiver, errors = _hand_source(target, listener)
     data = connect(listener.address, 10)
     try:
-        out: list[bytes] = []
-
-        class Sink:
-            def write(self, chunk: bytes | memoryview) -> None:
-                out.append(bytes(chunk))
-
-        StreamWriter(Sink()).write_channel(sid, 1)
-        body: list[bytes] = []
-
-        class Body:
-            def write(self, chunk: bytes | memoryview) -> None:
-                body.append(bytes(chunk))
-
-        StreamWriter(Body()).write_ram(0, os.urandom(PAGE_SIZE), stable=True)
-        ram = bytearray(b"".join(body))  # one RAM section (no preamble: write_ram writes none)
+        out = Collect()
+        StreamWriter(out).write_channel(sid, 1)
+        body = Collect()
+        StreamWriter(body).write_ram(0, os.urandom(PAGE_SIZE), stable=True)
+        ram = bytearray(body.data)  # one RAM section (no preamble: write_ram writes none)
         ram[-1] ^= 0xFF  # its checksum no longer matches
-        data.sendall(b"".join(out) + bytes(ram))
+        data.sendall(bytes(out.data) + bytes(ram))
         _finish(receiver, errors, "data channel 1: RAM section: checksum mismatch")
         reply = read_reply(SocketChannel(out_sock))  # the source is told why
         assert not reply.ok and "data channel 1" in reply.text
@@ -506,16 +446,11 @@ def test_pass_one_ending_while_a_data_channel_is_open_is_refused(listener: Liste
     out_sock, writer, sid, receiver, errors = _hand_source(target, listener)
     data = connect(listener.address, 10)
     try:
-        out: list[bytes] = []
-
-        class Sink:
-            def write(self, chunk: bytes | memoryview) -> None:
-                out.append(bytes(chunk))
-
-        channel = StreamWriter(Sink())
+        out = Collect()
+        channel = StreamWriter(out)
         channel.write_channel(sid, 1)
         channel.write_ram(0, b"\x5a" * PAGE_SIZE, stable=True)
-        data.sendall(b"".join(out))  # opened, one page sent, never ended
+        data.sendall(bytes(out.data))  # opened, one page sent, never ended
         # once its page has landed, the destination has taken the channel
         assert _eventually(lambda: bytes(target.memory.page_view(0, 1)) == b"\x5a" * PAGE_SIZE)
         writer.write_zero_pages(1, target.memory.page_count - 1)
