@@ -28,6 +28,7 @@ from hv.migration.stream import (
     ChannelSection,
     ChannelsEndSection,
     EndSection,
+    FileChannel,
     Fingerprint,
     RamSection,
     SectionType,
@@ -460,3 +461,46 @@ def test_pass_one_ending_while_a_data_channel_is_open_is_refused(listener: Liste
         data.close()
         out_sock.close()
         target.close()
+
+
+# -- the recorded 1.6 streams: the future-compatibility guard ----------------------------------
+RECORDED_V1_6 = Path(__file__).parent.parent / "data" / "migration-stream-v1.6-channels-x86_64"
+
+
+def _recorded_page(number: int, generation: int = 0) -> bytes:
+    """What tests/data/make_migration_fixtures_v1_6.py wrote as page ``number``."""
+    if number % 5 == 4:
+        return bytes(PAGE_SIZE)
+    return bytes([(number * 7 + generation) % 251 + 1]) * PAGE_SIZE
+
+
+@pytest.mark.parametrize("ram_kind", ["guest-memory", "plain-buffer"])
+def test_recorded_v1_6_streams_with_a_data_channel_are_still_accepted(ram_kind: str) -> None:
+    """Recorded once from this first release with data channels: never regenerate them;
+    every later 1.x reader must accept the pair (the channel read when the main stream
+    announces it, as a destination does) and find the same RAM. Guest memory takes the
+    native receiver; a plain buffer, the Python reader."""
+    from hv.memory import GuestMemory, RegionSpec
+
+    pages = 32
+    ram: Any = GuestMemory([RegionSpec(0, pages * PAGE_SIZE)]) if ram_kind == "guest-memory" else _Ram(pages)
+    main_path = RECORDED_V1_6.with_name(RECORDED_V1_6.name + ".main.bin")
+    channel_path = RECORDED_V1_6.with_name(RECORDED_V1_6.name + ".channel1.bin")
+    with open(main_path, "rb", buffering=0) as main_file, open(channel_path, "rb", buffering=0) as channel_file:
+        main = StreamReader(FileChannel(main_file), page_count=pages, ram=ram, kind=StreamKind.MIGRATION)
+        sections = []
+        while not isinstance(section := main.read_section(), ChannelsEndSection):
+            sections.append(section)
+        assert sections[0].channels == 2 and sections[0].stream_id == "recorded-v1.6-channels"
+        channel = StreamReader(FileChannel(channel_file), page_count=pages, ram=ram, kind=StreamKind.CHANNEL,
+                               shared=main.page_maps())
+        assert channel.read_section() == ChannelSection("recorded-v1.6-channels", 1)
+        assert isinstance(_read_all(channel)[-1], EndSection)
+        assert section == ChannelsEndSection(1)
+        rest = _read_all(main)
+        assert isinstance(rest[-1], EndSection) and main.rounds == 2
+    # page 21 as pass 2 sent it again, after the channel had brought its pass-1 copy
+    expected = b"".join(_recorded_page(n, generation=int(n == 21)) for n in range(pages))
+    assert bytes(ram.page_view(0, pages)) == expected
+    if ram_kind == "guest-memory":
+        ram.close()
