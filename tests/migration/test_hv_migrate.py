@@ -155,3 +155,20 @@ def test_qmp_events_follows_stop_and_resume(vms, sock_dir):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_channels_sets_multifd_channels_and_a_bad_value_is_one_line(vms, sock_dir):
+    """--channels N is multifd-channels on the source: 9 is refused in one line before any
+    migration starts; with 1 the migration completes and the parameter reads back."""
+    src, dst, uri = pair(vms, sock_dir)
+    bad = run_migrate("--qmp", src.qmp_path, uri, "--channels", "9")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "hv: error: migration failed: Parameter 'multifd-channels' expects a value between 1 and 8"], bad.stderr
+    assert src.execute("query-migrate")["return"].get("status", "none") == "none"
+    assert src.execute("query-status")["return"]["status"] == "running"
+    result = run_migrate("--qmp", src.qmp_path, uri, "--interval", "0.1", "--channels", "1")
+    assert result.returncode == 0, result.stderr
+    assert src.execute("query-migrate-parameters")["return"]["multifd-channels"] == 1
+    before = dst.output().count("\n")
+    dst.wait_lines(before + 2)  # the guest runs on at the destination
