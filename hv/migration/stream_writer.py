@@ -10,7 +10,7 @@ import select
 import socket
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,52 +94,36 @@ LIVE_NOTICE_BYTES = b"".join(_framed(SectionType.OK, LIVE_NOTICE.encode()))
 NOTICES: dict[bytes, str] = {
     b"".join(_framed(SectionType.OK, text.encode())): text
     for text in (LIVE_NOTICE, *(f"{CHANNELS_NOTICE} {n}" for n in range(2, MAX_CHANNELS + 1)))}
-_LONGEST_NOTICE = max(len(framed) for framed in NOTICES)
 
 
-def take_notice(sock: socket.socket) -> str | bool | None:
-    """Consume one of the destination's notices (:data:`NOTICES`) if it is exactly what
-    waits first on ``sock`` (peeked without blocking; any other bytes are left for the
-    caller). Its text: taken. False: nothing waits, or a notice's first bytes only. None:
-    something else waits (a reply or end of file)."""
+def take_notice(sock: socket.socket, notices: Mapping[bytes, str] = NOTICES) -> str | bool | None:
+    """Consume one of the destination's notices (framed, as in :data:`NOTICES`) if it is
+    exactly what waits first on ``sock`` (peeked without blocking; any other bytes are left
+    for the caller). Its text: taken. False: nothing waits, or a notice's first bytes only.
+    None: something else waits (a reply or end of file)."""
     try:
         ready, _, _ = select.select([sock], [], [], 0)
         if not ready:  # (a socket with a timeout would wait for it in recv, MSG_DONTWAIT or not)
             return False
-        data = sock.recv(_LONGEST_NOTICE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(max(map(len, notices)), socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:
         return None
-    for framed, text in NOTICES.items():
+    for framed, text in notices.items():
         if data.startswith(framed):
             taken = sock.recv(len(framed), socket.MSG_DONTWAIT)
             return text if taken == framed else None
-    if data and any(framed.startswith(data) for framed in NOTICES):
+    if data and any(framed.startswith(data) for framed in notices):
         return False
     return None
 
 
 def take_live_notice(sock: socket.socket) -> bool | None:
-    """Consume the destination's OK ``ram-live`` notice if it is exactly what waits first
-    on ``sock`` (peeked without blocking; any other bytes are left for the caller).
-    True: taken. False: nothing waits, or the notice's first bytes only. None: something
-    else waits (a reply or end of file)."""
-    try:
-        ready, _, _ = select.select([sock], [], [], 0)
-        if not ready:  # (a socket with a timeout would wait for it in recv, MSG_DONTWAIT or not)
-            return False
-        data = sock.recv(len(LIVE_NOTICE_BYTES), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return None
-    if not data or not LIVE_NOTICE_BYTES.startswith(data):
-        return None
-    if len(data) < len(LIVE_NOTICE_BYTES):
-        return False
-    taken = sock.recv(len(LIVE_NOTICE_BYTES), socket.MSG_DONTWAIT)
-    return taken == LIVE_NOTICE_BYTES or None
+    """:func:`take_notice` for the OK ``ram-live`` notice alone: True when it was taken
+    (any other notice is left, as something else)."""
+    outcome = take_notice(sock, {LIVE_NOTICE_BYTES: LIVE_NOTICE})
+    return None if outcome is None else outcome == LIVE_NOTICE
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -238,7 +222,7 @@ class StreamWriter:
 
     def peer_waiting(self) -> bool:
         """Source side, when the back channel is readable: take the destination's
-        ``ram-live`` notice if that is what waits (see :func:`take_live_notice`). True when
+        notices if that is what waits (see :func:`take_notice`). True when
         something else waits (an ERROR, a closed connection: the caller reads it), False
         when nothing does any more."""
         sock = getattr(self.sink, "sock", None)
