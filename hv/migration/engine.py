@@ -236,9 +236,10 @@ class _DataChannel:
     its own thread, taking chunks from the pass like the main connection does. It ends
     with END when the pass has no chunk left; ``error`` says why it stopped otherwise."""
 
-    def __init__(self, index: int, full_pass: _FullPass) -> None:
+    def __init__(self, index: int, full_pass: _FullPass, connect: Callable[[], socket.socket]) -> None:
         self.index = index
         self.full_pass = full_pass
+        self.connect = connect
         self.sock: socket.socket | None = None
         self.writer: StreamWriter | None = None
         self.ended = False
@@ -248,7 +249,7 @@ class _DataChannel:
     def _run(self) -> None:
         full_pass, main = self.full_pass, self.full_pass.main
         try:
-            self.sock = full_pass.open_channel()
+            self.sock = self.connect()
         except (OSError, MigrationError) as exc:  # the others carry its share
             log.warning("data channel %d: %s; the other connections carry its pages", self.index, exc)
             return
@@ -271,14 +272,6 @@ class _DataChannel:
         except BaseException as exc:  # noqa: BLE001 - the main thread reports it
             self.error = exc
 
-    def reason(self) -> str:
-        exc = self.error
-        if isinstance(exc, OSError) and timed_out(exc):
-            return "the destination stopped reading it (x-stall-timeout)"
-        if isinstance(exc, OSError):
-            return exc.strerror or str(exc)
-        return str(exc)
-
 
 class _FullPass:
     """The full pass, chunk by chunk, over the main connection and the data channels the
@@ -296,7 +289,7 @@ class _FullPass:
         self.offer = offer
         self.stable = stable
         self.stream_id = stream_id
-        self.open_channel = open_channel or _no_channel
+        self.open_channel = open_channel
         self.channels: list[_DataChannel] = []
         self.ended = 0  # data channels that carried their share and ended
         self.closed = False
@@ -330,8 +323,8 @@ class _FullPass:
             self._check_channels()
             main.send(*chunk, stable=self.stable)
             granted = min(main.writer.granted_channels, self.offer)
-            if not self.channels and granted > 1 and self.open_channel is not _no_channel:
-                self.channels = [_DataChannel(i, self) for i in range(1, granted)]
+            if not self.channels and granted > 1 and self.open_channel is not None:
+                self.channels = [_DataChannel(i, self, self.open_channel) for i in range(1, granted)]
                 for channel in self.channels:
                     channel.thread.start()
         for channel in self.channels:
@@ -351,7 +344,8 @@ class _FullPass:
             if channel.error is not None:
                 if isinstance(channel.error, MigrationCanceled):
                     raise MigrationCanceled("canceled")
-                raise MigrationError(f"data channel {channel.index}: {channel.reason()}")
+                raise MigrationError(f"data channel {channel.index}: "
+                                     f"{failure_reason(channel.error, self.main.params.stall_timeout)}")
 
     def shutdown(self) -> None:
         """Cut every data channel's connection (a frozen destination, the cancel grace)."""
@@ -370,8 +364,18 @@ class _FullPass:
                 channel.sock.close()
 
 
-def _no_channel() -> socket.socket:
-    raise MigrationError("no data channels on this connection")
+def failure_reason(exc: BaseException, stall_timeout: float) -> str:
+    """Why a migration (or one of its data channels) failed, in one line for error-desc."""
+    if isinstance(exc, PeerError):
+        return f"destination refused: {exc}"
+    if isinstance(exc, (OSError, StreamError)) and timed_out(exc):
+        return f"the destination stopped reading: nothing sent for {stall_timeout:g} s (x-stall-timeout)"
+    if isinstance(exc, (StreamError, MigrationError, MachineError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"connection to the destination failed: {exc.strerror or exc}"
+    log.error("unexpected migration error", exc_info=exc)
+    return f"internal error: {exc!r}"
 
 
 def worth_another_round(expected_ms: int, dirty_pages: int, previous_dirty: int | None,
@@ -551,17 +555,7 @@ class OutgoingMigration:
     def _reason(self, exc: Exception) -> str:
         if self.canceled.is_set():
             return "canceled"
-        if isinstance(exc, PeerError):
-            return f"destination refused: {exc}"
-        if isinstance(exc, (OSError, StreamError)) and timed_out(exc):
-            return (f"the destination stopped reading: nothing sent for {self._stall_timeout:g} s "
-                    "(x-stall-timeout)")
-        if isinstance(exc, (StreamError, MigrationError, MachineError)):
-            return str(exc)
-        if isinstance(exc, OSError):
-            return f"connection to the destination failed: {exc.strerror or exc}"
-        log.exception("unexpected migration error")
-        return f"internal error: {exc!r}"
+        return failure_reason(exc, self._stall_timeout)
 
     def _give_up(self) -> None:
         if self._paused_by_us and not self._committed:
@@ -590,8 +584,7 @@ class OutgoingMigration:
         # Full pass.
         round_start = time.monotonic()
         bytes_before = writer.bytes_written
-        full_pass = self._full_pass = _FullPass(sender, not machine.running, stream_id, offer,
-                                                self.open_channel if offer > 1 else None)
+        full_pass = self._full_pass = _FullPass(sender, not machine.running, stream_id, offer, self.open_channel)
         channel_bytes = full_pass.run()
         writer.write_round_end(1)
         elapsed = max(time.monotonic() - round_start, 1e-6)
