@@ -239,11 +239,9 @@ class _IncomingClock:
     (not from when hv started waiting for it)."""
 
     _round_ends: tuple[float, ...] = ()  # the last two ROUND_END arrival times
-    rounds: int = 0
 
     def round_end(self) -> None:
         self._round_ends = (*self._round_ends[-1:], time.monotonic())
-        self.rounds += 1
 
     def downtime_ms(self) -> int | None:
         """From the close of the next-to-last pass (the source pauses the guest right then
@@ -284,7 +282,6 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
     check_config = config_checker(machine)
     collected = IncomingState(machine)
     clock = _IncomingClock()
-    channels_announced = 0
 
     def on_config(remote: Fingerprint) -> None:
         nonlocal data_channels
@@ -310,15 +307,13 @@ def receive_migration(machine: Machine, sock: socket.socket, status: MigrationSt
         machine.prepare_vcpus()
 
     def on_channels_end(count: int) -> None:
-        nonlocal channels_announced
         if data_channels is None:
             raise MigrationError("CHANNELS_END from a source that was given no data channels")
         data_channels.wait_ended(count, shutting_down)
-        channels_announced = count
 
     def on_round_end() -> None:
-        if data_channels is not None and clock.rounds == 0:
-            data_channels.finish(channels_announced)
+        if data_channels is not None and reader.rounds == 1:  # pass 1 is in
+            data_channels.finish()
         clock.round_end()
         # The pre-fault runs on through the full pass (pages it faults in ahead of the
         # stream cost the reader nothing; 2 GiB, 3/4 written: total 1037 -> 718 ms over

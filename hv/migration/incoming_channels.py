@@ -73,6 +73,7 @@ class DataChannels:
         self._watch = watch
         self._channels: list[_Channel] = []
         self._stray = 0
+        self._announced = 0  # data channels the main stream's CHANNELS_END counted
         self.torn_pages = 0  # RAM_LIVE pages that arrived torn on the data channels
         self._closed = False
         self._failure: DataChannelError | None = None
@@ -179,6 +180,7 @@ class DataChannels:
         connected channel's own reads time out the same way)."""
         if count > self.count - 1:
             raise MigrationError(f"CHANNELS_END: {count} data channels, this destination took {self.count - 1}")
+        self._announced = count
         progress, since = (-1, -1), time.monotonic()
         with self._changed:
             while True:
@@ -196,16 +198,17 @@ class DataChannels:
                                          f"within {self.stall_timeout:g} s (x-stall-timeout)")
                 self._changed.wait(0.25)
 
-    def finish(self, announced: int) -> None:
+    def finish(self) -> None:
         """ROUND_END 1: take no more connections; every data channel must have ended and
-        been counted in CHANNELS_END (``announced``; 0 without one)."""
+        been counted in CHANNELS_END (none without one)."""
         self._stop_accepting()
         self.check()
         with self._changed:
             registered = [c for c in self._channels if c.index]
-            if any(not c.ended for c in registered) or len(registered) != announced:
+            if any(not c.ended for c in registered) or len(registered) != self._announced:
                 raise MigrationError(f"pass 1 ended with {len(registered)} data channels connected, "
-                                     f"{sum(c.ended for c in registered)} of them ended, {announced} announced")
+                                     f"{sum(c.ended for c in registered)} of them ended, "
+                                     f"{self._announced} announced")
 
     def _stop_accepting(self) -> None:
         if self._acceptor.is_alive():
