@@ -212,6 +212,11 @@ HVS_TARGET static uint32_t hvs_crc_fold(uint32_t crc, const uint8_t *src, uint8_
 #define HVS_TARGET256 __attribute__((target("pclmul,sse4.1,avx2,vpclmulqdq")))
 static int hvs_wide_crc;  /* set by hvs_available() when the CPU and OS allow it */
 
+static int hvs_wide_crc_runs(void)  /* the CPU (and the OS, for ymm state) can run it */
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq");
+}
+
 HVS_TARGET256 static inline __m256i hvs_fold256(__m256i x, __m256i k, __m256i next)
 {
     __m256i lo = _mm256_clmulepi64_epi128(x, k, 0x00);
@@ -266,8 +271,7 @@ int hvs_available(void)
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("pclmul") || !__builtin_cpu_supports("sse4.1"))
         return 0;
-    hvs_wide_crc = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq")
-                   && !__builtin_cpu_supports("avx512f");
+    hvs_wide_crc = hvs_wide_crc_runs() && !__builtin_cpu_supports("avx512f");
     if (!__atomic_load_n(&hvs_table_ready, __ATOMIC_ACQUIRE))
         hvs_make_table();
     return 1;
@@ -306,7 +310,7 @@ int hvs_use_wide_crc(int on)
 {
 #if defined(__x86_64__)
     if (on >= 0)
-        hvs_wide_crc = on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq");
+        hvs_wide_crc = on && hvs_wide_crc_runs();
     return hvs_wide_crc;
 #else
     (void)on;
