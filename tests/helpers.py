@@ -315,19 +315,25 @@ def machine_in_process(machine_type: str, accel: str, kernel: Path, append: str,
     return machine, console
 
 
-def receive_in_thread(target: Any, sock: socket.socket, status: Any) -> tuple[threading.Thread, list[BaseException]]:
+def receive_in_thread(target: Any, sock: socket.socket, status: Any, *, close: bool = False,
+                      **options: Any) -> tuple[threading.Thread, list[BaseException]]:
     """Receive a migration into the in-process machine ``target`` from ``sock`` on a
     started thread; whatever the receive raised is appended to the returned list, for
-    the test thread to check after joining."""
+    the test thread to check after joining. ``options`` go to ``receive_migration``
+    (``stall_timeout``, ``listener``, ``channels``); ``close``: close ``sock`` when the
+    receive ends, as ``hv -incoming`` does."""
     from hv.migration.incoming import receive_migration
 
     errors: list[BaseException] = []
 
     def receive() -> None:
         try:
-            receive_migration(target, sock, status)
+            receive_migration(target, sock, status, **options)
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             errors.append(exc)
+        finally:
+            if close:
+                sock.close()
 
     thread = threading.Thread(target=receive, name="test-incoming")
     thread.start()

@@ -21,7 +21,6 @@ import pytest
 
 from hv.errors import StreamError
 from hv.migration.engine import MigrationParameters, OutgoingMigration
-from hv.migration.incoming import receive_migration
 from hv.migration.stream import (
     CHANNELS_MINOR,
     PAGE_SIZE,
@@ -44,7 +43,7 @@ from hv.migration.stream_format import LIVE_NOTICE
 from hv.migration.stream_writer import NOTICES, take_notice
 from hv.migration.transport import Listener, MigrationUri, connect, listen
 from hv_fixtures import guest
-from tests.helpers import machine_in_process, migration_status_for
+from tests.helpers import machine_in_process, migration_status_for, receive_in_thread
 from tests.migration.test_migration_stream import Collect
 
 
@@ -287,17 +286,8 @@ def _migrate(source: Any, target: Any, listener: Listener, *, offer: bool = True
     if pre_grant is not None:
         send_reply(SocketChannel(in_sock), True, LIVE_NOTICE)
         announce_channels(SocketChannel(in_sock), pre_grant)
-    errors: list[BaseException] = []
-    dst_status = migration_status_for(target)
-
-    def receive() -> None:
-        try:
-            receive_migration(target, in_sock, dst_status, 10, listener=listener, channels=take)
-        except BaseException as exc:  # noqa: BLE001 - checked by the test
-            errors.append(exc)
-
-    receiver = threading.Thread(target=receive, name="test-incoming")
-    receiver.start()
+    receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target), stall_timeout=10,
+                                         listener=listener, channels=take)
     status = migration_status_for(source)
     open_channel = functools.partial(connect, uri, 10) if offer else None
     outgoing = OutgoingMigration(source, status, MigrationParameters(multifd_channels=channels), out_sock,
@@ -372,18 +362,8 @@ def _hand_source(target: Any, listener: Listener, take: int = 2) -> tuple[socket
     out_sock = connect(uri, 10)
     out_sock.settimeout(30)
     in_sock = listener.accept(timeout=10)
-    errors: list[BaseException] = []
-
-    def receive() -> None:
-        try:
-            receive_migration(target, in_sock, migration_status_for(target), 2, listener=listener, channels=take)
-        except BaseException as exc:  # noqa: BLE001 - checked by the test
-            errors.append(exc)
-        finally:
-            in_sock.close()
-
-    receiver = threading.Thread(target=receive, name="test-incoming")
-    receiver.start()
+    receiver, errors = receive_in_thread(target, in_sock, migration_status_for(target), close=True,
+                                         stall_timeout=2, listener=listener, channels=take)
     writer = StreamWriter(SocketChannel(out_sock))
     sid = writer.write_header(target.arch.value, target.config.machine, channels=2)
     writer.write_config(Fingerprint.from_dict(target.fingerprint()))
