@@ -64,6 +64,13 @@ STALL_TIMEOUT = 30           # default x-stall-timeout: seconds without progress
 # shut down instead, mid-record; it then reports a truncated stream.
 CANCEL_GRACE = 2.0
 CANCEL_DRAIN = 1.0           # seconds the source waits for the destination to hang up
+# How long the source looks for the destination's ERROR on the main connection after a
+# write failed: on the main connection itself the ERROR is already there; after a data
+# channel's connection broke it may still be on its way (a destination that refuses a data
+# channel says why on the main connection, and a live hv destination always answers there
+# once one of its data channels broke). A gone destination's EOF ends the wait at once.
+REFUSAL_WAIT = 1.0
+REFUSAL_WAIT_AFTER_CHANNEL = 5.0
 BANDWIDTH_SAMPLE_BYTES = 4 << 20
 # Connections per migration by default. The source of a tcp stream is CPU-bound (the page
 # checksums read guest RAM from memory, the copy into the socket runs the loopback receive
@@ -76,6 +83,15 @@ EventSink = Callable[[str, "dict[str, Any] | None"], None]
 
 class MigrationCanceled(MigrationError):
     """The migration was canceled (migrate_cancel)."""
+
+
+class PeerClosed(MigrationError):
+    """The destination closed (or reset) a connection without saying why on it."""
+
+
+class DataChannelBroken(MigrationError):
+    """A data channel's connection or stream failed (its exception is the cause). The
+    destination may have refused it: the reason, if any, is on the main connection."""
 
 
 @dataclass
@@ -193,8 +209,9 @@ class _Sender:
         # RAM_LIVE sections, a notice the writer takes.
         if ready and self.writer.peer_waiting():
             refusal = peer_refusal(self.sock, self.channel, 0)
-            raise MigrationError(f"destination refused: {refusal}" if refusal is not None
-                                 else "the destination closed the connection")
+            if refusal is None:
+                raise PeerClosed("the destination closed the connection")
+            raise MigrationError(f"destination refused: {refusal}")
 
     def send(self, start: int, count: int, stable: bool) -> int:
         done = 0
@@ -270,7 +287,21 @@ class _DataChannel:
                 writer.write_end()
                 self.ended = True
         except BaseException as exc:  # noqa: BLE001 - the main thread reports it
-            self.error = exc
+            log.debug("data channel %d failed", self.index, exc_info=exc)
+            self.error = _without_frames(exc)
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions it was raised from, without their tracebacks. A data
+    channel's error outlives its thread (the migration keeps it), and its frames hold views
+    of guest RAM: kept, they would stop the machine from unmapping its memory."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 class _FullPass:
@@ -344,8 +375,11 @@ class _FullPass:
             if channel.error is not None:
                 if isinstance(channel.error, MigrationCanceled):
                     raise MigrationCanceled("canceled")
-                raise MigrationError(f"data channel {channel.index}: "
-                                     f"{failure_reason(channel.error, self.main.params.stall_timeout)}")
+                reason = f"data channel {channel.index}: " \
+                         f"{failure_reason(channel.error, self.main.params.stall_timeout)}"
+                if isinstance(channel.error, (OSError, StreamError, PeerClosed)) and not timed_out(channel.error):
+                    raise DataChannelBroken(reason) from channel.error
+                raise MigrationError(reason)
 
     def shutdown(self) -> None:
         """Cut every data channel's connection (a frozen destination, the cancel grace)."""
@@ -526,8 +560,10 @@ class OutgoingMigration:
             log.info("migration canceled")
             return self.status.cancel
         reason = self._reason(exc)
-        if isinstance(exc, (OSError, StreamError)) and not self._committed and not self.canceled.is_set():
-            refusal = peer_refusal(self.sock, SocketChannel(self.sock), 1.0)
+        if isinstance(exc, (OSError, StreamError, DataChannelBroken)) and not self._committed \
+                and not self.canceled.is_set():
+            wait = REFUSAL_WAIT_AFTER_CHANNEL if isinstance(exc, DataChannelBroken) else REFUSAL_WAIT
+            refusal = peer_refusal(self.sock, SocketChannel(self.sock), wait)
             if refusal is not None:  # a write failed because the destination gave up: say why
                 reason = f"destination refused: {refusal}"
         if self._committed:

@@ -5,12 +5,14 @@ listener), over real TCP and UNIX sockets on loopback; the untrusted-input cases
 source by hand with StreamWriter, as a broken or hostile peer would."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -353,6 +355,71 @@ def test_a_stranger_on_the_listener_is_dropped_and_changes_nothing(listener: Lis
     finally:
         source.close()
         target.close()
+
+
+def test_a_refused_data_channel_is_reported_with_the_destinations_reason(listener: Listener) -> None:
+    """A destination that refuses a data channel cuts that connection and says why on the
+    main connection. The source reports that reason, not the broken data channel, even when
+    the break reaches it first: here the main connection is not read while the data channel
+    is cut, and the ERROR is sent only once the source's data channel has failed, so the
+    source's next step is to notice the failed channel."""
+    source, target = _machines("128")
+    target.close()
+    out_sock = connect(listener.address, 10)
+    in_sock = listener.accept(timeout=10)
+    main = SocketChannel(in_sock)
+    send_reply(main, True, LIVE_NOTICE)
+    announce_channels(main, 2)
+    status = migration_status_for(source)
+    outgoing = OutgoingMigration(source, status, MigrationParameters(multifd_channels=2), out_sock,
+                                 lambda *_args: None, functools.partial(connect, listener.address, 10))
+    reading = threading.Event()
+    reading.set()
+
+    def read_main() -> None:
+        """The destination's reading of the main connection: while ``reading`` is set, at
+        most 64 KiB a millisecond, so the source's full pass still has chunks left (for
+        the data channel to fail on) when the data channel connects."""
+        in_sock.settimeout(0.05)
+        with contextlib.suppress(OSError):
+            while True:
+                time.sleep(0.001)
+                if not reading.is_set():
+                    continue
+                try:
+                    if not in_sock.recv(1 << 16):
+                        return
+                except TimeoutError:
+                    pass
+
+    def channel_failed() -> bool:
+        full_pass = outgoing._full_pass  # noqa: SLF001 - the moment this test is about
+        return full_pass is not None and any(c.error is not None for c in full_pass.channels)
+
+    reader = threading.Thread(target=read_main, daemon=True)
+    try:
+        reader.start()
+        outgoing.start()
+        data = listener.accept(timeout=30)
+        reading.clear()  # the source's main connection fills up and waits
+        data.settimeout(30)
+        assert data.recv(1)  # the data channel is connected and sending
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        data.close()  # a reset: the source's next write on it fails
+        assert _eventually(channel_failed, 30)
+        send_reply(main, False, "data channel 1: RAM section: checksum mismatch (test)")
+        reading.set()
+        outgoing.thread.join(timeout=60)
+        assert not outgoing.thread.is_alive()
+        info = status.to_qmp()
+        assert info["status"] == "failed", info
+        assert info["error-desc"] == "destination refused: data channel 1: RAM section: checksum mismatch (test)"
+    finally:
+        in_sock.close()
+        if outgoing.thread.is_alive() or outgoing.thread.ident is not None:
+            outgoing.thread.join(timeout=60)
+        reader.join(timeout=10)
+        source.close()
 
 
 # -- a source that breaks the rules, played by hand -------------------------------------------
