@@ -296,11 +296,14 @@ def _without_frames(exc: BaseException) -> BaseException:
     channel's error outlives its thread (the migration keeps it), and its frames hold views
     of guest RAM: kept, they would stop the machine from unmapping its memory."""
     seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
         seen.add(id(link))
         link.__traceback__ = None
-        link = link.__cause__ or link.__context__
+        pending += [link.__cause__, link.__context__]
     return exc
 
 
