@@ -415,8 +415,9 @@ def test_a_refused_data_channel_is_reported_with_the_destinations_reason(listene
         assert info["status"] == "failed", info
         assert info["error-desc"] == "destination refused: data channel 1: RAM section: checksum mismatch (test)"
     finally:
+        reading.set()  # a failed assertion above must not leave the reader waiting for good
         in_sock.close()
-        if outgoing.thread.is_alive() or outgoing.thread.ident is not None:
+        if outgoing.thread.ident is not None:  # started
             outgoing.thread.join(timeout=60)
         reader.join(timeout=10)
         source.close()
