@@ -23,7 +23,7 @@ from hv.devices.virtio_pci import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEA
 from hv.machine.machine import Machine
 from hv.machine.pci_wiring import PciSetup, build_pci
 from hv.memory import GuestMemory, RegionSpec
-from tests.helpers import FIXTURES, ROOT, requires_kvm, tool_marks, value
+from tests.helpers import FIXTURES, ROOT, blk_passes, requires_kvm, tool_marks, value
 from tests.machine.conftest import (
     F_EVENT_IDX, F_INDIRECT, F_VERSION_1, RAM_BASE, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
     T_WRITE_ZEROES, Driver, blk_reference, make_image,
@@ -392,27 +392,33 @@ MOVES = [
 @pytest.mark.parametrize("machine_type,accels", MOVES)
 def test_blk_guest_moves_between_backends_mid_io(tmp_path, machine_type, accels):
     """Pause anywhere, save through plain values, restore on another backend with the image
-    lock handed over: the guest's output and the image equal an unmoved run's."""
+    lock handed over: the guest's output and the image equal an unmoved run's. The guest is
+    held (``hold=1 iterations=0``: it does passes until a byte arrives on its serial input),
+    so however loaded the host it is still doing I/O at every hop; the test types that byte
+    on the last machine."""
     from hv.machine.machine import MachineSnapshot
     from hv.machine.move import copy_ram
 
     arch = {"q35": "x86_64", "virt": "aarch64"}[machine_type]
     image = make_image(tmp_path / "move.img", 4 << 20)
-    iterations = 40
     config = parse_args(["-machine", machine_type, "-m", "64", "-kernel", str(FIXTURES / arch / "blk.elf"),
-                         "-append", f"sectors=128 iterations={iterations} chunk=8 depth=4"]).config
+                         "-append", "sectors=128 iterations=0 chunk=8 depth=4 hold=1"]).config
     drives = [parse_drive(f"file={image},id=disk,serial=mover")]
     devices = [parse_device("virtio-blk-pci,drive=disk,id=vblk,addr=3")]
     console = BufferSink()
+
+    def wait_passes(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(blk_passes(console.getvalue().decode())) < count:
+            assert time.monotonic() < deadline, console.getvalue()[-300:]
+            time.sleep(0.001)
+
     machine = PciMachine(config, backend_class(accels[0])(), console, drives, devices)
     machine.load_kernel(config.kernel.read_bytes())
     machine.start()
     try:
         for hop, accel in enumerate(accels[1:]):
-            deadline = time.monotonic() + 60
-            while console.getvalue().count(b"\n") < 3 + 8 * (hop + 1):
-                assert time.monotonic() < deadline, console.getvalue()[-300:]
-                time.sleep(0.001)
+            wait_passes(8 * (hop + 1))
             assert machine.pause()
             snapshot = MachineSnapshot.from_dict(machine.save().to_dict())
             fresh = PciMachine(config, backend_class(accel)(), console, drives, devices, lock_images=False)
@@ -423,13 +429,17 @@ def test_blk_guest_moves_between_backends_mid_io(tmp_path, machine_type, accels)
             fresh.kernel_image = machine.kernel_image
             machine = fresh
             machine.start()
+        wait_passes(len(blk_passes(console.getvalue().decode())) + 1)  # a whole pass on the last machine
+        assert machine.console_input(b"x") == 1
         assert machine.wait_shutdown(120) == "guest-shutdown"
     finally:
         machine.close()
-    expected = blk_reference(128, iterations, 8, 4, "mover")
-    assert console.getvalue().decode().splitlines() == expected
+    lines = console.getvalue().decode().splitlines()
+    passes = len(blk_passes(console.getvalue().decode()))
+    assert lines[0] == "blk: sectors=128 iterations=0 chunk=8 depth=4", lines[0]
+    assert lines[1:] == blk_reference(128, passes, 8, 4, "mover")[1:]
     raw = image.read_bytes()
-    pattern = b"".join(value(iterations, i).to_bytes(8, "little") for i in range(128 * 64))
+    pattern = b"".join(value(passes, i).to_bytes(8, "little") for i in range(128 * 64))
     assert raw[:len(pattern)] == pattern
 
 
