@@ -12,7 +12,10 @@
  * The checksum is zlib's CRC-32 (the stream format's), computed with PCLMULQDQ folding
  * (Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ Instruction";
  * constants as in Linux's crc32-pclmul). Without PCLMULQDQ (or on another architecture)
- * hvs_available() returns 0 and Python keeps its own paths.
+ * hvs_available() returns 0 and Python keeps its own paths. Format 1.7's RAM_HASHED
+ * sections carry an XXH3-64 per page instead, after the pages: the source hashes each
+ * group of pages right after sending it (hvs_send_hashed), the destination each page as it
+ * lands (hvs_hash_pages), and compares when the trailer arrives.
  *
  * The receiver trusts nothing: it applies a RAM section only after the section header, its
  * run header and its whole page-kind map are buffered and valid (page numbers inside guest
@@ -50,8 +53,11 @@ struct hvs_rx {
     int32_t live_ok; int32_t live; uint32_t page_crc; uint32_t torn; uint64_t torn_total;
     uint32_t crcs[8192]; uint8_t torn_map[8192];
     uint8_t *pristine;
+    int32_t hashed_ok; int32_t hashed; uint64_t hashes[8192];
 };
 int hvs_available(void);
+uint64_t hvs_xxh3_page(const uint8_t *page);
+int hvs_use_wide_hash(int on);
 uint32_t hvs_crc32(uint32_t crc, const uint8_t *p, size_t n);
 void hvs_set_crc(void *fn);
 int hvs_use_wide_crc(int on);
@@ -63,7 +69,7 @@ int hvs_rx_step(struct hvs_rx *rx);
 size_t hvs_rx_take(struct hvs_rx *rx, uint8_t *dst, size_t n);
 struct hvs_tx {
     int32_t fd; int32_t timeout_ms;
-    uint64_t bytes; uint32_t zero, normal; int32_t err_errno; int32_t splice;
+    uint64_t bytes; uint32_t zero, normal; int32_t err_errno; int32_t splice; int32_t hashed;
 };
 int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_t npages,
                   const uint8_t *known_zero, uint32_t run_pages, uint8_t *meta);
@@ -74,6 +80,7 @@ CDEF-END */
 #define HVS_MAX_SECTION (64u << 20)
 #define HVS_TYPE_RAM 3
 #define HVS_TYPE_RAM_LIVE 11
+#define HVS_TYPE_RAM_HASHED 14
 #define HVS_HEAD 8u
 #define HVS_RUN 16u
 #define HVS_MAX_REGIONS 16
@@ -99,6 +106,9 @@ struct hvs_rx {
      * destination was created, and written by nothing since); cleared here for every page a
      * section brings data for, before the data lands */
     uint8_t *pristine;
+    /* format 1.7 RAM_HASHED sections (hashed_ok: the stream declared >= 1.7): the XXH3-64
+     * of each normal page, computed as its last byte lands, compared with the trailer */
+    int32_t hashed_ok; int32_t hashed; uint64_t hashes[HVS_MAX_RUN_PAGES];
 };
 
 /* -- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted) ------------------- */
@@ -265,6 +275,8 @@ HVS_TARGET256 static uint32_t hvs_crc_fold256(uint32_t crc, const uint8_t *src, 
 }
 #endif
 
+static int hvs_wide_hash;  /* XXH3's AVX2 loop: set by hvs_available() where the CPU has it */
+
 int hvs_available(void)
 {
 #if defined(__x86_64__)
@@ -272,6 +284,7 @@ int hvs_available(void)
     if (!__builtin_cpu_supports("pclmul") || !__builtin_cpu_supports("sse4.1"))
         return 0;
     hvs_wide_crc = hvs_wide_crc_runs() && !__builtin_cpu_supports("avx512f");
+    hvs_wide_hash = __builtin_cpu_supports("avx2");
     if (!__atomic_load_n(&hvs_table_ready, __ATOMIC_ACQUIRE))
         hvs_make_table();
     return 1;
@@ -351,6 +364,161 @@ static uint32_t hvs_crc_copy(uint32_t crc, const uint8_t *src, uint8_t *dst, siz
         done += part;
     }
     return crc;
+}
+
+/* -- XXH3-64 of one 4 KiB page (format 1.7 page hashes) ------------------------------ */
+/* XXH3_64bits(page, 4096) with seed 0 and the default secret (xxHash's specification,
+ * "XXH3 long input": 1024-byte blocks of 16 stripes, the accumulator scrambled after
+ * each, 15 stripes and the last 64 bytes, then the merge). Written for exactly 4096
+ * bytes; tests check it against values the reference implementation gives. An AVX2 loop
+ * where the CPU has it, else the scalar one (the same arithmetic, lane by lane). */
+#define HVS_P32_1 0x9E3779B1u
+#define HVS_P32_2 0x85EBCA77u
+#define HVS_P32_3 0xC2B2AE3Du
+#define HVS_P64_1 0x9E3779B185EBCA87ull
+#define HVS_P64_2 0xC2B2AE3D27D4EB4Full
+#define HVS_P64_3 0x165667B19E3779F9ull
+#define HVS_P64_4 0x85EBCA77C2B2AE63ull
+#define HVS_P64_5 0x27D4EB2F165667C5ull
+
+static const uint8_t hvs_xxh_secret[192] = {
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+    0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb,
+    0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0, 0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e,
+    0x2b, 0x16, 0xbe, 0x58, 0x7d, 0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce,
+    0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
+};
+static const uint64_t hvs_xxh_init[8] = {
+    HVS_P32_3, HVS_P64_1, HVS_P64_2, HVS_P64_3, HVS_P64_4, HVS_P32_2, HVS_P64_5, HVS_P32_1,
+};
+
+static uint64_t hvs_rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static void hvs_xxh_stripe(uint64_t *acc, const uint8_t *in, const uint8_t *secret)
+{
+    for (int i = 0; i < 8; i++) {
+        uint64_t data = hvs_rd64(in + 8 * i), key = data ^ hvs_rd64(secret + 8 * i);
+        acc[i ^ 1] += data;
+        acc[i] += (uint64_t)(uint32_t)key * (key >> 32);
+    }
+}
+
+static void hvs_xxh_scramble(uint64_t *acc, const uint8_t *secret)
+{
+    for (int i = 0; i < 8; i++) {
+        uint64_t a = acc[i];
+        a ^= a >> 47;
+        a ^= hvs_rd64(secret + 8 * i);
+        acc[i] = a * HVS_P32_1;
+    }
+}
+
+static uint64_t hvs_xxh_mix(uint64_t a, uint64_t b)
+{
+    __uint128_t product = (__uint128_t)a * b;
+    return (uint64_t)product ^ (uint64_t)(product >> 64);
+}
+
+/* The merge of the 8 accumulators into the 64-bit hash of a 4096-byte input. */
+static uint64_t hvs_xxh_merge(const uint64_t *acc)
+{
+    uint64_t result = 4096ull * HVS_P64_1;
+    for (int i = 0; i < 4; i++)
+        result += hvs_xxh_mix(acc[2 * i] ^ hvs_rd64(hvs_xxh_secret + 11 + 16 * i),
+                              acc[2 * i + 1] ^ hvs_rd64(hvs_xxh_secret + 11 + 16 * i + 8));
+    result ^= result >> 37;
+    result *= 0x165667919E3779F9ull;
+    return result ^ (result >> 32);
+}
+
+static uint64_t hvs_xxh3_page_scalar(const uint8_t *page)
+{
+    uint64_t acc[8];
+    memcpy(acc, hvs_xxh_init, sizeof acc);
+    for (int block = 0; block < 3; block++) {
+        for (int stripe = 0; stripe < 16; stripe++)
+            hvs_xxh_stripe(acc, page + block * 1024 + stripe * 64, hvs_xxh_secret + stripe * 8);
+        hvs_xxh_scramble(acc, hvs_xxh_secret + 192 - 64);
+    }
+    for (int stripe = 0; stripe < 15; stripe++)
+        hvs_xxh_stripe(acc, page + 3072 + stripe * 64, hvs_xxh_secret + stripe * 8);
+    hvs_xxh_stripe(acc, page + 4096 - 64, hvs_xxh_secret + 192 - 64 - 7);
+    return hvs_xxh_merge(acc);
+}
+
+#if defined(__x86_64__)
+#define HVS_TARGET_AVX2 __attribute__((target("avx2")))
+HVS_TARGET_AVX2 static inline void hvs_xxh_stripe256(__m256i *acc, const uint8_t *in, const uint8_t *secret)
+{
+    for (int i = 0; i < 2; i++) {
+        __m256i data = _mm256_loadu_si256((const __m256i *)(in + 32 * i));
+        __m256i key = _mm256_xor_si256(data, _mm256_loadu_si256((const __m256i *)(secret + 32 * i)));
+        __m256i product = _mm256_mul_epu32(key, _mm256_srli_epi64(key, 32));
+        __m256i swapped = _mm256_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
+        acc[i] = _mm256_add_epi64(acc[i], _mm256_add_epi64(product, swapped));
+    }
+}
+
+HVS_TARGET_AVX2 static inline void hvs_xxh_scramble256(__m256i *acc, const uint8_t *secret)
+{
+    const __m256i prime = _mm256_set1_epi32((int)HVS_P32_1);
+    for (int i = 0; i < 2; i++) {
+        __m256i a = _mm256_xor_si256(acc[i], _mm256_srli_epi64(acc[i], 47));
+        a = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(secret + 32 * i)));
+        __m256i low = _mm256_mul_epu32(a, prime);
+        __m256i high = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), prime);
+        acc[i] = _mm256_add_epi64(low, _mm256_slli_epi64(high, 32));
+    }
+}
+
+HVS_TARGET_AVX2 static uint64_t hvs_xxh3_page_avx2(const uint8_t *page)
+{
+    __m256i acc[2] = { _mm256_loadu_si256((const __m256i *)hvs_xxh_init),
+                       _mm256_loadu_si256((const __m256i *)(hvs_xxh_init + 4)) };
+    for (int block = 0; block < 3; block++) {
+        for (int stripe = 0; stripe < 16; stripe++)
+            hvs_xxh_stripe256(acc, page + block * 1024 + stripe * 64, hvs_xxh_secret + stripe * 8);
+        hvs_xxh_scramble256(acc, hvs_xxh_secret + 192 - 64);
+    }
+    for (int stripe = 0; stripe < 15; stripe++)
+        hvs_xxh_stripe256(acc, page + 3072 + stripe * 64, hvs_xxh_secret + stripe * 8);
+    hvs_xxh_stripe256(acc, page + 4096 - 64, hvs_xxh_secret + 192 - 64 - 7);
+    uint64_t out[8];
+    _mm256_storeu_si256((__m256i *)out, acc[0]);
+    _mm256_storeu_si256((__m256i *)(out + 4), acc[1]);
+    return hvs_xxh_merge(out);
+}
+#endif
+
+/* Which loop hvs_xxh3_page runs: 1 AVX2 (only where the CPU has it), 0 scalar; -1 asks.
+ * Tests run both against the reference values. */
+int hvs_use_wide_hash(int on)
+{
+#if defined(__x86_64__)
+    if (on >= 0)
+        hvs_wide_hash = on && __builtin_cpu_supports("avx2");
+    return hvs_wide_hash;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
+/* XXH3-64 of the 4096 bytes at page. */
+uint64_t hvs_xxh3_page(const uint8_t *page)
+{
+#if defined(__x86_64__)
+    if (hvs_wide_hash)
+        return hvs_xxh3_page_avx2(page);
+#endif
+    return hvs_xxh3_page_scalar(page);
 }
 
 /* -- source: one RAM section --------------------------------------------------------- */
@@ -464,6 +632,8 @@ struct hvs_tx {
     /* in: move page data into the socket by reference (hvs_splice_pages) instead of copying
      * it; cleared when this kernel cannot, the data then being copied by sendmsg */
     int32_t splice;
+    /* in: send RAM_HASHED sections (format 1.7, the destination said "ram-hashed") */
+    int32_t hashed;
 };
 
 /* Wait up to tx->timeout_ms for room in the socket. Returns 0, or -1 with tx->err_errno
@@ -580,6 +750,77 @@ static int hvs_splice_pages(struct hvs_tx *tx, const int fds[2], struct iovec *i
     return 0;
 }
 
+/* Frame npages pages at src as the head of one RAM_HASHED section (format 1.7): out
+ * receives the section header, the run header and the kind map (24 + npages bytes); the
+ * normal pages and then the trailer (their hashes, the section checksum) follow it.
+ * Returns the number of normal pages. */
+static uint32_t hvs_pack_kinds(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                               uint8_t *out)
+{
+    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
+    uint32_t normal = 0;
+    for (uint32_t i = 0; i < npages; i++) {
+        int zero = (known_zero && known_zero[i]) || hvs_page_is_zero(src + (uint64_t)i * HVS_PAGE);
+        kinds[i] = zero ? 0 : 1;
+        normal += !zero;
+    }
+    hvs_put_ram_head(out, HVS_TYPE_RAM_HASHED, HVS_RUN + npages + normal * (HVS_PAGE + 8u), start, npages);
+    return normal;
+}
+
+/* Pages sent in one piece and then hashed, while the copy into the socket has just left
+ * them in the cache (256 KiB: half of this host's L2). */
+#define HVS_HASH_GROUP 64u
+
+/* Send n pages at pages (stream page numbers start..) as one RAM_HASHED section (format
+ * 1.7): the framing, the normal pages in groups of HVS_HASH_GROUP, each hashed (XXH3-64)
+ * right after it was sent, then the trailer: the hashes and the section checksum, which
+ * covers the framing and the hashes (not the page data). A page the guest rewrites between
+ * the copy of its bytes (into the socket, or, spliced, out of it by the destination) and
+ * its hash arrives torn: the destination's hash of what landed differs, and the dirty log
+ * sends the page again. meta holds the framing and the trailer (24 + 9 * n + 4 bytes).
+ * Returns 0 (*normal_out set), or -1 with tx->err_errno. */
+static int hvs_send_hashed(struct hvs_tx *tx, const int fds[2], const uint8_t *pages, uint64_t start, uint32_t n,
+                           const uint8_t *known_zero, uint8_t *meta, uint32_t *normal_out)
+{
+    uint32_t normal = hvs_pack_kinds(pages, start, n, known_zero, meta);
+    uint32_t framing = HVS_HEAD + HVS_RUN + n;
+    const uint8_t *kinds = meta + HVS_HEAD + HVS_RUN;
+    uint8_t *trailer = meta + framing;
+    struct iovec iov = { meta, framing };
+    if (hvs_send_all(tx, &iov, 1) < 0)
+        return -1;
+    uint32_t k = 0;
+    for (uint32_t at = 0, first, run; (run = hvs_next_run(kinds, n, &at, &first));) {
+        for (uint32_t done = 0; done < run;) {
+            uint32_t count = run - done < HVS_HASH_GROUP ? run - done : HVS_HASH_GROUP;
+            const uint8_t *data = pages + (uint64_t)(first + done) * HVS_PAGE;
+            struct iovec part = { (void *)data, (size_t)count * HVS_PAGE };
+            int rc = 1;
+            if (tx->splice) {
+                rc = hvs_splice_pages(tx, fds, &part, 1);
+                if (rc < 0)
+                    return -1;
+                if (rc == 1)
+                    tx->splice = 0;   /* refused: copy these pages and all that follow */
+            }
+            if (rc == 1 && hvs_send_all(tx, &part, 1) < 0)
+                return -1;
+            for (uint32_t i = 0; i < count; i++)
+                hvs_put64(trailer + 8u * k++, hvs_xxh3_page(data + (uint64_t)i * HVS_PAGE));
+            done += count;
+        }
+    }
+    uint32_t crc = hvs_crc_copy(hvs_crc_copy(0, meta, NULL, framing), trailer, NULL, 8u * normal);
+    hvs_put32(trailer + 8u * normal, crc);
+    iov.iov_base = trailer;
+    iov.iov_len = 8u * normal + 4u;
+    if (hvs_send_all(tx, &iov, 1) < 0)
+        return -1;
+    *normal_out = normal;
+    return 0;
+}
+
 /* Send npages pages at src (stream page numbers start..) as RAM_LIVE sections of at most
  * run_pages pages, each framed (hvs_pack_live) and sent at once, so its pages are still in
  * the cache when the socket copies them: the same bytes the Python writer sends for
@@ -605,6 +846,17 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
     for (uint32_t done = 0; done < npages;) {
         uint32_t n = npages - done < run_pages ? npages - done : run_pages;
         const uint8_t *pages = src + (uint64_t)done * HVS_PAGE;
+        if (tx->hashed) {
+            uint32_t normal;
+            rc = hvs_send_hashed(tx, fds, pages, start + done, n, known_zero ? known_zero + done : NULL, meta, &normal);
+            if (rc < 0)
+                goto out;
+            tx->bytes += HVS_HEAD + HVS_RUN + n + (uint64_t)normal * (HVS_PAGE + 8u) + 4u;
+            tx->normal += normal;
+            tx->zero += n - normal;
+            done += n;
+            continue;
+        }
         uint32_t crc;
         int64_t normal = hvs_pack_live(pages, start + done, n, known_zero ? known_zero + done : NULL, meta, &crc);
         uint32_t framing = HVS_HEAD + HVS_RUN + n + 4u * (uint32_t)normal;
@@ -732,7 +984,8 @@ static int hvs_peek(struct hvs_rx *rx)
     const uint8_t *h = rx->buf + rx->pos;
     uint32_t length = hvs_get32(h + 4);
     int live = h[0] == HVS_TYPE_RAM_LIVE;  /* only in a stream that declared format >= 1.5 */
-    if (!(h[0] == HVS_TYPE_RAM || (live && rx->live_ok)) || h[1] || h[2] || h[3]
+    int hashed = h[0] == HVS_TYPE_RAM_HASHED;  /* only in a stream that declared format >= 1.7 */
+    if (!(h[0] == HVS_TYPE_RAM || (live && rx->live_ok) || (hashed && rx->hashed_ok)) || h[1] || h[2] || h[3]
         || length > HVS_MAX_SECTION || length < HVS_RUN)
         return RX_OTHER;
     int rc = hvs_fill(rx, HVS_HEAD + HVS_RUN, HVS_HEAD + HVS_RUN + rx->count);
@@ -754,7 +1007,7 @@ static int hvs_peek(struct hvs_rx *rx)
             return RX_OTHER;
         normal += kinds[i];
     }
-    if ((uint64_t)length - HVS_RUN - count != (uint64_t)normal * (HVS_PAGE + (live ? 4u : 0u)))
+    if ((uint64_t)length - HVS_RUN - count != (uint64_t)normal * (HVS_PAGE + (live ? 4u : hashed ? 8u : 0u)))
         return RX_OTHER;
     if (live) {  /* the page checksums follow the kind map: buffer them too */
         uint32_t framing = HVS_HEAD + HVS_RUN + count + 4u * normal;
@@ -777,9 +1030,11 @@ static int hvs_peek(struct hvs_rx *rx)
     rx->normal = normal;
     rx->zero = count - normal;
     rx->live = live;
+    rx->hashed = hashed;
     memcpy(rx->kinds, kinds, count);
-    if (live) {
-        memcpy(rx->crcs, kinds + count, 4u * normal);  /* little-endian host, as the format */
+    if (live || hashed) {
+        if (live)
+            memcpy(rx->crcs, kinds + count, 4u * normal);  /* little-endian host, as the format */
         memset(rx->torn_map, 0, normal);
         rx->torn = 0;
     }
@@ -851,9 +1106,34 @@ static void hvs_check_pages(struct hvs_rx *rx, const struct iovec *iov, size_t g
     }
 }
 
+/* RAM_HASHED: hash each page as its last byte arrives (iov's first got bytes, which start
+ * at byte data_done of the section's page data); the hashes are compared once the trailer
+ * is read. A page lies in one run, which lies in one region: its bytes are contiguous. */
+static void hvs_hash_pages(struct hvs_rx *rx, const struct iovec *iov, size_t got)
+{
+    uint64_t done = rx->data_done;
+    for (int i = 0; got; i++) {
+        size_t part = iov[i].iov_len < got ? iov[i].iov_len : got;
+        const uint8_t *end = (const uint8_t *)iov[i].iov_base;
+        got -= part;
+        while (part) {
+            size_t take = HVS_PAGE - done % HVS_PAGE < part ? HVS_PAGE - done % HVS_PAGE : part;
+            end += take;
+            part -= take;
+            done += take;
+            if (done % HVS_PAGE == 0)
+                rx->hashes[done / HVS_PAGE - 1] = hvs_xxh3_page(end - HVS_PAGE);
+        }
+    }
+}
+
 /* Checksum iov's first got bytes (just read: still in the cache). */
 static void hvs_crc_iov(struct hvs_rx *rx, const struct iovec *iov, size_t got)
 {
+    if (rx->hashed) {
+        hvs_hash_pages(rx, iov, got);
+        return;
+    }
     if (rx->live) {
         hvs_check_pages(rx, iov, got);
         return;
@@ -863,6 +1143,12 @@ static void hvs_crc_iov(struct hvs_rx *rx, const struct iovec *iov, size_t got)
         rx->crc = hvs_crc_copy(rx->crc, iov[i].iov_base, NULL, part);
         got -= part;
     }
+}
+
+/* Bytes after the page data: the section checksum, after the page hashes of RAM_HASHED. */
+static uint32_t hvs_trailer(const struct hvs_rx *rx)
+{
+    return (rx->hashed ? 8u * rx->normal : 0u) + 4u;
 }
 
 static int hvs_data(struct hvs_rx *rx)
@@ -894,7 +1180,7 @@ static int hvs_data(struct hvs_rx *rx)
         int count = n;
         if (covered == total - rx->data_done) {
             iov[n].iov_base = rx->buf;
-            iov[n].iov_len = 4 + HVS_HEAD + HVS_RUN + rx->count;  /* checksum, next framing */
+            iov[n].iov_len = hvs_trailer(rx) + HVS_HEAD + HVS_RUN + rx->count;  /* trailer, next framing */
             count++;
         }
         ssize_t got = hvs_read(rx, iov, count);
@@ -946,18 +1232,28 @@ int hvs_rx_step(struct hvs_rx *rx)
         rx->section_bytes += rx->data_done;
         rx->state = ST_CRC;
     }
-    rx->what = "RAM checksum";
-    rc = hvs_fill(rx, 4, 4 + HVS_HEAD + HVS_RUN + rx->count);
+    rx->what = rx->hashed ? "RAM_HASHED page hashes" : "RAM checksum";
+    uint32_t trailer = hvs_trailer(rx);
+    rc = hvs_fill(rx, trailer, trailer + HVS_HEAD + HVS_RUN + rx->count);
     if (rc)
         return rc;
-    rx->stored_crc = hvs_get32(rx->buf + rx->pos);
+    if (rx->hashed) {  /* the hashes are framing: the section checksum covers them */
+        const uint8_t *stored = rx->buf + rx->pos;
+        rx->crc = hvs_crc_copy(rx->crc, stored, NULL, trailer - 4u);
+        for (uint32_t k = 0; k < rx->normal; k++)
+            if (hvs_get64(stored + 8u * k) != rx->hashes[k]) {
+                rx->torn_map[k] = 1;
+                rx->torn++;
+            }
+    }
+    rx->stored_crc = hvs_get32(rx->buf + rx->pos + trailer - 4u);
     rx->computed_crc = rx->crc;
-    rx->pos += 4;
-    rx->section_bytes += 4;
+    rx->pos += trailer;
+    rx->section_bytes += trailer;
     rx->state = ST_PEEK;
     if (rx->stored_crc != rx->computed_crc)
         return RX_BADCRC;
-    if (rx->live) {  /* a torn page has not arrived (even if an earlier pass brought it) */
+    if (rx->live || rx->hashed) {  /* a torn page has not arrived (even if an earlier pass brought it) */
         for (uint32_t i = 0, k = 0; i < rx->count; i++)
             rx->covered[rx->start + i] = rx->kinds[i] ? !rx->torn_map[k++] : 1;
         rx->torn_total += rx->torn;

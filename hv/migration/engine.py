@@ -278,6 +278,7 @@ class _DataChannel:
             channel = SocketChannel(self.sock)
             writer = self.writer = StreamWriter(channel)
             writer.live_ram = main.writer.live_ram
+            writer.hashed = main.writer.hashed
             writer.write_channel(full_pass.stream_id, self.index)
             sender = _Sender(writer, main.memory, main.status, main.params, main.canceled, self.sock, channel)
             sender.arm = main.arm

@@ -38,6 +38,7 @@ import ssl
 from dataclasses import dataclass
 
 from hv.errors import StreamError
+from hv.migration import stream_native
 from hv.migration.stream_channels import FileChannel, Sink, SocketChannel, Source
 from hv.migration.stream_format import (
     CHANNELS_MINOR,
@@ -49,6 +50,8 @@ from hv.migration.stream_format import (
     FLAG_SKIPPABLE,
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    HASHED_MINOR,
+    HASHED_NOTICE,
     KNOWN_FLAGS,
     LIVE_NOTICE,
     MAGIC,
@@ -141,14 +144,18 @@ def read_reply(source: Source) -> Reply:
 def announce_live_ram(channel: SocketChannel, version: tuple[int, int]) -> bool:
     """Destination side, once CONFIG is accepted: tell a source whose stream declared
     format 1.5 or later (``version``) that RAM_LIVE sections may follow (one OK
-    ``ram-live`` on the back channel). Never to an older source, which would take it for a
-    refusal; never over TLS (its source keeps copying, and reads no notice), nor with
+    ``ram-live`` on the back channel), and one that declared 1.7 or later, when this hv
+    has its native stream code, that RAM_HASHED sections may too (a second OK,
+    ``ram-hashed``). Never to an older source, which would take it for a refusal; never
+    over TLS (its source keeps copying, and reads no notice), nor with
     ``HV_STREAM_LIVE=0`` in the environment (to measure the copying path). True if sent."""
     if version < (FORMAT_MAJOR, RAM_LIVE_MINOR) or isinstance(channel.sock, ssl.SSLSocket):
         return False
     if os.environ.get("HV_STREAM_LIVE", "1") == "0":  # for measuring the copying path (A/B)
         return False
     send_reply(channel, True, LIVE_NOTICE)
+    if version >= (FORMAT_MAJOR, HASHED_MINOR) and stream_native.available():
+        send_reply(channel, True, HASHED_NOTICE)   # its native receiver hashes what lands
     return True
 
 

@@ -47,10 +47,18 @@ FORMAT_MAJOR = 1
 # channels carried pages (CHANNELS_END) before its ROUND_END 1, and the destination
 # applies nothing more until each of them has ended: a page sent again by pass 2 can never
 # be overwritten by its pass-1 copy.
-FORMAT_MINOR = 6
+# 1.7: RAM_HASHED sections (type 14): RAM_LIVE's pages with an XXH3-64 per page sent after
+# the pages, so the source hashes what it has just copied into the socket (from the cache)
+# and both ends hash at about twice CRC-32's speed. A destination that reads them says so
+# with a second notice, OK "ram-hashed", after "ram-live", only to a source that declared
+# 1.7 (an older one would take it for a refusal); a source may still send RAM_LIVE. A
+# reader refuses RAM_HASHED in a stream declaring < 1.7.
+FORMAT_MINOR = 7
 RAM_LIVE_MINOR = 5  # the first minor version in which a RAM_LIVE section may appear
 CHANNELS_MINOR = 6  # the first minor version with data channels
+HASHED_MINOR = 7  # the first minor version in which a RAM_HASHED section may appear
 LIVE_NOTICE = "ram-live"  # OK reply text: "this destination reads RAM_LIVE sections"
+HASHED_NOTICE = "ram-hashed"  # OK reply text: "... and RAM_HASHED sections" (format 1.7)
 CHANNELS_NOTICE = "channels"  # OK reply text "channels M": "connect M - 1 data channels"
 MAX_CHANNELS = 8  # connections per migration, the main one included
 
@@ -62,6 +70,7 @@ ROUND = struct.Struct("<I")
 CPU_INDEX = struct.Struct("<I")
 DEVICE_HEAD = struct.Struct("<HHIB")  # name length, id length, version, encoding
 PAGE_CRC = struct.Struct("<I")  # RAM_LIVE: one CRC-32 per normal page
+PAGE_HASH = struct.Struct("<Q")  # RAM_HASHED: one XXH3-64 per normal page
 
 FLAG_SKIPPABLE = 0x01  # a reader that does not know this section type may skip it
 KNOWN_FLAGS = FLAG_SKIPPABLE
@@ -101,6 +110,7 @@ class SectionType(enum.IntEnum):
     RAM_LIVE = 11  # pages straight from a running guest, a checksum per page (format 1.5)
     CHANNEL = 12  # a data channel's first section: its migration's stream id, its index (1.6)
     CHANNELS_END = 13  # main stream, pass 1: how many data channels carried pages (1.6)
+    RAM_HASHED = 14  # RAM_LIVE with an XXH3-64 per page after the pages (format 1.7)
 
 
 class StreamKind(enum.Enum):

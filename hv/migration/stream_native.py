@@ -3,7 +3,9 @@
 :class:`Packer` frames one RAM section on the source: zero-page scan, the copy of the
 data pages out of a running guest and zlib's CRC-32 of that copy in one pass (PCLMULQDQ).
 :class:`LiveSender` sends RAM_LIVE sections (page checksums in place, pages straight from
-guest RAM) to a plain socket, framing and sending every section of a chunk in one call.
+guest RAM) to a plain socket, framing and sending every section of a chunk in one call, or
+format 1.7's RAM_HASHED sections (an XXH3-64 per page, computed right after each group of
+pages was sent, and sent after them).
 :class:`Receiver` applies RAM sections on the destination: framing is read ahead into a
 staging buffer, page data goes straight into guest RAM (``recvmsg``/``readv`` with one
 iovec per run of data pages, plus the staging buffer for what follows), and is
@@ -92,6 +94,25 @@ _NATIVE = _load()
 def available() -> bool:
     """True when the native stream paths can be used on this host."""
     return _NATIVE is not None
+
+
+def xxh3_page(page: bytes | bytearray | memoryview) -> int:
+    """XXH3-64 (seed 0) of one 4096-byte page, computed by the native code: the page hash of
+    RAM_HASHED sections (format 1.7)."""
+    if _NATIVE is None:
+        raise RuntimeError("native stream code unavailable")
+    if len(page) != PAGE_SIZE:
+        raise ValueError(f"a page hash covers {PAGE_SIZE} bytes, not {len(page)}")
+    ffi, lib = _NATIVE
+    return int(lib.hvs_xxh3_page(ffi.from_buffer("uint8_t[]", page)))
+
+
+def use_wide_hash(on: bool | None = None) -> bool:
+    """Whether the page hash runs its AVX2 loop (``on``: choose; only where the CPU has AVX2;
+    tests compare both loops with the reference values)."""
+    if _NATIVE is None:
+        return False
+    return bool(_NATIVE[1].hvs_use_wide_hash(-1 if on is None else int(on)))
 
 
 def crc32(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -210,9 +231,13 @@ class Receiver:
         """The stream declared format 1.5 or later: RAM_LIVE sections may be applied."""
         self.rx.live_ok = 1
 
+    def allow_hashed(self) -> None:
+        """The stream declared format 1.7 or later: RAM_HASHED sections may be applied."""
+        self.rx.hashed_ok = 1
+
     @property
     def torn(self) -> int:
-        """Pages of RAM_LIVE sections whose own checksum failed (torn by the guest)."""
+        """Pages of RAM_LIVE / RAM_HASHED sections whose own checksum failed (torn by the guest)."""
         return int(self.rx.torn_total)
 
     def step(self, regions: list[Any]) -> int:
@@ -283,7 +308,8 @@ class LiveSender:
         self._ffi, self._lib = ffi, lib
         self.sock = sock
         self.run_pages = run_pages
-        self._meta = ffi.new("uint8_t[]", _FRAMING + run_pages * 5 + 4)  # framing, page CRCs, section CRC
+        # framing, then page CRCs (RAM_LIVE) or page hashes (RAM_HASHED), section CRC
+        self._meta = ffi.new("uint8_t[]", _FRAMING + run_pages * 9 + 4)
         self._tx = ffi.new("struct hvs_tx *")
         self._tx.fd = sock.fileno()
         if splice is None:
@@ -296,11 +322,15 @@ class LiveSender:
         """Whether pages go by reference (False once the kernel refused it)."""
         return bool(self._tx.splice)
 
-    def send(self, view: memoryview, start: int, count: int, known_zero: bytes | None) -> tuple[int, int, int]:
+    def send(self, view: memoryview, start: int, count: int, known_zero: bytes | None, *,
+             hashed: bool = False) -> tuple[int, int, int]:
         """(zero pages, normal pages, bytes) of ``count`` pages from ``view`` sent as stream
-        pages ``start ..``. Raises OSError (TimeoutError when the socket took nothing for its
-        timeout); the stream is then cut inside a section."""
+        pages ``start ..``, as RAM_LIVE sections, or with ``hashed`` as RAM_HASHED ones
+        (format 1.7: each group of pages hashed right after it was sent). Raises OSError
+        (TimeoutError when the socket took nothing for its timeout); the stream is then cut
+        inside a section."""
         ffi, tx = self._ffi, self._tx
+        tx.hashed = int(hashed)
         timeout = self.sock.gettimeout()
         tx.timeout_ms = -1 if timeout is None else max(int(timeout * 1000), 1)
         assert len(view) >= count * PAGE_SIZE and (known_zero is None or len(known_zero) >= count)

@@ -26,6 +26,7 @@ from hv.migration.stream_format import (
     DEVICE_HEAD,
     FLAG_SKIPPABLE,
     FORMAT_MAJOR,
+    HASHED_MINOR,
     KNOWN_FLAGS,
     MAGIC,
     MAX_CHANNELS,
@@ -35,6 +36,7 @@ from hv.migration.stream_format import (
     MAX_RUN_PAGES,
     MAX_SECTION_BYTES,
     PAGE_CRC,
+    PAGE_HASH,
     PAGE_NORMAL,
     PAGE_SIZE,
     POPULATE_MIN_PAGES,
@@ -266,6 +268,8 @@ class StreamReader:
         self._phase = _Phase.HEADER
         if self._native is not None and minor >= RAM_LIVE_MINOR:
             self._native.allow_live()
+        if self._native is not None and minor >= HASHED_MINOR:
+            self._native.allow_hashed()
         return major, minor
 
     def read_section(self) -> Section:
@@ -310,7 +314,7 @@ class StreamReader:
                 r = rx.rx
                 self.bytes_read += r.section_bytes
                 self._round_open = True
-                torn = int(r.torn) if r.live else 0
+                torn = int(r.torn) if r.live or r.hashed else 0
                 self.torn_pages += torn
                 return RamSection(r.start, r.count, r.zero, r.normal, r.section_bytes, torn)
             if rc == stream_native.RX_OTHER:
@@ -332,7 +336,7 @@ class StreamReader:
                 raise self._read_error(OSError(code, os.strerror(code)), self.bytes_read + rx.partial_bytes(),
                                        rx.what())
             assert rc == stream_native.RX_BADCRC, rc
-            name = "RAM_LIVE" if rx.rx.live else "RAM"
+            name = "RAM_HASHED" if rx.rx.hashed else "RAM_LIVE" if rx.rx.live else "RAM"
             raise StreamError(f"{name} section: checksum mismatch (stored {rx.rx.stored_crc:#010x}, "
                               f"computed {rx.rx.computed_crc:#010x}); the stream is corrupted")
 
@@ -370,7 +374,7 @@ class StreamReader:
                 raise StreamError("CHANNELS_END section in a stream without data channels")
             if self.rounds or self._channels_ended:
                 raise StreamError("CHANNELS_END section out of order: once, in pass 1")
-        if stype in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.ROUND_END):
+        if stype in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.RAM_HASHED, SectionType.ROUND_END):
             if self._channels_ended and not self.rounds and stype is not SectionType.ROUND_END:
                 raise StreamError(f"{name} section after CHANNELS_END: pass 1 must end next")
             if self.kind is StreamKind.STATE:
@@ -384,7 +388,7 @@ class StreamReader:
                 raise StreamError(f"{name} section while RAM pass {self.rounds + 1} is still open (missing ROUND_END)")
 
     def _order_channel(self, stype: SectionType) -> None:
-        """A data channel: CHANNEL first, then RAM or RAM_LIVE sections, then END."""
+        """A data channel: CHANNEL first, then RAM, RAM_LIVE or RAM_HASHED sections, then END."""
         name = stype.name
         if stype is SectionType.CHANNEL:
             if self._phase is not _Phase.HEADER:
@@ -392,7 +396,7 @@ class StreamReader:
             return
         if self._phase is _Phase.HEADER:
             raise StreamError(f"{name} section before CHANNEL: a data channel opens with it")
-        if stype not in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.END):
+        if stype not in (SectionType.RAM, SectionType.RAM_LIVE, SectionType.RAM_HASHED, SectionType.END):
             raise StreamError(f"{name} section in a data channel (it carries pass-1 pages only)")
 
     _channels_ended = False  # the main stream's CHANNELS_END was read
@@ -414,6 +418,8 @@ class StreamReader:
             return self._read_ram(length)
         if stype is SectionType.RAM_LIVE:
             return self._read_ram_live(length)
+        if stype is SectionType.RAM_HASHED:
+            return self._read_ram_hashed(length)
         if stype is SectionType.HEADER:
             return self._read_header(length)
         if stype is SectionType.CHANNEL:
@@ -575,14 +581,41 @@ class StreamReader:
         guest writing it during the send: it does not count as arrived (END needs it again,
         which the source's dirty log guarantees). The section checksum covers the framing
         (header, run header, kind map, page checksums); a mismatch there is corruption."""
-        major, minor = self._version
-        if minor < RAM_LIVE_MINOR:
-            raise StreamError(f"RAM_LIVE section in a format {major}.{minor} stream "
-                              f"(it needs {FORMAT_MAJOR}.{RAM_LIVE_MINOR} or later)")
+        self._require_minor("RAM_LIVE", RAM_LIVE_MINOR)
         start, count, kinds, normal = self._ram_head(length, "RAM_LIVE", PAGE_SIZE + PAGE_CRC.size)
         sums = self._payload(PAGE_CRC.size * normal, "RAM_LIVE page checksums")
         expected = struct.unpack(f"<{normal}I", sums)
-        pages: list[tuple[int, memoryview]] = []  # (page number, where its bytes landed)
+        pages = self._read_live_pages(start, count, kinds, "RAM_LIVE")
+        self._finish_section("RAM_LIVE")
+        return self._apply_live(start, count, normal, length, pages, [crc32(view) for _, view in pages], expected)
+
+    def _read_ram_hashed(self, length: int) -> RamSection:
+        """A RAM_HASHED section (format 1.7): RAM_LIVE with an XXH3-64 per normal page after
+        the page data (the source hashes what it has just sent). Torn pages as in RAM_LIVE;
+        the section checksum covers the framing and the page hashes. Hashing needs the
+        native stream code, which a destination has whenever it asked for these sections."""
+        self._require_minor("RAM_HASHED", HASHED_MINOR)
+        if not stream_native.available():
+            raise StreamError("RAM_HASHED section: this hv cannot check XXH3-64 page hashes "
+                              "(no native stream code), and never asked for them")
+        start, count, kinds, normal = self._ram_head(length, "RAM_HASHED", PAGE_SIZE + PAGE_HASH.size)
+        pages = self._read_live_pages(start, count, kinds, "RAM_HASHED")
+        sums = self._payload(PAGE_HASH.size * normal, "RAM_HASHED page hashes")
+        expected = struct.unpack(f"<{normal}Q", sums)
+        self._finish_section("RAM_HASHED")
+        hashes = [stream_native.xxh3_page(view) for _, view in pages]
+        return self._apply_live(start, count, normal, length, pages, hashes, expected)
+
+    def _require_minor(self, name: str, minor_needed: int) -> None:
+        major, minor = self._version
+        if minor < minor_needed:
+            raise StreamError(f"{name} section in a format {major}.{minor} stream "
+                              f"(it needs {FORMAT_MAJOR}.{minor_needed} or later)")
+
+    def _read_live_pages(self, start: int, count: int, kinds: bytes, name: str) -> list[tuple[int, memoryview]]:
+        """A RAM_LIVE / RAM_HASHED section's page data, straight into guest RAM: (page
+        number, where its bytes landed) of each normal page; zero runs written as zero."""
+        pages: list[tuple[int, memoryview]] = []
         i = 0
         while i < count:
             normal_run = kinds[i] == PAGE_NORMAL
@@ -593,16 +626,20 @@ class StreamReader:
                 # regions is refused before any of its bytes land.
                 run = memoryview(bytearray((j - i) * PAGE_SIZE)) if self.ram is None \
                     else self._target(start + i, j - i)   # no RAM: read and check only
-                self._scatter([run], "RAM_LIVE page data", checksum=False)
+                self._scatter([run], f"{name} page data", checksum=False)
                 pages += ((start + k, run[(k - i) * PAGE_SIZE:(k - i + 1) * PAGE_SIZE]) for k in range(i, j))
             elif self.ram is not None:
                 zero_pages(self._target(start + i, j - i))
             i = j
-        self._finish_section("RAM_LIVE")
+        return pages
+
+    def _apply_live(self, start: int, count: int, normal: int, length: int, pages: list[tuple[int, memoryview]],
+                    computed: list[int], expected: tuple[int, ...]) -> RamSection:
+        """Mark the section's pages arrived, except those whose own checksum failed (torn)."""
         self._covered[start:start + count] = b"\x01" * count
         torn = 0
-        for (page, view), crc in zip(pages, expected, strict=True):
-            if crc32(view) != crc:
+        for (page, _), got, want in zip(pages, computed, expected, strict=True):
+            if got != want:
                 self._covered[page] = 0
                 torn += 1
         self.torn_pages += torn

@@ -30,6 +30,8 @@ from hv.migration.stream_format import (
     FLAG_SKIPPABLE,
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    HASHED_MINOR,
+    HASHED_NOTICE,
     LIVE_NOTICE,
     MAGIC,
     MAX_CHANNELS,
@@ -90,10 +92,11 @@ def _framed(kind: int, payload: bytes | memoryview, flags: int = 0) -> list[byte
 
 
 LIVE_NOTICE_BYTES = b"".join(_framed(SectionType.OK, LIVE_NOTICE.encode()))
-# The destination's notices, framed, by their text (format 1.5: ram-live; 1.6: channels M)
+# The destination's notices, framed, by their text (format 1.5: ram-live; 1.6: channels M;
+# 1.7: ram-hashed)
 NOTICES: dict[bytes, str] = {
     b"".join(_framed(SectionType.OK, text.encode())): text
-    for text in (LIVE_NOTICE, *(f"{CHANNELS_NOTICE} {n}" for n in range(2, MAX_CHANNELS + 1)))}
+    for text in (LIVE_NOTICE, HASHED_NOTICE, *(f"{CHANNELS_NOTICE} {n}" for n in range(2, MAX_CHANNELS + 1)))}
 
 
 def take_notice(sock: socket.socket, notices: Mapping[bytes, str] = NOTICES) -> str | bool | None:
@@ -173,6 +176,9 @@ class StreamWriter:
         self._gathering: list[list[bytes | memoryview]] | None = None  # records held by gathered()
         # RAM_LIVE (format 1.5): used once the destination announced it reads them.
         self.live_ram = False
+        # RAM_HASHED instead (format 1.7), where the native sender sends them: once the
+        # destination announced it reads those too.
+        self.hashed = False
         # Connections the destination takes for this stream, this one included (format 1.6:
         # its "channels M" notice; 1 until then).
         self.granted_channels = 1
@@ -236,6 +242,10 @@ class StreamWriter:
                 self.live_ram = self._minor >= RAM_LIVE_MINOR and stream_native.available()
                 log.debug("the destination reads RAM_LIVE sections (%s)",
                           "used from now on" if self.live_ram else "not used: no native stream code")
+            elif outcome == HASHED_NOTICE:
+                self.hashed = self._minor >= HASHED_MINOR and stream_native.available()
+                log.debug("the destination reads RAM_HASHED sections (%s)",
+                          "used from now on" if self.hashed else "not used")
             elif self._minor >= CHANNELS_MINOR:
                 self.granted_channels = int(outcome.split()[1])
                 log.debug("the destination takes %d connections", self.granted_channels)
@@ -307,12 +317,13 @@ class StreamWriter:
 
     def _write_live_native(self, sender: stream_native.LiveSender, start: int, mv: memoryview,
                            total: int) -> RamStats:
-        """RAM_LIVE sections framed and sent by native code, one call for all ``total`` pages
+        """RAM_LIVE sections (RAM_HASHED once the destination asked for them) framed and sent
+        by native code, one call for all ``total`` pages
         (on a loopback link the Python between 4 MiB sections was 13% of the source's CPU, and
         the source is the slower end)."""
         known_zero = never_populated(mv) if total >= BLOCK_PAGES else None
         with self._record():
-            zero, normal, sent = sender.send(mv, start, total, known_zero)
+            zero, normal, sent = sender.send(mv, start, total, known_zero, hashed=self.hashed)
         self.bytes_written += sent
         return RamStats(zero=zero, normal=normal, bytes=sent)
 

@@ -230,9 +230,10 @@ def native_live_sends(writer: StreamWriter) -> list[int]:
     sends: list[int] = []
     real = sender.send
 
-    def counted(view: memoryview, start: int, count: int, known_zero: bytes | None) -> tuple[int, int, int]:
+    def counted(view: memoryview, start: int, count: int, known_zero: bytes | None, *,
+                hashed: bool = False) -> tuple[int, int, int]:
         sends.append(count)
-        return real(view, start, count, known_zero)
+        return real(view, start, count, known_zero, hashed=hashed)
 
     sender.send = counted  # type: ignore[method-assign]
     return sends
@@ -249,17 +250,20 @@ def big_stream(mem: GuestMemory, writer: StreamWriter, pages: int) -> None:
     writer.write_end()
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["copied", "live"])
+@pytest.mark.parametrize("mode", ["copied", "live", "hashed"])
 @pytest.mark.parametrize("buffer", [4096, None])
-def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None, live: bool) -> None:
+def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None, mode: str) -> None:
     """Megabytes through a real socket (small kernel buffers: many short writes and
-    partial reads), into RAM that holds stale bytes; every page must arrive exactly. ``live``:
-    the full pass as RAM_LIVE sections, sent by the native sender (hvs_send_live)."""
+    partial reads), into RAM that holds stale bytes; every page must arrive exactly.
+    ``live``: the full pass as RAM_LIVE sections, sent by the native sender (hvs_send_live);
+    ``hashed``: as RAM_HASHED sections (format 1.7), hashed as they land."""
     pages = 3000
+    live = mode != "copied"
     src = mixed_memory(pages, seed=5)
     a, b = socket.socketpair()
     writer = StreamWriter(SocketChannel(a))
     writer.live_ram = live     # as once the destination's ram-live notice arrived
+    writer.hashed = mode == "hashed"   # ... and its ram-hashed notice
     native_sends = native_live_sends(writer)
     if buffer:   # after SocketChannel, which raises a UNIX socket's buffers to 1 MiB
         for s in (a, b):
@@ -298,6 +302,8 @@ def test_round_trip_over_a_socket_into_guest_ram(buffer: int | None, live: bool)
     assert reader.bytes_read == writer.bytes_written
     assert reader._native is not None and reader._native.applied == len(rams)
     assert native_sends == ([pages] if live else [])   # the full pass, by the native sender
+    per_page = {"copied": 0, "live": 4, "hashed": 8}[mode]   # page checksum / hash bytes
+    assert all(r.bytes == 8 + 16 + r.count + r.normal * (PAGE_SIZE + per_page) + 4 for r in rams[:-1])
 
 
 class IdleChannel(SocketChannel):
