@@ -438,18 +438,26 @@ static uint64_t hvs_xxh_merge(const uint64_t *acc)
     return result ^ (result >> 32);
 }
 
+/* The walk over a 4096-byte page, with a loop's own stripe and scramble steps: three
+ * 1024-byte blocks of 16 stripes, each followed by a scramble, then 15 stripes and the
+ * last 64 bytes with the secret's tail. */
+#define HVS_XXH_WALK(acc, page, stripe, scramble)                                              \
+    do {                                                                                      \
+        for (int block = 0; block < 3; block++) {                                             \
+            for (int s = 0; s < 16; s++)                                                      \
+                stripe(acc, (page) + block * 1024 + s * 64, hvs_xxh_secret + s * 8);          \
+            scramble(acc, hvs_xxh_secret + 192 - 64);                                         \
+        }                                                                                     \
+        for (int s = 0; s < 15; s++)                                                          \
+            stripe(acc, (page) + 3072 + s * 64, hvs_xxh_secret + s * 8);                      \
+        stripe(acc, (page) + 4096 - 64, hvs_xxh_secret + 192 - 64 - 7);                       \
+    } while (0)
+
 static uint64_t hvs_xxh3_page_scalar(const uint8_t *page)
 {
     uint64_t acc[8];
     memcpy(acc, hvs_xxh_init, sizeof acc);
-    for (int block = 0; block < 3; block++) {
-        for (int stripe = 0; stripe < 16; stripe++)
-            hvs_xxh_stripe(acc, page + block * 1024 + stripe * 64, hvs_xxh_secret + stripe * 8);
-        hvs_xxh_scramble(acc, hvs_xxh_secret + 192 - 64);
-    }
-    for (int stripe = 0; stripe < 15; stripe++)
-        hvs_xxh_stripe(acc, page + 3072 + stripe * 64, hvs_xxh_secret + stripe * 8);
-    hvs_xxh_stripe(acc, page + 4096 - 64, hvs_xxh_secret + 192 - 64 - 7);
+    HVS_XXH_WALK(acc, page, hvs_xxh_stripe, hvs_xxh_scramble);
     return hvs_xxh_merge(acc);
 }
 
@@ -482,14 +490,7 @@ HVS_TARGET_AVX2 static uint64_t hvs_xxh3_page_avx2(const uint8_t *page)
 {
     __m256i acc[2] = { _mm256_loadu_si256((const __m256i *)hvs_xxh_init),
                        _mm256_loadu_si256((const __m256i *)(hvs_xxh_init + 4)) };
-    for (int block = 0; block < 3; block++) {
-        for (int stripe = 0; stripe < 16; stripe++)
-            hvs_xxh_stripe256(acc, page + block * 1024 + stripe * 64, hvs_xxh_secret + stripe * 8);
-        hvs_xxh_scramble256(acc, hvs_xxh_secret + 192 - 64);
-    }
-    for (int stripe = 0; stripe < 15; stripe++)
-        hvs_xxh_stripe256(acc, page + 3072 + stripe * 64, hvs_xxh_secret + stripe * 8);
-    hvs_xxh_stripe256(acc, page + 4096 - 64, hvs_xxh_secret + 192 - 64 - 7);
+    HVS_XXH_WALK(acc, page, hvs_xxh_stripe256, hvs_xxh_scramble256);
     uint64_t out[8];
     _mm256_storeu_si256((__m256i *)out, acc[0]);
     _mm256_storeu_si256((__m256i *)(out + 4), acc[1]);
