@@ -573,18 +573,26 @@ static inline uint32_t hvs_next_run(const uint8_t *kinds, uint32_t n, uint32_t *
  * the guest may be running, and the copy is what must be sent so that the checksum and
  * the bytes on the wire agree. *crc_out is the section's checksum (zlib form). Returns
  * the number of normal pages (little-endian host assumed, as the stream format is). */
-int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
-                 uint8_t *out, uint8_t *copy, uint32_t *crc_out)
+/* The kind map of npages pages at src into kinds (0 zero, 1 normal); known_zero as in
+ * hvs_pack. Returns the number of normal pages. */
+static uint32_t hvs_scan_kinds(const uint8_t *src, uint32_t npages, const uint8_t *known_zero, uint8_t *kinds)
 {
-    if (npages == 0 || npages > HVS_MAX_RUN_PAGES)
-        return -1;
-    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
     uint32_t normal = 0;
     for (uint32_t i = 0; i < npages; i++) {
         int zero = (known_zero && known_zero[i]) || hvs_page_is_zero(src + (uint64_t)i * HVS_PAGE);
         kinds[i] = zero ? 0 : 1;
         normal += !zero;
     }
+    return normal;
+}
+
+int64_t hvs_pack(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
+                 uint8_t *out, uint8_t *copy, uint32_t *crc_out)
+{
+    if (npages == 0 || npages > HVS_MAX_RUN_PAGES)
+        return -1;
+    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
+    uint32_t normal = hvs_scan_kinds(src, npages, known_zero, kinds);
     uint32_t length = HVS_RUN + npages + normal * HVS_PAGE;
     hvs_put_ram_head(out, HVS_TYPE_RAM, length, start, npages);
     uint32_t crc = hvs_crc_copy(0, out, NULL, HVS_HEAD + HVS_RUN + npages);
@@ -751,6 +759,48 @@ static int hvs_splice_pages(struct hvs_tx *tx, const int fds[2], struct iovec *i
     return 0;
 }
 
+/* Send n pages at pages (stream page numbers start..) as one RAM_LIVE section, framed by
+ * hvs_pack_live (meta: 24 + 5 * n + 4 bytes), the pages copied into the socket by one
+ * sendmsg or moved by reference (tx->splice). Returns 0 (*normal_out set), or -1 with
+ * tx->err_errno. */
+static int hvs_send_live_section(struct hvs_tx *tx, const int fds[2], const uint8_t *pages, uint64_t start,
+                                 uint32_t n, const uint8_t *known_zero, uint8_t *meta, uint32_t *normal_out)
+{
+    struct iovec iov[HVS_IOV / 2 + 3];   /* framing, at most n / 2 + 1 data runs, checksum */
+    uint32_t crc;
+    uint32_t normal = (uint32_t)hvs_pack_live(pages, start, n, known_zero, meta, &crc);
+    uint32_t framing = HVS_HEAD + HVS_RUN + n + 4u * normal;
+    const uint8_t *kinds = meta + HVS_HEAD + HVS_RUN;
+    hvs_put32(meta + framing, crc);
+    int k = 0, rc;
+    iov[k].iov_base = meta;
+    iov[k++].iov_len = framing;
+    for (uint32_t at = 0, first, run; (run = hvs_next_run(kinds, n, &at, &first));) {
+        iov[k].iov_base = (void *)(pages + (uint64_t)first * HVS_PAGE);
+        iov[k++].iov_len = (size_t)run * HVS_PAGE;
+    }
+    iov[k].iov_base = meta + framing;
+    iov[k++].iov_len = 4;
+    if (tx->splice && normal) {
+        /* framing copied (meta is reused), pages by reference, then the checksum */
+        rc = hvs_send_all(tx, iov, 1);
+        if (rc < 0 || (rc = hvs_splice_pages(tx, fds, iov + 1, k - 2)) < 0)
+            return -1;
+        if (rc == 1) {
+            tx->splice = 0;   /* refused: copy these pages and all that follow */
+            rc = hvs_send_all(tx, iov + 1, k - 1);
+        } else {
+            rc = hvs_send_all(tx, iov + k - 1, 1);
+        }
+    } else {
+        rc = hvs_send_all(tx, iov, k);
+    }
+    if (rc < 0)
+        return -1;
+    *normal_out = normal;
+    return 0;
+}
+
 /* Frame npages pages at src as the head of one RAM_HASHED section (format 1.7): out
  * receives the section header, the run header and the kind map (24 + npages bytes); the
  * normal pages and then the trailer (their hashes, the section checksum) follow it.
@@ -758,13 +808,7 @@ static int hvs_splice_pages(struct hvs_tx *tx, const int fds[2], struct iovec *i
 static uint32_t hvs_pack_kinds(const uint8_t *src, uint64_t start, uint32_t npages, const uint8_t *known_zero,
                                uint8_t *out)
 {
-    uint8_t *kinds = out + HVS_HEAD + HVS_RUN;
-    uint32_t normal = 0;
-    for (uint32_t i = 0; i < npages; i++) {
-        int zero = (known_zero && known_zero[i]) || hvs_page_is_zero(src + (uint64_t)i * HVS_PAGE);
-        kinds[i] = zero ? 0 : 1;
-        normal += !zero;
-    }
+    uint32_t normal = hvs_scan_kinds(src, npages, known_zero, out + HVS_HEAD + HVS_RUN);
     hvs_put_ram_head(out, HVS_TYPE_RAM_HASHED, HVS_RUN + npages + normal * (HVS_PAGE + 8u), start, npages);
     return normal;
 }
@@ -833,7 +877,6 @@ static int hvs_send_hashed(struct hvs_tx *tx, const int fds[2], const uint8_t *p
 int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_t npages,
                   const uint8_t *known_zero, uint32_t run_pages, uint8_t *meta)
 {
-    struct iovec iov[HVS_IOV / 2 + 3];   /* framing, at most run_pages / 2 + 1 data runs, checksum */
     tx->bytes = 0;
     tx->zero = tx->normal = 0;
     tx->err_errno = 0;
@@ -847,50 +890,16 @@ int hvs_send_live(struct hvs_tx *tx, const uint8_t *src, uint64_t start, uint32_
     for (uint32_t done = 0; done < npages;) {
         uint32_t n = npages - done < run_pages ? npages - done : run_pages;
         const uint8_t *pages = src + (uint64_t)done * HVS_PAGE;
-        if (tx->hashed) {
-            uint32_t normal;
-            rc = hvs_send_hashed(tx, fds, pages, start + done, n, known_zero ? known_zero + done : NULL, meta, &normal);
-            if (rc < 0)
-                goto out;
-            tx->bytes += HVS_HEAD + HVS_RUN + n + (uint64_t)normal * (HVS_PAGE + 8u) + 4u;
-            tx->normal += normal;
-            tx->zero += n - normal;
-            done += n;
-            continue;
-        }
-        uint32_t crc;
-        int64_t normal = hvs_pack_live(pages, start + done, n, known_zero ? known_zero + done : NULL, meta, &crc);
-        uint32_t framing = HVS_HEAD + HVS_RUN + n + 4u * (uint32_t)normal;
-        const uint8_t *kinds = meta + HVS_HEAD + HVS_RUN;
-        hvs_put32(meta + framing, crc);
-        int k = 0;
-        iov[k].iov_base = meta;
-        iov[k++].iov_len = framing;
-        for (uint32_t at = 0, first, run; (run = hvs_next_run(kinds, n, &at, &first));) {
-            iov[k].iov_base = (void *)(pages + (uint64_t)first * HVS_PAGE);
-            iov[k++].iov_len = (size_t)run * HVS_PAGE;
-        }
-        iov[k].iov_base = meta + framing;
-        iov[k++].iov_len = 4;
-        if (tx->splice && normal) {
-            /* framing copied (meta is reused), pages by reference, then the checksum */
-            rc = hvs_send_all(tx, iov, 1);
-            if (rc < 0 || (rc = hvs_splice_pages(tx, fds, iov + 1, k - 2)) < 0)
-                goto out;
-            if (rc == 1) {
-                tx->splice = 0;   /* refused: copy these pages and all that follow */
-                rc = hvs_send_all(tx, iov + 1, k - 1);
-            } else {
-                rc = hvs_send_all(tx, iov + k - 1, 1);
-            }
-        } else {
-            rc = hvs_send_all(tx, iov, k);
-        }
+        const uint8_t *zero_map = known_zero ? known_zero + done : NULL;
+        uint32_t normal;
+        rc = tx->hashed ? hvs_send_hashed(tx, fds, pages, start + done, n, zero_map, meta, &normal)
+                        : hvs_send_live_section(tx, fds, pages, start + done, n, zero_map, meta, &normal);
         if (rc < 0)
             goto out;
-        tx->bytes += framing + (uint64_t)normal * HVS_PAGE + 4;
-        tx->normal += (uint32_t)normal;
-        tx->zero += n - (uint32_t)normal;
+        /* framing, pages, their checksums (4 bytes) or hashes (8), the section checksum */
+        tx->bytes += HVS_HEAD + HVS_RUN + n + (uint64_t)normal * (HVS_PAGE + (tx->hashed ? 8u : 4u)) + 4u;
+        tx->normal += normal;
+        tx->zero += n - normal;
         done += n;
     }
 out:
@@ -1081,7 +1090,9 @@ static int hvs_data_iov(struct hvs_rx *rx, struct iovec *iov, int max, uint64_t 
 /* RAM_LIVE: check each page against its own checksum as its last byte arrives (iov's
  * first got bytes, which start at byte data_done of the section's page data). A page that
  * does not match was torn by the guest writing it during the send: it is marked, and
- * not counted as arrived. */
+ * not counted as arrived. RAM_HASHED: hash each page as its last byte arrives, for the
+ * comparison with the trailer (a page lies in one run, which lies in one region: its bytes
+ * are contiguous). */
 static void hvs_check_pages(struct hvs_rx *rx, const struct iovec *iov, size_t got)
 {
     uint64_t done = rx->data_done;
@@ -1092,13 +1103,16 @@ static void hvs_check_pages(struct hvs_rx *rx, const struct iovec *iov, size_t g
         while (part) {
             uint32_t off = (uint32_t)(done % HVS_PAGE);
             size_t take = HVS_PAGE - off < part ? HVS_PAGE - off : part;
-            rx->page_crc = hvs_crc_copy(off ? rx->page_crc : 0, p, NULL, take);
+            if (!rx->hashed)
+                rx->page_crc = hvs_crc_copy(off ? rx->page_crc : 0, p, NULL, take);
             p += take;
             part -= take;
             done += take;
             if (done % HVS_PAGE == 0) {
                 uint64_t k = done / HVS_PAGE - 1;
-                if (rx->page_crc != rx->crcs[k]) {
+                if (rx->hashed)   /* RAM_HASHED: compared once the trailer is read */
+                    rx->hashes[k] = hvs_xxh3_page(p - HVS_PAGE);
+                else if (rx->page_crc != rx->crcs[k]) {
                     rx->torn_map[k] = 1;
                     rx->torn++;
                 }
@@ -1107,35 +1121,10 @@ static void hvs_check_pages(struct hvs_rx *rx, const struct iovec *iov, size_t g
     }
 }
 
-/* RAM_HASHED: hash each page as its last byte arrives (iov's first got bytes, which start
- * at byte data_done of the section's page data); the hashes are compared once the trailer
- * is read. A page lies in one run, which lies in one region: its bytes are contiguous. */
-static void hvs_hash_pages(struct hvs_rx *rx, const struct iovec *iov, size_t got)
-{
-    uint64_t done = rx->data_done;
-    for (int i = 0; got; i++) {
-        size_t part = iov[i].iov_len < got ? iov[i].iov_len : got;
-        const uint8_t *end = (const uint8_t *)iov[i].iov_base;
-        got -= part;
-        while (part) {
-            size_t take = HVS_PAGE - done % HVS_PAGE < part ? HVS_PAGE - done % HVS_PAGE : part;
-            end += take;
-            part -= take;
-            done += take;
-            if (done % HVS_PAGE == 0)
-                rx->hashes[done / HVS_PAGE - 1] = hvs_xxh3_page(end - HVS_PAGE);
-        }
-    }
-}
-
 /* Checksum iov's first got bytes (just read: still in the cache). */
 static void hvs_crc_iov(struct hvs_rx *rx, const struct iovec *iov, size_t got)
 {
-    if (rx->hashed) {
-        hvs_hash_pages(rx, iov, got);
-        return;
-    }
-    if (rx->live) {
+    if (rx->live || rx->hashed) {
         hvs_check_pages(rx, iov, got);
         return;
     }
