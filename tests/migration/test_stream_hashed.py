@@ -34,10 +34,10 @@ from hv.migration.stream import (
     send_reply,
 )
 from hv.migration.stream_format import HASHED_MINOR, HASHED_NOTICE, LIVE_NOTICE
+from tests.migration import test_stream_live as live
 from tests.migration.test_migration_stream import (
     RAM_PAGES,
     dest_memory,
-    prefix_through_config,
     section_offsets,
     source_memory,
     write_valid,
@@ -102,24 +102,27 @@ def hashed_section(start: int, kinds: bytes, pages: list[bytes], *, hashes: list
 
 
 def with_section(section: bytes, minor: int = HASHED_MINOR) -> bytes:
-    prefix = bytearray(prefix_through_config())
-    struct.pack_into("<H", prefix, 10, minor)  # preamble: format minor
-    assert PREAMBLE.unpack_from(prefix)[2] == minor
-    return bytes(prefix) + section
+    return live.with_section(section, minor)
+
+
+def collect(sock: socket.socket) -> tuple[threading.Thread, bytearray]:
+    """A started thread that reads ``sock`` to its end into the returned bytearray."""
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := sock.recv(1 << 16):
+            received.extend(chunk)
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    return thread, received
 
 
 def hashed_stream() -> bytes:
     """The reference stream, its full pass sent as RAM_HASHED sections by the native sender
     over a real socket (as once the destination's ram-hashed notice arrived)."""
     a, b = socket.socketpair()
-    received = bytearray()
-
-    def drain() -> None:
-        while chunk := b.recv(1 << 16):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
+    reader, received = collect(b)
     try:
         writer = StreamWriter(SocketChannel(a))
         writer.live_ram = writer.hashed = True
@@ -133,18 +136,7 @@ def hashed_stream() -> bytes:
 
 
 def tear_hashed(data: bytes, page: int) -> bytes:
-    """Flip a byte of ``page``'s data inside the first RAM_HASHED section that carries it."""
-    for kind, begin, _ in section_offsets(data):
-        if kind != SectionType.RAM_HASHED:
-            continue
-        start, count = struct.unpack_from("<QI", data, begin + 8)
-        if not start <= page < start + count:
-            continue
-        kinds = data[begin + 24:begin + 24 + count]
-        assert kinds[page - start] == 1
-        offset = begin + 24 + count + kinds[:page - start].count(1) * PAGE_SIZE + 100
-        return data[:offset] + bytes([data[offset] ^ 0x5A]) + data[offset + 1:]
-    raise AssertionError(f"page {page} is in no RAM_HASHED section")
+    return live.tear(data, page, SectionType.RAM_HASHED)
 
 
 @native
@@ -251,12 +243,6 @@ def test_read_reply_skips_both_notices() -> None:
 def test_writer_sends_ram_hashed_once_the_second_notice_arrived() -> None:
     src = source_memory()
     a, b = socket.socketpair()
-    received = bytearray()
-
-    def drain() -> None:
-        while chunk := b.recv(1 << 16):
-            received.extend(chunk)
-
     with a, b:
         writer = StreamWriter(SocketChannel(a))
         writer.write_header("x86_64", "q35")
@@ -269,9 +255,8 @@ def test_writer_sends_ram_hashed_once_the_second_notice_arrived() -> None:
         writer.write_ram(1, src.page_view(1))
         writer.write_ram(2, src.page_view(2), stable=True)  # a paused guest: plain RAM, as before
         a.shutdown(socket.SHUT_WR)
-        thread = threading.Thread(target=drain)
-        thread.start()
-        thread.join(30)
+        reader, received = collect(b)
+        reader.join(30)
     kinds = [kind for kind, _, _ in section_offsets(bytes(received))]
     assert kinds == [SectionType.HEADER, SectionType.RAM_LIVE, SectionType.RAM_HASHED, SectionType.RAM]
 

@@ -64,20 +64,21 @@ def source_ram() -> bytes:
     return b"".join(bytes(src.page_view(page)) for page in range(RAM_PAGES))
 
 
-def tear(data: bytes, page: int) -> bytes:
-    """Flip a byte of ``page``'s data inside the first RAM_LIVE section that carries it."""
+def tear(data: bytes, page: int, section: SectionType = SectionType.RAM_LIVE) -> bytes:
+    """Flip a byte of ``page``'s data inside the first ``section`` (RAM_LIVE: page checksums
+    before the data; RAM_HASHED: page hashes after it) that carries it."""
     for kind, begin, _ in section_offsets(data):
-        if kind != SectionType.RAM_LIVE:
+        if kind != section:
             continue
         start, count = struct.unpack_from("<QI", data, begin + 8)
         if not start <= page < start + count:
             continue
         kinds = data[begin + 24:begin + 24 + count]
-        normal = kinds.count(1)
+        sums = 4 * kinds.count(1) if section is SectionType.RAM_LIVE else 0
         assert kinds[page - start] == 1
-        offset = begin + 24 + count + 4 * normal + kinds[:page - start].count(1) * PAGE_SIZE + 100
+        offset = begin + 24 + count + sums + kinds[:page - start].count(1) * PAGE_SIZE + 100
         return data[:offset] + bytes([data[offset] ^ 0x5A]) + data[offset + 1:]
-    raise AssertionError(f"page {page} is in no RAM_LIVE section")
+    raise AssertionError(f"page {page} is in no {section.name} section")
 
 
 def live_section(start: int, kinds: bytes, pages: list[bytes], *, reserved: int = 0,
