@@ -3,6 +3,7 @@ guest process and where a migration destination listens."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,24 @@ def size_text(mib: int) -> str:
 HV_COMMAND: tuple[str, ...] = (sys.executable, "-P", "-m", "hv")
 QEMU_FOR_ARCH = {"x86_64": ("qemu-system-x86_64", "qemu-system-x86"),
                  "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}
+
+
+def bytecode_note(environ: Mapping[str, str] = os.environ, source: Path | None = None) -> str | None:
+    """A line for tables whose figures include hv's start-up, when every hv process this
+    bench starts compiles hv's Python sources anew: ``PYTHONDONTWRITEBYTECODE`` is set
+    (children inherit it) and ``source`` (default: ``hv/cli.py``) has no cached bytecode,
+    as in an editable install run only under that variable. pip compiles an installed hv
+    at install time, so its users do not pay this; here it added 0.3-0.4 s to each start
+    (``hello.elf`` on Unicorn: 0.75-0.89 s without cached bytecode, 0.36-0.43 s with)."""
+    if not environ.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    if source is None:
+        source = Path(__file__).resolve().parents[1] / "cli.py"
+    if Path(importlib.util.cache_from_source(str(source))).exists():
+        return None
+    return ("note: PYTHONDONTWRITEBYTECODE is set and hv has no cached bytecode, so every hv start compiled its "
+            "Python sources (0.3-0.4 s here; an installed hv does not): run `python -m compileall -q "
+            f"{source.parent}` once, or unset the variable, to measure start-up as users meet it")
 
 
 def find_qemu(arch: str, qemu_dir: Path | None = None) -> str | None:

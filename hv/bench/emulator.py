@@ -46,6 +46,7 @@ from hv.bench.common import (
     HV_COMMAND,
     BenchError,
     back_host_memory,
+    bytecode_note,
     find_qemu,
     kvm_usable,
     qemu_missing_line,
@@ -351,6 +352,8 @@ def run_emulator(argv: list[str]) -> int:
     started = time.monotonic()
     measure(rows, settings, args.repeat)
     print(format_table(rows, settings))
+    if args.hv is None and (note := bytecode_note()) is not None:   # boot s includes it
+        print(note)
     if "unicorn" in accels and args.hv is None:   # the children pick their library as this process did
         print(f"hv's unicorn rows ran on {UNICORN_LIBRARY.describe()}")
     if not args.no_bare:

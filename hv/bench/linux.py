@@ -42,6 +42,7 @@ from hv.bench.common import (
     HV_COMMAND,
     BenchError,
     VmProcess,
+    bytecode_note,
     destination_uri,
     event_time,
     incoming_uri,
@@ -475,6 +476,8 @@ def run_linux(argv: list[str]) -> int:
     started = time.monotonic()
     boots, migrations = run_all(args, settings)
     print(report(boots, migrations, settings, missing))
+    if boots and args.hv is None and (note := bytecode_note()) is not None:   # /init s includes it
+        print(note)
     print(f"({args.repeat} runs of every row in {time.monotonic() - started:.0f} s)")
     if args.json is not None:
         args.json.write_text(json.dumps({

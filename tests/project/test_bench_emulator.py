@@ -92,3 +92,23 @@ def test_bare_unicorn_runs_the_loop_with_hvs_library() -> None:
     and says which libunicorn it used: the one hv picks."""
     stores, library = bare_unicorn(EmuSettings(mib=1, passes=1, timeout=60, qemu={}), 1)
     assert stores > 0 and library == UNICORN_LIBRARY.describe()
+
+
+def test_bytecode_note_only_when_every_start_compiles(tmp_path: Path) -> None:
+    """The note under the boot figures appears only when hv's children compile its
+    sources at every start: the variable set and no cached bytecode of the module."""
+    import importlib.util
+
+    from hv.bench.common import bytecode_note
+    source = tmp_path / "pkg" / "cli.py"
+    source.parent.mkdir()
+    source.write_text("VALUE = 1\n")
+    off = {"PYTHONDONTWRITEBYTECODE": "1"}
+    note = bytecode_note(off, source)
+    assert note is not None and "PYTHONDONTWRITEBYTECODE" in note and f"compileall -q {source.parent}` once" in note
+    assert bytecode_note({}, source) is None                   # children write and reuse the cache
+    assert bytecode_note({"PYTHONDONTWRITEBYTECODE": ""}, source) is None
+    cached = Path(importlib.util.cache_from_source(str(source)))
+    cached.parent.mkdir()
+    cached.write_bytes(b"")                                    # compileall's file exists: no note
+    assert bytecode_note(off, source) is None
