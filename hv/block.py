@@ -203,7 +203,10 @@ class BlockBackend:
             return
         done = 0
         while done < length:
-            got = os.preadv(self.fd, [out[done:]], offset + done)
+            try:
+                got = os.preadv(self.fd, [out[done:]], offset + done)
+            except OSError as exc:
+                raise BlockError(exc.errno, f"{self.path}: read failed: {exc.strerror}") from None
             if got <= 0:
                 raise BlockError(errno.EIO, f"{self.path}: short read at {offset + done:#x}")
             done += got

@@ -115,8 +115,9 @@ class GuestMemory:
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
         if length < 0:
             raise GuestMemoryError(f"negative length {length}")
+        end = gpa + max(length, 1)
         for region in self.regions:
-            if region.contains(gpa, max(length, 1)):
+            if region.gpa <= gpa and end <= region.gpa + region.size:
                 return region
         raise GuestMemoryError(f"guest address {gpa:#x}+{length:#x} is outside RAM")
 
@@ -149,10 +150,27 @@ class GuestMemory:
         start = gpa - region.gpa
         region.view[start:start + length] = data
         if length:
-            self._mark_dirty(region.offset + start, length)
-            notifier = self._code_write_notifier
-            if notifier is not None:
-                notifier(region.host_addr + start, length)
+            self._written(region, start, length)
+
+    def fill(self, gpa: int, length: int, reader: Callable[[memoryview], None]) -> None:
+        """Have ``reader`` fill ``length`` bytes of RAM at ``gpa`` through a view of them
+        (a device reading a disk straight into guest RAM, no intermediate copy); then the
+        pages are dirty-tracked and dropped from translated code as with :meth:`write`, also
+        when ``reader`` raises, since it may have written part of the range."""
+        region = self.region_for(gpa, length)
+        start = gpa - region.gpa
+        try:
+            reader(region.view[start:start + length])
+        finally:
+            if length:
+                self._written(region, start, length)
+
+    def _written(self, region: MemoryRegion, start: int, length: int) -> None:
+        """The VMM wrote ``length`` bytes at ``start`` of ``region``: dirty, and no longer code."""
+        self._mark_dirty(region.offset + start, length)
+        notifier = self._code_write_notifier
+        if notifier is not None:
+            notifier(region.host_addr + start, length)
 
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
@@ -181,9 +199,17 @@ class GuestMemory:
     def _mark_dirty(self, offset: int, length: int) -> None:
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
+        low, high = first >> 3, last >> 3
+        # bits first&7.. of byte low, whole bytes between, bits ..last&7 of byte high
+        head, tail = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - (last & 7))
         with self._dirty_lock:
-            for page in range(first, last + 1):
-                self._dirty[page >> 3] |= 1 << (page & 7)
+            dirty = self._dirty
+            if low == high:
+                dirty[low] |= head & tail
+            else:
+                dirty[low] |= head
+                dirty[low + 1:high] = b"\xff" * (high - low - 1)
+                dirty[high] |= tail
 
     def take_vmm_dirty(self) -> bytearray:
         """Return and clear the bitmap of pages the VMM itself wrote."""

@@ -15,6 +15,7 @@ answered with IOERR, an unknown type with UNSUPP.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -109,14 +110,21 @@ class VirtioBlk:
         return None
 
     def process(self, queue_index: int, queue: Virtqueue, features: int) -> int:
-        done = 0
-        while True:
-            chain = queue.pop()
-            if chain is None:
-                return done
-            written = self.handle(chain)
-            queue.push(chain.head, written)
-            done += 1
+        """Serve every available request; the completed ones are returned to the driver
+        together (``push_all``, a ring's worth at most at a time), also when a malformed
+        chain stops the queue."""
+        done: list[tuple[int, int]] = []
+        count = 0
+        try:
+            while (chain := queue.pop()) is not None:
+                done.append((chain.head, self.handle(chain)))
+                count += 1
+                if len(done) == queue.state.size:
+                    queue.push_all(done)
+                    done = []
+        finally:
+            queue.push_all(done)
+        return count
 
     # -- requests ------------------------------------------------------------------------
     def handle(self, chain: Chain) -> int:
@@ -231,7 +239,7 @@ class VirtioBlk:
 
     def _read_disk(self, segments: list[Segment], offset: int, length: int) -> None:
         for addr, n in self._pieces(segments, 0, length):
-            self.memory.write(addr, self.backend.read(offset, n))
+            self.memory.fill(addr, n, functools.partial(self.backend.read_into, offset))
             offset += n
 
     def _write_disk(self, segments: list[Segment], skip: int, offset: int, length: int) -> None:

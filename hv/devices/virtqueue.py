@@ -24,6 +24,7 @@ from hv.memory import GuestMemory, GuestMemoryError, MemoryRegion
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -250,13 +251,29 @@ class Virtqueue:
     # -- the device -> driver direction -----------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written into it."""
+        self.push_all([(head, written)])
+
+    def push_all(self, done: list[tuple[int, int]]) -> None:
+        """Return the chains ``done`` (head, bytes written) to the driver in order: their
+        used elements (contiguous ones in one write), then the used index once, as QEMU's
+        virtqueue_flush does, so the driver sees them all when it sees the index. At most
+        one ring's worth: more would overwrite entries of this same call."""
         s = self.state
-        slot = s.used + 4 + 8 * (s.used_idx % s.size)
-        try:
-            self.memory.write(slot, head.to_bytes(4, "little") + written.to_bytes(4, "little"))
-        except GuestMemoryError as exc:
-            raise VirtqueueError(str(exc)) from None
-        s.used_idx = (s.used_idx + 1) & 0xFFFF
+        if not done:
+            return
+        if len(done) > s.size:
+            raise VirtqueueError(f"{len(done)} used entries at once for a {s.size}-entry ring")
+        packed = b"".join(_USED_ELEM.pack(head, written) for head, written in done)
+        pos = 0
+        while pos < len(done):
+            slot = (s.used_idx + pos) % s.size
+            count = min(len(done) - pos, s.size - slot)   # up to the end of the ring
+            try:
+                self.memory.write(s.used + 4 + 8 * slot, packed[8 * pos:8 * (pos + count)])
+            except GuestMemoryError as exc:
+                raise VirtqueueError(str(exc)) from None
+            pos += count
+        s.used_idx = (s.used_idx + len(done)) & 0xFFFF
         self._write16(s.used + 2, s.used_idx)
 
     def should_notify(self) -> bool:

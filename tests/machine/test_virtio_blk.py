@@ -114,6 +114,53 @@ def test_dma_writes_are_dirty_tracked(blk):
     assert dirty[used_page >> 3] >> (used_page & 7) & 1             # the used ring
 
 
+def _flush_request(blk, head: int, status_at: int) -> None:
+    """A two-descriptor FLUSH (header, status byte) at descriptors head, head + 1."""
+    hdr = blk.scratch + 0x200 + 16 * head
+    blk.memory.write(hdr, T_FLUSH.to_bytes(4, "little") + bytes(12))
+    blk.memory.write(status_at, b"\xee")
+    blk.put_desc(head, hdr, 16, 1, head + 1)
+    blk.put_desc(head + 1, status_at, 1, 2, 0)
+    blk.publish(head)
+
+
+def test_a_kick_returns_all_its_requests_in_order_across_the_ring_end(blk):
+    """Eight requests under one kick come back in order, each with its status, their used
+    entries running over the end of the 16-entry used ring (push_all splits the write)."""
+    for _ in range(11):                                    # used index to 11
+        blk.request(T_FLUSH)
+    statuses = [blk.scratch + 0x800 + i for i in range(8)]
+    for i, status_at in enumerate(statuses):
+        _flush_request(blk, 2 * i, status_at)
+    blk.kick()
+    assert blk.used_entries() == [(2 * i, 1) for i in range(8)]
+    assert [blk.memory.read(at, 1)[0] for at in statuses] == [0] * 8
+    assert blk.memory.read_int(blk.used + 2, 2) == 19
+    assert device_of(blk).s.status & STATUS_NEEDS_RESET == 0
+
+
+def test_requests_before_a_malformed_chain_are_still_returned(blk):
+    """A chain pointing outside RAM stops the queue (needs reset), and the requests served
+    before it under the same kick are still returned to the driver."""
+    good = blk.scratch + 0x900
+    _flush_request(blk, 0, good)
+    blk.put_desc(2, 0xFFFF_0000_0000, 16, 0, 0)            # a buffer outside guest RAM
+    blk.publish(2)
+    blk.kick()
+    assert blk.used_entries() == [(0, 1)]
+    assert blk.memory.read(good, 1) == b"\0"
+    assert device_of(blk).s.status & STATUS_NEEDS_RESET
+
+
+def test_push_all_refuses_more_than_a_ring(blk):
+    from hv.devices.virtqueue import VirtqueueError
+    queue = device_of(blk).queues[0]
+    used_before = blk.memory.read(blk.used, 4 + 8 * blk.QSIZE)
+    with pytest.raises(VirtqueueError, match="17 used entries at once for a 16-entry ring"):
+        queue.push_all([(0, 1)] * 17)
+    assert blk.memory.read(blk.used, 4 + 8 * blk.QSIZE) == used_before
+
+
 def test_bad_requests_get_ioerr_or_unsupp(blk):
     capacity = (1 << 20) // 512
     assert blk.request(T_IN, sector=capacity, in_len=512)[0] == 1       # past the end
