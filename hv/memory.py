@@ -111,6 +111,22 @@ class GuestMemory:
         loaded, which flushes their code, so they do not call it."""
         self._code_write_notifier = notifier
 
+    @property
+    def code_write_notifier(self) -> Callable[[int, int], None] | None:
+        return self._code_write_notifier
+
+    @property
+    def dirty_lock(self) -> threading.Lock:
+        """Held while the VMM's dirty bitmap is written or taken (native device code that
+        marks pages itself holds it for its whole call)."""
+        return self._dirty_lock
+
+    @property
+    def dirty_bitmap(self) -> bytearray:
+        """The bitmap of VMM-made writes as it is now (replaced by :meth:`take_vmm_dirty`;
+        write it only while holding :attr:`dirty_lock`)."""
+        return self._dirty
+
     # -- address translation -------------------------------------------------------
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
         if length < 0:

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterator
 
 from hv.block import BlockBackend, BlockError
+from hv.devices.virtio_blk_native import NativeBlkQueue
 from hv.devices.virtqueue import Chain, Segment, Virtqueue, VirtqueueError
 from hv.errors import DeviceError
 from hv.memory import GuestMemory
@@ -53,6 +54,7 @@ MAX_DISCARD_SECTORS = 0x3FFFFF
 MAX_DISCARD_SEG = 16
 HEADER_SIZE = 16
 _STATUS = {S_OK: b"\0", S_IOERR: b"\1", S_UNSUPP: b"\2"}
+_UNCHECKED = object()
 
 
 class _RequestError(DeviceError):
@@ -73,7 +75,20 @@ class VirtioBlk:
         self.serial = (serial or "").encode()[:ID_BYTES]
         self.capacity = backend.size // SECTOR_SIZE
         self.requests = 0
+        self.native_requests = 0   # of those, served by the native path
         self.config = self._build_config()
+        self._native: NativeBlkQueue | None = None
+        self._native_for: object = _UNCHECKED   # the code-write notifier it was chosen for
+
+    def _native_path(self) -> NativeBlkQueue | None:
+        """The native request path, chosen again whenever guest RAM's code-write notifier
+        changes (the Unicorn backend sets it when it opens the VM, maybe after this device
+        was made: a path chosen before would not drop translated code it overwrote)."""
+        notifier = self.memory.code_write_notifier
+        if self._native_for is not notifier:
+            self._native = NativeBlkQueue.create(self.memory, self.backend)
+            self._native_for = notifier
+        return self._native
 
     def _build_config(self) -> bytes:
         cfg = bytearray(60)
@@ -115,8 +130,19 @@ class VirtioBlk:
         chain stops the queue."""
         done: list[tuple[int, int]] = []
         count = 0
+        native = self._native_path()
         try:
-            while (chain := queue.pop()) is not None:
+            while True:
+                if native is not None:   # reads and writes; it stops before anything else
+                    queue.push_all(done)
+                    done = []
+                    served, _ = native.serve(queue)
+                    count += served
+                    self.requests += served
+                    self.native_requests += served
+                chain = queue.pop()
+                if chain is None:
+                    break
                 done.append((chain.head, self.handle(chain)))
                 count += 1
                 if len(done) == queue.state.size:
