@@ -222,6 +222,8 @@ static int hvq_serve_one(struct hvq_blk *q, struct hvq_seg *segs, uint32_t n, ui
     }
     if (length % HVQ_SECTOR || sector > q->capacity || length / HVQ_SECTOR > q->capacity - sector)
         return 0;                       /* IOERR: Python's */
+    if (type == HVQ_T_IN && length >= 0xFFFFFFFFull)
+        return 0;                       /* its used length would not fit in 32 bits: Python's */
     /* the status byte: the last byte of the last buffer (its length is >= 1) */
     struct hvq_seg *last = &segs[n - 1];
     uint64_t offset = sector * HVQ_SECTOR, done = 0;
