@@ -1,5 +1,5 @@
 import sys
 
-from hv.cli import main
+from hv.command import main
 
 sys.exit(main())

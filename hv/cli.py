@@ -348,19 +348,8 @@ def _release_frames(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The launcher (``hv -machine ...``); ``hv.command.main`` dispatches the subcommands first."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["qmp"]:
-        from hv.qmp.client import main as qmp_main
-
-        return qmp_main(args[1:], prog="hv qmp")
-    if args[:1] == ["bench"]:
-        from hv.bench import main as bench_main
-
-        return bench_main(args[1:])
-    if args[:1] == ["migrate"]:
-        from hv.migrate_cli import main as migrate_main
-
-        return migrate_main(args[1:])
     try:
         parsed = parse_args(args)
         if parsed.action == "help":

@@ -162,6 +162,18 @@ def test_qmp_subcommand_names_itself_as_invoked():
     assert out.returncode == 0 and out.stdout.startswith("usage: hv-qmp "), out.stdout
 
 
+@pytest.mark.parametrize("subcommand", [["qmp", "--help"], ["migrate", "--help"]])
+def test_terminal_subcommands_do_not_load_the_vmm(subcommand):
+    """``hv qmp`` and ``hv migrate`` run without importing the launcher, its machine and
+    backends (hv.command dispatches them first): what they import is checked, not timed."""
+    code = ("import sys\nfrom hv.command import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('hv.cli', 'hv.machine', 'hv_backends.unicorn', 'hv.devices.virtio_blk') "
+            "if m in sys.modules]\nprint('loaded:', heavy, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *subcommand], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.stdout.startswith("usage: hv ") and "loaded: []" in out.stderr, (out.stdout, out.stderr)
+
+
 def test_incoming_defer_needs_no_kernel():
     config = parse_args(["-machine", "q35", "-incoming", "defer"]).config
     assert config.incoming == "defer" and config.kernel is None
