@@ -136,7 +136,7 @@ class VirtioBlk:
                 if native is not None:   # reads and writes; it stops before anything else
                     queue.push_all(done)
                     done = []
-                    served, _ = native.serve(queue)
+                    served = native.serve(queue)
                     count += served
                     self.requests += served
                     self.native_requests += served

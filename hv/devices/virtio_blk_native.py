@@ -81,10 +81,11 @@ class NativeBlkQueue:
             return None
         return cls(*_NATIVE, memory, backend, invalidate)
 
-    def serve(self, queue: Virtqueue) -> tuple[int, bool]:
-        """Serve what the native code can from ``queue``: (requests served, whether the next
-        request is left for Python); the queue's ring positions move on. Raises
-        VirtqueueError if the used ring cannot be written (the device then needs a reset)."""
+    def serve(self, queue: Virtqueue) -> int:
+        """Serve what the native code can from ``queue`` and return how many requests it
+        served; the queue's ring positions move on. What is still available (if anything)
+        is the next request for Python. Raises VirtqueueError if the used ring cannot be
+        written (the device then needs a reset)."""
         s, q, memory = queue.state, self._q, self.memory
         q.desc, q.avail, q.used, q.size = s.desc, s.avail, s.used, s.size
         q.event_idx, q.indirect = int(queue.event_idx), int(queue.indirect)
@@ -100,4 +101,4 @@ class NativeBlkQueue:
         s.last_avail_idx, s.used_idx = q.last_avail, q.used_idx
         if rc < 0:
             raise VirtqueueError("the used ring is outside guest RAM")
-        return q.served, bool(q.left)
+        return int(q.served)
