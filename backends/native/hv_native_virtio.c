@@ -24,9 +24,8 @@
 #include <sys/uio.h>
 
 /* CDEF-BEGIN
-struct hvq_region { uint64_t gpa; uint64_t size; uint64_t ram_offset; uint8_t *host; };
 struct hvq_blk {
-    int32_t nregions; struct hvq_region regions[16]; uint8_t *dirty; void *invalidate;
+    int32_t nregions; struct hv_region regions[16]; uint8_t *dirty; void *invalidate;
     uint64_t desc, avail, used; uint32_t size; int32_t event_idx, indirect;
     uint32_t last_avail, used_idx;
     int32_t fd; int32_t readonly; uint64_t capacity;
@@ -35,9 +34,10 @@ struct hvq_blk {
 int hvq_blk_serve(struct hvq_blk *q);
 CDEF-END */
 
-struct hvq_region { uint64_t gpa; uint64_t size; uint64_t ram_offset; uint8_t *host; };
+/* guest RAM as hv_native.c's struct hv_region describes it (this file follows hv_native.c
+ * in the one translation unit build_native.py compiles) */
 struct hvq_blk {
-    int32_t nregions; struct hvq_region regions[16]; uint8_t *dirty; void *invalidate;
+    int32_t nregions; struct hv_region regions[HV_MAX_REGIONS]; uint8_t *dirty; void *invalidate;
     uint64_t desc, avail, used; uint32_t size; int32_t event_idx, indirect;
     uint32_t last_avail, used_idx;
     int32_t fd; int32_t readonly; uint64_t capacity;
@@ -62,10 +62,10 @@ typedef void (*hvq_invalidate_fn)(void *host, size_t len);
 struct hvq_seg { uint8_t *host; uint64_t ram_offset; uint32_t len; int writable; };
 
 /* The host address of gpa..gpa+len (len >= 1) if it lies inside one region, else NULL. */
-static struct hvq_region *hvq_region(struct hvq_blk *q, uint64_t gpa, uint64_t len)
+static struct hv_region *hvq_region(struct hvq_blk *q, uint64_t gpa, uint64_t len)
 {
     for (int i = 0; i < q->nregions; i++) {
-        struct hvq_region *r = &q->regions[i];
+        struct hv_region *r = &q->regions[i];
         if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
             return r;
     }
@@ -74,7 +74,7 @@ static struct hvq_region *hvq_region(struct hvq_blk *q, uint64_t gpa, uint64_t l
 
 static uint8_t *hvq_host(struct hvq_blk *q, uint64_t gpa, uint64_t len, uint64_t *ram_offset)
 {
-    struct hvq_region *r = hvq_region(q, gpa, len);
+    struct hv_region *r = hvq_region(q, gpa, len);
     if (r == NULL)
         return NULL;
     if (ram_offset)

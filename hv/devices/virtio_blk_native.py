@@ -27,7 +27,7 @@ from hv.devices.virtqueue import Virtqueue, VirtqueueError
 from hv.memory import GuestMemory
 
 SECTOR_SIZE = 512
-MAX_REGIONS = 16
+MAX_REGIONS = 16   # struct hvq_blk's regions: HV_MAX_REGIONS in hv_native.c
 
 
 def _load() -> tuple[Any, Any] | None:
