@@ -240,16 +240,7 @@ static int hvq_serve_one(struct hvq_blk *q, struct hvq_seg *segs, uint32_t n, ui
             return 0;                   /* Python retries it and answers IOERR */
         }
         done += (uint64_t)got;
-        for (size_t g = (size_t)got; g && i < niov;) {
-            if (g >= iov[i].iov_len) {
-                g -= iov[i].iov_len;
-                i++;
-            } else {
-                iov[i].iov_base = (uint8_t *)iov[i].iov_base + g;
-                iov[i].iov_len -= g;
-                g = 0;
-            }
-        }
+        hvs_advance(iov, niov, &i, (size_t)got);   /* hv_native_stream.c's, for short transfers */
     }
 mark_read:
     if (type == HVQ_T_IN) {
@@ -295,7 +286,7 @@ static int hvq_flush(struct hvq_blk *q, const uint32_t *pending, uint32_t count)
  * nothing is left pending). Returns 0, or -1. */
 int hvq_blk_serve(struct hvq_blk *q)
 {
-    static __thread uint32_t pending[2 * 1024];
+    uint32_t pending[2 * 1024];         /* (head, written) of what is not yet in the used ring */
     struct hvq_seg segs[HVQ_MAX_SEGS];
     uint32_t count = 0;
     q->served = 0;
