@@ -86,7 +86,7 @@ class VirtioBlk:
         was made: a path chosen before would not drop translated code it overwrote)."""
         notifier = self.memory.code_write_notifier
         if self._native_for is not notifier:
-            self._native = NativeBlkQueue.create(self.memory, self.backend)
+            self._native = NativeBlkQueue.create(self.memory, self.backend, self.capacity)
             self._native_for = notifier
         return self._native
 

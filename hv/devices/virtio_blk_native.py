@@ -26,7 +26,6 @@ from hv.block import BlockBackend
 from hv.devices.virtqueue import Virtqueue, VirtqueueError
 from hv.memory import GuestMemory
 
-SECTOR_SIZE = 512
 MAX_REGIONS = 16   # struct hvq_blk's regions: HV_MAX_REGIONS in hv_native.c
 
 
@@ -57,7 +56,8 @@ def notifier_address(notifier: Any) -> int | None:
 class NativeBlkQueue:
     """The native request path of one virtio-blk device's queue."""
 
-    def __init__(self, ffi: Any, lib: Any, memory: GuestMemory, backend: BlockBackend, invalidate: int) -> None:
+    def __init__(self, ffi: Any, lib: Any, memory: GuestMemory, backend: BlockBackend, capacity: int,
+                 invalidate: int) -> None:
         self._ffi, self._lib = ffi, lib
         self.memory = memory
         self.backend = backend
@@ -71,15 +71,16 @@ class NativeBlkQueue:
         q.invalidate = ffi.cast("void *", invalidate)
         q.fd = backend.fd
         q.readonly = int(backend.readonly)
-        q.capacity = backend.size // SECTOR_SIZE
+        q.capacity = capacity
 
     @classmethod
-    def create(cls, memory: GuestMemory, backend: BlockBackend) -> NativeBlkQueue | None:
-        """The native path for this device, or None where it cannot do all Python would."""
+    def create(cls, memory: GuestMemory, backend: BlockBackend, capacity: int) -> NativeBlkQueue | None:
+        """The native path for a device of ``capacity`` sectors, or None where it cannot do
+        all Python would."""
         invalidate = notifier_address(memory.code_write_notifier)
         if _NATIVE is None or backend.direct or invalidate is None or len(memory.regions) > MAX_REGIONS:
             return None
-        return cls(*_NATIVE, memory, backend, invalidate)
+        return cls(*_NATIVE, memory, backend, capacity, invalidate)
 
     def serve(self, queue: Virtqueue) -> int:
         """Serve what the native code can from ``queue`` and return how many requests it

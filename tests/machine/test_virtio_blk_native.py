@@ -266,10 +266,10 @@ def test_the_native_path_only_where_it_can_do_all_python_does(tmp_path, monkeypa
     memory = GuestMemory([RegionSpec(0x4000_0000, 1 << 20)])
     plain, direct = BlockBackend(images[0]), BlockBackend(images[1], direct=True)
     try:
-        assert blk_native.NativeBlkQueue.create(memory, plain) is not None
-        assert blk_native.NativeBlkQueue.create(memory, direct) is None
+        assert blk_native.NativeBlkQueue.create(memory, plain, 2048) is not None
+        assert blk_native.NativeBlkQueue.create(memory, direct, 2048) is None
         memory.set_code_write_notifier(lambda host, length: None)
-        assert blk_native.NativeBlkQueue.create(memory, plain) is None
+        assert blk_native.NativeBlkQueue.create(memory, plain, 2048) is None
     finally:
         plain.close()
         direct.close()
