@@ -131,9 +131,8 @@ class GuestMemory:
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
         if length < 0:
             raise GuestMemoryError(f"negative length {length}")
-        end = gpa + max(length, 1)
         for region in self.regions:
-            if region.gpa <= gpa and end <= region.gpa + region.size:
+            if region.contains(gpa, max(length, 1)):
                 return region
         raise GuestMemoryError(f"guest address {gpa:#x}+{length:#x} is outside RAM")
 
